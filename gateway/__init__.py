@@ -1,0 +1,1 @@
+"""Secure, authenticated gRPC inference gateway for ONNX models."""

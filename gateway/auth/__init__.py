@@ -1,0 +1,1 @@
+"""Authentication: who is calling (client certificate + JWT), independent of the transport."""

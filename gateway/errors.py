@@ -1,0 +1,108 @@
+"""Domain errors: one tree shared by the server, the pipeline and the SDK.
+
+Each class carries the gRPC status code name it maps to and a message that is safe to show a caller.
+The precise internal reason (expired token, the rule id that denied, ...) travels in ``reason`` and goes to
+the audit record and the operational log only, never to the caller. This module imports nothing from grpc
+so that policy, tokens, models and audit stay transport-free; the boundary turns ``code`` into a status.
+
+    GatewayError                       INTERNAL (anything unexpected)
+    ├── AuthenticationError            UNAUTHENTICATED
+    ├── PermissionDeniedError          PERMISSION_DENIED
+    ├── NotFoundError                  NOT_FOUND
+    ├── InvalidArgumentError           INVALID_ARGUMENT
+    ├── ResourceExhaustedError         RESOURCE_EXHAUSTED
+    ├── UnavailableError               UNAVAILABLE
+    ├── DeadlineExceededError          DEADLINE_EXCEEDED
+    └── InternalError                  INTERNAL
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a caller."""
+
+    code: str = "INTERNAL"
+    default_message: str = "internal error"
+
+    def __init__(self, message: str | None = None, *, reason: str | None = None, request_id: str | None = None) -> None:
+        self.message = message or self.default_message
+        self.reason = reason or self.message
+        self.request_id = request_id
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if self.request_id:
+            return f"{self.message} (code {self.code}, request id {self.request_id})"
+        return self.message
+
+
+class AuthenticationError(GatewayError):
+    """No valid credentials: missing, malformed, expired or unbound token, or a refused certificate."""
+
+    code = "UNAUTHENTICATED"
+    default_message = "unauthenticated"
+
+
+class PermissionDeniedError(GatewayError):
+    """Authenticated, but no policy allows this action (or a deny rule matched)."""
+
+    code = "PERMISSION_DENIED"
+    default_message = "permission denied"
+
+
+class NotFoundError(GatewayError):
+    """A model or version the caller may see does not exist."""
+
+    code = "NOT_FOUND"
+    default_message = "not found"
+
+
+class InvalidArgumentError(GatewayError):
+    """The request is malformed: tensors that do not match the model's signature, undecodable messages."""
+
+    code = "INVALID_ARGUMENT"
+    default_message = "invalid argument"
+
+
+class ResourceExhaustedError(GatewayError):
+    """A size, queue or rate limit was hit."""
+
+    code = "RESOURCE_EXHAUSTED"
+    default_message = "resource exhausted"
+
+
+class UnavailableError(GatewayError):
+    """The gateway cannot serve right now (audit sink down, shutting down); safe to retry later."""
+
+    code = "UNAVAILABLE"
+    default_message = "unavailable"
+
+
+class DeadlineExceededError(GatewayError):
+    """The call's deadline passed."""
+
+    code = "DEADLINE_EXCEEDED"
+    default_message = "deadline exceeded"
+
+
+class InternalError(GatewayError):
+    """A failure inside the gateway or the model runtime; details go to the operational log only."""
+
+    code = "INTERNAL"
+    default_message = "internal error"
+
+
+ERRORS_BY_CODE: dict[str, type[GatewayError]] = {
+    cls.code: cls
+    for cls in (
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        InvalidArgumentError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        InternalError,
+    )
+}

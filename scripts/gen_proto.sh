@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerates gateway/_pb/ from proto/ with the pinned grpcio-tools (the dev extra in pyproject.toml).
+# Usage: scripts/gen_proto.sh [OUTDIR (default gateway/_pb)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+out=${1:-gateway/_pb}
+mkdir -p "$out"
+"$PYTHON" -m grpc_tools.protoc -I proto \
+    --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+    proto/gateway/v1/gateway.proto
+# protoc writes `from gateway.v1 import gateway_pb2`, an import path relative to -I proto; inside our package
+# the module lives at gateway._pb.gateway.v1, so rewrite that one import to be package-relative.
+sed -i 's/^from gateway\.v1 import gateway_pb2 as/from . import gateway_pb2 as/' "$out/gateway/v1/gateway_pb2_grpc.py"
+touch "$out/__init__.py" "$out/gateway/__init__.py" "$out/gateway/v1/__init__.py"
