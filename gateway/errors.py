@@ -13,6 +13,8 @@ so that policy, tokens, models and audit stay transport-free; the boundary turns
     ├── ResourceExhaustedError         RESOURCE_EXHAUSTED
     ├── UnavailableError               UNAVAILABLE
     ├── DeadlineExceededError          DEADLINE_EXCEEDED
+    ├── CancelledError                 CANCELLED (the client went away; recorded, never sent)
+    ├── UnimplementedError             UNIMPLEMENTED
     └── InternalError                  INTERNAL
 """
 
@@ -86,6 +88,20 @@ class DeadlineExceededError(GatewayError):
     default_message = "deadline exceeded"
 
 
+class CancelledError(GatewayError):
+    """The client cancelled, or its deadline passed, before the response was sent."""
+
+    code = "CANCELLED"
+    default_message = "cancelled"
+
+
+class UnimplementedError(GatewayError):
+    """The method is not served here."""
+
+    code = "UNIMPLEMENTED"
+    default_message = "method not implemented"
+
+
 class InternalError(GatewayError):
     """A failure inside the gateway or the model runtime; details go to the operational log only."""
 
@@ -103,6 +119,8 @@ ERRORS_BY_CODE: dict[str, type[GatewayError]] = {
         ResourceExhaustedError,
         UnavailableError,
         DeadlineExceededError,
+        CancelledError,
+        UnimplementedError,
         InternalError,
     )
 }

@@ -20,7 +20,7 @@ Fingerprint = Hashable
 
 def file_fingerprint(paths: Iterable[str | os.PathLike[str]]) -> Fingerprint:
     """Identity of some files' current contents; a missing file has its own fingerprint."""
-    prints = []
+    prints: list[tuple[str, tuple[int, int, int] | None]] = []
     for path in paths:
         try:
             st = os.stat(path)

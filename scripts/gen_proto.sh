@@ -3,7 +3,7 @@
 # Usage: scripts/gen_proto.sh [OUTDIR (default gateway/_pb)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+PYTHON=${PYTHON:-.venv/bin/python}  # the interpreter with grpcio-tools (dev extra)
 out=${1:-gateway/_pb}
 mkdir -p "$out"
 "$PYTHON" -m grpc_tools.protoc -I proto \

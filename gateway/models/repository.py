@@ -11,7 +11,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -37,7 +37,7 @@ class ModelInfo:
 
     name: str
     versions: tuple[int, ...]
-    default_version: int
+    default_version: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +79,18 @@ def _scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
 class ModelRepository:
     """Loaded model versions by name; resolves a requested version to a loaded one."""
 
-    def __init__(self, root: str | os.PathLike[str], *, options: RuntimeOptions, poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        options: RuntimeOptions,
+        poll_interval_s: float,
+        on_publish: Callable[[list[ModelInfo], list[str]], None] | None = None,
+    ) -> None:
+        """``on_publish(models, removed_names)`` is called after each change (health statuses follow it)."""
         self.root = Path(root)
         self._options = options
+        self._on_publish = on_publish
         self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}))
         self._refused: dict[tuple[str, int], FileKey] = {}
         self._write_lock = threading.Lock()
@@ -145,7 +154,10 @@ class ModelRepository:
         for name, version in loaded:
             versions.setdefault(name, []).append(version)
         index = {name: ModelInfo(name, tuple(sorted(vs)), max(vs)) for name, vs in sorted(versions.items())}
+        removed = [name for name in self._snapshot.index if name not in index]
         self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index))
+        if self._on_publish is not None:
+            self._on_publish(list(index.values()), removed)
 
     @staticmethod
     def _log_loaded(model: ModelVersion, *, reloaded: bool = False) -> None:
@@ -161,10 +173,9 @@ class ModelRepository:
         """Every loaded model, by name."""
         return list(self._snapshot.index.values())
 
-    def default_version(self, name: str) -> int | None:
-        """The version a request without one would get, or None when the model does not exist."""
-        info = self._snapshot.index.get(name)
-        return info.default_version if info else None
+    def info(self, name: str) -> ModelInfo | None:
+        """One model's versions and default, or None when it does not exist."""
+        return self._snapshot.index.get(name)
 
     def resolve(self, name: str, version: int | None) -> ModelVersion:
         """The loaded model version to run; NOT_FOUND for an unknown model or version."""

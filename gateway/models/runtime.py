@@ -99,6 +99,12 @@ class ModelVersion:
         """``name:version`` for logs."""
         return f"{self.name}:{self.version}"
 
+    def name_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An unnamed single tensor is the model's only input (so clients need no metadata round-trip)."""
+        if len(inputs) == 1 and "" in inputs and len(self.inputs) == 1:
+            return {self.inputs[0].name: inputs[""]}
+        return inputs
+
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Refuse inputs that do not match the signature, with a message safe to return to the caller."""
         for name in inputs:

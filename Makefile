@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything is installed into .venv by pip
+# from pyproject.toml; generated certificates, models and audit logs live in ignored folders.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+GATEWAY := $(VENV)/bin/gateway
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test serve lint proto certs models bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+certs: certs/ca.crt
+certs/ca.crt: scripts/gen_certs.sh | $(STAMP)
+	PYTHON=$(PY) scripts/gen_certs.sh --force certs alice bob mallory
+
+models: models/mlp/2/model.onnx
+models/mlp/2/model.onnx: scripts/make_demo_models.py | $(STAMP)
+	$(PY) scripts/make_demo_models.py --force models
+
+demo: setup certs models
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+serve: setup certs models
+	$(GATEWAY) serve --certs certs --models models --policies policies --audit-log var/audit/audit.log
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy gateway
+
+proto: setup
+	scripts/gen_proto.sh
+
+bench: setup certs models
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) certs/*.crt certs/*.key certs/*.pem certs/*.pub certs/*.json certs/.ca models var

@@ -1,0 +1,1 @@
+"""Servicers: thin adapters from protocol messages to the pipeline and back."""

@@ -1,0 +1,572 @@
+"""The Python SDK: ``gateway.Client`` (sync) and ``gateway.AsyncClient`` (grpc.aio), over mutual TLS with a
+JWT sent as call credentials, so a token never travels on a channel without TLS.
+
+    with gateway.Client("localhost:50051", ca="certs/ca.crt", cert="certs/alice.crt",
+                        key="certs/alice.key", token=token) as client:
+        result = client.predict("mlp", {"input": array})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import jwt
+import numpy as np
+
+from gateway import tensors
+from gateway._pb.gateway.v1 import gateway_pb2 as pb
+from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.errors import ERRORS_BY_CODE, GatewayError, UnavailableError
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
+Inputs = Mapping[str, np.ndarray] | np.ndarray | Sequence[float]
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, datatype ("FP32", "INT64", ...) and shape (-1 for dynamic dims) of a model input or output."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model the caller may list: its versions and its default version (None if the caller may not use it)."""
+
+    name: str
+    versions: tuple[str, ...]
+    default_version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """A model version's signature."""
+
+    name: str
+    version: str
+    versions: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PredictResult:
+    """Output arrays by name, the version that ran, the request id; ``error`` only on stream results."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    request_id: str | None = None
+    id: str = ""
+    error: GatewayError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """One message of a prediction stream."""
+
+    model: str
+    inputs: Inputs
+    version: str | None = None
+    id: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------- tokens
+
+
+class TokenProvider:
+    """Supplies the bearer token for each call. Subclasses never put the token in their repr."""
+
+    def token(self) -> str:
+        """The token to send now."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(<redacted>)"
+
+
+class StaticToken(TokenProvider):
+    """A fixed token string."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.strip()
+
+    def token(self) -> str:
+        """The token."""
+        return self._token
+
+
+class TokenFile(TokenProvider):
+    """A token read from a file, re-read whenever the file changes (rotated by an agent on disk)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._key: tuple[int, int, int] | None = None
+        self._token = ""
+
+    def token(self) -> str:
+        """The file's current token."""
+        st = self.path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key != self._key:
+                self._token, self._key = self.path.read_text().strip(), key
+            return self._token
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r})"
+
+
+class RefreshingToken(TokenProvider):
+    """A token from a callable, fetched again ``refresh_before_s`` before its ``exp`` (read, not verified)."""
+
+    def __init__(self, fetch: Callable[[], str], *, refresh_before_s: float = 30.0) -> None:
+        self._fetch = fetch
+        self._refresh_before_s = refresh_before_s
+        self._lock = threading.Lock()
+        self._token = ""
+        self._refresh_at = 0.0
+
+    def token(self) -> str:
+        """A token that is not about to expire."""
+        with self._lock:
+            if time.time() >= self._refresh_at:
+                token = self._fetch().strip()
+                # Only the expiry is read here, for scheduling; the server verifies the token.
+                claims = jwt.decode(token, options={"verify_signature": False})
+                self._token = token
+                self._refresh_at = float(claims.get("exp", 0)) - self._refresh_before_s
+            return self._token
+
+
+def as_token_provider(token: str | TokenProvider | Callable[[], str] | None) -> TokenProvider | None:
+    """Normalize the ``token`` argument."""
+    if token is None or isinstance(token, TokenProvider):
+        return token
+    if isinstance(token, str):
+        return StaticToken(token)
+    return RefreshingToken(token)
+
+
+class _BearerAuth(grpc.AuthMetadataPlugin):  # type: ignore[misc]
+    def __init__(self, provider: TokenProvider) -> None:
+        self._provider = provider
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        try:
+            callback((("authorization", f"Bearer {self._provider.token()}"),), None)
+        except Exception as exc:  # surfaces as UNAVAILABLE/UNAUTHENTICATED on the call, never with the token
+            callback((), RuntimeError(f"token provider failed: {type(exc).__name__}"))
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE calls that provably did not run: exponential backoff with full jitter."""
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """Sleep before attempt ``attempt + 1`` (full jitter, AWS architecture blog's recommendation)."""
+        return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * 2**attempt))  # noqa: S311
+
+
+@dataclass(frozen=True, slots=True)
+class _ChannelConfig:
+    target: str
+    credentials: grpc.ChannelCredentials = field(repr=False)
+    options: tuple[tuple[str, Any], ...]
+
+
+def _channel_config(
+    target: str,
+    *,
+    ca: Any,
+    cert: Any,
+    key: Any,
+    token: Any,
+    server_name: str | None,
+    max_message_bytes: int,
+    keepalive_s: float,
+) -> _ChannelConfig:
+    provider = as_token_provider(token)
+    tls = grpc.ssl_channel_credentials(root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert))
+    credentials = tls
+    if provider is not None:
+        credentials = grpc.composite_channel_credentials(tls, grpc.metadata_call_credentials(_BearerAuth(provider)))
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20000),
+    ]
+    if server_name:
+        # Connect by IP but check the certificate for this name (and send it as :authority).
+        options += [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
+    return _ChannelConfig(target, credentials, tuple(options))
+
+
+# ------------------------------------------------------------------------------------------- encode / decode
+
+
+def encode_inputs(inputs: Inputs) -> tuple[list[pb.Tensor], list[float]]:
+    """Named tensors, or an unnamed one (the model's only input), or the flat float form."""
+    if isinstance(inputs, Mapping):
+        return [tensors.encode(name, np.asarray(array)) for name, array in inputs.items()], []
+    if isinstance(inputs, np.ndarray):
+        return [tensors.encode("", inputs)], []
+    return [], [float(v) for v in inputs]
+
+
+def build_request(model: str, inputs: Inputs, *, version: str | int | None, id: str = "") -> pb.PredictRequest:  # noqa: A002
+    """A PredictRequest for ``inputs``."""
+    encoded, flat = encode_inputs(inputs)
+    return pb.PredictRequest(
+        model_name=model, model_version="" if version is None else str(version), inputs=encoded, input_data=flat, id=id
+    )
+
+
+def _decode_tensor(tensor: pb.Tensor) -> np.ndarray:
+    return tensors.decode(tensor, max_elements=2**62)
+
+
+def parse_response(response: pb.PredictResponse, request_id: str | None) -> PredictResult:
+    """A PredictResult from a PredictResponse."""
+    outputs = {t.name: _decode_tensor(t) for t in response.outputs}
+    return PredictResult(response.model_name, response.model_version, outputs, request_id, response.id)
+
+
+def _spec(spec: pb.TensorSpec) -> TensorSpec:
+    return TensorSpec(spec.name, tensors.BY_ENUM[spec.datatype].name, tuple(spec.shape))
+
+
+def parse_metadata(response: pb.GetModelMetadataResponse) -> ModelMetadata:
+    """A ModelMetadata from the protobuf response."""
+    return ModelMetadata(
+        response.name,
+        response.version,
+        tuple(response.versions),
+        tuple(_spec(s) for s in response.inputs),
+        tuple(_spec(s) for s in response.outputs),
+    )
+
+
+def parse_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    """ModelInfo for each listed model."""
+    return [ModelInfo(m.name, tuple(m.versions), m.default_version or None) for m in response.models]
+
+
+def _trailer(metadata: Any, key: str) -> str | None:
+    for name, value in metadata or ():
+        if name == key:
+            return str(value)
+    return None
+
+
+def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
+    """The typed error for a failed call: one table, shared with the server (``gateway.errors``)."""
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details() or code.name  # type: ignore[attr-defined]
+    request_id = _trailer(exc.trailing_metadata(), "x-request-id")  # type: ignore[attr-defined]
+    if code is grpc.StatusCode.UNAVAILABLE and ("handshake" in details.lower() or "ssl" in details.lower()):
+        details = (
+            "TLS handshake failed: check that the server certificate chains to the given CA and matches "
+            f"the target name, and that the client certificate is valid ({details})"
+        )
+        return TLSHandshakeError(details, request_id=request_id)
+    cls = ERRORS_BY_CODE.get(code.name, GatewayError)
+    error = cls(details, request_id=request_id)
+    if cls is GatewayError:
+        error.code = code.name
+    return error
+
+
+class TLSHandshakeError(UnavailableError):
+    """The TLS handshake failed (wrong CA, wrong name, refused client certificate): not retried."""
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE that provably did not run: it never reached a handler (no request id), or the server said so."""
+    if exc.code() is not grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
+        return False
+    if isinstance(error_from_rpc(exc), TLSHandshakeError):
+        return False
+    trailers = exc.trailing_metadata()  # type: ignore[attr-defined]
+    return _trailer(trailers, "x-request-id") is None or _trailer(trailers, "x-retry-safe") == "true"
+
+
+def _metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("x-request-id", request_id),) if request_id else None
+
+
+# ---------------------------------------------------------------------------------------------------- clients
+
+
+class Client:
+    """A synchronous gateway client over mutual TLS; a context manager that closes its channel."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: str | os.PathLike[str] | bytes,
+        cert: str | os.PathLike[str] | bytes,
+        key: str | os.PathLike[str] | bytes,
+        token: str | TokenProvider | Callable[[], str] | None = None,
+        server_name: str | None = None,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_s: float = 60.0,
+    ) -> None:
+        config = _channel_config(
+            target,
+            ca=ca,
+            cert=cert,
+            key=key,
+            token=token,
+            server_name=server_name,
+            max_message_bytes=max_message_bytes,
+            keepalive_s=keepalive_s,
+        )
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self._channel = grpc.secure_channel(target, config.credentials, options=config.options)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, *, timeout: float | None, request_id: str | None) -> Any:
+        """One unary call with typed errors and retries that never outlast the deadline."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            try:
+                return method.with_call(request, timeout=remaining, metadata=_metadata(request_id))
+            except grpc.RpcError as exc:
+                attempt += 1
+                pause = self.retry.backoff(attempt - 1)
+                out_of_time = deadline is not None and time.monotonic() + pause >= deadline
+                if not _retryable(exc) or attempt >= self.retry.max_attempts or out_of_time:
+                    raise error_from_rpc(exc) from None
+                time.sleep(pause)
+
+    def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: str | int | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> PredictResult:
+        """Run one inference: a mapping of names to arrays, one array (one-input models), or a list of floats."""
+        request = build_request(model, inputs, version=version)
+        response, call = self._call(self._stub.Predict, request, timeout=timeout, request_id=request_id)
+        return parse_response(response, _trailer(call.trailing_metadata(), "x-request-id"))
+
+    def predict_stream(
+        self,
+        requests: Iterable[StreamRequest | Inputs],
+        *,
+        model: str | None = None,
+        version: str | int | None = None,
+        timeout: float | None = None,
+        raise_errors: bool = True,
+    ) -> Iterator[PredictResult]:
+        """Results in request order over one stream. Items are StreamRequests, or inputs for ``model``.
+
+        A failed message raises its typed error (``raise_errors``), or yields a result with ``error`` set.
+        """
+        messages = (_stream_message(item, model, version, index) for index, item in enumerate(requests))
+        responses = self._stub.PredictStream(messages, timeout=self.timeout if timeout is None else timeout)
+        try:
+            for reply in responses:
+                result = _stream_result(reply)
+                if result.error is not None and raise_errors:
+                    raise result.error
+                yield result
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the caller may list."""
+        response, _ = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout, request_id=None)
+        return parse_models(response)
+
+    def metadata(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> ModelMetadata:
+        """A model version's signature."""
+        request = pb.GetModelMetadataRequest(model_name=model, model_version="" if version is None else str(version))
+        response, _ = self._call(self._stub.GetModelMetadata, request, timeout=timeout, request_id=None)
+        return parse_metadata(response)
+
+
+def _stream_message(item: Any, model: str | None, version: Any, index: int) -> pb.PredictRequest:
+    if isinstance(item, StreamRequest):
+        return build_request(item.model, item.inputs, version=item.version, id=item.id or str(index))
+    if model is None:
+        raise ValueError("predict_stream: pass model= or StreamRequest items")
+    return build_request(model, item, version=version, id=str(index))
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _stream_result(reply: pb.PredictStreamResponse) -> PredictResult:
+    if reply.HasField("error"):
+        cls = ERRORS_BY_CODE.get(_CODE_NAMES.get(reply.error.code, "UNKNOWN"), GatewayError)
+        return PredictResult("", "", {}, None, reply.id, cls(reply.error.message))
+    return parse_response(reply.response, None)
+
+
+class AsyncClient:
+    """The same surface as Client, awaitable, on grpc.aio."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: str | os.PathLike[str] | bytes,
+        cert: str | os.PathLike[str] | bytes,
+        key: str | os.PathLike[str] | bytes,
+        token: str | TokenProvider | Callable[[], str] | None = None,
+        server_name: str | None = None,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        keepalive_s: float = 60.0,
+    ) -> None:
+        config = _channel_config(
+            target,
+            ca=ca,
+            cert=cert,
+            key=key,
+            token=token,
+            server_name=server_name,
+            max_message_bytes=max_message_bytes,
+            keepalive_s=keepalive_s,
+        )
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self._channel = grpc.aio.secure_channel(target, config.credentials, options=config.options)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, *, timeout: float | None, request_id: str | None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            call = method(request, timeout=remaining, metadata=_metadata(request_id))
+            try:
+                response = await call
+                return response, await call.trailing_metadata()
+            except grpc.RpcError as exc:
+                attempt += 1
+                pause = self.retry.backoff(attempt - 1)
+                out_of_time = deadline is not None and time.monotonic() + pause >= deadline
+                if not _retryable(exc) or attempt >= self.retry.max_attempts or out_of_time:
+                    raise error_from_rpc(exc) from None
+                await asyncio.sleep(pause)
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: str | int | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> PredictResult:
+        """Run one inference (see Client.predict)."""
+        request = build_request(model, inputs, version=version)
+        response, trailers = await self._call(self._stub.Predict, request, timeout=timeout, request_id=request_id)
+        return parse_response(response, _trailer(trailers, "x-request-id"))
+
+    async def predict_stream(
+        self,
+        requests: Iterable[StreamRequest | Inputs],
+        *,
+        model: str | None = None,
+        version: str | int | None = None,
+        timeout: float | None = None,
+        raise_errors: bool = True,
+    ) -> AsyncIterator[PredictResult]:
+        """Results in request order over one stream (see Client.predict_stream)."""
+        messages = [_stream_message(item, model, version, index) for index, item in enumerate(requests)]
+        call = self._stub.PredictStream(iter(messages), timeout=self.timeout if timeout is None else timeout)
+        try:
+            async for reply in call:
+                result = _stream_result(reply)
+                if result.error is not None and raise_errors:
+                    raise result.error
+                yield result
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the caller may list."""
+        response, _ = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout, request_id=None)
+        return parse_models(response)
+
+    async def metadata(
+        self, model: str, version: str | int | None = None, *, timeout: float | None = None
+    ) -> ModelMetadata:
+        """A model version's signature."""
+        request = pb.GetModelMetadataRequest(model_name=model, model_version="" if version is None else str(version))
+        response, _ = await self._call(self._stub.GetModelMetadata, request, timeout=timeout, request_id=None)
+        return parse_metadata(response)

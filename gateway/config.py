@@ -1,0 +1,290 @@
+"""Typed settings from ``gateway.yaml`` plus ``gateway serve`` flags; every error names the bad key.
+
+Precedence, in ``load_settings`` only: CLI flag > file > default. Relative paths in the file are relative to
+the file's folder; relative paths from flags are relative to the working directory. The server reads no
+environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_ISSUER = "https://gateway.local"
+DEFAULT_AUDIENCE = "gateway"
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A bad configuration file, value or flag; the message names the key. Exit code 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """Server certificate, client CA (mutual TLS is always on outside dev mode), CRL and rotation."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    crl: Path | None = None
+    # Names a rotated server certificate must still cover before it is swapped in.
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    reload_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """JWT verification (RFC 7519) with keys from a JWKS file."""
+
+    jwks: Path | None = None
+    issuer: str = DEFAULT_ISSUER
+    audience: str = DEFAULT_AUDIENCE
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_s: float = 30.0
+    max_token_lifetime_s: float = 86400.0
+    required_claims: tuple[str, ...] = ("exp", "iss", "aud", "sub")
+    groups_claim: str = "groups"
+    scopes_claim: str = "scope"
+    hmac_secret_file: Path | None = None
+    token_cache_size: int = 10000
+    reload_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """Where the authorization policy files live."""
+
+    directory: Path = Path("policies")
+    reload_interval_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """The model repository and ONNX Runtime options."""
+
+    repository: Path = Path("models")
+    poll_interval_s: float = 2.0
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    max_elements: int = 16 * MIB
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The tamper-evident audit trail."""
+
+    path: Path = Path("var/audit/audit.log")
+    fsync: str = "batch"
+    hmac_key_file: Path | None = None
+    max_bytes: int = 64 * MIB
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Sizes and concurrency."""
+
+    max_message_bytes: int = 64 * MIB
+    max_metadata_bytes: int = 16 * 1024
+    max_concurrent_rpcs: int = 512
+    max_workers: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveSettings:
+    """HTTP/2 keepalive and connection age (connections must not outlive certificate rotation forever)."""
+
+    time_s: float = 60.0
+    timeout_s: float = 20.0
+    permit_without_calls: bool = False
+    min_ping_interval_s: float = 10.0
+    max_connection_age_s: float = 3600.0
+    max_connection_age_grace_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every option of ``gateway serve``."""
+
+    listen: str = "127.0.0.1:50051"
+    shutdown_grace_s: float = 10.0
+    log_format: str = "json"
+    log_level: str = "info"
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    policies: PolicySettings = field(default_factory=PolicySettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
+    # Development only, each logged at WARNING on every start.
+    dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
+    dev_no_auth: bool = False  # no token, no policy: every call is allowed
+    dev_audit_fail_open: bool = False  # serve even when the audit record cannot be written
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """The listen address split into host and port."""
+        return _split_listen(self.listen)
+
+
+_CHOICES = {
+    "audit.fsync": ("none", "batch", "always"),
+    "log_format": ("json", "console"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen: {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
+    """One value checked against its field's type; paths resolved against ``base``."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        (inner,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+        return _convert(value, inner, key, base)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, key, base)
+    if annotation is Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        path = Path(value)
+        return path if path.is_absolute() else base / path
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type")  # pragma: no cover - a programming error
+
+
+def _build(cls: Any, data: Any, prefix: str, base: Path) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key")
+    values = {
+        name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name, base) for name, value in data.items()
+    }
+    return cls(**values)
+
+
+def _merge(into: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = into
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{part}: expected a mapping")
+    node[leaf] = value
+
+
+def certs_dir_overrides(directory: Path) -> dict[str, Any]:
+    """The settings a folder written by ``scripts/gen_certs.sh`` provides (``--certs DIR``)."""
+    if not directory.is_dir():
+        raise ConfigError(f"--certs: {directory} is not a directory")
+    overrides: dict[str, Any] = {
+        "tls.cert": directory / "server.crt",
+        "tls.key": directory / "server.key",
+        "tls.client_ca": directory / "ca.crt",
+        "auth.jwks": directory / "jwks.json",
+    }
+    if (directory / "crl.pem").exists():
+        overrides["tls.crl"] = directory / "crl.pem"
+    if (directory / "audit-hmac.key").exists():
+        overrides["audit.hmac_key_file"] = directory / "audit-hmac.key"
+    return overrides
+
+
+def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from the file (if any) with flag overrides (dotted keys) applied on top, validated."""
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if config is not None:
+        try:
+            text = config.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{config}: cannot read: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{config}: expected a mapping at the top level")
+        data = loaded or {}
+        base = config.parent.resolve()
+    for dotted, value in (overrides or {}).items():
+        # Flag paths are relative to the working directory; only the file's own paths use its folder.
+        _merge(data, dotted, Path.cwd() / value if isinstance(value, Path) else value)
+    try:
+        settings = _build(Settings, data, "", base)
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}" if config else str(exc)) from None
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Cross-field rules: secure by default, dev options only where they are safe."""
+    host, _port = settings.host_port
+    if settings.dev_insecure_transport:
+        if not _is_loopback(host):
+            raise ConfigError(f"dev_insecure_transport: only allowed on a loopback address, not {host!r}")
+    else:
+        for name in ("cert", "key", "client_ca"):
+            if getattr(settings.tls, name) is None:
+                raise ConfigError(f"tls.{name}: required for mutual TLS (or start with --certs DIR)")
+    if not settings.dev_no_auth and settings.auth.jwks is None:
+        raise ConfigError("auth.jwks: required to verify tokens (or start with --certs DIR)")
+    for name in ("intra_op_threads", "inter_op_threads"):
+        if getattr(settings.models, name) < 1:
+            raise ConfigError(f"models.{name}: must be at least 1")
+    for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers"):
+        if getattr(settings.limits, name) < 1:
+            raise ConfigError(f"limits.{name}: must be at least 1")
+    unknown = set(settings.auth.algorithms) - {"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"}
+    if unknown:
+        raise ConfigError(f"auth.algorithms: unsupported {sorted(unknown)} (HMAC needs auth.hmac_secret_file)")

@@ -1,0 +1,120 @@
+"""Per-call state: request id, peer, identity, principal and the audit fields filled as the call progresses.
+
+Named ``call`` everywhere (``context`` is grpc's ServicerContext). Set by the audit interceptor, reachable
+through ``current_call`` by code that is not handed it explicitly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gateway.auth.principal import Principal
+from gateway.tensors import datatype_of
+
+# Caller-chosen request ids end up in logs and the audit trail: only short, plain tokens are accepted.
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+def request_id_from(candidate: str | None) -> str:
+    """The caller's ``x-request-id`` when it is a safe string, else a new random one."""
+    if candidate and _SAFE_REQUEST_ID.match(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class CallContext:
+    """Everything the gateway knows about one call (or one message of a stream)."""
+
+    request_id: str
+    method: str
+    peer: str
+    started: float = field(default_factory=time.perf_counter)
+    event: str = "call"
+    cert_identity: str | None = None
+    cert_sha256: str | None = None
+    principal: Principal | None = None
+    model: str | None = None
+    requested_version: str | None = None
+    version: str | None = None
+    action: str | None = None
+    decision: str | None = None
+    rule: str | None = None
+    inputs: list[dict[str, Any]] | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    message_index: int | None = None
+    messages: int | None = None
+    model_ran: bool = False  # a refusal before the run is safe for the client to retry
+
+    def for_message(self, index: int, *, bytes_in: int) -> CallContext:
+        """A child context for one message of a stream: same caller, its own audit fields and clock."""
+        return replace(
+            self,
+            event="stream_message",
+            started=time.perf_counter(),
+            model=None,
+            requested_version=None,
+            version=None,
+            action=None,
+            decision=None,
+            rule=None,
+            inputs=None,
+            bytes_in=bytes_in,
+            bytes_out=0,
+            message_index=index,
+            messages=None,
+            model_ran=False,
+        )
+
+    def describe_inputs(self, inputs: dict[str, Any]) -> None:
+        """Record names, datatypes and shapes of the inputs (never their values)."""
+        self.inputs = [
+            {"name": name, "datatype": datatype_of(array).name, "shape": list(array.shape)}
+            for name, array in inputs.items()
+        ]
+
+    def audit_record(self, *, code: str, reason: str | None) -> dict[str, Any]:
+        """The audit record for this call; ``ts`` and the chain fields are added by the audit log."""
+        principal = self.principal
+        groups: Sequence[str] = sorted(principal.groups) if principal else []
+        scopes: Sequence[str] = sorted(principal.scopes) if principal else []
+        record: dict[str, Any] = {
+            "event": self.event,
+            "request_id": self.request_id,
+            "method": self.method,
+            "peer": self.peer,
+            "cert_identity": self.cert_identity,
+            "cert_sha256": self.cert_sha256,
+            "sub": principal.subject if principal else None,
+            "iss": principal.issuer if principal else None,
+            "jti": principal.token_id if principal else None,
+            "groups": groups,
+            "scopes": scopes,
+            "model": self.model,
+            "requested_version": self.requested_version,
+            "version": self.version,
+            "action": self.action,
+            "decision": self.decision,
+            "rule": self.rule,
+            "code": code,
+            "reason": reason,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000.0, 3),
+            "inputs": self.inputs or [],
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+        if self.message_index is not None:
+            record["message_index"] = self.message_index
+        if self.messages is not None:
+            record["messages"] = self.messages
+        return record
+
+
+current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("current_call")

@@ -1,0 +1,287 @@
+"""Server interceptors: the audit boundary (call context, one record per call, the one error boundary) and
+authentication (client certificate checks + Bearer JWT, bound to the certificate per RFC 8705).
+
+Order (server.py): audit wraps authentication, so refusals are audited. The audit interceptor swaps the
+request deserializer for a pass-through and decodes inside its boundary, because grpcio would otherwise
+refuse an undecodable message before any of our code runs, leaving no record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import structlog
+
+from gateway.audit import AuditLog
+from gateway.auth.certs import CrlStore, check_validity, inspect_peer
+from gateway.auth.principal import Principal
+from gateway.auth.tokens import TokenVerifier
+from gateway.context import CallContext, current_call, request_id_from
+from gateway.errors import (
+    AuthenticationError,
+    CancelledError,
+    GatewayError,
+    InternalError,
+    InvalidArgumentError,
+    UnavailableError,
+    UnimplementedError,
+)
+
+log = structlog.get_logger(__name__)
+
+MAX_AUTHORIZATION_BYTES = 8192
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> Behavior:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream  # type: ignore[no-any-return]
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, behavior: Behavior, *, deserializer: Any, serializer: Any) -> Any:
+    """The same kind of handler with another behavior and (de)serializers."""
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(behavior, request_deserializer=deserializer, response_serializer=serializer)
+
+
+def _metadata_values(details: grpc.HandlerCallDetails, key: str) -> list[str]:
+    return [value for name, value in (details.invocation_metadata or ()) if name == key]  # type: ignore[attr-defined]
+
+
+def _status(error: GatewayError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Creates the call context, decodes, turns exceptions into statuses, and writes exactly one record."""
+
+    def __init__(self, *, audit: AuditLog, exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+        self._audit = audit
+        self._exempt = tuple(exempt_prefixes)
+
+    def record(self, call: CallContext, error: GatewayError | None) -> None:
+        """Write the record for a call or stream message; raises UnavailableError when the sink is down."""
+        if error is None:
+            self._audit.write(call.audit_record(code="OK", reason=None))
+        else:
+            self._audit.write(call.audit_record(code=error.code, reason=error.reason))
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        method: str = details.method  # type: ignore[attr-defined]
+        if method.startswith(self._exempt):
+            return continuation(details)
+        handler = continuation(details)
+        request_id = request_id_from(next(iter(_metadata_values(details, "x-request-id")), None))
+        if handler is None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unimplemented(method, request_id), request_deserializer=None, response_serializer=None
+            )
+        deserialize = handler.request_deserializer or (lambda raw: raw)
+        serialize = handler.response_serializer or (lambda message: message)
+        behavior = _behavior(handler)
+        if handler.response_streaming:
+            wrapped = self._stream_response(method, request_id, behavior, deserialize, serialize, handler)
+        else:
+            wrapped = self._unary_response(method, request_id, behavior, deserialize, serialize, handler)
+        return _rebuild(handler, wrapped, deserializer=None, serializer=None)
+
+    def _begin(self, method: str, request_id: str, context: grpc.ServicerContext) -> CallContext:
+        call = CallContext(request_id=request_id, method=method, peer=context.peer())
+        current_call.set(call)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        return call
+
+    def _requests(self, raw: Any, call: CallContext, deserialize: Any, streaming: bool) -> Any:
+        if not streaming:
+            call.bytes_in = len(raw)
+            return _decode(deserialize, raw)
+
+        def messages() -> Iterator[Any]:
+            for index, item in enumerate(raw):
+                call.bytes_in += len(item)
+                yield _decode(deserialize, item, index=index)
+
+        return messages()
+
+    def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.ServicerContext) -> None:
+        """Record the outcome, then fail the call if it failed or its record could not be written."""
+        if error is None and not context.is_active():
+            error = CancelledError(reason="client cancelled or deadline passed before the response")
+        try:
+            self.record(call, error)
+        except UnavailableError as exc:
+            log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
+            error = exc
+        if error is not None:
+            if isinstance(error, UnavailableError) and not call.model_ran:
+                context.set_trailing_metadata((("x-request-id", call.request_id), ("x-retry-safe", "true")))
+            message = error.message
+            if isinstance(error, InternalError):
+                message = f"internal error (request id {call.request_id})"
+            if not isinstance(error, CancelledError):
+                context.abort(_status(error), message)
+
+    def _unary_response(
+        self, method: str, request_id: str, behavior: Behavior, deserialize: Any, serialize: Any, handler: Any
+    ) -> Behavior:
+        def audited(raw: Any, context: grpc.ServicerContext) -> Any:
+            call = self._begin(method, request_id, context)
+            out = None
+            error = None
+            try:
+                request = self._requests(raw, call, deserialize, handler.request_streaming)
+                out = serialize(behavior(request, context))
+                call.bytes_out = len(out)
+            except GatewayError as exc:
+                error = exc
+            except Exception as exc:
+                error = _unexpected(exc, call)
+            self._finish(call, error, context)
+            return out
+
+        return audited
+
+    def _stream_response(
+        self, method: str, request_id: str, behavior: Behavior, deserialize: Any, serialize: Any, handler: Any
+    ) -> Behavior:
+        def audited(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = self._begin(method, request_id, context)
+            call.event = "stream"
+            error = None
+            try:
+                request = self._requests(raw, call, deserialize, handler.request_streaming)
+                for message in behavior(request, context):
+                    out = serialize(message)
+                    call.bytes_out += len(out)
+                    yield out
+            except GeneratorExit:
+                # grpc closes the generator when the client goes away: still exactly one record for the stream.
+                self.record_quietly(call, CancelledError(reason="client cancelled the stream"))
+                raise
+            except GatewayError as exc:
+                error = exc
+            except Exception as exc:
+                error = _unexpected(exc, call)
+            self._finish(call, error, context)
+
+        return audited
+
+    def record_quietly(self, call: CallContext, error: GatewayError) -> None:
+        """Record where no status can be sent any more (the client is gone)."""
+        try:
+            self.record(call, error)
+        except UnavailableError:
+            log.error("audit_record_lost", request_id=call.request_id, method=call.method)
+
+    def _unimplemented(self, method: str, request_id: str) -> Behavior:
+        def audited(raw: Any, context: grpc.ServicerContext) -> None:
+            call = self._begin(method, request_id, context)
+            call.bytes_in = len(raw)
+            self._finish(call, UnimplementedError(reason=f"unknown method {method}"), context)
+
+        return audited
+
+
+def _decode(deserialize: Any, raw: bytes, *, index: int | None = None) -> Any:
+    try:
+        return deserialize(raw)
+    except Exception:
+        where = "request" if index is None else f"stream message {index}"
+        raise InvalidArgumentError(f"{where} is not a valid protobuf message") from None
+
+
+def _unexpected(exc: Exception, call: CallContext) -> InternalError:
+    log.error("call_failed_unexpectedly", request_id=call.request_id, method=call.method, exc_info=exc)
+    return InternalError(reason=f"unexpected {type(exc).__name__}")
+
+
+def bearer_token(values: Sequence[str]) -> str:
+    """The token from exactly one ``authorization: Bearer <jwt>`` header (RFC 6750 section 2.1)."""
+    if not values:
+        raise AuthenticationError(reason="no authorization header")
+    if len(values) > 1:
+        raise AuthenticationError(reason="several authorization headers")
+    value = values[0]
+    if len(value) > MAX_AUTHORIZATION_BYTES:
+        raise AuthenticationError(reason="authorization header too large")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthenticationError(reason="authorization scheme is not Bearer")
+    token = token.strip()
+    if not token or " " in token:
+        raise AuthenticationError(reason="malformed bearer token")
+    return token
+
+
+class AuthenticationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Proves who is calling twice: the client certificate (checked per call) and a Bearer JWT bound to it."""
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        crl: CrlStore | None,
+        require_certificate: bool = True,
+        exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._verifier = verifier
+        self._crl = crl
+        self._require_certificate = require_certificate
+        self._exempt = tuple(exempt_prefixes)
+        self._clock = clock
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(self._exempt):
+            return handler
+        authorization = _metadata_values(details, "authorization")
+        behavior = _behavior(handler)
+
+        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
+            self.authenticate(current_call.get(), context, authorization)
+            return behavior(request, context)
+
+        return _rebuild(
+            handler,
+            authenticated,
+            deserializer=handler.request_deserializer,
+            serializer=handler.response_serializer,
+        )
+
+    def authenticate(self, call: CallContext, context: grpc.ServicerContext, authorization: Sequence[str]) -> None:
+        """Fill ``call.principal`` or raise AuthenticationError; the certificate is checked before the token."""
+        pems = context.auth_context().get("x509_pem_cert")
+        x5t = None
+        if pems:
+            peer = inspect_peer(pems[0])
+            call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
+            x5t = peer.x5t_s256
+            # Connections outlive certificates (RFC 5280 validity is checked at the handshake only): re-check.
+            check_validity(peer, datetime.fromtimestamp(self._clock(), UTC))
+            if self._crl is not None:
+                self._crl.check(peer)
+        elif self._require_certificate:
+            raise AuthenticationError(reason="no client certificate")
+        token = self._verifier.verify(bearer_token(authorization), cert_x5t=x5t)
+        call.principal = Principal(
+            cert_identity=call.cert_identity or "",
+            cert_sha256=call.cert_sha256 or "",
+            subject=token.subject,
+            issuer=token.issuer,
+            token_id=token.token_id,
+            groups=token.groups,
+            scopes=token.scopes,
+            token_bound=token.bound,
+        )

@@ -1,0 +1,50 @@
+"""Operational log configuration (structlog): JSON in production, console in development, secrets redacted.
+
+This is never the audit trail; the audit log has its own structlog chain in ``gateway.audit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys whose values are never logged, whatever the call site passes: defence in depth behind "never log a token".
+_SECRET_KEY = re.compile(r"(token|authorization|password|secret|private|bearer|jwt)", re.IGNORECASE)
+# A JWT in free text: three base64url segments, the first starting like a JSON header ("eyJ").
+_JWT_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+
+
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: drop secret-named values and anything that looks like a JWT."""
+    for key, value in list(event_dict.items()):
+        if _SECRET_KEY.search(key):
+            event_dict[key] = "[redacted]"
+        elif isinstance(value, str) and "eyJ" in value:
+            event_dict[key] = _JWT_TEXT.sub("[redacted-jwt]", value)
+    return event_dict
+
+
+def configure(*, fmt: str = "json", level: str = "info", stream: Any = None) -> None:
+    """Configure the process-wide operational logger (stderr by default)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,126 @@
+"""The one path every API calls after decoding: authorize, resolve, validate, run. Never imports grpc.
+
+Authorization needs the model name from the message, so it lives here rather than in an interceptor, and
+every protocol the gateway serves shares it: one place decides. A caller who may not act on a model gets
+PERMISSION_DENIED whether or not the model exists (DESIGN.md: a refused caller learns nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.auth.principal import Principal
+from gateway.context import CallContext
+from gateway.errors import NotFoundError, PermissionDeniedError
+from gateway.models.repository import ModelInfo, ModelRepository
+from gateway.models.runtime import ModelVersion
+from gateway.policy import Action, Decision, PolicyStore
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request, whatever protocol it came in: named tensors or the simple flat FP32 form."""
+
+    model: str
+    version: str | None
+    inputs: dict[str, np.ndarray]
+    flat: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    """Outputs by name (model order) and the version that ran."""
+
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+
+
+_DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
+
+
+class Pipeline:
+    """Authorization, model resolution, validation and execution, shared by every API."""
+
+    def __init__(
+        self,
+        *,
+        models: ModelRepository,
+        policies: PolicyStore | None,
+        before_run: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``policies=None`` is the dev_no_auth mode (everything allowed); ``before_run`` may refuse a run
+        (the audit sink's health check: no model runs while its record could not be written)."""
+        self.models = models
+        self._policies = policies
+        self._before_run = before_run
+
+    def _decide(self, principal: Principal | None, model: str, version: str | None, action: Action) -> Decision:
+        if self._policies is None:
+            return _DEV_ALLOW
+        if principal is None:  # unreachable behind the authentication interceptor; fail closed regardless
+            return Decision(allowed=False, rule_id=None)
+        return self._policies.current.evaluate(principal, model=model, version=version, action=action)
+
+    def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> ModelVersion:
+        """Resolve first (so the decision is about the version that will run), then decide, then report."""
+        call.model, call.requested_version, call.action = model, requested, action.value
+        resolved: ModelVersion | None = None
+        missing: NotFoundError | None = None
+        try:
+            resolved = self.models.resolve(model, _parse_version(model, requested))
+        except NotFoundError as exc:
+            missing = exc
+        policy_version = str(resolved.version) if resolved else requested
+        decision = self._decide(call.principal, model, policy_version, action)
+        call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
+        if not decision.allowed:
+            raise PermissionDeniedError(reason=decision.reason)
+        if resolved is None:
+            assert missing is not None
+            raise missing
+        call.version = str(resolved.version)
+        return resolved
+
+    def predict(self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT) -> InferResult:
+        """Run one inference for an authorized caller."""
+        model = self._authorize(call, request.model, request.version, action)
+        inputs = model.reshape_flat(request.flat) if request.flat is not None else model.name_inputs(request.inputs)
+        call.describe_inputs(inputs)
+        model.validate(inputs)
+        self._before_run()
+        call.model_ran = True
+        return InferResult(request.model, model.version, model.run(inputs))
+
+    def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[ModelVersion, list[int]]:
+        """The signature of one version, and the versions of the model the caller may read metadata of."""
+        resolved = self._authorize(call, model, version, Action.METADATA)
+        info = self.models.info(model)
+        versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
+        return resolved, versions
+
+    def list_models(self, call: CallContext) -> list[ModelInfo]:
+        """The models, and their versions, the caller may list."""
+        call.action, call.decision = Action.LIST.value, "allow"
+        visible = []
+        for info in self.models.models():
+            versions = self._visible_versions(call.principal, info, Action.LIST)
+            if versions:
+                # The default is shown only when the caller may use it: a request without a version gets it.
+                default = info.default_version if info.default_version in versions else None
+                visible.append(ModelInfo(info.name, tuple(versions), default))
+        return visible
+
+    def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
+        return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
+
+
+def _parse_version(model: str, requested: str | None) -> int | None:
+    if requested is None:
+        return None
+    if not requested.isdigit() or len(requested) > 18:
+        raise NotFoundError(f"model '{model}' has no version {requested!r}")
+    return int(requested)

@@ -1,0 +1,170 @@
+"""`make demo`: start the gateway over mutual TLS, make allowed and refused calls, stop it cleanly.
+
+Uses only the project's own tools: certificates from scripts/gen_certs.sh (certs/), models from
+scripts/make_demo_models.py (models/), tokens from `gateway token issue`, and the SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import gateway
+from gateway.auth.tokens import issue_token, kid_from_jwks
+
+ROOT = Path(__file__).resolve().parent.parent
+CERTS = ROOT / "certs"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token_for(sub: str, *, bind: str | None = None, **kwargs: object) -> str:
+    args = [str(BIN / "gateway"), "token", "issue", "--key", str(CERTS / "jwt-signing.key"), "--sub", sub]
+    if bind:
+        args += ["--bind-cert", str(CERTS / f"{bind}.crt")]
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def expired_token(sub: str) -> str:
+    key = (CERTS / "jwt-signing.key").read_bytes()
+    return issue_token(
+        private_key_pem=key,
+        sub=sub,
+        kid=kid_from_jwks(CERTS / "jwks.json", key),
+        iss="https://gateway.local",
+        aud="gateway",
+        ttl_s=600,
+        now=time.time() - 3600,
+    )
+
+
+def client(name: str, token: str | None) -> gateway.Client:
+    return gateway.Client(
+        TARGET, ca=CERTS / "ca.crt", cert=CERTS / f"{name}.crt", key=CERTS / f"{name}.key", token=token, timeout=10
+    )
+
+
+def wait_serving(target: str, deadline_s: float = 30.0) -> None:
+    creds = grpc.ssl_channel_credentials(
+        (CERTS / "ca.crt").read_bytes(), (CERTS / "alice.key").read_bytes(), (CERTS / "alice.crt").read_bytes()
+    )
+    end = time.monotonic() + deadline_s
+    with grpc.secure_channel(target, creds) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                if time.monotonic() > end:
+                    raise
+            time.sleep(0.2)
+
+
+def refused(label: str, action) -> None:  # type: ignore[no-untyped-def]
+    try:
+        action()
+    except gateway.GatewayError as exc:
+        print(f"  refused  {label:<42} -> {exc.code}")
+        return
+    raise SystemExit(f"demo failed: {label} was not refused")
+
+
+def main() -> int:
+    global TARGET
+    port = free_port()
+    TARGET = f"127.0.0.1:{port}"
+    audit_dir = Path(tempfile.mkdtemp(prefix="gateway-demo-audit-"))
+    audit_log = audit_dir / "audit.log"
+    server = subprocess.Popen(
+        [
+            str(BIN / "gateway"),
+            "serve",
+            "--certs",
+            str(CERTS),
+            "--models",
+            str(ROOT / "models"),
+            "--policies",
+            str(ROOT / "policies"),
+            "--listen",
+            TARGET,
+            "--audit-log",
+            str(audit_log),
+        ],
+        stderr=open(audit_dir / "gateway.log", "wb"),  # noqa: SIM115 - closed with the process
+    )
+    try:
+        wait_serving(TARGET)
+        print(f"gateway serving on {TARGET} (mutual TLS, JWT, policies/demo.yaml); audit trail {audit_log}\n")
+        alice_token = token_for("alice", bind="alice")
+        rng = np.random.default_rng(0)
+        with client("alice", alice_token) as alice:
+            mlp = alice.predict("mlp", {"input": rng.random((1, 784), dtype=np.float32)})
+            print(
+                f"  allowed  alice predict mlp (version {mlp.version})          -> {np.round(mlp.outputs['output'][0][:4], 3)}..."
+            )
+            digit = np.zeros((1, 64), dtype=np.float32)
+            digit[0, [19, 20, 27, 28, 35, 36, 43, 44, 51, 52]] = 1.0  # a vertical stroke: a "1"
+            result = alice.predict("digits", digit)
+            print(
+                f"  allowed  alice predict digits (version {result.version})       -> label {int(result.outputs['label'][0])}"
+            )
+            print(f"  allowed  alice list models                          -> {[m.name for m in alice.list_models()]}")
+        print()
+        refused("no client certificate (TLS handshake)", lambda: _no_cert_call())
+        with client("alice", None) as anonymous:
+            refused("alice without a token", lambda: anonymous.predict("mlp", [0.0] * 784))
+        with client("alice", expired_token("alice")) as expired:
+            refused("alice with an expired token", lambda: expired.predict("mlp", [0.0] * 784))
+        with client("bob", alice_token) as thief:
+            refused("bob presenting alice's bound token", lambda: thief.predict("mlp", [0.0] * 784))
+        with client("bob", token_for("bob", bind="bob")) as bob:
+            print(
+                f"  allowed  bob metadata digits                        -> inputs {[i.name for i in bob.metadata('digits').inputs]}"
+            )
+            refused("bob predict digits (policy deny)", lambda: bob.predict("digits", np.zeros((1, 64), np.float32)))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=30)
+    print(f"\ngateway stopped on SIGTERM with exit code {code}")
+    verify = subprocess.run(
+        [str(BIN / "gateway"), "audit", "verify", str(audit_log), "--hmac-key", str(CERTS / "audit-hmac.key")],
+        capture_output=True,
+        text=True,
+    )
+    print(f"audit verify: {verify.stdout.strip()}")
+    return 0 if code == 0 and verify.returncode == 0 else 1
+
+
+def _no_cert_call() -> None:
+    creds = grpc.ssl_channel_credentials((CERTS / "ca.crt").read_bytes())
+    with grpc.secure_channel(TARGET, creds) as channel:
+        try:
+            channel.unary_unary("/gateway.v1.InferenceService/ListModels")(b"", timeout=5)
+        except grpc.RpcError as exc:
+            raise gateway.UnavailableError(exc.details()) from None
+
+
+TARGET = ""
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    sys.exit(main())

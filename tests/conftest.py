@@ -1,0 +1,185 @@
+"""Shared fixtures: a session PKI made by scripts/gen_certs.sh, demo models made by
+scripts/make_demo_models.py, tokens made by the project's issuer, and gateways started in-process on
+127.0.0.1:0 with real mutual TLS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's scripts with this interpreter available to it."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, env=env, timeout=120)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A folder written by gen_certs.sh."""
+
+    dir: Path
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def read(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+    def channel_credentials(self, client: str | None) -> grpc.ChannelCredentials:
+        if client is None:
+            return grpc.ssl_channel_credentials(self.read("ca.crt"))
+        return grpc.ssl_channel_credentials(self.read("ca.crt"), self.read(f"{client}.key"), self.read(f"{client}.crt"))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    run_script(ROOT / "scripts/gen_certs.sh", directory, "alice", "bob", "carol")
+    return Pki(directory)
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A second, unrelated CA: its clients must be refused at the handshake."""
+    directory = tmp_path_factory.mktemp("other-pki")
+    run_script(ROOT / "scripts/gen_certs.sh", directory, "alice")
+    return Pki(directory)
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("models") / "models"
+    run_script(sys.executable, ROOT / "scripts/make_demo_models.py", directory)
+    return directory
+
+
+@pytest.fixture
+def model_repo(demo_models: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the demo models (for reload tests)."""
+    target = tmp_path / "models"
+    shutil.copytree(demo_models, target)
+    return target
+
+
+ALL_ACCESS_POLICY = """
+rules:
+  - id: alice-all
+    effect: allow
+    principals: {subjects: [alice]}
+    models: ["*"]
+    actions: "*"
+  - id: bob-metadata-digits
+    effect: allow
+    principals: {subjects: [bob]}
+    models: [digits]
+    actions: [metadata, list]
+  - id: deny-suspended
+    effect: deny
+    principals: {groups: [suspended]}
+    models: ["*"]
+    actions: "*"
+"""
+
+
+@dataclass
+class RunningGateway:
+    """A gateway started in-process for one test."""
+
+    gateway: Any
+    port: int
+    pki: Pki
+    audit_path: Path
+    policy_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self, client: str | None = "alice", pki: Pki | None = None) -> grpc.Channel:
+        return grpc.secure_channel(self.target, (pki or self.pki).channel_credentials(client))
+
+    def token(self, sub: str = "alice", *, bind: str | None = "alice", **kwargs: Any) -> str:
+        from gateway.auth.tokens import issue_token, kid_from_jwks
+
+        key = self.pki.read("jwt-signing.key")
+        bind_pem = self.pki.read(f"{bind}.crt") if bind else None
+        kwargs.setdefault("iss", "https://gateway.local")
+        kwargs.setdefault("aud", "gateway")
+        return issue_token(
+            private_key_pem=key,
+            sub=sub,
+            kid=kwargs.pop("kid", None) or kid_from_jwks(self.pki.path("jwks.json"), key),
+            bind_cert_pem=bind_pem,
+            **kwargs,
+        )
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """Every record written so far (a call's record is committed before its response leaves)."""
+        import json
+
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    from gateway.config import certs_dir_overrides, load_settings
+    from gateway.server import Gateway
+
+    started: list[RunningGateway] = []
+
+    def start(
+        *,
+        models: Path | None = None,
+        policy: str = ALL_ACCESS_POLICY,
+        overrides: dict[str, Any] | None = None,
+        use_pki: Pki | None = None,
+    ) -> RunningGateway:
+        the_pki = use_pki or pki
+        policy_dir = tmp_path / f"policies-{len(started)}"
+        policy_dir.mkdir()
+        (policy_dir / "test.yaml").write_text(policy)
+        audit_path = tmp_path / f"audit-{len(started)}" / "audit.log"
+        settings_overrides: dict[str, Any] = {
+            **certs_dir_overrides(the_pki.dir),
+            "listen": "127.0.0.1:0",
+            "models.repository": models or demo_models,
+            "policies.directory": policy_dir,
+            "audit.path": audit_path,
+            "shutdown_grace_s": 2.0,
+        }
+        settings_overrides.update(overrides or {})
+        gateway = Gateway(load_settings(None, settings_overrides))
+        port = gateway.start()
+        running = RunningGateway(gateway, port, the_pki, audit_path, policy_dir)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.gateway.stop(0.5)
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
+    """Poll until ``predicate()`` is true; fail the test after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval_s)

@@ -1,0 +1,181 @@
+"""Health, graceful shutdown, and `gateway serve` as a process: signals, exit codes, startup errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import wait_until
+from tests.e2e.helpers import TIMEOUT, auth, predict_request, stub
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=TIMEOUT).status
+
+
+def test_health_is_serving_overall_and_per_model_without_a_token(start_gateway):
+    gw = start_gateway()
+    with gw.channel() as channel:
+        assert health_status(channel) == SERVING
+        assert health_status(channel, "gateway.v1.InferenceService") == SERVING
+        assert health_status(channel, "model/mlp") == SERVING
+
+
+def test_health_needs_mutual_tls(start_gateway):
+    gw = start_gateway()
+    with gw.channel(None) as channel, pytest.raises(grpc.RpcError):
+        health_status(channel)
+
+
+def test_graceful_shutdown_lets_in_flight_calls_finish(start_gateway):
+    gw = start_gateway(overrides={"shutdown_grace_s": 20.0})
+    big = np.random.default_rng(0).random((12000, 784), dtype=np.float32)  # 37 MB, ~0.5 s of inference
+    results: list[object] = []
+
+    def slow_call() -> None:
+        with gw.channel() as channel:
+            try:
+                response = stub(channel).Predict(
+                    predict_request("mlp", {"input": big}), metadata=auth(gw.token()), timeout=30
+                )
+                results.append(response.model_version)
+            except grpc.RpcError as exc:
+                results.append(exc.code())
+
+    threads = [threading.Thread(target=slow_call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # the calls reach the server well within this; each then runs for about a second
+    gw.gateway.stop(grace_s=20.0)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results and all(r == "2" for r in results), results
+    assert len(gw.audit_records()) == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*GATEWAY, "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path, signum):
+    port = free_port()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    args = [
+        "--certs",
+        str(pki.dir),
+        "--models",
+        str(demo_models),
+        "--policies",
+        str(policies),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--audit-log",
+        str(tmp_path / "audit.log"),
+    ]
+    process = serve(args, tmp_path)
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
+        process.send_signal(signum)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    log = process.stderr.read().decode()
+    assert "gateway_stopped" in log
+
+
+def _serving(channel: grpc.Channel) -> bool:
+    try:
+        return health_status(channel) == SERVING
+    except grpc.RpcError:
+        return False
+
+
+def run_serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GATEWAY, "serve", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+
+def test_serve_without_tls_material_is_a_usage_error(tmp_path):
+    result = run_serve(["--listen", "127.0.0.1:0"], tmp_path)
+    assert result.returncode == 2
+    assert "tls.cert: required" in result.stderr
+
+
+def test_bad_config_key_is_a_usage_error_naming_the_key(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("limits:\n  max_mesage_bytes: 10\n")
+    result = run_serve(["--config", str(config)], tmp_path)
+    assert result.returncode == 2
+    assert "limits.max_mesage_bytes: unknown key" in result.stderr
+
+
+def test_bad_config_value_is_a_usage_error_naming_the_key(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("audit:\n  fsync: sometimes\n")
+    result = run_serve(["--config", str(config)], tmp_path)
+    assert result.returncode == 2
+    assert "audit.fsync" in result.stderr
+
+
+def test_dev_insecure_transport_refuses_a_public_address(tmp_path):
+    result = run_serve(["--listen", "0.0.0.0:0", "--dev", "insecure_transport", "--dev", "no_auth"], tmp_path)
+    assert result.returncode == 2
+    assert "loopback" in result.stderr
+
+
+def test_unloadable_model_at_start_is_a_clear_startup_error(pki, demo_models, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(demo_models, models)
+    (models / "mlp" / "3").mkdir()
+    (models / "mlp" / "3" / "model.onnx").write_bytes(b"not a model")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    result = run_serve(
+        [
+            "--certs",
+            str(pki.dir),
+            "--models",
+            str(models),
+            "--policies",
+            str(policies),
+            "--listen",
+            "127.0.0.1:0",
+            "--audit-log",
+            str(tmp_path / "audit.log"),
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 1
+    assert "mlp/3/model.onnx" in result.stderr and "cannot load" in result.stderr

@@ -1,0 +1,77 @@
+"""Settings: strict parsing, precedence flag > file > default, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, certs_dir_overrides, load_settings
+
+TLS = "tls: {cert: s.crt, key: s.key, client_ca: ca.crt}\n"
+SECURE = TLS + "auth: {jwks: jwks.json}\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_secure_and_need_tls_material():
+    with pytest.raises(ConfigError, match=r"tls\.cert: required"):
+        load_settings(None)
+
+
+def test_file_paths_are_relative_to_the_file(tmp_path):
+    settings = load_settings(write(tmp_path, SECURE + "models: {repository: m}\n"))
+    assert settings.models.repository == tmp_path / "m"
+    assert settings.tls.cert == tmp_path / "s.crt"
+
+
+def test_flags_override_the_file_and_are_relative_to_the_working_directory(tmp_path):
+    settings = load_settings(
+        write(tmp_path, SECURE + "listen: 127.0.0.1:1\nmodels: {repository: m}\n"),
+        {"listen": "127.0.0.1:2", "models.repository": Path("flag")},
+    )
+    assert settings.listen == "127.0.0.1:2"
+    assert settings.models.repository == Path.cwd() / "flag"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("limits: {max_workrs: 1}\n", r"limits\.max_workrs: unknown key"),
+        ("limits: {max_workers: many}\n", r"limits\.max_workers: expected a non-negative integer"),
+        ("limits: {max_workers: 0}\n", r"limits\.max_workers: must be at least 1"),
+        ("audit: {fsync: sometimes}\n", r"audit\.fsync: 'sometimes' is not one of none, batch, always"),
+        ("keepalive: {time_s: true}\n", r"keepalive\.time_s: expected a non-negative number"),
+        ("listen: nowhere\n", r"listen: 'nowhere' is not HOST:PORT"),
+        ("auth: {jwks: j.json, algorithms: [HS256]}\n", r"auth\.algorithms: unsupported"),
+        ("tls: 3\n", r"tls: expected a mapping"),
+        ("- a\n- b\n", r"expected a mapping at the top level"),
+        ("a: [\n", r"not valid YAML"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        prefix = TLS if text.startswith("auth:") else "" if text.startswith(("-", "a:")) else SECURE
+        load_settings(write(tmp_path, prefix + text))
+
+
+def test_dev_insecure_transport_only_on_loopback(tmp_path):
+    config = write(tmp_path, "dev_insecure_transport: true\ndev_no_auth: true\nlisten: 0.0.0.0:50051\n")
+    with pytest.raises(ConfigError, match="only allowed on a loopback address"):
+        load_settings(config)
+    settings = load_settings(config, {"listen": "[::1]:50051"})
+    assert settings.host_port == ("::1", 50051)
+
+
+def test_certs_dir_provides_tls_jwks_crl_and_audit_key(tmp_path):
+    for name in ("server.crt", "server.key", "ca.crt", "jwks.json", "crl.pem", "audit-hmac.key"):
+        (tmp_path / name).write_text("x")
+    overrides = certs_dir_overrides(tmp_path)
+    assert overrides["tls.crl"] == tmp_path / "crl.pem"
+    assert overrides["audit.hmac_key_file"] == tmp_path / "audit-hmac.key"
+    settings = load_settings(None, overrides)
+    assert settings.tls.client_ca == tmp_path / "ca.crt"

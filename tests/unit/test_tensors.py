@@ -1,0 +1,68 @@
+"""Tensor decoding: every datatype both ways, sizes checked before any buffer is touched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway import tensors
+from gateway._pb.gateway.v1 import gateway_pb2 as pb
+from gateway.errors import InvalidArgumentError
+
+
+@pytest.mark.parametrize("name", list(tensors.BY_NAME))
+def test_every_datatype_round_trips_through_raw_bytes(name):
+    dtype = tensors.BY_NAME[name].dtype
+    array = (np.arange(12) % 2).astype(dtype).reshape(3, 4)
+    decoded = tensors.decode(tensors.encode("x", array), max_elements=100)
+    assert decoded.dtype == dtype and decoded.shape == (3, 4)
+    np.testing.assert_array_equal(decoded, array)
+
+
+@pytest.mark.parametrize("name", list(tensors.BY_NAME))
+def test_every_datatype_decodes_from_typed_contents(name):
+    row = tensors.BY_NAME[name]
+    values = [1, 0, 1, 1] if name == "BOOL" else [1, 2, 3, 4]
+    tensor = pb.Tensor(name="x", datatype=row.enum, shape=[2, 2])
+    getattr(tensor.contents, row.contents_field).extend(values)
+    decoded = tensors.decode(tensor, max_elements=100)
+    np.testing.assert_array_equal(decoded, np.array(values, dtype=row.dtype).reshape(2, 2))
+
+
+def test_raw_bytes_are_decoded_without_a_copy():
+    tensor = tensors.encode("x", np.ones((2, 2), np.float32))
+    raw = tensor.raw_data
+    decoded = tensors.decode(
+        pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[2, 2], raw_data=raw), max_elements=9
+    )
+    assert not decoded.flags.writeable  # a view over protobuf's bytes, not a copy
+
+
+def test_raw_data_is_little_endian():
+    tensor = tensors.encode("x", np.array([1], dtype=np.int32))
+    assert tensor.raw_data == b"\x01\x00\x00\x00"
+    big_endian = np.array([1], dtype=">i4")
+    assert tensors.encode("x", big_endian).raw_data == b"\x01\x00\x00\x00"
+
+
+def test_typed_values_that_do_not_fit_are_refused():
+    tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_INT8, shape=[1], contents=pb.TensorContents(int_contents=[300]))
+    with pytest.raises(InvalidArgumentError, match="does not fit in INT8"):
+        tensors.decode(tensor, max_elements=10)
+
+
+def test_bool_bytes_other_than_zero_or_one_are_refused():
+    tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_BOOL, shape=[2], raw_data=b"\x01\x07")
+    with pytest.raises(InvalidArgumentError, match="BOOL bytes"):
+        tensors.decode(tensor, max_elements=10)
+
+
+def test_huge_shapes_are_refused_before_multiplying_out():
+    with pytest.raises(InvalidArgumentError, match="more than 1000 elements"):
+        tensors.element_count([10**18, 10**18, 10**18], name="x", max_elements=1000)
+
+
+def test_count_mismatch_in_typed_contents_is_refused():
+    tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[3], contents=pb.TensorContents(fp32_contents=[1]))
+    with pytest.raises(InvalidArgumentError, match="1 values in contents.fp32_contents, shape \\[3\\] needs 3"):
+        tensors.decode(tensor, max_elements=10)
