@@ -134,6 +134,160 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+_CONNECTION = (
+    ("target", "GATEWAY_TARGET", "HOST:PORT of the gateway"),
+    ("ca", "GATEWAY_CA", "CA certificate that signed the server's certificate"),
+    ("cert", "GATEWAY_CERT", "client certificate"),
+    ("key", "GATEWAY_KEY", "client private key"),
+    ("token", "GATEWAY_TOKEN", "bearer token (prefer --token-file: argv is visible to other users)"),
+    ("token_file", "GATEWAY_TOKEN_FILE", "file holding the bearer token, re-read when it changes"),
+    ("server_name", "GATEWAY_SERVER_NAME", "name to check the server certificate against (when --target is an IP)"),
+)
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    for name, env, help_text in _CONNECTION:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{help_text} [env {env}]")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    """A Client from flags, falling back to GATEWAY_* environment variables."""
+    import os
+
+    from gateway.client import Client, TokenFile
+
+    values = {name: getattr(args, name) or os.environ.get(env) for name, env, _ in _CONNECTION}
+    missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
+    if missing:
+        raise _UsageError(f"missing {', '.join(missing)} (or the GATEWAY_* environment variables)")
+    if values["token"] and values["token_file"]:
+        raise _UsageError("give --token or --token-file, not both")
+    token: Any = TokenFile(values["token_file"]) if values["token_file"] else values["token"]
+    try:
+        return Client(
+            values["target"],
+            ca=values["ca"],
+            cert=values["cert"],
+            key=values["key"],
+            token=token,
+            server_name=values["server_name"],
+            timeout=args.timeout,
+        )
+    except OSError as exc:
+        raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
+
+
+class _UsageError(Exception):
+    """A client command's arguments are wrong: exit 2."""
+
+
+def _read_inputs(args: argparse.Namespace) -> Any:
+    import numpy as np
+
+    if args.input is not None:
+        try:
+            data = json.loads(args.input)
+        except json.JSONDecodeError as exc:
+            raise _UsageError(f"--input is not JSON: {exc}") from None
+    else:
+        path = Path(args.input_file)
+        try:
+            if path.suffix == ".npy":
+                return np.load(path, allow_pickle=False)
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise _UsageError(f"--input-file {path}: {exc}") from None
+    return _inputs_from_json(data)
+
+
+def _inputs_from_json(data: Any) -> Any:
+    """JSON input: a list of floats (simple form), or {name: nested list | {"data", "datatype", "shape"}}."""
+    import numpy as np
+
+    from gateway.tensors import BY_NAME
+
+    if isinstance(data, list):
+        return [float(v) for v in data]
+    if not isinstance(data, dict) or not data:
+        raise _UsageError("input must be a list of numbers or an object of named tensors")
+    inputs = {}
+    for name, value in data.items():
+        try:
+            if isinstance(value, dict):
+                dtype = BY_NAME[str(value.get("datatype", "FP32")).upper()].dtype
+                array = np.asarray(value["data"], dtype=dtype)
+                if "shape" in value:
+                    array = array.reshape(value["shape"])
+            else:
+                array = np.asarray(value, dtype=np.float32)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise _UsageError(f"input '{name}': {exc}") from None
+        inputs[name] = array
+    return inputs
+
+
+def _array_json(array: Any) -> dict[str, Any]:
+    from gateway.tensors import datatype_of
+
+    return {"datatype": datatype_of(array).name, "shape": list(array.shape), "data": array.tolist()}
+
+
+def _run_client(args: argparse.Namespace, operation: Any) -> int:
+    from gateway.errors import GatewayError
+
+    try:
+        with _connect(args) as client:
+            print(json.dumps(operation(client), indent=2))
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except GatewayError as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    try:
+        inputs = _read_inputs(args)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+
+    def predict(client: Any) -> Any:
+        result = client.predict(args.model, inputs, version=args.version)
+        outputs = {name: _array_json(array) for name, array in result.outputs.items()}
+        return {"model": result.model, "version": result.version, "request_id": result.request_id, "outputs": outputs}
+
+    return _run_client(args, predict)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    return _run_client(
+        args,
+        lambda client: [
+            {"name": m.name, "versions": list(m.versions), "default_version": m.default_version}
+            for m in client.list_models()
+        ],
+    )
+
+
+def _cmd_metadata(args: argparse.Namespace) -> int:
+    def metadata(client: Any) -> Any:
+        meta = client.metadata(args.model, args.version)
+
+        def specs(items: Any) -> list[dict[str, Any]]:
+            return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in items]
+
+        return {
+            "name": meta.name,
+            "version": meta.version,
+            "versions": list(meta.versions),
+            "inputs": specs(meta.inputs),
+            "outputs": specs(meta.outputs),
+        }
+
+    return _run_client(args, metadata)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gateway`` argument parser."""
     parser = _Parser(prog="gateway", description="Secure, authenticated gRPC inference gateway for ONNX models.")
@@ -177,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--claims", help='JSON, e.g. {"sub": "alice", "groups": ["ml"]}')
     check.add_argument("--bound", action="store_true", help="the token is bound to the client certificate")
     check.set_defaults(run=_cmd_policy_check)
+
+    predict = commands.add_parser("predict", help="run one inference; prints JSON")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--version")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help='inline JSON: [0.1, ...] or {"input": [[...]]}')
+    source.add_argument("--input-file", help="a .json file (same forms) or a .npy array (one-input models)")
+    _add_connection_flags(predict)
+    predict.set_defaults(run=_cmd_predict)
+
+    models = commands.add_parser("models", help="list the models you may list; prints JSON")
+    _add_connection_flags(models)
+    models.set_defaults(run=_cmd_models)
+
+    metadata = commands.add_parser("metadata", help="a model's inputs and outputs; prints JSON")
+    metadata.add_argument("--model", required=True)
+    metadata.add_argument("--version")
+    _add_connection_flags(metadata)
+    metadata.set_defaults(run=_cmd_metadata)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="verify hash chains and checkpoints")

@@ -52,6 +52,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(directory)
 
 
+@pytest.fixture
+def pki_copy(pki: Pki, tmp_path: Path) -> Pki:
+    """A private copy of the session PKI, for tests that rotate or revoke."""
+    target = tmp_path / "pki-copy"
+    shutil.copytree(pki.dir, target)
+    return Pki(target)
+
+
 @pytest.fixture(scope="session")
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A second, unrelated CA: its clients must be refused at the handshake."""

@@ -75,3 +75,19 @@ def test_certs_dir_provides_tls_jwks_crl_and_audit_key(tmp_path):
     assert overrides["audit.hmac_key_file"] == tmp_path / "audit-hmac.key"
     settings = load_settings(None, overrides)
     assert settings.tls.client_ca == tmp_path / "ca.crt"
+
+
+def test_the_example_gateway_yaml_holds_every_option_with_its_default():
+    from gateway.config import Settings
+
+    root = Path(__file__).resolve().parents[2]
+    example = load_settings(root / "gateway.yaml")
+    defaults = Settings()
+    # Every section and scalar matches the built-in defaults, except the paths the example fills in.
+    for section in ("auth", "policies", "models", "audit", "limits", "keepalive", "tls"):
+        got, want = getattr(example, section), getattr(defaults, section)
+        for name in want.__dataclass_fields__:
+            value = getattr(got, name)
+            if isinstance(value, Path):
+                continue
+            assert value == getattr(want, name), f"{section}.{name}"

@@ -64,5 +64,5 @@ def test_huge_shapes_are_refused_before_multiplying_out():
 
 def test_count_mismatch_in_typed_contents_is_refused():
     tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[3], contents=pb.TensorContents(fp32_contents=[1]))
-    with pytest.raises(InvalidArgumentError, match="1 values in contents.fp32_contents, shape \\[3\\] needs 3"):
+    with pytest.raises(InvalidArgumentError, match=r"1 values in contents\.fp32_contents, shape \[3\] needs 3"):
         tensors.decode(tensor, max_elements=10)

@@ -1,0 +1,104 @@
+"""Closed-loop load: each client process keeps ``in_flight`` calls outstanding (grpc.aio) and records the
+latency of every call that completes inside the measured window. Loopback only, bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from gateway import tensors
+from gateway._pb.gateway.v1 import gateway_pb2 as pb
+from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What one client process sends, to where, and when it measures (absolute ``time.time()`` bounds)."""
+
+    target: str
+    model: str
+    form: str  # "flat" (tutorial repeated float) or "tensor" (raw bytes)
+    mode: str  # "unary" or "stream"
+    in_flight: int
+    batch: int
+    features: int
+    measure_from: float
+    measure_until: float
+    certs: str | None = None
+    client: str = "alice"
+    token: str | None = None
+
+
+def _request(spec: LoadSpec) -> pb.PredictRequest:
+    x = np.random.default_rng(0).random((spec.batch, spec.features), dtype=np.float32)
+    if spec.form == "flat":
+        return pb.PredictRequest(model_name=spec.model, input_data=x.ravel())
+    return pb.PredictRequest(model_name=spec.model, inputs=[tensors.encode("input", x)])
+
+
+def _channel(spec: LoadSpec) -> grpc.aio.Channel:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    if spec.certs is None:
+        return grpc.aio.insecure_channel(spec.target, options=options)
+    certs = Path(spec.certs)
+    credentials = grpc.ssl_channel_credentials(
+        (certs / "ca.crt").read_bytes(),
+        (certs / f"{spec.client}.key").read_bytes(),
+        (certs / f"{spec.client}.crt").read_bytes(),
+    )
+    return grpc.aio.secure_channel(spec.target, credentials, options=options)
+
+
+async def _unary_worker(stub: Any, request: Any, metadata: Any, spec: LoadSpec, latencies: list[float]) -> int:
+    errors = 0
+    while (now := time.time()) < spec.measure_until:
+        start = time.perf_counter()
+        try:
+            await stub.Predict(request, metadata=metadata, timeout=30)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            continue
+        if now >= spec.measure_from:
+            latencies.append(time.perf_counter() - start)
+    return errors
+
+
+async def _stream_worker(stub: Any, request: Any, metadata: Any, spec: LoadSpec, latencies: list[float]) -> int:
+    call = stub.PredictStream(metadata=metadata, timeout=600)
+    errors = 0
+    while (now := time.time()) < spec.measure_until:
+        start = time.perf_counter()
+        await call.write(request)
+        reply = await call.read()
+        if reply.WhichOneof("outcome") != "response":
+            errors += 1
+        elif now >= spec.measure_from:
+            latencies.append(time.perf_counter() - start)
+    await call.done_writing()
+    return errors
+
+
+async def _run(spec: LoadSpec) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None
+    request = _request(spec)
+    async with _channel(spec) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        await channel.channel_ready()
+        worker = _stream_worker if spec.mode == "stream" else _unary_worker
+        errors = await asyncio.gather(
+            *(worker(stub, request, metadata, spec, latencies) for _ in range(spec.in_flight))
+        )
+    return latencies, sum(errors)
+
+
+def run_client(spec: LoadSpec) -> tuple[list[float], int]:
+    """Entry point of a client process: latencies (seconds) inside the window, and the error count."""
+    return asyncio.run(_run(spec))

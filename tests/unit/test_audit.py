@@ -1,0 +1,603 @@
+"""Tests for gateway.audit: the hash chain, tamper detection, checkpoints, restart, rotation, concurrency and
+fail-closed behaviour, all against real files (write failures are made real with /dev/full and a vanished
+directory, since the tests run as root and file modes do not stop root)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import random
+import threading
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from gateway.audit import (
+    CHECKPOINT_SIZE,
+    ZERO_HASH,
+    AuditError,
+    AuditLog,
+    checkpoint_path,
+    read_checkpoint,
+    verify_files,
+    worker_chain_id,
+    worker_path,
+)
+from gateway.audit.chain import encode_canonical, parse_rotated
+from gateway.errors import InternalError, UnavailableError
+
+KEY = b"k" * 32
+
+
+def record(i: int, **extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "event": "call",
+        "request_id": f"req-{i}",
+        "method": "/gateway.v1.Inference/Predict",
+        "peer": "ipv4:127.0.0.1:5000",
+        "sub": "alice",
+        "groups": ["ml"],
+        "model": "mlp",
+        "version": "1",
+        "action": "predict",
+        "decision": "allow",
+        "code": "OK",
+        "latency_ms": 1.5,
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4]}],
+    }
+    base.update(extra)
+    return base
+
+
+def strict_loads(line: str | bytes) -> Any:
+    def reject(name: str) -> Any:
+        raise ValueError(f"non-standard constant {name}")
+
+    return json.loads(line, parse_constant=reject)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [strict_loads(line) for line in path.read_bytes().splitlines()]
+
+
+def write_n(path: Path, n: int, **options: Any) -> None:
+    with AuditLog(path, **options) as audit:
+        for i in range(n):
+            audit.write(record(i + 1))
+
+
+def edit_lines(path: Path, edit: Any) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(edit(lines)))
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit" / "audit.log"
+
+
+@pytest.fixture
+def captured() -> Iterator[list[MutableMapping[str, Any]]]:
+    with structlog.testing.capture_logs() as logs:
+        yield logs
+
+
+def events(logs: list[MutableMapping[str, Any]]) -> list[str]:
+    return [entry["event"] for entry in logs]
+
+
+# ------------------------------------------------------------------------------------------------ chain format
+
+
+def test_records_carry_chain_fields_and_a_clean_log_verifies(log_path: Path) -> None:
+    write_n(log_path, 3)
+    records = read_records(log_path)
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert {r["chain"] for r in records} == {"main"}
+    assert records[0]["prev"] == ZERO_HASH
+    for previous, current in itertools.pairwise(records):
+        assert current["prev"] == previous["hash"]
+    for raw, parsed in zip(log_path.read_bytes().splitlines(), records, strict=True):
+        assert raw.endswith(b',"hash":"' + parsed["hash"].encode() + b'"}')  # hash is the last key
+        body = dict(parsed)
+        stored = body.pop("hash")
+        assert hashlib.sha256(encode_canonical(body).encode()).hexdigest() == stored
+        assert parsed["ts"].endswith("Z") and parsed["request_id"].startswith("req-")
+    report = verify_files([log_path])
+    assert report.ok, report.lines()
+    assert report.records == 3 and [c.chain for c in report.chains] == ["main"]
+    assert report.chains[0].checkpoint_seq == 3
+    assert report.lines()[-1].startswith("OK")
+
+
+def test_caller_record_is_left_unchanged_and_reserved_hash_is_dropped(log_path: Path) -> None:
+    mine = record(1, hash="forged", seq=99)
+    snapshot = dict(mine)
+    with AuditLog(log_path) as audit:
+        audit.write(mine)
+    assert mine == snapshot
+    (written,) = read_records(log_path)
+    assert written["seq"] == 1 and written["hash"] != "forged"
+    assert verify_files([log_path]).ok
+
+
+def test_non_finite_floats_become_strings_and_the_file_is_strict_json(log_path: Path) -> None:
+    odd = record(
+        1,
+        latency_ms=float("nan"),
+        score=float("inf"),
+        inputs=[{"name": "x", "datatype": "FP32", "shape": [1, 4], "range": [float("-inf"), 0.5]}],
+        sub="bad\ud800claim",  # a lone surrogate from a JSON "\ud800" escape in a token claim
+    )
+    with AuditLog(log_path) as audit:
+        audit.write(odd)
+        audit.write(record(2))
+    first, second = read_records(log_path)
+    assert first["latency_ms"] == "NaN" and first["score"] == "Infinity"
+    assert first["inputs"][0]["range"] == ["-Infinity", 0.5]
+    assert first["sub"] == "bad\ufffdclaim"
+    assert second["seq"] == 2
+    assert verify_files([log_path]).ok
+
+
+# ------------------------------------------------------------------------------------------------ tampering
+
+
+def _alter(lines: list[bytes]) -> list[bytes]:
+    lines[2] = lines[2].replace(b'"request_id":"req-3"', b'"request_id":"req-X"')
+    return lines
+
+
+def _remove(lines: list[bytes]) -> list[bytes]:
+    return lines[:2] + lines[3:]
+
+
+def _duplicate(lines: list[bytes]) -> list[bytes]:
+    return [*lines[:3], lines[1], *lines[3:]]
+
+
+def _fabricate(lines: list[bytes]) -> list[bytes]:
+    fake = strict_loads(lines[2])  # a well-formed record with a made-up hash: only the key could make it fit
+    fake.pop("hash")
+    fake["request_id"] = "req-fake"
+    return [*lines[:3], encode_canonical(fake).encode()[:-1] + b',"hash":"' + b"f" * 64 + b'"}\n', *lines[3:]]
+
+
+def _reorder(lines: list[bytes]) -> list[bytes]:
+    lines[2], lines[3] = lines[3], lines[2]
+    return lines
+
+
+def _garbage(lines: list[bytes]) -> list[bytes]:
+    lines[2] = b"this is not json\n"
+    return lines
+
+
+def _reformat(lines: list[bytes]) -> list[bytes]:
+    lines[2] = json.dumps(strict_loads(lines[2]), indent=None).encode() + b"\n"  # same values, other bytes
+    return lines
+
+
+def _truncate(lines: list[bytes]) -> list[bytes]:
+    return [*lines[:-1], lines[-1][:40]]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "line", "seq", "reason"),
+    [
+        (_alter, 3, 3, "hash mismatch"),
+        (_remove, 3, 4, "expected seq 3, found 4"),
+        (_duplicate, 4, 2, "expected seq 4, found 2"),
+        (_fabricate, 4, 3, "hash mismatch"),
+        (_reorder, 3, 4, "expected seq 3, found 4"),
+        (_garbage, 3, None, "not a JSON record"),
+        (_reformat, 3, 3, "canonical"),
+        (_truncate, 6, None, "incomplete last line"),
+    ],
+    ids=["altered", "removed", "duplicated", "inserted", "reordered", "garbage", "reformatted", "truncated"],
+)
+def test_tampering_names_the_first_bad_record(
+    log_path: Path, tamper: Any, line: int, seq: int | None, reason: str
+) -> None:
+    write_n(log_path, 6)
+    assert verify_files([log_path]).ok
+    edit_lines(log_path, tamper)
+    report = verify_files([log_path])
+    assert not report.ok
+    error = report.first_error
+    assert error is not None
+    assert (error.file, error.line, error.seq, error.chain) == (str(log_path), line, seq, "main"), report.lines()
+    assert reason in error.reason
+    assert report.lines()[-1].startswith("FAILED")
+
+
+def test_hmac_chain_recomputed_without_the_key_is_detected(log_path: Path) -> None:
+    write_n(log_path, 4, hmac_key=KEY)
+    assert verify_files([log_path], hmac_key=KEY).ok
+
+    # The attacker alters record 2 and recomputes every later hash and prev with plain SHA-256, and the checkpoint.
+    records = read_records(log_path)
+    records[1]["model"] = "other"
+    prev = records[0]["hash"]
+    out = log_path.read_bytes().splitlines(keepends=True)[:1]
+    for rec in records[1:]:
+        rec.pop("hash")
+        rec["prev"] = prev
+        body = encode_canonical(rec).encode()
+        prev = hashlib.sha256(body).hexdigest()
+        out.append(body[:-1] + b',"hash":"' + prev.encode() + b'"}\n')
+    log_path.write_bytes(b"".join(out))
+    fields = strict_loads(checkpoint_path(log_path).read_bytes())
+    fields.pop("mac")
+    fields["hash"] = prev
+    fields["mac"] = hashlib.sha256(encode_canonical(fields).encode()).hexdigest()
+    checkpoint_path(log_path).write_bytes(encode_canonical(fields).encode().ljust(CHECKPOINT_SIZE - 1) + b"\n")
+
+    report = verify_files([log_path], hmac_key=KEY)
+    assert report.first_error is not None
+    assert (report.first_error.line, report.first_error.seq) == (2, 2)
+    assert "hash mismatch" in report.first_error.reason
+    assert any("checkpoint MAC mismatch" in e.reason for e in report.errors)
+
+
+@pytest.mark.parametrize("key", [KEY, b"a long key, longer than the 64-byte block of SHA-256 " * 2])
+def test_hmac_records_match_the_standard_construction(log_path: Path, key: bytes) -> None:
+    write_n(log_path, 2, hmac_key=key)
+    for raw in log_path.read_bytes().splitlines():
+        body = strict_loads(raw)
+        stored = body.pop("hash")
+        assert hmac.new(key, encode_canonical(body).encode(), hashlib.sha256).hexdigest() == stored
+    assert verify_files([log_path], hmac_key=key).ok
+
+
+def test_keyed_trail_verified_without_the_key_says_so(log_path: Path) -> None:
+    write_n(log_path, 2, hmac_key=KEY)
+    report = verify_files([log_path], checkpoint=None)
+    assert report.first_error is not None and "HMAC-chained" in report.first_error.reason
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+
+def test_checkpoint_is_fixed_size_and_names_the_head(log_path: Path) -> None:
+    write_n(log_path, 5, hmac_key=KEY)
+    data = checkpoint_path(log_path).read_bytes()
+    assert len(data) == CHECKPOINT_SIZE
+    point = read_checkpoint(checkpoint_path(log_path), KEY)
+    assert point is not None
+    assert (point.chain, point.seq, point.file) == ("main", 5, "audit.log")
+    assert point.hash == read_records(log_path)[-1]["hash"]
+    expected = hmac.digest(
+        KEY, encode_canonical({k: v for k, v in strict_loads(data).items() if k != "mac"}).encode(), "sha256"
+    )
+    assert strict_loads(data)["mac"] == expected.hex()
+
+
+def test_removed_tail_is_detected_by_the_checkpoint(log_path: Path) -> None:
+    write_n(log_path, 6)
+    edit_lines(log_path, lambda lines: lines[:4])  # a clean cut: the chain alone looks intact
+    assert verify_files([log_path], checkpoint=None).ok
+    report = verify_files([log_path])
+    error = report.first_error
+    assert error is not None
+    assert (error.file, error.line, error.seq) == (str(checkpoint_path(log_path)), None, 6)
+    assert "records 5..6 are missing" in error.reason
+
+
+def test_rewritten_record_at_checkpoint_seq_is_detected(log_path: Path) -> None:
+    write_n(log_path, 3)
+    point = read_checkpoint(checkpoint_path(log_path), None)
+    assert point is not None
+    # Replace the last record by a freshly chained one (possible without a key): the chain verifies, the
+    # checkpoint does not.
+    records = read_records(log_path)
+    last = records[-1]
+    last.pop("hash")
+    last["code"] = "PERMISSION_DENIED"
+    body = encode_canonical(last).encode()
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    lines[-1] = body[:-1] + b',"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+    log_path.write_bytes(b"".join(lines))
+    report = verify_files([log_path])
+    assert report.first_error is not None and report.first_error.seq == 3
+    assert "differs from the checkpoint" in report.first_error.reason
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+def test_forged_checkpoint_is_detected(log_path: Path, key: bytes | None) -> None:
+    write_n(log_path, 3, hmac_key=key)
+    ckpt = checkpoint_path(log_path)
+    ckpt.write_bytes(ckpt.read_bytes().replace(b'"seq":3', b'"seq":2'))
+    report = verify_files([log_path], hmac_key=key)
+    assert report.first_error is not None and report.first_error.file == str(ckpt)
+    assert "MAC mismatch" in report.first_error.reason
+    with pytest.raises(AuditError, match="MAC mismatch"):
+        AuditLog(log_path, hmac_key=key).open()
+
+
+# ------------------------------------------------------------------------------------------------ restart
+
+
+def test_restart_continues_the_chain(log_path: Path) -> None:
+    write_n(log_path, 3)
+    first_life = read_records(log_path)
+    write_n(log_path, 2)
+    records = read_records(log_path)
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[3]["prev"] == first_life[-1]["hash"]
+    assert verify_files([log_path]).ok
+
+
+def test_restart_discards_a_partial_last_line(log_path: Path, captured: list[MutableMapping[str, Any]]) -> None:
+    write_n(log_path, 2)
+    intact = log_path.read_bytes()
+    with log_path.open("ab") as handle:
+        handle.write(b'{"chain":"main","event":"call","prev":"')  # a crash in the middle of a write
+    with AuditLog(log_path) as audit:
+        assert audit.seq == 2
+        assert log_path.read_bytes() == intact
+        audit.write(record(3))
+    assert "audit_partial_record_discarded" in events(captured)
+    assert [r["seq"] for r in read_records(log_path)] == [1, 2, 3]
+    assert verify_files([log_path]).ok
+
+
+def test_restart_refuses_a_trail_shorter_than_its_checkpoint(log_path: Path) -> None:
+    write_n(log_path, 4)
+    edit_lines(log_path, lambda lines: lines[:3])
+    with pytest.raises(AuditError, match=r"checkpoint .* vouches for seq 4"):
+        AuditLog(log_path).open()
+    assert len(read_records(log_path)) == 3  # nothing was touched
+
+
+def test_restart_refuses_a_last_record_that_does_not_verify(log_path: Path) -> None:
+    write_n(log_path, 2, hmac_key=KEY)
+    with pytest.raises(AuditError, match="wrong key"):
+        AuditLog(log_path, hmac_key=b"another key, 32 bytes long......").open()
+    with pytest.raises(AuditError, match="chain"):
+        AuditLog(log_path, hmac_key=KEY, chain_id="other").open()
+    checkpoint_path(log_path).unlink()  # without a checkpoint, the last record itself is checked
+    with pytest.raises(AuditError, match="does not verify"):
+        AuditLog(log_path, hmac_key=b"another key, 32 bytes long......").open()
+
+
+# ------------------------------------------------------------------------------------------------ rotation
+
+
+def test_rotation_by_size_keeps_the_chain_verifiable_across_files(log_path: Path) -> None:
+    write_n(log_path, 40, max_bytes=2000, fsync="none")
+    write_n(log_path, 10, max_bytes=2000, fsync="none")  # a restart after rotations continues the chain
+    files = sorted(p for p in log_path.parent.iterdir() if parse_rotated(p.name))
+    assert len(files) >= 5
+    ranges = [parse_rotated(p.name) for p in files]
+    assert ranges[0] is not None and ranges[0][1] == 1
+    for path, parsed in zip(files, ranges, strict=True):
+        assert parsed is not None
+        seqs = [r["seq"] for r in read_records(path)]
+        assert (seqs[0], seqs[-1]) == (parsed[1], parsed[2])
+    shuffled = [*files, log_path]
+    random.Random(7).shuffle(shuffled)  # noqa: S311 - an arbitrary order, not a secret
+    report = verify_files(shuffled)
+    assert report.ok, report.lines()
+    assert report.records == 50 and report.chains[0].last_seq == 50
+    assert verify_files([log_path.parent]).ok  # a directory means every file in it
+
+
+def test_missing_middle_file_and_archived_start(log_path: Path) -> None:
+    write_n(log_path, 30, max_bytes=1500, fsync="none")
+    files = sorted(p for p in log_path.parent.iterdir() if parse_rotated(p.name))
+    assert len(files) >= 3
+    rest = [p for p in files if p != files[1]] + [log_path]
+    report = verify_files(rest)
+    error = report.first_error
+    assert error is not None and (error.file, error.line) == (str(files[2]), 1)
+    assert "a file may be missing" in error.reason
+
+    archived = [*files[1:], log_path]
+    report = verify_files(archived)
+    assert report.first_error is not None and "starts at seq" in report.first_error.reason
+    assert verify_files(archived, allow_partial_start=True).ok
+
+
+def test_missing_last_file_is_detected_by_the_checkpoint(log_path: Path) -> None:
+    write_n(log_path, 30, max_bytes=1500, fsync="none")
+    with AuditLog(log_path, max_bytes=1500, fsync="none") as audit:
+        audit.write(record(31))  # the active file now holds seq 31 only
+    rotated = [p for p in log_path.parent.iterdir() if parse_rotated(p.name)]
+    report = verify_files(rotated)  # the active file is "lost"; its checkpoint is found from the rotated names
+    assert report.first_error is not None and report.first_error.seq == 31
+    assert "missing" in report.first_error.reason
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+
+
+def test_concurrent_writers_get_one_gapless_chain(log_path: Path) -> None:
+    threads_n, per_thread = 16, 500
+    with AuditLog(log_path, fsync="batch") as audit:
+
+        def work(t: int) -> None:
+            for i in range(per_thread):
+                audit.write(record(i, request_id=f"t{t}-{i}"))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = audit.stats()
+    records = read_records(log_path)
+    assert [r["seq"] for r in records] == list(range(1, threads_n * per_thread + 1))
+    assert len({r["request_id"] for r in records}) == threads_n * per_thread
+    assert stats.records_written == threads_n * per_thread and stats.healthy
+    assert stats.groups_written < stats.records_written  # group commit did group
+    assert verify_files([log_path]).ok
+
+
+def test_close_flushes_everything_and_later_writes_are_refused(log_path: Path) -> None:
+    audit = AuditLog(log_path, fsync="batch", batch_interval_s=60).open()  # the syncer never runs before close
+    for i in range(20):
+        audit.write(record(i))
+    audit.close()
+    point = read_checkpoint(checkpoint_path(log_path), None)
+    assert point is not None and point.seq == 20
+    assert len(read_records(log_path)) == 20
+    with pytest.raises(UnavailableError):
+        audit.write(record(21))
+    audit.close()  # idempotent
+
+
+# ------------------------------------------------------------------------------------------------ fail closed
+
+
+def _point_at_dev_full(audit: AuditLog) -> None:
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, audit._fd)  # the log's own descriptor now reports ENOSPC
+    finally:
+        os.close(full)
+
+
+@pytest.mark.parametrize("policy", ["none", "batch", "always"])
+def test_failed_writes_fail_closed_and_recover(
+    log_path: Path, captured: list[MutableMapping[str, Any]], policy: str
+) -> None:
+    directory = log_path.parent
+    moved = directory.with_name("moved")
+    with AuditLog(log_path, fsync=policy, batch_interval_s=0.01) as audit:  # type: ignore[arg-type]
+        audit.write(record(1))
+        audit.write(record(2))
+        _point_at_dev_full(audit)
+        with pytest.raises(UnavailableError) as failed:
+            audit.write(record(3))
+        assert "failed" in (failed.value.reason or "")
+        assert not audit.healthy and audit.stats().write_failures >= 1
+
+        os.rename(directory, moved)  # reopening now fails with ENOTDIR
+        directory.write_text("not a directory")
+        with pytest.raises(UnavailableError):
+            audit.write(record(4))
+        assert not audit.healthy
+
+        directory.unlink()
+        os.rename(moved, directory)
+        audit.write(record(5))
+        assert audit.healthy
+        audit.write(record(6))
+    assert "audit_write_failed" in events(captured) and "audit_recovered" in events(captured)
+    records = read_records(log_path)
+    assert [r["seq"] for r in records] == [1, 2, 3, 4]  # failed records consumed no seq
+    assert [r["request_id"] for r in records] == ["req-1", "req-2", "req-5", "req-6"]
+    assert verify_files([log_path]).ok
+
+
+def test_partial_bytes_of_a_failed_group_are_truncated_on_recovery(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="none") as audit:
+        audit.write(record(1))
+        _point_at_dev_full(audit)
+        with pytest.raises(UnavailableError):
+            audit.write(record(2))
+        with log_path.open("ab") as handle:  # what a short write before ENOSPC leaves behind
+            handle.write(b'{"chain":"main","event":"call","pr')
+        audit.write(record(3))
+    assert [r["seq"] for r in read_records(log_path)] == [1, 2]
+    assert verify_files([log_path]).ok
+
+
+def test_moved_directory_fails_closed_although_the_descriptor_still_works(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="none") as audit:
+        audit.write(record(1))
+        moved = log_path.parent.with_name("moved")
+        os.rename(log_path.parent, moved)
+        with pytest.raises(UnavailableError):
+            audit.write(record(2))  # the file is no longer where the trail is expected
+        os.rename(moved, log_path.parent)
+        audit.write(record(3))
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-1", "req-3"]
+    assert verify_files([log_path]).ok
+
+
+def test_removed_file_continues_the_chain_in_a_new_file(
+    log_path: Path, captured: list[MutableMapping[str, Any]]
+) -> None:
+    with AuditLog(log_path, fsync="none") as audit:
+        audit.write(record(1))
+        audit.write(record(2))
+        log_path.unlink()
+        with pytest.raises(UnavailableError):
+            audit.write(record(3))  # written into the removed file: refused, not acknowledged
+        audit.write(record(4))
+        assert audit.healthy
+    assert "audit_file_replaced" in events(captured)
+    records = read_records(log_path)
+    assert [(r["seq"], r["request_id"]) for r in records] == [(3, "req-4")]
+    report = verify_files([log_path])  # the break is reported where the new file starts
+    assert report.first_error is not None
+    assert (report.first_error.file, report.first_error.line, report.first_error.seq) == (str(log_path), 1, 3)
+    assert verify_files([log_path], allow_partial_start=True).ok
+
+
+def test_write_times_out_when_the_sink_hangs(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="none", write_timeout_s=0.05) as audit:
+        # Holding the lock blocks the writer at its checkpoint step, as a hung disk would.
+        with audit._io_lock, pytest.raises(UnavailableError) as timed_out:
+            audit.write(record(1))
+        assert timed_out.value.reason == "audit write timed out"
+    # The record was committed after its caller gave up: the trail may hold a refused call, never lose an
+    # acknowledged one.
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-1"]
+
+
+def test_unencodable_record_is_an_internal_error(log_path: Path) -> None:
+    looping = record(1)
+    looping["self"] = looping
+    with AuditLog(log_path, fsync="none") as audit:
+        with pytest.raises(InternalError):
+            audit.write(looping)
+        with pytest.raises(InternalError):
+            audit.write({1: "not a string key"})  # type: ignore[dict-item]
+        audit.write(record(2))
+    assert [r["seq"] for r in read_records(log_path)] == [1]
+
+
+def test_dev_fail_open_logs_and_returns(log_path: Path, captured: list[MutableMapping[str, Any]]) -> None:
+    with AuditLog(log_path, fsync="none", dev_fail_open=True) as audit:
+        audit.write(record(1))
+        _point_at_dev_full(audit)
+        audit.write(record(2))  # no exception
+        assert not audit.healthy
+    assert "audit_fail_open_enabled" in events(captured)
+    failed_open = [e for e in captured if e["event"] == "audit_write_failed_open"]
+    assert failed_open and failed_open[0]["request_id"] == "req-2" and failed_open[0]["log_level"] == "warning"
+
+
+# ------------------------------------------------------------------------------------------------ several processes
+
+
+def test_worker_files_hold_separate_chains_and_verify_together(log_path: Path) -> None:
+    assert worker_path(log_path, 1).name == "audit-w1.log"
+    for worker in (1, 2):
+        write_n(worker_path(log_path, worker), 3 + worker, chain_id=worker_chain_id("main", worker), max_bytes=800)
+    files = [p for p in log_path.parent.iterdir() if not p.name.endswith(".checkpoint")]
+    report = verify_files(files)
+    assert report.ok, report.lines()
+    assert {c.chain: c.last_seq for c in report.chains} == {"main-w1": 4, "main-w2": 5}
+
+    edit_lines(worker_path(log_path, 2), lambda lines: [lines[0].replace(b'"code":"OK"', b'"code":"NO"'), *lines[1:]])
+    report = verify_files(files)
+    assert report.first_error is not None and report.first_error.chain == "main-w2"
+
+
+def test_invalid_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync"):
+        AuditLog(tmp_path / "a.log", fsync="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chain_id"):
+        AuditLog(tmp_path / "a.log", chain_id="bad chain\n")
+    with pytest.raises(ValueError, match="hmac_key"):
+        AuditLog(tmp_path / "a.log", hmac_key=b"short")
