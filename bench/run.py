@@ -9,7 +9,6 @@ transport floor), (d) gateway dev mode, (e) gateway fully secured, (f) (e) over 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -137,7 +136,8 @@ def stop_targets(targets: list[Target]) -> None:
 
 
 def issue_token(certs: Path) -> str:
-    from gateway.auth.tokens import issue_token as issue, kid_from_jwks
+    from gateway.auth.tokens import issue_token as issue
+    from gateway.auth.tokens import kid_from_jwks
 
     key = (certs / "jwt-signing.key").read_bytes()
     return issue(
@@ -237,8 +237,9 @@ def measure(
         for n in per_client
         if n
     ]
+    if target.process is None:
+        raise RuntimeError(f"target {target.key} is not running")
     futures = [pool.submit(run_client, spec) for spec in specs]
-    assert target.process is not None
     time.sleep(max(0.0, measure_from - time.time()))
     cpu0 = cpu_seconds(target.process.pid)
     time.sleep(max(0.0, measure_until - time.time()))

@@ -34,7 +34,7 @@ class TutorialServicer(pb_grpc.InferenceServiceServicer):
             session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
             self.sessions[path.parent.parent.name] = session  # the last (highest) version wins
 
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         session = self.sessions[request.model_name]
         model_input = session.get_inputs()[0]
         data = np.array(request.input_data, dtype=np.float32).reshape(1, -1)

@@ -54,7 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         gateway = Gateway(settings)
         gateway.serve_forever()
-    except (CertificateConfigError, TokenConfigError, PolicyError) as exc:
+    except (ConfigError, CertificateConfigError, TokenConfigError, PolicyError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except ModelLoadError as exc:
         return _fail(f"cannot start: {exc}")

@@ -244,7 +244,7 @@ def encode_inputs(inputs: Inputs) -> tuple[list[pb.Tensor], list[float]]:
     return [], [float(v) for v in inputs]
 
 
-def build_request(model: str, inputs: Inputs, *, version: str | int | None, id: str = "") -> pb.PredictRequest:  # noqa: A002
+def build_request(model: str, inputs: Inputs, *, version: str | int | None, id: str = "") -> pb.PredictRequest:
     """A PredictRequest for ``inputs``."""
     encoded, flat = encode_inputs(inputs)
     return pb.PredictRequest(
@@ -341,7 +341,7 @@ class Client:
         token: str | TokenProvider | Callable[[], str] | None = None,
         server_name: str | None = None,
         timeout: float | None = 30.0,
-        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
+        retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float = 60.0,
     ) -> None:
@@ -472,7 +472,7 @@ class AsyncClient:
         token: str | TokenProvider | Callable[[], str] | None = None,
         server_name: str | None = None,
         timeout: float | None = 30.0,
-        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - immutable
+        retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float = 60.0,
     ) -> None:

@@ -8,6 +8,7 @@ refuse an undecodable message before any of our code runs, leaving no record.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from gateway.errors import (
     GatewayError,
     InternalError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     UnavailableError,
     UnimplementedError,
 )
@@ -65,9 +67,27 @@ def _status(error: GatewayError) -> grpc.StatusCode:
 class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Creates the call context, decodes, turns exceptions into statuses, and writes exactly one record."""
 
-    def __init__(self, *, audit: AuditLog, exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+    def __init__(
+        self, *, audit: AuditLog, max_message_bytes: int, exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)
+    ) -> None:
+        """``max_message_bytes`` is enforced here, so oversize refusals are audited; grpcio's own limit is a
+        backstop set above it (server.py)."""
         self._audit = audit
+        self._max_message_bytes = max_message_bytes
         self._exempt = tuple(exempt_prefixes)
+        # Calls routed to a handler vs calls that reached the boundary: the difference is what grpcio refused
+        # in between (a message over its backstop limit, a client gone before its message arrived).
+        self._counts = {"routed": 0, "handled": 0}
+        self._counts_lock = threading.Lock()
+
+    def counts(self) -> dict[str, int]:
+        """Calls routed to an audited method, and calls that reached the audit boundary."""
+        with self._counts_lock:
+            return dict(self._counts, unobserved=self._counts["routed"] - self._counts["handled"])
+
+    def _count(self, key: str) -> None:
+        with self._counts_lock:
+            self._counts[key] += 1
 
     def record(self, call: CallContext, error: GatewayError | None) -> None:
         """Write the record for a call or stream message; raises UnavailableError when the sink is down."""
@@ -81,6 +101,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if method.startswith(self._exempt):
             return continuation(details)
         handler = continuation(details)
+        self._count("routed")
         request_id = request_id_from(next(iter(_metadata_values(details, "x-request-id")), None))
         if handler is None:
             return grpc.unary_unary_rpc_method_handler(
@@ -96,6 +117,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return _rebuild(handler, wrapped, deserializer=None, serializer=None)
 
     def _begin(self, method: str, request_id: str, context: grpc.ServicerContext) -> CallContext:
+        self._count("handled")
         call = CallContext(request_id=request_id, method=method, peer=context.peer())
         current_call.set(call)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -104,14 +126,22 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _requests(self, raw: Any, call: CallContext, deserialize: Any, streaming: bool) -> Any:
         if not streaming:
             call.bytes_in = len(raw)
+            self._check_size(len(raw))
             return _decode(deserialize, raw)
 
         def messages() -> Iterator[Any]:
             for index, item in enumerate(raw):
                 call.bytes_in += len(item)
+                self._check_size(len(item))
                 yield _decode(deserialize, item, index=index)
 
         return messages()
+
+    def _check_size(self, size: int) -> None:
+        if size > self._max_message_bytes:
+            raise ResourceExhaustedError(
+                f"message of {size} bytes is over the limit of {self._max_message_bytes}", reason="message too large"
+            )
 
     def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.ServicerContext) -> None:
         """Record the outcome, then fail the call if it failed or its record could not be written."""
@@ -119,7 +149,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             error = CancelledError(reason="client cancelled or deadline passed before the response")
         try:
             self.record(call, error)
-        except UnavailableError as exc:
+        except GatewayError as exc:
             log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
             error = exc
         if error is not None:
@@ -180,7 +210,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         """Record where no status can be sent any more (the client is gone)."""
         try:
             self.record(call, error)
-        except UnavailableError:
+        except GatewayError:
             log.error("audit_record_lost", request_id=call.request_id, method=call.method)
 
     def _unimplemented(self, method: str, request_id: str) -> Behavior:

@@ -68,20 +68,18 @@ class Pipeline:
     def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> ModelVersion:
         """Resolve first (so the decision is about the version that will run), then decide, then report."""
         call.model, call.requested_version, call.action = model, requested, action.value
-        resolved: ModelVersion | None = None
-        missing: NotFoundError | None = None
+        resolved: ModelVersion | NotFoundError
         try:
             resolved = self.models.resolve(model, _parse_version(model, requested))
         except NotFoundError as exc:
-            missing = exc
-        policy_version = str(resolved.version) if resolved else requested
+            resolved = exc
+        policy_version = str(resolved.version) if isinstance(resolved, ModelVersion) else requested
         decision = self._decide(call.principal, model, policy_version, action)
         call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
         if not decision.allowed:
             raise PermissionDeniedError(reason=decision.reason)
-        if resolved is None:
-            assert missing is not None
-            raise missing
+        if isinstance(resolved, NotFoundError):
+            raise resolved
         call.version = str(resolved.version)
         return resolved
 

@@ -19,7 +19,7 @@ from gateway.api.inference import InferenceServicer
 from gateway.audit import AuditLog
 from gateway.auth.certs import CrlStore
 from gateway.auth.tokens import KeyStore, TokenVerifier
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.errors import UnavailableError
 from gateway.interceptors import AuditInterceptor, AuthenticationInterceptor
 from gateway.models.repository import ModelInfo, ModelRepository
@@ -41,7 +41,8 @@ def model_health_name(model: str) -> str:
 def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     limits, keepalive = settings.limits, settings.keepalive
     return [
-        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        # A backstop above the limit the audit boundary enforces: between the two, refusals are audited.
+        ("grpc.max_receive_message_length", 2 * limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         # Soft and hard metadata limits equal: between them grpc refuses at random, which no client can rely on.
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
@@ -93,11 +94,12 @@ class Gateway:
             max_bytes=settings.audit.max_bytes,
             dev_fail_open=settings.dev_audit_fail_open,
         )
-        self.audit_interceptor = AuditInterceptor(audit=self.audit)
+        self.audit_interceptor = AuditInterceptor(audit=self.audit, max_message_bytes=settings.limits.max_message_bytes)
         interceptors.append(self.audit_interceptor)  # outermost: refusals by the next ones are audited
         if not settings.dev_no_auth:
             auth = settings.auth
-            assert auth.jwks is not None
+            if auth.jwks is None:
+                raise ConfigError("auth.jwks: required to verify tokens")
             self.keys = KeyStore(auth.jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms)
             verifier = TokenVerifier(
                 keys=self.keys,
@@ -189,7 +191,8 @@ class Gateway:
             if component is not None:
                 component.stop()
         self.audit.close()
-        log.info("gateway_stopped")
+        # Calls grpcio refused after routing and before our boundary (see docs/audit.md) are only counted.
+        log.info("gateway_stopped", calls=self.audit_interceptor.counts())
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""

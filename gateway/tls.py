@@ -16,7 +16,7 @@ import structlog
 from cryptography import x509
 
 from gateway.auth.certs import CertificateConfigError, validate_server_pair
-from gateway.config import TlsSettings
+from gateway.config import ConfigError, TlsSettings
 from gateway.watcher import Watcher, file_fingerprint
 
 log = structlog.get_logger(__name__)
@@ -33,7 +33,8 @@ class ServerCredentials:
     """The server's certificate, key and client CA, validated, with hot rotation."""
 
     def __init__(self, settings: TlsSettings) -> None:
-        assert settings.cert and settings.key and settings.client_ca
+        if not (settings.cert and settings.key and settings.client_ca):
+            raise ConfigError("tls.cert, tls.key and tls.client_ca are required for mutual TLS")
         self._paths = (settings.cert, settings.key, settings.client_ca)
         self._names = settings.server_names
         self._lock = threading.Lock()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from gateway.auth.tokens import issue_token, kid_from_jwks
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gateway
-from gateway.auth.tokens import issue_token, kid_from_jwks
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS = ROOT / "certs"
@@ -79,6 +79,10 @@ def wait_serving(target: str, deadline_s: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+def allowed(label: str, outcome: object) -> None:
+    print(f"  allowed  {label:<42} -> {outcome}")
+
+
 def refused(label: str, action) -> None:  # type: ignore[no-untyped-def]
     try:
         action()
@@ -118,16 +122,12 @@ def main() -> int:
         rng = np.random.default_rng(0)
         with client("alice", alice_token) as alice:
             mlp = alice.predict("mlp", {"input": rng.random((1, 784), dtype=np.float32)})
-            print(
-                f"  allowed  alice predict mlp (version {mlp.version})          -> {np.round(mlp.outputs['output'][0][:4], 3)}..."
-            )
+            allowed(f"alice predict mlp (version {mlp.version})", f"{np.round(mlp.outputs['output'][0][:4], 3)}...")
             digit = np.zeros((1, 64), dtype=np.float32)
             digit[0, [19, 20, 27, 28, 35, 36, 43, 44, 51, 52]] = 1.0  # a vertical stroke: a "1"
             result = alice.predict("digits", digit)
-            print(
-                f"  allowed  alice predict digits (version {result.version})       -> label {int(result.outputs['label'][0])}"
-            )
-            print(f"  allowed  alice list models                          -> {[m.name for m in alice.list_models()]}")
+            allowed(f"alice predict digits (version {result.version})", f"label {int(result.outputs['label'][0])}")
+            allowed("alice list models", [m.name for m in alice.list_models()])
         print()
         refused("no client certificate (TLS handshake)", lambda: _no_cert_call())
         with client("alice", None) as anonymous:
@@ -137,9 +137,7 @@ def main() -> int:
         with client("bob", alice_token) as thief:
             refused("bob presenting alice's bound token", lambda: thief.predict("mlp", [0.0] * 784))
         with client("bob", token_for("bob", bind="bob")) as bob:
-            print(
-                f"  allowed  bob metadata digits                        -> inputs {[i.name for i in bob.metadata('digits').inputs]}"
-            )
+            allowed("bob metadata digits", f"inputs {[i.name for i in bob.metadata('digits').inputs]}")
             refused("bob predict digits (policy deny)", lambda: bob.predict("digits", np.zeros((1, 64), np.float32)))
     finally:
         server.send_signal(signal.SIGTERM)

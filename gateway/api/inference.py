@@ -66,13 +66,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._max_elements = max_elements
         self._record = record
 
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:  # noqa: N802
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         """One inference."""
         call = current_call.get()
         result = self._pipeline.predict(call, to_infer_request(request, max_elements=self._max_elements))
         return to_response(request, result)
 
-    def PredictStream(  # noqa: N802
+    def PredictStream(
         self, requests: Iterator[pb.PredictRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.PredictStreamResponse]:
         """One response per request, in order; a failing message gets its error in-band and its own record."""
@@ -103,7 +103,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             yield reply
         stream.messages = count
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:  # noqa: N802
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         """The models the caller may list."""
         models = self._pipeline.list_models(current_call.get())
         return pb.ListModelsResponse(
@@ -117,7 +117,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             ]
         )
 
-    def GetModelMetadata(  # noqa: N802
+    def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.ServicerContext
     ) -> pb.GetModelMetadataResponse:
         """Signature of one model version."""

@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+import uuid
 
 import grpc
 import jwt
@@ -34,12 +35,14 @@ def predict(gw, token, *, client="alice", model="mlp", metadata=None, pki=None):
         return stub(channel).Predict(predict_request(model, {"input": X}), metadata=md, timeout=TIMEOUT)
 
 
-def refused(gw, token, *, code=UNAUTHENTICATED, **kwargs):
-    exc = rpc_error(lambda: predict(gw, token, **kwargs))
+def refused(gw, token, *, code=UNAUTHENTICATED, metadata=None, **kwargs):
+    request_id = uuid.uuid4().hex
+    md = (*(metadata if metadata is not None else auth(token)), ("x-request-id", request_id))
+    exc = rpc_error(lambda: predict(gw, token, metadata=md, **kwargs))
     assert exc.code() == code, exc.details()
     # The caller learns nothing precise; the reason goes to the audit record only.
     assert exc.details() == ("unauthenticated" if code == UNAUTHENTICATED else "permission denied")
-    record = gw.audit_records()[-1]
+    (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
     assert record["code"] == code.name
     return record
 
@@ -74,7 +77,7 @@ def test_no_token_is_unauthenticated(gw):
     ("header", "reason"),
     [
         ("Basic dXNlcjpwYXNz", "authorization scheme is not Bearer"),
-        ("Bearer", "authorization scheme is not Bearer"),
+        ("Bearer", "malformed bearer token"),
         ("Bearer ", "malformed bearer token"),
         ("Bearer a b", "malformed bearer token"),
         ("Bearer " + "a" * 9000, "authorization header too large"),

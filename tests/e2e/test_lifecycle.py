@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -61,7 +60,8 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(start_gateway):
     threads = [threading.Thread(target=slow_call) for _ in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(0.3)  # the calls reach the server well within this; each then runs for about a second
+    # Stop once the server is handling all three (their messages have arrived); each runs for about a second.
+    wait_until(lambda: gw.gateway.audit_interceptor.counts()["handled"] >= 3, timeout_s=30, interval_s=0.01)
     gw.gateway.stop(grace_s=20.0)
     for thread in threads:
         thread.join(timeout=30)

@@ -187,7 +187,7 @@ def test_malformed_input_is_invalid_argument(api, request_, fragment):
 
 
 def test_element_count_over_the_configured_limit_is_invalid_argument(start_gateway):
-    gw = start_gateway(overrides={"models.max_elements": 1000})
+    gw = start_gateway(overrides={"models.max_elements": 500})
     with gw.channel() as channel:
         exc = rpc_error(
             lambda: stub(channel).Predict(
@@ -195,7 +195,7 @@ def test_element_count_over_the_configured_limit_is_invalid_argument(start_gatew
             )
         )
     assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "more than 1000 elements" in exc.details()
+    assert "more than 500 elements" in exc.details()
 
 
 def test_undecodable_message_is_invalid_argument_and_audited(gw):
@@ -217,6 +217,8 @@ def test_message_over_the_size_limit_is_resource_exhausted(start_gateway):
             )
         )
     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    record = gw.audit_records()[-1]
+    assert record["code"] == "RESOURCE_EXHAUSTED" and record["reason"] == "message too large"
 
 
 def test_predict_stream_answers_every_message_in_order(api, demo_models):
