@@ -97,7 +97,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
     try:
         policies = load_policies(Path(args.policies))
-        claims = json.loads(args.claims) if args.claims else {}
+        claims: dict[str, Any] = json.loads(args.claims) if args.claims else {}
         if not isinstance(claims, dict):
             raise ValueError("--claims must be a JSON object")
         action = Action(args.action)
@@ -105,15 +105,16 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
-    scopes = claims.get("scope", claims.get("scp", ""))
+    scope_claim: Any = claims.get("scope", claims.get("scp")) or []
+    scopes: list[str] = scope_claim.split() if isinstance(scope_claim, str) else list(scope_claim)
     principal = Principal(
         cert_identity=args.cert_identity or "",
         cert_sha256="",
         subject=str(claims.get("sub", "")),
         issuer=str(claims.get("iss", "")),
         token_id=claims.get("jti"),
-        groups=frozenset(claims.get("groups", [])),
-        scopes=frozenset(scopes.split() if isinstance(scopes, str) else scopes),
+        groups=frozenset(claims.get("groups") or []),
+        scopes=frozenset(scopes),
         token_bound=bool(args.bound),
     )
     decision = policies.evaluate(principal, model=args.model, version=args.version, action=action)
@@ -158,18 +159,19 @@ def _connect(args: argparse.Namespace) -> Any:
     from gateway.client import Client, TokenFile
 
     values = {name: getattr(args, name) or os.environ.get(env) for name, env, _ in _CONNECTION}
-    missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
-    if missing:
+    target, ca, cert, key = (values[name] for name in ("target", "ca", "cert", "key"))
+    if not (target and ca and cert and key):
+        missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
         raise _UsageError(f"missing {', '.join(missing)} (or the GATEWAY_* environment variables)")
     if values["token"] and values["token_file"]:
         raise _UsageError("give --token or --token-file, not both")
     token: Any = TokenFile(values["token_file"]) if values["token_file"] else values["token"]
     try:
         return Client(
-            values["target"],
-            ca=values["ca"],
-            cert=values["cert"],
-            key=values["key"],
+            target,
+            ca=ca,
+            cert=cert,
+            key=key,
             token=token,
             server_name=values["server_name"],
             timeout=args.timeout,

@@ -374,7 +374,7 @@ class Client:
         """Close the channel."""
         self._channel.close()
 
-    def _call(self, method: Callable[..., Any], request: Any, *, timeout: float | None, request_id: str | None) -> Any:
+    def _call(self, method: Any, request: Any, *, timeout: float | None, request_id: str | None) -> Any:
         """One unary call with typed errors and retries that never outlast the deadline."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout

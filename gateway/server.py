@@ -6,7 +6,7 @@ import signal
 import threading
 from concurrent import futures
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.api.inference import InferenceServicer
-from gateway.audit import AuditLog
+from gateway.audit import AuditLog, FsyncPolicy
 from gateway.auth.certs import CrlStore
 from gateway.auth.tokens import KeyStore, TokenVerifier
 from gateway.config import ConfigError, Settings
@@ -89,7 +89,7 @@ class Gateway:
         hmac_key = settings.audit.hmac_key_file.read_bytes().strip() if settings.audit.hmac_key_file else None
         self.audit = AuditLog(
             settings.audit.path,
-            fsync=settings.audit.fsync,
+            fsync=cast(FsyncPolicy, settings.audit.fsync),  # one of FSYNC_POLICIES, checked by config
             hmac_key=hmac_key,
             max_bytes=settings.audit.max_bytes,
             dev_fail_open=settings.dev_audit_fail_open,

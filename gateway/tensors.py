@@ -20,7 +20,7 @@ class DataType:
     """One row of the datatype table: the API's name, its enum, numpy's dtype and the typed-contents field."""
 
     name: str
-    enum: int
+    enum: pb.DataType
     dtype: np.dtype
     contents_field: str
     onnx: str

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
-Fingerprint = Hashable
+Fingerprint = object  # compared with ==, never hashed
 
 
 def file_fingerprint(paths: Iterable[str | os.PathLike[str]]) -> Fingerprint:

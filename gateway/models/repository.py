@@ -183,7 +183,8 @@ class ModelRepository:
         info = snapshot.index.get(name)
         if info is None:
             raise NotFoundError(f"model '{name}' not found")
-        loaded = snapshot.loaded.get((name, info.default_version if version is None else version))
+        wanted = info.default_version if version is None else version
+        loaded = snapshot.loaded.get((name, wanted)) if wanted is not None else None
         if loaded is None:
             raise NotFoundError(f"model '{name}' has no version {version}")
         return loaded.model
