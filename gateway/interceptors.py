@@ -93,8 +93,12 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         """Write the record for a call or stream message; raises UnavailableError when the sink is down."""
         if error is None:
             self._audit.write(call.audit_record(code="OK", reason=None))
-        else:
-            self._audit.write(call.audit_record(code=error.code, reason=error.reason))
+            return
+        # The precise reason goes to the operational log and the audit record, never to the caller.
+        (log.error if isinstance(error, InternalError) else log.info)(
+            "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
+        )
+        self._audit.write(call.audit_record(code=error.code, reason=error.reason))
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         method: str = details.method  # type: ignore[attr-defined]

@@ -73,14 +73,15 @@ class Pipeline:
             resolved = self.models.resolve(model, _parse_version(model, requested))
         except NotFoundError as exc:
             resolved = exc
-        policy_version = str(resolved.version) if isinstance(resolved, ModelVersion) else requested
+        if isinstance(resolved, ModelVersion):
+            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
+        policy_version = call.version or requested
         decision = self._decide(call.principal, model, policy_version, action)
         call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
         if not decision.allowed:
             raise PermissionDeniedError(reason=decision.reason)
         if isinstance(resolved, NotFoundError):
             raise resolved
-        call.version = str(resolved.version)
         return resolved
 
     def predict(self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT) -> InferResult:

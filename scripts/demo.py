@@ -17,10 +17,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from gateway.auth.tokens import issue_token, kid_from_jwks
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gateway
+from gateway.auth.tokens import issue_token, kid_from_jwks
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS = ROOT / "certs"
