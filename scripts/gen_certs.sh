@@ -1,154 +1,302 @@
 #!/usr/bin/env bash
-# Makes the gateway's PKI and token keys with openssl: a CA, a server certificate, one client certificate
-# per name, a CRL, the JWT signing key pair with its JWKS, and the audit HMAC key.
+# Makes the gateway's PKI and token keys with the openssl CLI alone (OpenSSL 1.1.1 or 3.x; OPENSSL=path picks
+# the binary): a CA, a server certificate, one client certificate per name, a CRL, the JWT signing pair with its
+# JWKS, and the audit-chain HMAC key. Python is not needed.
 #
 #   scripts/gen_certs.sh [--force] [OUTDIR (default certs)] [CLIENT... (default alice bob)]
-#   scripts/gen_certs.sh --client NAME [OUTDIR]    one more client certificate from the existing CA
-#   scripts/gen_certs.sh --server [OUTDIR]         a new server certificate (rotation) from the existing CA
-#   scripts/gen_certs.sh --revoke NAME [OUTDIR]    revoke NAME.crt and rewrite crl.pem
+#   scripts/gen_certs.sh [--force] --client NAME [OUTDIR]   one more client certificate from the existing CA
+#   scripts/gen_certs.sh --server [OUTDIR]                  a fresh server key and certificate (rotation)
+#   scripts/gen_certs.sh --revoke NAME [OUTDIR]             revoke NAME.crt and re-sign crl.pem
 #
-# Writes: ca.crt ca.key server.crt server.key NAME.crt NAME.key crl.pem jwt-signing.key jwt-signing.pub
-# jwks.json audit-hmac.key (private keys mode 0600). Certificates and TLS keys are ECDSA P-256 (small, fast
-# handshakes); the JWT key is RSA 3072 for RS256, which every JWT library verifies. Client certificates carry
-# the SPIFFE URI SAN spiffe://gateway.local/client/NAME and EKU clientAuth; the server certificate the SANs
-# localhost, 127.0.0.1 and ::1 and EKU serverAuth. JWKS members are computed by $PYTHON (default python3)
-# with the `cryptography` package; the Makefile passes the project's virtualenv interpreter.
+# OUTDIR: ca.crt ca.key server.crt server.key NAME.crt NAME.key crl.pem jwt-signing.key jwt-signing.pub jwks.json
+# audit-hmac.key, and .ca/ (the CA database behind crl.pem). Private keys are mode 0600.
+#   - CA, server and client keys: ECDSA P-256. 128-bit security, small certificates and fast TLS handshakes; every
+#     TLS stack grpc uses supports it. The CA is pathlen:0 (no intermediates) and valid 10 years; leaves 825 days.
+#   - Client certificates: CN=NAME, SAN URI spiffe://gateway.local/client/NAME, EKU clientAuth only.
+#     Server: CN=localhost, SANs localhost, 127.0.0.1, ::1, EKU serverAuth only. keyUsage digitalSignature only:
+#     ECDSA keys never encipher (keyEncipherment is for RSA key transport, absent from TLS 1.3).
+#   - JWT key: RSA 3072, e=65537, RS256: the one JWS algorithm every JWT library verifies, a deterministic signature
+#     (no per-signature nonce to get wrong), cheap verification; 3072 bits per NIST SP 800-57 beyond 2030.
+#     jwks.json holds its public key with kid = RFC 7638 thumbprint, computed here with openssl.
+#   - Serial numbers: 124 random bits (RFC 5280 4.1.2.2 allows 20 octets; CA/B Forum asks for 64+ random bits).
+#   - crl.pem: signed by the CA, nextUpdate 30 days; --revoke re-signs it and the gateway reloads it on change.
+# Files are written in a staging folder and renamed into place (key before certificate), so a reloading gateway
+# never reads half a file, and a failed run leaves the previous set untouched.
 set -euo pipefail
+shopt -s inherit_errexit 2>/dev/null || true # bash 4.4+: set -e holds inside $(...) too
 
-PYTHON=${PYTHON:-python3}
-DAYS=825
+OPENSSL=${OPENSSL:-openssl}
+CA_DAYS=3650
+CERT_DAYS=825
+CRL_DAYS=30
 SPIFFE_PREFIX="spiffe://gateway.local/client"
+NAME_RE='^[a-z0-9][a-z0-9_-]{0,62}$'
+RESERVED_NAMES=" ca server jwt-signing audit-hmac crl jwks "  # client NAME.key must not clobber these files
 
-die() { echo "gen_certs.sh: $*" >&2; exit 1; }
+die() {
+    echo "gen_certs.sh: $*" >&2
+    exit 1
+}
 
+usage() {
+    sed -n '6,9p' "$0" | sed 's/^# *//'
+}
+
+# --- arguments ---------------------------------------------------------------------------------------------------
 mode=all force=0 name=""
-case "${1:-}" in
-    --client|--revoke) mode=${1#--}; name=${2:?"$1 needs a NAME"}; shift 2 ;;
-    --server) mode=server; shift ;;
-    --force) force=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-esac
+while [ $# -gt 0 ]; do
+    case $1 in
+        --force) force=1; shift ;;
+        --client | --revoke)
+            [ "$mode" = all ] || die "$1: only one of --client, --server, --revoke at a time"
+            [ $# -ge 2 ] || die "$1 needs a NAME"
+            mode=${1#--} name=$2
+            shift 2 ;;
+        --server)
+            [ "$mode" = all ] || die "$1: only one of --client, --server, --revoke at a time"
+            mode=server
+            shift ;;
+        -h | --help) usage; exit 0 ;;
+        --) shift; break ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) break ;;
+    esac
+done
 out=${1:-certs}
 [ $# -gt 0 ] && shift
-clients=("$@")
-[ ${#clients[@]} -eq 0 ] && clients=(alice bob)
-for client in "${clients[@]}" "$name"; do
-    [[ -z "$client" || "$client" =~ ^[a-z0-9][a-z0-9_-]{0,62}$ ]] || die "bad client name '$client' (use [a-z0-9_-])"
-done
+if [ "$mode" = all ]; then
+    clients=("$@")
+    [ ${#clients[@]} -gt 0 ] || clients=(alice bob)
+else
+    [ $# -eq 0 ] || die "--$mode takes one OUTDIR, got extra arguments: $*"
+    clients=()
+fi
+[ "$mode" != server ] || [ $force -eq 0 ] || die "--force has no meaning with --server (it always replaces)"
+[ "$mode" != revoke ] || [ $force -eq 0 ] || die "--force has no meaning with --revoke"
 
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-umask 077  # every file starts private; certificates are opened up below
+check_name() {
+    [[ $1 =~ $NAME_RE ]] || die "bad client name '$1' (lowercase letters, digits, '_' and '-', at most 63)"
+    [[ $RESERVED_NAMES != *" $1 "* ]] || die "client name '$1' is reserved (it would overwrite $1.key)"
+}
+case $mode in
+    all) for client in "${clients[@]}"; do check_name "$client"; done ;;
+    client) check_name "$name" ;;
+    revoke) [[ $name =~ $NAME_RE && $name != ca ]] || die "bad certificate name '$name'" ;;
+esac
 
-new_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; chmod 600 "$1"; }
-serial() { echo "0x1$(openssl rand -hex 15)"; }  # 124 random bits, positive (RFC 5280 4.1.2.2)
+version=$("$OPENSSL" version 2>/dev/null) || die "cannot run '$OPENSSL' (install OpenSSL or set OPENSSL=/path/to/openssl)"
+case $version in
+    "OpenSSL 1.1.1"* | "OpenSSL "[3-9].*) ;;
+    *) die "needs OpenSSL 1.1.1 or later (LibreSSL untested), found: $version (set OPENSSL=/path/to/openssl)" ;;
+esac
 
-sign() {  # sign CSR_KEY NAME SUBJECT EXTENSIONS: issue $out/NAME.crt for $out/NAME.key
-    local key=$1 crt=$2 subject=$3 extensions=$4
-    openssl req -new -key "$key" -subj "$subject" -out "$out/.ca/req.csr" 2>/dev/null
-    printf '%s\n' "$extensions" >"$out/.ca/ext.cnf"
-    openssl x509 -req -in "$out/.ca/req.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" -set_serial "$(serial)" \
-        -days "$DAYS" -sha256 -extfile "$out/.ca/ext.cnf" -out "$crt" 2>/dev/null
-    chmod 644 "$crt"
-    rm -f "$out/.ca/req.csr" "$out/.ca/ext.cnf"
+umask 077 # every file and folder starts private; certificates and public files are opened up explicitly
+mkdir -p -- "$out"
+out=$(cd -- "$out" && pwd)
+# The path is written into an openssl config file, where these characters have meaning.
+case $out in *[\$\#\"\\]* | *$'\n'*) die "output folder path must not contain \$ # \" \\ or newlines: $out" ;; esac
+
+stage=$(mktemp -d "$out/.gen_certs.XXXXXX")
+trap 'rm -rf -- "$stage"' EXIT
+
+ossl() { # openssl, quiet; its diagnostics are shown only when it fails
+    if ! "$OPENSSL" "$@" 2>"$stage/openssl.err"; then
+        cat "$stage/openssl.err" >&2
+        die "openssl $1 failed"
+    fi
 }
 
-make_client() {
-    local client=$1
-    new_key "$out/$client.key"
-    sign "$out/$client.key" "$out/$client.crt" "/CN=$client" "basicConstraints=critical,CA:FALSE
+b64url() { # stdin bytes -> base64url without padding (RFC 7515 section 2)
+    "$OPENSSL" base64 -A | tr '+/' '-_' | tr -d '='
+}
+
+hex_to_b64url() { # big-endian hex -> the bytes, base64url (the JWK encoding of RSA n, RFC 7518 6.3.1)
+    local hex=$1
+    [ $((${#hex} % 2)) -eq 0 ] || hex=0$hex
+    [[ $hex =~ ^[0-9A-Fa-f]+$ ]] || die "not hex: $hex"
+    # bash's printf %b turns each \xHH into that byte (NUL included) on the pipe.
+    printf '%b' "$(sed 's/../\\x&/g' <<<"$hex")" | b64url
+}
+
+new_key() { # FILE: a fresh ECDSA P-256 private key, mode 0600
+    ossl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"
+    chmod 600 "$1"
+}
+
+serial() { # 0x1 + 15 random bytes: positive, 124 random bits, 16 octets
+    local random
+    random=$(ossl rand -hex 15)
+    echo "0x1$random"
+}
+
+issue() { # KEY CERT SUBJECT EXTENSIONS CA_DIR: CERT for KEY, signed by the CA in CA_DIR
+    local key=$1 crt=$2 subject=$3 extensions=$4 ca_dir=$5 sn
+    sn=$(serial)
+    ossl req -new -key "$key" -subj "$subject" -out "$stage/req.csr"
+    printf '%s\n' "$extensions" >"$stage/ext.cnf"
+    # x509 -req copies no extension from the request: the certificate carries exactly the ones listed here.
+    ossl x509 -req -in "$stage/req.csr" -CA "$ca_dir/ca.crt" -CAkey "$ca_dir/ca.key" -set_serial "$sn" \
+        -days "$CERT_DAYS" -sha256 -extfile "$stage/ext.cnf" -out "$crt"
+    chmod 644 "$crt"
+    rm -f "$stage/req.csr" "$stage/ext.cnf"
+}
+
+issue_client() { # NAME CA_DIR: $stage/NAME.key and $stage/NAME.crt
+    new_key "$stage/$1.key"
+    issue "$stage/$1.key" "$stage/$1.crt" "/CN=$1" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth
-subjectAltName=URI:$SPIFFE_PREFIX/$client
+subjectAltName=URI:$SPIFFE_PREFIX/$1
 subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid"
+authorityKeyIdentifier=keyid" "$2"
 }
 
-make_server() {
-    new_key "$out/server.key.new"
-    sign "$out/server.key.new" "$out/server.crt.new" "/CN=localhost" "basicConstraints=critical,CA:FALSE
+issue_server() { # CA_DIR: $stage/server.key and $stage/server.crt
+    new_key "$stage/server.key"
+    issue "$stage/server.key" "$stage/server.crt" "/CN=localhost" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
 subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1
 subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid"
-    # Key first, then certificate, each by rename: a watcher never sees a half-written file.
-    mv "$out/server.key.new" "$out/server.key"
-    mv "$out/server.crt.new" "$out/server.crt"
+authorityKeyIdentifier=keyid" "$1"
 }
 
-ca_config() {
-    cat >"$out/.ca/openssl.cnf" <<CNF
+ca_config() { # CA_DIR DB_DIR: the openssl ca config, rewritten on every run so a copied folder uses its own files
+    cat >"$stage/ca.cnf" <<CNF
 [ ca ]
 default_ca = gateway_ca
 [ gateway_ca ]
-database = $out/.ca/index.txt
-crlnumber = $out/.ca/crlnumber
-certificate = $out/ca.crt
-private_key = $out/ca.key
+database = $2/index.txt
+crlnumber = $2/crlnumber
+certificate = $1/ca.crt
+private_key = $1/ca.key
 default_md = sha256
-default_crl_days = 30
+default_crl_days = $CRL_DAYS
+unique_subject = no
+crl_extensions = crl_ext
+[ crl_ext ]
+# RFC 5280 5.2.1: a conforming CRL carries the authority key identifier (the CRL number is added from crlnumber).
+authorityKeyIdentifier = keyid:always
 CNF
 }
 
-write_crl() {
-    openssl ca -config "$out/.ca/openssl.cnf" -gencrl -out "$out/crl.pem.new" 2>/dev/null
-    chmod 644 "$out/crl.pem.new"
-    mv "$out/crl.pem.new" "$out/crl.pem"
+sign_crl() { # CA_DIR DB_DIR: $stage/crl.pem listing the revoked entries of DB_DIR
+    ca_config "$1" "$2"
+    ossl ca -config "$stage/ca.cnf" -gencrl -out "$stage/crl.pem"
+    chmod 644 "$stage/crl.pem"
 }
 
-need_ca() { [ -f "$out/ca.key" ] && [ -f "$out/.ca/openssl.cnf" ] || die "no CA in $out: run without --$mode first"; }
+publish() { # NAME...: move staged files into OUTDIR; callers list a key before its certificate
+    local file
+    for file in "$@"; do mv -f -- "$stage/$file" "$out/$file"; done
+}
 
+need_ca() {
+    [ -f "$out/ca.key" ] && [ -f "$out/ca.crt" ] && [ -f "$out/.ca/index.txt" ] ||
+        die "no CA in $out (run scripts/gen_certs.sh $out first)"
+}
+
+# --- one more client, a new server certificate, a revocation ---------------------------------------------------
 case $mode in
-    client) need_ca; make_client "$name"; echo "gen_certs.sh: client $name in $out"; exit 0 ;;
-    server) need_ca; make_server; echo "gen_certs.sh: new server certificate in $out"; exit 0 ;;
+    client)
+        need_ca
+        if [ -e "$out/$name.key" ] && [ $force -eq 0 ]; then
+            die "$out/$name.key exists; refusing to replace it (use --force, and --revoke the old certificate)"
+        fi
+        issue_client "$name" "$out"
+        publish "$name.key" "$name.crt"
+        echo "gen_certs.sh: client $name ($SPIFFE_PREFIX/$name) in $out"
+        exit 0 ;;
+    server)
+        need_ca
+        issue_server "$out"
+        publish server.key server.crt
+        echo "gen_certs.sh: new server certificate in $out"
+        exit 0 ;;
     revoke)
         need_ca
         [ -f "$out/$name.crt" ] || die "no certificate $out/$name.crt"
-        openssl ca -config "$out/.ca/openssl.cnf" -revoke "$out/$name.crt" -crl_reason keyCompromise 2>/dev/null
-        write_crl
-        echo "gen_certs.sh: revoked $name; crl.pem rewritten"
+        # Only a certificate this CA issued belongs on its CRL (serial numbers are unique per issuer only).
+        ossl verify -no_check_time -CAfile "$out/ca.crt" "$out/$name.crt" >/dev/null
+        serial_hex=$(ossl x509 -in "$out/$name.crt" -noout -serial)
+        serial_hex=${serial_hex#serial=}
+        ca_config "$out" "$out/.ca"
+        if awk -F'\t' -v s="$serial_hex" '$1 == "R" && $4 == s { found = 1 } END { exit !found }' \
+            "$out/.ca/index.txt"; then
+            note="already revoked"  # idempotent: a rerun after a failed CRL write still re-signs it
+        else
+            ossl ca -config "$stage/ca.cnf" -revoke "$out/$name.crt"
+            note="revoked"
+        fi
+        sign_crl "$out" "$out/.ca"
+        publish crl.pem
+        echo "gen_certs.sh: $name (serial $serial_hex) $note; crl.pem re-signed in $out"
         exit 0 ;;
 esac
 
-if [ -f "$out/ca.key" ] && [ $force -eq 0 ]; then
-    die "$out/ca.key exists; refusing to overwrite a CA (use --force)"
+# --- a whole new set ---------------------------------------------------------------------------------------------
+if [ -e "$out/ca.key" ] && [ $force -eq 0 ]; then
+    die "$out/ca.key exists; refusing to replace the CA (use --force to make a new CA and everything it signed)"
 fi
-rm -rf "$out/.ca"
-mkdir -p "$out/.ca"
-: >"$out/.ca/index.txt"
-echo 1000 >"$out/.ca/crlnumber"
 
-new_key "$out/ca.key"
-openssl req -x509 -new -key "$out/ca.key" -subj "/CN=gateway demo CA" -days 3650 -sha256 \
-    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -addext "subjectKeyIdentifier=hash" -out "$out/ca.crt" 2>/dev/null
-chmod 644 "$out/ca.crt"
-ca_config
-make_server
-for client in "${clients[@]}"; do make_client "$client"; done
-write_crl
+mkdir "$stage/.ca"
+: >"$stage/.ca/index.txt"
+echo 01 >"$stage/.ca/crlnumber"
 
-openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out "$out/jwt-signing.key" 2>/dev/null
-chmod 600 "$out/jwt-signing.key"
-openssl pkey -in "$out/jwt-signing.key" -pubout -out "$out/jwt-signing.pub" 2>/dev/null
-chmod 644 "$out/jwt-signing.pub"
-# jwks.json: the public key as a JWK (RFC 7517) with kid = its RFC 7638 thumbprint.
-"$PYTHON" - "$out/jwt-signing.pub" "$out/jwks.json" <<'PY'
-import base64, hashlib, json, sys
-from cryptography.hazmat.primitives import serialization
+new_key "$stage/ca.key"
+# A random suffix tells CAs made by different runs apart in logs and error messages.
+ca_tag=$(ossl rand -hex 4)
+ca_serial=$(serial)
+ossl req -x509 -new -key "$stage/ca.key" -subj "/CN=gateway CA $ca_tag" -days "$CA_DAYS" -sha256 \
+    -set_serial "$ca_serial" \
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash" \
+    -out "$stage/ca.crt"
+chmod 644 "$stage/ca.crt"
 
-def b64(n: int) -> str:
-    return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+issue_server "$stage"
+for client in "${clients[@]}"; do issue_client "$client" "$stage"; done
+sign_crl "$stage" "$stage/.ca"
 
-numbers = serialization.load_pem_public_key(open(sys.argv[1], "rb").read()).public_numbers()
-members = {"e": b64(numbers.e), "kty": "RSA", "n": b64(numbers.n)}
-canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
-kid = base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
-with open(sys.argv[2], "w") as f:
-    json.dump({"keys": [{**members, "kid": kid, "use": "sig", "alg": "RS256"}]}, f, indent=2)
-PY
-chmod 644 "$out/jwks.json"
-openssl rand -hex 32 >"$out/audit-hmac.key"
-chmod 600 "$out/audit-hmac.key"
+ossl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -pkeyopt rsa_keygen_pubexp:65537 \
+    -out "$stage/jwt-signing.key"
+chmod 600 "$stage/jwt-signing.key"
+ossl pkey -in "$stage/jwt-signing.key" -pubout -out "$stage/jwt-signing.pub"
+chmod 644 "$stage/jwt-signing.pub"
+
+# jwks.json (RFC 7517): n is the modulus, e is fixed at generation; kid is the RFC 7638 thumbprint, the SHA-256
+# of the required members in lexicographic order without whitespace.
+modulus=$(ossl rsa -pubin -in "$stage/jwt-signing.pub" -noout -modulus)
+n=$(hex_to_b64url "${modulus#Modulus=}")
+e=AQAB
+kid=$(printf '{"e":"%s","kty":"RSA","n":"%s"}' "$e" "$n" | "$OPENSSL" dgst -sha256 -binary | b64url)
+cat >"$stage/jwks.json" <<JSON
+{
+  "keys": [
+    {
+      "kty": "RSA",
+      "use": "sig",
+      "alg": "RS256",
+      "kid": "$kid",
+      "n": "$n",
+      "e": "$e"
+    }
+  ]
+}
+JSON
+chmod 644 "$stage/jwks.json"
+
+ossl rand -hex 32 >"$stage/audit-hmac.key"
+chmod 600 "$stage/audit-hmac.key"
+
+rm -rf -- "$out/.ca"
+mv -- "$stage/.ca" "$out/.ca"
+keys=(ca.key server.key jwt-signing.key audit-hmac.key)
+certs=(ca.crt server.crt crl.pem jwt-signing.pub jwks.json)
+for client in "${clients[@]}"; do
+    keys+=("$client.key")
+    certs+=("$client.crt")
+done
+publish "${keys[@]}" "${certs[@]}"
 echo "gen_certs.sh: CA, server, clients (${clients[*]}), crl.pem, JWT keys, jwks.json, audit-hmac.key in $out"

@@ -1,27 +1,26 @@
-"""Client-certificate checks the gateway runs on every call, beyond what the TLS handshake verified.
+"""Client-certificate checks run on every call, beyond what the TLS handshake verified, and server-pair validation.
 
-The handshake (grpcio) proves the peer holds a key certified by our CA. It does not check revocation, nor
-refuse certificates that chain correctly but are not fit for a client (RFC 5280 key usage, EKU), nor pick
-one unambiguous identity, and a connection outlives the certificate's expiry. Parsing is cached per PEM, so
-the per-call cost is a dict lookup plus a time comparison.
+The handshake proves the peer holds a key our CA certified; it does not consult the CRL, refuse leaves unfit for a
+client, pick one identity, or re-check expiry on connections that outlive the certificate. That is done here.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import functools
 import ipaddress
-import threading
-from collections import OrderedDict
+import re
+from base64 import urlsafe_b64encode
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import AuthenticationError
@@ -29,128 +28,133 @@ from gateway.watcher import Watcher, file_fingerprint
 
 log = structlog.get_logger(__name__)
 
+# Bounded by the number of distinct certificates our CA issued that connect; a few MB at most.
 _PEER_CACHE_SIZE = 4096
+# SPIFFE-ID spec section 2: lowercase trust domain, path segments of [A-Za-z0-9._-], no query, fragment or port.
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
+_SPIFFE_MAX_LENGTH = 2048
+_ISSUER_KEY_TYPES = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
+_MIN_RSA_BITS = 2048
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 class CertificateConfigError(Exception):
-    """A certificate, key or CRL file the gateway cannot use; the message names the file."""
+    """A certificate, key or CRL the gateway cannot use; the message names the file or the part at fault."""
 
 
 @dataclass(frozen=True, slots=True)
 class PeerCertificate:
-    """What the gateway needs from a client's leaf certificate."""
+    """What the gateway keeps from a client's leaf certificate."""
 
     identity: str
-    sha256_hex: str
-    x5t_s256: str  # RFC 8705 section 3.1: base64url(SHA-256(DER)), no padding
+    sha256_hex: str  # hex SHA-256 of the DER, for the audit record
+    x5t_s256: str  # RFC 8705 section 3.1: base64url(SHA-256(DER)) without padding, compared with cnf["x5t#S256"]
     not_before: datetime
     not_after: datetime
     serial: int
-
-
-def _identity(cert: x509.Certificate) -> str:
-    """SPIFFE URI SAN first, then the single DNS SAN, then the single CN; anything ambiguous is refused."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
-        dns = san.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        uris, dns = [], []
-    if len(uris) > 1:
-        raise AuthenticationError(reason="ambiguous identity: several SPIFFE URI SANs")
-    if uris:
-        return str(uris[0])
-    if len(dns) > 1:
-        raise AuthenticationError(reason="ambiguous identity: several DNS SANs")
-    if dns:
-        return str(dns[0])
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) > 1:
-        raise AuthenticationError(reason="ambiguous identity: several CNs")
-    if cns and str(cns[0].value):
-        return str(cns[0].value)
-    raise AuthenticationError(reason="client certificate has no identity")
-
-
-def _check_client_usage(cert: x509.Certificate) -> None:
-    """RFC 5280 4.2.1.3/4.2.1.9/4.2.1.12: a client leaf signs, is not a CA, and allows clientAuth if EKU is set."""
-    extensions = cert.extensions
-    try:
-        if extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise AuthenticationError(reason="client certificate is a CA certificate")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        if not extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature:
-            raise AuthenticationError(reason="client certificate key usage lacks digitalSignature")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in extensions.get_extension_for_class(x509.ExtendedKeyUsage).value:
-            raise AuthenticationError(reason="client certificate is not for client authentication (EKU)")
-    except x509.ExtensionNotFound:
-        pass
-
-
-class _PeerCache:
-    """Bounded LRU of parsed peers (or their refusal) keyed by the PEM bytes a connection presents."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[bytes, PeerCertificate | AuthenticationError] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, pem: bytes) -> PeerCertificate | AuthenticationError | None:
-        with self._lock:
-            entry = self._entries.get(pem)
-            if entry is not None:
-                self._entries.move_to_end(pem)
-            return entry
-
-    def put(self, pem: bytes, entry: PeerCertificate | AuthenticationError) -> None:
-        with self._lock:
-            self._entries[pem] = entry
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-
-
-_cache = _PeerCache(_PEER_CACHE_SIZE)
+    issuer: x509.Name
 
 
 def inspect_peer(pem: bytes) -> PeerCertificate:
-    """The identity and thumbprints of a client's leaf certificate; AuthenticationError if it is unfit."""
-    cached = _cache.get(pem)
-    if cached is None:
-        cached = _inspect(pem)
-        _cache.put(pem, cached)
-    if isinstance(cached, AuthenticationError):
-        raise AuthenticationError(reason=cached.reason)
-    return cached
+    """The identity and thumbprints of a client's leaf certificate; AuthenticationError if it is unfit for a client."""
+    result = _inspect(pem)
+    if isinstance(result, str):
+        raise AuthenticationError(reason=result)
+    return result
 
 
-def _inspect(pem: bytes) -> PeerCertificate | AuthenticationError:
+# A connection presents the same PEM on every call, and the verdict depends on the bytes alone (validity and
+# revocation are checked per call), so refusals are cached too. lru_cache is thread-safe.
+@functools.lru_cache(maxsize=_PEER_CACHE_SIZE)
+def _inspect(pem: bytes) -> PeerCertificate | str:
+    """The parsed peer, or the reason it is refused."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
         _check_client_usage(cert)
         identity = _identity(cert)
     except AuthenticationError as exc:
-        return exc
-    except ValueError:
-        return AuthenticationError(reason="client certificate does not parse")
-    der = cert.public_bytes(serialization.Encoding.DER)
-    digest = hashlib.sha256(der).digest()
+        return exc.reason
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return "client certificate does not parse"
+    digest = cert.fingerprint(hashes.SHA256())
     return PeerCertificate(
         identity=identity,
         sha256_hex=digest.hex(),
-        x5t_s256=base64.urlsafe_b64encode(digest).rstrip(b"=").decode(),
+        x5t_s256=urlsafe_b64encode(digest).rstrip(b"=").decode("ascii"),
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,
         serial=cert.serial_number,
+        issuer=cert.issuer,
     )
 
 
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_client_usage(cert: x509.Certificate) -> None:
+    """Refuse a CA certificate, or a leaf whose key usage (RFC 5280 4.2.1.3) or EKU (4.2.1.12) excludes clients."""
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise AuthenticationError(reason="client certificate is a CA certificate")
+    usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and not usage.digital_signature:
+        # TLS client authentication is a signature over the handshake (RFC 8446 4.4.3).
+        raise AuthenticationError(reason="client certificate key usage lacks digitalSignature")
+    purposes = _extension(cert, x509.ExtendedKeyUsage)
+    # anyExtendedKeyUsage is not accepted in place of clientAuth: a client certificate says what it is for.
+    if purposes is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:
+        raise AuthenticationError(reason="client certificate is not for client authentication (EKU)")
+
+
+def _identity(cert: x509.Certificate) -> str:
+    """The SPIFFE URI SAN, else the single DNS SAN, else the single CN; anything ambiguous is refused."""
+    san = _extension(cert, x509.SubjectAlternativeName) or x509.SubjectAlternativeName([])
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    dns = san.get_values_for_type(x509.DNSName)
+    if len(uris) > 1:
+        raise AuthenticationError(reason="ambiguous identity: several SPIFFE URI SANs")
+    if uris:
+        identity = uris[0]
+        if len(identity) > _SPIFFE_MAX_LENGTH or not _is_spiffe_id(identity):
+            raise AuthenticationError(reason="client certificate SPIFFE ID is malformed")
+        return identity
+    if len(dns) > 1:
+        raise AuthenticationError(reason="ambiguous identity: several DNS SANs")
+    if dns:
+        # A wildcard names many hosts, never one client.
+        if "*" in dns[0]:
+            raise AuthenticationError(reason="client certificate DNS SAN is a wildcard")
+        return _checked(dns[0].lower().rstrip("."))  # DNS names compare case-insensitively (RFC 4343)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) > 1:
+        raise AuthenticationError(reason="ambiguous identity: several CNs")
+    if cns:
+        return _checked(str(cns[0].value))
+    raise AuthenticationError(reason="client certificate has no identity")
+
+
+def _is_spiffe_id(uri: str) -> bool:
+    # "." and ".." segments are forbidden by the spec: an identity is compared as a string and never normalised.
+    return _SPIFFE_ID.fullmatch(uri) is not None and not any(
+        segment in (".", "..") for segment in uri[len("spiffe://") :].split("/")[1:]
+    )
+
+
+def _checked(identity: str) -> str:
+    if not identity:
+        raise AuthenticationError(reason="client certificate has no identity")
+    if not identity.isprintable():
+        raise AuthenticationError(reason="client certificate identity has unprintable characters")
+    return identity
+
+
 def check_validity(peer: PeerCertificate, now: datetime) -> None:
-    """Refuse a certificate outside its validity period (connections outlive the handshake's check)."""
+    """Refuse a certificate outside its validity period at ``now`` (aware); both bounds inclusive (RFC 5280 4.1.2.5)."""
     if now > peer.not_after:
         raise AuthenticationError(reason="client certificate expired")
     if now < peer.not_before:
@@ -159,9 +163,11 @@ def check_validity(peer: PeerCertificate, now: datetime) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RevocationList:
-    """Serial numbers revoked by the CA's CRL."""
+    """The serial numbers one issuer's CRL revokes."""
 
+    issuer: x509.Name
     serials: frozenset[int]
+    number: int | None  # the CRL number (RFC 5280 5.2.3), increasing with every CRL the issuer signs
     next_update: datetime | None
 
     def is_revoked(self, serial: int) -> bool:
@@ -169,101 +175,204 @@ class RevocationList:
         return serial in self.serials
 
 
-def _load_ca(ca_path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(ca_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise CertificateConfigError(f"{ca_path}: cannot load the CA certificate: {exc}") from None
-
-
 def load_crl(crl_path: str | Path, ca_path: str | Path) -> RevocationList:
-    """Load a PEM or DER CRL and check that the CA signed it."""
+    """Load a PEM or DER CRL signed by a CA in ``ca_path``; CertificateConfigError names the file otherwise."""
     crl_path, ca_path = Path(crl_path), Path(ca_path)
+    data = _read(crl_path)
     try:
-        data = crl_path.read_bytes()
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+        extensions = crl.extensions
+        entries = list(crl)
+        entry_extensions = [ext for entry in entries for ext in entry.extensions]
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise CertificateConfigError(f"{crl_path}: not a PEM or DER CRL") from None
+    # RFC 5280 5.2, 5.3: a CRL with a critical extension we do not process (issuing distribution point, delta CRL,
+    # indirect CRL entries) must not be used to decide revocation: its scope may not be what it seems.
+    if any(ext.critical for ext in (*extensions, *entry_extensions)):
+        raise CertificateConfigError(f"{crl_path}: has a critical extension the gateway does not process")
+    if not _signed_by_a_ca(crl, _load_cas(ca_path)):
+        raise CertificateConfigError(f"{crl_path}: not signed by a CA in {ca_path}")
+    return RevocationList(
+        issuer=crl.issuer,
+        serials=frozenset(entry.serial_number for entry in entries),
+        number=_crl_number(crl),
+        next_update=crl.next_update_utc,
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
     except OSError as exc:
-        raise CertificateConfigError(f"{crl_path}: cannot read: {exc.strerror}") from None
+        raise CertificateConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _load_cas(ca_path: Path) -> list[x509.Certificate]:
     try:
-        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        return x509.load_pem_x509_certificates(_read(ca_path))
     except ValueError:
-        raise CertificateConfigError(f"{crl_path}: not a CRL") from None
-    ca = _load_ca(ca_path)
-    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
-        raise CertificateConfigError(f"{crl_path}: not signed by the CA in {ca_path}")
-    return RevocationList(frozenset(entry.serial_number for entry in crl), crl.next_update_utc)
+        raise CertificateConfigError(f"{ca_path}: not a PEM CA certificate") from None
+
+
+def _signed_by_a_ca(crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]) -> bool:
+    """Whether a CA named as the CRL's issuer, allowed to sign CRLs (RFC 5280 4.2.1.3), verifies its signature."""
+    for ca in cas:
+        if ca.subject != crl.issuer:
+            continue
+        usage = _extension(ca, x509.KeyUsage)
+        if usage is not None and not usage.crl_sign:
+            continue
+        key = ca.public_key()
+        if isinstance(key, _ISSUER_KEY_TYPES) and crl.is_signature_valid(key):
+            return True
+    return False
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
 
 
 class CrlStore:
-    """The current revocation list, reloaded when the CRL (or CA) file changes; a bad new file is refused."""
+    """The CA's current revocation list, reloaded when the CRL or CA file changes; a bad new CRL is refused."""
 
     def __init__(self, crl_path: str | Path, ca_path: str | Path, *, interval_s: float) -> None:
         self._crl_path, self._ca_path = Path(crl_path), Path(ca_path)
-        self.current = load_crl(self._crl_path, self._ca_path)
+        # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
         self._watcher = Watcher(
             name="crl",
             fingerprint=lambda: file_fingerprint((self._crl_path, self._ca_path)),
             on_change=self._reload,
             interval_s=interval_s,
         )
+        self._current = load_crl(self._crl_path, self._ca_path)  # a broken CRL at startup is a configuration error
+        self._warn_if_stale(self._current)
 
-    def _reload(self) -> None:
-        try:
-            self.current = load_crl(self._crl_path, self._ca_path)
-        except CertificateConfigError as exc:
-            log.error("crl_reload_failed", error=str(exc))
-            return
-        log.info("crl_reloaded", path=str(self._crl_path), revoked=len(self.current.serials))
+    @property
+    def current(self) -> RevocationList:
+        """The revocation list in force."""
+        return self._current
 
     def check(self, peer: PeerCertificate) -> None:
-        """Refuse a revoked client certificate."""
-        if self.current.is_revoked(peer.serial):
+        """Refuse a revoked client certificate, or one from an issuer this CRL does not speak for."""
+        crl = self._current  # one read: a concurrent reload swaps the whole list
+        # Serial numbers are unique per issuer only (RFC 5280 4.1.2.2): another issuer's serial proves nothing.
+        if peer.issuer != crl.issuer:
+            raise AuthenticationError(reason="no CRL for the client certificate's issuer")
+        if crl.is_revoked(peer.serial):
             raise AuthenticationError(reason="client certificate revoked")
 
     def start(self) -> None:
-        """Watch the CRL file."""
+        """Poll the CRL and CA files in a daemon thread."""
         self._watcher.start()
 
     def stop(self) -> None:
-        """Stop watching."""
+        """Stop polling."""
         self._watcher.stop()
 
-    def reload_now(self) -> None:
-        """Check the file once, synchronously."""
-        self._watcher.check_now()
+    def reload_now(self) -> bool:
+        """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
+        return self._watcher.check_now()
+
+    def _reload(self) -> None:
+        try:
+            new = load_crl(self._crl_path, self._ca_path)
+        except CertificateConfigError as exc:
+            log.error("crl_reload_failed", path=str(self._crl_path), error=str(exc))
+            return
+        old = self._current
+        # RFC 5280 5.2.3: CRL numbers only grow. An older CRL would silently un-revoke certificates.
+        if new.issuer == old.issuer and new.number is not None and old.number is not None and new.number < old.number:
+            log.error(
+                "crl_reload_failed",
+                path=str(self._crl_path),
+                error=f"{self._crl_path}: CRL number {new.number} is older than the one in force ({old.number})",
+            )
+            return
+        self._current = new
+        log.info("crl_reloaded", path=str(self._crl_path), revoked=len(new.serials), number=new.number)
+        self._warn_if_stale(new)
+
+    def _warn_if_stale(self, crl: RevocationList) -> None:
+        # A stale file-based CRL still lists what it lists; refusing every client over it would be an outage.
+        if crl.next_update is not None and crl.next_update < datetime.now(UTC):
+            log.warning("crl_stale", path=str(self._crl_path), next_update=crl.next_update.isoformat())
 
 
-def _covers(cert: x509.Certificate, name: str) -> bool:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    try:
-        return ipaddress.ip_address(name) in san.get_values_for_type(x509.IPAddress)
-    except ValueError:
-        return name.lower() in (d.lower() for d in san.get_values_for_type(x509.DNSName))
-
-
-def validate_server_pair(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, names: Sequence[str]) -> None:
-    """Refuse a server certificate/key pair that would break clients if it were swapped in."""
+def validate_server_pair(
+    cert_pem: bytes, key_pem: bytes, ca_pem: bytes, names: Sequence[str], *, now: datetime | None = None
+) -> None:
+    """Refuse a server certificate and key that would fail clients if swapped in; CertificateConfigError says why."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         raise CertificateConfigError("server certificate does not parse") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise CertificateConfigError("server key does not parse (or is encrypted)") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise CertificateConfigError("server key does not match the server certificate")
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < _MIN_RSA_BITS:
+        raise CertificateConfigError(f"server key is RSA {key.key_size} bits; at least {_MIN_RSA_BITS} required")
+    moment = now or datetime.now(UTC)
+    if moment > cert.not_valid_after_utc:
+        raise CertificateConfigError("server certificate expired")
+    if moment < cert.not_valid_before_utc:
+        raise CertificateConfigError("server certificate not yet valid")
+    _check_server_usage(cert)
     missing = [name for name in names if not _covers(cert, name)]
     if missing:
-        raise CertificateConfigError(f"server certificate SANs do not cover {missing}")
+        raise CertificateConfigError(f"server certificate SANs do not cover {', '.join(missing)}")
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        cas = x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
         raise CertificateConfigError("CA certificate does not parse") from None
+    if not any(_issued_by(cert, ca) for ca in cas):
+        raise CertificateConfigError("server certificate is not issued by the CA")
+
+
+def _check_server_usage(cert: x509.Certificate) -> None:
+    """Refuse what TLS clients would refuse: a CA, no digitalSignature, an EKU without serverAuth (RFC 5280 4.2.1)."""
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise CertificateConfigError("server certificate is a CA certificate")
+    usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and not usage.digital_signature:
+        raise CertificateConfigError("server certificate key usage lacks digitalSignature")
+    purposes = _extension(cert, x509.ExtendedKeyUsage)
+    if purposes is not None and ExtendedKeyUsageOID.SERVER_AUTH not in purposes:
+        raise CertificateConfigError("server certificate is not for server authentication (EKU)")
+
+
+def _covers(cert: x509.Certificate, name: str) -> bool:
+    """Whether a SAN matches ``name``: IP to IP SANs, hostnames to DNS SANs (RFC 6125 6.4; CN is not consulted)."""
+    san = _extension(cert, x509.SubjectAlternativeName)
+    if san is None:
+        return False
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return any(_dns_matches(pattern, name) for pattern in san.get_values_for_type(x509.DNSName))
+    return address in san.get_values_for_type(x509.IPAddress)
+
+
+def _dns_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 6.4.3: exact, case-insensitive, or a wildcard that is the whole left-most label of a 3+ label name."""
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if not pattern.startswith("*."):
+        return pattern == name
+    suffix = pattern[2:]
+    label, _, rest = name.partition(".")
+    return "*" not in suffix and "." in suffix and bool(label) and rest == suffix
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise CertificateConfigError("server certificate is not issued by the CA") from None
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True

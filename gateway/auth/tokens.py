@@ -1,19 +1,20 @@
-"""JWT bearer tokens (RFC 7519, RFC 7515): keys from a JWKS file, explicit ordered verification, a cache of
-verified tokens, certificate binding (RFC 8705), and the issuer behind ``gateway token issue``.
+"""JWT bearer tokens (RFC 7519 over RFC 7515 JWS): strict JWKS loading and rotation, explicit ordered verification
+with a cache of verified tokens, certificate binding (RFC 8705), and the issuer behind ``gateway token issue``.
 
-Verification order, each step refusing with a short reason that never contains the token: size and shape;
-header (``alg`` from the allowlist, never ``none``; ``kid`` known; ``alg`` pinned to that key's type, so an
-RSA public key can never be used as an HMAC secret: CVE-2022-29217 and the classic alg-confusion attack);
-signature and registered claims by pyjwt (exp required, nbf, iat, iss, aud, leeway); maximum lifetime;
-claim shapes; then, on every call including cache hits, the certificate binding.
+No grpc here: the interceptor hands over the bearer string and the client certificate's ``x5t#S256``, and turns the
+AuthenticationError raised here into UNAUTHENTICATED. docs/tokens.md lists the checks in order, with the defaults.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
+import math
+import re
 import secrets
 import threading
 import time
@@ -21,77 +22,180 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NoReturn
 
 import jwt
 import structlog
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.utils import is_pem_format, is_ssh_key
 
 from gateway.errors import AuthenticationError
 from gateway.watcher import Watcher, file_fingerprint
 
+__all__ = [
+    "DEFAULT_ALGORITHMS",
+    "HMAC_ALGORITHMS",
+    "MAX_TOKEN_BYTES",
+    "KeySet",
+    "KeyStore",
+    "TokenConfigError",
+    "TokenVerifier",
+    "VerificationKey",
+    "VerifiedToken",
+    "cert_thumbprint",
+    "issue_token",
+    "jwk_kid",
+    "kid_from_jwks",
+    "load_jwks",
+]
+
 log = structlog.get_logger(__name__)
 
 MAX_TOKEN_BYTES = 8192
-HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-_FAMILIES = {
-    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+MAX_JWKS_BYTES = 1 << 20
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# RFC 7518 3.2: an HMAC key at least as long as the hash output.
+_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+HMAC_ALGORITHMS = frozenset(_HMAC_KEY_BYTES)
+# Algorithm families by key type: the only algorithms a key of that type may ever verify (RFC 7518 3.1).
+_FAMILIES: Mapping[tuple[str, str | None], frozenset[str]] = {
+    ("RSA", None): frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
     ("EC", "P-256"): frozenset({"ES256"}),
     ("EC", "P-384"): frozenset({"ES384"}),
     ("OKP", "Ed25519"): frozenset({"EdDSA"}),
 }
+_ASYMMETRIC_ALGORITHMS = frozenset(alg for family in _FAMILIES.values() for alg in family)
+_KNOWN_ALGORITHMS = _ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
+_PUBLIC_KEY_TYPES: Mapping[str, type] = {
+    "RSA": rsa.RSAPublicKey,
+    "EC": ec.EllipticCurvePublicKey,
+    "OKP": ed25519.Ed25519PublicKey,
+}
+# RFC 7518 6.2.2, 6.3.2 and 6.4 (oct), RFC 8037 2: members that only a private or symmetric key has.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# RFC 7638 3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest, no padding
+# RFC 8725 3.11 / RFC 9068 2.1: explicit typing; anything else (a DPoP proof, a logout token) is not ours.
+_TOKEN_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
+_ISSUED_CLAIMS = frozenset({"iss", "sub", "aud", "iat", "nbf", "exp", "jti", "scope", "groups", "cnf"})
 
 
 class TokenConfigError(Exception):
-    """A JWKS file or verifier setting the gateway cannot use; the message names the file and key."""
+    """A JWKS file, signing key or verifier setting the gateway cannot use; the message names the file and key."""
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+# --------------------------------------------------------------------------------------------- keys and thumbprints
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _thumbprint(jwk: Mapping[str, Any]) -> str:
-    """RFC 7638 JWK thumbprint: SHA-256 over the required members, sorted, no whitespace."""
+    """RFC 7638 thumbprint of a public JWK; KeyError/TypeError when a required member is absent or not a string."""
     members = {name: jwk[name] for name in _THUMBPRINT_MEMBERS[jwk["kty"]]}
-    return _b64(hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest())
+    if not all(isinstance(value, str) for value in members.values()):
+        raise TypeError("JWK members must be strings")
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+
+def _public_key_of(key: Any) -> Any:
+    """The public half of a private key object; public keys pass through."""
+    if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        return key.public_key()
+    return key
 
 
 def _public_jwk(public_key: Any) -> dict[str, Any]:
-    if isinstance(public_key, rsa.RSAPublicKey):
-        return json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public_key))  # type: ignore[no-any-return]
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        return json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public_key))  # type: ignore[no-any-return]
-    if isinstance(public_key, ed25519.Ed25519PublicKey):
-        return json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(public_key))  # type: ignore[no-any-return]
-    raise TokenConfigError(f"unsupported key type {type(public_key).__name__}")
+    key = _public_key_of(public_key)
+    if isinstance(key, rsa.RSAPublicKey):
+        return jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return jwt.algorithms.OKPAlgorithm.to_jwk(key, as_dict=True)
+    raise TokenConfigError(f"unsupported key type {type(key).__name__}")
 
 
 def jwk_kid(public_key: Any) -> str:
-    """The key id the project gives a public key: its RFC 7638 thumbprint."""
+    """The kid the project gives a key (public or private object): its RFC 7638 JWK thumbprint."""
     return _thumbprint(_public_jwk(public_key))
 
 
-def kid_from_jwks(jwks_path: str | Path, private_key_pem: bytes) -> str | None:
-    """The kid under which a JWKS file publishes the public half of ``private_key_pem`` (None if absent)."""
-    wanted = jwk_kid(serialization.load_pem_private_key(private_key_pem, password=None).public_key())
-    for jwk in json.loads(Path(jwks_path).read_text()).get("keys", []):
-        if isinstance(jwk, dict) and jwk.get("kty") in _THUMBPRINT_MEMBERS:
-            try:
-                if _thumbprint(jwk) == wanted:
-                    return str(jwk.get("kid", wanted))
-            except KeyError:
-                continue
+def cert_thumbprint(cert: bytes | str) -> str:
+    """RFC 8705 3.1 ``x5t#S256``: base64url (no padding) SHA-256 of the certificate's DER, given PEM or DER."""
+    data = cert.encode("ascii") if isinstance(cert, str) else cert
+    loaded = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    return _b64url(hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).digest())
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:  # RFC 7517 4 / RFC 8259 4: the last-one-wins reading would hide a second key
+            raise ValueError(f"duplicate member {name!r}")
+        obj[name] = value
+    return obj
+
+
+def _read_jwks(path: Path) -> list[Any]:
+    """The ``keys`` list of a JWKS file, parsed strictly (no duplicate members, no NaN, bounded size)."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_JWKS_BYTES + 1)
+        if len(raw) > MAX_JWKS_BYTES:
+            raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
+        data = json.loads(raw, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+    except (OSError, ValueError) as exc:
+        raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
+        raise TokenConfigError(f"{path}: a JWKS needs a non-empty 'keys' list")
+    return data["keys"]
+
+
+def _load_key_bytes(data: bytes) -> Any:
+    """A key object from PEM bytes: a private key, else a public key."""
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        pass
+    try:
+        return serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise TokenConfigError("not a PEM private or public key (or one protected by a password)") from None
+
+
+def kid_from_jwks(jwks_path: str | Path, key: Any) -> str | None:
+    """The kid under which a JWKS file publishes ``key`` (a key object, or private/public PEM bytes); None if absent.
+
+    Matching is by RFC 7638 thumbprint, so it finds the key whatever kid the file's author chose.
+    """
+    if isinstance(key, str):
+        key = key.encode("ascii")
+    wanted = jwk_kid(_load_key_bytes(key) if isinstance(key, bytes) else key)
+    for jwk in _read_jwks(Path(jwks_path)):
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or not isinstance(jwk.get("kid"), str):
+            continue
+        try:
+            if jwk.get("kty") in _THUMBPRINT_MEMBERS and _thumbprint(jwk) == wanted:
+                return str(jwk["kid"])
+        except (KeyError, TypeError):
+            continue
     return None
 
 
-def cert_thumbprint(cert: bytes) -> str:
-    """RFC 8705 ``x5t#S256`` of a certificate given as PEM or DER."""
-    loaded = x509.load_pem_x509_certificate(cert) if b"-----BEGIN" in cert else x509.load_der_x509_certificate(cert)
-    return _b64(hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).digest())
+# ------------------------------------------------------------------------------------------------------------- JWKS
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,97 +209,138 @@ class VerificationKey:
 
 @dataclass(frozen=True, slots=True)
 class KeySet:
-    """The keys in force, by kid; ``version`` changes on every reload (the verifier's cache follows it)."""
+    """The keys in force, by kid; ``version`` grows on every reload, and the verifier's cache follows it."""
 
     keys: Mapping[str, VerificationKey]
     version: int = 0
 
+    @property
+    def kids(self) -> list[str]:
+        """The key ids, sorted."""
+        return sorted(self.keys)
+
 
 def _family(jwk: Mapping[str, Any]) -> frozenset[str]:
-    kty = jwk.get("kty")
-    return _FAMILIES.get(kty if kty == "RSA" else (kty, jwk.get("crv")), frozenset())  # type: ignore[arg-type]
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if not isinstance(kty, str) or not isinstance(crv, str | None):  # untrusted JSON: a list here is unhashable
+        return frozenset()
+    return _FAMILIES.get((kty, None if kty == "RSA" else crv), frozenset())
 
 
-def load_jwks(path: str | Path, *, allowed_algorithms: Iterable[str], version: int = 0) -> KeySet:
-    """Strictly load a public JWKS file (RFC 7517); TokenConfigError names the file and the key."""
-    path = Path(path)
-    allowed = frozenset(allowed_algorithms) - HMAC_ALGORITHMS
+def _verification_key(jwk: Any, allowed: frozenset[str], path: Path, index: int) -> VerificationKey:
+    """One JWKS entry, checked in order: shape, kid, use, no private members, key_ops, type, pinned alg, the key."""
+    if not isinstance(jwk, dict):
+        raise TokenConfigError(f"{path}: key #{index}: not an object")
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenConfigError(f"{path}: key #{index}: needs a 'kid'")
+    where = f"{path}: key {kid!r}"
+    if jwk.get("use", "sig") != "sig":
+        raise TokenConfigError(f"{where}: 'use' must be 'sig'")
+    if _PRIVATE_MEMBERS & jwk.keys():
+        raise TokenConfigError(f"{where}: private key material in a public JWKS")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        raise TokenConfigError(f"{where}: 'key_ops' must include 'verify'")
+    family = _family(jwk)
+    if not family:
+        raise TokenConfigError(f"{where}: unsupported key type {jwk.get('kty')!r}/{jwk.get('crv')!r}")
+    if "alg" in jwk:
+        # The JWK's own alg pins the key to exactly one algorithm (RFC 7517 4.4), if we allow it for this type.
+        if not isinstance(jwk["alg"], str) or jwk["alg"] not in family or jwk["alg"] not in allowed:
+            raise TokenConfigError(f"{where}: alg {jwk['alg']!r} is not allowed for this key")
+        algorithms = frozenset({jwk["alg"]})
+    else:
+        algorithms = family & allowed
+    if not algorithms:
+        raise TokenConfigError(f"{where}: no allowed algorithm fits this key type")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
-        raise TokenConfigError(f"{path}: a JWKS needs a non-empty 'keys' list")
+        # The algorithm is ours, never the JWK's: pyjwt then parses the key as that type or refuses.
+        key = jwt.PyJWK(jwk, algorithm=min(algorithms)).key
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise TokenConfigError(f"{where}: invalid key: {exc}") from None
+    if not isinstance(key, _PUBLIC_KEY_TYPES[jwk["kty"]]):
+        raise TokenConfigError(f"{where}: not a public key")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise TokenConfigError(f"{where}: RSA keys need at least 2048 bits")
+    return VerificationKey(kid, key, algorithms)
+
+
+def load_jwks(path: str | Path, *, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS) -> KeySet:
+    """Strictly load a public JWKS file (RFC 7517); any problem is a TokenConfigError naming the file and key.
+
+    Each key goes through ``jwt.PyJWK`` on its own: ``jwt.PyJWKSet`` silently skips keys it cannot use, and a
+    JWKS the gateway half-understands is a configuration error, not a smaller key set.
+    """
+    path = Path(path)
+    allowed = frozenset(allowed_algorithms) - HMAC_ALGORITHMS  # a JWKS never holds an HMAC secret
     keys: dict[str, VerificationKey] = {}
-    for index, jwk in enumerate(data["keys"]):
-        where = f"{path}: key #{index}"
-        if not isinstance(jwk, dict):
-            raise TokenConfigError(f"{where}: not an object")
-        kid = jwk.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise TokenConfigError(f"{where}: needs a 'kid'")
-        where = f"{path}: key {kid!r}"
-        if kid in keys:
-            raise TokenConfigError(f"{where}: duplicate kid")
-        if jwk.get("use", "sig") != "sig":
-            raise TokenConfigError(f"{where}: 'use' must be 'sig'")
-        if _PRIVATE_MEMBERS & jwk.keys():
-            raise TokenConfigError(f"{where}: private key material in a public JWKS")
-        family = _family(jwk)
-        if not family:
-            raise TokenConfigError(f"{where}: unsupported key type {jwk.get('kty')}/{jwk.get('crv')}")
-        if "alg" in jwk:
-            if jwk["alg"] not in family or jwk["alg"] not in allowed:
-                raise TokenConfigError(f"{where}: alg {jwk['alg']!r} is not allowed for this key")
-            algorithms = frozenset({jwk["alg"]})
-        else:
-            algorithms = family & allowed
-        if not algorithms:
-            raise TokenConfigError(f"{where}: no allowed algorithm fits this key type")
-        try:
-            key = jwt.PyJWK(jwk, algorithm=next(iter(sorted(algorithms)))).key
-        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
-            raise TokenConfigError(f"{where}: invalid key: {exc}") from None
-        if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
-            raise TokenConfigError(f"{where}: RSA keys need at least 2048 bits")
-        keys[kid] = VerificationKey(kid, key, algorithms)
-    return KeySet(keys, version)
+    for index, jwk in enumerate(_read_jwks(path)):
+        key = _verification_key(jwk, allowed, path, index)
+        if key.kid in keys:
+            raise TokenConfigError(f"{path}: key {key.kid!r}: duplicate kid")
+        keys[key.kid] = key
+    return KeySet(MappingProxyType(keys))
 
 
 class KeyStore:
-    """The JWKS in force, reloaded when the file changes; a broken new file is refused, old keys stay."""
+    """The JWKS in force, reloaded when the file changes; a broken new file is refused and the old keys stay."""
 
-    def __init__(self, path: str | Path, *, interval_s: float, allowed_algorithms: Iterable[str]) -> None:
+    def __init__(
+        self, path: str | Path, *, interval_s: float, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS
+    ) -> None:
         self.path = Path(path)
         self._allowed = tuple(allowed_algorithms)
-        self.current = load_jwks(self.path, allowed_algorithms=self._allowed)
+        # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
         self._watcher = Watcher(
             name="jwks",
             fingerprint=lambda: file_fingerprint((self.path,)),
             on_change=self._reload,
             interval_s=interval_s,
         )
+        self._current = load_jwks(self.path, allowed_algorithms=self._allowed)  # broken at startup: config error
 
-    def _reload(self) -> None:
-        try:
-            keys = load_jwks(self.path, allowed_algorithms=self._allowed, version=self.current.version + 1)
-        except TokenConfigError as exc:
-            log.error("jwks_reload_failed", error=str(exc))
-            return
-        self.current = keys
-        log.info("jwks_reloaded", kids=sorted(keys.keys))
+    @property
+    def current(self) -> KeySet:
+        """The key set in force (read it once per use: a reload swaps the whole set)."""
+        return self._current
+
+    @property
+    def version(self) -> int:
+        """Grows by one on every successful reload."""
+        return self._current.version
 
     def start(self) -> None:
-        """Watch the JWKS file."""
+        """Poll the JWKS file in a daemon thread."""
         self._watcher.start()
 
     def stop(self) -> None:
-        """Stop watching."""
+        """Stop polling."""
         self._watcher.stop()
 
-    def reload_now(self) -> None:
-        """Check the file once, synchronously."""
-        self._watcher.check_now()
+    def reload_now(self) -> bool:
+        """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
+        return self._watcher.check_now()
+
+    def _reload(self) -> None:
+        old = self._current
+        try:
+            new = load_jwks(self.path, allowed_algorithms=self._allowed)
+        except TokenConfigError as exc:
+            log.error("jwks_reload_failed", path=str(self.path), error=str(exc))
+            return
+        self._current = dataclasses.replace(new, version=old.version + 1)
+        log.info(
+            "jwks_reloaded",
+            path=str(self.path),
+            kids=new.kids,
+            added=sorted(new.keys.keys() - old.keys.keys()),
+            removed=sorted(old.keys.keys() - new.keys.keys()),
+            version=old.version + 1,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- verification
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,19 +357,22 @@ class VerifiedToken:
 
 
 @dataclass(frozen=True, slots=True)
-class _Cached:
+class _Verified:
+    """A cache entry: the token as verified, and the certificate thumbprint it is bound to (checked per call)."""
+
     token: VerifiedToken
     x5t: str | None
-    keys_version: int
 
 
-# pyjwt's exceptions, most specific first, to the short reasons that go to the audit record.
+# Every pyjwt exception the verifier can see, most specific first, to the short reason for audit and logs.
 _REASONS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "expired"),
     (jwt.ImmatureSignatureError, "not yet valid"),
     (jwt.InvalidAudienceError, "wrong audience"),
     (jwt.InvalidIssuerError, "wrong issuer"),
-    (jwt.InvalidIssuedAtError, "invalid iat"),
+    (jwt.InvalidIssuedAtError, "malformed claim iat"),
+    (jwt.exceptions.InvalidSubjectError, "malformed claim sub"),
+    (jwt.exceptions.InvalidJTIError, "malformed claim jti"),
     (jwt.InvalidSignatureError, "bad signature"),
     (jwt.InvalidAlgorithmError, "algorithm not allowed"),
     (jwt.InvalidKeyError, "unusable key"),
@@ -232,24 +380,83 @@ _REASONS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
-def _reason(exc: jwt.InvalidTokenError) -> str:
+def _reason(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"missing claim {exc.claim}"
+        return f"missing claim {exc.claim}"  # the claim name is one of ours, never token text
     return next((reason for cls, reason in _REASONS if isinstance(exc, cls)), "invalid token")
 
 
-def _strings(value: Any, claim: str) -> frozenset[str]:
+def _refuse(reason: str) -> NoReturn:
+    raise AuthenticationError(reason=reason)
+
+
+def _string_list(value: Any, claim: str) -> frozenset[str]:
     if value is None:
         return frozenset()
+    if isinstance(value, list) and all(isinstance(item, str) and item for item in value):
+        return frozenset(value)
+    _refuse(f"malformed claim {claim}")
+
+
+def _scope_values(value: Any, claim: str) -> frozenset[str]:
+    """``scope`` is a space-separated string (RFC 8693 4.2); ``scp`` and custom claims may also be a list."""
     if isinstance(value, str):
         return frozenset(value.split())
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return frozenset(value)
-    raise AuthenticationError(reason=f"malformed claim {claim}")
+    if claim == "scope" and value is not None:
+        _refuse("malformed claim scope")
+    return _string_list(value, claim)
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """RFC 7519 2 NumericDate: a finite JSON number. bool is an int in Python, and NaN compares false with all."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _refuse(f"malformed claim {name}")
+    try:
+        number = float(value)  # a JSON integer can be too large for a float
+    except OverflowError:
+        _refuse(f"malformed claim {name}")
+    if not math.isfinite(number):
+        _refuse(f"malformed claim {name}")
+    return number
+
+
+def _check_hmac_secret(secret: bytes) -> None:
+    """HMAC only with a real shared secret, never with something that is (or looks like) a public key."""
+    if not isinstance(secret, bytes):
+        raise TokenConfigError("hmac_secret: must be bytes")
+    stripped = secret.strip()
+    if len(stripped) < _HMAC_KEY_BYTES["HS256"]:
+        raise TokenConfigError("hmac_secret: the shared secret needs at least 32 bytes (RFC 7518 3.2)")
+    # A public key used as the HMAC secret lets anyone who has it sign tokens: CVE-2017-11424, CVE-2022-29217.
+    looks_like_key = (
+        is_pem_format(stripped) or b"-----BEGIN" in stripped or is_ssh_key(stripped) or stripped.startswith(b"{")
+    )
+    for load in (serialization.load_der_public_key, x509.load_der_x509_certificate):
+        with contextlib.suppress(ValueError, UnsupportedAlgorithm):
+            load(stripped)
+            looks_like_key = True
+    if looks_like_key:
+        raise TokenConfigError("hmac_secret: looks like a key, a certificate or a JWK, not a shared secret")
+
+
+def _hmac_algorithms(algorithms: Sequence[str], secret: bytes | None) -> frozenset[str]:
+    requested = HMAC_ALGORITHMS & set(algorithms)
+    if secret is None:
+        if requested:
+            raise TokenConfigError(f"algorithms: {sorted(requested)} need a shared secret (hmac_secret)")
+        return frozenset()
+    _check_hmac_secret(secret)
+    long_enough = frozenset(alg for alg, size in _HMAC_KEY_BYTES.items() if len(secret.strip()) >= size)
+    if requested - long_enough:
+        raise TokenConfigError(f"hmac_secret: too short for {sorted(requested - long_enough)} (RFC 7518 3.2)")
+    return requested or long_enough
 
 
 class TokenVerifier:
-    """Verifies bearer tokens against the KeyStore; verified tokens are cached until their exp."""
+    """Verifies bearer tokens against the KeyStore in a fixed order; verified tokens are cached until their exp."""
 
     def __init__(
         self,
@@ -257,7 +464,7 @@ class TokenVerifier:
         keys: KeyStore,
         issuer: str,
         audience: str,
-        algorithms: Sequence[str] = ("RS256", "ES256", "EdDSA"),
+        algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
         leeway_s: float = 30.0,
         max_lifetime_s: float = 86400.0,
         required_claims: Sequence[str] = ("exp", "iss", "aud", "sub"),
@@ -267,146 +474,220 @@ class TokenVerifier:
         cache_size: int = 10000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if hmac_secret is not None:
-            _check_hmac_secret(hmac_secret)
+        unknown = set(algorithms) - _KNOWN_ALGORITHMS
+        if unknown:  # "none" included: an unsigned token is never acceptable (RFC 8725 3.1)
+            raise TokenConfigError(f"algorithms: unsupported {sorted(unknown)}")
+        for name, value in (
+            ("issuer", issuer),
+            ("audience", audience),
+            ("groups_claim", groups_claim),
+            ("scopes_claim", scopes_claim),
+        ):
+            if not isinstance(value, str) or not value:
+                raise TokenConfigError(f"{name}: must be a non-empty string")
+        if leeway_s < 0 or max_lifetime_s <= 0 or cache_size < 0:
+            raise TokenConfigError("leeway_s and cache_size must be >= 0, max_lifetime_s > 0")
         self._keys = keys
         self._issuer, self._audience = issuer, audience
-        self._algorithms = frozenset(algorithms) | (HMAC_ALGORITHMS if hmac_secret is not None else frozenset())
-        self._leeway = leeway_s
-        self._max_lifetime = max_lifetime_s
+        self._hmac_secret = hmac_secret
+        self._algorithms = (frozenset(algorithms) - HMAC_ALGORITHMS) | _hmac_algorithms(algorithms, hmac_secret)
+        self._leeway = float(leeway_s)
+        self._max_lifetime = float(max_lifetime_s)
         # exp is always required: a token without an expiry would be valid forever (RFC 7519 4.1.4).
         self._require = sorted({*required_claims, "exp"})
-        self._groups_claim, self._scopes_claim = groups_claim, scopes_claim
-        self._hmac_secret = hmac_secret
+        self._groups_claim = groups_claim
+        others = [name for name in ("scope", "scp") if name != scopes_claim]
+        self._scope_claims = (scopes_claim, *others)
         self._clock = clock
-        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_keys_version = keys.current.version
         self._lock = threading.Lock()
-        self.signature_checks = 0  # how many tokens went through pyjwt (the cache's effect, for tests/metrics)
+        self.signature_checks = 0  # tokens that went through jwt.decode: the cache's effect, for tests and metrics
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many verified tokens the cache holds now."""
+        with self._lock:
+            return len(self._cache)
 
     def verify(self, token: str, *, cert_x5t: str | None) -> VerifiedToken:
-        """A verified token bound (if it says so) to this connection's certificate, or AuthenticationError."""
+        """The verified token (``bound`` when its cnf names this connection's certificate), or AuthenticationError."""
+        # Size and shape first, before any parsing or hashing (RFC 7515 7.1 compact serialization).
+        if not isinstance(token, str) or not token.isascii():
+            _refuse("malformed token")
         if len(token) > MAX_TOKEN_BYTES:
-            raise AuthenticationError(reason="token too large")
-        digest = hashlib.sha256(token.encode()).digest()
-        keys_version = self._keys.current.version
+            _refuse("token too large")
+        if not _COMPACT_JWS.fullmatch(token):
+            _refuse("malformed token")
+        # The cache is keyed by a digest: the token itself is never kept, so a memory dump holds no credentials.
+        digest = hashlib.sha256(token.encode("ascii")).digest()
+        keyset = self._keys.current  # one read: a concurrent reload swaps the whole set
+        entry = self._lookup(digest, keyset.version)
+        if entry is None:
+            entry = self._verify(token, keyset)
+            self._remember(digest, entry, keyset.version)
+        # Binding runs on every call, cache hit or not: a cached token is useless from another certificate.
+        return self._bind(entry, cert_x5t)
+
+    def _lookup(self, digest: bytes, keys_version: int) -> _Verified | None:
+        now = self._clock()
         with self._lock:
-            cached = self._cache.get(digest)
-            if cached is not None:
-                self._cache.move_to_end(digest)
-        if cached is None or cached.keys_version != keys_version or self._clock() >= cached.token.expires_at:
-            cached = _Cached(*self._verify(token), keys_version)
-            with self._lock:
-                # Failures are not cached: they cost a signature check each, and callers hold a client cert.
-                self._cache[digest] = cached
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return self._bind(cached, cert_x5t)
+            if keys_version > self._cache_keys_version:
+                # Keys changed: a removed or replaced key must stop validating tokens at once.
+                self._cache.clear()
+                self._cache_keys_version = keys_version
+                return None
+            if keys_version < self._cache_keys_version:
+                return None  # this call read the key set just before a reload: no entry is from those keys
+            entry = self._cache.get(digest)
+            if entry is None:
+                return None
+            if now >= entry.token.expires_at:  # never past exp; the leeway is for fresh decisions only
+                del self._cache[digest]
+                return None
+            self._cache.move_to_end(digest)
+            return entry
+
+    def _remember(self, digest: bytes, entry: _Verified, keys_version: int) -> None:
+        # Refusals are never cached: an attacker's unique garbage would only evict good entries, and the cheap
+        # refusals (shape, header, kid) happen before any signature work anyway.
+        if self._cache_size == 0 or self._clock() >= entry.token.expires_at:
+            return
+        with self._lock:
+            if keys_version != self._cache_keys_version:
+                return  # verified against keys that have since been replaced
+            self._cache[digest] = entry
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
     @staticmethod
-    def _bind(cached: _Cached, cert_x5t: str | None) -> VerifiedToken:
+    def _bind(entry: _Verified, cert_x5t: str | None) -> VerifiedToken:
         """RFC 8705 3.1: a token with cnf.x5t#S256 is valid only on a connection with that certificate."""
-        if cached.x5t is None:
-            return cached.token
-        if cert_x5t is None or not hmac.compare_digest(cached.x5t, cert_x5t):
-            raise AuthenticationError(reason="token bound to another certificate")
-        return VerifiedToken(**{**_fields(cached.token), "bound": True})
+        if entry.x5t is None:
+            return entry.token
+        if cert_x5t is None or not hmac.compare_digest(entry.x5t.encode(), cert_x5t.encode()):
+            _refuse("token bound to another certificate")
+        return dataclasses.replace(entry.token, bound=True)
 
-    def _verify(self, token: str) -> tuple[VerifiedToken, str | None]:
-        if token.count(".") != 2:
-            raise AuthenticationError(reason="malformed token")
+    def _verify(self, token: str, keyset: KeySet) -> _Verified:
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            raise AuthenticationError(reason="malformed token") from None
-        key, algorithm = self._key_for(header)
-        self.signature_checks += 1
+            header = jwt.get_unverified_header(token)  # also refuses crit extensions pyjwt does not know
+        except jwt.PyJWTError:
+            _refuse("malformed token")
+        key, algorithm = self._key_for(header, keyset)
+        with self._lock:
+            self.signature_checks += 1
         try:
             claims = jwt.decode(
                 token,
                 key,
-                algorithms=[algorithm],
+                algorithms=[algorithm],  # the one algorithm the header named and the key allows
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": self._require},
+                # exp, nbf and iat are checked in _claims against self._clock, the clock the cache uses too:
+                # pyjwt reads the wall clock, which a verifier (or a test) cannot inject.
+                options={"require": self._require, "verify_exp": False, "verify_nbf": False, "verify_iat": False},
             )
-        except jwt.InvalidTokenError as exc:
-            raise AuthenticationError(reason=_reason(exc)) from None
+        except jwt.PyJWTError as exc:
+            _refuse(_reason(exc))
         return self._claims(claims)
 
-    def _key_for(self, header: Mapping[str, Any]) -> tuple[Any, str]:
+    def _key_for(self, header: Mapping[str, Any], keyset: KeySet) -> tuple[Any, str]:
+        """The key and algorithm for this header; embedded jwk/jku/x5u/x5c headers are never read."""
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
-            raise AuthenticationError(reason="malformed token")
-        if algorithm.lower() == "none":
-            raise AuthenticationError(reason="algorithm none")
-        if "crit" in header:  # RFC 7515 4.1.11: we understand no extension, so any critical one is refused
-            raise AuthenticationError(reason="unsupported critical header")
+            _refuse("malformed token")
+        if algorithm.lower() == "none":  # RFC 8725 3.1
+            _refuse("algorithm none")
         if algorithm not in self._algorithms:
-            raise AuthenticationError(reason=f"algorithm {algorithm} not allowed")
+            # The name goes into the reason only when it is a known one: the header is attacker text.
+            _refuse(f"algorithm {algorithm} not allowed" if algorithm in _KNOWN_ALGORITHMS else "algorithm not allowed")
+        if "crit" in header:  # RFC 7515 4.1.11: the gateway understands no extension, so any critical one fails
+            _refuse("unsupported critical header")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _TOKEN_TYPES):
+            _refuse("unexpected token type")
         if algorithm in HMAC_ALGORITHMS:
-            return self._hmac_secret, algorithm  # only reachable when a shared secret is configured
+            # Only reachable with a configured secret, and only that secret: never a JWKS key (CVE-2022-29217).
+            return self._hmac_secret, algorithm
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise AuthenticationError(reason="missing kid")
-        key = self._keys.current.keys.get(kid)
+            _refuse("missing kid")
+        key = keyset.keys.get(kid)
         if key is None:
-            raise AuthenticationError(reason="unknown kid")
-        if algorithm not in key.algorithms:
-            raise AuthenticationError(reason=f"algorithm {algorithm} not allowed for this key")
+            _refuse("unknown kid")
+        if algorithm not in key.algorithms:  # pinned per key: alg confusion across key types is impossible
+            _refuse(f"algorithm {algorithm} not allowed for this key")
         return key.key, algorithm
 
-    def _claims(self, claims: Mapping[str, Any]) -> tuple[VerifiedToken, str | None]:
-        exp = claims["exp"]
-        iat = claims.get("iat")
-        lifetime = exp - (iat if isinstance(iat, int | float) else self._clock())
-        if lifetime > self._max_lifetime:
-            raise AuthenticationError(reason="token lifetime over the maximum")
+    def _claims(self, claims: Mapping[str, Any]) -> _Verified:
+        now = self._clock()
+        exp, nbf, iat = (_numeric_date(claims, name) for name in ("exp", "nbf", "iat"))
+        if exp is None:
+            _refuse("missing claim exp")
+        if exp <= now - self._leeway:  # RFC 7519 4.1.4, with pyjwt's comparison
+            _refuse("expired")
+        if (nbf is not None and nbf > now + self._leeway) or (iat is not None and iat > now + self._leeway):
+            _refuse("not yet valid")  # RFC 7519 4.1.5; a future iat is refused as pyjwt does
+        if exp - (now if iat is None else iat) > self._max_lifetime:
+            _refuse("token lifetime over the maximum")
         subject, issuer, jti = claims.get("sub"), claims.get("iss"), claims.get("jti")
-        if not isinstance(subject, str) or not subject or not isinstance(issuer, str):
-            raise AuthenticationError(reason="malformed claim sub")
-        if jti is not None and not isinstance(jti, str):
-            raise AuthenticationError(reason="malformed claim jti")
-        groups = _strings(claims.get(self._groups_claim), self._groups_claim)
-        scope_claims = (self._scopes_claim, "scp" if self._scopes_claim != "scp" else "scope")
-        scope_claim = next((name for name in scope_claims if name in claims), self._scopes_claim)
-        scopes = _strings(claims.get(scope_claim), scope_claim)
-        x5t = None
-        if "cnf" in claims:
-            cnf = claims["cnf"]
-            if not isinstance(cnf, dict):
-                raise AuthenticationError(reason="malformed claim cnf")
-            x5t = cnf.get("x5t#S256")
-            if x5t is None:
-                # A binding we cannot check must not be ignored: fail closed.
-                raise AuthenticationError(reason="unsupported confirmation method")
-            if not isinstance(x5t, str):
-                raise AuthenticationError(reason="malformed claim cnf")
-        return VerifiedToken(subject, issuer, jti, groups, scopes, float(exp)), x5t
+        if subject is None:
+            _refuse("missing claim sub")
+        if not isinstance(subject, str) or not subject:
+            _refuse("malformed claim sub")
+        # pyjwt compared iss already; exact equality again guards against a regression like CVE-2024-53861.
+        if issuer != self._issuer:
+            _refuse("wrong issuer")
+        if jti is not None and (not isinstance(jti, str) or not jti):
+            _refuse("malformed claim jti")
+        groups = _string_list(claims.get(self._groups_claim), self._groups_claim)
+        scope_claim = next((name for name in self._scope_claims if name in claims), self._scope_claims[0])
+        scopes = _scope_values(claims.get(scope_claim), scope_claim)
+        verified = VerifiedToken(subject, self._issuer, jti, groups, scopes, exp)
+        return _Verified(verified, _confirmation(claims))
 
 
-def _fields(token: VerifiedToken) -> dict[str, Any]:
-    return {name: getattr(token, name) for name in VerifiedToken.__slots__}  # type: ignore[attr-defined]
+def _confirmation(claims: Mapping[str, Any]) -> str | None:
+    """The RFC 8705 ``cnf.x5t#S256`` thumbprint; any other confirmation method fails closed (RFC 7800 3)."""
+    if "cnf" not in claims:
+        return None
+    cnf = claims["cnf"]
+    if not isinstance(cnf, dict):
+        _refuse("malformed claim cnf")
+    if set(cnf) != {"x5t#S256"}:  # jkt (DPoP), jwk, jku...: a binding we cannot check must not be ignored
+        _refuse("unsupported confirmation method")
+    x5t = cnf["x5t#S256"]
+    if not isinstance(x5t, str) or not _X5T_S256.fullmatch(x5t):
+        _refuse("malformed claim cnf")
+    return x5t
 
 
-def _check_hmac_secret(secret: bytes) -> None:
-    """HMAC only with a real shared secret, never with something that looks like a public key."""
-    stripped = secret.strip()
-    if len(stripped) < 32:
-        raise TokenConfigError("auth.hmac_secret_file: the shared secret needs at least 32 bytes")
-    if stripped.startswith((b"-----BEGIN", b"ssh-", b"ecdsa-", b"{")):
-        raise TokenConfigError("auth.hmac_secret_file: looks like a key or a JWK, not a shared secret")
+# ---------------------------------------------------------------------------------------------------------- issuing
+
+_SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
-def _algorithm_for(private_key: Any) -> str:
-    if isinstance(private_key, rsa.RSAPrivateKey):
-        return "RS256"
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        return {"secp256r1": "ES256", "secp384r1": "ES384"}[private_key.curve.name]
-    if isinstance(private_key, ed25519.Ed25519PrivateKey):
-        return "EdDSA"
-    raise TokenConfigError(f"unsupported signing key type {type(private_key).__name__}")
+def _signing_key(private_key_pem: bytes) -> tuple[_SigningKey, str]:
+    """The private key and the one algorithm the verifier pins to its type."""
+    try:
+        key = serialization.load_pem_private_key(private_key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise TokenConfigError(f"signing key: cannot load an unencrypted PEM private key: {exc}") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise TokenConfigError("signing key: RSA keys need at least 2048 bits")
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        algorithm = {"secp256r1": "ES256", "secp384r1": "ES384"}.get(key.curve.name)
+        if algorithm is None:
+            raise TokenConfigError(f"signing key: unsupported curve {key.curve.name}")
+        return key, algorithm
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key, "EdDSA"
+    raise TokenConfigError(f"signing key: unsupported key type {type(key).__name__}")
 
 
 def issue_token(
@@ -423,8 +704,23 @@ def issue_token(
     extra_claims: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> str:
-    """A signed JWT; with ``bind_cert_pem`` it is bound to that client certificate (RFC 8705)."""
-    private_key = serialization.load_pem_private_key(private_key_pem, password=None)
+    """A signed JWT (RS256, ES256/ES384 or EdDSA by key type); with ``bind_cert_pem`` it is bound per RFC 8705.
+
+    ``kid`` defaults to the key's RFC 7638 thumbprint, the kid gen_certs.sh publishes; when a JWKS names the key
+    otherwise, pass ``kid_from_jwks(jwks_path, private_key_pem)``.
+    """
+    private_key, algorithm = _signing_key(private_key_pem)
+    scope_list, group_list = list(scopes), list(groups)
+    if not sub:
+        raise ValueError("sub must be a non-empty string")
+    if ttl_s < 1:
+        raise ValueError("ttl_s must be at least one second")
+    if any(not isinstance(s, str) or not s or len(s.split()) != 1 for s in scope_list):
+        raise ValueError("each scope must be a non-empty string without whitespace")  # it is sent space-joined
+    if any(not isinstance(g, str) or not g for g in group_list):
+        raise ValueError("each group must be a non-empty string")
+    if overridden := _ISSUED_CLAIMS & set(extra_claims or {}):
+        raise ValueError(f"extra_claims may not replace {sorted(overridden)}")
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         "iss": iss,
@@ -434,13 +730,13 @@ def issue_token(
         "nbf": issued,
         "exp": issued + int(ttl_s),
         "jti": secrets.token_urlsafe(16),
+        **(extra_claims or {}),
     }
-    if scopes := list(scopes):
-        claims["scope"] = " ".join(scopes)
-    if groups := list(groups):
-        claims["groups"] = groups
+    if scope_list:
+        claims["scope"] = " ".join(scope_list)
+    if group_list:
+        claims["groups"] = group_list
     if bind_cert_pem is not None:
         claims["cnf"] = {"x5t#S256": cert_thumbprint(bind_cert_pem)}
-    claims.update(extra_claims or {})
     headers = {"kid": kid or jwk_kid(private_key.public_key()), "typ": "JWT"}
-    return jwt.encode(claims, private_key, algorithm=_algorithm_for(private_key), headers=headers)  # type: ignore[arg-type]
+    return jwt.encode(claims, private_key, algorithm=algorithm, headers=headers)
