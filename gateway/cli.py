@@ -163,8 +163,13 @@ def _connect(args: argparse.Namespace) -> Any:
     if not (target and ca and cert and key):
         missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
         raise _UsageError(f"missing {', '.join(missing)} (or the GATEWAY_* environment variables)")
-    if values["token"] and values["token_file"]:
+    if args.token and args.token_file:
         raise _UsageError("give --token or --token-file, not both")
+    if args.token or args.token_file:
+        # The two are one setting: a token flag overrides both GATEWAY_TOKEN and GATEWAY_TOKEN_FILE.
+        values["token"], values["token_file"] = args.token, args.token_file
+    elif values["token"] and values["token_file"]:
+        raise _UsageError("set GATEWAY_TOKEN or GATEWAY_TOKEN_FILE, not both")
     token: Any = TokenFile(values["token_file"]) if values["token_file"] else values["token"]
     try:
         return Client(
@@ -210,7 +215,12 @@ def _inputs_from_json(data: Any) -> Any:
     from gateway.tensors import BY_NAME
 
     if isinstance(data, list):
-        return [float(v) for v in data]
+        try:
+            return [float(v) for v in data]
+        except (TypeError, ValueError):
+            raise _UsageError(
+                'a list input must be flat numbers (the simple form); give shaped tensors by name: {"input": [[...]]}'
+            ) from None
     if not isinstance(data, dict) or not data:
         raise _UsageError("input must be a list of numbers or an object of named tensors")
     inputs = {}

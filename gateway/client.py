@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -294,7 +295,7 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
     code = exc.code()  # type: ignore[attr-defined]
     details = exc.details() or code.name  # type: ignore[attr-defined]
     request_id = _trailer(exc.trailing_metadata(), "x-request-id")  # type: ignore[attr-defined]
-    if code is grpc.StatusCode.UNAVAILABLE and ("handshake" in details.lower() or "ssl" in details.lower()):
+    if code is grpc.StatusCode.UNAVAILABLE and _is_handshake_failure(details):
         details = (
             "TLS handshake failed: check that the server certificate chains to the given CA and matches "
             f"the target name, and that the client certificate is valid ({details})"
@@ -305,6 +306,17 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
     if cls is GatewayError:
         error.code = code.name
     return error
+
+
+# grpc reports a failed handshake only in the status details: a CA that does not sign the server's
+# certificate ("Tls handshake failed ... CERTIFICATE_VERIFY_FAILED"), or a name the certificate does not
+# carry ("Custom verification check failed ... Hostname Verification Check failed").
+_HANDSHAKE_MARKERS = ("handshake", "ssl", "certificate", "verification check failed")
+
+
+def _is_handshake_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(marker in lowered for marker in _HANDSHAKE_MARKERS)
 
 
 class TLSHandshakeError(UnavailableError):
@@ -413,21 +425,41 @@ class Client:
         version: str | int | None = None,
         timeout: float | None = None,
         raise_errors: bool = True,
+        request_id: str | None = None,
     ) -> Iterator[PredictResult]:
         """Results in request order over one stream. Items are StreamRequests, or inputs for ``model``.
 
         A failed message raises its typed error (``raise_errors``), or yields a result with ``error`` set.
+        Every result and error carries the stream's ``request_id`` (the caller's, or one made here).
         """
-        messages = (_stream_message(item, model, version, index) for index, item in enumerate(requests))
-        responses = self._stub.PredictStream(messages, timeout=self.timeout if timeout is None else timeout)
+        # The stream's request id is chosen here, not read from the trailers, so that every result and
+        # in-band error carries it as it arrives (the server accepts a safe caller-chosen id).
+        request_id = request_id or secrets.token_hex(16)
+        failure: list[Exception] = []
+
+        def messages() -> Iterator[pb.PredictRequest]:
+            try:
+                for index, item in enumerate(requests):
+                    yield _stream_message(item, model, version, index)
+            except Exception as exc:  # grpc would only report "Exception iterating requests!"
+                failure.append(exc)
+                raise
+
+        responses = self._stub.PredictStream(
+            messages(), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
+        )
         try:
             for reply in responses:
-                result = _stream_result(reply)
+                result = _stream_result(reply, request_id)
                 if result.error is not None and raise_errors:
                     raise result.error
                 yield result
         except grpc.RpcError as exc:
+            if failure:
+                raise failure[0] from None
             raise error_from_rpc(exc) from None
+        finally:
+            responses.cancel()  # a raised error or an abandoned iterator must not leave the stream open
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the caller may list."""
@@ -452,11 +484,15 @@ def _stream_message(item: Any, model: str | None, version: Any, index: int) -> p
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-def _stream_result(reply: pb.PredictStreamResponse) -> PredictResult:
+def _stream_result(reply: pb.PredictStreamResponse, request_id: str) -> PredictResult:
     if reply.HasField("error"):
-        cls = ERRORS_BY_CODE.get(_CODE_NAMES.get(reply.error.code, "UNKNOWN"), GatewayError)
-        return PredictResult("", "", {}, None, reply.id, cls(reply.error.message))
-    return parse_response(reply.response, None)
+        code = _CODE_NAMES.get(reply.error.code, "UNKNOWN")
+        cls = ERRORS_BY_CODE.get(code, GatewayError)
+        error = cls(reply.error.message, request_id=request_id)
+        if cls is GatewayError:
+            error.code = code
+        return PredictResult("", "", {}, request_id, reply.id, error)
+    return parse_response(reply.response, request_id)
 
 
 class AsyncClient:
@@ -545,18 +581,24 @@ class AsyncClient:
         version: str | int | None = None,
         timeout: float | None = None,
         raise_errors: bool = True,
+        request_id: str | None = None,
     ) -> AsyncIterator[PredictResult]:
         """Results in request order over one stream (see Client.predict_stream)."""
+        request_id = request_id or secrets.token_hex(16)  # see Client.predict_stream
         messages = [_stream_message(item, model, version, index) for index, item in enumerate(requests)]
-        call = self._stub.PredictStream(iter(messages), timeout=self.timeout if timeout is None else timeout)
+        call = self._stub.PredictStream(
+            iter(messages), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
+        )
         try:
             async for reply in call:
-                result = _stream_result(reply)
+                result = _stream_result(reply, request_id)
                 if result.error is not None and raise_errors:
                     raise result.error
                 yield result
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the caller may list."""

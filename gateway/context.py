@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextvars
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +25,7 @@ def request_id_from(candidate: str | None) -> str:
     """The caller's ``x-request-id`` when it is a safe string, else a new random one."""
     if candidate and _SAFE_REQUEST_ID.match(candidate):
         return candidate
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 @dataclass(slots=True)

@@ -56,8 +56,23 @@ def _rebuild(handler: grpc.RpcMethodHandler, behavior: Behavior, *, deserializer
     return factory(behavior, request_deserializer=deserializer, response_serializer=serializer)
 
 
-def _metadata_values(details: grpc.HandlerCallDetails, key: str) -> list[str]:
-    return [value for name, value in (details.invocation_metadata or ()) if name == key]  # type: ignore[attr-defined]
+def _metadata_values(context: grpc.ServicerContext, key: str) -> list[str]:
+    return [value for name, value in context.invocation_metadata() or () if name == key]
+
+
+class _HandlerCache:
+    """Wrapped handlers per method: built once, not on every call (the inner handler object is stable)."""
+
+    def __init__(self, wrap: Callable[[str, Any], Any]) -> None:
+        self._wrap = wrap
+        self._entries: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, method: str, handler: Any) -> Any:
+        entry = self._entries.get(method)
+        if entry is None or entry[0] is not handler:
+            entry = (handler, self._wrap(method, handler))
+            self._entries[method] = entry  # a benign race: two threads may build the same wrapper once
+        return entry[1]
 
 
 def _status(error: GatewayError) -> grpc.StatusCode:
@@ -79,6 +94,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         # in between (a message over its backstop limit, a client gone before its message arrived).
         self._counts = {"routed": 0, "handled": 0}
         self._counts_lock = threading.Lock()
+        self._handlers = _HandlerCache(self._wrap)
 
     def counts(self) -> dict[str, int]:
         """Calls routed to an audited method, and calls that reached the audit boundary."""
@@ -106,22 +122,25 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return continuation(details)
         handler = continuation(details)
         self._count("routed")
-        request_id = request_id_from(next(iter(_metadata_values(details, "x-request-id")), None))
         if handler is None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unimplemented(method, request_id), request_deserializer=None, response_serializer=None
+                self._unimplemented(method), request_deserializer=None, response_serializer=None
             )
+        return self._handlers.get(method, handler)
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         deserialize = handler.request_deserializer or (lambda raw: raw)
         serialize = handler.response_serializer or (lambda message: message)
         behavior = _behavior(handler)
         if handler.response_streaming:
-            wrapped = self._stream_response(method, request_id, behavior, deserialize, serialize, handler)
+            wrapped = self._stream_response(method, behavior, deserialize, serialize, handler)
         else:
-            wrapped = self._unary_response(method, request_id, behavior, deserialize, serialize, handler)
+            wrapped = self._unary_response(method, behavior, deserialize, serialize, handler)
         return _rebuild(handler, wrapped, deserializer=None, serializer=None)
 
-    def _begin(self, method: str, request_id: str, context: grpc.ServicerContext) -> CallContext:
+    def _begin(self, method: str, context: grpc.ServicerContext) -> CallContext:
         self._count("handled")
+        request_id = request_id_from(next(iter(_metadata_values(context, "x-request-id")), None))
         call = CallContext(request_id=request_id, method=method, peer=context.peer())
         current_call.set(call)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -166,10 +185,10 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 context.abort(_status(error), message)
 
     def _unary_response(
-        self, method: str, request_id: str, behavior: Behavior, deserialize: Any, serialize: Any, handler: Any
+        self, method: str, behavior: Behavior, deserialize: Any, serialize: Any, handler: Any
     ) -> Behavior:
         def audited(raw: Any, context: grpc.ServicerContext) -> Any:
-            call = self._begin(method, request_id, context)
+            call = self._begin(method, context)
             out = None
             error = None
             try:
@@ -186,10 +205,10 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return audited
 
     def _stream_response(
-        self, method: str, request_id: str, behavior: Behavior, deserialize: Any, serialize: Any, handler: Any
+        self, method: str, behavior: Behavior, deserialize: Any, serialize: Any, handler: Any
     ) -> Behavior:
         def audited(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call = self._begin(method, request_id, context)
+            call = self._begin(method, context)
             call.event = "stream"
             error = None
             try:
@@ -217,9 +236,9 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         except GatewayError:
             log.error("audit_record_lost", request_id=call.request_id, method=call.method)
 
-    def _unimplemented(self, method: str, request_id: str) -> Behavior:
+    def _unimplemented(self, method: str) -> Behavior:
         def audited(raw: Any, context: grpc.ServicerContext) -> None:
-            call = self._begin(method, request_id, context)
+            call = self._begin(method, context)
             call.bytes_in = len(raw)
             self._finish(call, UnimplementedError(reason=f"unknown method {method}"), context)
 
@@ -274,17 +293,20 @@ class AuthenticationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self._require_certificate = require_certificate
         self._exempt = tuple(exempt_prefixes)
         self._clock = clock
+        self._handlers = _HandlerCache(self._wrap)
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or method.startswith(self._exempt):
             return handler
-        authorization = _metadata_values(details, "authorization")
+        return self._handlers.get(method, handler)
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         behavior = _behavior(handler)
 
         def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
-            self.authenticate(current_call.get(), context, authorization)
+            self.authenticate(current_call.get(), context, _metadata_values(context, "authorization"))
             return behavior(request, context)
 
         return _rebuild(

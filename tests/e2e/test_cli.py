@@ -1,0 +1,430 @@
+"""The ``gateway`` command end to end: client commands against a real gateway over mutual TLS, token issue,
+policy check and audit verify, each run as ``python -m gateway`` in a subprocess, with its exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import ROOT
+
+TIMEOUT_S = 30
+X = np.random.default_rng(11).random((2, 784), dtype=np.float32)
+ALICE_ID = "spiffe://gateway.local/client/alice"
+
+
+@pytest.fixture
+def gw(start_gateway):
+    return start_gateway()
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ARGS`` with only the given GATEWAY_* variables set."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**base, "GRPC_VERBOSITY": "NONE", **(env or {})},
+        cwd=ROOT,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def client_env(gw, client: str = "alice", token: str | None = None) -> dict[str, str]:
+    """The connection settings of ``client`` as GATEWAY_* variables, with a token bound to its certificate."""
+    return {
+        "GATEWAY_TARGET": gw.target,
+        "GATEWAY_CA": str(gw.pki.path("ca.crt")),
+        "GATEWAY_CERT": str(gw.pki.path(f"{client}.crt")),
+        "GATEWAY_KEY": str(gw.pki.path(f"{client}.key")),
+        "GATEWAY_TOKEN": token if token is not None else gw.token(client, bind=client),
+    }
+
+
+def ok(result: subprocess.CompletedProcess[str]):
+    """The JSON a successful command printed."""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def refused(gw, result: subprocess.CompletedProcess[str], code: str) -> dict:
+    """Exit 1, the error with its code and request id on stderr, nothing on stdout; its audit record."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert code in result.stderr and "error:" in result.stderr
+    request_id = result.stderr.rsplit("request id ", 1)[1].split(")")[0]
+    (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
+    assert record["code"] == code
+    return record
+
+
+def usage_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert fragment in result.stderr
+    assert result.stdout == ""
+
+
+def reference(models: Path, version: int, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(
+        str(models / "mlp" / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"input": x})[0]
+
+
+def output_of(printed: dict) -> np.ndarray:
+    """The ``output`` tensor of ``gateway predict``'s JSON, checked against its own datatype and shape."""
+    tensor = printed["outputs"]["output"]
+    array = np.asarray(tensor["data"], dtype=np.float32)
+    assert tensor["datatype"] == "FP32" and list(array.shape) == tensor["shape"]
+    return array
+
+
+# ------------------------------------------------------------------------------------------ client commands
+
+
+def test_models_prints_the_models_as_json(gw):
+    models = ok(run("models", env=client_env(gw)))
+    assert {"name": "mlp", "versions": ["1", "2"], "default_version": "2"} in models
+    assert sorted(m["name"] for m in models) == ["digits", "iris", "mlp"]
+
+
+def test_models_shows_only_what_the_caller_may_list(gw):
+    assert [m["name"] for m in ok(run("models", env=client_env(gw, "bob")))] == ["digits"]
+
+
+def test_metadata_prints_the_signature(gw):
+    meta = ok(run("metadata", "--model", "mlp", env=client_env(gw)))
+    assert meta == {
+        "name": "mlp",
+        "version": "2",
+        "versions": ["1", "2"],
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 784]}],
+        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+    assert ok(run("metadata", "--model", "mlp", "--version", "1", env=client_env(gw)))["version"] == "1"
+
+
+def test_predict_with_a_flat_list_matches_onnxruntime(gw, demo_models):
+    printed = ok(run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), env=client_env(gw)))
+    assert (printed["model"], printed["version"]) == ("mlp", "2")
+    assert len(printed["request_id"]) == 32
+    np.testing.assert_allclose(output_of(printed), reference(demo_models, 2, X[:1]), rtol=1e-5)
+
+
+def test_predict_with_named_tensors_runs_the_requested_version(gw, demo_models):
+    inputs = json.dumps({"input": X.tolist()})
+    printed = ok(run("predict", "--model", "mlp", "--version", "1", "--input", inputs, env=client_env(gw)))
+    assert printed["version"] == "1"
+    np.testing.assert_allclose(output_of(printed), reference(demo_models, 1, X), rtol=1e-5)
+    record = next(r for r in gw.audit_records() if r["request_id"] == printed["request_id"])
+    assert record["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [2, 784]}]
+
+
+def test_predict_with_a_typed_tensor_object(gw, demo_models):
+    typed = {"input": {"datatype": "FP32", "shape": [2, 784], "data": X.ravel().tolist()}}
+    printed = ok(run("predict", "--model", "mlp", "--input", json.dumps(typed), env=client_env(gw)))
+    np.testing.assert_allclose(output_of(printed), reference(demo_models, 2, X), rtol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npy"])
+def test_predict_with_an_input_file(gw, demo_models, tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    if suffix == ".npy":
+        np.save(path, X)
+    else:
+        path.write_text(json.dumps({"input": X.tolist()}))
+    printed = ok(run("predict", "--model", "mlp", "--input-file", path, env=client_env(gw)))
+    np.testing.assert_allclose(output_of(printed), reference(demo_models, 2, X), rtol=1e-5)
+
+
+def test_flags_override_the_environment(gw):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    env = {**client_env(gw, "bob"), "GATEWAY_TARGET": dead}
+    alice = client_env(gw, "alice")
+    flags = ["--target", gw.target, "--cert", alice["GATEWAY_CERT"], "--key", alice["GATEWAY_KEY"]]
+    flags += ["--token", alice["GATEWAY_TOKEN"], "--timeout", "10"]
+    models = ok(run("models", *flags, env=env))
+    assert [m["name"] for m in models] == ["digits", "iris", "mlp"]  # alice's view, not bob's
+    assert gw.audit_records()[-1]["sub"] == "alice"
+
+
+def test_token_file_flag_overrides_a_token_in_the_environment(gw, tmp_path):
+    token_file = tmp_path / "alice.jwt"
+    token_file.write_text(gw.token() + "\n")
+    env = {**client_env(gw), "GATEWAY_TOKEN": "garbage"}
+    printed = ok(
+        run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), "--token-file", token_file, env=env)
+    )
+    assert printed["version"] == "2"
+
+
+def test_token_file_from_the_environment_is_used(gw, tmp_path):
+    token_file = tmp_path / "alice.jwt"
+    token_file.write_text(gw.token())
+    env = client_env(gw)
+    del env["GATEWAY_TOKEN"]
+    env["GATEWAY_TOKEN_FILE"] = str(token_file)
+    assert ok(run("metadata", "--model", "digits", env=env))["name"] == "digits"
+
+
+def test_permission_denied_exits_1_with_the_error_on_stderr(gw):
+    result = run("predict", "--model", "mlp", "--input", "[0.5]", env=client_env(gw, "bob"))
+    record = refused(gw, result, "PERMISSION_DENIED")
+    assert record["sub"] == "bob" and "permission denied" in result.stderr
+
+
+def test_garbage_token_exits_1_unauthenticated(gw):
+    refused(gw, run("models", env=client_env(gw, token="garbage")), "UNAUTHENTICATED")
+
+
+def test_unknown_model_exits_1_not_found(gw):
+    refused(gw, run("metadata", "--model", "no-such-model", env=client_env(gw)), "NOT_FOUND")
+
+
+def test_input_that_does_not_match_the_signature_exits_1_invalid_argument(gw):
+    refused(gw, run("predict", "--model", "mlp", "--input", "[0.5, 0.25]", env=client_env(gw)), "INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["predict", "--input", "[1]"], "--model"),
+        (["predict", "--model", "mlp"], "--input"),
+        (["predict", "--model", "mlp", "--input", "{not json"], "not JSON"),
+        (["predict", "--model", "mlp", "--input", '"a string"'], "input must be"),
+        (["predict", "--model", "mlp", "--input", "[[0.5], [0.25]]"], "flat numbers"),
+        (["predict", "--model", "mlp", "--input", '{"input": [[1], [2, 3]]}'], "input 'input'"),
+        (["predict", "--model", "mlp", "--input", "[1]", "--input-file", "x.json"], "not allowed with"),
+        (["predict", "--model", "mlp", "--input-file", "does-not-exist.json"], "does-not-exist.json"),
+        (["metadata"], "--model"),
+        (["no-such-command"], "invalid choice"),
+    ],
+    ids=[
+        "missing-model",
+        "missing-input",
+        "bad-json",
+        "not-a-tensor",
+        "nested-list",
+        "ragged",
+        "input-and-file",
+        "missing-file",
+        "metadata-missing-model",
+        "unknown-command",
+    ],
+)
+def test_usage_errors_exit_2(gw, args, fragment):
+    usage_error(run(*args, env=client_env(gw)), fragment)
+
+
+def test_missing_target_without_environment_exits_2(gw):
+    env = client_env(gw)
+    del env["GATEWAY_TARGET"]
+    usage_error(run("models", env=env), "missing --target")
+    usage_error(run("predict", "--model", "mlp", "--input", "[1]"), "missing --target, --ca, --cert, --key")
+
+
+def test_both_token_and_token_file_exit_2(gw, tmp_path):
+    token_file = tmp_path / "t.jwt"
+    token_file.write_text(gw.token())
+    usage_error(run("models", "--token", gw.token(), "--token-file", token_file, env=client_env(gw)), "not both")
+    env = {**client_env(gw), "GATEWAY_TOKEN_FILE": str(token_file)}
+    usage_error(run("models", env=env), "not both")
+
+
+def test_unreadable_certificate_exits_2(gw, tmp_path):
+    usage_error(run("models", "--cert", tmp_path / "missing.crt", env=client_env(gw)), "missing.crt")
+
+
+# --------------------------------------------------------------------------------------------- token issue
+
+
+def issue(pki, *args: str | Path) -> str:
+    result = run("token", "issue", "--key", pki.path("jwt-signing.key"), *args)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert token.count(".") == 2 and "\n" not in token
+    return token
+
+
+def test_issued_bound_token_works_out_of_the_box(gw):
+    token = issue(gw.pki, "--sub", "alice", "--bind-cert", gw.pki.path("alice.crt"))
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert (claims["sub"], claims["iss"], claims["aud"]) == ("alice", "https://gateway.local", "gateway")
+    assert "x5t#S256" in claims["cnf"]
+    printed = ok(
+        run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), env=client_env(gw, token=token))
+    )
+    assert printed["version"] == "2"
+    record = next(r for r in gw.audit_records() if r["request_id"] == printed["request_id"])
+    assert (record["sub"], record["decision"], record["jti"]) == ("alice", "allow", claims["jti"])
+
+
+def test_issued_token_is_bound_to_its_certificate_only(gw):
+    token = issue(gw.pki, "--sub", "alice", "--bind-cert", gw.pki.path("alice.crt"))
+    env = {**client_env(gw, "bob"), "GATEWAY_TOKEN": token}  # presented from bob's connection
+    assert "bound" in refused(gw, run("models", env=env), "UNAUTHENTICATED")["reason"]
+
+
+def test_issued_unbound_token_carries_its_subject_groups_and_ttl(gw):
+    token = issue(gw.pki, "--sub", "carol", "--group", "ml", "--scope", "predict", "--ttl", "120")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "carol" and "cnf" not in claims
+    assert claims["groups"] == ["ml"] and claims["scope"] == "predict"
+    assert claims["exp"] - claims["iat"] == 120
+    # Authenticated as carol from carol's certificate: the test policy lets carol list nothing.
+    assert ok(run("models", env=client_env(gw, "carol", token=token))) == []
+    assert gw.audit_records()[-1]["sub"] == "carol"
+
+
+def test_issued_unbound_token_for_alice_is_served(gw):
+    token = issue(gw.pki, "--sub", "alice")
+    assert ok(run("metadata", "--model", "mlp", env=client_env(gw, token=token)))["name"] == "mlp"
+
+
+def test_token_issue_with_an_unreadable_key_exits_2(tmp_path):
+    usage_error(run("token", "issue", "--key", tmp_path / "nope.key", "--sub", "alice"), "nope.key")
+
+
+# -------------------------------------------------------------------------------------------- policy check
+
+CHECK_POLICY = f"""
+rules:
+  - id: alice-bound
+    effect: allow
+    principals: {{cert: ["{ALICE_ID}"], subjects: [alice], bound_token: true}}
+    models: [mlp]
+    actions: [predict, metadata]
+  - id: deny-suspended
+    effect: deny
+    principals: {{groups: [suspended]}}
+    models: ["*"]
+    actions: "*"
+"""
+
+
+@pytest.fixture
+def policy_dir(tmp_path) -> Path:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "check.yaml").write_text(CHECK_POLICY)
+    return directory
+
+
+def check(policy_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("policy", "check", "--policies", policy_dir, "--model", "mlp", *args)
+
+
+def test_policy_check_prints_the_allowing_rule(policy_dir):
+    result = check(
+        policy_dir, "--action", "predict", "--claims", '{"sub": "alice"}', "--cert-identity", ALICE_ID, "--bound"
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "allow by rule alice-bound")
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--action", "predict", "--claims", '{"sub": "alice"}', "--cert-identity", ALICE_ID], "deny (no rule allows)"),
+        (
+            ["--action", "stream", "--claims", '{"sub": "alice"}', "--cert-identity", ALICE_ID, "--bound"],
+            "deny (no rule allows)",
+        ),
+        (["--action", "predict", "--claims", '{"sub": "bob"}', "--bound"], "deny (no rule allows)"),
+        (
+            [
+                "--action",
+                "predict",
+                "--claims",
+                '{"sub": "alice", "groups": ["suspended"]}',
+                "--cert-identity",
+                ALICE_ID,
+                "--bound",
+            ],
+            "deny by rule deny-suspended",
+        ),
+    ],
+    ids=["unbound", "other-action", "other-subject", "deny-rule"],
+)
+def test_policy_check_prints_the_denial_and_exits_1(policy_dir, args, line):
+    result = check(policy_dir, *args)
+    assert (result.returncode, result.stdout.strip()) == (1, line)
+
+
+def test_policy_check_agrees_with_the_running_gateway(gw):
+    result = run(
+        "policy",
+        "check",
+        "--policies",
+        gw.policy_dir,
+        "--model",
+        "mlp",
+        "--action",
+        "predict",
+        "--claims",
+        '{"sub": "alice"}',
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "allow by rule alice-all")
+    printed = ok(run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), env=client_env(gw)))
+    assert next(r for r in gw.audit_records() if r["request_id"] == printed["request_id"])["rule"] == "alice-all"
+
+
+def test_policy_check_with_a_bad_policy_directory_exits_2(policy_dir, tmp_path):
+    usage_error(
+        run("policy", "check", "--policies", tmp_path / "missing", "--model", "mlp", "--action", "predict"), "missing"
+    )
+    usage_error(check(policy_dir, "--action", "predict", "--claims", "[1]"), "JSON object")
+    usage_error(check(policy_dir, "--action", "predict", "--claims", "{not json"), "error:")
+    (policy_dir / "broken.yaml").write_text("rules:\n  - id: x\n    effect: maybe\n")
+    usage_error(check(policy_dir, "--action", "predict"), "broken.yaml")
+
+
+# -------------------------------------------------------------------------------------------- audit verify
+
+
+def test_audit_verify_accepts_the_running_gateways_trail_and_names_an_altered_record(gw, tmp_path):
+    env = client_env(gw)
+    ok(run("models", env=env))
+    ok(run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), env=env))
+    run("metadata", "--model", "no-such-model", env=env)
+    hmac_key = gw.pki.path("audit-hmac.key")
+    records = gw.audit_records()
+    assert len(records) >= 3
+
+    intact = run("audit", "verify", gw.audit_path, "--hmac-key", hmac_key)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert intact.stdout.splitlines()[-1].startswith(f"OK: {len(records)} records")
+
+    lines = gw.audit_path.read_text().splitlines()
+    target = next(i for i, r in enumerate(records) if r.get("model") == "mlp" and r["event"] == "call")
+    altered = json.loads(lines[target])
+    altered["sub"] = "mallory"  # a plausible edit: still valid JSON, every other field untouched
+    lines[target] = json.dumps(altered, separators=(",", ":"))
+    copy = tmp_path / "audit-altered.log"
+    copy.write_text("\n".join(lines) + "\n")
+
+    tampered = run("audit", "verify", copy, "--hmac-key", hmac_key)
+    assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+    verdict = tampered.stdout.splitlines()[-1]
+    assert verdict.startswith("FAILED: first bad record")
+    assert f"seq {records[target]['seq']}" in verdict and str(copy) in verdict
+
+    wrong_key = tmp_path / "wrong.key"
+    wrong_key.write_text("not-the-key\n")
+    assert run("audit", "verify", gw.audit_path, "--hmac-key", wrong_key).returncode == 1
+
+
+def test_audit_verify_with_an_unreadable_key_exits_2(gw, tmp_path):
+    usage_error(run("audit", "verify", gw.audit_path, "--hmac-key", tmp_path / "nope.key"), "nope.key")
