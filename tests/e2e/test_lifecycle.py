@@ -65,8 +65,9 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(start_gateway):
     gw.gateway.stop(grace_s=20.0)
     for thread in threads:
         thread.join(timeout=30)
-    assert results and all(r == "2" for r in results), results
-    assert len(gw.audit_records()) == 3
+    records = gw.audit_records()
+    assert results and all(r == "2" for r in results), (results, [(r["code"], r["reason"]) for r in records])
+    assert len(records) == 3
 
 
 def free_port() -> int:
@@ -76,13 +77,16 @@ def free_port() -> int:
 
 
 def serve(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*GATEWAY, "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    """``gateway serve`` in a child process; its log goes to ``tmp_path/serve.log`` (an unread pipe could fill
+    and block the gateway on a log write)."""
+    with (tmp_path / "serve.log").open("wb") as log:
+        return subprocess.Popen(
+            [*GATEWAY, "serve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -107,10 +111,14 @@ def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path
         with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
             wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
         process.send_signal(signum)
-        assert process.wait(timeout=30) == 0
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            code = None
     finally:
         process.kill()
-    log = process.stderr.read().decode()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log[-3000:]
     assert "gateway_stopped" in log
 
 
