@@ -11,11 +11,14 @@ import dataclasses
 import ipaddress
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from gateway.models.batching import BatchingOptions
 
 DEFAULT_ISSUER = "https://gateway.local"
 DEFAULT_AUDIENCE = "gateway"
@@ -74,6 +77,8 @@ class ModelSettings:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     max_elements: int = 16 * MIB
+    # Dynamic batching by model name, off for every model not named: see docs/performance.md for when it pays.
+    batching: Mapping[str, BatchingOptions] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,11 @@ def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
         return _convert(value, inner, key, base)
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key, base)
+    if origin is Mapping:
+        if not isinstance(value, dict) or not all(isinstance(name, str) and name for name in value):
+            raise ConfigError(f"{key}: expected a mapping of names, got {value!r}")
+        _, inner = typing.get_args(annotation)
+        return {name: _convert(item, inner, f"{key}.{name}", base) for name, item in value.items()}
     if annotation is Path:
         if not isinstance(value, str | Path) or not str(value):
             raise ConfigError(f"{key}: expected a path, got {value!r}")
@@ -282,6 +292,11 @@ def validate(settings: Settings) -> None:
     for name in ("intra_op_threads", "inter_op_threads"):
         if getattr(settings.models, name) < 1:
             raise ConfigError(f"models.{name}: must be at least 1")
+    for model, batching in settings.models.batching.items():
+        if not 2 <= batching.max_batch_size <= 4096:
+            raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")
+        if batching.max_queue_delay_us > 1_000_000:
+            raise ConfigError(f"models.batching.{model}.max_queue_delay_us: at most 1000000 (one second)")
     for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers"):
         if getattr(settings.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")

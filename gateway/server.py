@@ -72,6 +72,7 @@ class Gateway:
                 intra_op_threads=settings.models.intra_op_threads,
                 inter_op_threads=settings.models.inter_op_threads,
                 max_elements=settings.models.max_elements,
+                batching=settings.models.batching,
             ),
             poll_interval_s=settings.models.poll_interval_s,
             on_publish=self._models_changed,

@@ -358,7 +358,10 @@ class VerifiedToken:
 
 @dataclass(frozen=True, slots=True)
 class _Verified:
-    """A cache entry: the token as verified, and the certificate thumbprint it is bound to (checked per call)."""
+    """A cache entry: the token as verified, and the certificate thumbprint it is bound to (checked per call).
+
+    ``token`` is what a call gets once the binding holds: ``bound`` is set when there is a binding.
+    """
 
     token: VerifiedToken
     x5t: str | None
@@ -569,7 +572,7 @@ class TokenVerifier:
             return entry.token
         if cert_x5t is None or not hmac.compare_digest(entry.x5t.encode(), cert_x5t.encode()):
             _refuse("token bound to another certificate")
-        return dataclasses.replace(entry.token, bound=True)
+        return entry.token
 
     def _verify(self, token: str, keyset: KeySet) -> _Verified:
         try:
@@ -646,8 +649,8 @@ class TokenVerifier:
         groups = _string_list(claims.get(self._groups_claim), self._groups_claim)
         scope_claim = next((name for name in self._scope_claims if name in claims), self._scope_claims[0])
         scopes = _scope_values(claims.get(scope_claim), scope_claim)
-        verified = VerifiedToken(subject, self._issuer, jti, groups, scopes, exp)
-        return _Verified(verified, _confirmation(claims))
+        x5t = _confirmation(claims)
+        return _Verified(VerifiedToken(subject, self._issuer, jti, groups, scopes, exp, bound=x5t is not None), x5t)
 
 
 def _confirmation(claims: Mapping[str, Any]) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import structlog
 
 from gateway import tensors
 from gateway.errors import InternalError, InvalidArgumentError
+from gateway.models.batching import Batcher, BatchingOptions
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +43,7 @@ class RuntimeOptions:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     max_elements: int = 16 * 1024 * 1024
+    batching: Mapping[str, BatchingOptions] = field(default_factory=dict)  # by model name; absent = off
 
 
 def _dims(shape: list[Any] | None) -> tuple[int, ...]:
@@ -82,6 +84,7 @@ class ModelVersion:
         )
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
+        self.batcher = self._make_batcher(options.batching.get(name))
 
     def _spec(self, arg: Any, kind: str) -> TensorSpec:
         row = tensors.BY_ONNX.get(arg.type)
@@ -93,6 +96,22 @@ class ModelVersion:
             f"{self.path}: {kind} '{arg.name}' has type {arg.type}, which the gateway does not serve "
             f"(supported: {', '.join(tensors.BY_NAME)} tensors; outputs may also be a sequence of maps)"
         )
+
+    def _make_batcher(self, options: BatchingOptions | None) -> Batcher | None:
+        if options is None:
+            return None
+        batchable = not self._seq_map_outputs and all(spec.shape[:1] == (-1,) for spec in (*self.inputs, *self.outputs))
+        if not batchable:
+            # A configured option the model cannot honour is said at load, not discovered at request time.
+            log.warning("model_batching_unsupported", model=self.label, detail="needs a dynamic first dim everywhere")
+            return None
+        log.info(
+            "model_batching_enabled",
+            model=self.label,
+            max_batch_size=options.max_batch_size,
+            max_queue_delay_us=options.max_queue_delay_us,
+        )
+        return Batcher(self._execute, options)
 
     @property
     def label(self) -> str:
@@ -149,7 +168,13 @@ class ModelVersion:
         return {spec.name: values.reshape(shape)}
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Execute the model; a failure inside ORT becomes INTERNAL without its internals."""
+        """Execute the model (batched with concurrent requests when configured); validated inputs only."""
+        if self.batcher is not None:
+            return self.batcher.run(inputs)
+        return self._execute(inputs)
+
+    def _execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One ONNX Runtime call; a failure inside ORT becomes INTERNAL without its internals."""
         try:
             results = self._session.run(self._output_names, dict(inputs))
         except Exception as exc:
