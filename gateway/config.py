@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
 from gateway.models.batching import BatchingOptions
 
 DEFAULT_ISSUER = "https://gateway.local"
@@ -49,7 +50,7 @@ class AuthSettings:
     jwks: Path | None = None
     issuer: str = DEFAULT_ISSUER
     audience: str = DEFAULT_AUDIENCE
-    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     leeway_s: float = 30.0
     max_token_lifetime_s: float = 86400.0
     required_claims: tuple[str, ...] = ("exp", "iss", "aud", "sub")
@@ -300,6 +301,11 @@ def validate(settings: Settings) -> None:
     for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers"):
         if getattr(settings.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")
-    unknown = set(settings.auth.algorithms) - {"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"}
-    if unknown:
-        raise ConfigError(f"auth.algorithms: unsupported {sorted(unknown)} (HMAC needs auth.hmac_secret_file)")
+    algorithms = set(settings.auth.algorithms)
+    unknown = algorithms - SUPPORTED_ALGORITHMS
+    if unknown:  # "none" among them: an unsigned token is never acceptable (RFC 8725 3.1)
+        raise ConfigError(f"auth.algorithms: unsupported {sorted(unknown)}")
+    if algorithms & HMAC_ALGORITHMS and settings.auth.hmac_secret_file is None:
+        raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
+    if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
+        raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_ALGORITHMS",
     "HMAC_ALGORITHMS",
     "MAX_TOKEN_BYTES",
+    "SUPPORTED_ALGORITHMS",
     "KeySet",
     "KeyStore",
     "TokenConfigError",
@@ -69,7 +70,7 @@ _FAMILIES: Mapping[tuple[str, str | None], frozenset[str]] = {
     ("OKP", "Ed25519"): frozenset({"EdDSA"}),
 }
 _ASYMMETRIC_ALGORITHMS = frozenset(alg for family in _FAMILIES.values() for alg in family)
-_KNOWN_ALGORITHMS = _ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
+SUPPORTED_ALGORITHMS = _ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
 _PUBLIC_KEY_TYPES: Mapping[str, type] = {
     "RSA": rsa.RSAPublicKey,
     "EC": ec.EllipticCurvePublicKey,
@@ -446,16 +447,19 @@ def _check_hmac_secret(secret: bytes) -> None:
 
 
 def _hmac_algorithms(algorithms: Sequence[str], secret: bytes | None) -> frozenset[str]:
+    """The HMAC algorithms to accept: only those listed, and only with a shared secret long enough for each."""
     requested = HMAC_ALGORITHMS & set(algorithms)
     if secret is None:
         if requested:
             raise TokenConfigError(f"algorithms: {sorted(requested)} need a shared secret (hmac_secret)")
         return frozenset()
     _check_hmac_secret(secret)
-    long_enough = frozenset(alg for alg, size in _HMAC_KEY_BYTES.items() if len(secret.strip()) >= size)
-    if requested - long_enough:
-        raise TokenConfigError(f"hmac_secret: too short for {sorted(requested - long_enough)} (RFC 7518 3.2)")
-    return requested or long_enough
+    if not requested:
+        raise TokenConfigError("hmac_secret: configured, but algorithms lists no HS256, HS384 or HS512")
+    too_short = sorted(alg for alg in requested if len(secret.strip()) < _HMAC_KEY_BYTES[alg])
+    if too_short:
+        raise TokenConfigError(f"hmac_secret: too short for {too_short} (RFC 7518 3.2)")
+    return requested
 
 
 class TokenVerifier:
@@ -477,7 +481,7 @@ class TokenVerifier:
         cache_size: int = 10000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        unknown = set(algorithms) - _KNOWN_ALGORITHMS
+        unknown = set(algorithms) - SUPPORTED_ALGORITHMS
         if unknown:  # "none" included: an unsigned token is never acceptable (RFC 8725 3.1)
             raise TokenConfigError(f"algorithms: unsupported {sorted(unknown)}")
         for name, value in (
@@ -606,7 +610,7 @@ class TokenVerifier:
             _refuse("algorithm none")
         if algorithm not in self._algorithms:
             # The name goes into the reason only when it is a known one: the header is attacker text.
-            _refuse(f"algorithm {algorithm} not allowed" if algorithm in _KNOWN_ALGORITHMS else "algorithm not allowed")
+            _refuse(f"algorithm {algorithm} not allowed" if algorithm in SUPPORTED_ALGORITHMS else "algorithm not allowed")
         if "crit" in header:  # RFC 7515 4.1.11: the gateway understands no extension, so any critical one fails
             _refuse("unsupported critical header")
         typ = header.get("typ")

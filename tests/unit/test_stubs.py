@@ -11,6 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def stub_files(root: Path) -> list[Path]:
+    """The generated sources under ``root`` (bytecode caches left by imports are not stubs)."""
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix in (".py", ".pyi"))
+
+
 def test_committed_stubs_are_fresh(tmp_path):
     subprocess.run(
         [str(ROOT / "scripts/gen_proto.sh"), str(tmp_path)],
@@ -19,8 +24,8 @@ def test_committed_stubs_are_fresh(tmp_path):
         cwd=ROOT,
         timeout=60,
     )
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
-    committed = sorted(p.relative_to(ROOT / "gateway/_pb") for p in (ROOT / "gateway/_pb").rglob("*.py*"))
+    generated = stub_files(tmp_path)
+    committed = stub_files(ROOT / "gateway/_pb")
     assert generated == committed
     stale = [str(p) for p in generated if not filecmp.cmp(tmp_path / p, ROOT / "gateway/_pb" / p, shallow=False)]
     assert stale == [], f"run scripts/gen_proto.sh: stale stubs {stale}"

@@ -141,6 +141,14 @@ def verifier(make: Callable[..., TokenVerifier]) -> TokenVerifier:
     return make()
 
 
+WITH_HS256 = ("RS256", "ES256", "EdDSA", "HS256")
+
+
+def shared_secret() -> bytes:
+    """A random HMAC secret as an operator would store it: printable, so none of it is stripped as whitespace."""
+    return secrets.token_hex(32).encode()
+
+
 def payload(**changes: Any) -> dict[str, Any]:
     base = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": T0, "nbf": T0, "exp": T0 + 600, "jti": "t-1"}
     return {name: value for name, value in {**base, **changes}.items() if value is not OMIT}
@@ -333,7 +341,7 @@ def test_hs256_signed_with_the_rsa_public_key_is_refused(verifier: TokenVerifier
 def test_hs256_with_an_rsa_kid_uses_only_the_configured_secret(
     make: Callable[..., TokenVerifier], rsa_key: Key
 ) -> None:
-    verifier = make(hmac_secret=secrets.token_bytes(32))
+    verifier = make(hmac_secret=shared_secret(), algorithms=WITH_HS256)
     for public_pem in (rsa_key.public_pem, rsa_key.public_pem.strip()):
         forged = hs256_by_hand({"alg": "HS256", "kid": rsa_key.kid}, payload(sub="admin"), public_pem)
         assert refused(verifier, forged) == "bad signature"
@@ -602,26 +610,39 @@ def test_malformed_cnf_is_refused(verifier: TokenVerifier, rsa_key: Key, cnf: An
 
 
 def test_hs256_is_refused_when_no_secret_is_configured(verifier: TokenVerifier) -> None:
-    assert refused(verifier, jwt.encode(payload(), secrets.token_bytes(32), algorithm="HS256")) == (
+    assert refused(verifier, jwt.encode(payload(), shared_secret(), algorithm="HS256")) == (
         "algorithm HS256 not allowed"
     )
 
 
 def test_hs256_with_the_configured_secret_is_accepted(make: Callable[..., TokenVerifier], ec_key: Key) -> None:
-    secret = secrets.token_bytes(32)
-    verifier = make(hmac_secret=secret)
+    secret = shared_secret()
+    verifier = make(hmac_secret=secret, algorithms=WITH_HS256)
     assert verifier.verify(jwt.encode(payload(sub="svc"), secret, algorithm="HS256"), cert_x5t=None).subject == "svc"
-    assert refused(verifier, jwt.encode(payload(), secrets.token_bytes(32), algorithm="HS256")) == "bad signature"
+    assert refused(verifier, jwt.encode(payload(), shared_secret(), algorithm="HS256")) == "bad signature"
     assert verifier.verify(token(ec_key), cert_x5t=None).subject == "alice"  # asymmetric keys keep working
 
 
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # the short key is the point
 def test_hmac_algorithm_needs_a_secret_at_least_its_hash_size(make: Callable[..., TokenVerifier]) -> None:
-    secret = secrets.token_bytes(32)
-    verifier = make(hmac_secret=secret)
-    assert refused(verifier, jwt.encode(payload(), secret, algorithm="HS512")) == "algorithm HS512 not allowed"
-    with pytest.raises(TokenConfigError, match="too short"):
-        make(hmac_secret=secret, algorithms=("RS256", "HS512"))
+    secret = shared_secret()[:32]
+    with pytest.raises(TokenConfigError, match=r"too short for \['HS512'\]"):
+        make(hmac_secret=secret, algorithms=("RS256", "HS256", "HS512"))
+    assert make(hmac_secret=shared_secret(), algorithms=("RS256", "HS512")) is not None  # 64 bytes: enough
+
+
+def test_only_the_listed_hmac_algorithms_are_accepted(make: Callable[..., TokenVerifier]) -> None:
+    secret = shared_secret()  # long enough for HS512, which is not listed
+    verifier = make(hmac_secret=secret, algorithms=WITH_HS256)
+    for algorithm in ("HS384", "HS512"):
+        assert refused(verifier, jwt.encode(payload(), secret, algorithm=algorithm)) == (
+            f"algorithm {algorithm} not allowed"
+        )
+
+
+def test_hmac_secret_without_an_hmac_algorithm_is_a_config_error(make: Callable[..., TokenVerifier]) -> None:
+    with pytest.raises(TokenConfigError, match="lists no HS256"):
+        make(hmac_secret=shared_secret())
 
 
 def test_hmac_algorithm_without_a_secret_is_a_config_error(make: Callable[..., TokenVerifier]) -> None:
