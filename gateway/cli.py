@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import DEFAULT_AUDIENCE, DEFAULT_ISSUER, ConfigError, certs_dir_overrides, load_settings
+from gateway.config import DEFAULT_AUDIENCE, DEFAULT_ISSUER, ConfigError, certs_dir_overrides, for_worker, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -30,6 +30,7 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logging as oplog
+    from gateway.audit import AuditError
     from gateway.auth.certs import CertificateConfigError
     from gateway.auth.tokens import TokenConfigError
     from gateway.models.runtime import ModelLoadError
@@ -46,19 +47,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             overrides[key] = Path(value) if key != "listen" else value
     for option in args.dev or ():
         overrides[f"dev_{option}"] = True
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     try:
         settings = load_settings(Path(args.config) if args.config else None, overrides)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
     oplog.configure(fmt=settings.log_format, level=settings.log_level)
+    if settings.workers > 1 and args.worker_index is None:
+        from gateway.workers import run_workers
+
+        return run_workers(args.serve_args, settings.workers, grace_s=settings.shutdown_grace_s)
+    if args.worker_index is not None:
+        settings = for_worker(settings, args.worker_index)
     try:
         gateway = Gateway(settings)
         gateway.serve_forever()
     except (ConfigError, CertificateConfigError, TokenConfigError, PolicyError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except ModelLoadError as exc:
-        return _fail(f"cannot start: {exc}")
-    except OSError as exc:
+    except (ModelLoadError, AuditError, OSError) as exc:
         return _fail(f"cannot start: {exc}")
     return EXIT_OK
 
@@ -318,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("insecure_transport", "no_auth", "audit_fail_open"),
         help="development-only option (repeatable); logged loudly",
     )
+    serve.add_argument("--workers", type=int, help="processes sharing the port, each with its own audit chain")
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
     serve.set_defaults(run=_cmd_serve)
 
     token = commands.add_parser("token", help="token tools").add_subparsers(dest="token_command", required=True)
@@ -373,5 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gateway`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.serve_args = argv[1:] if args.command == "serve" else []  # what a supervisor passes on to its workers
     return int(args.run(args))

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
 from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
 from gateway.models.batching import BatchingOptions
 
@@ -90,6 +91,7 @@ class AuditSettings:
     fsync: str = "batch"
     hmac_key_file: Path | None = None
     max_bytes: int = 64 * MIB
+    chain_id: str = "main"  # with workers, each worker's chain is <chain_id>-w<index>, in <stem>-w<index><suffix>
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class Settings:
     """Every option of ``gateway serve``."""
 
     listen: str = "127.0.0.1:50051"
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own audit chain
     shutdown_grace_s: float = 10.0
     log_format: str = "json"
     log_level: str = "info"
@@ -278,9 +281,27 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
     return settings
 
 
+def for_worker(settings: Settings, index: int) -> Settings:
+    """The settings of worker ``index`` of several: its own audit file and chain, the rest shared."""
+    audit = dataclasses.replace(
+        settings.audit,
+        path=worker_path(settings.audit.path, index),
+        chain_id=worker_chain_id(settings.audit.chain_id, index),
+    )
+    return dataclasses.replace(settings, audit=audit)
+
+
 def validate(settings: Settings) -> None:
     """Cross-field rules: secure by default, dev options only where they are safe."""
-    host, _port = settings.host_port
+    host, port = settings.host_port
+    if not 1 <= settings.workers <= 64:
+        raise ConfigError("workers: must be between 1 and 64")
+    if settings.workers > 1 and port == 0:
+        raise ConfigError("workers: several workers share one port, so listen needs a fixed port, not 0")
+    try:
+        validate_chain_id(settings.audit.chain_id)
+    except ValueError as exc:
+        raise ConfigError(f"audit.chain_id: {exc}") from None
     if settings.dev_insecure_transport:
         if not _is_loopback(host):
             raise ConfigError(f"dev_insecure_transport: only allowed on a loopback address, not {host!r}")

@@ -60,6 +60,11 @@ def _metadata_values(context: grpc.ServicerContext, key: str) -> list[str]:
     return [value for name, value in context.invocation_metadata() or () if name == key]
 
 
+# A server has a handful of methods; past this many names, the callers are inventing them (unknown methods reach
+# the cache as authenticated refusals), and their wrappers are built per call rather than kept.
+_MAX_CACHED_METHODS = 256
+
+
 class _HandlerCache:
     """Wrapped handlers per method: built once, not on every call (the inner handler object is stable)."""
 
@@ -71,7 +76,8 @@ class _HandlerCache:
         entry = self._entries.get(method)
         if entry is None or entry[0] is not handler:
             entry = (handler, self._wrap(method, handler))
-            self._entries[method] = entry  # a benign race: two threads may build the same wrapper once
+            if len(self._entries) < _MAX_CACHED_METHODS:
+                self._entries[method] = entry  # a benign race: two threads may build the same wrapper once
         return entry[1]
 
 
@@ -153,10 +159,13 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return _decode(deserialize, raw)
 
         def messages() -> Iterator[Any]:
-            for index, item in enumerate(raw):
-                call.bytes_in += len(item)
-                self._check_size(len(item))
-                yield _decode(deserialize, item, index=index)
+            try:
+                for index, item in enumerate(raw):
+                    call.bytes_in += len(item)
+                    self._check_size(len(item))
+                    yield _decode(deserialize, item, index=index)
+            except grpc.RpcError:  # grpc's request iterator fails this way when the client cancels or goes away
+                raise CancelledError(reason="client cancelled the stream") from None
 
         return messages()
 
@@ -258,6 +267,13 @@ def _unexpected(exc: Exception, call: CallContext) -> InternalError:
     return InternalError(reason=f"unexpected {type(exc).__name__}")
 
 
+def _refuse_unknown_method(raw: Any, context: grpc.ServicerContext) -> None:
+    raise UnimplementedError(reason=f"unknown method {current_call.get().method}")
+
+
+_UNKNOWN_METHOD = grpc.unary_unary_rpc_method_handler(_refuse_unknown_method)
+
+
 def bearer_token(values: Sequence[str]) -> str:
     """The token from exactly one ``authorization: Bearer <jwt>`` header (RFC 6750 section 2.1)."""
     if not values:
@@ -298,23 +314,28 @@ class AuthenticationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         method: str = details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(self._exempt):
+        if method.startswith(self._exempt):
             return handler
+        if handler is None:
+            # Who asks comes first: an unauthenticated caller learns nothing, not even which methods exist.
+            return self._wrap(method, _UNKNOWN_METHOD)
         return self._handlers.get(method, handler)
 
     def _wrap(self, method: str, handler: Any) -> Any:
+        """The handler behind authentication; the request is decoded only once the caller is known."""
         behavior = _behavior(handler)
+        deserialize = handler.request_deserializer or (lambda raw: raw)
+        streaming = handler.request_streaming
 
-        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
+        def authenticated(raw: Any, context: grpc.ServicerContext) -> Any:
             self.authenticate(current_call.get(), context, _metadata_values(context, "authorization"))
+            if streaming:
+                request = (_decode(deserialize, item, index=index) for index, item in enumerate(raw))
+            else:
+                request = _decode(deserialize, raw)
             return behavior(request, context)
 
-        return _rebuild(
-            handler,
-            authenticated,
-            deserializer=handler.request_deserializer,
-            serializer=handler.response_serializer,
-        )
+        return _rebuild(handler, authenticated, deserializer=None, serializer=handler.response_serializer)
 
     def authenticate(self, call: CallContext, context: grpc.ServicerContext, authorization: Sequence[str]) -> None:
         """Fill ``call.principal`` or raise AuthenticationError; the certificate is checked before the token."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from concurrent import futures
 from types import FrameType
 from typing import Any, cast
@@ -30,6 +31,7 @@ from gateway.tls import ServerCredentials
 
 log = structlog.get_logger(__name__)
 
+_SIGNAL_POLL_S = 0.1
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
@@ -54,8 +56,8 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
         # Connections outlive certificate expiry, revocation and rotation: bound their age.
         ("grpc.max_connection_age_ms", int(keepalive.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(keepalive.max_connection_age_grace_s * 1000)),
-        # A second gateway on the same port must fail to bind, not silently share the traffic.
-        ("grpc.so_reuseport", 0),
+        # Workers share the port on purpose; otherwise a second gateway on it must fail to bind, not share traffic.
+        ("grpc.so_reuseport", int(settings.workers > 1)),
     ]
 
 
@@ -93,6 +95,7 @@ class Gateway:
             fsync=cast(FsyncPolicy, settings.audit.fsync),  # one of FSYNC_POLICIES, checked by config
             hmac_key=hmac_key,
             max_bytes=settings.audit.max_bytes,
+            chain_id=settings.audit.chain_id,
             dev_fail_open=settings.dev_audit_fail_open,
         )
         self.audit_interceptor = AuditInterceptor(audit=self.audit, max_message_bytes=settings.limits.max_message_bytes)
@@ -197,14 +200,15 @@ class Gateway:
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        stop = threading.Event()
+        received: list[int] = []
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            stop.set()
+            received.append(signum)  # no lock in a handler: it could be the one the interrupted code holds
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        stop.wait()
+        while not received:
+            time.sleep(_SIGNAL_POLL_S)
+        log.info("signal_received", signal=signal.Signals(received[0]).name)
         self.stop()

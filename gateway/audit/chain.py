@@ -23,6 +23,7 @@ ZERO_HASH = "0" * 64
 HASH_MISMATCH = "hash mismatch: record altered"
 CHECKPOINT_SIZE = 512
 CHECKPOINT_SUFFIX = ".checkpoint"
+LOCK_SUFFIX = ".lock"  # an empty file whose flock marks the one process writing the chain
 SEQ_DIGITS = 16
 
 # One encoder object: json.dumps with non-default options builds a new encoder on every call.
@@ -306,6 +307,12 @@ def checkpoint_path(path: str | os.PathLike[str]) -> Path:
     """The checkpoint file beside an active file: ``audit.log`` -> ``audit.log.checkpoint``."""
     path = Path(path)
     return path.with_name(path.name + CHECKPOINT_SUFFIX)
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """The lock file beside an active file: ``audit.log`` -> ``audit.log.lock``."""
+    path = Path(path)
+    return path.with_name(path.name + LOCK_SUFFIX)
 
 
 def rotated_path(path: str | os.PathLike[str], first: int, last: int) -> Path:

@@ -15,6 +15,7 @@ from typing import Literal
 from gateway.audit.chain import (
     CHECKPOINT_SUFFIX,
     HASH_MISMATCH,
+    LOCK_SUFFIX,
     ZERO_HASH,
     Checkpoint,
     Digester,
@@ -287,6 +288,8 @@ def _classify(
             if real in seen:
                 continue
             seen.add(real)
+            if item.name.endswith(LOCK_SUFFIX):
+                continue  # the writer's lock file holds no records
             if item.name.endswith(CHECKPOINT_SUFFIX):
                 named_points.append(item)
             elif not item.exists():

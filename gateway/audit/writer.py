@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import threading
@@ -28,6 +29,7 @@ from gateway.audit.chain import (
     check_line,
     checkpoint_path,
     encode_checkpoint,
+    lock_path,
     parse_rotated,
     read_checkpoint,
     rotated_path,
@@ -124,6 +126,21 @@ def _write_all(fd: int, data: bytes) -> None:
         if written <= 0:  # regular files report a full disk as a short write, then ENOSPC
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[written:]
+
+
+def _exclusive_lock(path: Path) -> int:
+    """A descriptor holding an exclusive flock on ``path``; AuditError when another writer holds it.
+
+    Two processes appending to one chain would interleave seqs and break it: a second gateway (or worker)
+    configured with the same audit path must fail to start, not corrupt the trail.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditError(f"{path}: the audit log is in use by another process (one writer per file)") from None
+    return fd
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -236,6 +253,7 @@ class AuditLog:
         self._writer: threading.Thread | None = None
         self._syncer: threading.Thread | None = None
         self._stop_sync = threading.Event()
+        self._lock_fd = -1  # held (flock) while open: one writer per file, whatever the process
         self.records_written = 0
         self.groups_written = 0
         self.write_failures = 0
@@ -258,9 +276,11 @@ class AuditLog:
             if self._state in ("open", "closing"):
                 raise RuntimeError("audit log is already open")
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _exclusive_lock(lock_path(self.path))
         try:
             checkpoint = read_checkpoint(self.checkpoint_path, self._key)
         except ValueError as exc:
+            self._release_lock()
             raise AuditError(f"{self.checkpoint_path}: {exc}; an operator must look (gateway audit verify)") from exc
         fd = os.open(self.path, _OPEN_FLAGS, _FILE_MODE)
         try:
@@ -272,6 +292,7 @@ class AuditLog:
         except BaseException:
             os.close(fd)
             self._fd = -1
+            self._release_lock()
             raise
         self._broken = None
         self._stop_sync.clear()
@@ -310,9 +331,15 @@ class AuditLog:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+        self._release_lock()
         with self._lock:
             self._state = "closed"
         log.info("audit_closed", file=str(self.path), chain=self.chain_id, seq=self._head.seq)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = -1
 
     def _resume(self, fd: int, checkpoint: Checkpoint | None) -> None:
         """Find the chain head on disk, check it against the checkpoint, drop a torn last line."""

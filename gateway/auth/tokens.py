@@ -610,7 +610,9 @@ class TokenVerifier:
             _refuse("algorithm none")
         if algorithm not in self._algorithms:
             # The name goes into the reason only when it is a known one: the header is attacker text.
-            _refuse(f"algorithm {algorithm} not allowed" if algorithm in SUPPORTED_ALGORITHMS else "algorithm not allowed")
+            _refuse(
+                f"algorithm {algorithm} not allowed" if algorithm in SUPPORTED_ALGORITHMS else "algorithm not allowed"
+            )
         if "crit" in header:  # RFC 7515 4.1.11: the gateway understands no extension, so any critical one fails
             _refuse("unsupported critical header")
         typ = header.get("typ")

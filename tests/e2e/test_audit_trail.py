@@ -180,6 +180,37 @@ def test_undecodable_and_unknown_method_calls_are_recorded(gw):
     assert (unknown["code"], unknown["method"]) == ("UNIMPLEMENTED", "/gateway.v1.Nope/Nothing")
 
 
+def test_unauthenticated_callers_are_refused_before_their_message_is_decoded_or_routed(gw):
+    with gw.channel() as channel:
+        garbage = rpc_error(lambda: channel.unary_unary(METHOD)(b"\x0a\xff", timeout=TIMEOUT))
+        unknown = rpc_error(lambda: channel.unary_unary("/gateway.v1.Nope/Nothing")(b"", timeout=TIMEOUT))
+    # Neither the message's shape nor which methods exist is told to a caller without a token.
+    assert garbage.code() == unknown.code() == grpc.StatusCode.UNAUTHENTICATED
+    *_, first, second = gw.audit_records()
+    assert (first["method"], first["code"], first["reason"]) == (METHOD, "UNAUTHENTICATED", "no authorization header")
+    assert (second["method"], second["code"]) == ("/gateway.v1.Nope/Nothing", "UNAUTHENTICATED")
+    assert first["bytes_in"] == 2
+
+
+def test_stream_cancelled_by_the_client_is_recorded_as_cancelled(gw):
+    good = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
+    release = threading.Event()
+
+    def requests():
+        yield good
+        release.wait(timeout=TIMEOUT)  # the server now waits for a second message that never comes
+
+    with gw.channel() as channel:
+        call = stub(channel).PredictStream(requests(), metadata=auth(gw.token()), timeout=TIMEOUT)
+        assert next(call).WhichOneof("outcome") == "response"
+        call.cancel()
+        release.set()
+    wait_until(lambda: gw.audit_records()[-1]["event"] == "stream", timeout_s=TIMEOUT)
+    *_, message, closing = gw.audit_records()
+    assert (message["event"], message["code"]) == ("stream_message", "OK")
+    assert (closing["code"], closing["reason"], closing["messages"]) == ("CANCELLED", "client cancelled the stream", 1)
+
+
 def test_stream_gets_a_record_per_message_and_one_for_the_stream(gw):
     good = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
     bad = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", np.zeros((1, 3), np.float32))])

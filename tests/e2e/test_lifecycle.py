@@ -122,6 +122,63 @@ def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path
     assert "gateway_stopped" in log
 
 
+def serve_args(pki, demo_models: Path, tmp_path: Path, port: int) -> list[str]:
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "all.yaml").write_text(
+        "rules:\n  - id: all\n    effect: allow\n    principals: {subjects: [alice]}\n    models: ['*']\n    actions: '*'\n"
+    )
+    return [
+        *("--certs", str(pki.dir), "--models", str(demo_models), "--policies", str(policies)),
+        *("--listen", f"127.0.0.1:{port}", "--audit-log", str(tmp_path / "audit" / "audit.log")),
+    ]
+
+
+def test_workers_share_the_port_each_with_its_own_audit_chain(pki, demo_models, tmp_path):
+    from gateway.audit import verify_files
+    from tests.conftest import RunningGateway
+
+    port = free_port()
+    process = serve([*serve_args(pki, demo_models, tmp_path, port), "--workers", "2"], tmp_path)
+    token = RunningGateway(None, port, pki, tmp_path, tmp_path).token()
+    x = np.zeros((1, 784), np.float32)
+    calls = 40
+    try:
+        for _ in range(calls):  # a new connection per call: the kernel spreads them over both workers
+            with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+                wait_until(lambda ch=channel: _serving(ch), timeout_s=30, interval_s=0.2)
+                reply = stub(channel).Predict(
+                    predict_request("mlp", {"input": x}), metadata=auth(token), timeout=TIMEOUT
+                )
+                assert reply.model_version == "2"
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log[-3000:]
+    report = verify_files([tmp_path / "audit"], hmac_key=pki.read("audit-hmac.key").strip())
+    assert report.ok, report.lines()
+    chains = {chain.chain: chain.last_seq for chain in report.chains}
+    assert set(chains) == {"main-w0", "main-w1"}
+    assert sum(chains.values()) == calls  # every call audited once, in one of the two chains
+    assert log.count('"gateway_stopped"') == 2
+
+
+def test_a_second_gateway_on_the_same_audit_trail_is_refused(pki, demo_models, tmp_path):
+    port = free_port()
+    first = serve(serve_args(pki, demo_models, tmp_path, port), tmp_path)
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
+        second = run_serve(serve_args(pki, demo_models, tmp_path, free_port()), tmp_path)
+        assert second.returncode == 1
+        assert "in use by another process" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+
 def _serving(channel: grpc.Channel) -> bool:
     try:
         return health_status(channel) == SERVING

@@ -39,7 +39,7 @@ def record(i: int, **extra: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "event": "call",
         "request_id": f"req-{i}",
-        "method": "/gateway.v1.Inference/Predict",
+        "method": "/gateway.v1.InferenceService/Predict",
         "peer": "ipv4:127.0.0.1:5000",
         "sub": "alice",
         "groups": ["ml"],
@@ -592,6 +592,18 @@ def test_worker_files_hold_separate_chains_and_verify_together(log_path: Path) -
     edit_lines(worker_path(log_path, 2), lambda lines: [lines[0].replace(b'"code":"OK"', b'"code":"NO"'), *lines[1:]])
     report = verify_files(files)
     assert report.first_error is not None and report.first_error.chain == "main-w2"
+
+
+def test_a_second_writer_on_the_same_file_is_refused_until_the_first_closes(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="none") as first:
+        first.write(record(1))
+        with pytest.raises(AuditError, match="in use by another process"):
+            AuditLog(log_path, fsync="none").open()
+        first.write(record(2))  # the refused opener left the chain alone
+    with AuditLog(log_path, fsync="none") as later:
+        later.write(record(3))
+    assert [r["seq"] for r in read_records(log_path)] == [1, 2, 3]
+    assert verify_files([log_path.parent]).ok  # the lock file is not mistaken for a trail file
 
 
 def test_invalid_options_are_refused(tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ from gateway.models.runtime import ModelVersion, RuntimeOptions
 
 def load(demo_models: Path, name: str, version: int, batching: BatchingOptions | None) -> ModelVersion:
     options = RuntimeOptions(batching={name: batching} if batching else {})
-    return ModelVersion(name=name, version=version, path=demo_models / name / str(version) / "model.onnx", options=options)
+    return ModelVersion(
+        name=name, version=version, path=demo_models / name / str(version) / "model.onnx", options=options
+    )
 
 
 def rows(count: int, seed: int) -> np.ndarray:

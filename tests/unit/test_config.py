@@ -49,7 +49,10 @@ def test_flags_override_the_file_and_are_relative_to_the_working_directory(tmp_p
         ("listen: nowhere\n", r"listen: 'nowhere' is not HOST:PORT"),
         ("auth: {jwks: j.json, algorithms: [RS256, none]}\n", r"auth\.algorithms: unsupported \['none'\]"),
         ("auth: {jwks: j.json, algorithms: [HS256]}\n", r"auth\.algorithms: \['HS256'\] need auth\.hmac_secret_file"),
-        ("auth: {jwks: j.json, hmac_secret_file: s.key}\n", r"auth\.hmac_secret_file: set, but auth\.algorithms lists no"),
+        (
+            "auth: {jwks: j.json, hmac_secret_file: s.key}\n",
+            r"auth\.hmac_secret_file: set, but auth\.algorithms lists no",
+        ),
         ("models: {batching: {mlp: {max_batch_size: 1}}}\n", r"models\.batching\.mlp\.max_batch_size: must be between"),
         ("models: {batching: {mlp: {max_queue_delay_us: 2000000}}}\n", r"max_queue_delay_us: at most 1000000"),
         ("models: {batching: {mlp: {max_batch: 8}}}\n", r"models\.batching\.mlp\.max_batch: unknown key"),
