@@ -89,12 +89,19 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Creates the call context, decodes, turns exceptions into statuses, and writes exactly one record."""
 
     def __init__(
-        self, *, audit: AuditLog, max_message_bytes: int, exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)
+        self,
+        *,
+        audit: AuditLog,
+        max_message_bytes: int,
+        at_concurrency_limit: Callable[[], bool] = lambda: False,
+        exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,),
     ) -> None:
         """``max_message_bytes`` is enforced here, so oversize refusals are audited; grpcio's own limit is a
-        backstop set above it (server.py)."""
+        backstop set above it (server.py). ``at_concurrency_limit`` says whether grpcio is about to refuse the
+        call being routed for its concurrency limit (it asks the interceptors first, then refuses)."""
         self._audit = audit
         self._max_message_bytes = max_message_bytes
+        self._at_concurrency_limit = at_concurrency_limit
         self._exempt = tuple(exempt_prefixes)
         # Calls routed to a handler vs calls that reached the boundary: the difference is what grpcio refused
         # in between (a message over its backstop limit, a client gone before its message arrived).
@@ -128,11 +135,22 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return continuation(details)
         handler = continuation(details)
         self._count("routed")
+        if handler is not None and self._at_concurrency_limit():
+            self._record_over_limit(method, details)
+            return handler  # grpcio refuses it with RESOURCE_EXHAUSTED; no handler of ours will run
         if handler is None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unimplemented(method), request_deserializer=None, response_serializer=None
             )
         return self._handlers.get(method, handler)
+
+    def _record_over_limit(self, method: str, details: grpc.HandlerCallDetails) -> None:
+        self._count("handled")
+        metadata = details.invocation_metadata or ()  # type: ignore[attr-defined]
+        request_id = request_id_from(next((v for k, v in metadata if k == "x-request-id"), None))
+        # grpcio gives the routing step no peer; the record says so rather than guess.
+        call = CallContext(request_id=request_id, method=method, peer="unknown")
+        self.record_quietly(call, ResourceExhaustedError(reason="concurrent RPC limit"))
 
     def _wrap(self, method: str, handler: Any) -> Any:
         deserialize = handler.request_deserializer or (lambda raw: raw)

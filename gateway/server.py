@@ -61,6 +61,19 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+def _at_concurrency_limit(server: grpc.Server | None) -> bool:
+    """Whether grpcio will refuse the call it is routing now for ``maximum_concurrent_rpcs``.
+
+    grpcio runs the interceptors, then compares its count of active calls with the limit, under one lock that
+    routing holds: reading the same two numbers here gives its verdict, so the refusal can be audited. They are
+    private to grpcio; if they are gone, refusals are only counted (``unobserved``), as before.
+    """
+    state = getattr(server, "_state", None)
+    limit = getattr(state, "maximum_concurrent_rpcs", None)
+    active = getattr(state, "active_rpc_count", None)
+    return isinstance(limit, int) and isinstance(active, int) and active >= limit
+
+
 class Gateway:
     """The gateway process: every component, wired once, started and stopped together."""
 
@@ -98,7 +111,11 @@ class Gateway:
             chain_id=settings.audit.chain_id,
             dev_fail_open=settings.dev_audit_fail_open,
         )
-        self.audit_interceptor = AuditInterceptor(audit=self.audit, max_message_bytes=settings.limits.max_message_bytes)
+        self.audit_interceptor = AuditInterceptor(
+            audit=self.audit,
+            max_message_bytes=settings.limits.max_message_bytes,
+            at_concurrency_limit=lambda: _at_concurrency_limit(self._server),
+        )
         interceptors.append(self.audit_interceptor)  # outermost: refusals by the next ones are audited
         if not settings.dev_no_auth:
             auth = settings.auth

@@ -192,6 +192,37 @@ def test_unauthenticated_callers_are_refused_before_their_message_is_decoded_or_
     assert first["bytes_in"] == 2
 
 
+def test_calls_over_the_concurrency_limit_are_refused_and_recorded(start_gateway):
+    gw = start_gateway(overrides={"limits.max_concurrent_rpcs": 2})
+    big = np.random.default_rng(0).random((8000, 784), dtype=np.float32)  # ~0.3 s each: the calls overlap
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+    token = gw.token()
+
+    def call() -> None:
+        with gw.channel() as channel:
+            try:
+                stub(channel).Predict(predict_request("mlp", {"input": big}), metadata=auth(token), timeout=TIMEOUT)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT)
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert len(codes) == 8 and refused >= 1 and codes.count(grpc.StatusCode.OK) == 8 - refused, codes
+    records = gw.audit_records()
+    over = [r for r in records if r["reason"] == "concurrent RPC limit"]
+    assert len(records) == 8 and len(over) == refused  # every call, refused or not, has its one record
+    assert all(r["code"] == "RESOURCE_EXHAUSTED" and r["method"] == METHOD for r in over)
+    assert gw.gateway.audit_interceptor.counts()["unobserved"] == 0
+
+
 def test_stream_cancelled_by_the_client_is_recorded_as_cancelled(gw):
     good = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
     release = threading.Event()
