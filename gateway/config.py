@@ -76,8 +76,9 @@ class ModelSettings:
 
     repository: Path = Path("models")
     poll_interval_s: float = 2.0
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
+    intra_op_threads: int = 1  # per session; 0 lets ONNX Runtime choose (a pool as large as the machine)
+    inter_op_threads: int = 1  # only with execution_mode: parallel
+    execution_mode: str = "sequential"
     max_elements: int = 16 * MIB
     # Dynamic batching by model name, off for every model not named: see docs/performance.md for when it pays.
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)
@@ -122,6 +123,7 @@ class Settings:
 
     listen: str = "127.0.0.1:50051"
     workers: int = 1  # processes sharing the port (SO_REUSEPORT), each with its own audit chain
+    shutdown_drain_s: float = 1.0  # NOT_SERVING but still serving, so health-checking balancers move away first
     shutdown_grace_s: float = 10.0
     log_format: str = "json"
     log_level: str = "info"
@@ -145,6 +147,7 @@ class Settings:
 
 _CHOICES = {
     "audit.fsync": ("none", "batch", "always"),
+    "models.execution_mode": ("sequential", "parallel"),
     "log_format": ("json", "console"),
     "log_level": ("debug", "info", "warning", "error"),
 }
@@ -275,9 +278,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
         _merge(data, dotted, Path.cwd() / value if isinstance(value, Path) else value)
     try:
         settings = _build(Settings, data, "", base)
+        validate(settings)
     except ConfigError as exc:
         raise ConfigError(f"{config}: {exc}" if config else str(exc)) from None
-    validate(settings)
     return settings
 
 
@@ -289,6 +292,35 @@ def for_worker(settings: Settings, index: int) -> Settings:
         chain_id=worker_chain_id(settings.audit.chain_id, index),
     )
     return dataclasses.replace(settings, audit=audit)
+
+
+def check_paths(settings: Settings) -> None:
+    """Every configured file and folder exists, so that a typo is a startup error naming its key (exit 2).
+
+    Apart from ``validate`` because it reads the disk: settings can be built and checked anywhere else.
+    """
+    files = {
+        "tls.cert": settings.tls.cert,
+        "tls.key": settings.tls.key,
+        "tls.client_ca": settings.tls.client_ca,
+        "tls.crl": settings.tls.crl,
+        "auth.jwks": settings.auth.jwks,
+        "auth.hmac_secret_file": settings.auth.hmac_secret_file,
+        "audit.hmac_key_file": settings.audit.hmac_key_file,
+    }
+    if settings.dev_insecure_transport:
+        files = {key: path for key, path in files.items() if not key.startswith("tls.")}
+    if settings.dev_no_auth:
+        files = {key: path for key, path in files.items() if not key.startswith("auth.")}
+    for key, path in files.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: {path} is not a readable file")
+    folders = {"models.repository": settings.models.repository}
+    if not settings.dev_no_auth:
+        folders["policies.directory"] = settings.policies.directory
+    for key, path in folders.items():
+        if not path.is_dir():
+            raise ConfigError(f"{key}: {path} is not a directory")
 
 
 def validate(settings: Settings) -> None:
@@ -311,9 +343,6 @@ def validate(settings: Settings) -> None:
                 raise ConfigError(f"tls.{name}: required for mutual TLS (or start with --certs DIR)")
     if not settings.dev_no_auth and settings.auth.jwks is None:
         raise ConfigError("auth.jwks: required to verify tokens (or start with --certs DIR)")
-    for name in ("intra_op_threads", "inter_op_threads"):
-        if getattr(settings.models, name) < 1:
-            raise ConfigError(f"models.{name}: must be at least 1")
     for model, batching in settings.models.batching.items():
         if not 2 <= batching.max_batch_size <= 4096:
             raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")

@@ -15,9 +15,10 @@ import numpy as np
 from gateway.auth.principal import Principal
 from gateway.context import CallContext
 from gateway.errors import NotFoundError, PermissionDeniedError
-from gateway.models.repository import ModelInfo, ModelRepository
+from gateway.models.repository import ModelInfo, ModelRepository, parse_version
 from gateway.models.runtime import ModelVersion
 from gateway.policy import Action, Decision, PolicyStore
+from gateway.tensors import shown
 
 
 @dataclass(slots=True)
@@ -120,6 +121,7 @@ class Pipeline:
 def _parse_version(model: str, requested: str | None) -> int | None:
     if requested is None:
         return None
-    if not requested.isdigit() or len(requested) > 18:
-        raise NotFoundError(f"model '{model}' has no version {requested!r}")
-    return int(requested)
+    version = parse_version(requested)
+    if version is None:  # "02", "v2", "²": no such version ("²".isdigit() is true, int("²") fails)
+        raise NotFoundError(f"model '{shown(model)}' has no version {shown(requested)!r}")
+    return version

@@ -86,6 +86,7 @@ class Gateway:
             options=RuntimeOptions(
                 intra_op_threads=settings.models.intra_op_threads,
                 inter_op_threads=settings.models.inter_op_threads,
+                execution_mode=settings.models.execution_mode,
                 max_elements=settings.models.max_elements,
                 batching=settings.models.batching,
             ),
@@ -206,7 +207,10 @@ class Gateway:
         self._stopped.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self.health.enter_graceful_shutdown()
-        log.info("gateway_stopping", grace_s=grace)
+        log.info("gateway_stopping", drain_s=self.settings.shutdown_drain_s, grace_s=grace)
+        # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
+        # sending new calls before the listener closes.
+        time.sleep(self.settings.shutdown_drain_s)
         self._server.stop(grace).wait()
         for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
             if component is not None:

@@ -54,24 +54,38 @@ def datatype_of(array: np.ndarray) -> DataType:
     return row
 
 
+MAX_RANK = 32  # numpy's own limit is 64; no served model comes near either
+_MAX_NAME = 64  # names are caller text that goes back into error messages and logs: shown cut to this length
+
+
+def shown(name: str) -> str:
+    """A caller-chosen name as it may appear in an error message: at most ``_MAX_NAME`` characters."""
+    return name if len(name) <= _MAX_NAME else name[:_MAX_NAME] + "..."
+
+
 def element_count(shape: Sequence[int], *, name: str, max_elements: int) -> int:
-    """Product of a shape's dims, refusing negative dims and counts over ``max_elements`` before any overflow."""
+    """Product of a shape's dims, refusing negative dims, a rank or a count over the limits before any overflow.
+
+    Every dim is also held to ``max_elements`` on its own: with a zero dim elsewhere the product stays 0 however
+    large the others are, and numpy refuses such shapes (``[0, 2**62, 2**62]``) when reshaping.
+    """
+    if len(shape) > MAX_RANK:
+        raise InvalidArgumentError(f"input '{shown(name)}': rank {len(shape)} is over the limit of {MAX_RANK}")
     count = 1
     for dim in shape:
         if dim < 0:
-            raise InvalidArgumentError(f"input '{name}': negative dimension {dim} in shape {list(shape)}")
+            raise InvalidArgumentError(f"input '{shown(name)}': negative dimension {dim} in shape {list(shape)}")
         count *= dim
-        # Checked at every step: Python ints never overflow, but a product past the limit must stop early.
-        if count > max_elements:
+        if count > max_elements or dim > max_elements:
             raise InvalidArgumentError(
-                f"input '{name}': shape {list(shape)} has more than {max_elements} elements (the limit)"
+                f"input '{shown(name)}': shape {list(shape)} has more than {max_elements} elements (the limit)"
             )
     return count
 
 
 def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
     """A protobuf tensor as a numpy array of its declared datatype and shape."""
-    name = tensor.name
+    name = shown(tensor.name)
     row = BY_ENUM.get(tensor.datatype)
     if row is None:
         raise InvalidArgumentError(f"input '{name}': unknown or unspecified datatype {tensor.datatype}")
@@ -94,9 +108,11 @@ def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
             f"input '{name}': {len(values)} values in contents.{row.contents_field}, shape {list(shape)} needs {count}"
         )
     try:
-        # The wire types are wider than INT8/INT16/UINT8/UINT16; numpy >= 2 refuses values that would wrap.
-        array = np.asarray(values, dtype=row.dtype)
-    except OverflowError:
+        # The wire types are wider than INT8/INT16/UINT8/UINT16; numpy >= 2 refuses values that would wrap. FP32
+        # values past FP16's range would become infinities: refused too, rather than served as something else.
+        with np.errstate(over="raise"):
+            array = np.asarray(values, dtype=row.dtype)
+    except (OverflowError, FloatingPointError):
         raise InvalidArgumentError(f"input '{name}': a value does not fit in {row.name}") from None
     return array.reshape(shape)
 

@@ -171,6 +171,7 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
             "policies.directory": policy_dir,
             "audit.path": audit_path,
             "shutdown_grace_s": 2.0,
+            "shutdown_drain_s": 0.0,
         }
         settings_overrides.update(overrides or {})
         gateway = Gateway(load_settings(None, settings_overrides))

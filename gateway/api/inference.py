@@ -31,7 +31,7 @@ def to_infer_request(request: pb.PredictRequest, *, max_elements: int) -> InferR
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         if tensor.name in inputs:
-            raise InvalidArgumentError(f"input '{tensor.name}' appears twice")
+            raise InvalidArgumentError(f"input '{tensors.shown(tensor.name)}' appears twice")
         inputs[tensor.name] = tensors.decode(tensor, max_elements=max_elements)
     flat = None
     if request.input_data:

@@ -20,13 +20,14 @@ import structlog
 
 from gateway.errors import NotFoundError
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
+from gateway.tensors import shown
 from gateway.watcher import Watcher
 
 log = structlog.get_logger(__name__)
 
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+_VERSION = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 
 FileKey = tuple[int, int, int]  # (inode, size, mtime_ns): a new key means a new or rewritten file
 
@@ -54,6 +55,11 @@ class _Snapshot:
     index: Mapping[str, ModelInfo]
 
 
+def parse_version(text: str) -> int | None:
+    """The version a folder name or a request names (ASCII digits, no leading zero), else None."""
+    return int(text) if _VERSION.fullmatch(text) else None
+
+
 def _scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
     """Every well-named ``<name>/<version>/model.onnx`` under root, with its file key."""
     found: dict[tuple[str, int], tuple[Path, FileKey]] = {}
@@ -62,10 +68,10 @@ def _scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
     except FileNotFoundError:
         return found
     for name_entry in names:
-        if not (name_entry.is_dir() and _NAME.match(name_entry.name)):
+        if not (name_entry.is_dir() and _NAME.fullmatch(name_entry.name)):
             continue
         for version_entry in os.scandir(name_entry.path):
-            if not (version_entry.is_dir() and _VERSION.match(version_entry.name)):
+            if not (version_entry.is_dir() and parse_version(version_entry.name) is not None):
                 continue
             path = Path(version_entry.path) / MODEL_FILE
             try:
@@ -182,9 +188,9 @@ class ModelRepository:
         snapshot = self._snapshot
         info = snapshot.index.get(name)
         if info is None:
-            raise NotFoundError(f"model '{name}' not found")
+            raise NotFoundError(f"model '{shown(name)}' not found")
         wanted = info.default_version if version is None else version
         loaded = snapshot.loaded.get((name, wanted)) if wanted is not None else None
         if loaded is None:
-            raise NotFoundError(f"model '{name}' has no version {version}")
+            raise NotFoundError(f"model '{shown(name)}' has no version {version}")
         return loaded.model

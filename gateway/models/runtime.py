@@ -42,6 +42,7 @@ class RuntimeOptions:
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    execution_mode: str = "sequential"  # or "parallel": independent graph branches on inter_op_threads
     max_elements: int = 16 * 1024 * 1024
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)  # by model name; absent = off
 
@@ -56,7 +57,9 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     # on 2 cores: gRPC handler threads already supply the parallelism, and the pool's spinning steals their CPU.
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if options.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
@@ -129,7 +132,7 @@ class ModelVersion:
         for name in inputs:
             if name not in self._inputs_by_name:
                 expected = ", ".join(self._inputs_by_name)
-                raise InvalidArgumentError(f"unknown input '{name}' (model inputs: {expected})")
+                raise InvalidArgumentError(f"unknown input '{tensors.shown(name)}' (model inputs: {expected})")
         for spec in self.inputs:
             array = inputs.get(spec.name)
             if array is None:

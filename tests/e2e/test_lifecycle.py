@@ -21,6 +21,7 @@ from tests.e2e.helpers import TIMEOUT, auth, predict_request, stub
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 GATEWAY = [sys.executable, "-m", "gateway"]
+SERVE_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the tree under test
 
 
 def health_status(channel: grpc.Channel, service: str = "") -> int:
@@ -40,6 +41,23 @@ def test_health_needs_mutual_tls(start_gateway):
     gw = start_gateway()
     with gw.channel(None) as channel, pytest.raises(grpc.RpcError):
         health_status(channel)
+
+
+def test_health_is_not_serving_while_draining_and_calls_are_still_served(start_gateway):
+    gw = start_gateway(overrides={"shutdown_drain_s": 1.5})
+    stopper = threading.Thread(target=gw.gateway.stop)
+    with gw.channel() as channel:
+        assert health_status(channel) == SERVING
+        stopper.start()
+        wait_until(lambda: health_status(channel) == NOT_SERVING, timeout_s=TIMEOUT, interval_s=0.05)
+        reply = stub(channel).Predict(
+            predict_request("mlp", {"input": np.zeros((1, 784), np.float32)}),
+            metadata=auth(gw.token()),
+            timeout=TIMEOUT,
+        )
+        assert reply.model_version == "2"  # draining: still serving, only health says to go elsewhere
+    stopper.join(timeout=TIMEOUT)
+    assert not stopper.is_alive()
 
 
 def test_graceful_shutdown_lets_in_flight_calls_finish(start_gateway):
@@ -85,7 +103,7 @@ def serve(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            env=SERVE_ENV,
         )
 
 
@@ -187,7 +205,9 @@ def _serving(channel: grpc.Channel) -> bool:
 
 
 def run_serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*GATEWAY, "serve", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    return subprocess.run(
+        [*GATEWAY, "serve", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60, env=SERVE_ENV
+    )
 
 
 def test_serve_without_tls_material_is_a_usage_error(tmp_path):

@@ -118,6 +118,8 @@ def test_request_id_is_echoed_or_generated(api):
         ("nope", "", grpc.StatusCode.NOT_FOUND),
         ("mlp", "9", grpc.StatusCode.NOT_FOUND),
         ("mlp", "abc", grpc.StatusCode.NOT_FOUND),
+        ("mlp", "\u00b2", grpc.StatusCode.NOT_FOUND),  # "²".isdigit() is true, yet it is no version
+        ("mlp", "02", grpc.StatusCode.NOT_FOUND),
     ],
 )
 def test_unknown_model_or_version_is_not_found(api, model, version, code):
@@ -149,6 +151,12 @@ ZEROS = np.zeros((1, 784), np.float32)
             pb.PredictRequest(model_name="mlp", inputs=[_raw("input", FP32, [2**62, 2**62, 784], b"\0")]),
             "more than",
         ),
+        (
+            pb.PredictRequest(model_name="mlp", inputs=[_raw("input", FP32, [0, 2**62, 2**62], b"")]),
+            "more than",
+        ),
+        (pb.PredictRequest(model_name="mlp", inputs=[_raw("input", FP32, [1] * 65, b"")]), "rank 65 is over"),
+        (predict_request("mlp", {"x" * 5000: ZEROS}), "unknown input '" + "x" * 64 + "...'"),
         (pb.PredictRequest(model_name="mlp", inputs=[_raw("input", 0, [1, 784], b"")]), "unspecified datatype"),
         (
             pb.PredictRequest(model_name="mlp", inputs=[predict_request("m", {"input": ZEROS}).inputs[0]] * 2),
@@ -172,6 +180,9 @@ ZEROS = np.zeros((1, 784), np.float32)
         "raw-length",
         "negative-dim",
         "element-overflow",
+        "huge-dims-beside-a-zero",
+        "rank-over-the-limit",
+        "long-name-shown-cut",
         "no-datatype",
         "duplicate-input",
         "both-forms",

@@ -100,3 +100,24 @@ def test_the_example_gateway_yaml_holds_every_option_with_its_default():
             if isinstance(value, Path):
                 continue
             assert value == getattr(want, name), f"{section}.{name}"
+
+
+def test_missing_files_and_folders_are_startup_errors_naming_the_key(tmp_path):
+    from gateway.config import check_paths
+
+    for name in ("s.crt", "s.key", "ca.crt", "jwks.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "policies").mkdir()
+    base = SECURE + "models: {repository: models}\npolicies: {directory: policies}\n"
+    check_paths(load_settings(write(tmp_path, base)))  # everything there: no error
+    for extra, message in [
+        ("audit: {hmac_key_file: missing.key}\n", r"audit\.hmac_key_file: .*missing\.key is not a readable file"),
+        ("tls: {cert: s.crt, key: s.key, client_ca: ca.crt, crl: gone.pem}\n", r"tls\.crl: .*gone\.pem is not"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_paths(load_settings(write(tmp_path, base + extra)))
+    for key, folder in (("models", "repository"), ("policies", "directory")):
+        text = base.replace(f"{key}: {{{folder}: {key}}}", f"{key}: {{{folder}: nowhere}}")
+        with pytest.raises(ConfigError, match=rf"{key}\.{folder}: .*nowhere is not a directory"):
+            check_paths(load_settings(write(tmp_path, text)))

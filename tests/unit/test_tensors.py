@@ -66,3 +66,21 @@ def test_count_mismatch_in_typed_contents_is_refused():
     tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[3], contents=pb.TensorContents(fp32_contents=[1]))
     with pytest.raises(InvalidArgumentError, match=r"1 values in contents\.fp32_contents, shape \[3\] needs 3"):
         tensors.decode(tensor, max_elements=10)
+
+
+def test_fp32_contents_past_the_fp16_range_are_refused_not_turned_into_infinity():
+    def fp16(values: list[float]) -> pb.Tensor:
+        return pb.Tensor(
+            name="x", datatype=pb.DATA_TYPE_FP16, shape=[len(values)], contents=pb.TensorContents(fp32_contents=values)
+        )
+
+    with pytest.raises(InvalidArgumentError, match="does not fit in FP16"):
+        tensors.decode(fp16([1.0, 1e6]), max_elements=10)
+    # An infinity the caller sent stays an infinity: only values that would change are refused.
+    assert np.isinf(tensors.decode(fp16([float("inf"), 1.0]), max_elements=10)[0])
+
+
+def test_a_zero_dimension_does_not_let_other_dimensions_past_the_limit():
+    with pytest.raises(InvalidArgumentError, match="more than 1000 elements"):
+        tensors.element_count([0, 2**62, 2**62], name="x", max_elements=1000)
+    assert tensors.element_count([0, 1000], name="x", max_elements=1000) == 0
