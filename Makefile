@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 certs: certs/ca.crt
 certs/ca.crt: scripts/gen_certs.sh | $(STAMP)
-	PYTHON=$(PY) scripts/gen_certs.sh --force certs alice bob mallory
+	scripts/gen_certs.sh --force certs alice bob mallory
 
 models: models/mlp/2/model.onnx
 models/mlp/2/model.onnx: scripts/make_demo_models.py | $(STAMP)
@@ -27,7 +27,7 @@ models/mlp/2/model.onnx: scripts/make_demo_models.py | $(STAMP)
 demo: setup certs models
 	$(PY) scripts/demo.py
 
-test: setup
+test: setup certs models
 	$(PY) -m pytest -q
 
 serve: setup certs models
