@@ -1,0 +1,32 @@
+"""A short run of the benchmark harness (`python -m bench --quick`): every target it starts answers without
+errors, and the reports it writes hold the measurements. Figures are not asserted: speed is measured by
+`make bench`, never by a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_bench_measures_each_target_and_writes_its_reports(pki, demo_models, tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench", "--quick", "--targets", "a,b,e,f", "--certs", str(pki.dir)]
+    command += ["--models", str(demo_models), "--out", str(out)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads((out / "results.json").read_text())
+    runs = document["results"]["sweep"]
+    assert {(r["target"], r["in_flight"]) for r in runs} == {(t, n) for t in "abef" for n in (1, 4)}
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs)
+    assert all(r["server_cpu_us_per_request"] > 0 for r in runs if r["target"] != "a")
+    report = (out / "results.md").read_text()
+    assert "(e) / (b) req/s at 16 in flight | not measured" in report  # the quick run has no 16-in-flight level
+    assert "**4 in flight**" in report and "(f) gateway, fully secured, PredictStream" in report
+    assert (out / "results.png").stat().st_size > 10_000
