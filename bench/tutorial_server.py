@@ -2,7 +2,9 @@
 ``Predict(model_name, repeated float input_data) -> result``, no authentication, no audit.
 
 Target (b) runs it insecure with ONNX Runtime's default threads; target (c), the transport floor, runs it
-with mutual TLS and one intra-op thread per session (what the gateway uses).
+with mutual TLS and one intra-op thread per session (what the gateway uses). One change from the tutorial: a
+64 MiB message limit (grpc's default is 4 MiB), the gateway's, so that the request-size sweep compares like
+with like.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def main() -> None:
     parser.add_argument("--certs", type=Path, help="mutual TLS with a gen_certs.sh folder")
     parser.add_argument("--tuned", action="store_true", help="1 intra-op thread per session")
     args = parser.parse_args()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=10))
+    limit = 64 * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=10),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
     pb_grpc.add_InferenceServiceServicer_to_server(TutorialServicer(args.models, tuned=args.tuned), server)
     address = f"127.0.0.1:{args.port}"
     if args.certs:
