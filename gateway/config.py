@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
-from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
+from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
 from gateway.models.batching import BatchingOptions
 
 DEFAULT_ISSUER = "https://gateway.local"
@@ -100,7 +100,9 @@ class LimitSettings:
     """Sizes and concurrency."""
 
     max_message_bytes: int = 64 * MIB
-    max_metadata_bytes: int = 16 * 1024
+    # Well above the 8 KiB bearer-token limit, so an oversized token is refused (and audited) by the gateway,
+    # not by grpc core, which refuses metadata over this before any Python code sees the call.
+    max_metadata_bytes: int = 64 * 1024
     max_concurrent_rpcs: int = 512
     max_workers: int = 16
 
@@ -348,6 +350,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")
         if batching.max_queue_delay_us > 1_000_000:
             raise ConfigError(f"models.batching.{model}.max_queue_delay_us: at most 1000000 (one second)")
+    if settings.limits.max_metadata_bytes < 2 * MAX_TOKEN_BYTES:
+        raise ConfigError(f"limits.max_metadata_bytes: at least {2 * MAX_TOKEN_BYTES}, twice the bearer-token limit")
     for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers"):
         if getattr(settings.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")

@@ -20,7 +20,7 @@ import structlog
 from gateway.audit import AuditLog
 from gateway.auth.certs import CrlStore, check_validity, inspect_peer
 from gateway.auth.principal import Principal
-from gateway.auth.tokens import TokenVerifier
+from gateway.auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
 from gateway.context import CallContext, current_call, request_id_from
 from gateway.errors import (
     AuthenticationError,
@@ -35,7 +35,6 @@ from gateway.errors import (
 
 log = structlog.get_logger(__name__)
 
-MAX_AUTHORIZATION_BYTES = 8192
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
@@ -299,7 +298,7 @@ def bearer_token(values: Sequence[str]) -> str:
     if len(values) > 1:
         raise AuthenticationError(reason="several authorization headers")
     value = values[0]
-    if len(value) > MAX_AUTHORIZATION_BYTES:
+    if len(value) > MAX_TOKEN_BYTES:
         raise AuthenticationError(reason="authorization header too large")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer":

@@ -9,24 +9,16 @@ the credentials they were made with (bounded by max_connection_age).
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import grpc
 import structlog
 from cryptography import x509
 
-from gateway.auth.certs import CertificateConfigError, validate_server_pair
+from gateway.auth.certs import CertificateConfigError, read_material, validate_server_pair
 from gateway.config import ConfigError, TlsSettings
 from gateway.watcher import Watcher, file_fingerprint
 
 log = structlog.get_logger(__name__)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CertificateConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 class ServerCredentials:
@@ -49,7 +41,7 @@ class ServerCredentials:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert_path, key_path, ca_path = self._paths
-        cert, key, ca = _read(cert_path), _read(key_path), _read(ca_path)
+        cert, key, ca = read_material(cert_path), read_material(key_path), read_material(ca_path)
         validate_server_pair(cert, key, ca, self._names)
         leaf = x509.load_pem_x509_certificate(cert)
         log.info(

@@ -32,7 +32,7 @@ def file_fingerprint(paths: Iterable[str | os.PathLike[str]]) -> Fingerprint:
 
 
 def tree_fingerprint(directory: str | os.PathLike[str], patterns: Iterable[str]) -> Fingerprint:
-    """Fingerprint of every file below ``directory`` matching one of ``patterns`` (glob, recursive)."""
+    """Fingerprint of every file below ``directory`` matching one of ``patterns`` (``Path.glob``; ``**/`` recurses)."""
     root = Path(directory)
     files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
     return file_fingerprint(files)

@@ -178,7 +178,7 @@ class RevocationList:
 def load_crl(crl_path: str | Path, ca_path: str | Path) -> RevocationList:
     """Load a PEM or DER CRL signed by a CA in ``ca_path``; CertificateConfigError names the file otherwise."""
     crl_path, ca_path = Path(crl_path), Path(ca_path)
-    data = _read(crl_path)
+    data = read_material(crl_path)
     try:
         crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
         extensions = crl.extensions
@@ -200,7 +200,8 @@ def load_crl(crl_path: str | Path, ca_path: str | Path) -> RevocationList:
     )
 
 
-def _read(path: Path) -> bytes:
+def read_material(path: Path) -> bytes:
+    """The bytes of a certificate, key or CRL file; CertificateConfigError naming the file if unreadable."""
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -209,7 +210,7 @@ def _read(path: Path) -> bytes:
 
 def _load_cas(ca_path: Path) -> list[x509.Certificate]:
     try:
-        return x509.load_pem_x509_certificates(_read(ca_path))
+        return x509.load_pem_x509_certificates(read_material(ca_path))
     except ValueError:
         raise CertificateConfigError(f"{ca_path}: not a PEM CA certificate") from None
 
