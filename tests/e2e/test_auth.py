@@ -12,6 +12,7 @@ import grpc
 import jwt
 import numpy as np
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -348,3 +349,43 @@ def _write_json(path, data) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
+
+
+BOUND_ONLY_POLICY = """
+rules:
+  - id: bound-alice
+    effect: allow
+    principals: {subjects: [alice], bound_token: true}
+    models: ["*"]
+    actions: "*"
+"""
+
+
+def test_a_rule_that_requires_bound_tokens_refuses_an_unbound_one(start_gateway):
+    gw = start_gateway(policy=BOUND_ONLY_POLICY)
+    assert predict(gw, gw.token(bind="alice")).model_version == "2"
+    record = refused(gw, gw.token(bind=None), code=PERMISSION_DENIED)
+    assert (record["decision"], record["rule"], record["sub"]) == ("deny", None, "alice")
+
+
+def test_a_connection_that_outlives_its_client_certificate_is_refused_on_the_next_call(gw):
+    from gateway.interceptors import AuthenticationInterceptor
+
+    (authn,) = [i for i in gw.gateway._interceptors if isinstance(i, AuthenticationInterceptor)]
+    not_after = x509.load_pem_x509_certificate(gw.pki.read("alice.crt")).not_valid_after_utc.timestamp()
+    token = gw.token()
+    request_id = uuid.uuid4().hex
+    with gw.channel("alice") as channel:
+        call = stub(channel).Predict
+        assert call(predict_request("mlp", {"input": X}), metadata=auth(token), timeout=TIMEOUT).model_version == "2"
+        authn._clock = lambda: not_after + 1  # the same connection, one second past the certificate's expiry
+        exc = rpc_error(
+            lambda: call(
+                predict_request("mlp", {"input": X}),
+                metadata=(*auth(token), ("x-request-id", request_id)),
+                timeout=TIMEOUT,
+            )
+        )
+    assert exc.code() == UNAUTHENTICATED
+    (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
+    assert record["reason"] == "client certificate expired"
