@@ -233,10 +233,14 @@ class AuditLog:
             context_class=dict,
         ).bind()
 
-        # Caller side: ``_lock`` guards the pending group and the state; the writer waits on ``_wakeup``.
+        # Caller side: ``_lock`` guards the pending group, the state and the committer role; the writer thread
+        # waits on ``_wakeup`` until it is handed the role.
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._group = _Group()
+        # Who commits now: None, "leader" (a caller committing its own record) or "writer" (the writer thread).
+        # One committer at a time keeps the chain in order without a lock around the I/O.
+        self._committer: str | None = None
         self._state = "new"  # new -> open -> closing -> closed (-> open again)
         # Writer side. ``_io_lock`` orders fd swaps (rotation, recovery, close) against the background fsync and
         # checkpoint writes; the hot path (chaining, os.write) runs in the writer thread alone and needs no lock.
@@ -298,6 +302,7 @@ class AuditLog:
         self._stop_sync.clear()
         with self._lock:
             self._group = _Group()
+            self._committer = None
             self._state = "open"
         self._writer = threading.Thread(target=self._run, name=f"audit-writer-{self.chain_id}", daemon=True)
         self._writer.start()
@@ -432,8 +437,22 @@ class AuditLog:
             index = len(group.records)
             group.records.append(event)
             group.waiters.append(waiter)
-            if index == 0:  # the writer only sleeps while the pending group is empty
-                self._wakeup.notify()
+            lead = self._committer is None
+            if lead:
+                # Nobody is committing: this caller commits its own record at once, in its own thread, with no
+                # hand-off to the writer thread and back (two thread switches). Callers arriving meanwhile queue.
+                self._committer = "leader"
+                self._group = _Group()
+        if lead:
+            self._commit_and_release(group)
+            with self._lock:
+                if self._group.records or self._state != "open":
+                    # What queued meanwhile goes to the writer thread: a leader commits one group only, so its
+                    # own latency stays one write.
+                    self._committer = "writer"
+                    self._wakeup.notify()
+                else:
+                    self._committer = None
         if not waiter.acquire(timeout=-1 if self._write_timeout is None else self._write_timeout):
             self._refuse(record, "audit write timed out")
             return
@@ -474,24 +493,31 @@ class AuditLog:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._group.records and self._state == "open":
+                while self._committer != "writer" and not (self._state != "open" and self._committer is None):
                     self._wakeup.wait()
                 group = self._group
                 if not group.records:
-                    return  # closing, and everything submitted has been handled
+                    self._committer = None
+                    if self._state != "open":
+                        return  # closing, and everything submitted has been handled
+                    continue
                 self._group = _Group()
-            try:
-                committed = self._commit(group)
-            except Exception as exc:  # a bug must not leave callers waiting forever or kill the writer
-                log.exception("audit_write_failed", op="internal", file=str(self.path))
-                committed = False
-                self._set_broken(_Failure("internal", type(exc).__name__, time.monotonic()))
-                group.error = "audit writer error"
-            group.release()
-            if committed and self._offset >= self._max_bytes:
-                self._rotate_or_break()
-            elif not committed:
-                self._fail_queued(group.error or "audit write failed")
+            self._commit_and_release(group)
+
+    def _commit_and_release(self, group: _Group) -> None:
+        """Commit one group as the committer, wake its callers, then rotate, or fail what queued behind it."""
+        try:
+            committed = self._commit(group)
+        except Exception as exc:  # a bug must not leave callers waiting forever or kill the writer
+            log.exception("audit_write_failed", op="internal", file=str(self.path))
+            committed = False
+            self._set_broken(_Failure("internal", type(exc).__name__, time.monotonic()))
+            group.error = "audit writer error"
+        group.release()
+        if committed and self._offset >= self._max_bytes:
+            self._rotate_or_break()
+        elif not committed:
+            self._fail_queued(group.error or "audit write failed")
 
     def _commit(self, group: _Group) -> bool:
         """Chain, write and make durable one group; on failure roll the chain back and mark the sink broken."""

@@ -31,6 +31,7 @@ from gateway.audit import (
 )
 from gateway.audit.chain import encode_canonical, parse_rotated
 from gateway.errors import InternalError, UnavailableError
+from tests.conftest import wait_until
 
 KEY = b"k" * 32
 
@@ -545,13 +546,19 @@ def test_removed_file_continues_the_chain_in_a_new_file(
 
 def test_write_times_out_when_the_sink_hangs(log_path: Path) -> None:
     with AuditLog(log_path, fsync="none", write_timeout_s=0.05) as audit:
-        # Holding the lock blocks the writer at its checkpoint step, as a hung disk would.
-        with audit._io_lock, pytest.raises(UnavailableError) as timed_out:
-            audit.write(record(1))
+        # Holding the lock blocks whoever commits at its checkpoint step, as a hung disk would. The first caller
+        # commits its own record and hangs there; a caller queued behind it gives up after write_timeout_s.
+        with audit._io_lock:
+            first = threading.Thread(target=audit.write, args=(record(1),))
+            first.start()
+            wait_until(lambda: audit._committer == "leader")
+            with pytest.raises(UnavailableError) as timed_out:
+                audit.write(record(2))
+        first.join(timeout=10)
         assert timed_out.value.reason == "audit write timed out"
-    # The record was committed after its caller gave up: the trail may hold a refused call, never lose an
-    # acknowledged one.
-    assert [r["request_id"] for r in read_records(log_path)] == ["req-1"]
+    # The queued record was committed after its caller gave up: the trail may hold a refused call, never lose
+    # an acknowledged one.
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-1", "req-2"]
 
 
 def test_unencodable_record_is_an_internal_error(log_path: Path) -> None:
