@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import DEFAULT_AUDIENCE, DEFAULT_ISSUER, ConfigError, certs_dir_overrides, for_worker, load_settings
+from gateway.config import (
+    DEFAULT_AUDIENCE,
+    DEFAULT_ISSUER,
+    ConfigError,
+    certs_dir_overrides,
+    check_paths,
+    for_worker,
+    load_settings,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -51,6 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["workers"] = args.workers
     try:
         settings = load_settings(Path(args.config) if args.config else None, overrides)
+        check_paths(settings)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
     oplog.configure(fmt=settings.log_format, level=settings.log_level)
@@ -71,7 +81,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_issue(args: argparse.Namespace) -> int:
-    from gateway.auth.tokens import issue_token, kid_from_jwks
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.auth.tokens import TokenConfigError, cert_thumbprint, issue_token, kid_from_jwks
 
     key_path = Path(args.key)
     try:
@@ -79,54 +92,109 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
         bind = Path(args.bind_cert).read_bytes() if args.bind_cert else None
     except OSError as exc:
         return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
+    # Loaded here first so that each problem names its own file: the key, the certificate, the JWKS.
+    try:
+        key = serialization.load_pem_private_key(private_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return _fail(f"--key {key_path}: not an unencrypted PEM private key (a public key cannot sign)", EXIT_USAGE)
+    if bind is not None:
+        try:
+            cert_thumbprint(bind)
+        except ValueError:
+            return _fail(f"--bind-cert {args.bind_cert}: not a PEM or DER certificate", EXIT_USAGE)
     kid = args.kid
     jwks = key_path.with_name("jwks.json")
-    if kid is None and jwks.exists():
-        kid = kid_from_jwks(jwks, private_pem)
-    token = issue_token(
-        private_key_pem=private_pem,
-        sub=args.sub,
-        kid=kid,
-        iss=args.iss,
-        aud=args.aud,
-        scopes=args.scope or (),
-        groups=args.group or (),
-        ttl_s=args.ttl,
-        bind_cert_pem=bind,
-    )
+    try:
+        if kid is None and jwks.exists():
+            kid = kid_from_jwks(jwks, key)
+    except TokenConfigError as exc:
+        return _fail(f"{exc} (it is read for the key's kid; --kid skips it)", EXIT_USAGE)
+    try:
+        token = issue_token(
+            private_key_pem=private_pem,
+            sub=args.sub,
+            kid=kid,
+            iss=args.iss,
+            aud=args.aud,
+            scopes=args.scope or (),
+            groups=args.group or (),
+            ttl_s=args.ttl,
+            bind_cert_pem=bind,
+        )
+    except TokenConfigError as exc:
+        return _fail(f"--key {key_path}: {exc}", EXIT_USAGE)
+    except ValueError as exc:
+        return _fail(f"cannot issue a token: {exc}", EXIT_USAGE)
     print(token)
     return EXIT_OK
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from gateway.auth.principal import Principal
+    from gateway.auth.principal import Principal, principal_claims
+    from gateway.errors import AuthenticationError
     from gateway.policy import Action, PolicyError, load_policies
 
     try:
         policies = load_policies(Path(args.policies))
-        claims: dict[str, Any] = json.loads(args.claims) if args.claims else {}
-        if not isinstance(claims, dict):
-            raise ValueError("--claims must be a JSON object")
-        action = Action(args.action)
-    except PolicyError as exc:
+        claims = json.loads(args.claims) if args.claims else {}
+        version = _judged_version(args)
+    except (PolicyError, _UsageError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except ValueError as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    scope_claim: Any = claims.get("scope", claims.get("scp")) or []
-    scopes: list[str] = scope_claim.split() if isinstance(scope_claim, str) else list(scope_claim)
+        return _fail(f"--claims is not JSON: {exc}", EXIT_USAGE)
+    if not isinstance(claims, dict):
+        return _fail("--claims must be a JSON object", EXIT_USAGE)
+    subject = claims.get("sub", "")
+    try:
+        groups, scopes = principal_claims(claims, groups_claim=args.groups_claim, scopes_claim=args.scopes_claim)
+    except AuthenticationError as exc:
+        return _fail(f"--claims: {exc.reason}: the gateway refuses such a token", EXIT_USAGE)
+    if not isinstance(subject, str):
+        return _fail("--claims: malformed claim sub: the gateway refuses such a token", EXIT_USAGE)
     principal = Principal(
         cert_identity=args.cert_identity or "",
         cert_sha256="",
-        subject=str(claims.get("sub", "")),
+        subject=subject,
         issuer=str(claims.get("iss", "")),
-        token_id=claims.get("jti"),
-        groups=frozenset(claims.get("groups") or []),
-        scopes=frozenset(scopes),
+        groups=groups,
+        scopes=scopes,
         token_bound=bool(args.bound),
     )
-    decision = policies.evaluate(principal, model=args.model, version=args.version, action=action)
+    decision = policies.evaluate(principal, model=args.model, version=version, action=Action(args.action))
     print(decision.explain())
     return EXIT_OK if decision.allowed else EXIT_FAILED
+
+
+def _judged_version(args: argparse.Namespace) -> str | None:
+    """The version the server would judge: --version, else the default (highest) one under --models; notes on
+    stderr say which, so that stdout stays the one decision line."""
+    # The repository's own scan of <name>/<version>/model.onnx (private there for now): names only, nothing loaded.
+    from gateway.models.repository import _scan
+
+    versions: list[int] = []
+    if args.models is not None:
+        if not Path(args.models).is_dir():
+            raise _UsageError(f"--models: {args.models} is not a directory")
+        try:
+            versions = sorted(v for name, v in _scan(Path(args.models)) if name == args.model)
+        except OSError as exc:
+            raise _UsageError(f"--models: {exc.filename}: {exc.strerror}") from None
+    if args.version is not None:
+        if args.models and args.version.isdigit() and int(args.version) not in versions:
+            _note(f"{args.model} has no version {args.version} in {args.models}: if allowed, the call gets NOT_FOUND")
+        return str(args.version)
+    if args.models is None:
+        _note('no --version or --models: judged for "no version", which rules with a versions list never match')
+        return None
+    if not versions:
+        _note(f'no model {args.model} in {args.models}: judged for "no version" (if allowed, the call gets NOT_FOUND)')
+        return None
+    _note(f"judged version {versions[-1]}, the default of {args.model} in {args.models}")
+    return str(versions[-1])
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -199,6 +267,9 @@ class _UsageError(Exception):
 def _read_inputs(args: argparse.Namespace) -> Any:
     import numpy as np
 
+    from gateway.errors import InvalidArgumentError
+    from gateway.tensors import datatype_of
+
     if args.input is not None:
         try:
             data = json.loads(args.input)
@@ -208,10 +279,14 @@ def _read_inputs(args: argparse.Namespace) -> Any:
         path = Path(args.input_file)
         try:
             if path.suffix == ".npy":
-                return np.load(path, allow_pickle=False)
+                array = np.load(path, allow_pickle=False)
+                datatype_of(array)  # a dtype the protocol cannot carry is the caller's mistake, not a refusal
+                return array
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise _UsageError(f"--input-file {path}: {exc}") from None
+        except InvalidArgumentError as exc:
+            raise _UsageError(f"--input-file {path}: {exc.message}") from None
     return _inputs_from_json(data)
 
 
@@ -247,9 +322,23 @@ def _inputs_from_json(data: Any) -> Any:
 
 
 def _array_json(array: Any) -> dict[str, Any]:
+    import numpy as np
+
     from gateway.tensors import datatype_of
 
-    return {"datatype": datatype_of(array).name, "shape": list(array.shape), "data": array.tolist()}
+    data = array.tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        data = _finite(data)
+    return {"datatype": datatype_of(array).name, "shape": list(array.shape), "data": data}
+
+
+def _finite(value: Any) -> Any:
+    """JSON (RFC 8259 6) has no NaN or infinities: they become the strings "NaN", "Infinity", "-Infinity"."""
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def _run_client(args: argparse.Namespace, operation: Any) -> int:
@@ -257,7 +346,7 @@ def _run_client(args: argparse.Namespace, operation: Any) -> int:
 
     try:
         with _connect(args) as client:
-            print(json.dumps(operation(client), indent=2))
+            print(json.dumps(operation(client), indent=2, allow_nan=False))
     except _UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except GatewayError as exc:
@@ -351,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cert-identity")
     check.add_argument("--claims", help='JSON, e.g. {"sub": "alice", "groups": ["ml"]}')
     check.add_argument("--bound", action="store_true", help="the token is bound to the client certificate")
+    check.add_argument("--models", help="model repository: without --version, judge its default version, as serve does")
+    check.add_argument("--groups-claim", default="groups", help="claim holding the groups (auth.groups_claim)")
+    check.add_argument("--scopes-claim", default="scope", help="claim holding the scopes (auth.scopes_claim)")
     check.set_defaults(run=_cmd_policy_check)
 
     predict = commands.add_parser("predict", help="run one inference; prints JSON")

@@ -14,10 +14,10 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -27,11 +27,10 @@ import numpy as np
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.errors import ERRORS_BY_CODE, GatewayError, UnavailableError
+from gateway.errors import AuthenticationError, GatewayError, TLSHandshakeError, UnavailableError, error_for_code
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
 Inputs = Mapping[str, np.ndarray] | np.ndarray | Sequence[float]
-T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------------- results
 
@@ -165,6 +164,9 @@ def as_token_provider(token: str | TokenProvider | Callable[[], str] | None) -> 
     return RefreshingToken(token)
 
 
+_PROVIDER_FAILURE = "token provider"  # how _BearerAuth's failures start, found again in the status details
+
+
 class _BearerAuth(grpc.AuthMetadataPlugin):  # type: ignore[misc]
     def __init__(self, provider: TokenProvider) -> None:
         self._provider = provider
@@ -172,8 +174,9 @@ class _BearerAuth(grpc.AuthMetadataPlugin):  # type: ignore[misc]
     def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
         try:
             callback((("authorization", f"Bearer {self._provider.token()}"),), None)
-        except Exception as exc:  # surfaces as UNAVAILABLE/UNAUTHENTICATED on the call, never with the token
-            callback((), RuntimeError(f"token provider failed: {type(exc).__name__}"))
+        except Exception as exc:
+            # The exception's type only: its text may quote the token. Providers' reprs never hold one.
+            callback((), RuntimeError(f"{_PROVIDER_FAILURE} {self._provider!r} failed: {type(exc).__name__}"))
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -187,7 +190,7 @@ def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE calls that provably did not run: exponential backoff with full jitter."""
+    """Retries of UNAVAILABLE calls known not to have run: exponential backoff with full jitter."""
 
     max_attempts: int = 4
     initial_backoff_s: float = 0.1
@@ -196,41 +199,6 @@ class RetryPolicy:
     def backoff(self, attempt: int) -> float:
         """Sleep before attempt ``attempt + 1`` (full jitter, AWS architecture blog's recommendation)."""
         return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * 2**attempt))  # noqa: S311
-
-
-@dataclass(frozen=True, slots=True)
-class _ChannelConfig:
-    target: str
-    credentials: grpc.ChannelCredentials = field(repr=False)
-    options: tuple[tuple[str, Any], ...]
-
-
-def _channel_config(
-    target: str,
-    *,
-    ca: Any,
-    cert: Any,
-    key: Any,
-    token: Any,
-    server_name: str | None,
-    max_message_bytes: int,
-    keepalive_s: float,
-) -> _ChannelConfig:
-    provider = as_token_provider(token)
-    tls = grpc.ssl_channel_credentials(root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert))
-    credentials = tls
-    if provider is not None:
-        credentials = grpc.composite_channel_credentials(tls, grpc.metadata_call_credentials(_BearerAuth(provider)))
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", 20000),
-    ]
-    if server_name:
-        # Connect by IP but check the certificate for this name (and send it as :authority).
-        options += [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
-    return _ChannelConfig(target, credentials, tuple(options))
 
 
 # ------------------------------------------------------------------------------------------- encode / decode
@@ -295,17 +263,22 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
     code = exc.code()  # type: ignore[attr-defined]
     details = exc.details() or code.name  # type: ignore[attr-defined]
     request_id = _trailer(exc.trailing_metadata(), "x-request-id")  # type: ignore[attr-defined]
-    if code is grpc.StatusCode.UNAVAILABLE and _is_handshake_failure(details):
-        details = (
-            "TLS handshake failed: check that the server certificate chains to the given CA and matches "
-            f"the target name, and that the client certificate is valid ({details})"
-        )
-        return TLSHandshakeError(details, request_id=request_id)
-    cls = ERRORS_BY_CODE.get(code.name, GatewayError)
-    error = cls(details, request_id=request_id)
-    if cls is GatewayError:
-        error.code = code.name
-    return error
+    if code is grpc.StatusCode.UNAVAILABLE and not _server_answered(exc):
+        if _PROVIDER_FAILURE in details:
+            # grpc reports a failing metadata plugin as UNAVAILABLE ("Getting metadata from plugin failed with
+            # error: ..."), yet nothing was sent: this client's credentials failed, and a retry cannot help.
+            return AuthenticationError(details[details.index(_PROVIDER_FAILURE) :])
+        if _is_handshake_failure(details):
+            return TLSHandshakeError(
+                "TLS handshake failed: check that the server certificate chains to the given CA and matches "
+                f"the target name, and that the client certificate is valid ({details})"
+            )
+    return error_for_code(code.name, details, request_id=request_id)
+
+
+def _server_answered(exc: grpc.RpcError) -> bool:
+    """Whether the call got headers or trailers of the server's own (the gateway always sets x-request-id)."""
+    return bool(exc.initial_metadata()) or bool(exc.trailing_metadata())  # type: ignore[attr-defined]
 
 
 # grpc reports a failed handshake only in the status details: a CA that does not sign the server's
@@ -313,35 +286,132 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
 # carry ("Custom verification check failed ... Hostname Verification Check failed").
 _HANDSHAKE_MARKERS = ("handshake", "ssl", "certificate", "verification check failed")
 
+# How grpc's details begin when it never had a connection to send the request on: its load balancer's
+# "failed to connect to all addresses; last error: ... Connection refused" (also unreachable, connect timeout),
+# and name resolution failures ("errors resolving ...", older grpc "DNS resolution failed ...").
+_CONNECT_FAILURES = ("failed to connect to all addresses", "errors resolving", "dns resolution failed")
+
 
 def _is_handshake_failure(details: str) -> bool:
     lowered = details.lower()
     return any(marker in lowered for marker in _HANDSHAKE_MARKERS)
 
 
-class TLSHandshakeError(UnavailableError):
-    """The TLS handshake failed (wrong CA, wrong name, refused client certificate): not retried."""
+def _retryable(exc: grpc.RpcError, error: GatewayError) -> bool:
+    """UNAVAILABLE known not to have run: the server said so (``x-retry-safe``), or no connection was ever made.
+
+    A connection lost once the request was sent ("Socket closed", no trailers, as when the server crashes) may
+    have run the model, so it is not retried.
+    """
+    if not isinstance(error, UnavailableError) or isinstance(error, TLSHandshakeError):
+        return False
+    if _trailer(exc.trailing_metadata(), "x-retry-safe") == "true":  # type: ignore[attr-defined]
+        return True
+    details = (exc.details() or "").lower()  # type: ignore[attr-defined]
+    return not _server_answered(exc) and details.startswith(_CONNECT_FAILURES)
 
 
-def _retryable(exc: grpc.RpcError) -> bool:
-    """UNAVAILABLE that provably did not run: it never reached a handler (no request id), or the server said so."""
-    if exc.code() is not grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
-        return False
-    if isinstance(error_from_rpc(exc), TLSHandshakeError):
-        return False
-    trailers = exc.trailing_metadata()  # type: ignore[attr-defined]
-    return _trailer(trailers, "x-request-id") is None or _trailer(trailers, "x-retry-safe") == "true"
+class _Attempts:
+    """The attempts of one unary call: the time each may take, and the pause before the next one."""
+
+    def __init__(self, retry: RetryPolicy, timeout: float | None) -> None:
+        self._retry = retry
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._made = 0
+
+    def timeout(self) -> float | None:
+        """What is left of the call's deadline."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def pause_after(self, exc: grpc.RpcError) -> float:
+        """The pause before the next attempt; raises the typed error when there is to be none."""
+        self._made += 1
+        error = error_from_rpc(exc)
+        pause = self._retry.backoff(self._made - 1)
+        out_of_time = self._deadline is not None and time.monotonic() + pause >= self._deadline
+        if out_of_time or self._made >= self._retry.max_attempts or not _retryable(exc, error):
+            raise error from None
+        return pause
 
 
 def _metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("x-request-id", request_id),) if request_id else None
 
 
+StreamItems = Iterable[StreamRequest | Inputs]
+
+
+class _Messages:
+    """A stream's request messages, each made from the caller's next item only when grpc sends it.
+
+    grpc reports a request iterable that raises only as a cancelled call: ``failure`` keeps the caller's
+    exception, to be raised instead.
+    """
+
+    def __init__(
+        self, items: StreamItems | AsyncIterable[StreamRequest | Inputs], model: str | None, version: Any
+    ) -> None:
+        self._items, self._model, self._version = items, model, version
+        self.failure: Exception | None = None
+
+    def __iter__(self) -> Iterator[pb.PredictRequest]:
+        try:
+            for index, item in enumerate(self._items):  # type: ignore[arg-type]
+                yield self._message(item, index)
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[pb.PredictRequest]:
+        index = 0
+        try:
+            async for item in self._each():
+                yield self._message(item, index)
+                index += 1
+        except Exception as exc:
+            self.failure = exc
+            raise
+
+    async def _each(self) -> AsyncIterator[Any]:
+        if isinstance(self._items, AsyncIterable):
+            async for item in self._items:
+                yield item
+        else:
+            # Read in the event loop: a producer that blocks should be an async iterable.
+            for item in self._items:
+                yield item
+
+    def _message(self, item: Any, index: int) -> pb.PredictRequest:
+        if isinstance(item, StreamRequest):
+            return build_request(item.model, item.inputs, version=item.version, id=item.id or str(index))
+        if self._model is None:
+            raise ValueError("predict_stream: pass model= or StreamRequest items")
+        return build_request(self._model, item, version=self._version, id=str(index))
+
+    def error(self, exc: grpc.RpcError) -> Exception:
+        """The caller's own failure if there was one, else the call's typed error."""
+        return self.failure or error_from_rpc(exc)
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _stream_result(reply: pb.PredictStreamResponse, request_id: str, *, raise_errors: bool) -> PredictResult:
+    """One stream reply as a result; an in-band error is raised when ``raise_errors``."""
+    if not reply.HasField("error"):
+        return parse_response(reply.response, request_id)
+    code = _CODE_NAMES.get(reply.error.code, "UNKNOWN")
+    error = error_for_code(code, reply.error.message, request_id=request_id)
+    if raise_errors:
+        raise error
+    return PredictResult("", "", {}, request_id, reply.id, error)
+
+
 # ---------------------------------------------------------------------------------------------------- clients
 
 
-class Client:
-    """A synchronous gateway client over mutual TLS; a context manager that closes its channel."""
+class _ClientBase:
+    """What Client and AsyncClient share: the constructor, its settings and the repr."""
 
     def __init__(
         self,
@@ -357,24 +427,44 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float = 60.0,
     ) -> None:
-        config = _channel_config(
-            target,
-            ca=ca,
-            cert=cert,
-            key=key,
-            token=token,
-            server_name=server_name,
-            max_message_bytes=max_message_bytes,
-            keepalive_s=keepalive_s,
+        provider = as_token_provider(token)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
         )
+        if provider is not None:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.metadata_call_credentials(_BearerAuth(provider))
+            )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 20000),
+        ]
+        if server_name:
+            # Connect by IP but check the certificate for this name (and send it as :authority).
+            options += [("grpc.ssl_target_name_override", server_name), ("grpc.default_authority", server_name)]
         self.target = target
         self.timeout = timeout
         self.retry = retry
-        self._channel = grpc.secure_channel(target, config.credentials, options=config.options)
+        self._channel = self._open(target, credentials, options)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
+    def _open(self, target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
-        return f"Client({self.target!r})"
+        return f"{type(self).__name__}({self.target!r})"
+
+    def _attempts(self, timeout: float | None) -> _Attempts:
+        return _Attempts(self.retry, self.timeout if timeout is None else timeout)
+
+
+class Client(_ClientBase):
+    """A synchronous gateway client over mutual TLS; a context manager that closes its channel."""
+
+    def _open(self, target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]) -> Any:
+        return grpc.secure_channel(target, credentials, options=options)
 
     def __enter__(self) -> Client:
         return self
@@ -387,21 +477,14 @@ class Client:
         self._channel.close()
 
     def _call(self, method: Any, request: Any, *, timeout: float | None, request_id: str | None) -> Any:
-        """One unary call with typed errors and retries that never outlast the deadline."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+        """One unary call with typed errors and retries that never outlast the deadline: (response, trailers)."""
+        attempts = self._attempts(timeout)
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
             try:
-                return method.with_call(request, timeout=remaining, metadata=_metadata(request_id))
+                response, call = method.with_call(request, timeout=attempts.timeout(), metadata=_metadata(request_id))
+                return response, call.trailing_metadata()
             except grpc.RpcError as exc:
-                attempt += 1
-                pause = self.retry.backoff(attempt - 1)
-                out_of_time = deadline is not None and time.monotonic() + pause >= deadline
-                if not _retryable(exc) or attempt >= self.retry.max_attempts or out_of_time:
-                    raise error_from_rpc(exc) from None
-                time.sleep(pause)
+                time.sleep(attempts.pause_after(exc))
 
     def predict(
         self,
@@ -414,12 +497,12 @@ class Client:
     ) -> PredictResult:
         """Run one inference: a mapping of names to arrays, one array (one-input models), or a list of floats."""
         request = build_request(model, inputs, version=version)
-        response, call = self._call(self._stub.Predict, request, timeout=timeout, request_id=request_id)
-        return parse_response(response, _trailer(call.trailing_metadata(), "x-request-id"))
+        response, trailers = self._call(self._stub.Predict, request, timeout=timeout, request_id=request_id)
+        return parse_response(response, _trailer(trailers, "x-request-id"))
 
     def predict_stream(
         self,
-        requests: Iterable[StreamRequest | Inputs],
+        requests: StreamItems,
         *,
         model: str | None = None,
         version: str | int | None = None,
@@ -435,29 +518,15 @@ class Client:
         # The stream's request id is chosen here, not read from the trailers, so that every result and
         # in-band error carries it as it arrives (the server accepts a safe caller-chosen id).
         request_id = request_id or secrets.token_hex(16)
-        failure: list[Exception] = []
-
-        def messages() -> Iterator[pb.PredictRequest]:
-            try:
-                for index, item in enumerate(requests):
-                    yield _stream_message(item, model, version, index)
-            except Exception as exc:  # grpc would only report "Exception iterating requests!"
-                failure.append(exc)
-                raise
-
+        messages = _Messages(requests, model, version)
         responses = self._stub.PredictStream(
-            messages(), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
+            iter(messages), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
         )
         try:
             for reply in responses:
-                result = _stream_result(reply, request_id)
-                if result.error is not None and raise_errors:
-                    raise result.error
-                yield result
+                yield _stream_result(reply, request_id, raise_errors=raise_errors)
         except grpc.RpcError as exc:
-            if failure:
-                raise failure[0] from None
-            raise error_from_rpc(exc) from None
+            raise messages.error(exc) from None
         finally:
             responses.cancel()  # a raised error or an abandoned iterator must not leave the stream open
 
@@ -473,63 +542,11 @@ class Client:
         return parse_metadata(response)
 
 
-def _stream_message(item: Any, model: str | None, version: Any, index: int) -> pb.PredictRequest:
-    if isinstance(item, StreamRequest):
-        return build_request(item.model, item.inputs, version=item.version, id=item.id or str(index))
-    if model is None:
-        raise ValueError("predict_stream: pass model= or StreamRequest items")
-    return build_request(model, item, version=version, id=str(index))
-
-
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-
-
-def _stream_result(reply: pb.PredictStreamResponse, request_id: str) -> PredictResult:
-    if reply.HasField("error"):
-        code = _CODE_NAMES.get(reply.error.code, "UNKNOWN")
-        cls = ERRORS_BY_CODE.get(code, GatewayError)
-        error = cls(reply.error.message, request_id=request_id)
-        if cls is GatewayError:
-            error.code = code
-        return PredictResult("", "", {}, request_id, reply.id, error)
-    return parse_response(reply.response, request_id)
-
-
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """The same surface as Client, awaitable, on grpc.aio."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        ca: str | os.PathLike[str] | bytes,
-        cert: str | os.PathLike[str] | bytes,
-        key: str | os.PathLike[str] | bytes,
-        token: str | TokenProvider | Callable[[], str] | None = None,
-        server_name: str | None = None,
-        timeout: float | None = 30.0,
-        retry: RetryPolicy = RetryPolicy(),
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        keepalive_s: float = 60.0,
-    ) -> None:
-        config = _channel_config(
-            target,
-            ca=ca,
-            cert=cert,
-            key=key,
-            token=token,
-            server_name=server_name,
-            max_message_bytes=max_message_bytes,
-            keepalive_s=keepalive_s,
-        )
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self._channel = grpc.aio.secure_channel(target, config.credentials, options=config.options)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-
-    def __repr__(self) -> str:
-        return f"AsyncClient({self.target!r})"
+    def _open(self, target: str, credentials: grpc.ChannelCredentials, options: list[tuple[str, Any]]) -> Any:
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -542,22 +559,14 @@ class AsyncClient:
         await self._channel.close()
 
     async def _call(self, method: Any, request: Any, *, timeout: float | None, request_id: str | None) -> Any:
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
+        """See Client._call."""
+        attempts = self._attempts(timeout)
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            call = method(request, timeout=remaining, metadata=_metadata(request_id))
+            call = method(request, timeout=attempts.timeout(), metadata=_metadata(request_id))
             try:
-                response = await call
-                return response, await call.trailing_metadata()
+                return await call, await call.trailing_metadata()
             except grpc.RpcError as exc:
-                attempt += 1
-                pause = self.retry.backoff(attempt - 1)
-                out_of_time = deadline is not None and time.monotonic() + pause >= deadline
-                if not _retryable(exc) or attempt >= self.retry.max_attempts or out_of_time:
-                    raise error_from_rpc(exc) from None
-                await asyncio.sleep(pause)
+                await asyncio.sleep(attempts.pause_after(exc))
 
     async def predict(
         self,
@@ -575,7 +584,7 @@ class AsyncClient:
 
     async def predict_stream(
         self,
-        requests: Iterable[StreamRequest | Inputs],
+        requests: StreamItems | AsyncIterable[StreamRequest | Inputs],
         *,
         model: str | None = None,
         version: str | int | None = None,
@@ -583,20 +592,23 @@ class AsyncClient:
         raise_errors: bool = True,
         request_id: str | None = None,
     ) -> AsyncIterator[PredictResult]:
-        """Results in request order over one stream (see Client.predict_stream)."""
+        """Results in request order over one stream (see Client.predict_stream); ``requests`` is read lazily,
+        an iterable or an async iterable."""
         request_id = request_id or secrets.token_hex(16)  # see Client.predict_stream
-        messages = [_stream_message(item, model, version, index) for index, item in enumerate(requests)]
+        messages = _Messages(requests, model, version)
         call = self._stub.PredictStream(
-            iter(messages), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
+            aiter(messages), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
         )
         try:
             async for reply in call:
-                result = _stream_result(reply, request_id)
-                if result.error is not None and raise_errors:
-                    raise result.error
-                yield result
+                yield _stream_result(reply, request_id, raise_errors=raise_errors)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise messages.error(exc) from None
+        except asyncio.CancelledError:
+            # grpc.aio cancels the call when the request iterable raises, and reports a local cancellation.
+            if messages.failure is None:
+                raise
+            raise messages.failure from None
         finally:
             call.cancel()
 

@@ -12,6 +12,7 @@ so that policy, tokens, models and audit stay transport-free; the boundary turns
     ├── InvalidArgumentError           INVALID_ARGUMENT
     ├── ResourceExhaustedError         RESOURCE_EXHAUSTED
     ├── UnavailableError               UNAVAILABLE
+    │   └── TLSHandshakeError          UNAVAILABLE (SDK only: the handshake failed, nothing was sent; not retried)
     ├── DeadlineExceededError          DEADLINE_EXCEEDED
     ├── CancelledError                 CANCELLED (the client went away; recorded, never sent)
     ├── UnimplementedError             UNIMPLEMENTED
@@ -81,6 +82,10 @@ class UnavailableError(GatewayError):
     default_message = "unavailable"
 
 
+class TLSHandshakeError(UnavailableError):
+    """The TLS handshake failed (wrong CA, wrong name, refused client certificate); the SDK does not retry it."""
+
+
 class DeadlineExceededError(GatewayError):
     """The call's deadline passed."""
 
@@ -109,6 +114,7 @@ class InternalError(GatewayError):
     default_message = "internal error"
 
 
+# TLSHandshakeError is not in the table: no server sends it, the SDK reads it from a failed handshake.
 ERRORS_BY_CODE: dict[str, type[GatewayError]] = {
     cls.code: cls
     for cls in (
@@ -124,3 +130,12 @@ ERRORS_BY_CODE: dict[str, type[GatewayError]] = {
         InternalError,
     )
 }
+
+
+def error_for_code(code: str, message: str, *, request_id: str | None = None) -> GatewayError:
+    """The error for a status code name; a code outside the table is a GatewayError carrying that code."""
+    cls = ERRORS_BY_CODE.get(code, GatewayError)
+    error = cls(message, request_id=request_id)
+    if cls is GatewayError:
+        error.code = code
+    return error

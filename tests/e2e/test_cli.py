@@ -82,6 +82,15 @@ def reference(models: Path, version: int, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"input": x})[0]
 
 
+def strict_json(text: str):
+    """JSON as RFC 8259 has it: NaN and Infinity are not numbers there."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in the output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def output_of(printed: dict) -> np.ndarray:
     """The ``output`` tensor of ``gateway predict``'s JSON, checked against its own datatype and shape."""
     tensor = printed["outputs"]["output"]
@@ -146,6 +155,25 @@ def test_predict_with_an_input_file(gw, demo_models, tmp_path, suffix):
         path.write_text(json.dumps({"input": X.tolist()}))
     printed = ok(run("predict", "--model", "mlp", "--input-file", path, env=client_env(gw)))
     np.testing.assert_allclose(output_of(printed), reference(demo_models, 2, X), rtol=1e-5)
+
+
+def test_predict_prints_strict_json_with_non_finite_numbers_as_strings(gw, tmp_path):
+    x = X[:1].copy()
+    x[0, 0] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, x)
+    result = run("predict", "--model", "mlp", "--input-file", path, env=client_env(gw))
+    assert result.returncode == 0, result.stderr
+    tensor = strict_json(result.stdout)["outputs"]["output"]
+    assert tensor["data"] == [["NaN"] * 10] and tensor["shape"] == [1, 10]
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "<U3", "datetime64[s]"])
+def test_predict_with_an_npy_of_an_unsupported_dtype_exits_2(gw, tmp_path, dtype):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((1, 3), dtype=dtype))
+    usage_error(run("predict", "--model", "mlp", "--input-file", path, env=client_env(gw)), "unsupported dtype")
+    assert gw.audit_records() == []  # refused before connecting
 
 
 def test_flags_override_the_environment(gw):
@@ -298,6 +326,34 @@ def test_token_issue_with_an_unreadable_key_exits_2(tmp_path):
     usage_error(run("token", "issue", "--key", tmp_path / "nope.key", "--sub", "alice"), "nope.key")
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--key", "{pki}/jwt-signing.pub", "--sub", "alice"], "jwt-signing.pub: not an unencrypted PEM private key"),
+        (["--key", "{pki}/ca.crt", "--sub", "alice"], "ca.crt: not an unencrypted PEM private key"),
+        (["--key", "{pki}/jwt-signing.key", "--sub", ""], "sub must be a non-empty string"),
+        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--ttl", "0"], "at least one second"),
+        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--bind-cert", "{pki}/alice.key"], "not a PEM or DER"),
+        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--scope", "read write"], "without whitespace"),
+        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--group", ""], "non-empty string"),
+    ],
+    ids=["public-key", "certificate", "empty-sub", "zero-ttl", "key-as-bind-cert", "scope-with-space", "empty-group"],
+)
+def test_token_issue_with_bad_input_exits_2_without_a_traceback(pki, args, fragment):
+    result = run("token", "issue", *(a.format(pki=pki.dir) for a in args))
+    usage_error(result, fragment)
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+
+
+def test_token_issue_with_a_broken_jwks_beside_the_key_exits_2(pki, tmp_path):
+    (tmp_path / "jwt-signing.key").write_bytes(pki.read("jwt-signing.key"))
+    (tmp_path / "jwks.json").write_text('{"keys": [')
+    result = run("token", "issue", "--key", tmp_path / "jwt-signing.key", "--sub", "alice")
+    usage_error(result, "jwks.json: cannot read a JWKS")
+    assert "--kid" in result.stderr and "Traceback" not in result.stderr
+    assert run("token", "issue", "--key", tmp_path / "jwt-signing.key", "--sub", "alice", "--kid", "k1").returncode == 0
+
+
 # -------------------------------------------------------------------------------------------- policy check
 
 CHECK_POLICY = f"""
@@ -379,6 +435,72 @@ def test_policy_check_agrees_with_the_running_gateway(gw):
     assert (result.returncode, result.stdout.strip()) == (0, "allow by rule alice-all")
     printed = ok(run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), env=client_env(gw)))
     assert next(r for r in gw.audit_records() if r["request_id"] == printed["request_id"])["rule"] == "alice-all"
+
+
+@pytest.mark.parametrize(
+    ("claims", "fragment"),
+    [
+        ('{"sub": "alice", "groups": "suspended"}', "malformed claim groups"),
+        ('{"sub": "alice", "groups": [1]}', "malformed claim groups"),
+        ('{"sub": "alice", "groups": [""]}', "malformed claim groups"),
+        ('{"sub": "alice", "scope": ["predict"]}', "malformed claim scope"),
+        ('{"sub": 7}', "malformed claim sub"),
+    ],
+    ids=["groups-string", "groups-number", "groups-empty-string", "scope-list", "sub-number"],
+)
+def test_policy_check_refuses_claims_the_gateway_would_refuse(policy_dir, claims, fragment):
+    result = check(policy_dir, "--action", "predict", "--claims", claims, "--cert-identity", ALICE_ID, "--bound")
+    usage_error(result, fragment)
+    assert "Traceback" not in result.stderr
+
+
+def test_policy_check_reads_the_configured_claim_names(policy_dir):
+    (policy_dir / "scopes.yaml").write_text(
+        "rules:\n  - id: readers\n    effect: allow\n    principals: {scopes: [models.read]}\n"
+        "    models: [mlp]\n    actions: [metadata]\n"
+    )
+    alice = ["--cert-identity", ALICE_ID, "--bound", "--action", "predict"]
+    roles = '{"sub": "alice", "roles": ["suspended"], "groups": ["ml"]}'
+    assert check(policy_dir, *alice, "--claims", roles).stdout.strip() == "allow by rule alice-bound"
+    denied = check(policy_dir, *alice, "--claims", roles, "--groups-claim", "roles")
+    assert (denied.returncode, denied.stdout.strip()) == (1, "deny by rule deny-suspended")
+    reader = ["--action", "metadata", "--claims", '{"sub": "carol", "perms": "models.read"}']
+    assert check(policy_dir, *reader).stdout.strip() == "deny (no rule allows)"
+    allowed = check(policy_dir, *reader, "--scopes-claim", "perms")
+    assert (allowed.returncode, allowed.stdout.strip()) == (0, "allow by rule readers")
+    # As the verifier does, "scope" and then "scp" are read when the configured claim is absent.
+    scp = ["--action", "metadata", "--claims", '{"sub": "carol", "scp": ["models.read"]}', "--scopes-claim", "perms"]
+    assert check(policy_dir, *scp).stdout.strip() == "allow by rule readers"
+
+
+VERSIONED_POLICY = """
+rules:
+  - id: alice-mlp-v2
+    effect: allow
+    principals: {subjects: [alice]}
+    models: [mlp]
+    versions: [2]
+    actions: [predict]
+"""
+
+
+def test_policy_check_with_models_judges_the_default_version_as_the_gateway_does(start_gateway, demo_models):
+    gw = start_gateway(policy=VERSIONED_POLICY)
+    args = ["policy", "check", "--policies", gw.policy_dir, "--action", "predict", "--claims", '{"sub": "alice"}']
+    judged = run(*args, "--model", "mlp", "--models", demo_models)
+    assert (judged.returncode, judged.stdout.strip()) == (0, "allow by rule alice-mlp-v2")
+    assert "judged version 2" in judged.stderr
+    printed = ok(run("predict", "--model", "mlp", "--input", json.dumps(X[0].tolist()), env=client_env(gw)))
+    assert (printed["version"], gw.audit_records()[-1]["rule"]) == ("2", "alice-mlp-v2")  # the gateway agrees
+
+    unversioned = run(*args, "--model", "mlp")
+    assert (unversioned.returncode, unversioned.stdout.strip()) == (1, "deny (no rule allows)")
+    assert 'judged for "no version"' in unversioned.stderr and "--models" in unversioned.stderr
+    explicit = run(*args, "--model", "mlp", "--version", "1", "--models", demo_models)
+    assert (explicit.returncode, explicit.stdout.strip(), explicit.stderr) == (1, "deny (no rule allows)", "")
+    missing = run(*args, "--model", "no-such-model", "--models", demo_models)
+    assert missing.returncode == 1 and "no model no-such-model" in missing.stderr
+    usage_error(run(*args, "--model", "mlp", "--models", demo_models / "nope"), "is not a directory")
 
 
 def test_policy_check_with_a_bad_policy_directory_exits_2(policy_dir, tmp_path):

@@ -3,9 +3,12 @@ providers and retries, against a real gateway over mutual TLS on loopback, check
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import jwt
@@ -15,7 +18,8 @@ import pytest
 
 import gateway
 from gateway.auth.tokens import issue_token, kid_from_jwks
-from tests.conftest import Pki
+from tests.conftest import Pki, wait_until
+from tests.e2e.test_audit_trail import _point_at_dev_full
 
 TIMEOUT = 10.0
 X = np.random.default_rng(7).random((3, 784), dtype=np.float32)
@@ -42,11 +46,11 @@ def connect(gw_or_target, *, pki: Pki | None = None, client: str = "alice", toke
     )
 
 
-def connect_async(gw, *, client: str = "alice", token=None, **kwargs) -> gateway.AsyncClient:
-    """The AsyncClient twin of ``connect``."""
+def connect_async(gw, *, client: str = "alice", token=None, target: str | None = None, **kwargs) -> gateway.AsyncClient:
+    """The AsyncClient twin of ``connect``; ``target`` defaults to the gateway's."""
     kwargs.setdefault("timeout", TIMEOUT)
     return gateway.AsyncClient(
-        gw.target,
+        target or gw.target,
         ca=gw.pki.path("ca.crt"),
         cert=gw.pki.path(f"{client}.crt"),
         key=gw.pki.path(f"{client}.key"),
@@ -90,8 +94,68 @@ def free_port() -> int:
 
 
 def audited(gw, request_id: str) -> dict:
-    (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
+    (record,) = records_of(gw, request_id)
     return record
+
+
+def records_of(gw, request_id: str) -> list[dict]:
+    return [r for r in gw.audit_records() if r["request_id"] == request_id]
+
+
+class Relay:
+    """A TCP relay in front of the gateway that can lose the connection after the gateway ran a call.
+
+    TLS passes through it untouched. ``hold()`` stops delivering the server's bytes; ``drop()`` closes every
+    connection and delivers again: to the client, the connection was lost once the call had run, as when the
+    server crashes before its response leaves.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._holding = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        self._holding.set()
+
+    def drop(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._sockets.clear()
+        self._holding.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.drop()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._upstream))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not (from_server and self._holding.is_set()):
+                    sink.sendall(data)
+
+
+@pytest.fixture
+def relay(gw):
+    relay = Relay(gw.port)
+    yield relay
+    relay.close()
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -441,6 +505,36 @@ def test_token_file_rotated_on_disk_changes_the_caller_on_the_next_call(gw, tmp_
     assert [r["sub"] for r in gw.audit_records()] == ["alice", "alice", "bob", "bob", "alice"]
 
 
+def test_failing_token_provider_raises_authentication_error_at_once(gw, tmp_path):
+    missing = tmp_path / "no-such-token.jwt"
+    slow = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=2.0, max_backoff_s=2.0)
+    started = time.monotonic()
+    with connect(gw, token=gateway.TokenFile(missing), retry=slow) as client:
+        with pytest.raises(gateway.AuthenticationError) as caught:
+            client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT)
+        with pytest.raises(gateway.AuthenticationError):
+            list(client.predict_stream([X[:1]], model="mlp", timeout=TIMEOUT))
+    assert time.monotonic() - started < 1.5, "a token provider failure was retried"
+    error = caught.value
+    assert error.code == "UNAUTHENTICATED" and error.request_id is None  # nothing was sent
+    assert "token provider" in str(error) and "FileNotFoundError" in str(error)
+    assert gw.audit_records() == []
+
+
+async def test_async_failing_token_provider_raises_authentication_error_at_once(gw):
+    def fetch() -> str:
+        raise RuntimeError("the identity service is down; last token was eyJ.secret.sig")
+
+    slow = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=2.0, max_backoff_s=2.0)
+    started = time.monotonic()
+    async with connect_async(gw, token=fetch, retry=slow) as client:
+        with pytest.raises(gateway.AuthenticationError) as caught:
+            await client.list_models(timeout=TIMEOUT)
+    assert time.monotonic() - started < 1.5
+    assert "RuntimeError" in str(caught.value) and "secret" not in str(caught.value)
+    assert gw.audit_records() == []
+
+
 async def test_tokens_never_appear_in_reprs_or_errors(gw, tmp_path):
     token = gw.token()
     invalid = gw.token("alice", bind="bob")  # well formed, refused: the exception must not echo it
@@ -508,6 +602,87 @@ def test_refusals_are_not_retried(gw, client, model, error):
     assert len(gw.audit_records()) == before + 1
 
 
+def test_call_lost_after_the_gateway_ran_it_is_not_retried(gw, relay):
+    retry = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=0.05)
+    outcome: dict[str, object] = {}
+    with connect(relay.target, pki=gw.pki, retry=retry) as client:
+        client.list_models(timeout=TIMEOUT)  # the connection is up
+        relay.hold()
+
+        def call() -> None:
+            try:
+                outcome["result"] = client.predict("mlp", {"input": X[:1]}, request_id="lost-1", timeout=TIMEOUT)
+            except gateway.GatewayError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        wait_until(lambda: bool(records_of(gw, "lost-1")))  # the gateway ran it and sent its response
+        relay.drop()
+        thread.join(timeout=TIMEOUT)
+    assert isinstance(outcome.get("error"), gateway.UnavailableError), outcome
+    assert [r["code"] for r in records_of(gw, "lost-1")] == ["OK"]  # it ran once: a retry would run it again
+
+
+async def test_async_call_lost_after_the_gateway_ran_it_is_not_retried(gw, relay):
+    retry = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=0.05)
+    async with connect_async(gw, target=relay.target, retry=retry) as client:
+        await client.list_models()
+        relay.hold()
+        call = asyncio.ensure_future(client.predict("mlp", {"input": X[:1]}, request_id="lost-2"))
+        while not records_of(gw, "lost-2"):
+            await asyncio.sleep(0.02)
+        relay.drop()
+        with pytest.raises(gateway.UnavailableError):
+            await asyncio.wait_for(call, TIMEOUT)
+    assert [r["code"] for r in records_of(gw, "lost-2")] == ["OK"]
+
+
+def test_unavailable_marked_retry_safe_is_retried(gw):
+    retry = gateway.RetryPolicy(max_attempts=4, initial_backoff_s=0.05)
+    with connect(gw, retry=retry) as client:
+        _point_at_dev_full(gw.gateway.audit)
+        # The model ran but its record could not be written: no x-retry-safe, so not retried.
+        with pytest.raises(gateway.UnavailableError):
+            client.predict("mlp", {"input": X[:1]}, request_id="unrecorded", timeout=TIMEOUT)
+        # Now the gateway refuses before running the model, says it is safe to retry, and recovers meanwhile.
+        result = client.predict("mlp", {"input": X[:1]}, request_id="retried", timeout=TIMEOUT)
+    assert result.version == "2"
+    assert records_of(gw, "unrecorded") == []
+    assert [(r["code"], r["version"]) for r in records_of(gw, "retried")] == [("UNAVAILABLE", "2"), ("OK", "2")]
+
+
+async def test_async_unavailable_marked_retry_safe_is_retried(gw):
+    async with connect_async(gw, retry=gateway.RetryPolicy(max_attempts=4, initial_backoff_s=0.05)) as client:
+        _point_at_dev_full(gw.gateway.audit)
+        with pytest.raises(gateway.UnavailableError):
+            await client.predict("mlp", {"input": X[:1]}, request_id="unrecorded", timeout=TIMEOUT)
+        result = await client.predict("mlp", {"input": X[:1]}, request_id="retried", timeout=TIMEOUT)
+    assert result.request_id == "retried"
+    assert [r["code"] for r in records_of(gw, "retried")] == ["UNAVAILABLE", "OK"]
+
+
+async def test_async_call_succeeds_when_the_server_comes_up_late(start_gateway, pki):
+    port = free_port()
+    client = gateway.AsyncClient(
+        f"127.0.0.1:{port}",
+        ca=pki.path("ca.crt"),
+        cert=pki.path("alice.crt"),
+        key=pki.path("alice.key"),
+        token=make_token(pki),
+        retry=gateway.RetryPolicy(max_attempts=8, initial_backoff_s=0.2),
+        timeout=15.0,
+    )
+    async with client:
+        call = asyncio.ensure_future(client.predict("mlp", {"input": X[:1]}, request_id="late-2"))
+        await asyncio.sleep(0.5)
+        assert not call.done()
+        gw = start_gateway(overrides={"listen": f"127.0.0.1:{port}"})
+        result = await asyncio.wait_for(call, 20)
+    assert result.version == "2"
+    assert audited(gw, "late-2")["code"] == "OK"
+
+
 def test_retries_never_outlast_the_deadline(pki):
     retry = gateway.RetryPolicy(max_attempts=100, initial_backoff_s=0.2, max_backoff_s=0.5)
     started = time.monotonic()
@@ -550,6 +725,40 @@ async def test_async_predict_stream_yields_results_and_in_band_errors(gw, demo_m
     assert [(r.id, r.version) for r in mixed] == [("a", "2"), ("b", ""), ("c", "1")]
     assert isinstance(mixed[1].error, gateway.NotFoundError) and mixed[1].error.request_id
     assert caught.value.code == "NOT_FOUND" and caught.value.request_id
+
+
+async def test_async_predict_stream_reads_an_async_generator_lazily(gw, demo_models):
+    received: list[str] = []
+    first_result = asyncio.Event()
+
+    async def inputs() -> AsyncIterator[gateway.StreamRequest]:
+        yield gateway.StreamRequest("mlp", X[:1], id="a")
+        # The second request exists only once the first result is back: a reader that drained the
+        # iterable before sending would wait here forever.
+        await asyncio.wait_for(first_result.wait(), TIMEOUT)
+        yield gateway.StreamRequest("mlp", X[1:2], version="1", id="b")
+
+    async with connect_async(gw) as client:
+        async for result in client.predict_stream(inputs(), timeout=TIMEOUT):
+            received.append(result.id)
+            first_result.set()
+            last = result
+    assert received == ["a", "b"]
+    np.testing.assert_allclose(last.outputs["output"], reference(demo_models, 1, X[1:2]), rtol=1e-5)
+
+
+async def test_async_stream_raises_the_error_of_the_callers_iterable(gw):
+    async def inputs() -> AsyncIterator[np.ndarray]:
+        yield X[:1]
+        raise KeyError("no more input")
+
+    async with connect_async(gw) as client:
+        with pytest.raises(ValueError, match="model="):
+            async for _ in client.predict_stream([X[:1]], timeout=TIMEOUT):
+                pass
+        with pytest.raises(KeyError, match="no more input"):
+            async for _ in client.predict_stream(inputs(), model="mlp", timeout=TIMEOUT):
+                pass
 
 
 async def test_async_list_models_and_metadata(gw):

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from structlog.testing import capture_logs
 
 from gateway import policy
-from gateway.auth.principal import Principal
+from gateway.auth.principal import Principal, principal_claims
+from gateway.auth.tokens import KeyStore, TokenVerifier, jwk_kid
+from gateway.errors import AuthenticationError
 from gateway.policy import Action, Decision, PolicyError, PolicySet, PolicyStore, load_policies
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -617,3 +624,46 @@ def test_demo_suspended_group_is_denied_even_where_allowed(demo: PolicySet) -> N
 def test_demo_unknown_caller_is_denied_by_default(demo: PolicySet) -> None:
     carol = make_principal(cert="spiffe://gateway.local/client/carol", sub="carol")
     assert decide(demo, carol, action=Action.LIST) == Decision(allowed=False, rule_id=None)
+
+
+# ------------------------------------------------------------------------ claims, as `gateway policy check` reads them
+
+CLAIM_CASES = [
+    ({"groups": ["ml", "ops"], "scope": "predict read"}, {}),
+    ({"scp": ["predict"]}, {}),
+    ({"roles": ["admin"], "groups": ["ml"]}, {"groups_claim": "roles"}),
+    ({"perms": "a b", "scope": "c"}, {"scopes_claim": "perms"}),
+    ({"scope": "c", "scp": ["d"]}, {"scopes_claim": "perms"}),  # the configured claim is absent: scope, then scp
+    ({"scp": "x y"}, {}),
+    ({"groups": "suspended"}, {}),  # a string is not a list of groups: never the set of its characters
+    ({"groups": [1]}, {}),
+    ({"groups": ["ok", ""]}, {}),
+    ({"scope": ["predict"]}, {}),
+    ({"scp": [7]}, {}),
+]
+
+
+@pytest.mark.parametrize(("claims", "names"), CLAIM_CASES)
+def test_principal_claims_reads_groups_and_scopes_exactly_as_the_verifier(tmp_path: Path, claims, names) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwk = {**jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": jwk_kid(key), "use": "sig"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    verifier = TokenVerifier(
+        keys=KeyStore(tmp_path / "jwks.json", interval_s=60), issuer="iss", audience="aud", **names
+    )
+    base = {"iss": "iss", "aud": "aud", "sub": "alice", "exp": int(time.time()) + 300}
+    token = jwt.encode({**base, **claims}, key, algorithm="EdDSA", headers={"kid": jwk_kid(key)})
+
+    def verified() -> tuple[frozenset[str], frozenset[str]]:
+        token_claims = verifier.verify(token, cert_x5t=None)
+        return token_claims.groups, token_claims.scopes
+
+    assert outcome(lambda: principal_claims(claims, **names)) == outcome(verified)
+
+
+def outcome(read: Callable[[], Any]) -> Any:
+    """What ``read`` returns, or the reason of the AuthenticationError it raises."""
+    try:
+        return read()
+    except AuthenticationError as exc:
+        return exc.reason
