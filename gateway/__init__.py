@@ -22,7 +22,7 @@ _EXPORTS = {
     "StaticToken": "gateway.client",
     "TokenFile": "gateway.client",
     "RefreshingToken": "gateway.client",
-    "TLSHandshakeError": "gateway.client",
+    "TLSHandshakeError": "gateway.errors",
     "GatewayError": "gateway.errors",
     "AuthenticationError": "gateway.errors",
     "PermissionDeniedError": "gateway.errors",

@@ -130,7 +130,8 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from gateway.auth.principal import Principal, principal_claims
+    from gateway.auth.principal import Principal
+    from gateway.auth.tokens import groups_and_scopes
     from gateway.errors import AuthenticationError
     from gateway.policy import Action, PolicyError, load_policies
 
@@ -146,7 +147,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         return _fail("--claims must be a JSON object", EXIT_USAGE)
     subject = claims.get("sub", "")
     try:
-        groups, scopes = principal_claims(claims, groups_claim=args.groups_claim, scopes_claim=args.scopes_claim)
+        groups, scopes = groups_and_scopes(claims, groups_claim=args.groups_claim, scopes_claim=args.scopes_claim)
     except AuthenticationError as exc:
         return _fail(f"--claims: {exc.reason}: the gateway refuses such a token", EXIT_USAGE)
     if not isinstance(subject, str):
@@ -169,14 +170,14 @@ def _judged_version(args: argparse.Namespace) -> str | None:
     """The version the server would judge: --version, else the default (highest) one under --models; notes on
     stderr say which, so that stdout stays the one decision line."""
     # The repository's own scan of <name>/<version>/model.onnx (private there for now): names only, nothing loaded.
-    from gateway.models.repository import _scan
+    from gateway.models.repository import scan
 
     versions: list[int] = []
     if args.models is not None:
         if not Path(args.models).is_dir():
             raise _UsageError(f"--models: {args.models} is not a directory")
         try:
-            versions = sorted(v for name, v in _scan(Path(args.models)) if name == args.model)
+            versions = sorted(v for name, v in scan(Path(args.models)) if name == args.model)
         except OSError as exc:
             raise _UsageError(f"--models: {exc.filename}: {exc.strerror}") from None
     if args.version is not None:

@@ -48,6 +48,7 @@ __all__ = [
     "VerificationKey",
     "VerifiedToken",
     "cert_thumbprint",
+    "groups_and_scopes",
     "issue_token",
     "jwk_kid",
     "kid_from_jwks",
@@ -411,6 +412,20 @@ def _scope_values(value: Any, claim: str) -> frozenset[str]:
     return _string_list(value, claim)
 
 
+def groups_and_scopes(
+    claims: Mapping[str, Any], *, groups_claim: str = "groups", scopes_claim: str = "scope"
+) -> tuple[frozenset[str], frozenset[str]]:
+    """A token's groups and scopes; AuthenticationError when malformed. One reader for the verifier and for
+    ``gateway policy check``, so that they cannot disagree on a claim's shape.
+
+    The scopes come from ``scopes_claim``, else ``scope``, else ``scp``: the first one present.
+    """
+    groups = _string_list(claims.get(groups_claim), groups_claim)
+    names = (scopes_claim, *(name for name in ("scope", "scp") if name != scopes_claim))
+    scope_claim = next((name for name in names if name in claims), scopes_claim)
+    return groups, _scope_values(claims.get(scope_claim), scope_claim)
+
+
 def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     """RFC 7519 2 NumericDate: a finite JSON number. bool is an int in Python, and NaN compares false with all."""
     if name not in claims:
@@ -503,8 +518,7 @@ class TokenVerifier:
         # exp is always required: a token without an expiry would be valid forever (RFC 7519 4.1.4).
         self._require = sorted({*required_claims, "exp"})
         self._groups_claim = groups_claim
-        others = [name for name in ("scope", "scp") if name != scopes_claim]
-        self._scope_claims = (scopes_claim, *others)
+        self._scopes_claim = scopes_claim
         self._clock = clock
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
         self._cache_size = cache_size
@@ -652,9 +666,7 @@ class TokenVerifier:
             _refuse("wrong issuer")
         if jti is not None and (not isinstance(jti, str) or not jti):
             _refuse("malformed claim jti")
-        groups = _string_list(claims.get(self._groups_claim), self._groups_claim)
-        scope_claim = next((name for name in self._scope_claims if name in claims), self._scope_claims[0])
-        scopes = _scope_values(claims.get(scope_claim), scope_claim)
+        groups, scopes = groups_and_scopes(claims, groups_claim=self._groups_claim, scopes_claim=self._scopes_claim)
         x5t = _confirmation(claims)
         return _Verified(VerifiedToken(subject, self._issuer, jti, groups, scopes, exp, bound=x5t is not None), x5t)
 

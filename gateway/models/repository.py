@@ -60,7 +60,7 @@ def parse_version(text: str) -> int | None:
     return int(text) if _VERSION.fullmatch(text) else None
 
 
-def _scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
+def scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
     """Every well-named ``<name>/<version>/model.onnx`` under root, with its file key."""
     found: dict[tuple[str, int], tuple[Path, FileKey]] = {}
     try:
@@ -101,7 +101,7 @@ class ModelRepository:
         self._refused: dict[tuple[str, int], FileKey] = {}
         self._write_lock = threading.Lock()
         self._watcher = Watcher(
-            name="models", fingerprint=lambda: _scan(self.root), on_change=self.rescan, interval_s=poll_interval_s
+            name="models", fingerprint=lambda: scan(self.root), on_change=self.rescan, interval_s=poll_interval_s
         )
 
     def load_all(self) -> None:
@@ -110,7 +110,7 @@ class ModelRepository:
             raise ModelLoadError(f"model repository {self.root} is not a directory")
         with self._write_lock:
             loaded = {}
-            for (name, version), (path, key) in _scan(self.root).items():
+            for (name, version), (path, key) in scan(self.root).items():
                 model = ModelVersion(name=name, version=version, path=path, options=self._options)
                 loaded[(name, version)] = _Loaded(model, key)
                 self._log_loaded(model)
@@ -130,7 +130,7 @@ class ModelRepository:
         """Apply what changed on disk: load new or rewritten versions, drop removed ones."""
         with self._write_lock:
             current = dict(self._snapshot.loaded)
-            found = _scan(self.root)
+            found = scan(self.root)
             changed = False
             for ident in list(current):
                 if ident not in found:

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from structlog.testing import capture_logs
 
 from gateway import policy
-from gateway.auth.principal import Principal, principal_claims
-from gateway.auth.tokens import KeyStore, TokenVerifier, jwk_kid
+from gateway.auth.principal import Principal
+from gateway.auth.tokens import KeyStore, TokenVerifier, groups_and_scopes, jwk_kid
 from gateway.errors import AuthenticationError
 from gateway.policy import Action, Decision, PolicyError, PolicySet, PolicyStore, load_policies
 
@@ -644,7 +644,7 @@ CLAIM_CASES = [
 
 
 @pytest.mark.parametrize(("claims", "names"), CLAIM_CASES)
-def test_principal_claims_reads_groups_and_scopes_exactly_as_the_verifier(tmp_path: Path, claims, names) -> None:
+def test_policy_check_reads_groups_and_scopes_exactly_as_the_verifier(tmp_path: Path, claims, names) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     jwk = {**jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": jwk_kid(key), "use": "sig"}
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
@@ -658,7 +658,7 @@ def test_principal_claims_reads_groups_and_scopes_exactly_as_the_verifier(tmp_pa
         token_claims = verifier.verify(token, cert_x5t=None)
         return token_claims.groups, token_claims.scopes
 
-    assert outcome(lambda: principal_claims(claims, **names)) == outcome(verified)
+    assert outcome(lambda: groups_and_scopes(claims, **names)) == outcome(verified)
 
 
 def outcome(read: Callable[[], Any]) -> Any:
