@@ -119,9 +119,9 @@ def markdown(results: Results, labels: dict[str, str], environment: dict[str, An
         lines += _compare(results["batching"], labels, "e", "**Dynamic batching (64 in flight, 1-row requests)**")
     if results.get("sizes"):
         lines += _sizes(results["sizes"], labels)
-    if extras.get("memory_mib_per_version"):
-        lines += ["**Resident memory per loaded model version**", "", "| model | MiB |", "|---|---:|"]
-        lines += [f"| {name} | {mib:.1f} |" for name, mib in extras["memory_mib_per_version"].items()]
+    if extras.get("memory_kib_per_version"):
+        lines += ["**Resident memory per loaded model version**", "", "| model | KiB |", "|---|---:|"]
+        lines += [f"| {name} | {kib:,.0f} |" for name, kib in extras["memory_kib_per_version"].items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -354,7 +354,7 @@ def measure(
 
 
 def memory_per_version(models: Path, copies: int = 6) -> dict[str, float]:
-    """Resident memory each loaded version adds (MiB), for each demo model: ``copies`` loaded, RSS compared."""
+    """Resident memory each loaded version adds (KiB), for each demo model: ``copies`` loaded, RSS compared."""
     from gateway.models.runtime import ModelVersion, RuntimeOptions
 
     def rss() -> int:
@@ -367,7 +367,7 @@ def memory_per_version(models: Path, copies: int = 6) -> dict[str, float]:
         gc.collect()
         before = rss()
         loaded = [ModelVersion(name=name, version=version, path=path, options=RuntimeOptions()) for _ in range(copies)]
-        result[f"{name} ({path.stat().st_size / 2**20:.1f} MiB file)"] = (rss() - before) / copies / 2**20
+        result[f"{name} ({path.stat().st_size / 1024:,.0f} KiB file)"] = (rss() - before) / copies / 1024
         del loaded
     return result
 
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             sections["ablations"] = run_section(ABLATIONS.split(","), [16], args, models, workdir, pool)
             sections["batching"] = run_section(BATCHING.split(","), [64], args, models, workdir, pool)
             sections["sizes"] = run_section(SIZES_TARGETS.split(","), [16], args, models, workdir, pool, sizes=SIZES)
-            extras["memory_mib_per_version"] = memory_per_version(models)
+            extras["memory_kib_per_version"] = memory_per_version(models)
     environment = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),

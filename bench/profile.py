@@ -1,0 +1,151 @@
+"""Where the time of a secured call goes: server CPU per request with one part of the work taken out at a time.
+
+    python -m bench.profile [--window 4] [--reps 3]
+
+A sampling profiler cannot attribute a multi-threaded gRPC server's CPU cleanly (most of it is spent in
+grpcio's C core and in thread hand-offs, outside any Python frame), so this measures by difference: the
+fully secured gateway runs in this process, 16 calls in flight from two client processes over mutual TLS,
+and each variant replaces one step with a no-op. The difference in server CPU per request is that step's
+cost. Bench code only: nothing here changes how the gateway runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from bench.load import LoadSpec, run_client
+from bench.run import ALLOW_ALICE, ROOT, issue_token
+
+IN_FLIGHT = 16
+
+
+@contextmanager
+def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _variants() -> dict[str, Callable[[], object]]:
+    from gateway.audit.writer import AuditLog
+    from gateway.auth.tokens import TokenVerifier
+    from gateway.models.runtime import ModelVersion
+
+    output = {"output": np.zeros((1, 10), np.float32)}
+    return {
+        "full (e)": nullcontext,
+        "without the audit write": lambda: _replaced(AuditLog, "write", lambda self, record: None),
+        "without ONNX Runtime": lambda: _replaced(ModelVersion, "_execute", lambda self, inputs: output),
+        "without the token check (cache hit)": lambda: _replaced(
+            TokenVerifier, "verify", _first_result(TokenVerifier.verify)
+        ),
+    }
+
+
+def _first_result(verify: Callable[..., object]) -> Callable[..., object]:
+    """``verify`` once, then its answer for every call: the cost of the cached path taken out."""
+    cached: list[object] = []
+
+    def replacement(self: object, token: str, *, cert_x5t: str | None) -> object:
+        if not cached:
+            cached.append(verify(self, token, cert_x5t=cert_x5t))
+        return cached[0]
+
+    return replacement
+
+
+def measure(
+    port: int, certs: Path, token: str, window: float, pool: ProcessPoolExecutor, count: Callable[[], int]
+) -> tuple[float, float]:
+    """(requests/s, server CPU us per request) over one window."""
+    start = time.time() + 0.5
+    measure_from, measure_until = start + 1.0, start + 1.0 + window
+    spec = LoadSpec(
+        target=f"127.0.0.1:{port}",
+        model="mlp",
+        form="tensor",
+        mode="unary",
+        in_flight=IN_FLIGHT // 2,
+        batch=1,
+        features=784,
+        measure_from=measure_from,
+        measure_until=measure_until,
+        certs=str(certs),
+        token=token,
+    )
+    futures = [pool.submit(run_client, spec) for _ in range(2)]
+    time.sleep(max(0.0, measure_from - time.time()))
+    cpu0, n0 = time.process_time(), count()
+    time.sleep(max(0.0, measure_until - time.time()))
+    cpu1, n1 = time.process_time(), count()
+    requests = sum(len(future.result(timeout=120)[0]) for future in futures)
+    return requests / window, (cpu1 - cpu0) / max(1, n1 - n0) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    from gateway import logging as oplog
+    from gateway.config import certs_dir_overrides, load_settings
+    from gateway.server import Gateway
+
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--window", type=float, default=4.0)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--certs", type=Path, default=ROOT / "certs")
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    args = parser.parse_args(argv)
+    oplog.configure(fmt="json", level="warning")
+    with tempfile.TemporaryDirectory(prefix="gateway-profile-") as tmp, ProcessPoolExecutor(2) as pool:
+        policies = Path(tmp) / "policies"
+        policies.mkdir()
+        (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))
+        overrides = {
+            **certs_dir_overrides(args.certs),
+            "listen": "127.0.0.1:0",
+            "models.repository": args.models,
+            "policies.directory": policies,
+            "audit.path": Path(tmp) / "audit" / "audit.log",
+        }
+        gateway = Gateway(load_settings(None, overrides))
+        port = gateway.start()
+        token = issue_token(args.certs)
+        handled = lambda: gateway.audit_interceptor.counts()["handled"]  # noqa: E731
+        results: dict[str, list[tuple[float, float]]] = {}
+        try:
+            for _ in range(args.reps):
+                for name, replace in _variants().items():  # interleaved, as in bench.run
+                    with replace():
+                        results.setdefault(name, []).append(
+                            measure(port, args.certs, token, args.window, pool, handled)
+                        )
+        finally:
+            gateway.stop(1.0)
+    base = statistics.median(cpu for _, cpu in results["full (e)"])
+    print(
+        f"server CPU per request, {IN_FLIGHT} in flight, medians of {args.reps} "
+        f"({os.cpu_count()} CPUs, Python {sys.version.split()[0]})"
+    )
+    print("| variant | req/s | server CPU us/req | the step costs |\n|---|---:|---:|---:|")
+    for name, runs in results.items():
+        rps, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
+        print(f"| {name} | {rps:,.0f} | {cpu:.0f} | {'' if name == 'full (e)' else f'{base - cpu:.0f} us'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
