@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,8 +168,8 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 def _judged_version(args: argparse.Namespace) -> str | None:
     """The version the server would judge: --version, else the default (highest) one under --models; notes on
     stderr say which, so that stdout stays the one decision line."""
-    # The repository's own scan of <name>/<version>/model.onnx (private there for now): names only, nothing loaded.
-    from gateway.models.repository import scan
+    # The repository's own scan of <name>/<version>/model.onnx: names only, nothing loaded.
+    from gateway.models.repository import parse_version, scan
 
     versions: list[int] = []
     if args.models is not None:
@@ -181,7 +180,7 @@ def _judged_version(args: argparse.Namespace) -> str | None:
         except OSError as exc:
             raise _UsageError(f"--models: {exc.filename}: {exc.strerror}") from None
     if args.version is not None:
-        if args.models and args.version.isdigit() and int(args.version) not in versions:
+        if args.models and parse_version(args.version) not in (None, *versions):
             _note(f"{args.model} has no version {args.version} in {args.models}: if allowed, the call gets NOT_FOUND")
         return str(args.version)
     if args.models is None:
@@ -325,21 +324,14 @@ def _inputs_from_json(data: Any) -> Any:
 def _array_json(array: Any) -> dict[str, Any]:
     import numpy as np
 
+    from gateway.audit.chain import strict_value
     from gateway.tensors import datatype_of
 
     data = array.tolist()
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        data = _finite(data)
+        # JSON (RFC 8259 6) has no NaN or infinities: the audit trail's strings for them ("NaN", "Infinity").
+        data = strict_value(data)
     return {"datatype": datatype_of(array).name, "shape": list(array.shape), "data": data}
-
-
-def _finite(value: Any) -> Any:
-    """JSON (RFC 8259 6) has no NaN or infinities: they become the strings "NaN", "Infinity", "-Infinity"."""
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
 
 
 def _run_client(args: argparse.Namespace, operation: Any) -> int:

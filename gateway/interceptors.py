@@ -55,8 +55,13 @@ def _rebuild(handler: grpc.RpcMethodHandler, behavior: Behavior, *, deserializer
     return factory(behavior, request_deserializer=deserializer, response_serializer=serializer)
 
 
-def _metadata_values(context: grpc.ServicerContext, key: str) -> list[str]:
-    return [value for name, value in context.invocation_metadata() or () if name == key]
+def _metadata_values(metadata: Sequence[tuple[str, str]] | None, key: str) -> list[str]:
+    return [value for name, value in metadata or () if name == key]
+
+
+def _request_id(metadata: Sequence[tuple[str, str]] | None) -> str:
+    """The caller's safe ``x-request-id`` (the first one), else a new one."""
+    return request_id_from(next(iter(_metadata_values(metadata, "x-request-id")), None))
 
 
 # A server has a handful of methods; past this many names, the callers are inventing them (unknown methods reach
@@ -145,8 +150,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _record_over_limit(self, method: str, details: grpc.HandlerCallDetails) -> None:
         self._count("handled")
-        metadata = details.invocation_metadata or ()  # type: ignore[attr-defined]
-        request_id = request_id_from(next((v for k, v in metadata if k == "x-request-id"), None))
+        request_id = _request_id(details.invocation_metadata)  # type: ignore[attr-defined]
         # grpcio gives the routing step no peer; the record says so rather than guess.
         call = CallContext(request_id=request_id, method=method, peer="unknown")
         self.record_quietly(call, ResourceExhaustedError(reason="concurrent RPC limit"))
@@ -163,7 +167,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def _begin(self, method: str, context: grpc.ServicerContext) -> CallContext:
         self._count("handled")
-        request_id = request_id_from(next(iter(_metadata_values(context, "x-request-id")), None))
+        request_id = _request_id(context.invocation_metadata())
         call = CallContext(request_id=request_id, method=method, peer=context.peer())
         current_call.set(call)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -345,7 +349,8 @@ class AuthenticationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         streaming = handler.request_streaming
 
         def authenticated(raw: Any, context: grpc.ServicerContext) -> Any:
-            self.authenticate(current_call.get(), context, _metadata_values(context, "authorization"))
+            authorization = _metadata_values(context.invocation_metadata(), "authorization")
+            self.authenticate(current_call.get(), context, authorization)
             if streaming:
                 request = (_decode(deserialize, item, index=index) for index, item in enumerate(raw))
             else:

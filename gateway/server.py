@@ -61,6 +61,22 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
+def catch_stop_signals() -> list[int]:
+    """A list that SIGTERM and SIGINT append to from now on; the caller polls it (the supervisor does too).
+
+    The handler only appends: a handler that took a lock could wait for the very lock the code it interrupted
+    holds, so the work happens in the polling loop instead.
+    """
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return received
+
+
 def _at_concurrency_limit(server: grpc.Server | None) -> bool:
     """Whether grpcio will refuse the call it is routing now for ``maximum_concurrent_rpcs``.
 
@@ -221,13 +237,7 @@ class Gateway:
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        received: list[int] = []
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            received.append(signum)  # no lock in a handler: it could be the one the interrupted code holds
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        received = catch_stop_signals()
         self.start()
         while not received:
             time.sleep(_SIGNAL_POLL_S)

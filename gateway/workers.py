@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from types import FrameType
 
 import structlog
+
+from gateway.server import catch_stop_signals
 
 log = structlog.get_logger(__name__)
 
@@ -22,13 +23,7 @@ _POLL_S = 0.2
 
 def run_workers(serve_args: Sequence[str], count: int, *, grace_s: float) -> int:
     """Run ``count`` workers of ``gateway serve serve_args`` until a signal or a worker exits; the exit code."""
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.append(signum)  # no lock taken in a handler: the main loop below does the work
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = catch_stop_signals()
     # Each worker is a fresh interpreter (no fork): grpc's threads and ONNX Runtime's pools do not survive fork.
     workers = [
         subprocess.Popen([sys.executable, "-m", "gateway", "serve", *serve_args, "--worker-index", str(index)])  # noqa: S603 (our own argv)

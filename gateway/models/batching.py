@@ -32,6 +32,7 @@ class _Batch:
     """Requests gathered for one run. Each follower waits on a held lock of its own, released by the leader."""
 
     requests: list[Mapping[str, np.ndarray]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # each request's rows
     rows: int = 0
     closed: threading.Event = field(default_factory=threading.Event)  # full, or no longer open to joiners
     waiters: list[threading.Lock] = field(default_factory=list)
@@ -69,6 +70,7 @@ class Batcher:
                 batch.waiters.append(waiter)
             index = len(batch.requests)
             batch.requests.append(inputs)
+            batch.counts.append(rows)
             batch.rows += rows
             if batch.rows >= self._max_rows:
                 self._open = None
@@ -90,19 +92,20 @@ class Batcher:
             self.batches_run += 1
             self.requests_run += len(batch.requests)
         try:
-            batch.results = self._run_batch(batch.requests, batch.rows)
+            batch.results = self._run_batch(batch)
         except GatewayError as exc:
             batch.error = exc
         finally:
             for waiter in batch.waiters:
                 waiter.release()
 
-    def _run_batch(self, requests: list[Mapping[str, np.ndarray]], rows: int) -> list[Tensors]:
+    def _run_batch(self, batch: _Batch) -> list[Tensors]:
+        requests, rows = batch.requests, batch.rows
         if len(requests) == 1:
             return [self._execute(requests[0])]
         joined = {name: np.concatenate([request[name] for request in requests]) for name in requests[0]}
         outputs = self._execute(joined)
-        bounds = np.cumsum([_rows(request) for request in requests])[:-1]
+        bounds = np.cumsum(batch.counts)[:-1]
         parts: dict[str, list[np.ndarray]] = {}
         for name, value in outputs.items():
             if value.ndim == 0 or value.shape[0] != rows:
