@@ -40,11 +40,17 @@ class _Batch:
     error: GatewayError | None = None
 
 
-class Batcher:
-    """Gathers concurrent requests for ``execute`` into batches along the first dimension."""
+Execute = Callable[[Mapping[str, np.ndarray]], Tensors]
 
-    def __init__(self, execute: Callable[[Mapping[str, np.ndarray]], Tensors], options: BatchingOptions) -> None:
-        self._execute = execute
+
+class Batcher:
+    """Gathers concurrent requests into batches along the first dimension, run by one call of ``execute``.
+
+    ``execute`` comes with each call rather than at construction, so that a model version and its batcher do not
+    form a reference cycle: a removed version is freed as soon as its last in-flight request ends.
+    """
+
+    def __init__(self, options: BatchingOptions) -> None:
         self._max_rows = options.max_batch_size
         self._delay_s = options.max_queue_delay_us / 1e6
         self._lock = threading.Lock()
@@ -52,11 +58,17 @@ class Batcher:
         self.batches_run = 0  # for tests and metrics
         self.requests_run = 0
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+    @property
+    def queued(self) -> int:
+        """Requests in the batch still open to joiners (waiting for company): for metrics and tests."""
+        batch = self._open
+        return len(batch.requests) if batch is not None else 0
+
+    def run(self, inputs: Mapping[str, np.ndarray], execute: Execute) -> Tensors:
         """The outputs for ``inputs`` (already validated), computed together with concurrent requests."""
         rows = _rows(inputs)
         if rows is None or rows >= self._max_rows:
-            return self._execute(inputs)  # ragged, or a full batch by itself: nothing to gain by waiting
+            return execute(inputs)  # ragged, or a full batch by itself: nothing to gain by waiting
         waiter: threading.Lock | None = None
         with self._lock:
             batch = self._open
@@ -76,7 +88,7 @@ class Batcher:
                 self._open = None
                 batch.closed.set()
         if waiter is None:
-            self._lead(batch)
+            self._lead(batch, execute)
         else:
             waiter.acquire()
         if batch.error is not None:
@@ -84,7 +96,7 @@ class Batcher:
             raise type(batch.error)(batch.error.message, reason=batch.error.reason)
         return batch.results[index]
 
-    def _lead(self, batch: _Batch) -> None:
+    def _lead(self, batch: _Batch, execute: Execute) -> None:
         batch.closed.wait(self._delay_s)
         with self._lock:
             if self._open is batch:
@@ -92,19 +104,20 @@ class Batcher:
             self.batches_run += 1
             self.requests_run += len(batch.requests)
         try:
-            batch.results = self._run_batch(batch)
+            batch.results = self._run_batch(batch, execute)
         except GatewayError as exc:
             batch.error = exc
         finally:
             for waiter in batch.waiters:
                 waiter.release()
 
-    def _run_batch(self, batch: _Batch) -> list[Tensors]:
+    @staticmethod
+    def _run_batch(batch: _Batch, execute: Execute) -> list[Tensors]:
         requests, rows = batch.requests, batch.rows
         if len(requests) == 1:
-            return [self._execute(requests[0])]
+            return [execute(requests[0])]
         joined = {name: np.concatenate([request[name] for request in requests]) for name in requests[0]}
-        outputs = self._execute(joined)
+        outputs = execute(joined)
         bounds = np.cumsum(batch.counts)[:-1]
         parts: dict[str, list[np.ndarray]] = {}
         for name, value in outputs.items():

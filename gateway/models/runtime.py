@@ -114,7 +114,7 @@ class ModelVersion:
             max_batch_size=options.max_batch_size,
             max_queue_delay_us=options.max_queue_delay_us,
         )
-        return Batcher(self._execute, options)
+        return Batcher(options)
 
     @property
     def label(self) -> str:
@@ -173,7 +173,7 @@ class ModelVersion:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Execute the model (batched with concurrent requests when configured); validated inputs only."""
         if self.batcher is not None:
-            return self.batcher.run(inputs)
+            return self.batcher.run(inputs, self._execute)
         return self._execute(inputs)
 
     def _execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import weakref
 
 import grpc
 import numpy as np
@@ -74,6 +75,36 @@ def test_removed_version_is_unloaded_and_default_falls_back(gw, model_repo):
         wait_until(lambda: load.versions_seen.count("1") > 20)
     assert load.failures == []
     assert listed(gw)["mlp"] == ["1"]
+
+
+def test_removed_version_finishes_its_in_flight_call_then_is_unloaded(start_gateway, model_repo):
+    # With a one-second batching delay, a lone request waits inside version 2 while the version is removed.
+    batching = {"mlp": {"max_batch_size": 8, "max_queue_delay_us": 1_000_000}}
+    gw = start_gateway(models=model_repo, overrides={"models.poll_interval_s": 0.05, "models.batching": batching})
+    version_2 = gw.gateway.models.resolve("mlp", 2)
+    batcher, unloaded = version_2.batcher, threading.Event()
+    weakref.finalize(version_2, unloaded.set)
+    del version_2
+    x = np.random.default_rng(7).random((1, 784), dtype=np.float32)
+    replies: list[pb.PredictResponse] = []
+
+    def call() -> None:
+        with gw.channel() as channel:
+            request = predict_request("mlp", {"input": x}, version="2")
+            replies.append(stub(channel).Predict(request, metadata=auth(gw.token()), timeout=TIMEOUT))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: batcher.queued == 1)
+    shutil.rmtree(model_repo / "mlp" / "2")
+    wait_until(lambda: gw.gateway.models.info("mlp").versions == (1,))
+    assert batcher.queued == 1 and not unloaded.is_set()  # removed from the repository, still running its call
+    caller.join(timeout=TIMEOUT)
+    assert [reply.model_version for reply in replies] == ["2"]
+    assert unloaded.wait(timeout=TIMEOUT)
+    with gw.channel() as channel, pytest.raises(grpc.RpcError) as refused:
+        stub(channel).Predict(predict_request("mlp", {"input": x}, version="2"), metadata=auth(gw.token()))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_corrupt_new_version_is_refused_and_previous_keeps_serving(gw, model_repo):

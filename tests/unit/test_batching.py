@@ -83,12 +83,12 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
     def execute(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"output": np.zeros((1, 2), np.float32)}  # wrong row count for any batch of two or more
 
-    batcher = Batcher(execute, BatchingOptions(max_batch_size=2, max_queue_delay_us=500_000))
+    batcher = Batcher(BatchingOptions(max_batch_size=2, max_queue_delay_us=500_000))
     errors: list[BaseException] = []
 
     def call() -> None:
         try:
-            batcher.run({"input": np.zeros((1, 3), np.float32)})
+            batcher.run({"input": np.zeros((1, 3), np.float32)}, execute)
         except InternalError as exc:
             errors.append(exc)
 
