@@ -113,12 +113,20 @@ TARGETS: dict[str, dict[str, Any]] = {
     "e-batch": {
         "label": "(e) with dynamic batching (32 rows, 500 us)",
         **SECURE_GATEWAY,
-        "config": {"models": {"batching": {"mlp": {"max_batch_size": 32, "max_queue_delay_us": 500}}}},
+        "config": {
+            "models": {"batching": {"mlp": {"max_batch_size": 32, "max_queue_delay_us": 500}}},
+            "limits": {"unary_workers": 32},  # a batch holds at most one request per unary handler thread
+        },
     },
     "e-w2": {"label": "(e) with 2 worker processes", **SECURE_GATEWAY, "config": {"workers": 2}},
+    "e-16threads": {
+        "label": "(e) with 16 unary handler threads, not 4",
+        **SECURE_GATEWAY,
+        "config": {"limits": {"unary_workers": 16}},
+    },
 }
 SWEEP = "a,b,c,d,e,f"
-ABLATIONS = "e,e-nocache,e-ortdefault,e-always,e-w2,c"
+ABLATIONS = "e,e-nocache,e-ortdefault,e-always,e-16threads,e-w2,c"
 BATCHING = "e,e-batch"
 SIZES_TARGETS = "c,e"
 SIZES = (1 << 10, 64 << 10, 1 << 20, 4 << 20)

@@ -104,7 +104,10 @@ class LimitSettings:
     # not by grpc core, which refuses metadata over this before any Python code sees the call.
     max_metadata_bytes: int = 64 * 1024
     max_concurrent_rpcs: int = 512
-    max_workers: int = 16
+    # Handler threads (gateway/executor.py): few for unary calls, which measured faster on 2 cores than many;
+    # more for streams, each of which holds a thread while open (so this is how many streams can be open at once).
+    unary_workers: int = 4
+    stream_workers: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +353,15 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")
         if batching.max_queue_delay_us > 1_000_000:
             raise ConfigError(f"models.batching.{model}.max_queue_delay_us: at most 1000000 (one second)")
+        if batching.max_batch_size > settings.limits.unary_workers:
+            # A batch gathers requests from concurrent handler threads: it can never hold more than there are.
+            raise ConfigError(
+                f"models.batching.{model}.max_batch_size: {batching.max_batch_size} is more than "
+                f"limits.unary_workers ({settings.limits.unary_workers}), the most requests that can run at once"
+            )
     if settings.limits.max_metadata_bytes < 2 * MAX_TOKEN_BYTES:
         raise ConfigError(f"limits.max_metadata_bytes: at least {2 * MAX_TOKEN_BYTES}, twice the bearer-token limit")
-    for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_workers"):
+    for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "unary_workers", "stream_workers"):
         if getattr(settings.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")
     algorithms = set(settings.auth.algorithms)

@@ -32,6 +32,7 @@ from gateway.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from gateway.executor import mark_unary
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +145,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return handler  # grpcio refuses it with RESOURCE_EXHAUSTED; no handler of ours will run
         if handler is None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unimplemented(method), request_deserializer=None, response_serializer=None
+                mark_unary(self._unimplemented(method)), request_deserializer=None, response_serializer=None
             )
         return self._handlers.get(method, handler)
 
@@ -163,6 +164,8 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             wrapped = self._stream_response(method, behavior, deserialize, serialize, handler)
         else:
             wrapped = self._unary_response(method, behavior, deserialize, serialize, handler)
+            if not handler.request_streaming:
+                mark_unary(wrapped)
         return _rebuild(handler, wrapped, deserializer=None, serializer=None)
 
     def _begin(self, method: str, context: grpc.ServicerContext) -> CallContext:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from concurrent import futures
 from types import FrameType
 from typing import Any, cast
 
@@ -22,6 +21,7 @@ from gateway.auth.certs import CrlStore
 from gateway.auth.tokens import KeyStore, TokenVerifier
 from gateway.config import ConfigError, Settings
 from gateway.errors import UnavailableError
+from gateway.executor import HandlerExecutor
 from gateway.interceptors import AuditInterceptor, AuthenticationInterceptor
 from gateway.models.repository import ModelInfo, ModelRepository
 from gateway.models.runtime import RuntimeOptions
@@ -162,6 +162,7 @@ class Gateway:
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
         self._interceptors = tuple(interceptors)
         self._server: grpc.Server | None = None
+        self._executor: HandlerExecutor | None = None
 
     def _audit_gate(self) -> None:
         # No model runs while the audit sink is known to be down: its record could not be written.
@@ -185,8 +186,9 @@ class Gateway:
         self.models.load_all()
         self.audit.open()
         limits = self.settings.limits
+        self._executor = HandlerExecutor(unary_workers=limits.unary_workers, stream_workers=limits.stream_workers)
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="grpc-handler"),
+            self._executor,
             interceptors=self._interceptors,
             options=_grpc_options(self.settings),
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
@@ -228,6 +230,8 @@ class Gateway:
         # sending new calls before the listener closes.
         time.sleep(self.settings.shutdown_drain_s)
         self._server.stop(grace).wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)  # every call has ended or been cancelled: only idle threads are left
         for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
             if component is not None:
                 component.stop()

@@ -80,7 +80,10 @@ def test_removed_version_is_unloaded_and_default_falls_back(gw, model_repo):
 def test_removed_version_finishes_its_in_flight_call_then_is_unloaded(start_gateway, model_repo):
     # With a one-second batching delay, a lone request waits inside version 2 while the version is removed.
     batching = {"mlp": {"max_batch_size": 8, "max_queue_delay_us": 1_000_000}}
-    gw = start_gateway(models=model_repo, overrides={"models.poll_interval_s": 0.05, "models.batching": batching})
+    gw = start_gateway(
+        models=model_repo,
+        overrides={"models.poll_interval_s": 0.05, "models.batching": batching, "limits.unary_workers": 8},
+    )
     version_2 = gw.gateway.models.resolve("mlp", 2)
     batcher, unloaded = version_2.batcher, threading.Event()
     weakref.finalize(version_2, unloaded.set)

@@ -42,8 +42,12 @@ def test_flags_override_the_file_and_are_relative_to_the_working_directory(tmp_p
     ("text", "message"),
     [
         ("limits: {max_workrs: 1}\n", r"limits\.max_workrs: unknown key"),
-        ("limits: {max_workers: many}\n", r"limits\.max_workers: expected a non-negative integer"),
-        ("limits: {max_workers: 0}\n", r"limits\.max_workers: must be at least 1"),
+        ("limits: {unary_workers: many}\n", r"limits\.unary_workers: expected a non-negative integer"),
+        ("limits: {stream_workers: 0}\n", r"limits\.stream_workers: must be at least 1"),
+        (
+            "models: {batching: {mlp: {max_batch_size: 8}}}\n",
+            r"models\.batching\.mlp\.max_batch_size: 8 is more than limits\.unary_workers \(4\)",
+        ),
         ("audit: {fsync: sometimes}\n", r"audit\.fsync: 'sometimes' is not one of none, batch, always"),
         ("keepalive: {time_s: true}\n", r"keepalive\.time_s: expected a non-negative number"),
         ("listen: nowhere\n", r"listen: 'nowhere' is not HOST:PORT"),

@@ -1,0 +1,44 @@
+"""Handler threads: a small pool for unary calls, a larger one for calls that hold a thread while they are open.
+
+grpcio runs each call in a thread of the server's executor, and hands every call off between its poller thread
+and that handler thread several times. On 2 cores, 4 threads for unary calls served 1.2-1.3x more requests/s
+than 16, at 15-25% less server CPU per request (bench, 16 and 64 in flight): fewer threads contend for the GIL,
+and a thread that finishes a call takes the next queued one without sleeping. A stream, though, holds its
+thread for as long as it is open, so a small pool would let a few open streams block every other call. Streams
+and every call not known to be unary (health watches, reflection) therefore get a pool of their own, sized for
+how many may be open at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+_UNARY = "_gateway_unary_behavior"
+
+
+def mark_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a handler behavior as unary-unary, so that its calls run in the unary pool."""
+    setattr(behavior, _UNARY, True)
+    return behavior
+
+
+class HandlerExecutor(futures.Executor):
+    """The server's executor: calls to marked unary behaviors go to one pool, everything else to the other.
+
+    grpcio passes the behavior among the arguments of each ``submit``; an unmarked call (or a grpcio that
+    passes it some other way) runs in the stream pool, as with a single executor, so nothing can starve.
+    """
+
+    def __init__(self, *, unary_workers: int, stream_workers: int) -> None:
+        self._unary = futures.ThreadPoolExecutor(unary_workers, thread_name_prefix="grpc-unary")
+        self._streams = futures.ThreadPoolExecutor(stream_workers, thread_name_prefix="grpc-stream")
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        unary = any(getattr(arg, _UNARY, False) for arg in args)
+        return (self._unary if unary else self._streams).submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._unary.shutdown(wait, cancel_futures=cancel_futures)
+        self._streams.shutdown(wait, cancel_futures=cancel_futures)
