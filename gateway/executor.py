@@ -1,9 +1,9 @@
 """Handler threads: a small pool for unary calls, a larger one for calls that hold a thread while they are open.
 
 grpcio runs each call in a thread of the server's executor, and hands every call off between its poller thread
-and that handler thread several times. On 2 cores, 4 threads for unary calls served 1.2-1.3x more requests/s
-than 16, at 15-25% less server CPU per request (bench, 16 and 64 in flight): fewer threads contend for the GIL,
-and a thread that finishes a call takes the next queued one without sleeping. A stream, though, holds its
+and that handler thread several times. On 2 cores, 4 threads for unary calls served about 1.2x the requests/s
+of 16, at about 15% less server CPU per request (bench A/B, 16 and 64 in flight): fewer threads contend for the
+GIL, and a thread that finishes a call takes the next queued one without sleeping. A stream, though, holds its
 thread for as long as it is open, so a small pool would let a few open streams block every other call. Streams
 and every call not known to be unary (health watches, reflection) therefore get a pool of their own, sized for
 how many may be open at once.
