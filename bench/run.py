@@ -96,7 +96,12 @@ TARGETS: dict[str, dict[str, Any]] = {
         "tuned": True,
     },
     "d": {"label": "(d) gateway, dev mode (no TLS, no auth)", "kind": "gateway"},
-    "e": {"label": "(e) gateway, fully secured (mTLS, bound JWT, policy, audit)", **SECURE_GATEWAY},
+    "e": {
+        "label": "(e) gateway, fully secured (mTLS, bound JWT, policy, audit)",
+        **SECURE_GATEWAY,
+        # (f) runs on this server with one stream per in-flight call: each open stream holds a stream thread.
+        "config": {"limits": {"stream_workers": 64}},
+    },
     "f": {"label": "(f) gateway, fully secured, PredictStream", **SECURE_GATEWAY, "mode": "stream", "shares": "e"},
     # Extras: one step of the secure path changed at a time.
     "e-nocache": {
