@@ -99,20 +99,26 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         audit: AuditLog,
         max_message_bytes: int,
         at_concurrency_limit: Callable[[], bool] = lambda: False,
+        streams_full: Callable[[], bool] = lambda: False,
         exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,),
     ) -> None:
         """``max_message_bytes`` is enforced here, so oversize refusals are audited; grpcio's own limit is a
         backstop set above it (server.py). ``at_concurrency_limit`` says whether grpcio is about to refuse the
-        call being routed for its concurrency limit (it asks the interceptors first, then refuses)."""
+        call being routed for its concurrency limit (it asks the interceptors first, then refuses).
+        ``streams_full`` says whether every stream thread is taken (executor.py): a stream routed then is
+        refused with RESOURCE_EXHAUSTED, from the unary pool, instead of waiting for a thread."""
         self._audit = audit
         self._max_message_bytes = max_message_bytes
         self._at_concurrency_limit = at_concurrency_limit
+        self._streams_full = streams_full
         self._exempt = tuple(exempt_prefixes)
         # Calls routed to a handler vs calls that reached the boundary: the difference is what grpcio refused
         # in between (a message over its backstop limit, a client gone before its message arrived).
         self._counts = {"routed": 0, "handled": 0}
         self._counts_lock = threading.Lock()
         self._handlers = _HandlerCache(self._wrap)
+        self._stream_refusals = _HandlerCache(self._refuse_stream)
+        self._exempt_handlers = _HandlerCache(lambda _method, handler: _unary_in_unary_pool(handler))
 
     def counts(self) -> dict[str, int]:
         """Calls routed to an audited method, and calls that reached the audit boundary."""
@@ -137,7 +143,7 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         method: str = details.method  # type: ignore[attr-defined]
         if method.startswith(self._exempt):
-            return continuation(details)
+            return self._exempt_handlers.get(method, continuation(details))
         handler = continuation(details)
         self._count("routed")
         if handler is not None and self._at_concurrency_limit():
@@ -147,6 +153,8 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(
                 mark_unary(self._unimplemented(method)), request_deserializer=None, response_serializer=None
             )
+        if (handler.request_streaming or handler.response_streaming) and self._streams_full():
+            return self._stream_refusals.get(method, handler)
         return self._handlers.get(method, handler)
 
     def _record_over_limit(self, method: str, details: grpc.HandlerCallDetails) -> None:
@@ -272,6 +280,17 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         except GatewayError:
             log.error("audit_record_lost", request_id=call.request_id, method=call.method)
 
+    def _refuse_stream(self, method: str, handler: Any) -> Any:
+        def audited(raw: Any, context: grpc.ServicerContext) -> None:
+            call = self._begin(method, context)
+            call.event = "stream"
+            error = ResourceExhaustedError(
+                "the server is at its limit of open streams; retry later", reason="every stream thread is taken"
+            )
+            self._finish(call, error, context)
+
+        return _rebuild(handler, mark_unary(audited), deserializer=None, serializer=None)
+
     def _unimplemented(self, method: str) -> Behavior:
         def audited(raw: Any, context: grpc.ServicerContext) -> None:
             call = self._begin(method, context)
@@ -279,6 +298,24 @@ class AuditInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             self._finish(call, UnimplementedError(reason=f"unknown method {method}"), context)
 
         return audited
+
+
+def _unary_in_unary_pool(handler: Any) -> Any:
+    """An exempt unary handler (health Check) routed to the unary pool: a balancer's probe must not wait behind
+    open streams. Streaming ones (health Watch) stay in the stream pool."""
+    if handler is None or handler.request_streaming or handler.response_streaming:
+        return handler
+    inner = handler.unary_unary
+
+    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        return inner(request, context)
+
+    return _rebuild(
+        handler,
+        mark_unary(behavior),
+        deserializer=handler.request_deserializer,
+        serializer=handler.response_serializer,
+    )
 
 
 def _decode(deserialize: Any, raw: bytes, *, index: int | None = None) -> Any:

@@ -97,6 +97,8 @@ class Gateway:
         self.settings = settings
         self.port: int | None = None
         self._stopped = threading.Event()
+        limits = settings.limits
+        self._executor = HandlerExecutor(unary_workers=limits.unary_workers, stream_workers=limits.stream_workers)
         self.models = ModelRepository(
             settings.models.repository,
             options=RuntimeOptions(
@@ -132,6 +134,7 @@ class Gateway:
             audit=self.audit,
             max_message_bytes=settings.limits.max_message_bytes,
             at_concurrency_limit=lambda: _at_concurrency_limit(self._server),
+            streams_full=lambda: self._executor.streams_full,
         )
         interceptors.append(self.audit_interceptor)  # outermost: refusals by the next ones are audited
         if not settings.dev_no_auth:
@@ -162,7 +165,6 @@ class Gateway:
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
         self._interceptors = tuple(interceptors)
         self._server: grpc.Server | None = None
-        self._executor: HandlerExecutor | None = None
 
     def _audit_gate(self) -> None:
         # No model runs while the audit sink is known to be down: its record could not be written.
@@ -186,7 +188,6 @@ class Gateway:
         self.models.load_all()
         self.audit.open()
         limits = self.settings.limits
-        self._executor = HandlerExecutor(unary_workers=limits.unary_workers, stream_workers=limits.stream_workers)
         server = grpc.server(
             self._executor,
             interceptors=self._interceptors,
@@ -230,8 +231,7 @@ class Gateway:
         # sending new calls before the listener closes.
         time.sleep(self.settings.shutdown_drain_s)
         self._server.stop(grace).wait()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)  # every call has ended or been cancelled: only idle threads are left
+        self._executor.shutdown(wait=False)  # every call has ended or been cancelled: only idle threads are left
         for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
             if component is not None:
                 component.stop()

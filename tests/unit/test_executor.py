@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from gateway.executor import HandlerExecutor, mark_unary
+from tests.conftest import wait_until
 
 
 def thread_name(*_args: object) -> str:
@@ -31,6 +32,24 @@ def test_a_busy_stream_pool_does_not_hold_up_unary_calls() -> None:
         executor.submit(held.wait, 10)  # the only stream thread, taken by an open stream
         unary = mark_unary(lambda request, context: None)
         assert executor.submit(thread_name, unary).result(timeout=5).startswith("grpc-unary")
+    finally:
+        held.set()
+        executor.shutdown()
+
+
+def test_streams_full_counts_stream_calls_until_they_finish() -> None:
+    executor = HandlerExecutor(unary_workers=1, stream_workers=2)
+    held = threading.Event()
+    try:
+        first = executor.submit(held.wait, 10)
+        assert not executor.streams_full
+        second = executor.submit(held.wait, 10)
+        assert executor.streams_full  # a third stream would wait for a thread
+        executor.submit(thread_name, mark_unary(lambda: None)).result(timeout=5)
+        assert executor.streams_full  # unary calls take no stream thread
+        held.set()
+        first.result(timeout=5), second.result(timeout=5)
+        wait_until(lambda: not executor.streams_full)  # done callbacks run just after result() returns
     finally:
         held.set()
         executor.shutdown()
