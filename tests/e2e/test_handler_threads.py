@@ -76,3 +76,39 @@ def test_a_stream_beyond_the_stream_threads_is_refused_at_once_and_recorded(star
                 return False
 
         wait_until(a_new_stream_is_served)  # the held threads are back once their streams have ended
+
+
+def test_a_call_whose_deadline_passes_while_it_waits_for_a_thread_is_never_run_and_is_counted(start_gateway):
+    # Both unary threads wait 1 s inside a batcher (one per version of mlp), so a third call queues past its deadline.
+    gw = start_gateway(
+        overrides={
+            "limits.unary_workers": 2,
+            "models.batching": {"mlp": {"max_batch_size": 2, "max_queue_delay_us": 1_000_000}},
+        }
+    )
+    batchers = [gw.gateway.models.resolve("mlp", version).batcher for version in (1, 2)]
+    runs_before = sum(batcher.requests_run for batcher in batchers)
+    replies: list[str] = []
+
+    def held_call(version: str) -> None:
+        with gw.channel() as channel:
+            request = predict_request("mlp", {"input": X}, version=version)
+            replies.append(stub(channel).Predict(request, metadata=auth(gw.token()), timeout=TIMEOUT).model_version)
+
+    holders = [threading.Thread(target=held_call, args=(version,)) for version in ("1", "2")]
+    for holder in holders:
+        holder.start()
+    wait_until(lambda: all(batcher.queued == 1 for batcher in batchers))
+    with gw.channel() as channel:
+        late = rpc_error(
+            lambda: stub(channel).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=0.3)
+        )
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for holder in holders:
+        holder.join(timeout=TIMEOUT)
+    assert sorted(replies) == ["1", "2"]
+    # grpcio reads a unary request in the handler thread; the call is already over by then, so grpcio never
+    # calls the handler: the model does not run, and the call is counted as routed but not handled
+    # (docs/audit.md, "Calls refused before a handler runs").
+    wait_until(lambda: gw.gateway.audit_interceptor.counts()["unobserved"] == 1)
+    assert sum(batcher.requests_run for batcher in batchers) == runs_before + 2
