@@ -20,6 +20,7 @@ import yaml
 
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
 from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
+from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
 
 DEFAULT_ISSUER = "https://gateway.local"
@@ -80,6 +81,10 @@ class ModelSettings:
     inter_op_threads: int = 1  # only with execution_mode: parallel
     execution_mode: str = "sequential"
     max_elements: int = 16 * MIB
+    # Runs predicted to take at most this long run inline on the event loop; longer ones on run_threads threads
+    # (gateway/models/placement.py). 0 sends every run to the pool.
+    inline_max_ms: float = 1.0
+    run_threads: int = 2
     # Dynamic batching by model name, off for every model not named: see docs/performance.md for when it pays.
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)
 
@@ -103,11 +108,13 @@ class LimitSettings:
     # Well above the 8 KiB bearer-token limit, so an oversized token is refused (and audited) by the gateway,
     # not by grpc core, which refuses metadata over this before any Python code sees the call.
     max_metadata_bytes: int = 64 * 1024
-    max_concurrent_rpcs: int = 512
-    # Handler threads (gateway/executor.py): few for unary calls, which measured faster on 2 cores than many;
-    # more for streams, each of which holds a thread while open (so this is how many streams can be open at once).
-    unary_workers: int = 4
-    stream_workers: int = 16
+    max_concurrent_rpcs: int = 512  # calls in flight on the server, streams included
+    per_principal: PrincipalLimits = field(default_factory=PrincipalLimits)
+    # The call boundary reads a unary request, and each message of a stream, with a bounded wait.
+    message_timeout_s: float = 5.0
+    stream_idle_timeout_s: float = 300.0
+    max_streams_per_connection: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
+    handshake_timeout_s: float = 10.0  # a connection must finish its TLS handshake within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,17 +360,20 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")
         if batching.max_queue_delay_us > 1_000_000:
             raise ConfigError(f"models.batching.{model}.max_queue_delay_us: at most 1000000 (one second)")
-        if batching.max_batch_size > settings.limits.unary_workers:
-            # A batch gathers requests from concurrent handler threads: it can never hold more than there are.
-            raise ConfigError(
-                f"models.batching.{model}.max_batch_size: {batching.max_batch_size} is more than "
-                f"limits.unary_workers ({settings.limits.unary_workers}), the most requests that can run at once"
-            )
-    if settings.limits.max_metadata_bytes < 2 * MAX_TOKEN_BYTES:
+    limits = settings.limits
+    if limits.max_metadata_bytes < 2 * MAX_TOKEN_BYTES:
         raise ConfigError(f"limits.max_metadata_bytes: at least {2 * MAX_TOKEN_BYTES}, twice the bearer-token limit")
-    for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "unary_workers", "stream_workers"):
-        if getattr(settings.limits, name) < 1:
+    for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_streams_per_connection"):
+        if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")
+    for name in ("max_in_flight", "max_streams"):
+        if getattr(limits.per_principal, name) < 1:
+            raise ConfigError(f"limits.per_principal.{name}: must be at least 1")
+    for name in ("message_timeout_s", "stream_idle_timeout_s", "handshake_timeout_s"):
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"limits.{name}: must be more than 0")
+    if settings.models.run_threads < 1:
+        raise ConfigError("models.run_threads: must be at least 1")
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
     if unknown:  # "none" among them: an unsigned token is never acceptable (RFC 8725 3.1)

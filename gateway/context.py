@@ -1,6 +1,6 @@
 """Per-call state: request id, peer, identity, principal and the audit fields filled as the call progresses.
 
-Named ``call`` everywhere (``context`` is grpc's ServicerContext). Set by the audit interceptor, reachable
+Named ``call`` everywhere (``context`` is grpc's ServicerContext). Set by the call boundary, reachable
 through ``current_call`` by code that is not handed it explicitly.
 """
 
@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.auth.principal import Principal
 from gateway.tensors import datatype_of
@@ -26,6 +26,12 @@ def request_id_from(candidate: str | None) -> str:
     if candidate and _SAFE_REQUEST_ID.match(candidate):
         return candidate
     return secrets.token_hex(16)
+
+
+class Recorder(Protocol):
+    """Commits the audit record of a call or of one stream message (raises UnavailableError when it cannot)."""
+
+    async def record(self, call: CallContext, error: Any) -> None: ...
 
 
 @dataclass(slots=True)
@@ -52,6 +58,13 @@ class CallContext:
     message_index: int | None = None
     messages: int | None = None
     model_ran: bool = False  # a refusal before the run is safe for the client to retry
+    recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
+
+    async def record_message(self, message: CallContext, error: Any) -> None:
+        """Commit the record of one stream message (made by ``for_message``) through the stream's recorder."""
+        if self.recorder is None:
+            raise RuntimeError("stream call has no recorder")
+        await self.recorder.record(message, error)
 
     def for_message(self, index: int, *, bytes_in: int) -> CallContext:
         """A child context for one message of a stream: same caller, its own audit fields and clock."""

@@ -85,7 +85,9 @@ class Pipeline:
             raise resolved
         return resolved
 
-    def predict(self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT) -> InferResult:
+    async def predict(
+        self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT
+    ) -> InferResult:
         """Run one inference for an authorized caller."""
         model = self._authorize(call, request.model, request.version, action)
         inputs = model.reshape_flat(request.flat) if request.flat is not None else model.name_inputs(request.inputs)
@@ -93,7 +95,7 @@ class Pipeline:
         model.validate(inputs)
         self._before_run()
         call.model_ran = True
-        return InferResult(request.model, model.version, model.run(inputs))
+        return InferResult(request.model, model.version, await model.run(inputs))
 
     def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[ModelVersion, list[int]]:
         """The signature of one version, and the versions of the model the caller may read metadata of."""

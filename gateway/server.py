@@ -1,28 +1,38 @@
-"""Builds and runs the gRPC server: credentials, interceptor order, services, health, graceful shutdown."""
+"""Builds and runs the gRPC server (grpc.aio, one event loop per process): credentials, the call boundary,
+services, health, reflection, graceful drain and shutdown.
+
+The event loop runs in a thread of its own, started by ``Gateway.start``, so that the same object serves the
+command line (``serve_forever``, the main thread waiting for signals) and tests (start, call, stop).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
+from collections.abc import Coroutine
 from types import FrameType
 from typing import Any, cast
 
 import grpc
+import grpc.aio
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.api.inference import InferenceServicer
 from gateway.audit import AuditLog, FsyncPolicy
+from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import CrlStore
 from gateway.auth.tokens import KeyStore, TokenVerifier
+from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import ConfigError, Settings
 from gateway.errors import UnavailableError
-from gateway.executor import HandlerExecutor
-from gateway.interceptors import AuditInterceptor, AuthenticationInterceptor
+from gateway.limits import Admission
+from gateway.models.placement import Placement
 from gateway.models.repository import ModelInfo, ModelRepository
 from gateway.models.runtime import RuntimeOptions
 from gateway.pipeline import Pipeline
@@ -43,12 +53,16 @@ def model_health_name(model: str) -> str:
 def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     limits, keepalive = settings.limits, settings.keepalive
     return [
-        # A backstop above the limit the audit boundary enforces: between the two, refusals are audited.
+        # A backstop above the limit the call boundary enforces: between the two, refusals are audited.
         ("grpc.max_receive_message_length", 2 * limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         # Soft and hard metadata limits equal: between them grpc refuses at random, which no client can rely on.
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+        # Per connection: how many calls may be open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS), and how
+        # long a connection may take to finish its TLS handshake before it is closed.
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
         ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
@@ -77,19 +91,6 @@ def catch_stop_signals() -> list[int]:
     return received
 
 
-def _at_concurrency_limit(server: grpc.Server | None) -> bool:
-    """Whether grpcio will refuse the call it is routing now for ``maximum_concurrent_rpcs``.
-
-    grpcio runs the interceptors, then compares its count of active calls with the limit, under one lock that
-    routing holds: reading the same two numbers here gives its verdict, so the refusal can be audited. They are
-    private to grpcio; if they are gone, refusals are only counted (``unobserved``), as before.
-    """
-    state = getattr(server, "_state", None)
-    limit = getattr(state, "maximum_concurrent_rpcs", None)
-    active = getattr(state, "active_rpc_count", None)
-    return isinstance(limit, int) and isinstance(active, int) and active >= limit
-
-
 class Gateway:
     """The gateway process: every component, wired once, started and stopped together."""
 
@@ -97,21 +98,21 @@ class Gateway:
         self.settings = settings
         self.port: int | None = None
         self._stopped = threading.Event()
-        limits = settings.limits
-        self._executor = HandlerExecutor(unary_workers=limits.unary_workers, stream_workers=limits.stream_workers)
+        models = settings.models
+        self.placement = Placement(threads=models.run_threads, inline_max_s=models.inline_max_ms / 1000)
         self.models = ModelRepository(
-            settings.models.repository,
+            models.repository,
             options=RuntimeOptions(
-                intra_op_threads=settings.models.intra_op_threads,
-                inter_op_threads=settings.models.inter_op_threads,
-                execution_mode=settings.models.execution_mode,
-                max_elements=settings.models.max_elements,
-                batching=settings.models.batching,
+                intra_op_threads=models.intra_op_threads,
+                inter_op_threads=models.inter_op_threads,
+                execution_mode=models.execution_mode,
+                max_elements=models.max_elements,
+                batching=models.batching,
             ),
-            poll_interval_s=settings.models.poll_interval_s,
+            placement=self.placement,
+            poll_interval_s=models.poll_interval_s,
             on_publish=self._models_changed,
         )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)
         self.policies = (
             None
@@ -120,7 +121,6 @@ class Gateway:
         )
         self.keys: KeyStore | None = None
         self.crl: CrlStore | None = None
-        interceptors: list[grpc.ServerInterceptor] = []
         hmac_key = settings.audit.hmac_key_file.read_bytes().strip() if settings.audit.hmac_key_file else None
         self.audit = AuditLog(
             settings.audit.path,
@@ -130,41 +130,46 @@ class Gateway:
             chain_id=settings.audit.chain_id,
             dev_fail_open=settings.dev_audit_fail_open,
         )
-        self.audit_interceptor = AuditInterceptor(
-            audit=self.audit,
-            max_message_bytes=settings.limits.max_message_bytes,
-            at_concurrency_limit=lambda: _at_concurrency_limit(self._server),
-            streams_full=lambda: self._executor.streams_full,
+        limits = settings.limits
+        self.admission = Admission(max_concurrent_rpcs=limits.max_concurrent_rpcs, per_principal=limits.per_principal)
+        self.boundary = CallBoundary(
+            recorder=Recorder(self.audit),
+            authenticator=None if settings.dev_no_auth else self._authenticator(),
+            admission=self.admission,
+            limits=MessageLimits(
+                max_message_bytes=limits.max_message_bytes,
+                message_timeout_s=limits.message_timeout_s,
+                stream_idle_timeout_s=limits.stream_idle_timeout_s,
+            ),
         )
-        interceptors.append(self.audit_interceptor)  # outermost: refusals by the next ones are audited
-        if not settings.dev_no_auth:
-            auth = settings.auth
-            if auth.jwks is None:
-                raise ConfigError("auth.jwks: required to verify tokens")
-            self.keys = KeyStore(auth.jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms)
-            verifier = TokenVerifier(
-                keys=self.keys,
-                issuer=auth.issuer,
-                audience=auth.audience,
-                algorithms=auth.algorithms,
-                leeway_s=auth.leeway_s,
-                max_lifetime_s=auth.max_token_lifetime_s,
-                required_claims=auth.required_claims,
-                groups_claim=auth.groups_claim,
-                scopes_claim=auth.scopes_claim,
-                hmac_secret=auth.hmac_secret_file.read_bytes().strip() if auth.hmac_secret_file else None,
-                cache_size=auth.token_cache_size,
-            )
-            if settings.tls.crl is not None and settings.tls.client_ca is not None:
-                self.crl = CrlStore(settings.tls.crl, settings.tls.client_ca, interval_s=settings.tls.reload_interval_s)
-            interceptors.append(
-                AuthenticationInterceptor(
-                    verifier=verifier, crl=self.crl, require_certificate=not settings.dev_insecure_transport
-                )
-            )
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
-        self._interceptors = tuple(interceptors)
-        self._server: grpc.Server | None = None
+        self.health = health.aio.HealthServicer()  # its asyncio conditions bind to the loop on first use
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+
+    def _authenticator(self) -> Authenticator:
+        settings = self.settings
+        auth = settings.auth
+        if auth.jwks is None:
+            raise ConfigError("auth.jwks: required to verify tokens")
+        self.keys = KeyStore(auth.jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms)
+        verifier = TokenVerifier(
+            keys=self.keys,
+            issuer=auth.issuer,
+            audience=auth.audience,
+            algorithms=auth.algorithms,
+            leeway_s=auth.leeway_s,
+            max_lifetime_s=auth.max_token_lifetime_s,
+            required_claims=auth.required_claims,
+            groups_claim=auth.groups_claim,
+            scopes_claim=auth.scopes_claim,
+            hmac_secret=auth.hmac_secret_file.read_bytes().strip() if auth.hmac_secret_file else None,
+            cache_size=auth.token_cache_size,
+        )
+        if settings.tls.crl is not None and settings.tls.client_ca is not None:
+            self.crl = CrlStore(settings.tls.crl, settings.tls.client_ca, interval_s=settings.tls.reload_interval_s)
+        return Authenticator(verifier=verifier, crl=self.crl, require_certificate=not settings.dev_insecure_transport)
 
     def _audit_gate(self) -> None:
         # No model runs while the audit sink is known to be down: its record could not be written.
@@ -172,52 +177,71 @@ class Gateway:
             raise UnavailableError("audit trail unavailable", reason="audit sink unhealthy")
 
     def _models_changed(self, models: list[ModelInfo], removed: list[str]) -> None:
+        """From the repository's watcher thread: model health follows the repository."""
+        loop = self._loop
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self._set_model_health(models, removed), loop)
+
+    async def _set_model_health(self, models: list[ModelInfo], removed: list[str]) -> None:
         for info in models:
-            self.health.set(model_health_name(info.name), health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(model_health_name(info.name), health_pb2.HealthCheckResponse.SERVING)
         for name in removed:
-            self.health.set(model_health_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(model_health_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _warn_dev_options(self) -> None:
         for name in ("dev_insecure_transport", "dev_no_auth", "dev_audit_fail_open"):
             if getattr(self.settings, name):
                 log.warning("dev_option_enabled", option=name, detail="development only: never in production")
 
+    def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        if self._loop is None:
+            raise RuntimeError("the gateway's event loop is not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
     def start(self) -> int:
-        """Load everything, bind, start serving; returns the bound port."""
+        """Load everything, bind, start serving on a new event-loop thread; returns the bound port."""
         self._warn_dev_options()
         self.models.load_all()
         self.audit.open()
-        limits = self.settings.limits
-        server = grpc.server(
-            self._executor,
-            interceptors=self._interceptors,
-            options=_grpc_options(self.settings),
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        )
-        pb_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.pipeline, max_elements=self.settings.models.max_elements, record=self.audit_interceptor.record
-            ),
-            server,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        listen = self.settings.listen
-        if self.credentials is None:
-            self.port = server.add_insecure_port(listen)
-        else:
-            self.port = server.add_secure_port(listen, self.credentials.credentials())
-        if not self.port:
-            raise OSError(f"cannot listen on {listen}")
-        server.start()
-        self._server = server
+        loop = self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._serve())
+        except BaseException:
+            self._close_loop()
+            self.audit.close()
+            raise
         for component in (self.models, self.policies, self.keys, self.crl, self.credentials):
             if component is not None:
                 component.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gateway_started", listen=listen, port=self.port, mtls=self.credentials is not None)
+        log.info("gateway_started", listen=self.settings.listen, port=self.port, mtls=self.credentials is not None)
         return self.port
+
+    async def _serve(self) -> int:
+        server = grpc.aio.server(options=_grpc_options(self.settings))
+        collector = HandlerCollector()
+        servicer = InferenceServicer(self.pipeline, max_elements=self.settings.models.max_elements)
+        pb_grpc.add_InferenceServiceServicer_to_server(servicer, collector)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)
+        # Health answers with mutual TLS alone (balancers and kubelets carry no token): outside the boundary,
+        # and before it, since the boundary's generic handler claims every other method name.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
+        listen = self.settings.listen
+        if self.credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, self.credentials.credentials())
+        if not port:
+            raise OSError(f"cannot listen on {listen}")
+        await server.start()
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_model_health(self.models.models(), [])
+        return port
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, then flush the audit trail."""
@@ -225,19 +249,31 @@ class Gateway:
             return
         self._stopped.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        self.health.enter_graceful_shutdown()
         log.info("gateway_stopping", drain_s=self.settings.shutdown_drain_s, grace_s=grace)
-        # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
-        # sending new calls before the listener closes.
-        time.sleep(self.settings.shutdown_drain_s)
-        self._server.stop(grace).wait()
-        self._executor.shutdown(wait=False)  # every call has ended or been cancelled: only idle threads are left
+        self._on_loop(self._shutdown(self._server, grace))
         for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
             if component is not None:
                 component.stop()
-        self.audit.close()
-        # Calls grpcio refused after routing and before our boundary (see docs/audit.md) are only counted.
-        log.info("gateway_stopped", calls=self.audit_interceptor.counts())
+        self.placement.close()
+        self.audit.close()  # while the loop still runs: records it commits wake their (cancelled) callers there
+        self._close_loop()
+        log.info("gateway_stopped")
+
+    async def _shutdown(self, server: grpc.aio.Server, grace_s: float) -> None:
+        # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
+        # sending new calls before the listener closes.
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.shutdown_drain_s)
+        await server.stop(grace_s)
+
+    def _close_loop(self) -> None:
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        self._loop = self._loop_thread = None
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -11,15 +11,13 @@ import structlog
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.context import CallContext, current_call
+from gateway.context import current_call
 from gateway.errors import GatewayError, InternalError, InvalidArgumentError
 from gateway.models.runtime import TensorSpec
 from gateway.pipeline import InferRequest, InferResult, Pipeline
 from gateway.policy import Action
 
 log = structlog.get_logger(__name__)
-
-RecordFn = Callable[[CallContext, GatewayError | None], None]
 
 
 def to_infer_request(request: pb.PredictRequest, *, max_elements: int) -> InferRequest:
@@ -59,32 +57,31 @@ def _specs(specs: tuple[TensorSpec, ...]) -> list[pb.TensorSpec]:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Adapter only: every decision is the pipeline's, every error crosses the audit boundary as an exception."""
+    """Adapter only: every decision is the pipeline's, every error crosses the call boundary as an exception."""
 
-    def __init__(self, pipeline: Pipeline, *, max_elements: int, record: RecordFn) -> None:
+    def __init__(self, pipeline: Pipeline, *, max_elements: int) -> None:
         self._pipeline = pipeline
         self._max_elements = max_elements
-        self._record = record
 
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         """One inference."""
         call = current_call.get()
-        result = self._pipeline.predict(call, to_infer_request(request, max_elements=self._max_elements))
+        result = await self._pipeline.predict(call, to_infer_request(request, max_elements=self._max_elements))
         return to_response(request, result)
 
-    def PredictStream(
-        self, requests: Iterator[pb.PredictRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.PredictStreamResponse]:
+    async def PredictStream(
+        self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
         """One response per request, in order; a failing message gets its error in-band and its own record."""
         stream = current_call.get()
         stream.action = Action.STREAM.value
         count = 0
-        for index, request in enumerate(requests):
-            count = index + 1
+        async for request in requests:
+            index, count = count, count + 1
             call = stream.for_message(index, bytes_in=request.ByteSize())
             error: GatewayError | None = None
             try:
-                result = self._pipeline.predict(
+                result = await self._pipeline.predict(
                     call, to_infer_request(request, max_elements=self._max_elements), action=Action.STREAM
                 )
                 reply = pb.PredictStreamResponse(response=to_response(request, result), id=request.id)
@@ -98,12 +95,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 reply = pb.PredictStreamResponse(error=pb.StreamError(code=code, message=error.message), id=request.id)
             call.bytes_out = reply.ByteSize()
             # Recorded before the reply leaves; if the record cannot be written the stream ends UNAVAILABLE.
-            self._record(call, error)
+            await stream.record_message(call, error)
             stream.messages = count
             yield reply
         stream.messages = count
 
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         """The models the caller may list."""
         models = self._pipeline.list_models(current_call.get())
         return pb.ListModelsResponse(
@@ -117,8 +116,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             ]
         )
 
-    def GetModelMetadata(
-        self, request: pb.GetModelMetadataRequest, context: grpc.ServicerContext
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
         """Signature of one model version."""
         if not request.model_name:

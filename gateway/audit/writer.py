@@ -1,11 +1,14 @@
-"""The durable audit writer: many handler threads submit records, one writer thread chains and commits them.
+"""The durable audit writer: records from the event loop (``append``) or from threads (``write``), committed in
+groups, each chained, written with one ``os.write`` and made durable per the fsync policy before its callers wake.
 
-Group commit: records that arrive while a group is being written form the next group, which is chained, written
-with one ``os.write`` and made durable per the fsync policy before its callers wake. See docs/audit.md.
+On the event loop, the records of one loop turn form one group, committed at the end of the turn on the loop
+itself (no thread switch), or, under ``fsync: always``, handed to the writer thread as one group, so the loop
+never waits on an fsync. See docs/audit.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -13,6 +16,7 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,19 +70,36 @@ class AuditStats:
 
 @dataclass(slots=True)
 class _Group:
-    """Records submitted while the previous group was being committed, and their callers' waiter locks."""
+    """Records committed together, and how their callers are woken once ``error`` and ``failed`` are set."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
-    # One held lock per caller, released by the writer: a bare lock is the cheapest wake-up CPython offers
-    # (threading.Event and Condition add Python-level bookkeeping per waiter; measured about 10% per record).
+    # Thread callers: one held lock each, released by the committer. A bare lock is the cheapest wake-up CPython
+    # offers (threading.Event and Condition add Python-level bookkeeping per waiter; measured about 10% per record).
     waiters: list[Any] = field(default_factory=list)
     error: str | None = None
     failed: dict[int, str] = field(default_factory=dict)  # index -> reason, for a record that could not be encoded
+    # Loop callers: one future each (a caller cancelled while waiting must not cancel the others' wake-up),
+    # resolved on their loop with None or the reason the group was refused.
+    loop: asyncio.AbstractEventLoop | None = None
+    loop_thread: int = 0
+    futures: list[asyncio.Future[str | None]] = field(default_factory=list)
 
     def release(self) -> None:
         """Wake every caller of the group; ``error`` and ``failed`` are set before."""
         for waiter in self.waiters:
             waiter.release()
+        if self.loop is not None:
+            if threading.get_ident() == self.loop_thread:
+                self.resolve(self.error)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                    self.loop.call_soon_threadsafe(self.resolve, self.error)
+
+    def resolve(self, refusal: str | None) -> None:
+        """On the loop: wake the loop callers still waiting, with ``refusal`` (None when committed)."""
+        for future in self.futures:
+            if not future.done():
+                future.set_result(refusal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +259,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._group = _Group()
+        self._turn: _Group | None = None  # the loop turn's records, committed by a callback at the end of the turn
+        self._handoff: deque[_Group] = deque()  # loop groups for the writer thread (fsync always, or busy)
         # Who commits now: None, "leader" (a caller committing its own record) or "writer" (the writer thread).
         # One committer at a time keeps the chain in order without a lock around the I/O.
         self._committer: str | None = None
@@ -302,6 +325,7 @@ class AuditLog:
         self._stop_sync.clear()
         with self._lock:
             self._group = _Group()
+            self._handoff.clear()
             self._committer = None
             self._state = "open"
         self._writer = threading.Thread(target=self._run, name=f"audit-writer-{self.chain_id}", daemon=True)
@@ -444,15 +468,7 @@ class AuditLog:
                 self._committer = "leader"
                 self._group = _Group()
         if lead:
-            self._commit_and_release(group)
-            with self._lock:
-                if self._group.records or self._state != "open":
-                    # What queued meanwhile goes to the writer thread: a leader commits one group only, so its
-                    # own latency stays one write.
-                    self._committer = "writer"
-                    self._wakeup.notify()
-                else:
-                    self._committer = None
+            self._lead(group)
         if not waiter.acquire(timeout=-1 if self._write_timeout is None else self._write_timeout):
             self._refuse(record, "audit write timed out")
             return
@@ -460,6 +476,67 @@ class AuditLog:
             self._refuse(record, group.error)
         elif group.failed and index in group.failed:
             raise InternalError(reason=group.failed[index])
+
+    def _lead(self, group: _Group) -> None:
+        """Commit ``group`` as the leader, then hand the committer role on or give it up."""
+        self._commit_and_release(group)
+        with self._lock:
+            if self._group.records or self._handoff or self._state != "open":
+                # What queued meanwhile goes to the writer thread: a leader commits one group only, so its own
+                # latency stays one write.
+                self._committer = "writer"
+                self._wakeup.notify()
+            else:
+                self._committer = None
+
+    async def append(self, record: Mapping[str, Any]) -> None:
+        """On the event loop: append one record, return once it is committed, else raise UnavailableError.
+
+        Every record appended during one loop turn is committed by one callback at the end of that turn.
+        """
+        try:
+            event = self._chain.submit(record)
+        except Exception as exc:
+            raise InternalError(reason=f"audit record not serializable: {type(exc).__name__}") from exc
+        if self._state != "open":
+            raise UnavailableError(reason="audit log is not open")
+        loop = asyncio.get_running_loop()
+        group = self._turn
+        if group is None:
+            group = self._turn = _Group(loop=loop, loop_thread=threading.get_ident())
+            loop.call_soon(self._commit_turn, group)
+        index = len(group.records)
+        group.records.append(event)
+        future: asyncio.Future[str | None] = loop.create_future()
+        group.futures.append(future)
+        refusal = await future
+        if refusal is not None:
+            self._refuse(record, refusal)
+        elif index in group.failed:
+            raise InternalError(reason=group.failed[index])
+
+    def _commit_turn(self, group: _Group) -> None:
+        """End of a loop turn: commit its records here, or hand them to the writer thread (never fsync here)."""
+        self._turn = None
+        with self._lock:
+            if self._state != "open":
+                lead = False
+                group.error = "audit log is not open"
+            elif self._committer is None and self.fsync != "always":
+                self._committer = "leader"
+                lead = True
+            else:
+                lead = False
+                self._handoff.append(group)
+                if self._committer is None:
+                    self._committer = "writer"
+                    self._wakeup.notify()
+        if lead:
+            self._lead(group)
+        elif group.error is not None:
+            group.release()
+        elif self._write_timeout is not None and group.loop is not None:
+            group.loop.call_later(self._write_timeout, group.resolve, "audit write timed out")
 
     def _refuse(self, record: Mapping[str, Any], reason: str) -> None:
         if not self.dev_fail_open:
@@ -495,13 +572,16 @@ class AuditLog:
             with self._lock:
                 while self._committer != "writer" and not (self._state != "open" and self._committer is None):
                     self._wakeup.wait()
-                group = self._group
-                if not group.records:
-                    self._committer = None
-                    if self._state != "open":
-                        return  # closing, and everything submitted has been handled
-                    continue
-                self._group = _Group()
+                if self._handoff:
+                    group = self._handoff.popleft()
+                else:
+                    group = self._group
+                    if not group.records:
+                        self._committer = None
+                        if self._state != "open":
+                            return  # closing, and everything submitted has been handled
+                        continue
+                    self._group = _Group()
             self._commit_and_release(group)
 
     def _commit_and_release(self, group: _Group) -> None:
@@ -594,13 +674,14 @@ class AuditLog:
     def _fail_queued(self, reason: str) -> None:
         """Fail everything queued behind a failed group: nothing is written past a failure unrecovered."""
         with self._lock:
-            queued = self._group
-            if not queued.records:
-                return
+            queued = [*self._handoff, self._group]
+            self._handoff.clear()
             self._group = _Group()
-        queued.error = reason
-        self.records_failed += len(queued.records)
-        queued.release()
+        for group in queued:
+            if group.records:
+                group.error = reason
+                self.records_failed += len(group.records)
+                group.release()
 
     def _set_broken(self, failure: _Failure, *, group_records: int = 0) -> None:
         with self._io_lock:

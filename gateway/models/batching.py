@@ -1,15 +1,15 @@
-"""Dynamic batching: concurrent requests to one model version run as one ONNX Runtime call.
+"""Dynamic batching on the event loop: concurrent requests to one model version run as one ONNX Runtime call.
 
-No thread of its own: the first request of a batch leads it. The leader waits up to the queue delay (or until
-the batch is full) for others to join, runs the concatenated batch in its own thread and hands each follower its
-rows. Requests arriving meanwhile form the next batch, so batches overlap and nothing outlives the model
-version. Only for models whose inputs and outputs all have a dynamic first (batch) dimension.
+No thread of its own: the first request of a batch opens it and sets a timer for the queue delay; the batch
+runs when the timer fires or when it is full, and each request gets its rows back. Requests arriving meanwhile
+form the next batch, so batches overlap and nothing outlives the model version. Only for models whose inputs
+and outputs all have a dynamic first (batch) dimension.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from gateway.errors import GatewayError, InternalError
 
 Tensors = dict[str, np.ndarray]
+Execute = Callable[[Mapping[str, np.ndarray]], Awaitable[Tensors]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,18 +30,14 @@ class BatchingOptions:
 
 @dataclass(slots=True)
 class _Batch:
-    """Requests gathered for one run. Each follower waits on a held lock of its own, released by the leader."""
+    """Requests gathered for one run, and one future per request (a cancelled request cancels only its own)."""
 
+    execute: Execute
     requests: list[Mapping[str, np.ndarray]] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)  # each request's rows
     rows: int = 0
-    closed: threading.Event = field(default_factory=threading.Event)  # full, or no longer open to joiners
-    waiters: list[threading.Lock] = field(default_factory=list)
-    results: list[Tensors] = field(default_factory=list)
-    error: GatewayError | None = None
-
-
-Execute = Callable[[Mapping[str, np.ndarray]], Tensors]
+    futures: list[asyncio.Future[Tensors]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
 
 
 class Batcher:
@@ -53,8 +50,8 @@ class Batcher:
     def __init__(self, options: BatchingOptions) -> None:
         self._max_rows = options.max_batch_size
         self._delay_s = options.max_queue_delay_us / 1e6
-        self._lock = threading.Lock()
-        self._open: _Batch | None = None  # the batch new requests join, until it is full or its leader takes it
+        self._open: _Batch | None = None  # the batch new requests join, until it is full or its timer fires
+        self._running: set[asyncio.Task[None]] = set()  # strong references to batches being run
         self.batches_run = 0  # for tests and metrics
         self.requests_run = 0
 
@@ -64,67 +61,72 @@ class Batcher:
         batch = self._open
         return len(batch.requests) if batch is not None else 0
 
-    def run(self, inputs: Mapping[str, np.ndarray], execute: Execute) -> Tensors:
+    async def run(self, inputs: Mapping[str, np.ndarray], execute: Execute) -> Tensors:
         """The outputs for ``inputs`` (already validated), computed together with concurrent requests."""
         rows = _rows(inputs)
         if rows is None or rows >= self._max_rows:
-            return execute(inputs)  # ragged, or a full batch by itself: nothing to gain by waiting
-        waiter: threading.Lock | None = None
-        with self._lock:
-            batch = self._open
-            if batch is None or batch.rows + rows > self._max_rows:
-                if batch is not None:
-                    batch.closed.set()  # it cannot take this request: let its leader run it now
-                batch = self._open = _Batch()
-            else:
-                waiter = threading.Lock()
-                waiter.acquire()
-                batch.waiters.append(waiter)
-            index = len(batch.requests)
-            batch.requests.append(inputs)
-            batch.counts.append(rows)
-            batch.rows += rows
-            if batch.rows >= self._max_rows:
-                self._open = None
-                batch.closed.set()
-        if waiter is None:
-            self._lead(batch, execute)
-        else:
-            waiter.acquire()
-        if batch.error is not None:
-            # A fresh exception per caller: one instance raised in several threads would share its traceback.
-            raise type(batch.error)(batch.error.message, reason=batch.error.reason)
-        return batch.results[index]
+            return await execute(inputs)  # ragged, or a full batch by itself: nothing to gain by waiting
+        loop = asyncio.get_running_loop()
+        batch = self._open
+        if batch is None or batch.rows + rows > self._max_rows:
+            if batch is not None:
+                self._start(batch)  # it cannot take this request: run it now
+            batch = self._open = _Batch(execute)
+            batch.timer = loop.call_later(self._delay_s, self._start, batch)
+        future: asyncio.Future[Tensors] = loop.create_future()
+        batch.requests.append(inputs)
+        batch.counts.append(rows)
+        batch.futures.append(future)
+        batch.rows += rows
+        if batch.rows >= self._max_rows:
+            self._start(batch)
+        return await future
 
-    def _lead(self, batch: _Batch, execute: Execute) -> None:
-        batch.closed.wait(self._delay_s)
-        with self._lock:
-            if self._open is batch:
-                self._open = None
-            self.batches_run += 1
-            self.requests_run += len(batch.requests)
-        try:
-            batch.results = self._run_batch(batch, execute)
-        except GatewayError as exc:
-            batch.error = exc
-        finally:
-            for waiter in batch.waiters:
-                waiter.release()
+    def _start(self, batch: _Batch) -> None:
+        """Close ``batch`` to joiners and run it in a task of its own (its requests may be cancelled)."""
+        if self._open is batch:
+            self._open = None
+        if batch.timer is None:
+            return  # started already
+        batch.timer.cancel()
+        batch.timer = None
+        self.batches_run += 1
+        self.requests_run += len(batch.requests)
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     @staticmethod
-    def _run_batch(batch: _Batch, execute: Execute) -> list[Tensors]:
-        requests, rows = batch.requests, batch.rows
-        if len(requests) == 1:
-            return [execute(requests[0])]
-        joined = {name: np.concatenate([request[name] for request in requests]) for name in requests[0]}
-        outputs = execute(joined)
-        bounds = np.cumsum(batch.counts)[:-1]
-        parts: dict[str, list[np.ndarray]] = {}
-        for name, value in outputs.items():
-            if value.ndim == 0 or value.shape[0] != rows:
-                raise InternalError(reason=f"batched output '{name}' has shape {list(value.shape)} for {rows} rows")
-            parts[name] = np.split(value, bounds)
-        return [{name: split[i] for name, split in parts.items()} for i in range(len(requests))]
+    async def _run(batch: _Batch) -> None:
+        try:
+            results = await _run_batch(batch)
+        except Exception as exc:
+            error = (
+                exc if isinstance(exc, GatewayError) else InternalError(reason=f"batch failed: {type(exc).__name__}")
+            )
+            for future in batch.futures:
+                if not future.done():
+                    # A fresh exception per caller: one instance raised in several tasks would share its traceback.
+                    future.set_exception(type(error)(error.message, reason=error.reason))
+            return
+        for future, result in zip(batch.futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+async def _run_batch(batch: _Batch) -> list[Tensors]:
+    requests, rows = batch.requests, batch.rows
+    if len(requests) == 1:
+        return [await batch.execute(requests[0])]
+    joined = {name: np.concatenate([request[name] for request in requests]) for name in requests[0]}
+    outputs = await batch.execute(joined)
+    bounds = np.cumsum(batch.counts)[:-1]
+    parts: dict[str, list[np.ndarray]] = {}
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != rows:
+            raise InternalError(reason=f"batched output '{name}' has shape {list(value.shape)} for {rows} rows")
+        parts[name] = np.split(value, bounds)
+    return [{name: split[i] for name, split in parts.items()} for i in range(len(requests))]
 
 
 def _rows(inputs: Mapping[str, np.ndarray]) -> int | None:

@@ -19,6 +19,7 @@ from types import MappingProxyType
 import structlog
 
 from gateway.errors import NotFoundError
+from gateway.models.placement import Placement
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
 from gateway.tensors import shown
 from gateway.watcher import Watcher
@@ -90,12 +91,14 @@ class ModelRepository:
         root: str | os.PathLike[str],
         *,
         options: RuntimeOptions,
+        placement: Placement,
         poll_interval_s: float,
         on_publish: Callable[[list[ModelInfo], list[str]], None] | None = None,
     ) -> None:
         """``on_publish(models, removed_names)`` is called after each change (health statuses follow it)."""
         self.root = Path(root)
         self._options = options
+        self._placement = placement
         self._on_publish = on_publish
         self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}))
         self._refused: dict[tuple[str, int], FileKey] = {}
@@ -111,7 +114,9 @@ class ModelRepository:
         with self._write_lock:
             loaded = {}
             for (name, version), (path, key) in scan(self.root).items():
-                model = ModelVersion(name=name, version=version, path=path, options=self._options)
+                model = ModelVersion(
+                    name=name, version=version, path=path, options=self._options, placement=self._placement
+                )
                 loaded[(name, version)] = _Loaded(model, key)
                 self._log_loaded(model)
             self._publish(loaded)
@@ -142,7 +147,9 @@ class ModelRepository:
                 if (existing and existing.key == key) or self._refused.get(ident) == key:
                     continue
                 try:
-                    model = ModelVersion(name=ident[0], version=ident[1], path=path, options=self._options)
+                    model = ModelVersion(
+                        name=ident[0], version=ident[1], path=path, options=self._options, placement=self._placement
+                    )
                 except ModelLoadError as exc:
                     # Remember the refusal so a broken file is logged once, not on every poll; a rewrite retries.
                     self._refused[ident] = key

@@ -15,6 +15,7 @@ import structlog
 from gateway import tensors
 from gateway.errors import InternalError, InvalidArgumentError
 from gateway.models.batching import Batcher, BatchingOptions
+from gateway.models.placement import Placement, RunCost
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +70,8 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
 class ModelVersion:
     """An immutable, thread-safe loaded model version; ORT sessions may be run from many threads at once."""
 
-    def __init__(self, *, name: str, version: int, path: Path, options: RuntimeOptions) -> None:
+    def __init__(self, *, name: str, version: int, path: Path, options: RuntimeOptions, placement: Placement) -> None:
+        """``placement`` decides, per run, between the event loop and the model-run pool (placement.py)."""
         self.name = name
         self.version = version
         self.path = path
@@ -88,6 +90,8 @@ class ModelVersion:
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
         self.batcher = self._make_batcher(options.batching.get(name))
+        self._placement = placement
+        self.cost = RunCost()
 
     def _spec(self, arg: Any, kind: str) -> TensorSpec:
         row = tensors.BY_ONNX.get(arg.type)
@@ -170,13 +174,16 @@ class ModelVersion:
         shape = tuple(values.size // known if dim == -1 else dim for dim in spec.shape)
         return {spec.name: values.reshape(shape)}
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Execute the model (batched with concurrent requests when configured); validated inputs only."""
+    async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model (batched with concurrent requests when configured); validated inputs only."""
         if self.batcher is not None:
-            return self.batcher.run(inputs, self._execute)
-        return self._execute(inputs)
+            return await self.batcher.run(inputs, self._run_placed)
+        return await self._run_placed(inputs)
 
-    def _execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _run_placed(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await self._placement.run(self.execute, inputs, self.cost)
+
+    def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One ONNX Runtime call; a failure inside ORT becomes INTERNAL without its internals."""
         try:
             results = self._session.run(self._output_names, dict(inputs))

@@ -369,9 +369,7 @@ def test_a_rule_that_requires_bound_tokens_refuses_an_unbound_one(start_gateway)
 
 
 def test_a_connection_that_outlives_its_client_certificate_is_refused_on_the_next_call(gw):
-    from gateway.interceptors import AuthenticationInterceptor
-
-    (authn,) = [i for i in gw.gateway._interceptors if isinstance(i, AuthenticationInterceptor)]
+    authn = gw.gateway.boundary._authenticator
     not_after = x509.load_pem_x509_certificate(gw.pki.read("alice.crt")).not_valid_after_utc.timestamp()
     token = gw.token()
     request_id = uuid.uuid4().hex

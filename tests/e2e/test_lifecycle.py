@@ -78,8 +78,9 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(start_gateway):
     threads = [threading.Thread(target=slow_call) for _ in range(3)]
     for thread in threads:
         thread.start()
-    # Stop once the server is handling all three (their messages have arrived); each runs for about a second.
-    wait_until(lambda: gw.gateway.audit_interceptor.counts()["handled"] >= 3, timeout_s=30, interval_s=0.01)
+    # Stop once all three are running their model (their messages have arrived); each runs for about a second.
+    placement = gw.gateway.placement
+    wait_until(lambda: placement.inline_runs + placement.pool_runs >= 3, timeout_s=30, interval_s=0.01)
     gw.gateway.stop(grace_s=20.0)
     for thread in threads:
         thread.join(timeout=30)

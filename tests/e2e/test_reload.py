@@ -82,7 +82,7 @@ def test_removed_version_finishes_its_in_flight_call_then_is_unloaded(start_gate
     batching = {"mlp": {"max_batch_size": 8, "max_queue_delay_us": 1_000_000}}
     gw = start_gateway(
         models=model_repo,
-        overrides={"models.poll_interval_s": 0.05, "models.batching": batching, "limits.unary_workers": 8},
+        overrides={"models.poll_interval_s": 0.05, "models.batching": batching},
     )
     version_2 = gw.gateway.models.resolve("mlp", 2)
     batcher, unloaded = version_2.batcher, threading.Event()

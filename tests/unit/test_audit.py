@@ -4,6 +4,7 @@ directory, since the tests run as root and file modes do not stop root)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -439,6 +440,80 @@ def test_concurrent_writers_get_one_gapless_chain(log_path: Path) -> None:
     assert stats.records_written == threads_n * per_thread and stats.healthy
     assert stats.groups_written < stats.records_written  # group commit did group
     assert verify_files([log_path]).ok
+
+
+@pytest.mark.parametrize("policy", ["none", "batch", "always"])
+async def test_records_of_one_loop_turn_are_committed_as_one_group(log_path: Path, policy: str) -> None:
+    committers: list[int] = []
+    with AuditLog(log_path, fsync=policy) as audit:  # type: ignore[arg-type]
+        commit = audit._commit
+
+        def spy(group: Any) -> bool:
+            committers.append(threading.get_ident())
+            return commit(group)
+
+        audit._commit = spy  # type: ignore[method-assign]
+        await asyncio.gather(*(audit.append(record(i, request_id=f"a-{i}")) for i in range(50)))
+        await asyncio.gather(*(audit.append(record(i, request_id=f"b-{i}")) for i in range(50)))
+        stats = audit.stats()
+    assert stats.groups_written == 2 and stats.records_written == 100
+    # The loop never waits on an fsync: under "always" the writer thread commits; otherwise the loop, in place.
+    on_loop = [ident == threading.get_ident() for ident in committers]
+    assert on_loop == ([False, False] if policy == "always" else [True, True])
+    records = read_records(log_path)
+    assert [r["seq"] for r in records] == list(range(1, 101))
+    assert [r["request_id"] for r in records[:50]] == [f"a-{i}" for i in range(50)]
+    assert verify_files([log_path]).ok
+
+
+async def test_loop_and_thread_writers_share_one_gapless_chain(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="batch") as audit:
+
+        def work(t: int) -> None:
+            for i in range(200):
+                audit.write(record(i, request_id=f"t{t}-{i}"))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for turn in range(100):
+            await asyncio.gather(*(audit.append(record(i, request_id=f"loop-{turn}-{i}")) for i in range(8)))
+        for thread in threads:
+            thread.join()
+    records = read_records(log_path)
+    assert [r["seq"] for r in records] == list(range(1, 4 * 200 + 100 * 8 + 1))
+    assert verify_files([log_path]).ok
+
+
+async def test_a_cancelled_caller_does_not_stop_its_group(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="always") as audit:
+        tasks = [asyncio.create_task(audit.append(record(i))) for i in range(3)]
+        await asyncio.sleep(0)  # all three appended, their group handed to the writer thread
+        tasks[1].cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None and isinstance(outcomes[1], asyncio.CancelledError)
+    assert len(read_records(log_path)) == 3  # committed: a cancelled caller's record is still in the trail
+
+
+@pytest.mark.parametrize("policy", ["none", "always"])
+async def test_loop_appends_fail_closed_and_recover(log_path: Path, policy: str) -> None:
+    with AuditLog(log_path, fsync=policy) as audit:  # type: ignore[arg-type]
+        await audit.append(record(1))
+        _point_at_dev_full(audit)
+        outcomes = await asyncio.gather(*(audit.append(record(i)) for i in (2, 3)), return_exceptions=True)
+        assert all(isinstance(e, UnavailableError) for e in outcomes)
+        assert not audit.healthy
+        await audit.append(record(4))  # recovery reopens the file by its path
+        assert audit.healthy
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-1", "req-4"]
+
+
+async def test_loop_append_times_out_when_the_sink_hangs(log_path: Path) -> None:
+    with AuditLog(log_path, fsync="always", write_timeout_s=0.05) as audit:
+        # Holding the lock, the writer thread hangs at its checkpoint step, as on a hung disk.
+        with audit._io_lock, pytest.raises(UnavailableError) as timed_out:
+            await audit.append(record(1))
+        assert timed_out.value.reason == "audit write timed out"
 
 
 def test_close_flushes_everything_and_later_writes_are_refused(log_path: Path) -> None:

@@ -42,12 +42,13 @@ def test_flags_override_the_file_and_are_relative_to_the_working_directory(tmp_p
     ("text", "message"),
     [
         ("limits: {max_workrs: 1}\n", r"limits\.max_workrs: unknown key"),
-        ("limits: {unary_workers: many}\n", r"limits\.unary_workers: expected a non-negative integer"),
-        ("limits: {stream_workers: 0}\n", r"limits\.stream_workers: must be at least 1"),
-        (
-            "models: {batching: {mlp: {max_batch_size: 8}}}\n",
-            r"models\.batching\.mlp\.max_batch_size: 8 is more than limits\.unary_workers \(4\)",
-        ),
+        ("limits: {unary_workers: 4}\n", r"limits\.unary_workers: unknown key"),  # gone with the handler threads
+        ("limits: {per_principal: {max_streams: many}}\n", r"limits\.per_principal\.max_streams: expected a non-neg"),
+        ("limits: {per_principal: {max_in_flight: 0}}\n", r"limits\.per_principal\.max_in_flight: must be at least 1"),
+        ("limits: {per_principal: {max_calls: 1}}\n", r"limits\.per_principal\.max_calls: unknown key"),
+        ("limits: {message_timeout_s: 0}\n", r"limits\.message_timeout_s: must be more than 0"),
+        ("limits: {max_streams_per_connection: 0}\n", r"limits\.max_streams_per_connection: must be at least 1"),
+        ("models: {run_threads: 0}\n", r"models\.run_threads: must be at least 1"),
         ("audit: {fsync: sometimes}\n", r"audit\.fsync: 'sometimes' is not one of none, batch, always"),
         ("keepalive: {time_s: true}\n", r"keepalive\.time_s: expected a non-negative number"),
         ("listen: nowhere\n", r"listen: 'nowhere' is not HOST:PORT"),

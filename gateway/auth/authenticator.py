@@ -1,0 +1,77 @@
+"""Authentication without grpc: the peer's certificate and the ``authorization`` values in, a Principal out.
+
+The certificate is checked before the token: a token is only worth verifying on a connection whose certificate
+is still acceptable, and binding (RFC 8705) compares the token with that very certificate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from gateway.auth.certs import CrlStore, PeerCertificate, check_validity, inspect_peer
+from gateway.auth.principal import Principal
+from gateway.auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
+from gateway.errors import AuthenticationError
+
+
+def bearer_token(values: Sequence[str]) -> str:
+    """The token from exactly one ``authorization: Bearer <jwt>`` header (RFC 6750 section 2.1)."""
+    if not values:
+        raise AuthenticationError(reason="no authorization header")
+    if len(values) > 1:
+        raise AuthenticationError(reason="several authorization headers")
+    value = values[0]
+    if len(value) > MAX_TOKEN_BYTES:
+        raise AuthenticationError(reason="authorization header too large")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthenticationError(reason="authorization scheme is not Bearer")
+    token = token.strip()
+    if not token or " " in token:
+        raise AuthenticationError(reason="malformed bearer token")
+    return token
+
+
+class Authenticator:
+    """Proves who is calling twice: the client certificate (re-checked per call) and a Bearer JWT bound to it."""
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        crl: CrlStore | None,
+        require_certificate: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._verifier = verifier
+        self._crl = crl
+        self._require_certificate = require_certificate
+        self._clock = clock
+
+    @staticmethod
+    def inspect(peer_pem: bytes | None) -> PeerCertificate | None:
+        """The client certificate's identity and thumbprints (None without one); AuthenticationError if unfit."""
+        return inspect_peer(peer_pem) if peer_pem else None
+
+    def authenticate(self, peer: PeerCertificate | None, authorization: Sequence[str]) -> Principal:
+        """The caller, or AuthenticationError."""
+        if peer is not None:
+            # Connections outlive certificates (RFC 5280 validity is checked at the handshake only): re-check.
+            check_validity(peer, datetime.fromtimestamp(self._clock(), UTC))
+            if self._crl is not None:
+                self._crl.check(peer)
+        elif self._require_certificate:
+            raise AuthenticationError(reason="no client certificate")
+        token = self._verifier.verify(bearer_token(authorization), cert_x5t=peer.x5t_s256 if peer else None)
+        return Principal(
+            cert_identity=peer.identity if peer else "",
+            cert_sha256=peer.sha256_hex if peer else "",
+            subject=token.subject,
+            issuer=token.issuer,
+            token_id=token.token_id,
+            groups=token.groups,
+            scopes=token.scopes,
+            token_bound=token.bound,
+        )

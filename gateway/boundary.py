@@ -1,0 +1,359 @@
+"""The call boundary: one wrapper around every audited handler, on the event loop, in the order a call needs.
+
+Per call: build the call context; authenticate (certificate, then bearer token) and admit it against the limits,
+all BEFORE its message is read, so an unauthenticated or over-limit caller is refused at once and holds
+nothing; read the message(s) with a bounded wait; check size and decode; run the handler; turn exceptions into
+statuses; commit the audit record; only then let the response leave.
+
+Every method is served as a client-streaming one with raw bytes in and out (the wire format of a unary request
+is that of a one-message client stream): grpc would otherwise read a unary request before any of our code runs,
+leaving a caller who never sends it holding the call, unauthenticated and unaudited. Unary methods still take
+exactly one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from gateway.audit import AuditLog
+from gateway.auth.authenticator import Authenticator
+from gateway.context import CallContext, current_call, request_id_from
+from gateway.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    GatewayError,
+    InternalError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+    UnimplementedError,
+    error_for_code,
+)
+from gateway.limits import Admission, Slot
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """How large a message may be, and how long the boundary waits for one."""
+
+    max_message_bytes: int
+    message_timeout_s: float  # for the request of a unary method
+    stream_idle_timeout_s: float  # for each next message of a stream
+
+
+@dataclass(frozen=True, slots=True)
+class _Method:
+    """What the boundary keeps of one generated method handler."""
+
+    name: str
+    behavior: Callable[..., Any]
+    deserialize: Callable[[bytes], Any]
+    serialize: Callable[[Any], bytes]
+    request_streaming: bool
+    response_streaming: bool
+
+
+class Recorder:
+    """Writes the audit record of a call or stream message, and logs refusals (reason never sent to callers)."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+
+    async def record(self, call: CallContext, error: GatewayError | None) -> None:
+        """Commit the record; raises UnavailableError when the sink is down (the call must then fail)."""
+        if error is None:
+            await self._audit.append(call.audit_record(code="OK", reason=None))
+            return
+        (log.error if isinstance(error, InternalError) else log.info)(
+            "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
+        )
+        await self._audit.append(call.audit_record(code=error.code, reason=error.reason))
+
+    async def record_quietly(self, call: CallContext, error: GatewayError) -> None:
+        """Record where no status can be sent any more (the client is gone)."""
+        try:
+            await self.record(call, error)
+        except GatewayError:
+            log.error("audit_record_lost", request_id=call.request_id, method=call.method)
+
+
+def _metadata_values(metadata: Sequence[tuple[str, Any]] | None, key: str) -> list[str]:
+    return [value for name, value in metadata or () if name == key]
+
+
+def _decode(deserialize: Callable[[bytes], Any], raw: bytes, *, index: int | None = None) -> Any:
+    try:
+        return deserialize(raw)
+    except Exception:
+        where = "request" if index is None else f"stream message {index}"
+        raise InvalidArgumentError(f"{where} is not a valid protobuf message") from None
+
+
+def _unexpected(exc: BaseException, call: CallContext) -> InternalError:
+    log.error("call_failed_unexpectedly", request_id=call.request_id, method=call.method, exc_info=exc)
+    return InternalError(reason=f"unexpected {type(exc).__name__}")
+
+
+def _status(error: GatewayError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+class CallBoundary:
+    """Wraps handlers so that every call goes through the steps in the module docstring, in that order."""
+
+    def __init__(
+        self,
+        *,
+        recorder: Recorder,
+        authenticator: Authenticator | None,
+        admission: Admission,
+        limits: MessageLimits,
+    ) -> None:
+        """``authenticator=None`` is the dev_no_auth mode: calls are admitted without a caller."""
+        self.recorder = recorder
+        self._authenticator = authenticator
+        self._admission = admission
+        self._limits = limits
+
+    # ------------------------------------------------------------------------------------------------ handlers
+
+    def generic_handler(self, services: Mapping[str, Mapping[str, grpc.RpcMethodHandler]]) -> grpc.GenericRpcHandler:
+        """One generic handler serving every method of ``services`` (by service name) through the boundary, and
+        refusing any other method after authentication (an unauthenticated caller learns nothing of them)."""
+        wrapped = {
+            f"/{service}/{name}": self._wrap(_method(f"/{service}/{name}", handler))
+            for service, handlers in services.items()
+            for name, handler in handlers.items()
+        }
+        return _Routes(wrapped, self._unknown)
+
+    def _wrap(self, method: _Method) -> grpc.RpcMethodHandler:
+        if method.response_streaming:
+
+            async def stream_response(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+                async for out in self._serve_stream(method, context):
+                    yield out
+
+            return grpc.stream_stream_rpc_method_handler(stream_response)
+
+        async def unary_response(requests: Any, context: grpc.aio.ServicerContext) -> bytes | None:
+            return await self._serve_unary(method, context)
+
+        return grpc.stream_unary_rpc_method_handler(unary_response)
+
+    def _unknown(self, name: str) -> grpc.RpcMethodHandler:
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            call = self._begin(name, context)
+            error: GatewayError = UnimplementedError(reason=f"unknown method {name[:200]}")
+            slots: list[Slot] = []
+            try:
+                self._admit(call, context, stream=False, slots=slots)
+            except GatewayError as exc:
+                error = exc
+            finally:
+                for slot in slots:
+                    slot.release()
+            await self._finish(call, error, context)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+    # ------------------------------------------------------------------------------------------------ per call
+
+    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> CallContext:
+        metadata = context.invocation_metadata()
+        request_id = request_id_from(next(iter(_metadata_values(metadata, "x-request-id")), None))
+        call = CallContext(request_id=request_id, method=method, peer=context.peer())
+        current_call.set(call)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        return call
+
+    def _admit(self, call: CallContext, context: grpc.aio.ServicerContext, *, stream: bool, slots: list[Slot]) -> None:
+        """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
+        authenticator = self._authenticator
+        if authenticator is not None:
+            pems = context.auth_context().get("x509_pem_cert")
+            peer = authenticator.inspect(pems[0] if pems else None)
+            if peer is not None:
+                call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
+            authorization = _metadata_values(context.invocation_metadata(), "authorization")
+            principal = call.principal = authenticator.authenticate(peer, authorization)
+            slots.append(self._admission.admit_principal(f"{principal.issuer} {principal.subject}", stream=stream))
+        slots.append(self._admission.admit_call())
+
+    async def _read(self, context: grpc.aio.ServicerContext, timeout_s: float, what: str) -> Any:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await context.read()
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no {what} within {timeout_s:g} s", reason=f"{what} not received in time"
+            ) from None
+
+    def _check_size(self, size: int) -> None:
+        limit = self._limits.max_message_bytes
+        if size > limit:
+            raise ResourceExhaustedError(
+                f"message of {size} bytes is over the limit of {limit}", reason="message too large"
+            )
+
+    async def _request(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
+        """The one request of a unary method: read with a bounded wait, then nothing more may follow."""
+        timeout_s = self._limits.message_timeout_s
+        raw = await self._read(context, timeout_s, "request message")
+        if raw is grpc.aio.EOF:
+            raise InvalidArgumentError("no request message")
+        call.bytes_in = len(raw)
+        self._check_size(len(raw))
+        if await self._read(context, timeout_s, "end of the request") is not grpc.aio.EOF:
+            raise InvalidArgumentError("a unary method takes exactly one request message")
+        return _decode(method.deserialize, raw)
+
+    async def _requests(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
+        """The messages of a stream, each waited for at most the idle timeout."""
+        index = 0
+        while True:
+            raw = await self._read(context, self._limits.stream_idle_timeout_s, "stream message")
+            if raw is grpc.aio.EOF:
+                return
+            call.bytes_in += len(raw)
+            self._check_size(len(raw))
+            yield _decode(method.deserialize, raw, index=index)
+            index += 1
+
+    def _input(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
+        return (
+            self._requests(method, call, context) if method.request_streaming else self._request(method, call, context)
+        )
+
+    async def _serve_unary(self, method: _Method, context: grpc.aio.ServicerContext) -> bytes | None:
+        call = self._begin(method.name, context)
+        error: GatewayError | None = None
+        out = None
+        slots: list[Slot] = []
+        try:
+            self._admit(call, context, stream=method.request_streaming, slots=slots)
+            request = self._input(method, call, context)
+            if not method.request_streaming:
+                request = await request
+            out = method.serialize(await method.behavior(request, context))
+            call.bytes_out = len(out)
+        except GatewayError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            await self.recorder.record_quietly(call, CancelledError(reason="client cancelled or deadline passed"))
+            raise
+        except grpc.aio.AbortError:
+            await self.recorder.record_quietly(call, _aborted(context))
+            raise
+        except Exception as exc:
+            error = _unexpected(exc, call)
+        finally:
+            for slot in slots:
+                slot.release()
+        await self._finish(call, error, context)
+        return out
+
+    async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        call = self._begin(method.name, context)
+        call.event = "stream"
+        call.recorder = self.recorder
+        error: GatewayError | None = None
+        slots: list[Slot] = []
+        try:
+            self._admit(call, context, stream=True, slots=slots)
+            request = self._input(method, call, context)
+            if not method.request_streaming:
+                request = await request
+            async for message in method.behavior(request, context):
+                out = method.serialize(message)
+                call.bytes_out += len(out)
+                yield out
+        except GatewayError as exc:
+            error = exc
+        except (asyncio.CancelledError, GeneratorExit):
+            await self.recorder.record_quietly(call, CancelledError(reason="client cancelled the stream"))
+            raise
+        except grpc.aio.AbortError:
+            await self.recorder.record_quietly(call, _aborted(context))
+            raise
+        except Exception as exc:
+            error = _unexpected(exc, call)
+        finally:
+            for slot in slots:
+                slot.release()
+        await self._finish(call, error, context)
+
+    async def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
+        """Record the outcome, then fail the call if it failed or its record could not be written."""
+        try:
+            await self.recorder.record(call, error)
+        except GatewayError as exc:
+            log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
+            error = exc
+        if error is None:
+            return
+        if isinstance(error, UnavailableError) and not call.model_ran:
+            context.set_trailing_metadata((("x-request-id", call.request_id), ("x-retry-safe", "true")))
+        message = error.message
+        if isinstance(error, InternalError):
+            message = f"internal error (request id {call.request_id})"
+        await context.abort(_status(error), message)
+
+
+def _aborted(context: grpc.aio.ServicerContext) -> GatewayError:
+    """A handler of a library (reflection) that aborted on its own: recorded with the status it chose."""
+    code = context.code()
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    return error_for_code(name, "aborted by the handler")
+
+
+def _method(name: str, handler: grpc.RpcMethodHandler) -> _Method:
+    behavior = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream  # type: ignore[attr-defined]
+    )
+    return _Method(
+        name=name,
+        behavior=behavior,
+        deserialize=handler.request_deserializer or (lambda raw: raw),  # type: ignore[attr-defined]
+        serialize=handler.response_serializer or (lambda message: message),  # type: ignore[attr-defined]
+        request_streaming=handler.request_streaming,  # type: ignore[attr-defined]
+        response_streaming=handler.response_streaming,  # type: ignore[attr-defined]
+    )
+
+
+class _Routes(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Method name -> wrapped handler; any other name gets the refusal for unknown methods."""
+
+    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler], unknown: Callable[[str], Any]) -> None:
+        self._handlers = handlers
+        self._unknown = unknown
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = self._handlers.get(method)
+        return handler if handler is not None else self._unknown(method)
+
+
+class HandlerCollector:
+    """Stands in for a server in the generated ``add_*Servicer_to_server`` functions, to collect their handlers
+    (by service, then method name) so that the boundary can wrap them."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        """The generated code registers the same handlers twice; the named registration is the one kept."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Keep the handlers of ``service``."""
+        self.services[service] = dict(handlers)
