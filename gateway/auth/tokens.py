@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.utils import is_pem_format, is_ssh_key
 
 from gateway.errors import AuthenticationError
-from gateway.watcher import Watcher, file_fingerprint
+from gateway.watcher import ReloadingStore, file_fingerprint
 
 __all__ = [
     "DEFAULT_ALGORITHMS",
@@ -293,53 +293,50 @@ class KeyStore:
     ) -> None:
         self.path = Path(path)
         self._allowed = tuple(allowed_algorithms)
-        # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
-        self._watcher = Watcher(
+        # A broken JWKS at startup is a configuration error.
+        self._keys = ReloadingStore(
             name="jwks",
             fingerprint=lambda: file_fingerprint((self.path,)),
-            on_change=self._reload,
+            load=self._load,
+            refused=TokenConfigError,
             interval_s=interval_s,
+            reloaded="jwks_reloaded",
+            failed="jwks_reload_failed",
+            reloaded_fields=lambda old, new: {
+                "path": str(self.path),
+                "kids": new.kids,
+                "added": sorted(new.keys.keys() - old.keys.keys()),
+                "removed": sorted(old.keys.keys() - new.keys.keys()),
+                "version": new.version,
+            },
+            failed_fields=lambda _old: {"path": str(self.path)},
         )
-        self._current = load_jwks(self.path, allowed_algorithms=self._allowed)  # broken at startup: config error
 
     @property
     def current(self) -> KeySet:
         """The key set in force (read it once per use: a reload swaps the whole set)."""
-        return self._current
+        return self._keys.current
 
     @property
     def version(self) -> int:
         """Grows by one on every successful reload."""
-        return self._current.version
+        return self._keys.current.version
 
     def start(self) -> None:
         """Poll the JWKS file in a daemon thread."""
-        self._watcher.start()
+        self._keys.start()
 
     def stop(self) -> None:
         """Stop polling."""
-        self._watcher.stop()
+        self._keys.stop()
 
     def reload_now(self) -> bool:
         """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
-        return self._watcher.check_now()
+        return self._keys.check_now()
 
-    def _reload(self) -> None:
-        old = self._current
-        try:
-            new = load_jwks(self.path, allowed_algorithms=self._allowed)
-        except TokenConfigError as exc:
-            log.error("jwks_reload_failed", path=str(self.path), error=str(exc))
-            return
-        self._current = dataclasses.replace(new, version=old.version + 1)
-        log.info(
-            "jwks_reloaded",
-            path=str(self.path),
-            kids=new.kids,
-            added=sorted(new.keys.keys() - old.keys.keys()),
-            removed=sorted(old.keys.keys() - new.keys.keys()),
-            version=old.version + 1,
-        )
+    def _load(self, old: KeySet | None) -> KeySet:
+        new = load_jwks(self.path, allowed_algorithms=self._allowed)
+        return new if old is None else dataclasses.replace(new, version=old.version + 1)
 
 
 # ----------------------------------------------------------------------------------------------------- verification
