@@ -20,6 +20,7 @@ import yaml
 
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
 from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
+from gateway.errors import StartupError
 from gateway.models.batching import BatchingOptions
 
 DEFAULT_ISSUER = "https://gateway.local"
@@ -27,7 +28,7 @@ DEFAULT_AUDIENCE = "gateway"
 MIB = 1024 * 1024
 
 
-class ConfigError(Exception):
+class ConfigError(StartupError):
     """A bad configuration file, value or flag; the message names the key. Exit code 2."""
 
 

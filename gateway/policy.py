@@ -20,6 +20,7 @@ import structlog
 import yaml
 
 from gateway.auth.principal import Principal
+from gateway.errors import StartupError
 from gateway.watcher import Fingerprint, ReloadingStore, tree_fingerprint
 
 __all__ = [
@@ -52,7 +53,7 @@ _PRINCIPAL_KEYS = (*_PRINCIPAL_LIST_KEYS, "bound_token")
 _YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class PolicyError(Exception):
+class PolicyError(StartupError):
     """A policy directory or file that cannot be loaded; the message names the file, the rule and the key."""
 
 

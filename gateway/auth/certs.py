@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
 
 log = structlog.get_logger(__name__)
@@ -39,7 +39,7 @@ _MIN_RSA_BITS = 2048
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 
-class CertificateConfigError(Exception):
+class CertificateConfigError(StartupError):
     """A certificate, key or CRL the gateway cannot use; the message names the file or the part at fault."""
 
 

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.utils import is_pem_format, is_ssh_key
 
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
 
 __all__ = [
@@ -88,7 +88,7 @@ _TOKEN_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jw
 _ISSUED_CLAIMS = frozenset({"iss", "sub", "aud", "iat", "nbf", "exp", "jti", "scope", "groups", "cnf"})
 
 
-class TokenConfigError(Exception):
+class TokenConfigError(StartupError):
     """A JWKS file, signing key or verifier setting the gateway cannot use; the message names the file and key."""
 
 
