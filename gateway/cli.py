@@ -82,7 +82,8 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.auth.tokens import TokenConfigError, cert_thumbprint, issue_token, kid_from_jwks
+    from gateway.auth.issuer import issue_token
+    from gateway.auth.keys import TokenConfigError, cert_thumbprint, kid_from_jwks
 
     key_path = Path(args.key)
     try:
@@ -129,7 +130,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
     from gateway.auth.principal import Principal
-    from gateway.auth.tokens import groups_and_scopes
+    from gateway.auth.verifier import groups_and_scopes
     from gateway.errors import AuthenticationError
     from gateway.policy import Action, PolicyError, load_policies
 

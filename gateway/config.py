@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
-from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
+from gateway.auth.keys import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
+from gateway.auth.verifier import MAX_TOKEN_BYTES
 from gateway.errors import StartupError
 from gateway.models.batching import BatchingOptions
 

@@ -24,7 +24,7 @@ each is defined next to the code that raises it, and ``gateway serve`` prints it
     StartupError                       (never sent to a caller)
     ├── ConfigError                    exit 2  gateway.config
     ├── CertificateConfigError         exit 2  gateway.auth.certs
-    ├── TokenConfigError               exit 2  gateway.auth.tokens
+    ├── TokenConfigError               exit 2  gateway.auth.keys
     ├── PolicyError                    exit 2  gateway.policy
     ├── ModelLoadError                 exit 1  gateway.models.runtime (a model file that cannot be served)
     └── AuditError                     exit 1  gateway.audit.chain (an audit trail that cannot be continued)

@@ -20,7 +20,7 @@ import structlog
 from gateway.audit import AuditLog
 from gateway.auth.certs import CrlStore, check_validity, inspect_peer
 from gateway.auth.principal import Principal
-from gateway.auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
+from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier
 from gateway.context import CallContext, current_call, request_id_from
 from gateway.errors import (
     AuthenticationError,

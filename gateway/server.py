@@ -18,7 +18,8 @@ from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.api.inference import InferenceServicer
 from gateway.audit import AuditLog, FsyncPolicy
 from gateway.auth.certs import CrlStore
-from gateway.auth.tokens import KeyStore, TokenVerifier
+from gateway.auth.keys import KeyStore
+from gateway.auth.verifier import TokenVerifier
 from gateway.config import ConfigError, Settings
 from gateway.errors import UnavailableError
 from gateway.executor import HandlerExecutor
