@@ -42,7 +42,7 @@ def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
 
 def _variants() -> dict[str, Callable[[], object]]:
     from gateway.audit.writer import AuditLog
-    from gateway.auth.tokens import TokenVerifier
+    from gateway.auth.verifier import TokenVerifier
     from gateway.models.runtime import ModelVersion
 
     output = {"output": np.zeros((1, 10), np.float32)}

@@ -243,8 +243,8 @@ def stop_targets(targets: list[Target]) -> None:
 
 
 def issue_token(certs: Path) -> str:
-    from gateway.auth.tokens import issue_token as issue
-    from gateway.auth.tokens import kid_from_jwks
+    from gateway.auth.issuer import issue_token as issue
+    from gateway.auth.keys import kid_from_jwks
 
     key = (certs / "jwt-signing.key").read_bytes()
     return issue(

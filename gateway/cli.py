@@ -39,10 +39,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logging as oplog
     from gateway.audit import AuditError
-    from gateway.auth.certs import CertificateConfigError
-    from gateway.auth.tokens import TokenConfigError
+    from gateway.errors import StartupError
     from gateway.models.runtime import ModelLoadError
-    from gateway.policy import PolicyError
     from gateway.server import Gateway
 
     overrides: dict[str, Any] = {}
@@ -72,10 +70,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         gateway = Gateway(settings)
         gateway.serve_forever()
-    except (ConfigError, CertificateConfigError, TokenConfigError, PolicyError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
     except (ModelLoadError, AuditError, OSError) as exc:
+        # Files that are there but cannot be served (a model) or continued (the audit trail): the start failed.
         return _fail(f"cannot start: {exc}")
+    except StartupError as exc:  # the rest are configuration errors
+        return _fail(str(exc), EXIT_USAGE)
     return EXIT_OK
 
 
@@ -83,7 +82,8 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    from gateway.auth.tokens import TokenConfigError, cert_thumbprint, issue_token, kid_from_jwks
+    from gateway.auth.issuer import issue_token
+    from gateway.auth.keys import TokenConfigError, cert_thumbprint, kid_from_jwks
 
     key_path = Path(args.key)
     try:
@@ -130,7 +130,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
     from gateway.auth.principal import Principal
-    from gateway.auth.tokens import groups_and_scopes
+    from gateway.auth.verifier import groups_and_scopes
     from gateway.errors import AuthenticationError
     from gateway.policy import Action, PolicyError, load_policies
 

@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
-from gateway.auth.tokens import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
+from gateway.auth.keys import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
+from gateway.auth.verifier import MAX_TOKEN_BYTES
+from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
 
@@ -28,7 +30,7 @@ DEFAULT_AUDIENCE = "gateway"
 MIB = 1024 * 1024
 
 
-class ConfigError(Exception):
+class ConfigError(StartupError):
     """A bad configuration file, value or flag; the message names the key. Exit code 2."""
 
 

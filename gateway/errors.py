@@ -1,9 +1,12 @@
-"""Domain errors: one tree shared by the server, the pipeline and the SDK.
+"""Domain errors: one tree shared by the server, the pipeline and the SDK, and the errors that stop a start.
 
-Each class carries the gRPC status code name it maps to and a message that is safe to show a caller.
+Each GatewayError carries the gRPC status code name it maps to and a message that is safe to show a caller.
 The precise internal reason (expired token, the rule id that denied, ...) travels in ``reason`` and goes to
 the audit record and the operational log only, never to the caller. This module imports nothing from grpc
 so that policy, tokens, models and audit stay transport-free; the boundary turns ``code`` into a status.
+
+StartupError is a second, separate tree: the errors that stop the gateway from starting. They never reach a caller;
+each is defined next to the code that raises it, and ``gateway serve`` prints it and exits with the code shown.
 
     GatewayError                       INTERNAL (anything unexpected)
     ├── AuthenticationError            UNAUTHENTICATED
@@ -17,9 +20,21 @@ so that policy, tokens, models and audit stay transport-free; the boundary turns
     ├── CancelledError                 CANCELLED (the client went away; recorded, never sent)
     ├── UnimplementedError             UNIMPLEMENTED
     └── InternalError                  INTERNAL
+
+    StartupError                       (never sent to a caller)
+    ├── ConfigError                    exit 2  gateway.config
+    ├── CertificateConfigError         exit 2  gateway.auth.certs
+    ├── TokenConfigError               exit 2  gateway.auth.keys
+    ├── PolicyError                    exit 2  gateway.policy
+    ├── ModelLoadError                 exit 1  gateway.models.runtime (a model file that cannot be served)
+    └── AuditError                     exit 1  gateway.audit.chain (an audit trail that cannot be continued)
 """
 
 from __future__ import annotations
+
+
+class StartupError(Exception):
+    """An error that stops the gateway from starting; the CLI reports it and exits 2 (1 for models and audit)."""
 
 
 class GatewayError(Exception):

@@ -20,7 +20,8 @@ import structlog
 import yaml
 
 from gateway.auth.principal import Principal
-from gateway.watcher import Fingerprint, Watcher, tree_fingerprint
+from gateway.errors import StartupError
+from gateway.watcher import Fingerprint, ReloadingStore, tree_fingerprint
 
 __all__ = [
     "Action",
@@ -52,7 +53,7 @@ _PRINCIPAL_KEYS = (*_PRINCIPAL_LIST_KEYS, "bound_token")
 _YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class PolicyError(Exception):
+class PolicyError(StartupError):
     """A policy directory or file that cannot be loaded; the message names the file, the rule and the key."""
 
 
@@ -507,49 +508,36 @@ class PolicyStore:
     def __init__(self, directory: str | os.PathLike[str], *, interval_s: float) -> None:
         """Load the directory once (PolicyError on failure: a startup error) and prepare the watcher."""
         self.directory = Path(directory)
-        # The watcher fingerprints the files before the first load, so an edit racing that load is not
-        # missed: the next poll sees it and loads again.
-        self._watcher = Watcher(
-            name="policies", fingerprint=self._fingerprint, on_change=self._reload, interval_s=interval_s
+        where = str(self.directory)
+        self._policies = ReloadingStore(
+            name="policies",
+            fingerprint=self._fingerprint,
+            load=lambda _old: load_policies(self.directory),
+            refused=PolicyError,
+            interval_s=interval_s,
+            reloaded="policy_reloaded",
+            failed="policy_reload_failed",
+            reloaded_fields=lambda _old, new: {"directory": where, "files": list(new.files), "rules": new.rule_count},
+            failed_fields=lambda old: {"directory": where, "kept": list(old.files)},
         )
-        self._current = load_policies(self.directory)
-        log.info(
-            "policy_loaded",
-            directory=str(self.directory),
-            files=list(self._current.files),
-            rules=self.current.rule_count,
-        )
+        log.info("policy_loaded", directory=where, files=list(self.current.files), rules=self.current.rule_count)
 
     @property
     def current(self) -> PolicySet:
         """The set to evaluate against now; read it once per decision."""
-        return self._current
+        return self._policies.current
 
     def start(self) -> None:
         """Start watching the directory for changes."""
-        self._watcher.start()
+        self._policies.start()
 
     def stop(self) -> None:
         """Stop watching."""
-        self._watcher.stop()
+        self._policies.stop()
 
     def reload_now(self) -> bool:
         """Check the directory once, synchronously; returns whether a change was seen (used by tests)."""
-        return self._watcher.check_now()
+        return self._policies.check_now()
 
     def _fingerprint(self) -> Fingerprint:
         return tree_fingerprint(self.directory, FILE_PATTERNS)
-
-    def _reload(self) -> None:
-        try:
-            policies = load_policies(self.directory)
-        except PolicyError as exc:
-            log.error(
-                "policy_reload_failed", directory=str(self.directory), error=str(exc), kept=list(self._current.files)
-            )
-            return
-        # One attribute store: a reader sees the old set or the new one, never a mix.
-        self._current = policies
-        log.info(
-            "policy_reloaded", directory=str(self.directory), files=list(policies.files), rules=policies.rule_count
-        )

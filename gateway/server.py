@@ -27,7 +27,8 @@ from gateway.api.inference import InferenceServicer
 from gateway.audit import AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import CrlStore
-from gateway.auth.tokens import KeyStore, TokenVerifier
+from gateway.auth.keys import KeyStore
+from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import ConfigError, Settings
 from gateway.errors import UnavailableError

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from gateway.auth.certs import CertificateConfigError, read_material, validate_server_pair
 from gateway.config import ConfigError, TlsSettings
-from gateway.watcher import Watcher, file_fingerprint
+from gateway.watcher import ReloadingStore, file_fingerprint
 
 log = structlog.get_logger(__name__)
 
@@ -30,14 +30,17 @@ class ServerCredentials:
         self._paths = (settings.cert, settings.key, settings.client_ca)
         self._names = settings.server_names
         self._lock = threading.Lock()
-        self._pending: grpc.ServerCertificateConfiguration | None = None
-        self._initial = self._load()  # raises CertificateConfigError: a startup error
-        self._watcher = Watcher(
+        # A bad pair at startup raises CertificateConfigError: a startup error.
+        self._configs = ReloadingStore(
             name="server-tls",
             fingerprint=lambda: file_fingerprint(self._paths),
-            on_change=self._reload,
+            load=lambda _old: self._load(),
+            refused=CertificateConfigError,
             interval_s=settings.reload_interval_s,
+            reloaded="credentials_rotated",
+            failed="server_certificate_refused",
         )
+        self._initial = self._offered = self._configs.current
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert_path, key_path, ca_path = self._paths
@@ -52,20 +55,13 @@ class ServerCredentials:
         )
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    def _reload(self) -> None:
-        try:
-            config = self._load()
-        except CertificateConfigError as exc:
-            log.error("server_certificate_refused", error=str(exc))
-            return
-        with self._lock:
-            self._pending = config
-        log.info("credentials_rotated")
-
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by grpcio at each handshake: a newly validated configuration once, else None (keep)."""
         with self._lock:
-            config, self._pending = self._pending, None
+            config = self._configs.current
+            if config is self._offered:
+                return None
+            self._offered = config
         return config
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -74,12 +70,12 @@ class ServerCredentials:
 
     def start(self) -> None:
         """Watch the certificate files."""
-        self._watcher.start()
+        self._configs.start()
 
     def stop(self) -> None:
         """Stop watching."""
-        self._watcher.stop()
+        self._configs.stop()
 
     def reload_now(self) -> None:
         """Check the files once, synchronously (tests, SIGHUP)."""
-        self._watcher.check_now()
+        self._configs.check_now()

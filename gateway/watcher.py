@@ -1,4 +1,5 @@
-"""Polling file watcher: reloads configuration files (JWKS, policies, CRL, certificates, models) on change.
+"""Polling file watcher, and the reloading store built on it: files (JWKS, policies, CRL, certificates, models)
+are reloaded on change, and a file that fails to load leaves the previous value in force.
 
 Polling, not inotify: it works the same on every filesystem (bind mounts, Kubernetes ConfigMap symlink swaps),
 and a fingerprint of (inode, size, mtime) catches both in-place edits and atomic renames.
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
 Fingerprint = object  # compared with ==, never hashed
+T = TypeVar("T")
 
 
 def file_fingerprint(paths: Iterable[str | os.PathLike[str]]) -> Fingerprint:
@@ -94,3 +97,65 @@ class Watcher:
                 self.check_now()
             except Exception:
                 log.exception("watcher_poll_failed", watcher=self.name)
+
+
+def _no_fields(*_values: object) -> Mapping[str, Any]:
+    return {}
+
+
+class ReloadingStore(Generic[T]):
+    """A value loaded from files at start and reloaded whenever they change: a new value is swapped in whole and
+    logged as ``reloaded``; a load that raises ``refused`` is logged as ``failed`` and the old value keeps serving.
+
+    ``load(previous)`` gets the value in force (None at start) so it can refuse a change relative to it; at start
+    its error propagates, a startup error. ``reloaded_fields(old, new)`` and ``failed_fields(old)`` add log fields.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        fingerprint: Callable[[], Fingerprint],
+        load: Callable[[T | None], T],
+        refused: type[Exception],
+        interval_s: float,
+        reloaded: str,
+        failed: str,
+        reloaded_fields: Callable[[T, T], Mapping[str, Any]] = _no_fields,
+        failed_fields: Callable[[T], Mapping[str, Any]] = _no_fields,
+    ) -> None:
+        self._load = load
+        self._refused = refused
+        self._reloaded, self._failed = reloaded, failed
+        self._reloaded_fields, self._failed_fields = reloaded_fields, failed_fields
+        # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
+        self._watcher = Watcher(name=name, fingerprint=fingerprint, on_change=self._reload, interval_s=interval_s)
+        self._current = load(None)
+
+    @property
+    def current(self) -> T:
+        """The value in force (read it once per use: a reload swaps the whole value)."""
+        return self._current
+
+    def start(self) -> None:
+        """Poll the files in a daemon thread."""
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._watcher.stop()
+
+    def check_now(self) -> bool:
+        """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
+        return self._watcher.check_now()
+
+    def _reload(self) -> None:
+        old = self._current
+        try:
+            new = self._load(old)
+        except self._refused as exc:
+            log.error(self._failed, **self._failed_fields(old), error=str(exc))
+            return
+        # One attribute store: a reader sees the old value or the new one, never a mix.
+        self._current = new
+        log.info(self._reloaded, **self._reloaded_fields(old, new))

@@ -20,7 +20,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gateway
-from gateway.auth.tokens import issue_token, kid_from_jwks
+from gateway.auth.issuer import issue_token
+from gateway.auth.keys import kid_from_jwks
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS = ROOT / "certs"

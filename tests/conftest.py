@@ -122,7 +122,8 @@ class RunningGateway:
         return grpc.secure_channel(self.target, (pki or self.pki).channel_credentials(client))
 
     def token(self, sub: str = "alice", *, bind: str | None = "alice", **kwargs: Any) -> str:
-        from gateway.auth.tokens import issue_token, kid_from_jwks
+        from gateway.auth.issuer import issue_token
+        from gateway.auth.keys import kid_from_jwks
 
         key = self.pki.read("jwt-signing.key")
         bind_pem = self.pki.read(f"{bind}.crt") if bind else None

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import StartupError
+
 ZERO_HASH = "0" * 64
 HASH_MISMATCH = "hash mismatch: record altered"
 CHECKPOINT_SIZE = 512
@@ -38,7 +40,7 @@ _SCALARS = frozenset({int, bool, type(None)})
 _CHECKPOINT_KEYS = frozenset({"chain", "file", "hash", "mac", "seq", "ts"})
 
 
-class AuditError(Exception):
+class AuditError(StartupError):
     """The audit trail cannot be continued safely (missing records, a bad checkpoint, a foreign file)."""
 
 

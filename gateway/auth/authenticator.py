@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from gateway.auth.certs import CrlStore, PeerCertificate, check_validity, inspect_peer
 from gateway.auth.principal import Principal
-from gateway.auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
+from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier
 from gateway.errors import AuthenticationError
 
 

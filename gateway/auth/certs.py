@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.errors import AuthenticationError
-from gateway.watcher import Watcher, file_fingerprint
+from gateway.errors import AuthenticationError, StartupError
+from gateway.watcher import ReloadingStore, file_fingerprint
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +39,7 @@ _MIN_RSA_BITS = 2048
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
 
-class CertificateConfigError(Exception):
+class CertificateConfigError(StartupError):
     """A certificate, key or CRL the gateway cannot use; the message names the file or the part at fault."""
 
 
@@ -241,24 +241,28 @@ class CrlStore:
 
     def __init__(self, crl_path: str | Path, ca_path: str | Path, *, interval_s: float) -> None:
         self._crl_path, self._ca_path = Path(crl_path), Path(ca_path)
-        # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
-        self._watcher = Watcher(
+        path = str(self._crl_path)
+        # A broken CRL at startup is a configuration error.
+        self._crls = ReloadingStore(
             name="crl",
             fingerprint=lambda: file_fingerprint((self._crl_path, self._ca_path)),
-            on_change=self._reload,
+            load=self._load,
+            refused=CertificateConfigError,
             interval_s=interval_s,
+            reloaded="crl_reloaded",
+            failed="crl_reload_failed",
+            reloaded_fields=lambda _old, new: {"path": path, "revoked": len(new.serials), "number": new.number},
+            failed_fields=lambda _old: {"path": path},
         )
-        self._current = load_crl(self._crl_path, self._ca_path)  # a broken CRL at startup is a configuration error
-        self._warn_if_stale(self._current)
 
     @property
     def current(self) -> RevocationList:
         """The revocation list in force."""
-        return self._current
+        return self._crls.current
 
     def check(self, peer: PeerCertificate) -> None:
         """Refuse a revoked client certificate, or one from an issuer this CRL does not speak for."""
-        crl = self._current  # one read: a concurrent reload swaps the whole list
+        crl = self._crls.current  # one read: a concurrent reload swaps the whole list
         # Serial numbers are unique per issuer only (RFC 5280 4.1.2.2): another issuer's serial proves nothing.
         if peer.issuer != crl.issuer:
             raise AuthenticationError(reason="no CRL for the client certificate's issuer")
@@ -267,39 +271,33 @@ class CrlStore:
 
     def start(self) -> None:
         """Poll the CRL and CA files in a daemon thread."""
-        self._watcher.start()
+        self._crls.start()
 
     def stop(self) -> None:
         """Stop polling."""
-        self._watcher.stop()
+        self._crls.stop()
 
     def reload_now(self) -> bool:
         """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
-        return self._watcher.check_now()
+        return self._crls.check_now()
 
-    def _reload(self) -> None:
-        try:
-            new = load_crl(self._crl_path, self._ca_path)
-        except CertificateConfigError as exc:
-            log.error("crl_reload_failed", path=str(self._crl_path), error=str(exc))
-            return
-        old = self._current
+    def _load(self, old: RevocationList | None) -> RevocationList:
+        new = load_crl(self._crl_path, self._ca_path)
         # RFC 5280 5.2.3: CRL numbers only grow. An older CRL would silently un-revoke certificates.
-        if new.issuer == old.issuer and new.number is not None and old.number is not None and new.number < old.number:
-            log.error(
-                "crl_reload_failed",
-                path=str(self._crl_path),
-                error=f"{self._crl_path}: CRL number {new.number} is older than the one in force ({old.number})",
+        if (
+            old is not None
+            and new.issuer == old.issuer
+            and new.number is not None
+            and old.number is not None
+            and new.number < old.number
+        ):
+            raise CertificateConfigError(
+                f"{self._crl_path}: CRL number {new.number} is older than the one in force ({old.number})"
             )
-            return
-        self._current = new
-        log.info("crl_reloaded", path=str(self._crl_path), revoked=len(new.serials), number=new.number)
-        self._warn_if_stale(new)
-
-    def _warn_if_stale(self, crl: RevocationList) -> None:
         # A stale file-based CRL still lists what it lists; refusing every client over it would be an outage.
-        if crl.next_update is not None and crl.next_update < datetime.now(UTC):
-            log.warning("crl_stale", path=str(self._crl_path), next_update=crl.next_update.isoformat())
+        if new.next_update is not None and new.next_update < datetime.now(UTC):
+            log.warning("crl_stale", path=str(self._crl_path), next_update=new.next_update.isoformat())
+        return new
 
 
 def validate_server_pair(

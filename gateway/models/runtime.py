@@ -13,7 +13,7 @@ import onnxruntime as ort
 import structlog
 
 from gateway import tensors
-from gateway.errors import InternalError, InvalidArgumentError
+from gateway.errors import InternalError, InvalidArgumentError, StartupError
 from gateway.models.batching import Batcher, BatchingOptions
 from gateway.models.placement import Placement, RunCost
 
@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 _SEQ_OF_MAPS = re.compile(r"^seq\(map\((int64|string),tensor\(float\)\)\)$")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(StartupError):
     """A model file that cannot be served; the message names the file and the cause."""
 
 

@@ -152,7 +152,7 @@ def test_unknown_kid_is_unauthenticated(gw):
 
 
 def test_token_signed_by_another_key_is_unauthenticated(gw, other_pki):
-    from gateway.auth.tokens import issue_token
+    from gateway.auth.issuer import issue_token
 
     forged = issue_token(
         private_key_pem=other_pki.read("jwt-signing.key"),
@@ -306,7 +306,8 @@ def test_policy_reload_while_clients_run(gw):
 
 
 def test_jwks_key_rotation_while_clients_run(start_gateway, pki_copy):
-    from gateway.auth.tokens import issue_token, jwk_kid
+    from gateway.auth.issuer import issue_token
+    from gateway.auth.keys import jwk_kid
 
     gw = start_gateway(use_pki=pki_copy)
     new_key = ec.generate_private_key(ec.SECP256R1())

@@ -17,7 +17,8 @@ import onnxruntime as ort
 import pytest
 
 import gateway
-from gateway.auth.tokens import issue_token, kid_from_jwks
+from gateway.auth.issuer import issue_token
+from gateway.auth.keys import kid_from_jwks
 from tests.conftest import Pki, wait_until
 from tests.e2e.test_audit_trail import _point_at_dev_full
 

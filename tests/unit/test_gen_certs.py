@@ -1,5 +1,5 @@
 """scripts/gen_certs.sh: the files it writes, what each certificate says, and its refusals, checked with cryptography
-and with the gateway's own loaders (gateway.auth.certs, gateway.auth.tokens)."""
+and with the gateway's own loaders (gateway.auth.certs, gateway.auth.keys)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.auth.certs import inspect_peer, load_crl, validate_server_pair
-from gateway.auth.tokens import KeyStore, TokenVerifier, issue_token, jwk_kid, kid_from_jwks, load_jwks
+from gateway.auth.issuer import issue_token
+from gateway.auth.keys import KeyStore, jwk_kid, kid_from_jwks, load_jwks
+from gateway.auth.verifier import TokenVerifier
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gen_certs.sh"

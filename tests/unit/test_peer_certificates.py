@@ -29,7 +29,7 @@ from gateway.auth.certs import (
     load_crl,
     validate_server_pair,
 )
-from gateway.auth.tokens import cert_thumbprint
+from gateway.auth.keys import cert_thumbprint
 from gateway.errors import AuthenticationError
 
 START = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)

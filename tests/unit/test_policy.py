@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from structlog.testing import capture_logs
 
 from gateway import policy
+from gateway.auth.keys import KeyStore, jwk_kid
 from gateway.auth.principal import Principal
-from gateway.auth.tokens import KeyStore, TokenVerifier, groups_and_scopes, jwk_kid
+from gateway.auth.verifier import TokenVerifier, groups_and_scopes
 from gateway.errors import AuthenticationError
 from gateway.policy import Action, Decision, PolicyError, PolicySet, PolicyStore, load_policies
 

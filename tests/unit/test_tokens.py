@@ -1,5 +1,6 @@
-"""gateway.auth.tokens without a server: accepted tokens, each refusal with its reason (one regression per known
-attack), strict JWKS loading, rotation through the KeyStore, the verified-token cache, binding and the issuer."""
+"""gateway.auth.keys, .verifier and .issuer without a server: accepted tokens, each refusal with its reason (one
+regression per known attack), strict JWKS loading, rotation through the KeyStore, the verified-token cache, binding
+and the issuer."""
 
 from __future__ import annotations
 
@@ -24,18 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
-from gateway.auth.tokens import (
-    MAX_TOKEN_BYTES,
-    KeyStore,
-    TokenConfigError,
-    TokenVerifier,
-    VerifiedToken,
-    cert_thumbprint,
-    issue_token,
-    jwk_kid,
-    kid_from_jwks,
-    load_jwks,
-)
+from gateway.auth.issuer import issue_token
+from gateway.auth.keys import KeyStore, TokenConfigError, cert_thumbprint, jwk_kid, kid_from_jwks, load_jwks
+from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier, VerifiedToken
 from gateway.errors import AuthenticationError
 
 ISSUER = "https://idp.example"

@@ -1,0 +1,314 @@
+"""JWT signing keys: strict JWKS loading (RFC 7517) and rotation, the algorithms each key type may verify, and the
+kids and thumbprints (RFC 7638, RFC 8705) that name keys and certificates. No grpc here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import jwt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from gateway.errors import StartupError
+from gateway.watcher import ReloadingStore, file_fingerprint
+
+__all__ = [
+    "DEFAULT_ALGORITHMS",
+    "HMAC_ALGORITHMS",
+    "HMAC_KEY_BYTES",
+    "SUPPORTED_ALGORITHMS",
+    "KeySet",
+    "KeyStore",
+    "TokenConfigError",
+    "VerificationKey",
+    "cert_thumbprint",
+    "jwk_kid",
+    "kid_from_jwks",
+    "load_jwks",
+]
+
+MAX_JWKS_BYTES = 1 << 20
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# RFC 7518 3.2: an HMAC key at least as long as the hash output.
+HMAC_KEY_BYTES: Mapping[str, int] = {"HS256": 32, "HS384": 48, "HS512": 64}
+HMAC_ALGORITHMS = frozenset(HMAC_KEY_BYTES)
+# Algorithm families by key type: the only algorithms a key of that type may ever verify (RFC 7518 3.1).
+_FAMILIES: Mapping[tuple[str, str | None], frozenset[str]] = {
+    ("RSA", None): frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    ("EC", "P-256"): frozenset({"ES256"}),
+    ("EC", "P-384"): frozenset({"ES384"}),
+    ("OKP", "Ed25519"): frozenset({"EdDSA"}),
+}
+_ASYMMETRIC_ALGORITHMS = frozenset(alg for family in _FAMILIES.values() for alg in family)
+SUPPORTED_ALGORITHMS = _ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
+_PUBLIC_KEY_TYPES: Mapping[str, type] = {
+    "RSA": rsa.RSAPublicKey,
+    "EC": ec.EllipticCurvePublicKey,
+    "OKP": ed25519.Ed25519PublicKey,
+}
+# RFC 7518 6.2.2, 6.3.2 and 6.4 (oct), RFC 8037 2: members that only a private or symmetric key has.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# RFC 7638 3.2: the required members of each key type, in lexicographic order.
+_THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
+
+
+class TokenConfigError(StartupError):
+    """A JWKS file, signing key or verifier setting the gateway cannot use; the message names the file and key."""
+
+
+# --------------------------------------------------------------------------------------------- keys and thumbprints
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 thumbprint of a public JWK; KeyError/TypeError when a required member is absent or not a string."""
+    members = {name: jwk[name] for name in _THUMBPRINT_MEMBERS[jwk["kty"]]}
+    if not all(isinstance(value, str) for value in members.values()):
+        raise TypeError("JWK members must be strings")
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+
+def _public_key_of(key: Any) -> Any:
+    """The public half of a private key object; public keys pass through."""
+    if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        return key.public_key()
+    return key
+
+
+def _public_jwk(public_key: Any) -> dict[str, Any]:
+    key = _public_key_of(public_key)
+    if isinstance(key, rsa.RSAPublicKey):
+        return jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return jwt.algorithms.ECAlgorithm.to_jwk(key, as_dict=True)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return jwt.algorithms.OKPAlgorithm.to_jwk(key, as_dict=True)
+    raise TokenConfigError(f"unsupported key type {type(key).__name__}")
+
+
+def jwk_kid(public_key: Any) -> str:
+    """The kid the project gives a key (public or private object): its RFC 7638 JWK thumbprint."""
+    return _thumbprint(_public_jwk(public_key))
+
+
+def cert_thumbprint(cert: bytes | str) -> str:
+    """RFC 8705 3.1 ``x5t#S256``: base64url (no padding) SHA-256 of the certificate's DER, given PEM or DER."""
+    data = cert.encode("ascii") if isinstance(cert, str) else cert
+    loaded = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    return _b64url(hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).digest())
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:  # RFC 7517 4 / RFC 8259 4: the last-one-wins reading would hide a second key
+            raise ValueError(f"duplicate member {name!r}")
+        obj[name] = value
+    return obj
+
+
+def _read_jwks(path: Path) -> list[Any]:
+    """The ``keys`` list of a JWKS file, parsed strictly (no duplicate members, no NaN, bounded size)."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_JWKS_BYTES + 1)
+        if len(raw) > MAX_JWKS_BYTES:
+            raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
+        data = json.loads(raw, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+    except (OSError, ValueError) as exc:
+        raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
+        raise TokenConfigError(f"{path}: a JWKS needs a non-empty 'keys' list")
+    return data["keys"]
+
+
+def _load_key_bytes(data: bytes) -> Any:
+    """A key object from PEM bytes: a private key, else a public key."""
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        pass
+    try:
+        return serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise TokenConfigError("not a PEM private or public key (or one protected by a password)") from None
+
+
+def kid_from_jwks(jwks_path: str | Path, key: Any) -> str | None:
+    """The kid under which a JWKS file publishes ``key`` (a key object, or private/public PEM bytes); None if absent.
+
+    Matching is by RFC 7638 thumbprint, so it finds the key whatever kid the file's author chose.
+    """
+    if isinstance(key, str):
+        key = key.encode("ascii")
+    wanted = jwk_kid(_load_key_bytes(key) if isinstance(key, bytes) else key)
+    for jwk in _read_jwks(Path(jwks_path)):
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or not isinstance(jwk.get("kid"), str):
+            continue
+        try:
+            if jwk.get("kty") in _THUMBPRINT_MEMBERS and _thumbprint(jwk) == wanted:
+                return str(jwk["kid"])
+        except (KeyError, TypeError):
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------- JWKS
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """One public key from the JWKS with the algorithms pinned to it."""
+
+    kid: str
+    key: Any
+    algorithms: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """The keys in force, by kid; ``version`` grows on every reload, and the verifier's cache follows it."""
+
+    keys: Mapping[str, VerificationKey]
+    version: int = 0
+
+    @property
+    def kids(self) -> list[str]:
+        """The key ids, sorted."""
+        return sorted(self.keys)
+
+
+def _family(jwk: Mapping[str, Any]) -> frozenset[str]:
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if not isinstance(kty, str) or not isinstance(crv, str | None):  # untrusted JSON: a list here is unhashable
+        return frozenset()
+    return _FAMILIES.get((kty, None if kty == "RSA" else crv), frozenset())
+
+
+def _verification_key(jwk: Any, allowed: frozenset[str], path: Path, index: int) -> VerificationKey:
+    """One JWKS entry, checked in order: shape, kid, use, no private members, key_ops, type, pinned alg, the key."""
+    if not isinstance(jwk, dict):
+        raise TokenConfigError(f"{path}: key #{index}: not an object")
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenConfigError(f"{path}: key #{index}: needs a 'kid'")
+    where = f"{path}: key {kid!r}"
+    if jwk.get("use", "sig") != "sig":
+        raise TokenConfigError(f"{where}: 'use' must be 'sig'")
+    if _PRIVATE_MEMBERS & jwk.keys():
+        raise TokenConfigError(f"{where}: private key material in a public JWKS")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        raise TokenConfigError(f"{where}: 'key_ops' must include 'verify'")
+    family = _family(jwk)
+    if not family:
+        raise TokenConfigError(f"{where}: unsupported key type {jwk.get('kty')!r}/{jwk.get('crv')!r}")
+    if "alg" in jwk:
+        # The JWK's own alg pins the key to exactly one algorithm (RFC 7517 4.4), if we allow it for this type.
+        if not isinstance(jwk["alg"], str) or jwk["alg"] not in family or jwk["alg"] not in allowed:
+            raise TokenConfigError(f"{where}: alg {jwk['alg']!r} is not allowed for this key")
+        algorithms = frozenset({jwk["alg"]})
+    else:
+        algorithms = family & allowed
+    if not algorithms:
+        raise TokenConfigError(f"{where}: no allowed algorithm fits this key type")
+    try:
+        # The algorithm is ours, never the JWK's: pyjwt then parses the key as that type or refuses.
+        key = jwt.PyJWK(jwk, algorithm=min(algorithms)).key
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise TokenConfigError(f"{where}: invalid key: {exc}") from None
+    if not isinstance(key, _PUBLIC_KEY_TYPES[jwk["kty"]]):
+        raise TokenConfigError(f"{where}: not a public key")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        raise TokenConfigError(f"{where}: RSA keys need at least 2048 bits")
+    return VerificationKey(kid, key, algorithms)
+
+
+def load_jwks(path: str | Path, *, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS) -> KeySet:
+    """Strictly load a public JWKS file (RFC 7517); any problem is a TokenConfigError naming the file and key.
+
+    Each key goes through ``jwt.PyJWK`` on its own: ``jwt.PyJWKSet`` silently skips keys it cannot use, and a
+    JWKS the gateway half-understands is a configuration error, not a smaller key set.
+    """
+    path = Path(path)
+    allowed = frozenset(allowed_algorithms) - HMAC_ALGORITHMS  # a JWKS never holds an HMAC secret
+    keys: dict[str, VerificationKey] = {}
+    for index, jwk in enumerate(_read_jwks(path)):
+        key = _verification_key(jwk, allowed, path, index)
+        if key.kid in keys:
+            raise TokenConfigError(f"{path}: key {key.kid!r}: duplicate kid")
+        keys[key.kid] = key
+    return KeySet(MappingProxyType(keys))
+
+
+class KeyStore:
+    """The JWKS in force, reloaded when the file changes; a broken new file is refused and the old keys stay."""
+
+    def __init__(
+        self, path: str | Path, *, interval_s: float, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS
+    ) -> None:
+        self.path = Path(path)
+        self._allowed = tuple(allowed_algorithms)
+        # A broken JWKS at startup is a configuration error.
+        self._keys = ReloadingStore(
+            name="jwks",
+            fingerprint=lambda: file_fingerprint((self.path,)),
+            load=self._load,
+            refused=TokenConfigError,
+            interval_s=interval_s,
+            reloaded="jwks_reloaded",
+            failed="jwks_reload_failed",
+            reloaded_fields=lambda old, new: {
+                "path": str(self.path),
+                "kids": new.kids,
+                "added": sorted(new.keys.keys() - old.keys.keys()),
+                "removed": sorted(old.keys.keys() - new.keys.keys()),
+                "version": new.version,
+            },
+            failed_fields=lambda _old: {"path": str(self.path)},
+        )
+
+    @property
+    def current(self) -> KeySet:
+        """The key set in force (read it once per use: a reload swaps the whole set)."""
+        return self._keys.current
+
+    @property
+    def version(self) -> int:
+        """Grows by one on every successful reload."""
+        return self._keys.current.version
+
+    def start(self) -> None:
+        """Poll the JWKS file in a daemon thread."""
+        self._keys.start()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._keys.stop()
+
+    def reload_now(self) -> bool:
+        """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
+        return self._keys.check_now()
+
+    def _load(self, old: KeySet | None) -> KeySet:
+        new = load_jwks(self.path, allowed_algorithms=self._allowed)
+        return new if old is None else dataclasses.replace(new, version=old.version + 1)
