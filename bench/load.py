@@ -1,5 +1,6 @@
-"""Closed-loop load: each client process keeps ``in_flight`` calls outstanding (grpc.aio) and records the
-latency of every call that completes inside the measured window. Loopback only, bounded in time."""
+"""Closed-loop load, as a fleet sends it: each client process keeps ``in_flight`` calls outstanding (grpc.aio)
+spread over ``connections`` connections of its own, and records the latency of every call that completes inside
+the measured window. Loopback only, bounded in time."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class LoadSpec:
     certs: str | None = None
     client: str = "alice"
     token: str | None = None
+    connections: int = 1  # TCP connections of this process; the in-flight calls are spread over them
 
 
 def _request(spec: LoadSpec) -> pb.PredictRequest:
@@ -44,7 +46,12 @@ def _request(spec: LoadSpec) -> pb.PredictRequest:
 
 
 def _channel(spec: LoadSpec) -> grpc.aio.Channel:
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    options = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+        # Channels to one target otherwise share one connection (grpc's global subchannel pool).
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     if spec.certs is None:
         return grpc.aio.insecure_channel(spec.target, options=options)
     certs = Path(spec.certs)
@@ -89,13 +96,16 @@ async def _run(spec: LoadSpec) -> tuple[list[float], int]:
     latencies: list[float] = []
     metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None
     request = _request(spec)
-    async with _channel(spec) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        await channel.channel_ready()
+    channels = [_channel(spec) for _ in range(max(1, min(spec.connections, spec.in_flight)))]
+    try:
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
+        stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
         worker = _stream_worker if spec.mode == "stream" else _unary_worker
         errors = await asyncio.gather(
-            *(worker(stub, request, metadata, spec, latencies) for _ in range(spec.in_flight))
+            *(worker(stubs[i % len(stubs)], request, metadata, spec, latencies) for i in range(spec.in_flight))
         )
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
     return latencies, sum(errors)
 
 

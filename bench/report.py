@@ -108,7 +108,8 @@ def markdown(results: Results, labels: dict[str, str], environment: dict[str, An
         f"Medians of {environment['reps']} interleaved repetitions, {environment['window_s']} s windows after "
         f"{environment['warmup_s']} s warm-up, {environment['cpus']} CPUs ({environment['machine']}), Python "
         f"{environment['python']}, grpcio {environment['grpcio']}, onnxruntime {environment['onnxruntime']}, "
-        f"{environment['clients']} client processes on the same machine. Command: `{environment['command']}`.",
+        f"{environment['clients']} client processes with {environment.get('connections', 1)} connections each, on the "
+        "same machine. Command: `{environment['command']}`.",
         "",
         *targets(results),
         *_sweep(results.get("sweep", []), labels),

@@ -99,8 +99,8 @@ TARGETS: dict[str, dict[str, Any]] = {
     "e": {
         "label": "(e) gateway, fully secured (mTLS, bound JWT, policy, audit)",
         **SECURE_GATEWAY,
-        # (f) runs on this server with one stream per in-flight call: each open stream holds a stream thread.
-        "config": {"limits": {"stream_workers": 64}},
+        # One bench principal stands for a fleet: (f) at 64 in flight holds 64 streams.
+        "config": {"limits": {"per_principal": {"max_in_flight": 256, "max_streams": 256}}},
     },
     "f": {"label": "(f) gateway, fully secured, PredictStream", **SECURE_GATEWAY, "mode": "stream", "shares": "e"},
     # Extras: one step of the secure path changed at a time.
@@ -118,20 +118,17 @@ TARGETS: dict[str, dict[str, Any]] = {
     "e-batch": {
         "label": "(e) with dynamic batching (32 rows, 500 us)",
         **SECURE_GATEWAY,
-        "config": {
-            "models": {"batching": {"mlp": {"max_batch_size": 32, "max_queue_delay_us": 500}}},
-            "limits": {"unary_workers": 32},  # a batch holds at most one request per unary handler thread
-        },
+        "config": {"models": {"batching": {"mlp": {"max_batch_size": 32, "max_queue_delay_us": 500}}}},
     },
     "e-w2": {"label": "(e) with 2 worker processes", **SECURE_GATEWAY, "config": {"workers": 2}},
-    "e-16threads": {
-        "label": "(e) with 16 unary handler threads, not 4",
+    "e-pool": {
+        "label": "(e) with every model run on the run pool (models.inline_max_ms: 0)",
         **SECURE_GATEWAY,
-        "config": {"limits": {"unary_workers": 16}},
+        "config": {"models": {"inline_max_ms": 0}},
     },
 }
 SWEEP = "a,b,c,d,e,f"
-ABLATIONS = "e,e-nocache,e-ortdefault,e-always,e-16threads,e-w2,c"
+ABLATIONS = "e,e-nocache,e-ortdefault,e-always,e-pool,e-w2,c"
 BATCHING = "e,e-batch"
 SIZES_TARGETS = "c,e"
 SIZES = (1 << 10, 64 << 10, 1 << 20, 4 << 20)
@@ -320,6 +317,7 @@ def measure(
     warmup: float,
     window: float,
     clients: int,
+    connections: int,
     certs: Path,
     token: str | None,
     pool: ProcessPoolExecutor,
@@ -346,6 +344,7 @@ def measure(
             measure_until=measure_until,
             certs=str(certs) if target.secure else None,
             token=token if target.token else None,
+            connections=connections,
         )
         for n in per_client
         if n
@@ -424,6 +423,7 @@ def run_section(
                                 warmup=args.warmup,
                                 window=args.window,
                                 clients=args.clients,
+                                connections=args.connections,
                                 certs=args.certs,
                                 token=token,
                                 pool=pool,
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=3.0)
     parser.add_argument("--in-flight", default="1,4,16,64")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--connections", type=int, default=4, help="connections per client process")
     parser.add_argument("--targets", default=SWEEP, help=f"comma-separated, of {', '.join(TARGETS)}")
     parser.add_argument("--no-extras", action="store_true", help="only the in-flight sweep")
     parser.add_argument("--certs", type=Path, default=ROOT / "certs")
@@ -483,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         "window_s": args.window,
         "warmup_s": args.warmup,
         "clients": args.clients,
+        "connections": args.connections,
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     labels = {k: v["label"] for k, v in TARGETS.items()}
