@@ -12,6 +12,7 @@ cost. Bench code only: nothing here changes how the gateway runs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -113,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     args = parser.parse_args(argv)
     oplog.configure(fmt="json", level="warning")
-    with tempfile.TemporaryDirectory(prefix="gateway-profile-") as tmp, ProcessPoolExecutor(2) as pool:
+    # Spawned clients: a process forked from one running grpc.aio (the gateway runs in this one) hangs in grpc.
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="gateway-profile-") as tmp,
+        ProcessPoolExecutor(2, mp_context=spawn) as pool,
+    ):
         policies = Path(tmp) / "policies"
         policies.mkdir()
         (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))

@@ -190,14 +190,13 @@ class CallBoundary:
             slots.append(self._admission.admit_principal(f"{principal.issuer} {principal.subject}", stream=stream))
         slots.append(self._admission.admit_call())
 
-    async def _read(self, context: grpc.aio.ServicerContext, timeout_s: float, what: str) -> Any:
+    @staticmethod
+    async def _read(context: grpc.aio.ServicerContext, timeout_s: float, what: str) -> Any:
         try:
             async with asyncio.timeout(timeout_s):
                 return await context.read()
         except TimeoutError:
-            raise DeadlineExceededError(
-                f"no {what} within {timeout_s:g} s", reason=f"{what} not received in time"
-            ) from None
+            raise _not_received(what, timeout_s) from None
 
     def _check_size(self, size: int) -> None:
         limit = self._limits.max_message_bytes
@@ -209,13 +208,22 @@ class CallBoundary:
     async def _request(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
         """The one request of a unary method: read with a bounded wait, then nothing more may follow."""
         timeout_s = self._limits.message_timeout_s
-        raw = await self._read(context, timeout_s, "request message")
-        if raw is grpc.aio.EOF:
-            raise InvalidArgumentError("no request message")
-        call.bytes_in = len(raw)
-        self._check_size(len(raw))
-        if await self._read(context, timeout_s, "end of the request") is not grpc.aio.EOF:
-            raise InvalidArgumentError("a unary method takes exactly one request message")
+        try:
+            async with asyncio.timeout(timeout_s):  # one deadline for the message and the end of the stream
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    # grpc reports a message over its own limit (twice ours) as the end of the stream: the
+                    # client then gets grpc's RESOURCE_EXHAUSTED, and the record must say the same.
+                    raise ResourceExhaustedError(
+                        "no request message, or one over the size limit",
+                        reason="no request message (none sent, or over grpc's size limit)",
+                    )
+                call.bytes_in = len(raw)
+                self._check_size(len(raw))
+                if await context.read() is not grpc.aio.EOF:
+                    raise InvalidArgumentError("a unary method takes exactly one request message")
+        except TimeoutError:
+            raise _not_received("request message", timeout_s) from None
         return _decode(method.deserialize, raw)
 
     async def _requests(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
@@ -308,6 +316,10 @@ class CallBoundary:
         if isinstance(error, InternalError):
             message = f"internal error (request id {call.request_id})"
         await context.abort(_status(error), message)
+
+
+def _not_received(what: str, timeout_s: float) -> DeadlineExceededError:
+    return DeadlineExceededError(f"no {what} within {timeout_s:g} s", reason=f"{what} not received in time")
 
 
 def _aborted(context: grpc.aio.ServicerContext) -> GatewayError:

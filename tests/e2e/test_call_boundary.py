@@ -137,16 +137,20 @@ async def test_a_unary_method_refuses_a_second_request_message(gw):
     assert (record["code"], record["model"]) == ("INVALID_ARGUMENT", None)  # refused before anything ran
 
 
-async def test_a_unary_call_closed_without_a_message_is_invalid(gw):
+async def test_a_unary_call_closed_without_a_message_is_refused(gw):
     request_id = uuid.uuid4().hex
     async with aio_channel(gw) as channel:
         call = channel.stream_unary(PREDICT)(metadata=auth(gw.token(), ("x-request-id", request_id)))
         await call.done_writing()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(call, TIMEOUT)
-    assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # what grpc sends for one too large
+    assert refused.value.details() == "no request message, or one over the size limit"
     (record,) = records_for(gw, {request_id})
-    assert record["code"] == "INVALID_ARGUMENT"
+    assert (record["code"], record["reason"]) == (
+        "RESOURCE_EXHAUSTED",
+        "no request message (none sent, or over grpc's size limit)",
+    )
 
 
 async def test_a_caller_at_its_limit_of_calls_in_flight_is_refused_while_another_is_served(start_gateway):
@@ -294,3 +298,26 @@ def test_a_slow_model_does_not_delay_calls_to_a_fast_one(start_gateway, model_re
     assert statistics.median(fast) < statistics.median(slow_times) / 4, (fast, slow_times)
     placement = gw.gateway.placement
     assert placement.pool_runs >= len(slow_times) and placement.inline_runs >= len(fast) - 2
+
+
+@pytest.mark.parametrize("size", [6000, 9000])  # over the limit; over grpc's own limit (twice ours) as well
+def test_a_message_over_the_size_limit_is_refused_and_recorded(start_gateway, size):
+    gw = start_gateway(overrides={"limits.max_message_bytes": 4096})
+    request = predict_request("mlp", {"input": np.zeros((1, size // 4), np.float32)})
+    request_id = uuid.uuid4().hex
+    with gw.channel() as channel:
+        refused = rpc_error(
+            lambda: stub(channel).Predict(
+                request, metadata=auth(gw.token(), ("x-request-id", request_id)), timeout=TIMEOUT
+            )
+        )
+    (record,) = records_for(gw, {request_id})
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    if size < 8192:  # refused by the boundary, which saw the message
+        assert (record["code"], record["reason"], record["bytes_in"]) == (
+            "RESOURCE_EXHAUSTED",
+            "message too large",
+            size + 25,
+        )
+    else:  # dropped by grpc before the boundary could see it: the record says the same code
+        assert (record["code"], record["bytes_in"]) == ("RESOURCE_EXHAUSTED", 0)
