@@ -367,7 +367,13 @@ def measure(
 
 def memory_per_version(models: Path, copies: int = 6) -> dict[str, float]:
     """Resident memory each loaded version adds (KiB), for each demo model: ``copies`` loaded, RSS compared."""
+    from gateway.models.placement import Placement
     from gateway.models.runtime import ModelVersion, RuntimeOptions
+
+    placement = Placement(threads=1, inline_max_s=0.001)
+
+    def load(name: str, version: int, path: Path) -> ModelVersion:
+        return ModelVersion(name=name, version=version, path=path, options=RuntimeOptions(), placement=placement)
 
     def rss() -> int:
         return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
@@ -375,12 +381,13 @@ def memory_per_version(models: Path, copies: int = 6) -> dict[str, float]:
     result = {}
     for name, version in (("mlp", 2), ("digits", 1)):
         path = models / name / str(version) / "model.onnx"
-        ModelVersion(name=name, version=version, path=path, options=RuntimeOptions())  # warm ORT itself up
+        load(name, version, path)  # warm ORT itself up
         gc.collect()
         before = rss()
-        loaded = [ModelVersion(name=name, version=version, path=path, options=RuntimeOptions()) for _ in range(copies)]
+        loaded = [load(name, version, path) for _ in range(copies)]
         result[f"{name} ({path.stat().st_size / 1024:,.0f} KiB file)"] = (rss() - before) / copies / 1024
         del loaded
+    placement.close()
     return result
 
 

@@ -14,7 +14,8 @@ exactly one message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,8 @@ from gateway.errors import (
 from gateway.limits import Admission, Slot
 
 log = structlog.get_logger(__name__)
+
+_MAX_METHOD_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,27 @@ class CallBoundary:
         self._authenticator = authenticator
         self._admission = admission
         self._limits = limits
+        self._active = 0  # handlers running, from their first step to their record: shutdown waits for them
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no handler is running (each has committed its record); False after ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.set()
 
     # ------------------------------------------------------------------------------------------------ handlers
 
@@ -140,8 +164,11 @@ class CallBoundary:
         if method.response_streaming:
 
             async def stream_response(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-                async for out in self._serve_stream(method, context):
-                    yield out
+                # Closed here, not by the garbage collector, when grpc stops iterating (the client went away):
+                # the stream's slot and its record must not wait for a collection.
+                async with contextlib.aclosing(self._serve_stream(method, context)) as outs:
+                    async for out in outs:
+                        yield out
 
             return grpc.stream_stream_rpc_method_handler(stream_response)
 
@@ -153,7 +180,7 @@ class CallBoundary:
     def _unknown(self, name: str) -> grpc.RpcMethodHandler:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
             call = self._begin(name, context)
-            error: GatewayError = UnimplementedError(reason=f"unknown method {name[:200]}")
+            error: GatewayError = UnimplementedError(reason=f"unknown method {name[:_MAX_METHOD_CHARS]}")
             slots: list[Slot] = []
             try:
                 self._admit(call, context, stream=False, slots=slots)
@@ -171,7 +198,8 @@ class CallBoundary:
     def _begin(self, method: str, context: grpc.aio.ServicerContext) -> CallContext:
         metadata = context.invocation_metadata()
         request_id = request_id_from(next(iter(_metadata_values(metadata, "x-request-id")), None))
-        call = CallContext(request_id=request_id, method=method, peer=context.peer())
+        # An unknown method's name is the caller's choice, up to the metadata limit: kept short in the record.
+        call = CallContext(request_id=request_id, method=method[:_MAX_METHOD_CHARS], peer=context.peer())
         current_call.set(call)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -187,7 +215,7 @@ class CallBoundary:
                 call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
             authorization = _metadata_values(context.invocation_metadata(), "authorization")
             principal = call.principal = authenticator.authenticate(peer, authorization)
-            slots.append(self._admission.admit_principal(f"{principal.issuer} {principal.subject}", stream=stream))
+            slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
         slots.append(self._admission.admit_call())
 
     @staticmethod
@@ -198,11 +226,11 @@ class CallBoundary:
         except TimeoutError:
             raise _not_received(what, timeout_s) from None
 
-    def _check_size(self, size: int) -> None:
+    def _check_size(self, size: int, *, what: str = "message") -> None:
         limit = self._limits.max_message_bytes
         if size > limit:
             raise ResourceExhaustedError(
-                f"message of {size} bytes is over the limit of {limit}", reason="message too large"
+                f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large"
             )
 
     async def _request(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
@@ -212,6 +240,8 @@ class CallBoundary:
             async with asyncio.timeout(timeout_s):  # one deadline for the message and the end of the stream
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
+                    if _deadline_passed(context):  # grpc ends the request stream when the deadline passes
+                        raise _deadline_exceeded()
                     # grpc reports a message over its own limit (twice ours) as the end of the stream: the
                     # client then gets grpc's RESOURCE_EXHAUSTED, and the record must say the same.
                     raise ResourceExhaustedError(
@@ -232,6 +262,8 @@ class CallBoundary:
         while True:
             raw = await self._read(context, self._limits.stream_idle_timeout_s, "stream message")
             if raw is grpc.aio.EOF:
+                if _deadline_passed(context):
+                    raise _deadline_exceeded()
                 return
             call.bytes_in += len(raw)
             self._check_size(len(raw))
@@ -244,62 +276,70 @@ class CallBoundary:
         )
 
     async def _serve_unary(self, method: _Method, context: grpc.aio.ServicerContext) -> bytes | None:
+        self._enter()
         call = self._begin(method.name, context)
-        error: GatewayError | None = None
-        out = None
         slots: list[Slot] = []
         try:
-            self._admit(call, context, stream=method.request_streaming, slots=slots)
-            request = self._input(method, call, context)
-            if not method.request_streaming:
-                request = await request
-            out = method.serialize(await method.behavior(request, context))
-            call.bytes_out = len(out)
-        except GatewayError as exc:
-            error = exc
-        except asyncio.CancelledError:
-            await self.recorder.record_quietly(call, CancelledError(reason="client cancelled or deadline passed"))
-            raise
-        except grpc.aio.AbortError:
-            await self.recorder.record_quietly(call, _aborted(context))
-            raise
-        except Exception as exc:
-            error = _unexpected(exc, call)
+            error: GatewayError | None = None
+            out = None
+            try:
+                self._admit(call, context, stream=method.request_streaming, slots=slots)
+                request = self._input(method, call, context)
+                if not method.request_streaming:
+                    request = await request
+                out = method.serialize(await method.behavior(request, context))
+                call.bytes_out = len(out)
+                self._check_size(len(out), what="response")
+            except GatewayError as exc:
+                error = exc
+            except asyncio.CancelledError:
+                await self.recorder.record_quietly(call, _ended_early(context))
+                raise
+            except grpc.aio.AbortError:
+                await self.recorder.record_quietly(call, _aborted(context))
+                raise
+            except Exception as exc:
+                error = _unexpected(exc, call)
+            await self._finish(call, error, context)
+            return out
         finally:
             for slot in slots:
                 slot.release()
-        await self._finish(call, error, context)
-        return out
+            self._leave()
 
-    async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncGenerator[bytes, None]:
+        self._enter()
         call = self._begin(method.name, context)
         call.event = "stream"
         call.recorder = self.recorder
-        error: GatewayError | None = None
         slots: list[Slot] = []
         try:
-            self._admit(call, context, stream=True, slots=slots)
-            request = self._input(method, call, context)
-            if not method.request_streaming:
-                request = await request
-            async for message in method.behavior(request, context):
-                out = method.serialize(message)
-                call.bytes_out += len(out)
-                yield out
-        except GatewayError as exc:
-            error = exc
-        except (asyncio.CancelledError, GeneratorExit):
-            await self.recorder.record_quietly(call, CancelledError(reason="client cancelled the stream"))
-            raise
-        except grpc.aio.AbortError:
-            await self.recorder.record_quietly(call, _aborted(context))
-            raise
-        except Exception as exc:
-            error = _unexpected(exc, call)
+            error: GatewayError | None = None
+            try:
+                self._admit(call, context, stream=True, slots=slots)
+                request = self._input(method, call, context)
+                if not method.request_streaming:
+                    request = await request
+                async for message in method.behavior(request, context):
+                    out = method.serialize(message)
+                    self._check_size(len(out), what="response")
+                    call.bytes_out += len(out)
+                    yield out
+            except GatewayError as exc:
+                error = exc
+            except (asyncio.CancelledError, GeneratorExit):
+                await self.recorder.record_quietly(call, _ended_early(context))
+                raise
+            except grpc.aio.AbortError:
+                await self.recorder.record_quietly(call, _aborted(context))
+                raise
+            except Exception as exc:
+                error = _unexpected(exc, call)
+            await self._finish(call, error, context)
         finally:
             for slot in slots:
                 slot.release()
-        await self._finish(call, error, context)
+            self._leave()
 
     async def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
         """Record the outcome, then fail the call if it failed or its record could not be written."""
@@ -316,6 +356,20 @@ class CallBoundary:
         if isinstance(error, InternalError):
             message = f"internal error (request id {call.request_id})"
         await context.abort(_status(error), message)
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _deadline_exceeded() -> DeadlineExceededError:
+    return DeadlineExceededError(reason="deadline passed before the response")
+
+
+def _ended_early(context: grpc.aio.ServicerContext) -> GatewayError:
+    """Why a call was cancelled under its handler: its deadline passed, or the client went away."""
+    return _deadline_exceeded() if _deadline_passed(context) else CancelledError(reason="client cancelled")
 
 
 def _not_received(what: str, timeout_s: float) -> DeadlineExceededError:

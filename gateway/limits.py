@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from gateway.errors import ResourceExhaustedError
 
+PrincipalKey = tuple[str, str]  # (token issuer, subject)
+
 
 @dataclass(frozen=True, slots=True)
 class PrincipalLimits:
@@ -25,7 +27,7 @@ class Slot:
 
     __slots__ = ("_admission", "_key", "_kind")
 
-    def __init__(self, admission: Admission, key: str | None, kind: str | None) -> None:
+    def __init__(self, admission: Admission, key: PrincipalKey | None, kind: str | None) -> None:
         self._admission, self._key, self._kind = admission, key, kind
 
     def release(self) -> None:
@@ -42,7 +44,7 @@ class Admission:
         self._max_total = max_concurrent_rpcs
         self._per_principal = per_principal
         self._total = 0
-        self._held: dict[tuple[str, str], int] = {}  # (principal key, kind) -> count; absent at zero
+        self._held: dict[tuple[PrincipalKey, str], int] = {}  # (principal, kind) -> count; absent at zero
 
     @property
     def in_flight(self) -> int:
@@ -59,8 +61,8 @@ class Admission:
         self._total += 1
         return Slot(self, None, None)
 
-    def admit_principal(self, key: str, *, stream: bool) -> Slot:
-        """Admit one call of principal ``key``; RESOURCE_EXHAUSTED past its limit, naming which."""
+    def admit_principal(self, key: PrincipalKey, *, stream: bool) -> Slot:
+        """Admit one call of principal ``key`` (issuer, subject); RESOURCE_EXHAUSTED past its limit, naming which."""
         kind, limit, name = (
             ("streams", self._per_principal.max_streams, "limits.per_principal.max_streams")
             if stream
@@ -75,7 +77,7 @@ class Admission:
         self._held[(key, kind)] = held + 1
         return Slot(self, key, kind)
 
-    def _release(self, key: str | None, kind: str | None) -> None:
+    def _release(self, key: PrincipalKey | None, kind: str | None) -> None:
         if key is None or kind is None:
             self._total -= 1
             return

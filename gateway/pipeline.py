@@ -1,6 +1,6 @@
 """The one path every API calls after decoding: authorize, resolve, validate, run. Never imports grpc.
 
-Authorization needs the model name from the message, so it lives here rather than in an interceptor, and
+Authorization needs the model name from the message, so it lives here rather than in the call boundary, and
 every protocol the gateway serves shares it: one place decides. A caller who may not act on a model gets
 PERMISSION_DENIED whether or not the model exists (DESIGN.md: a refused caller learns nothing).
 """
@@ -62,7 +62,7 @@ class Pipeline:
     def _decide(self, principal: Principal | None, model: str, version: str | None, action: Action) -> Decision:
         if self._policies is None:
             return _DEV_ALLOW
-        if principal is None:  # unreachable behind the authentication interceptor; fail closed regardless
+        if principal is None:  # unreachable behind the call boundary's authentication; fail closed regardless
             return Decision(allowed=False, rule_id=None)
         return self._policies.current.evaluate(principal, model=model, version=version, action=action)
 

@@ -8,6 +8,7 @@ command line (``serve_forever``, the main thread waiting for signals) and tests 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
@@ -43,6 +44,8 @@ from gateway.tls import ServerCredentials
 log = structlog.get_logger(__name__)
 
 _SIGNAL_POLL_S = 0.1
+_RECORDS_WAIT_S = 5.0
+_STOP_MARGIN_S = 10.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
@@ -90,6 +93,11 @@ def catch_stop_signals() -> list[int]:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return received
+
+
+def _log_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("model_health_update_failed", error=repr(future.exception()))
 
 
 class Gateway:
@@ -180,8 +188,13 @@ class Gateway:
     def _models_changed(self, models: list[ModelInfo], removed: list[str]) -> None:
         """From the repository's watcher thread: model health follows the repository."""
         loop = self._loop
-        if loop is not None:
-            asyncio.run_coroutine_threadsafe(self._set_model_health(models, removed), loop)
+        if loop is None:
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._set_model_health(models, removed), loop)
+        except RuntimeError:  # the loop closed meanwhile: the gateway is stopping
+            return
+        future.add_done_callback(_log_failure)
 
     async def _set_model_health(self, models: list[ModelInfo], removed: list[str]) -> None:
         for info in models:
@@ -194,10 +207,10 @@ class Gateway:
             if getattr(self.settings, name):
                 log.warning("dev_option_enabled", option=name, detail="development only: never in production")
 
-    def _on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    def _on_loop(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float | None = None) -> Any:
         if self._loop is None:
             raise RuntimeError("the gateway's event loop is not running")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
 
     def start(self) -> int:
         """Load everything, bind, start serving on a new event-loop thread; returns the bound port."""
@@ -210,6 +223,8 @@ class Gateway:
         try:
             self.port = self._on_loop(self._serve())
         except BaseException:
+            if self._server is not None:
+                self._on_loop(self._server.stop(0))
             self._close_loop()
             self.audit.close()
             raise
@@ -251,7 +266,13 @@ class Gateway:
         self._stopped.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         log.info("gateway_stopping", drain_s=self.settings.shutdown_drain_s, grace_s=grace)
-        self._on_loop(self._shutdown(self._server, grace))
+        # Bounded: grpcio's server shutdown has been seen (rarely) to block the loop thread for good; the process
+        # must still flush and close its audit trail then.
+        bound = self.settings.shutdown_drain_s + grace + _RECORDS_WAIT_S + _STOP_MARGIN_S
+        try:
+            self._on_loop(self._shutdown(self._server, grace), bound)
+        except TimeoutError:
+            log.error("gateway_stop_timed_out", waited_s=bound, detail="the grpc server did not stop in time")
         for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
             if component is not None:
                 component.stop()
@@ -266,15 +287,24 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_drain_s)
         await server.stop(grace_s)
+        # Calls cut off at the end of the grace period are still recording their outcome: wait for them, so that
+        # the audit log closes after their records.
+        if not await self.boundary.wait_idle(_RECORDS_WAIT_S):
+            log.error("gateway_stopped_with_calls_unrecorded", detail="handlers still running after the grace period")
 
     def _close_loop(self) -> None:
         loop, thread = self._loop, self._loop_thread
         if loop is None or thread is None:
             return
+        with contextlib.suppress(Exception):  # generators still open are closed in their own context, not by GC
+            asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout=5)
         loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+        thread.join(timeout=_STOP_MARGIN_S)
         self._loop = self._loop_thread = None
+        if thread.is_alive():  # stuck in grpcio (see stop): a daemon thread, left to end with the process
+            log.error("gateway_loop_stuck", detail="the event loop thread did not stop")
+            return
+        loop.close()
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""

@@ -94,6 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 code = grpc.StatusCode[error.code].value[0]
                 reply = pb.PredictStreamResponse(error=pb.StreamError(code=code, message=error.message), id=request.id)
             call.bytes_out = reply.ByteSize()
+            stream.model_ran = stream.model_ran or call.model_ran
             # Recorded before the reply leaves; if the record cannot be written the stream ends UNAVAILABLE.
             await stream.record_message(call, error)
             stream.messages = count

@@ -83,6 +83,7 @@ class _Group:
     loop: asyncio.AbstractEventLoop | None = None
     loop_thread: int = 0
     futures: list[asyncio.Future[str | None]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None  # the write timeout of a group handed to the writer thread
 
     def release(self) -> None:
         """Wake every caller of the group; ``error`` and ``failed`` are set before."""
@@ -97,6 +98,9 @@ class _Group:
 
     def resolve(self, refusal: str | None) -> None:
         """On the loop: wake the loop callers still waiting, with ``refusal`` (None when committed)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for future in self.futures:
             if not future.done():
                 future.set_result(refusal)
@@ -325,6 +329,7 @@ class AuditLog:
         self._stop_sync.clear()
         with self._lock:
             self._group = _Group()
+            self._turn = None
             self._handoff.clear()
             self._committer = None
             self._state = "open"
@@ -477,11 +482,12 @@ class AuditLog:
         elif group.failed and index in group.failed:
             raise InternalError(reason=group.failed[index])
 
-    def _lead(self, group: _Group) -> None:
-        """Commit ``group`` as the leader, then hand the committer role on or give it up."""
-        self._commit_and_release(group)
+    def _lead(self, group: _Group, *, on_loop: bool = False) -> None:
+        """Commit ``group`` as the leader, then hand the committer role on or give it up. On the loop, a
+        rotation that falls due is left to the writer thread (it fsyncs)."""
+        self._commit_and_release(group, rotate=not on_loop)
         with self._lock:
-            if self._group.records or self._handoff or self._state != "open":
+            if self._group.records or self._handoff or self._state != "open" or self._rotation_due():
                 # What queued meanwhile goes to the writer thread: a leader commits one group only, so its own
                 # latency stays one write.
                 self._committer = "writer"
@@ -522,7 +528,9 @@ class AuditLog:
             if self._state != "open":
                 lead = False
                 group.error = "audit log is not open"
-            elif self._committer is None and self.fsync != "always":
+            elif self._committer is None and self.fsync != "always" and self._broken is None:
+                # Under "always", or to recover from a failure (which reopens and fsyncs), the writer thread
+                # commits instead, so that the loop never waits on the disk.
                 self._committer = "leader"
                 lead = True
             else:
@@ -532,11 +540,11 @@ class AuditLog:
                     self._committer = "writer"
                     self._wakeup.notify()
         if lead:
-            self._lead(group)
+            self._lead(group, on_loop=True)
         elif group.error is not None:
             group.release()
         elif self._write_timeout is not None and group.loop is not None:
-            group.loop.call_later(self._write_timeout, group.resolve, "audit write timed out")
+            group.timer = group.loop.call_later(self._write_timeout, group.resolve, "audit write timed out")
 
     def _refuse(self, record: Mapping[str, Any], reason: str) -> None:
         if not self.dev_fail_open:
@@ -572,7 +580,10 @@ class AuditLog:
             with self._lock:
                 while self._committer != "writer" and not (self._state != "open" and self._committer is None):
                     self._wakeup.wait()
-                if self._handoff:
+                group: _Group | None
+                if self._rotation_due():
+                    group = None
+                elif self._handoff:
                     group = self._handoff.popleft()
                 else:
                     group = self._group
@@ -582,9 +593,15 @@ class AuditLog:
                             return  # closing, and everything submitted has been handled
                         continue
                     self._group = _Group()
-            self._commit_and_release(group)
+            if group is None:
+                self._rotate_or_break()
+            else:
+                self._commit_and_release(group)
 
-    def _commit_and_release(self, group: _Group) -> None:
+    def _rotation_due(self) -> bool:
+        return self._broken is None and self._offset >= self._max_bytes
+
+    def _commit_and_release(self, group: _Group, *, rotate: bool = True) -> None:
         """Commit one group as the committer, wake its callers, then rotate, or fail what queued behind it."""
         try:
             committed = self._commit(group)
@@ -594,7 +611,7 @@ class AuditLog:
             self._set_broken(_Failure("internal", type(exc).__name__, time.monotonic()))
             group.error = "audit writer error"
         group.release()
-        if committed and self._offset >= self._max_bytes:
+        if committed and rotate and self._offset >= self._max_bytes:
             self._rotate_or_break()
         elif not committed:
             self._fail_queued(group.error or "audit write failed")

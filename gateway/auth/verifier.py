@@ -1,8 +1,8 @@
 """JWT bearer-token verification (RFC 7519 over RFC 7515 JWS): explicit ordered checks against the KeyStore, a
 cache of verified tokens, and certificate binding (RFC 8705). docs/tokens.md lists the checks in order.
 
-No grpc here: the interceptor hands over the bearer string and the client certificate's ``x5t#S256``, and turns the
-AuthenticationError raised here into UNAUTHENTICATED.
+No grpc here: the authenticator (auth/authenticator.py) hands over the bearer string and the client certificate's
+``x5t#S256``; the call boundary turns the AuthenticationError raised here into UNAUTHENTICATED.
 """
 
 from __future__ import annotations

@@ -98,6 +98,8 @@ class Batcher:
 
     @staticmethod
     async def _run(batch: _Batch) -> None:
+        if all(future.cancelled() for future in batch.futures):
+            return  # nobody waits for it any more: no run (its callers' slots are free already)
         try:
             results = await _run_batch(batch)
         except Exception as exc:

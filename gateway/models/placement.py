@@ -9,6 +9,7 @@ the model version's runs took so far (``RunCost``), scaled by the size of the re
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,10 @@ class Placement:
             self.inline_runs += 1
             return _timed(execute, inputs, cost, elements)
         self.pool_runs += 1
-        return await asyncio.get_running_loop().run_in_executor(self._pool, _timed, execute, inputs, cost, elements)
+        run = contextvars.copy_context().run  # the call's log context (request id) goes along
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, run, _timed, execute, inputs, cost, elements
+        )
 
     def close(self) -> None:
         """Stop the pool once the runs it has are done."""

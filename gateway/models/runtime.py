@@ -55,7 +55,7 @@ def _dims(shape: list[Any] | None) -> tuple[int, ...]:
 def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so = ort.SessionOptions()
     # One intra-op thread per session measured 1.5-2x more requests/s under concurrency than ORT's default pool
-    # on 2 cores: gRPC handler threads already supply the parallelism, and the pool's spinning steals their CPU.
+    # on 2 cores: concurrent calls already supply the parallelism, and the pool's spinning steals their CPU.
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.execution_mode = (

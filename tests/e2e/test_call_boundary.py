@@ -97,10 +97,10 @@ async def test_half_open_calls_without_a_token_are_refused_at_once_and_do_not_de
     assert {(r["code"], r["reason"], r["bytes_in"], r["cert_identity"]) for r in records} == {
         ("UNAUTHENTICATED", "no authorization header", 0, "spiffe://gateway.local/client/alice")
     }
-    # Served alongside them, at the speed they are served alone (the margin absorbs a loaded test machine;
-    # before the async core these calls stalled until the half-open ones went away).
-    assert statistics.median(during) < statistics.median(baseline) + 0.05, (baseline, during)
-    assert statistics.median(during_health) < statistics.median(baseline_health) + 0.05
+    # Served alongside them, at about the speed they are served alone (the margin absorbs a loaded test machine;
+    # before the async core these calls stalled until the half-open ones went away, past their 5 s deadline).
+    assert statistics.median(during) < statistics.median(baseline) + 0.1, (baseline, during)
+    assert statistics.median(during_health) < statistics.median(baseline_health) + 0.1
 
 
 async def test_an_authenticated_call_that_never_sends_its_message_times_out_and_is_recorded(start_gateway):
@@ -216,7 +216,7 @@ def test_a_caller_at_its_limit_of_open_streams_is_refused_and_its_unary_calls_st
 
 
 def test_an_idle_stream_is_ended_and_recorded(start_gateway):
-    gw = start_gateway(overrides={"limits.stream_idle_timeout_s": 0.3})
+    gw = start_gateway(overrides={"limits.stream_idle_timeout_s": 1.5})
     release = threading.Event()
 
     def one_then_idle():
@@ -268,7 +268,9 @@ def write_slow_model(directory: Path, *, layers: int = 64, width: int = 1024) ->
 
 def test_a_slow_model_does_not_delay_calls_to_a_fast_one(start_gateway, model_repo):
     write_slow_model(model_repo / "slow" / "1")
-    gw = start_gateway(models=model_repo)
+    # A generous inline threshold: the fast model (well under 1 ms) must stay inline even when a loaded test
+    # machine slows one of its runs down; the slow one (~200 ms) is far beyond it.
+    gw = start_gateway(models=model_repo, overrides={"models.inline_max_ms": 20})
     token = gw.token()
     slow_request = predict_request("slow", {"input": np.ones((256, 1024), np.float32)})
     slow_times: list[float] = []
@@ -297,7 +299,7 @@ def test_a_slow_model_does_not_delay_calls_to_a_fast_one(start_gateway, model_re
     # Each fast call would otherwise wait for a slow run to end: half of one on average.
     assert statistics.median(fast) < statistics.median(slow_times) / 4, (fast, slow_times)
     placement = gw.gateway.placement
-    assert placement.pool_runs >= len(slow_times) and placement.inline_runs >= len(fast) - 2
+    assert placement.pool_runs >= len(slow_times) and placement.inline_runs >= len(fast) // 2
 
 
 @pytest.mark.parametrize("size", [6000, 9000])  # over the limit; over grpc's own limit (twice ours) as well
@@ -311,6 +313,8 @@ def test_a_message_over_the_size_limit_is_refused_and_recorded(start_gateway, si
                 request, metadata=auth(gw.token(), ("x-request-id", request_id)), timeout=TIMEOUT
             )
         )
+    # Over grpc's own limit, the client's status comes from grpc, not after our record: wait for it.
+    wait_until(lambda: len(records_for(gw, {request_id})) == 1)
     (record,) = records_for(gw, {request_id})
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     if size < 8192:  # refused by the boundary, which saw the message
@@ -321,3 +325,118 @@ def test_a_message_over_the_size_limit_is_refused_and_recorded(start_gateway, si
         )
     else:  # dropped by grpc before the boundary could see it: the record says the same code
         assert (record["code"], record["bytes_in"]) == ("RESOURCE_EXHAUSTED", 0)
+
+
+def test_a_cancelled_stream_gives_back_its_slot_and_is_recorded(start_gateway):
+    gw = start_gateway(overrides={"limits.per_principal": {"max_streams": 1}})
+    token = gw.token()
+    release = threading.Event()
+    message = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
+
+    def one_then_hold():
+        yield message
+        release.wait(timeout=TIMEOUT)
+
+    request_id = uuid.uuid4().hex
+    with gw.channel() as channel:
+        client = stub(channel)
+        first = client.PredictStream(
+            one_then_hold(), metadata=auth(token, ("x-request-id", request_id)), timeout=TIMEOUT
+        )
+        assert next(first).WhichOneof("outcome") == "response"
+        first.cancel()
+        release.set()
+        wait_until(lambda: gw.gateway.admission.in_flight == 0)
+        # The one stream slot is free again: a new stream is served.
+        assert [
+            r.WhichOneof("outcome")
+            for r in client.PredictStream(iter([message]), metadata=auth(token), timeout=TIMEOUT)
+        ] == ["response"]
+    wait_until(lambda: len(records_for(gw, {request_id})) == 2)
+    message, closing = records_for(gw, {request_id})
+    assert (message["event"], message["code"], closing["event"], closing["messages"]) == (
+        "stream_message",
+        "OK",
+        "stream",
+        1,
+    )
+    # grpcio ends the server's request stream on a cancel either with a cancellation or as if the client had
+    # closed its side, depending on which of two completion events its poller handles first (docs/audit.md).
+    assert closing["code"] in ("CANCELLED", "OK")
+
+
+async def test_a_call_whose_deadline_passes_is_recorded_as_deadline_exceeded(start_gateway):
+    gw = start_gateway(overrides={"limits.message_timeout_s": 30})
+    request_id = uuid.uuid4().hex
+    async with aio_channel(gw) as channel:
+        call = channel.stream_unary(PREDICT)(
+            never_send(), metadata=auth(gw.token(), ("x-request-id", request_id)), timeout=0.5
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as expired:
+            await asyncio.wait_for(call, TIMEOUT)
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.to_thread(wait_until, lambda: len(records_for(gw, {request_id})) == 1)
+    (record,) = records_for(gw, {request_id})
+    assert (record["code"], record["reason"]) == ("DEADLINE_EXCEEDED", "deadline passed before the response")
+    assert gw.gateway.admission.in_flight == 0
+
+
+def write_tiling_model(directory: Path, repeats: int) -> None:
+    """A model whose output is ``repeats`` times its input: small requests, large responses."""
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["input", "repeats"], ["output"])],
+        "tile",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4 * repeats])],
+        [numpy_helper.from_array(np.array([1, repeats], np.int64), "repeats")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.onnx")
+
+
+def test_a_response_over_the_size_limit_is_refused_and_recorded(start_gateway, model_repo):
+    write_tiling_model(model_repo / "tile" / "1", repeats=2000)  # 16 B in, 32 KB out
+    gw = start_gateway(models=model_repo, overrides={"limits.max_message_bytes": 4096})
+    request_id = uuid.uuid4().hex
+    with gw.channel() as channel:
+        refused = rpc_error(
+            lambda: stub(channel).Predict(
+                predict_request("tile", {"input": np.ones((1, 4), np.float32)}),
+                metadata=auth(gw.token(), ("x-request-id", request_id)),
+                timeout=TIMEOUT,
+            )
+        )
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "response of" in (refused.details() or "") and "over the limit of 4096" in (refused.details() or "")
+    (record,) = records_for(gw, {request_id})
+    assert (record["code"], record["reason"], record["model"]) == ("RESOURCE_EXHAUSTED", "response too large", "tile")
+
+
+def test_a_call_cut_off_at_the_end_of_the_grace_period_is_recorded(start_gateway, model_repo):
+    write_slow_model(model_repo / "slow" / "1")
+    gw = start_gateway(models=model_repo)
+    request_id = uuid.uuid4().hex
+    outcome: list[object] = []
+
+    def slow_call() -> None:
+        with gw.channel() as channel:
+            try:
+                stub(channel).Predict(
+                    predict_request("slow", {"input": np.ones((2048, 1024), np.float32)}),  # well over a second
+                    metadata=auth(gw.token(), ("x-request-id", request_id)),
+                    timeout=30,
+                )
+                outcome.append("OK")
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    wait_until(lambda: gw.gateway.placement.pool_runs >= 1, timeout_s=30)
+    gw.gateway.stop(grace_s=0.1)
+    caller.join(timeout=30)
+    assert outcome and outcome[0] != "OK"
+    (record,) = records_for(gw, {request_id})  # written before the audit log closed
+    assert (record["code"], record["model"]) == ("CANCELLED", "slow")

@@ -487,9 +487,12 @@ async def test_loop_and_thread_writers_share_one_gapless_chain(log_path: Path) -
 
 async def test_a_cancelled_caller_does_not_stop_its_group(log_path: Path) -> None:
     with AuditLog(log_path, fsync="always") as audit:
-        tasks = [asyncio.create_task(audit.append(record(i))) for i in range(3)]
-        await asyncio.sleep(0)  # all three appended, their group handed to the writer thread
-        tasks[1].cancel()
+        with audit._io_lock:  # the writer thread holds the group at its checkpoint step until the cancel is in
+            tasks = [asyncio.create_task(audit.append(record(i))) for i in range(3)]
+            await asyncio.sleep(0.05)  # all three appended, their group handed to the writer thread
+            assert audit._committer == "writer"
+            tasks[1].cancel()
+            await asyncio.sleep(0)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert outcomes[0] is None and outcomes[2] is None and isinstance(outcomes[1], asyncio.CancelledError)
     assert len(read_records(log_path)) == 3  # committed: a cancelled caller's record is still in the trail
