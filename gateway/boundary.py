@@ -233,28 +233,42 @@ class CallBoundary:
                 f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large"
             )
 
-    async def _request(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
-        """The one request of a unary method: read with a bounded wait, then nothing more may follow."""
+    async def _request(
+        self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext
+    ) -> tuple[Any, asyncio.Task[Any]]:
+        """The one request of a unary method, read with a bounded wait, and the read of what follows it: started
+        now, so that its round trip overlaps the run, and checked by ``_end_of_request`` before anything is sent."""
         timeout_s = self._limits.message_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):  # one deadline for the message and the end of the stream
+            async with asyncio.timeout(timeout_s):
                 raw = await context.read()
-                if raw is grpc.aio.EOF:
-                    if _deadline_passed(context):  # grpc ends the request stream when the deadline passes
-                        raise _deadline_exceeded()
-                    # grpc reports a message over its own limit (twice ours) as the end of the stream: the
-                    # client then gets grpc's RESOURCE_EXHAUSTED, and the record must say the same.
-                    raise ResourceExhaustedError(
-                        "no request message, or one over the size limit",
-                        reason="no request message (none sent, or over grpc's size limit)",
-                    )
-                call.bytes_in = len(raw)
-                self._check_size(len(raw))
-                if await context.read() is not grpc.aio.EOF:
-                    raise InvalidArgumentError("a unary method takes exactly one request message")
         except TimeoutError:
             raise _not_received("request message", timeout_s) from None
-        return _decode(method.deserialize, raw)
+        if raw is grpc.aio.EOF:
+            if _deadline_passed(context):  # grpc ends the request stream when the deadline passes
+                raise _deadline_exceeded()
+            # grpc reports a message over its own limit (twice ours) as the end of the stream: the client then
+            # gets grpc's RESOURCE_EXHAUSTED, and the record must say the same.
+            raise ResourceExhaustedError(
+                "no request message, or one over the size limit",
+                reason="no request message (none sent, or over grpc's size limit)",
+            )
+        call.bytes_in = len(raw)
+        self._check_size(len(raw))
+        request = _decode(method.deserialize, raw)
+        return request, asyncio.get_running_loop().create_task(context.read())
+
+    async def _end_of_request(self, following: asyncio.Task[Any]) -> None:
+        """Nothing may follow a unary request but the end of the stream."""
+        if not following.done():
+            timeout_s = self._limits.message_timeout_s
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await following
+            except TimeoutError:
+                raise _not_received("end of the request", timeout_s) from None
+        if following.result() is not grpc.aio.EOF:
+            raise InvalidArgumentError("a unary method takes exactly one request message")
 
     async def _requests(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
         """The messages of a stream, each waited for at most the idle timeout."""
@@ -270,24 +284,24 @@ class CallBoundary:
             yield _decode(method.deserialize, raw, index=index)
             index += 1
 
-    def _input(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
-        return (
-            self._requests(method, call, context) if method.request_streaming else self._request(method, call, context)
-        )
-
     async def _serve_unary(self, method: _Method, context: grpc.aio.ServicerContext) -> bytes | None:
         self._enter()
         call = self._begin(method.name, context)
         slots: list[Slot] = []
+        following: asyncio.Task[Any] | None = None
         try:
             error: GatewayError | None = None
             out = None
             try:
                 self._admit(call, context, stream=method.request_streaming, slots=slots)
-                request = self._input(method, call, context)
-                if not method.request_streaming:
-                    request = await request
-                out = method.serialize(await method.behavior(request, context))
+                if method.request_streaming:
+                    request = self._requests(method, call, context)
+                else:
+                    request, following = await self._request(method, call, context)
+                response = await method.behavior(request, context)
+                if following is not None:
+                    await self._end_of_request(following)
+                out = method.serialize(response)
                 call.bytes_out = len(out)
                 self._check_size(len(out), what="response")
             except GatewayError as exc:
@@ -303,6 +317,8 @@ class CallBoundary:
             await self._finish(call, error, context)
             return out
         finally:
+            if following is not None:
+                following.cancel()  # done already, unless the call failed before its end was read
             for slot in slots:
                 slot.release()
             self._leave()
@@ -317,9 +333,11 @@ class CallBoundary:
             error: GatewayError | None = None
             try:
                 self._admit(call, context, stream=True, slots=slots)
-                request = self._input(method, call, context)
-                if not method.request_streaming:
-                    request = await request
+                if method.request_streaming:
+                    request = self._requests(method, call, context)
+                else:
+                    request, following = await self._request(method, call, context)
+                    await self._end_of_request(following)
                 async for message in method.behavior(request, context):
                     out = method.serialize(message)
                     self._check_size(len(out), what="response")
