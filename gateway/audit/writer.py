@@ -602,7 +602,8 @@ class AuditLog:
         return self._broken is None and self._offset >= self._max_bytes
 
     def _commit_and_release(self, group: _Group, *, rotate: bool = True) -> None:
-        """Commit one group as the committer, wake its callers, then rotate, or fail what queued behind it."""
+        """Commit one group as the committer and wake its callers, then rotate; on failure, first fail what queued
+        behind it, so that a woken caller's next record starts a recovery instead of joining the failed queue."""
         try:
             committed = self._commit(group)
         except Exception as exc:  # a bug must not leave callers waiting forever or kill the writer
@@ -610,11 +611,11 @@ class AuditLog:
             committed = False
             self._set_broken(_Failure("internal", type(exc).__name__, time.monotonic()))
             group.error = "audit writer error"
+        if not committed:
+            self._fail_queued(group.error or "audit write failed")
         group.release()
         if committed and rotate and self._offset >= self._max_bytes:
             self._rotate_or_break()
-        elif not committed:
-            self._fail_queued(group.error or "audit write failed")
 
     def _commit(self, group: _Group) -> bool:
         """Chain, write and make durable one group; on failure roll the chain back and mark the sink broken."""
