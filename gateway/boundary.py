@@ -304,16 +304,8 @@ class CallBoundary:
                 out = method.serialize(response)
                 call.bytes_out = len(out)
                 self._check_size(len(out), what="response")
-            except GatewayError as exc:
-                error = exc
-            except asyncio.CancelledError:
-                await self.recorder.record_quietly(call, _ended_early(context))
-                raise
-            except grpc.aio.AbortError:
-                await self.recorder.record_quietly(call, _aborted(context))
-                raise
-            except Exception as exc:
-                error = _unexpected(exc, call)
+            except BaseException as exc:
+                error = await self._failed(call, context, exc)
             await self._finish(call, error, context)
             return out
         finally:
@@ -343,21 +335,26 @@ class CallBoundary:
                     self._check_size(len(out), what="response")
                     call.bytes_out += len(out)
                     yield out
-            except GatewayError as exc:
-                error = exc
-            except (asyncio.CancelledError, GeneratorExit):
-                await self.recorder.record_quietly(call, _ended_early(context))
-                raise
-            except grpc.aio.AbortError:
-                await self.recorder.record_quietly(call, _aborted(context))
-                raise
-            except Exception as exc:
-                error = _unexpected(exc, call)
+            except BaseException as exc:
+                error = await self._failed(call, context, exc)
             await self._finish(call, error, context)
         finally:
             for slot in slots:
                 slot.release()
             self._leave()
+
+    async def _failed(self, call: CallContext, context: grpc.aio.ServicerContext, exc: BaseException) -> GatewayError:
+        """The error to answer ``exc`` with; a call already ended under its handler (cancelled, deadline, client
+        gone, or aborted by a library's handler) is recorded here and ``exc`` raised again."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
+            ended = _aborted(context) if isinstance(exc, grpc.aio.AbortError) else _ended_early(context)
+            await self.recorder.record_quietly(call, ended)
+            raise exc
+        if isinstance(exc, Exception):
+            return _unexpected(exc, call)
+        raise exc  # KeyboardInterrupt, SystemExit: not a call's failure
 
     async def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
         """Record the outcome, then fail the call if it failed or its record could not be written."""

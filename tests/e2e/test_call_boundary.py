@@ -46,6 +46,12 @@ async def never_send() -> AsyncIterator[bytes]:
     yield b""  # pragma: no cover - never reached
 
 
+def one_then_hold(message: pb.PredictRequest, release: threading.Event):
+    """A request stream that sends ``message``, then holds the stream open until ``release`` is set."""
+    yield message
+    release.wait(timeout=TIMEOUT)
+
+
 def records_for(gw, request_ids: set[str]) -> list[dict]:
     return [r for r in gw.audit_records() if r["request_id"] in request_ids]
 
@@ -197,14 +203,10 @@ def test_a_caller_at_its_limit_of_open_streams_is_refused_and_its_unary_calls_st
     release = threading.Event()
     message = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
 
-    def one_then_hold():
-        yield message
-        release.wait(timeout=TIMEOUT)
-
     request_id = uuid.uuid4().hex
     with gw.channel() as channel:
         client = stub(channel)
-        first = client.PredictStream(one_then_hold(), metadata=auth(token), timeout=TIMEOUT)
+        first = client.PredictStream(one_then_hold(message, release), metadata=auth(token), timeout=TIMEOUT)
         assert next(first).WhichOneof("outcome") == "response"
         second = client.PredictStream(iter([message]), metadata=auth(token, ("x-request-id", request_id)), timeout=5)
         refused = rpc_error(lambda: list(second))
@@ -225,14 +227,12 @@ def test_an_idle_stream_is_ended_and_recorded(start_gateway):
     gw = start_gateway(overrides={"limits.stream_idle_timeout_s": 1.5})
     release = threading.Event()
 
-    def one_then_idle():
-        yield pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
-        release.wait(timeout=TIMEOUT)
-
     request_id = uuid.uuid4().hex
     with gw.channel() as channel:
         stream = stub(channel).PredictStream(
-            one_then_idle(), metadata=auth(gw.token(), ("x-request-id", request_id)), timeout=TIMEOUT
+            one_then_hold(pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)]), release),
+            metadata=auth(gw.token(), ("x-request-id", request_id)),
+            timeout=TIMEOUT,
         )
         assert next(stream).WhichOneof("outcome") == "response"
         ended = rpc_error(lambda: list(stream))
@@ -339,15 +339,11 @@ def test_a_cancelled_stream_gives_back_its_slot_and_is_recorded(start_gateway):
     release = threading.Event()
     message = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
 
-    def one_then_hold():
-        yield message
-        release.wait(timeout=TIMEOUT)
-
     request_id = uuid.uuid4().hex
     with gw.channel() as channel:
         client = stub(channel)
         first = client.PredictStream(
-            one_then_hold(), metadata=auth(token, ("x-request-id", request_id)), timeout=TIMEOUT
+            one_then_hold(message, release), metadata=auth(token, ("x-request-id", request_id)), timeout=TIMEOUT
         )
         assert next(first).WhichOneof("outcome") == "response"
         first.cancel()
