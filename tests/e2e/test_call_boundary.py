@@ -442,3 +442,24 @@ def test_a_call_cut_off_at_the_end_of_the_grace_period_is_recorded(start_gateway
     assert outcome and outcome[0] != "OK"
     (record,) = records_for(gw, {request_id})  # written before the audit log closed
     assert (record["code"], record["model"]) == ("CANCELLED", "slow")
+
+
+def test_calls_beyond_the_per_connection_stream_cap_wait_for_a_free_stream(start_gateway):
+    gw = start_gateway(overrides={"limits.max_streams_per_connection": 1})
+    token = gw.token()
+    release = threading.Event()
+    message = pb.PredictRequest(model_name="mlp", inputs=[tensor("input", X)])
+    with gw.channel() as channel, gw.channel("bob") as other:
+        client = stub(channel)
+        held = client.PredictStream(one_then_hold(message, release), metadata=auth(token), timeout=TIMEOUT)
+        assert next(held).WhichOneof("outcome") == "response"
+        # The connection's one stream is taken: a second call on it waits (HTTP/2 flow control) until its deadline.
+        waited = rpc_error(lambda: client.Predict(REQUEST, metadata=auth(token), timeout=0.5))
+        # Another connection is not affected.
+        metadata = stub(other).GetModelMetadata(
+            pb.GetModelMetadataRequest(model_name="digits"), metadata=auth(gw.token("bob", bind="bob")), timeout=TIMEOUT
+        )
+        release.set()
+        assert list(held) == []
+        assert client.Predict(REQUEST, metadata=auth(token), timeout=TIMEOUT).model_version == "2"
+    assert waited.code() == grpc.StatusCode.DEADLINE_EXCEEDED and metadata.name == "digits"
