@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,33 +179,45 @@ class CallBoundary:
 
     def _unknown(self, name: str) -> grpc.RpcMethodHandler:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            call = self._begin(name, context)
+            self._enter()
+            call, metadata = self._begin(name, context)
             error: GatewayError = UnimplementedError(reason=f"unknown method {name[:_MAX_METHOD_CHARS]}")
             slots: list[Slot] = []
             try:
-                self._admit(call, context, stream=False, slots=slots)
-            except GatewayError as exc:
-                error = exc
+                try:
+                    self._admit(call, context, metadata, stream=False, slots=slots)
+                except GatewayError as exc:
+                    error = exc
+                await self._finish(call, error, context)
             finally:
                 for slot in slots:
                     slot.release()
-            await self._finish(call, error, context)
+                self._leave()
 
         return grpc.stream_unary_rpc_method_handler(refuse)
 
     # ------------------------------------------------------------------------------------------------ per call
 
-    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> CallContext:
-        metadata = context.invocation_metadata()
+    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[CallContext, Sequence[Any]]:
+        """The call's context, and its metadata (read once)."""
+        metadata = context.invocation_metadata() or ()
         request_id = request_id_from(next(iter(_metadata_values(metadata, "x-request-id")), None))
         # An unknown method's name is the caller's choice, up to the metadata limit: kept short in the record.
         call = CallContext(request_id=request_id, method=method[:_MAX_METHOD_CHARS], peer=context.peer())
         current_call.set(call)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
-        return call
+        return call, metadata
 
-    def _admit(self, call: CallContext, context: grpc.aio.ServicerContext, *, stream: bool, slots: list[Slot]) -> None:
+    def _admit(
+        self,
+        call: CallContext,
+        context: grpc.aio.ServicerContext,
+        metadata: Sequence[Any],
+        *,
+        stream: bool,
+        slots: list[Slot],
+    ) -> None:
         """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
         authenticator = self._authenticator
         if authenticator is not None:
@@ -213,16 +225,17 @@ class CallBoundary:
             peer = authenticator.inspect(pems[0] if pems else None)
             if peer is not None:
                 call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
-            authorization = _metadata_values(context.invocation_metadata(), "authorization")
+            authorization = _metadata_values(metadata, "authorization")
             principal = call.principal = authenticator.authenticate(peer, authorization)
             slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
         slots.append(self._admission.admit_call())
 
     @staticmethod
-    async def _read(context: grpc.aio.ServicerContext, timeout_s: float, what: str) -> Any:
+    async def _within(waited: Awaitable[Any], timeout_s: float, what: str) -> Any:
+        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what``."""
         try:
             async with asyncio.timeout(timeout_s):
-                return await context.read()
+                return await waited
         except TimeoutError:
             raise _not_received(what, timeout_s) from None
 
@@ -238,12 +251,7 @@ class CallBoundary:
     ) -> tuple[Any, asyncio.Task[Any]]:
         """The one request of a unary method, read with a bounded wait, and the read of what follows it: started
         now, so that its round trip overlaps the run, and checked by ``_end_of_request`` before anything is sent."""
-        timeout_s = self._limits.message_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                raw = await context.read()
-        except TimeoutError:
-            raise _not_received("request message", timeout_s) from None
+        raw = await self._within(context.read(), self._limits.message_timeout_s, "request message")
         if raw is grpc.aio.EOF:
             if _deadline_passed(context):  # grpc ends the request stream when the deadline passes
                 raise _deadline_exceeded()
@@ -261,12 +269,7 @@ class CallBoundary:
     async def _end_of_request(self, following: asyncio.Task[Any]) -> None:
         """Nothing may follow a unary request but the end of the stream."""
         if not following.done():
-            timeout_s = self._limits.message_timeout_s
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await following
-            except TimeoutError:
-                raise _not_received("end of the request", timeout_s) from None
+            await self._within(following, self._limits.message_timeout_s, "end of the request")
         if following.result() is not grpc.aio.EOF:
             raise InvalidArgumentError("a unary method takes exactly one request message")
 
@@ -274,7 +277,7 @@ class CallBoundary:
         """The messages of a stream, each waited for at most the idle timeout."""
         index = 0
         while True:
-            raw = await self._read(context, self._limits.stream_idle_timeout_s, "stream message")
+            raw = await self._within(context.read(), self._limits.stream_idle_timeout_s, "stream message")
             if raw is grpc.aio.EOF:
                 if _deadline_passed(context):
                     raise _deadline_exceeded()
@@ -286,14 +289,14 @@ class CallBoundary:
 
     async def _serve_unary(self, method: _Method, context: grpc.aio.ServicerContext) -> bytes | None:
         self._enter()
-        call = self._begin(method.name, context)
+        call, metadata = self._begin(method.name, context)
         slots: list[Slot] = []
         following: asyncio.Task[Any] | None = None
         try:
             error: GatewayError | None = None
             out = None
             try:
-                self._admit(call, context, stream=method.request_streaming, slots=slots)
+                self._admit(call, context, metadata, stream=method.request_streaming, slots=slots)
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
@@ -317,14 +320,14 @@ class CallBoundary:
 
     async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncGenerator[bytes, None]:
         self._enter()
-        call = self._begin(method.name, context)
+        call, metadata = self._begin(method.name, context)
         call.event = "stream"
         call.recorder = self.recorder
         slots: list[Slot] = []
         try:
             error: GatewayError | None = None
             try:
-                self._admit(call, context, stream=True, slots=slots)
+                self._admit(call, context, metadata, stream=True, slots=slots)
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
