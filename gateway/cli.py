@@ -176,7 +176,7 @@ def _judged_version(args: argparse.Namespace) -> str | None:
         if not Path(args.models).is_dir():
             raise _UsageError(f"--models: {args.models} is not a directory")
         try:
-            versions = sorted(v for name, v in scan(Path(args.models)) if name == args.model)
+            versions = sorted(v for name, v in scan(Path(args.models)).versions if name == args.model)
         except OSError as exc:
             raise _UsageError(f"--models: {exc.filename}: {exc.strerror}") from None
     if args.version is not None:

@@ -78,6 +78,8 @@ class ModelSettings:
     """The model repository and ONNX Runtime options."""
 
     repository: Path = Path("models")
+    # A version that fails to load at start is logged and left out, the rest served; strict makes it stop the start.
+    strict: bool = False
     poll_interval_s: float = 2.0
     intra_op_threads: int = 1  # per session; 0 lets ONNX Runtime choose (a pool as large as the machine)
     inter_op_threads: int = 1  # only with execution_mode: parallel

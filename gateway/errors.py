@@ -26,7 +26,7 @@ each is defined next to the code that raises it, and ``gateway serve`` prints it
     ├── CertificateConfigError         exit 2  gateway.auth.certs
     ├── TokenConfigError               exit 2  gateway.auth.keys
     ├── PolicyError                    exit 2  gateway.policy
-    ├── ModelLoadError                 exit 1  gateway.models.runtime (a model file that cannot be served)
+    ├── ModelLoadError                 exit 1  gateway.models.runtime (a model that cannot be served, models.strict)
     └── AuditError                     exit 1  gateway.audit.chain (an audit trail that cannot be continued)
 """
 

@@ -120,6 +120,7 @@ class Gateway:
             ),
             placement=self.placement,
             poll_interval_s=models.poll_interval_s,
+            strict=models.strict,
             on_publish=self._models_changed,
         )
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)

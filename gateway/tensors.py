@@ -83,6 +83,22 @@ def element_count(shape: Sequence[int], *, name: str, max_elements: int) -> int:
     return count
 
 
+def _refuse_ambiguous_contents(tensor: pb.Tensor, row: DataType, name: str) -> None:
+    """Values in one place only: raw_data, or the one typed-contents field of the declared datatype.
+
+    Reading one form and dropping another would run the model on values the caller may not have meant.
+    """
+    used = [f"contents.{field.name}" for field, _ in tensor.contents.ListFields()]
+    if tensor.raw_data and used:
+        raise InvalidArgumentError(f"input '{name}': both raw_data and {used[0]} are set; send the values once")
+    if len(used) > 1:
+        raise InvalidArgumentError(f"input '{name}': values in {' and '.join(used)}; send them in one field")
+    if used and used[0] != f"contents.{row.contents_field}":
+        raise InvalidArgumentError(
+            f"input '{name}': values in {used[0]}, but {row.name} values go in contents.{row.contents_field}"
+        )
+
+
 def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
     """A protobuf tensor as a numpy array of its declared datatype and shape."""
     name = shown(tensor.name)
@@ -91,6 +107,7 @@ def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
         raise InvalidArgumentError(f"input '{name}': unknown or unspecified datatype {tensor.datatype}")
     shape = tuple(tensor.shape)
     count = element_count(shape, name=name, max_elements=max_elements)
+    _refuse_ambiguous_contents(tensor, row, name)
     raw = tensor.raw_data
     if raw:
         expected = count * row.dtype.itemsize

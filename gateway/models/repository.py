@@ -3,6 +3,9 @@
 Readers never lock: the loaded set is an immutable mapping replaced whole on every change, so a request sees
 either the old or the new set. A removed or replaced version is dropped from the mapping; requests already
 holding it finish on it, and ONNX Runtime frees it when the last reference goes (logged as unloaded).
+
+A version whose file fails to load is left out and remembered with its reason (``failures``); one that loaded
+before keeps serving its last good load. Only ``strict`` makes a failure at start stop the gateway.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadFailure:
+    """A version whose current file failed to load: the file, a one-line reason, and the file key it had."""
+
+    path: Path
+    reason: str
+    key: FileKey
+
+
+@dataclass(frozen=True, slots=True)
 class _Loaded:
     model: ModelVersion
     key: FileKey
@@ -54,6 +66,15 @@ class _Snapshot:
 
     loaded: Mapping[tuple[str, int], _Loaded]
     index: Mapping[str, ModelInfo]
+    failed: Mapping[tuple[str, int], LoadFailure]
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What a scan found: each version's model file with its key, and each entry that is no version, with why."""
+
+    versions: dict[tuple[str, int], tuple[Path, FileKey]]
+    ignored: dict[str, str]
 
 
 def parse_version(text: str) -> int | None:
@@ -61,26 +82,50 @@ def parse_version(text: str) -> int | None:
     return int(text) if _VERSION.fullmatch(text) else None
 
 
-def scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
-    """Every well-named ``<name>/<version>/model.onnx`` under root, with its file key."""
-    found: dict[tuple[str, int], tuple[Path, FileKey]] = {}
+def scan(root: Path) -> Listing:
+    """Every well-named ``<name>/<version>/model.onnx`` under root, and every other entry with the reason it is
+    not served."""
+    listing = Listing({}, {})
     try:
-        names = sorted(os.scandir(root), key=lambda e: e.name)
+        entries = _entries(root)
     except FileNotFoundError:
-        return found
-    for name_entry in names:
-        if not (name_entry.is_dir() and _NAME.fullmatch(name_entry.name)):
-            continue
-        for version_entry in os.scandir(name_entry.path):
-            if not (version_entry.is_dir() and parse_version(version_entry.name) is not None):
-                continue
-            path = Path(version_entry.path) / MODEL_FILE
+        return listing
+    for entry in entries:
+        if not entry.is_dir():
+            listing.ignored[entry.path] = "a file where only model folders belong"
+        elif not _NAME.fullmatch(entry.name):
+            listing.ignored[entry.path] = "not a model name (a letter or digit, then letters, digits, '_', '.', '-')"
+        else:
+            _scan_model(entry, listing)
+    return listing
+
+
+def _scan_model(model: os.DirEntry[str], listing: Listing) -> None:
+    try:
+        entries = _entries(model.path)
+    except OSError as exc:  # removed since the root was listed, or unreadable
+        listing.ignored[model.path] = f"cannot list it: {exc.strerror}"
+        return
+    for entry in entries:
+        if not entry.is_dir():
+            listing.ignored[entry.path] = f"a file where only version folders belong (<version>/{MODEL_FILE})"
+        elif (version := parse_version(entry.name)) is None:
+            listing.ignored[entry.path] = "not a version (a positive integer without leading zeros)"
+        else:
+            path = Path(entry.path) / MODEL_FILE
             try:
                 st = path.stat()
-            except FileNotFoundError:
+            except OSError as exc:
+                listing.ignored[entry.path] = f"{MODEL_FILE}: {exc.strerror}"
                 continue
-            found[(name_entry.name, int(version_entry.name))] = (path, (st.st_ino, st.st_size, st.st_mtime_ns))
-    return found
+            listing.versions[(model.name, version)] = (path, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def _entries(folder: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    """A folder's entries by name, less hidden ones: a dot name is where a version is staged before the rename
+    that publishes it, or a tool's file, and is skipped without a word."""
+    with os.scandir(folder) as found:
+        return sorted((entry for entry in found if not entry.name.startswith(".")), key=lambda e: e.name)
 
 
 class ModelRepository:
@@ -93,35 +138,32 @@ class ModelRepository:
         options: RuntimeOptions,
         placement: Placement,
         poll_interval_s: float,
+        strict: bool = False,
         on_publish: Callable[[list[ModelInfo], list[str]], None] | None = None,
     ) -> None:
-        """``on_publish(models, removed_names)`` is called after each change (health statuses follow it)."""
+        """``on_publish(models, removed_names)`` is called after each change (health statuses follow it).
+
+        ``strict``: a version that fails to load at start is a startup error instead of being left out.
+        """
         self.root = Path(root)
         self._options = options
         self._placement = placement
+        self._strict = strict
         self._on_publish = on_publish
-        self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}))
-        self._refused: dict[tuple[str, int], FileKey] = {}
+        self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
+        self._ignored: dict[str, str] = {}  # as last logged: each entry is logged once, not on every poll
         self._write_lock = threading.Lock()
         self._watcher = Watcher(
             name="models", fingerprint=lambda: scan(self.root), on_change=self.rescan, interval_s=poll_interval_s
         )
 
     def load_all(self) -> None:
-        """Load every version at start; any unloadable one is a startup error (ModelLoadError)."""
+        """Load every version at start; one that fails is logged and left out (with ``strict``, raised)."""
         if not self.root.is_dir():
-            raise ModelLoadError(f"model repository {self.root} is not a directory")
-        with self._write_lock:
-            loaded = {}
-            for (name, version), (path, key) in scan(self.root).items():
-                model = ModelVersion(
-                    name=name, version=version, path=path, options=self._options, placement=self._placement
-                )
-                loaded[(name, version)] = _Loaded(model, key)
-                self._log_loaded(model)
-            self._publish(loaded)
-        if not loaded:
-            log.warning("model_repository_empty", root=str(self.root))
+            raise ModelLoadError(self.root, "the model repository is not a directory")
+        self._apply(scan(self.root), strict=self._strict)
+        if not self._snapshot.index:
+            log.warning("model_repository_empty", root=str(self.root), failed=len(self._snapshot.failed))
 
     def start(self) -> None:
         """Start watching the repository for added, changed and removed versions."""
@@ -133,42 +175,66 @@ class ModelRepository:
 
     def rescan(self) -> None:
         """Apply what changed on disk: load new or rewritten versions, drop removed ones."""
-        with self._write_lock:
-            current = dict(self._snapshot.loaded)
-            found = scan(self.root)
-            changed = False
-            for ident in list(current):
-                if ident not in found:
-                    del current[ident]
-                    changed = True
-                    log.info("model_version_removed", model=ident[0], version=ident[1])
-            for ident, (path, key) in found.items():
-                existing = current.get(ident)
-                if (existing and existing.key == key) or self._refused.get(ident) == key:
-                    continue
-                try:
-                    model = ModelVersion(
-                        name=ident[0], version=ident[1], path=path, options=self._options, placement=self._placement
-                    )
-                except ModelLoadError as exc:
-                    # Remember the refusal so a broken file is logged once, not on every poll; a rewrite retries.
-                    self._refused[ident] = key
-                    log.error("model_version_refused", model=ident[0], version=ident[1], error=str(exc))
-                    continue
-                self._refused.pop(ident, None)
-                current[ident] = _Loaded(model, key)
-                changed = True
-                self._log_loaded(model, reloaded=existing is not None)
-            if changed:
-                self._publish(current)
+        self._apply(scan(self.root), strict=False)
 
-    def _publish(self, loaded: dict[tuple[str, int], _Loaded]) -> None:
+    def _apply(self, listing: Listing, *, strict: bool) -> None:
+        with self._write_lock:
+            self._log_ignored(listing.ignored)
+            loaded = dict(self._snapshot.loaded)
+            failed = {ident: f for ident, f in self._snapshot.failed.items() if ident in listing.versions}
+            changed = len(failed) != len(self._snapshot.failed)
+            for ident in [ident for ident in loaded if ident not in listing.versions]:
+                del loaded[ident]
+                changed = True
+                log.info("model_version_removed", model=ident[0], version=ident[1])
+            for ident, (path, key) in listing.versions.items():
+                existing, tried = loaded.get(ident), failed.get(ident)
+                if (existing and existing.key == key) or (tried and tried.key == key):
+                    continue  # unchanged since it last loaded or failed: a broken file is tried (and logged) once
+                changed = True
+                outcome = self._load(ident, path, key, strict=strict, still_serving=existing is not None)
+                if isinstance(outcome, LoadFailure):
+                    failed[ident] = outcome
+                    continue
+                failed.pop(ident, None)
+                loaded[ident] = _Loaded(outcome, key)
+                self._log_loaded(outcome, reloaded=existing is not None)
+            if changed:
+                self._publish(loaded, failed)
+
+    def _load(
+        self, ident: tuple[str, int], path: Path, key: FileKey, *, strict: bool, still_serving: bool
+    ) -> ModelVersion | LoadFailure:
+        """One version's file loaded, or why not (logged; raised when ``strict``)."""
+        name, version = ident
+        try:
+            return ModelVersion(name=name, version=version, path=path, options=self._options, placement=self._placement)
+        except ModelLoadError as exc:
+            if strict:
+                raise
+            log.error(
+                "model_load_failed",
+                model=name,
+                version=version,
+                path=str(path),
+                reason=exc.reason,
+                still_serving=still_serving,
+            )
+            return LoadFailure(path, exc.reason, key)
+
+    def _log_ignored(self, ignored: dict[str, str]) -> None:
+        for path, reason in ignored.items():
+            if self._ignored.get(path) != reason:
+                log.warning("model_entry_ignored", path=path, reason=reason)
+        self._ignored = ignored
+
+    def _publish(self, loaded: dict[tuple[str, int], _Loaded], failed: dict[tuple[str, int], LoadFailure]) -> None:
         versions: dict[str, list[int]] = {}
         for name, version in loaded:
             versions.setdefault(name, []).append(version)
         index = {name: ModelInfo(name, tuple(sorted(vs)), max(vs)) for name, vs in sorted(versions.items())}
         removed = [name for name in self._snapshot.index if name not in index]
-        self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index))
+        self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index), MappingProxyType(failed))
         if self._on_publish is not None:
             self._on_publish(list(index.values()), removed)
 
@@ -185,6 +251,10 @@ class ModelRepository:
     def models(self) -> list[ModelInfo]:
         """Every loaded model, by name."""
         return list(self._snapshot.index.values())
+
+    def failures(self) -> Mapping[tuple[str, int], LoadFailure]:
+        """Versions whose current file failed to load, and why; one that loaded before still serves that load."""
+        return self._snapshot.failed
 
     def info(self, name: str) -> ModelInfo | None:
         """One model's versions and default, or None when it does not exist."""

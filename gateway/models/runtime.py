@@ -25,7 +25,12 @@ _SEQ_OF_MAPS = re.compile(r"^seq\(map\((int64|string),tensor\(float\)\)\)$")
 
 
 class ModelLoadError(StartupError):
-    """A model file that cannot be served; the message names the file and the cause."""
+    """A model file that cannot be served: ``path`` and a one-line ``reason``; the message names both."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,7 @@ class ModelVersion:
                 str(path), sess_options=_session_options(options), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises several pybind classes; all mean "this file cannot be served"
-            raise ModelLoadError(f"{path}: onnxruntime cannot load it: {_short(exc)}") from None
+            raise ModelLoadError(path, f"onnxruntime cannot load it: {_short(exc)}") from None
         self.inputs = tuple(self._spec(arg, "input") for arg in self._session.get_inputs())
         self.outputs = tuple(self._spec(arg, "output") for arg in self._session.get_outputs())
         self._seq_map_outputs = frozenset(
@@ -100,8 +105,9 @@ class ModelVersion:
         if kind == "output" and _SEQ_OF_MAPS.match(arg.type):
             return TensorSpec(arg.name, "FP32", (-1, -1))
         raise ModelLoadError(
-            f"{self.path}: {kind} '{arg.name}' has type {arg.type}, which the gateway does not serve "
-            f"(supported: {', '.join(tensors.BY_NAME)} tensors; outputs may also be a sequence of maps)"
+            self.path,
+            f"{kind} '{arg.name}' has type {arg.type}, which the gateway does not serve "
+            f"(supported: {', '.join(tensors.BY_NAME)} tensors; outputs may also be a sequence of maps)",
         )
 
     def _make_batcher(self, options: BatchingOptions | None) -> Batcher | None:

@@ -239,7 +239,7 @@ def test_dev_insecure_transport_refuses_a_public_address(tmp_path):
     assert "loopback" in result.stderr
 
 
-def test_unloadable_model_at_start_is_a_clear_startup_error(pki, demo_models, tmp_path):
+def test_unloadable_model_stops_a_strict_start_with_one_line_naming_the_file(pki, demo_models, tmp_path):
     import shutil
 
     models = tmp_path / "models"
@@ -248,20 +248,16 @@ def test_unloadable_model_at_start_is_a_clear_startup_error(pki, demo_models, tm
     (models / "mlp" / "3" / "model.onnx").write_bytes(b"not a model")
     policies = tmp_path / "policies"
     policies.mkdir()
+    config = tmp_path / "gateway.yaml"
+    config.write_text("models:\n  strict: true\n")
     result = run_serve(
         [
-            "--certs",
-            str(pki.dir),
-            "--models",
-            str(models),
-            "--policies",
-            str(policies),
-            "--listen",
-            "127.0.0.1:0",
-            "--audit-log",
-            str(tmp_path / "audit.log"),
+            *("--config", str(config), "--certs", str(pki.dir), "--models", str(models)),
+            *("--policies", str(policies), "--listen", "127.0.0.1:0", "--audit-log", str(tmp_path / "audit.log")),
         ],
         tmp_path,
     )
     assert result.returncode == 1
-    assert "mlp/3/model.onnx" in result.stderr and "cannot load" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: cannot start: {models / 'mlp' / '3' / 'model.onnx'}: onnxruntime cannot load")

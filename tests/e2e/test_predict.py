@@ -197,6 +197,36 @@ def test_malformed_input_is_invalid_argument(api, request_, fragment):
     assert fragment in exc.details()
 
 
+@pytest.mark.parametrize(
+    ("contents", "fragment"),
+    [
+        (
+            {"raw_data": ZEROS.tobytes(), "contents": pb.TensorContents(fp32_contents=ZEROS.ravel())},
+            "both raw_data and contents.fp32_contents are set",
+        ),
+        (
+            {"contents": pb.TensorContents(int64_contents=[0] * 784)},
+            "values in contents.int64_contents, but FP32 values go in contents.fp32_contents",
+        ),
+        (
+            {"contents": pb.TensorContents(fp32_contents=ZEROS.ravel(), fp64_contents=ZEROS.ravel())},
+            "values in contents.fp32_contents and contents.fp64_contents",
+        ),
+    ],
+    ids=["raw-and-typed", "wrong-typed-field", "two-typed-fields"],
+)
+def test_ambiguous_tensor_contents_are_invalid_argument_and_audited(gw, contents, fragment):
+    request = pb.PredictRequest(
+        model_name="mlp", inputs=[pb.Tensor(name="input", datatype=FP32, shape=[1, 784], **contents)]
+    )
+    with gw.channel() as channel:
+        exc = rpc_error(lambda: stub(channel).Predict(request, metadata=auth(gw.token()), timeout=TIMEOUT))
+    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in exc.details()
+    record = gw.audit_records()[-1]
+    assert record["code"] == "INVALID_ARGUMENT" and fragment in record["reason"]
+
+
 def test_element_count_over_the_configured_limit_is_invalid_argument(start_gateway):
     gw = start_gateway(overrides={"models.max_elements": 500})
     with gw.channel() as channel:

@@ -124,6 +124,20 @@ def test_corrupt_new_version_is_refused_and_previous_keeps_serving(gw, model_rep
     assert listed(gw)["mlp"] == ["1", "2"]
 
 
+def test_version_rewritten_corrupt_keeps_serving_its_last_good_load(gw, model_repo):
+    with Load(gw, version="2") as load:
+        wait_until(lambda: len(load.versions_seen) > 20)
+        staged = model_repo / "mlp" / "2" / "model.onnx.new"
+        staged.write_bytes(b"not an onnx model")
+        staged.replace(model_repo / "mlp" / "2" / "model.onnx")
+        wait_until(lambda: ("mlp", 2) in gw.gateway.models.failures())
+        seen = len(load.versions_seen)
+        wait_until(lambda: len(load.versions_seen) > seen + 100)
+    assert load.failures == []
+    assert set(load.versions_seen) == {"2"}
+    assert listed(gw)["mlp"] == ["1", "2"]
+
+
 def test_corrupt_version_is_loaded_once_it_is_repaired(gw, model_repo):
     broken = model_repo / "mlp" / "4"
     broken.mkdir()

@@ -84,3 +84,66 @@ def test_a_zero_dimension_does_not_let_other_dimensions_past_the_limit():
     with pytest.raises(InvalidArgumentError, match="more than 1000 elements"):
         tensors.element_count([0, 2**62, 2**62], name="x", max_elements=1000)
     assert tensors.element_count([0, 1000], name="x", max_elements=1000) == 0
+
+
+def _fp32(**fields) -> pb.Tensor:
+    return pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[2], **fields)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (
+            _fp32(raw_data=np.ones(2, np.float32).tobytes(), contents=pb.TensorContents(fp32_contents=[5, 6])),
+            "both raw_data and contents.fp32_contents are set",
+        ),
+        (
+            _fp32(raw_data=np.ones(2, np.float32).tobytes(), contents=pb.TensorContents(int64_contents=[5, 6])),
+            "both raw_data and contents.int64_contents are set",
+        ),
+        (
+            _fp32(contents=pb.TensorContents(fp32_contents=[1, 2], int64_contents=[1, 2])),
+            "values in contents.int64_contents and contents.fp32_contents; send them in one field",
+        ),
+        (
+            _fp32(contents=pb.TensorContents(int64_contents=[1, 2])),
+            "values in contents.int64_contents, but FP32 values go in contents.fp32_contents",
+        ),
+        (
+            pb.Tensor(name="x", datatype=pb.DATA_TYPE_FP32, shape=[0], contents=pb.TensorContents(fp64_contents=[1])),
+            "values in contents.fp64_contents, but FP32 values go in contents.fp32_contents",
+        ),
+        (
+            pb.Tensor(name="x", datatype=pb.DATA_TYPE_INT64, shape=[1], contents=pb.TensorContents(int_contents=[1])),
+            "values in contents.int_contents, but INT64 values go in contents.int64_contents",
+        ),
+    ],
+    ids=[
+        "raw-and-matching-field",
+        "raw-and-other-field",
+        "two-fields",
+        "wrong-field",
+        "wrong-field-empty-shape",
+        "narrower-field",
+    ],
+)
+def test_values_in_more_than_one_place_or_the_wrong_field_are_refused(tensor, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        tensors.decode(tensor, max_elements=10)
+
+
+@pytest.mark.parametrize("name", list(tensors.BY_NAME))
+def test_every_other_typed_field_is_refused_for_each_datatype(name):
+    row = tensors.BY_NAME[name]
+    for field in pb.TensorContents.DESCRIPTOR.fields:
+        if field.name == row.contents_field:
+            continue
+        tensor = pb.Tensor(name="x", datatype=row.enum, shape=[1])
+        getattr(tensor.contents, field.name).append(True if field.name == "bool_contents" else 1)
+        with pytest.raises(InvalidArgumentError, match=f"values in contents.{field.name}, but {name} values go in"):
+            tensors.decode(tensor, max_elements=10)
+
+
+def test_an_empty_contents_message_beside_raw_data_is_not_ambiguous():
+    tensor = _fp32(raw_data=np.ones(2, np.float32).tobytes(), contents=pb.TensorContents())
+    np.testing.assert_array_equal(tensors.decode(tensor, max_elements=10), np.ones(2, np.float32))
