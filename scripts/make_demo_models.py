@@ -7,6 +7,8 @@
   [batch,10]), ~2.7 MB each. Same signature, different weights: exercises version selection and batching.
 - ``iris/1``: ``logreg_iris.onnx`` shipped inside the onnxruntime wheel. Its ``probabilities`` output is a
   sequence of maps, not a tensor, and its input has a fixed shape [3,2]: the awkward model a gateway must handle.
+- ``labels/1``: text in, text and numbers out (``text`` string [N] -> ``ids`` int64 [N], the index of each word
+  in ``LABELS`` or -1, and ``echo`` string [N], the input unchanged): the BYTES datatype end to end.
 
 Run: ``python scripts/make_demo_models.py [OUTDIR] [--force]`` (OUTDIR defaults to ``models``).
 """
@@ -42,6 +44,7 @@ MLP_SEEDS = {1: 1, 2: 2}
 MLP_LAYERS = (784, 512, 512, 10)
 IRIS_EXAMPLE = "logreg_iris.onnx"
 MODEL_FILE = "model.onnx"
+LABELS = ("cat", "dog", "bird")
 
 
 class RepositoryExistsError(FileExistsError):
@@ -129,6 +132,39 @@ def build_mlp(seed: int) -> onnx.ModelProto:
     return model
 
 
+def build_labels() -> bytes:
+    """Return the string model: a LabelEncoder from words to their index in ``LABELS``, and an echo."""
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["text"],
+                ["ids"],
+                domain="ai.onnx.ml",
+                keys_strings=list(LABELS),
+                values_int64s=list(range(len(LABELS))),
+                default_int64=-1,
+            ),
+            helper.make_node("Identity", ["text"], ["echo"]),
+        ],
+        "labels",
+        inputs=[helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+        outputs=[
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch"]),
+        ],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid("ai.onnx.ml", 3)],
+        ir_version=IR_VERSION,
+        producer_name="gateway-demo",
+        doc_string="Words to label ids, and the words echoed: string tensors in and out.",
+    )
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def read_iris() -> bytes:
     """Return the bytes of the iris logistic regression example that ships with onnxruntime."""
     return Path(get_example(IRIS_EXAMPLE)).read_bytes()
@@ -143,6 +179,7 @@ def _recipes() -> dict[tuple[str, int], Callable[[], bytes]]:
     recipes: dict[tuple[str, int], Callable[[], bytes]] = {("digits", 1): build_digits}
     recipes |= {("mlp", version): partial(_serialized_mlp, seed) for version, seed in MLP_SEEDS.items()}
     recipes["iris", 1] = read_iris
+    recipes["labels", 1] = build_labels
     return recipes
 
 

@@ -105,7 +105,7 @@ def output_of(printed: dict) -> np.ndarray:
 def test_models_prints_the_models_as_json(gw):
     models = ok(run("models", env=client_env(gw)))
     assert {"name": "mlp", "versions": ["1", "2"], "default_version": "2"} in models
-    assert sorted(m["name"] for m in models) == ["digits", "iris", "mlp"]
+    assert sorted(m["name"] for m in models) == ["digits", "iris", "labels", "mlp"]
 
 
 def test_models_shows_only_what_the_caller_may_list(gw):
@@ -168,7 +168,7 @@ def test_predict_prints_strict_json_with_non_finite_numbers_as_strings(gw, tmp_p
     assert tensor["data"] == [["NaN"] * 10] and tensor["shape"] == [1, 10]
 
 
-@pytest.mark.parametrize("dtype", ["complex64", "<U3", "datetime64[s]"])
+@pytest.mark.parametrize("dtype", ["complex64", "V4", "datetime64[s]"])
 def test_predict_with_an_npy_of_an_unsupported_dtype_exits_2(gw, tmp_path, dtype):
     path = tmp_path / "x.npy"
     np.save(path, np.zeros((1, 3), dtype=dtype))
@@ -185,7 +185,7 @@ def test_flags_override_the_environment(gw):
     flags = ["--target", gw.target, "--cert", alice["GATEWAY_CERT"], "--key", alice["GATEWAY_KEY"]]
     flags += ["--token", alice["GATEWAY_TOKEN"], "--timeout", "10"]
     models = ok(run("models", *flags, env=env))
-    assert [m["name"] for m in models] == ["digits", "iris", "mlp"]  # alice's view, not bob's
+    assert [m["name"] for m in models] == ["digits", "iris", "labels", "mlp"]  # alice's view, not bob's
     assert gw.audit_records()[-1]["sub"] == "alice"
 
 

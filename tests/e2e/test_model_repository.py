@@ -32,7 +32,12 @@ def test_gateway_starts_serves_the_good_models_and_refuses_the_broken_as_missing
         client, md = stub(channel), auth(gw.token())
         assert client.Predict(predict_request("mlp", {"input": X}), metadata=md, timeout=TIMEOUT).model_version == "2"
         listed = client.ListModels(pb.ListModelsRequest(), metadata=md, timeout=TIMEOUT).models
-        assert {m.name: list(m.versions) for m in listed} == {"digits": ["1"], "iris": ["1"], "mlp": ["1", "2"]}
+        assert {m.name: list(m.versions) for m in listed} == {
+            "digits": ["1"],
+            "iris": ["1"],
+            "labels": ["1"],
+            "mlp": ["1", "2"],
+        }
         for model, version in (("broken", ""), ("mlp", "3"), ("missing", "")):
             request = predict_request(model, {"input": X}, version=version)
             exc = rpc_error(lambda r=request: client.Predict(r, metadata=md, timeout=TIMEOUT))

@@ -50,6 +50,28 @@ def test_predict_explicit_version_runs_that_version(api, demo_models):
     )
 
 
+def test_predict_text_tensors_bytes_in_and_out(api, gw, demo_models):
+    client, md = api
+    words = np.array(["dog", "Wörld", "", "cat"], dtype=object)
+    response = client.Predict(predict_request("labels", {"text": words}), metadata=md, timeout=TIMEOUT)
+    got = outputs(response)
+    ids, echo = reference(demo_models, "labels", 1, {"text": words})
+    np.testing.assert_array_equal(got["ids"], ids)
+    assert got["echo"].tolist() == echo.tolist() == words.tolist()
+    assert [t.datatype for t in response.outputs] == [pb.DATA_TYPE_INT64, pb.DATA_TYPE_BYTES]
+    assert gw.audit_records()[-1]["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [4]}]
+
+
+def test_text_that_is_not_utf8_is_refused_and_audited(api, gw):
+    client, md = api
+    bad = pb.Tensor(name="text", datatype=pb.DATA_TYPE_BYTES, shape=[1], raw_data=b"\x02\x00\x00\x00\xff\xfe")
+    request = pb.PredictRequest(model_name="labels", inputs=[bad])
+    error = rpc_error(lambda: client.Predict(request, metadata=md, timeout=TIMEOUT))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "element 0 is not UTF-8 text" in error.details()
+    assert gw.audit_records()[-1]["code"] == "INVALID_ARGUMENT"
+
+
 def test_predict_digits_matches_onnxruntime(api, demo_models):
     client, md = api
     x = np.random.default_rng(3).random((5, 64), dtype=np.float32)
@@ -290,7 +312,7 @@ def test_list_models_shows_versions_and_defaults(api):
     client, md = api
     response = client.ListModels(pb.ListModelsRequest(), metadata=md, timeout=TIMEOUT)
     listed = {m.name: (list(m.versions), m.default_version) for m in response.models}
-    assert listed == {"digits": (["1"], "1"), "iris": (["1"], "1"), "mlp": (["1", "2"], "2")}
+    assert listed == {"digits": (["1"], "1"), "iris": (["1"], "1"), "labels": (["1"], "1"), "mlp": (["1", "2"], "2")}
 
 
 def test_metadata_reports_signature_with_dynamic_dims(api):

@@ -290,7 +290,7 @@ def test_list_models_shows_every_model_with_versions_and_default(gw):
     with connect(gw) as client:
         models = {m.name: m for m in client.list_models(timeout=TIMEOUT)}
     assert models["mlp"] == gateway.ModelInfo("mlp", ("1", "2"), "2")
-    assert set(models) == {"digits", "iris", "mlp"}
+    assert set(models) == {"digits", "iris", "labels", "mlp"}
 
 
 def test_list_models_shows_only_what_the_caller_may_list(gw):
@@ -494,7 +494,7 @@ def test_token_file_rotated_on_disk_changes_the_caller_on_the_next_call(gw, tmp_
         staged.replace(path)
 
     with connect(gw, token=gateway.TokenFile(path)) as client:
-        assert [m.name for m in client.list_models(timeout=TIMEOUT)] == ["digits", "iris", "mlp"]
+        assert [m.name for m in client.list_models(timeout=TIMEOUT)] == ["digits", "iris", "labels", "mlp"]
         assert client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT).version == "2"
         rotate(gw.token("bob", bind="alice"))
         assert [m.name for m in client.list_models(timeout=TIMEOUT)] == ["digits"]

@@ -13,7 +13,13 @@ import onnxruntime
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_demo_models.py"
-MODEL_PATHS = ["digits/1/model.onnx", "iris/1/model.onnx", "mlp/1/model.onnx", "mlp/2/model.onnx"]
+MODEL_PATHS = [
+    "digits/1/model.onnx",
+    "iris/1/model.onnx",
+    "labels/1/model.onnx",
+    "mlp/1/model.onnx",
+    "mlp/2/model.onnx",
+]
 
 
 def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:

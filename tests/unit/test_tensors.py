@@ -9,8 +9,10 @@ from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway.errors import InvalidArgumentError
 
+NUMERIC = [name for name in tensors.BY_NAME if name != "BYTES"]
 
-@pytest.mark.parametrize("name", list(tensors.BY_NAME))
+
+@pytest.mark.parametrize("name", NUMERIC)
 def test_every_datatype_round_trips_through_raw_bytes(name):
     dtype = tensors.BY_NAME[name].dtype
     array = (np.arange(12) % 2).astype(dtype).reshape(3, 4)
@@ -19,7 +21,7 @@ def test_every_datatype_round_trips_through_raw_bytes(name):
     np.testing.assert_array_equal(decoded, array)
 
 
-@pytest.mark.parametrize("name", list(tensors.BY_NAME))
+@pytest.mark.parametrize("name", NUMERIC)
 def test_every_datatype_decodes_from_typed_contents(name):
     row = tensors.BY_NAME[name]
     values = [1, 0, 1, 1] if name == "BOOL" else [1, 2, 3, 4]
@@ -139,7 +141,8 @@ def test_every_other_typed_field_is_refused_for_each_datatype(name):
         if field.name == row.contents_field:
             continue
         tensor = pb.Tensor(name="x", datatype=row.enum, shape=[1])
-        getattr(tensor.contents, field.name).append(True if field.name == "bool_contents" else 1)
+        value = {"bool_contents": True, "bytes_contents": b"x"}.get(field.name, 1)
+        getattr(tensor.contents, field.name).append(value)
         with pytest.raises(InvalidArgumentError, match=f"values in contents.{field.name}, but {name} values go in"):
             tensors.decode(tensor, max_elements=10)
 
@@ -147,3 +150,57 @@ def test_every_other_typed_field_is_refused_for_each_datatype(name):
 def test_an_empty_contents_message_beside_raw_data_is_not_ambiguous():
     tensor = _fp32(raw_data=np.ones(2, np.float32).tobytes(), contents=pb.TensorContents())
     np.testing.assert_array_equal(tensors.decode(tensor, max_elements=10), np.ones(2, np.float32))
+
+
+TEXTS = np.array([["cat", ""], ["Wörld", "a\x00b"]], dtype=object)
+
+
+def test_bytes_round_trip_through_length_prefixed_raw_data_as_text():
+    tensor = tensors.encode("x", TEXTS)
+    assert tensor.datatype == pb.DATA_TYPE_BYTES
+    assert tensor.raw_data.startswith(b"\x03\x00\x00\x00cat\x00\x00\x00\x00\x06\x00\x00\x00W\xc3\xb6rld")
+    decoded = tensors.decode(tensor, max_elements=100)
+    assert decoded.dtype == object and decoded.shape == (2, 2)
+    assert decoded.tolist() == TEXTS.tolist() and all(type(v) is str for v in decoded.ravel())
+
+
+def test_bytes_from_typed_contents_and_from_numpy_text_arrays():
+    tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_BYTES, shape=[2])
+    tensor.contents.bytes_contents.extend([b"dog", "\u00e9".encode()])
+    assert tensors.decode(tensor, max_elements=10).tolist() == ["dog", "\u00e9"]
+    assert tensors.decode(tensors.encode("x", np.array(["ab", "c"])), max_elements=10).tolist() == ["ab", "c"]
+    assert tensors.decode(tensors.encode("x", np.array([b"ab"])), max_elements=10).tolist() == ["ab"]
+
+
+def _raw_bytes_tensor(raw: bytes, shape: list[int]) -> pb.Tensor:
+    return pb.Tensor(name="x", datatype=pb.DATA_TYPE_BYTES, shape=shape, raw_data=raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shape", "message"),
+    [
+        (b"\x02\x00\x00\x00ab\x01\x00\x00\x00c", [1], "more than the shape's 1 elements"),
+        (b"\x02\x00\x00\x00ab", [2], "holds 1 elements, the shape 2"),
+        (b"\x02\x00\x00", [1], "ends inside an element's length prefix"),
+        (b"\xff\xff\xff\xffab", [1], "element 0 runs past the end of raw_data"),
+        (b"\x02\x00\x00\x00\xff\xfe", [1], "element 0 is not UTF-8 text"),
+    ],
+)
+def test_malformed_raw_bytes_are_refused(raw, shape, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        tensors.decode(_raw_bytes_tensor(raw, shape), max_elements=10)
+
+
+def test_typed_bytes_count_and_text_are_checked():
+    tensor = pb.Tensor(name="x", datatype=pb.DATA_TYPE_BYTES, shape=[2])
+    tensor.contents.bytes_contents.append(b"a")
+    with pytest.raises(InvalidArgumentError, match=r"1 values in contents.bytes_contents, shape \[2\] needs 2"):
+        tensors.decode(tensor, max_elements=10)
+    tensor.contents.bytes_contents.append(b"\x80")
+    with pytest.raises(InvalidArgumentError, match="element 1 is not UTF-8"):
+        tensors.decode(tensor, max_elements=10)
+
+
+def test_bytes_tensors_hold_only_text():
+    with pytest.raises(TypeError, match="str or bytes elements, not int"):
+        tensors.encode("x", np.array(["a", 1], dtype=object))

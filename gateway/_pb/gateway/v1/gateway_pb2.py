@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gateway/v1/gateway.proto\x12\ngateway.v1\"\xb3\x01\n\x0eTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\"\x8d\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x14.gateway.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08raw_data\x18\x04 \x01(\x0c\x12,\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1a.gateway.v1.TensorContents\"\x7f\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x12\n\ninput_data\x18\x04 \x03(\x02\x12\n\n\x02id\x18\x05 \x01(\t\"}\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x07outputs\x18\x03 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x0e\n\x06result\x18\x04 \x03(\x02\x12\n\n\x02id\x18\x05 \x01(\t\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x15PredictStreamResponse\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1b.gateway.v1.PredictResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.gateway.v1.StreamErrorH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.gateway.v1.ModelInfo\"D\n\x17GetModelMetadataRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"Q\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x14.gateway.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9c\x01\n\x18GetModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12&\n\x06inputs\x18\x04 \x03(\x0b\x32\x16.gateway.v1.TensorSpec\x12\'\n\x07outputs\x18\x05 \x03(\x0b\x32\x16.gateway.v1.TensorSpec*\x9f\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x05\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x0b\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x0c\x32\xd6\x02\n\x10InferenceService\x12\x42\n\x07Predict\x12\x1a.gateway.v1.PredictRequest\x1a\x1b.gateway.v1.PredictResponse\x12R\n\rPredictStream\x12\x1a.gateway.v1.PredictRequest\x1a!.gateway.v1.PredictStreamResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.gateway.v1.ListModelsRequest\x1a\x1e.gateway.v1.ListModelsResponse\x12]\n\x10GetModelMetadata\x12#.gateway.v1.GetModelMetadataRequest\x1a$.gateway.v1.GetModelMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gateway/v1/gateway.proto\x12\ngateway.v1\"\xcb\x01\n\x0eTensorContents\x12\x15\n\rbool_contents\x18\x01 \x03(\x08\x12\x14\n\x0cint_contents\x18\x02 \x03(\x05\x12\x16\n\x0eint64_contents\x18\x03 \x03(\x03\x12\x15\n\ruint_contents\x18\x04 \x03(\r\x12\x17\n\x0fuint64_contents\x18\x05 \x03(\x04\x12\x15\n\rfp32_contents\x18\x06 \x03(\x02\x12\x15\n\rfp64_contents\x18\x07 \x03(\x01\x12\x16\n\x0e\x62ytes_contents\x18\x08 \x03(\x0c\"\x8d\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x14.gateway.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08raw_data\x18\x04 \x01(\x0c\x12,\n\x08\x63ontents\x18\x05 \x01(\x0b\x32\x1a.gateway.v1.TensorContents\"\x7f\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\"\n\x06inputs\x18\x03 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x12\n\ninput_data\x18\x04 \x03(\x02\x12\n\n\x02id\x18\x05 \x01(\t\"}\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x07outputs\x18\x03 \x03(\x0b\x32\x12.gateway.v1.Tensor\x12\x0e\n\x06result\x18\x04 \x03(\x02\x12\n\n\x02id\x18\x05 \x01(\t\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x15PredictStreamResponse\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1b.gateway.v1.PredictResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.gateway.v1.StreamErrorH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\t\n\x07outcome\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.gateway.v1.ModelInfo\"D\n\x17GetModelMetadataRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"Q\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x64\x61tatype\x18\x02 \x01(\x0e\x32\x14.gateway.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9c\x01\n\x18GetModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12&\n\x06inputs\x18\x04 \x03(\x0b\x32\x16.gateway.v1.TensorSpec\x12\'\n\x07outputs\x18\x05 \x03(\x0b\x32\x16.gateway.v1.TensorSpec*\xb4\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x05\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x0b\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x0c\x12\x13\n\x0f\x44\x41TA_TYPE_BYTES\x10\r2\xd6\x02\n\x10InferenceService\x12\x42\n\x07Predict\x12\x1a.gateway.v1.PredictRequest\x1a\x1b.gateway.v1.PredictResponse\x12R\n\rPredictStream\x12\x1a.gateway.v1.PredictRequest\x1a!.gateway.v1.PredictStreamResponse(\x01\x30\x01\x12K\n\nListModels\x12\x1d.gateway.v1.ListModelsRequest\x1a\x1e.gateway.v1.ListModelsResponse\x12]\n\x10GetModelMetadata\x12#.gateway.v1.GetModelMetadataRequest\x1a$.gateway.v1.GetModelMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1273
-  _globals['_DATATYPE']._serialized_end=1560
+  _globals['_DATATYPE']._serialized_start=1297
+  _globals['_DATATYPE']._serialized_end=1605
   _globals['_TENSORCONTENTS']._serialized_start=41
-  _globals['_TENSORCONTENTS']._serialized_end=220
-  _globals['_TENSOR']._serialized_start=223
-  _globals['_TENSOR']._serialized_end=364
-  _globals['_PREDICTREQUEST']._serialized_start=366
-  _globals['_PREDICTREQUEST']._serialized_end=493
-  _globals['_PREDICTRESPONSE']._serialized_start=495
-  _globals['_PREDICTRESPONSE']._serialized_end=620
-  _globals['_STREAMERROR']._serialized_start=622
-  _globals['_STREAMERROR']._serialized_end=666
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=669
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=806
-  _globals['_LISTMODELSREQUEST']._serialized_start=808
-  _globals['_LISTMODELSREQUEST']._serialized_end=827
-  _globals['_MODELINFO']._serialized_start=829
-  _globals['_MODELINFO']._serialized_end=897
-  _globals['_LISTMODELSRESPONSE']._serialized_start=899
-  _globals['_LISTMODELSRESPONSE']._serialized_end=958
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=960
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1028
-  _globals['_TENSORSPEC']._serialized_start=1030
-  _globals['_TENSORSPEC']._serialized_end=1111
-  _globals['_GETMODELMETADATARESPONSE']._serialized_start=1114
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1270
-  _globals['_INFERENCESERVICE']._serialized_start=1563
-  _globals['_INFERENCESERVICE']._serialized_end=1905
+  _globals['_TENSORCONTENTS']._serialized_end=244
+  _globals['_TENSOR']._serialized_start=247
+  _globals['_TENSOR']._serialized_end=388
+  _globals['_PREDICTREQUEST']._serialized_start=390
+  _globals['_PREDICTREQUEST']._serialized_end=517
+  _globals['_PREDICTRESPONSE']._serialized_start=519
+  _globals['_PREDICTRESPONSE']._serialized_end=644
+  _globals['_STREAMERROR']._serialized_start=646
+  _globals['_STREAMERROR']._serialized_end=690
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=693
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=830
+  _globals['_LISTMODELSREQUEST']._serialized_start=832
+  _globals['_LISTMODELSREQUEST']._serialized_end=851
+  _globals['_MODELINFO']._serialized_start=853
+  _globals['_MODELINFO']._serialized_end=921
+  _globals['_LISTMODELSRESPONSE']._serialized_start=923
+  _globals['_LISTMODELSRESPONSE']._serialized_end=982
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=984
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1052
+  _globals['_TENSORSPEC']._serialized_start=1054
+  _globals['_TENSORSPEC']._serialized_end=1135
+  _globals['_GETMODELMETADATARESPONSE']._serialized_start=1138
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1294
+  _globals['_INFERENCESERVICE']._serialized_start=1608
+  _globals['_INFERENCESERVICE']._serialized_end=1950
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_FP16: _ClassVar[DataType]
     DATA_TYPE_FP32: _ClassVar[DataType]
     DATA_TYPE_FP64: _ClassVar[DataType]
+    DATA_TYPE_BYTES: _ClassVar[DataType]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_BOOL: DataType
 DATA_TYPE_UINT8: DataType
@@ -35,9 +36,10 @@ DATA_TYPE_INT64: DataType
 DATA_TYPE_FP16: DataType
 DATA_TYPE_FP32: DataType
 DATA_TYPE_FP64: DataType
+DATA_TYPE_BYTES: DataType
 
 class TensorContents(_message.Message):
-    __slots__ = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents", "fp64_contents")
+    __slots__ = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")
     BOOL_CONTENTS_FIELD_NUMBER: _ClassVar[int]
     INT_CONTENTS_FIELD_NUMBER: _ClassVar[int]
     INT64_CONTENTS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class TensorContents(_message.Message):
     UINT64_CONTENTS_FIELD_NUMBER: _ClassVar[int]
     FP32_CONTENTS_FIELD_NUMBER: _ClassVar[int]
     FP64_CONTENTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_CONTENTS_FIELD_NUMBER: _ClassVar[int]
     bool_contents: _containers.RepeatedScalarFieldContainer[bool]
     int_contents: _containers.RepeatedScalarFieldContainer[int]
     int64_contents: _containers.RepeatedScalarFieldContainer[int]
@@ -52,7 +55,8 @@ class TensorContents(_message.Message):
     uint64_contents: _containers.RepeatedScalarFieldContainer[int]
     fp32_contents: _containers.RepeatedScalarFieldContainer[float]
     fp64_contents: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, bool_contents: _Optional[_Iterable[bool]] = ..., int_contents: _Optional[_Iterable[int]] = ..., int64_contents: _Optional[_Iterable[int]] = ..., uint_contents: _Optional[_Iterable[int]] = ..., uint64_contents: _Optional[_Iterable[int]] = ..., fp32_contents: _Optional[_Iterable[float]] = ..., fp64_contents: _Optional[_Iterable[float]] = ...) -> None: ...
+    bytes_contents: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, bool_contents: _Optional[_Iterable[bool]] = ..., int_contents: _Optional[_Iterable[int]] = ..., int64_contents: _Optional[_Iterable[int]] = ..., uint_contents: _Optional[_Iterable[int]] = ..., uint64_contents: _Optional[_Iterable[int]] = ..., fp32_contents: _Optional[_Iterable[float]] = ..., fp64_contents: _Optional[_Iterable[float]] = ..., bytes_contents: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "datatype", "shape", "raw_data", "contents")
