@@ -206,7 +206,7 @@ def to_raw(array: np.ndarray) -> tuple[DataType, bytes]:
     """An array's datatype and raw little-endian bytes (BYTES: length-prefixed UTF-8 elements)."""
     row = datatype_of(array)
     if row is BYTES:
-        parts = []
+        parts: list[bytes] = []
         for element in np.asarray(array).ravel():
             if not isinstance(element, str | bytes):
                 raise TypeError(f"a BYTES tensor holds str or bytes elements, not {type(element).__name__}")

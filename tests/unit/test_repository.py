@@ -73,6 +73,7 @@ def test_a_corrupt_version_is_left_out_and_reported_while_the_rest_is_served(mak
     assert [(m.name, m.versions, m.default_version) for m in repository.models()] == [
         ("digits", (1,), 1),
         ("iris", (1,), 1),
+        ("labels", (1,), 1),
         ("mlp", (1, 2), 2),
     ]
     assert repository.info("broken") is None  # a model whose every version is bad is not listed
