@@ -129,6 +129,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from gateway.auth.keys import DuplicateMemberError, reject_duplicate_members
     from gateway.auth.principal import Principal, identity_spelling_problem
     from gateway.auth.verifier import groups_and_scopes
     from gateway.errors import AuthenticationError
@@ -136,10 +137,12 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
     try:
         policies = load_policies(Path(args.policies))
-        claims = json.loads(args.claims) if args.claims else {}
+        claims = json.loads(args.claims, object_pairs_hook=reject_duplicate_members) if args.claims else {}
         version = _judged_version(args)
     except (PolicyError, _UsageError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except DuplicateMemberError as exc:
+        return _fail(f"--claims: {exc}: the gateway refuses such a token", EXIT_USAGE)
     except ValueError as exc:
         return _fail(f"--claims is not JSON: {exc}", EXIT_USAGE)
     if not isinstance(claims, dict):

@@ -172,6 +172,27 @@ def test_tampered_payload_is_unauthenticated(gw):
     refused(gw, f"{header}.{b64(json.dumps(decoded).encode())}.{signature}")
 
 
+def signed_by_the_gateway_key(gw, header_json: str, claims_json: str) -> str:
+    """A token signed with the PKI's JWT key over header and claims given as JSON text, which may repeat members."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    signing_input = f"{b64(header_json.encode())}.{b64(claims_json.encode())}"
+    key = load_pem_private_key(gw.pki.read("jwt-signing.key"), password=None)
+    return f"{signing_input}.{b64(jwt.get_algorithm_by_name('RS256').sign(signing_input.encode(), key))}"
+
+
+def test_signed_token_repeating_a_claim_is_unauthenticated(gw):
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": kid(gw)})
+    assert predict(gw, signed_by_the_gateway_key(gw, header, json.dumps(claims(gw)))).model_version == "2"
+    # {"sub": "bob", ..., "sub": "alice"}: pyjwt alone reads alice, whom the policy lets predict.
+    twice = json.dumps(claims(gw, sub="bob"))[:-1] + ', "sub": "alice"}'
+    record = refused(gw, signed_by_the_gateway_key(gw, header, twice))
+    assert (record["reason"], record["sub"]) == ("duplicate member in token claims", None)
+    twice_kid = header[:-1] + f', "kid": "{kid(gw)}"}}'
+    record = refused(gw, signed_by_the_gateway_key(gw, twice_kid, json.dumps(claims(gw))))
+    assert record["reason"] == "duplicate member in token header"
+
+
 def test_tampered_signature_is_unauthenticated(gw):
     header, payload, signature = gw.token().split(".")
     flipped = signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB")

@@ -452,8 +452,10 @@ def test_policy_check_agrees_with_the_running_gateway(gw):
         ('{"sub": "alice", "groups": [""]}', "malformed claim groups"),
         ('{"sub": "alice", "scope": ["predict"]}', "malformed claim scope"),
         ('{"sub": 7}', "malformed claim sub"),
+        ('{"sub": "bob", "sub": "alice"}', "duplicate member 'sub'"),
+        ('{"sub": "alice", "cnf": {"x5t#S256": "a", "x5t#S256": "b"}}', "duplicate member 'x5t#S256'"),
     ],
-    ids=["groups-string", "groups-number", "groups-empty-string", "scope-list", "sub-number"],
+    ids=["groups-string", "groups-number", "groups-empty-string", "scope-list", "sub-number", "sub-twice", "nested"],
 )
 def test_policy_check_refuses_claims_the_gateway_would_refuse(policy_dir, claims, fragment):
     result = check(policy_dir, "--action", "predict", "--claims", claims, "--cert-identity", ALICE_ID, "--bound")
