@@ -90,6 +90,18 @@ def test_malformed_authorization_header_is_unauthenticated(gw, header, reason):
     assert record["reason"] == reason
 
 
+@pytest.mark.parametrize("spelling", ["Bearer  {}", "Bearer {} "], ids=["two-spaces", "trailing-space"])
+def test_bearer_token_with_extra_spaces_is_unauthenticated(gw, spelling):
+    # These reach the gateway as sent (tabs and newlines are refused by grpc itself); one spelling is accepted.
+    record = refused(gw, None, metadata=(("authorization", spelling.format(gw.token())),))
+    assert record["reason"] == "malformed bearer token"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(gw, scheme):
+    assert predict(gw, None, metadata=(("authorization", f"{scheme} {gw.token()}"),)).model_version == "2"
+
+
 def test_several_authorization_headers_are_unauthenticated(gw):
     token = gw.token()
     md = (("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}"))
