@@ -129,17 +129,20 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from gateway.auth.principal import Principal
+    from gateway.auth.keys import DuplicateMemberError, reject_duplicate_members
+    from gateway.auth.principal import Principal, identity_spelling_problem
     from gateway.auth.verifier import groups_and_scopes
     from gateway.errors import AuthenticationError
     from gateway.policy import Action, PolicyError, load_policies
 
     try:
         policies = load_policies(Path(args.policies))
-        claims = json.loads(args.claims) if args.claims else {}
+        claims = json.loads(args.claims, object_pairs_hook=reject_duplicate_members) if args.claims else {}
         version = _judged_version(args)
     except (PolicyError, _UsageError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except DuplicateMemberError as exc:
+        return _fail(f"--claims: {exc}: the gateway refuses such a token", EXIT_USAGE)
     except ValueError as exc:
         return _fail(f"--claims is not JSON: {exc}", EXIT_USAGE)
     if not isinstance(claims, dict):
@@ -151,6 +154,9 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
         return _fail(f"--claims: {exc.reason}: the gateway refuses such a token", EXIT_USAGE)
     if not isinstance(subject, str):
         return _fail("--claims: malformed claim sub: the gateway refuses such a token", EXIT_USAGE)
+    identity_problem = identity_spelling_problem(args.cert_identity) if args.cert_identity else None
+    if identity_problem is not None:
+        return _fail(f"--cert-identity: {identity_problem}", EXIT_USAGE)
     principal = Principal(
         cert_identity=args.cert_identity or "",
         cert_sha256="",
@@ -430,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", required=True)
     check.add_argument("--version")
     check.add_argument("--action", required=True, choices=("predict", "stream", "metadata", "list"))
-    check.add_argument("--cert-identity")
+    check.add_argument("--cert-identity", help="spiffe://... (URI SAN), dns:NAME or cn:NAME, as in audit records")
     check.add_argument("--claims", help='JSON, e.g. {"sub": "alice", "groups": ["ml"]}')
     check.add_argument("--bound", action="store_true", help="the token is bound to the client certificate")
     check.add_argument("--models", help="model repository: without --version, judge its default version, as serve does")

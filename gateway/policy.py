@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 import yaml
 
-from gateway.auth.principal import Principal
+from gateway.auth.principal import Principal, identity_spelling_problem
 from gateway.errors import StartupError
 from gateway.watcher import Fingerprint, ReloadingStore, tree_fingerprint
 
@@ -416,6 +416,8 @@ def _parse_principals(value: object) -> PrincipalMatcher | None:
         if key not in _PRINCIPAL_KEYS:
             raise _Invalid("principals", f"unknown key {key!r}{_hint(key, _PRINCIPAL_KEYS)}")
     globs = {key: _parse_globs(f"principals.{key}", value[key]) for key in _PRINCIPAL_LIST_KEYS if key in value}
+    if "cert" in value:
+        _check_cert_patterns(value["cert"])
     bound_token = value.get("bound_token")
     if "bound_token" in value and not isinstance(bound_token, bool):
         raise _Invalid("principals.bound_token", f"must be true or false, got {_show(bound_token)}")
@@ -426,6 +428,16 @@ def _parse_principals(value: object) -> PrincipalMatcher | None:
         scopes=globs.get("scopes"),
         bound_token=bound_token,
     )
+
+
+def _check_cert_patterns(patterns: list[str]) -> None:
+    """Each pattern names its identity type, so it matches identities of that type only: a CN or DNS name can never
+    pass for a URI SAN. A pattern without one used to match DNS SANs and CNs; silently matching nothing instead
+    would disarm a deny rule, so it is refused."""
+    for index, pattern in enumerate(patterns):
+        problem = identity_spelling_problem(pattern)
+        if problem is not None:
+            raise _Invalid(f"principals.cert[{index}]", problem)
 
 
 def _parse_globs(path: str, value: object) -> GlobSet:

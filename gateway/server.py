@@ -35,7 +35,7 @@ from gateway.config import ConfigError, Settings
 from gateway.errors import UnavailableError
 from gateway.limits import Admission
 from gateway.models.placement import Placement
-from gateway.models.repository import ModelInfo, ModelRepository
+from gateway.models.repository import ModelRepository
 from gateway.models.runtime import RuntimeOptions
 from gateway.pipeline import Pipeline
 from gateway.policy import PolicyStore
@@ -47,11 +47,6 @@ _SIGNAL_POLL_S = 0.1
 _RECORDS_WAIT_S = 5.0
 _STOP_MARGIN_S = 10.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
-
-
-def model_health_name(model: str) -> str:
-    """The health-check service name of one model."""
-    return f"model/{model}"
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -95,11 +90,6 @@ def catch_stop_signals() -> list[int]:
     return received
 
 
-def _log_failure(future: Any) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("model_health_update_failed", error=repr(future.exception()))
-
-
 class Gateway:
     """The gateway process: every component, wired once, started and stopped together."""
 
@@ -121,7 +111,6 @@ class Gateway:
             placement=self.placement,
             poll_interval_s=models.poll_interval_s,
             strict=models.strict,
-            on_publish=self._models_changed,
         )
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)
         self.policies = (
@@ -186,23 +175,6 @@ class Gateway:
         if not self.audit.healthy and not self.settings.dev_audit_fail_open:
             raise UnavailableError("audit trail unavailable", reason="audit sink unhealthy")
 
-    def _models_changed(self, models: list[ModelInfo], removed: list[str]) -> None:
-        """From the repository's watcher thread: model health follows the repository."""
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._set_model_health(models, removed), loop)
-        except RuntimeError:  # the loop closed meanwhile: the gateway is stopping
-            return
-        future.add_done_callback(_log_failure)
-
-    async def _set_model_health(self, models: list[ModelInfo], removed: list[str]) -> None:
-        for info in models:
-            await self.health.set(model_health_name(info.name), health_pb2.HealthCheckResponse.SERVING)
-        for name in removed:
-            await self.health.set(model_health_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
-
     def _warn_dev_options(self) -> None:
         for name in ("dev_insecure_transport", "dev_no_auth", "dev_audit_fail_open"):
             if getattr(self.settings, name):
@@ -243,7 +215,9 @@ class Gateway:
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)
         # Health answers with mutual TLS alone (balancers and kubelets carry no token): outside the boundary,
-        # and before it, since the boundary's generic handler claims every other method name.
+        # and before it, since the boundary's generic handler claims every other method name. Without a token it
+        # gives the overall status only: per-service or per-model statuses would tell any certificate holder
+        # which models exist, which only callers the policy lets see them may learn.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
         listen = self.settings.listen
@@ -256,8 +230,6 @@ class Gateway:
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await self._set_model_health(self.models.models(), [])
         return port
 
     def stop(self, grace_s: float | None = None) -> None:

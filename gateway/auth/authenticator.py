@@ -6,6 +6,7 @@ is still acceptable, and binding (RFC 8705) compares the token with that very ce
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -14,6 +15,10 @@ from gateway.auth.certs import CrlStore, PeerCertificate, check_validity, inspec
 from gateway.auth.principal import Principal
 from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier
 from gateway.errors import AuthenticationError
+
+# RFC 6750 2.1: credentials = "Bearer" 1*SP b64token. The gateway takes exactly one space and nothing after the
+# token, the one spelling clients send: anything else is refused, never repaired.
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 
 
 def bearer_token(values: Sequence[str]) -> str:
@@ -26,10 +31,10 @@ def bearer_token(values: Sequence[str]) -> str:
     if len(value) > MAX_TOKEN_BYTES:
         raise AuthenticationError(reason="authorization header too large")
     scheme, _, token = value.partition(" ")
+    # RFC 9110 11.1: the scheme is a case-insensitive token.
     if scheme.lower() != "bearer":
         raise AuthenticationError(reason="authorization scheme is not Bearer")
-    token = token.strip()
-    if not token or " " in token:
+    if not _B64TOKEN.fullmatch(token):
         raise AuthenticationError(reason="malformed bearer token")
     return token
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import structlog
 from cryptography import x509
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.auth.principal import CN_IDENTITY_PREFIX, DNS_IDENTITY_PREFIX, URI_IDENTITY_PREFIX
 from gateway.errors import AuthenticationError, StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
 
@@ -35,6 +36,7 @@ _SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(?:/[A-Za-z0-9._-]+)*")
 _SPIFFE_MAX_LENGTH = 2048
 _ISSUER_KEY_TYPES = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
 _MIN_RSA_BITS = 2048
+_TLS_PURPOSES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -47,7 +49,7 @@ class CertificateConfigError(StartupError):
 class PeerCertificate:
     """What the gateway keeps from a client's leaf certificate."""
 
-    identity: str
+    identity: str  # spelled with its type: "spiffe://...", "dns:NAME" or "cn:NAME" (auth/principal.py)
     sha256_hex: str  # hex SHA-256 of the DER, for the audit record
     x5t_s256: str  # RFC 8705 section 3.1: base64url(SHA-256(DER)) without padding, compared with cnf["x5t#S256"]
     not_before: datetime
@@ -97,24 +99,38 @@ def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
 
 
 def _check_client_usage(cert: x509.Certificate) -> None:
-    """Refuse a CA certificate, or a leaf whose key usage (RFC 5280 4.2.1.3) or EKU (4.2.1.12) excludes clients."""
+    """Refuse a leaf unfit for a TLS client (see ``_leaf_problem``)."""
+    problem = _leaf_problem(cert, "client")
+    if problem is not None:
+        raise AuthenticationError(reason=f"client certificate {problem}")
+
+
+def _leaf_problem(cert: x509.Certificate, role: Literal["client", "server"]) -> str | None:
+    """What makes ``cert`` unfit as a TLS leaf for ``role``, or None: a CA (RFC 5280 4.2.1.9), a key that may sign
+    certificates or CRLs or cannot sign the handshake (4.2.1.3), an EKU without the role's purpose (4.2.1.12)."""
     constraints = _extension(cert, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
-        raise AuthenticationError(reason="client certificate is a CA certificate")
+        return "is a CA certificate"
     usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and (usage.key_cert_sign or usage.crl_sign):
+        # A key that can sign certificates is an issuer's key, whatever basicConstraints says: one leak would let
+        # it mint identities. RFC 5280 4.2.1.3: keyCertSign requires cA true.
+        return "key usage allows signing certificates or CRLs"
     if usage is not None and not usage.digital_signature:
-        # TLS client authentication is a signature over the handshake (RFC 8446 4.4.3).
-        raise AuthenticationError(reason="client certificate key usage lacks digitalSignature")
+        # TLS authentication is a signature over the handshake (RFC 8446 4.4.3).
+        return "key usage lacks digitalSignature"
     purposes = _extension(cert, x509.ExtendedKeyUsage)
-    # anyExtendedKeyUsage is not accepted in place of clientAuth: a client certificate says what it is for.
-    if purposes is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:
-        raise AuthenticationError(reason="client certificate is not for client authentication (EKU)")
+    # anyExtendedKeyUsage is not accepted in place of the role's purpose: a leaf says what it is for.
+    if purposes is not None and _TLS_PURPOSES[role] not in purposes:
+        return f"is not for {role} authentication (EKU)"
+    return None
 
 
 def _identity(cert: x509.Certificate) -> str:
-    """The SPIFFE URI SAN, else the single DNS SAN, else the single CN; anything ambiguous is refused."""
+    """The SPIFFE URI SAN, else the single DNS SAN, else the single CN, spelled with its type (auth/principal.py);
+    anything ambiguous is refused."""
     san = _extension(cert, x509.SubjectAlternativeName) or x509.SubjectAlternativeName([])
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(URI_IDENTITY_PREFIX)]
     dns = san.get_values_for_type(x509.DNSName)
     if len(uris) > 1:
         raise AuthenticationError(reason="ambiguous identity: several SPIFFE URI SANs")
@@ -129,19 +145,20 @@ def _identity(cert: x509.Certificate) -> str:
         # A wildcard names many hosts, never one client.
         if "*" in dns[0]:
             raise AuthenticationError(reason="client certificate DNS SAN is a wildcard")
-        return _checked(dns[0].lower().rstrip("."))  # DNS names compare case-insensitively (RFC 4343)
+        # DNS names compare case-insensitively (RFC 4343).
+        return DNS_IDENTITY_PREFIX + _checked(dns[0].lower().rstrip("."))
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) > 1:
         raise AuthenticationError(reason="ambiguous identity: several CNs")
     if cns:
-        return _checked(str(cns[0].value))
+        return CN_IDENTITY_PREFIX + _checked(str(cns[0].value))
     raise AuthenticationError(reason="client certificate has no identity")
 
 
 def _is_spiffe_id(uri: str) -> bool:
     # "." and ".." segments are forbidden by the spec: an identity is compared as a string and never normalised.
     return _SPIFFE_ID.fullmatch(uri) is not None and not any(
-        segment in (".", "..") for segment in uri[len("spiffe://") :].split("/")[1:]
+        segment in (".", "..") for segment in uri[len(URI_IDENTITY_PREFIX) :].split("/")[1:]
     )
 
 
@@ -335,16 +352,10 @@ def validate_server_pair(
 
 
 def _check_server_usage(cert: x509.Certificate) -> None:
-    """Refuse what TLS clients would refuse: a CA, no digitalSignature, an EKU without serverAuth (RFC 5280 4.2.1)."""
-    constraints = _extension(cert, x509.BasicConstraints)
-    if constraints is not None and constraints.ca:
-        raise CertificateConfigError("server certificate is a CA certificate")
-    usage = _extension(cert, x509.KeyUsage)
-    if usage is not None and not usage.digital_signature:
-        raise CertificateConfigError("server certificate key usage lacks digitalSignature")
-    purposes = _extension(cert, x509.ExtendedKeyUsage)
-    if purposes is not None and ExtendedKeyUsageOID.SERVER_AUTH not in purposes:
-        raise CertificateConfigError("server certificate is not for server authentication (EKU)")
+    """Refuse a leaf unfit for a TLS server (see ``_leaf_problem``)."""
+    problem = _leaf_problem(cert, "server")
+    if problem is not None:
+        raise CertificateConfigError(f"server certificate {problem}")
 
 
 def _covers(cert: x509.Certificate, name: str) -> bool:

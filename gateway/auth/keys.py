@@ -28,6 +28,7 @@ __all__ = [
     "HMAC_ALGORITHMS",
     "HMAC_KEY_BYTES",
     "SUPPORTED_ALGORITHMS",
+    "DuplicateMemberError",
     "KeySet",
     "KeyStore",
     "TokenConfigError",
@@ -36,6 +37,7 @@ __all__ = [
     "jwk_kid",
     "kid_from_jwks",
     "load_jwks",
+    "reject_duplicate_members",
 ]
 
 MAX_JWKS_BYTES = 1 << 20
@@ -117,11 +119,20 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class DuplicateMemberError(ValueError):
+    """A JSON object names a member twice."""
+
+
+def reject_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: the object, or DuplicateMemberError on a repeated name, at any depth.
+
+    RFC 8259 4 leaves repeated names to each parser, and most keep the last: two readers of the same JWKS or token
+    could then disagree on what it says (RFC 7515 4, RFC 7517 4, RFC 7519 4 allow refusing; the gateway refuses).
+    """
     obj: dict[str, Any] = {}
     for name, value in pairs:
-        if name in obj:  # RFC 7517 4 / RFC 8259 4: the last-one-wins reading would hide a second key
-            raise ValueError(f"duplicate member {name!r}")
+        if name in obj:
+            raise DuplicateMemberError(f"duplicate member {name!r}")
         obj[name] = value
     return obj
 
@@ -133,7 +144,7 @@ def _read_jwks(path: Path) -> list[Any]:
             raw = handle.read(MAX_JWKS_BYTES + 1)
         if len(raw) > MAX_JWKS_BYTES:
             raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
-        data = json.loads(raw, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+        data = json.loads(raw, object_pairs_hook=reject_duplicate_members, parse_constant=_reject_constant)
     except (OSError, ValueError) as exc:
         raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import math
 import re
 import threading
@@ -23,16 +24,18 @@ import jwt
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from jwt.utils import is_pem_format, is_ssh_key
+from jwt.utils import base64url_decode, is_pem_format, is_ssh_key
 
 from gateway.auth.keys import (
     DEFAULT_ALGORITHMS,
     HMAC_ALGORITHMS,
     HMAC_KEY_BYTES,
     SUPPORTED_ALGORITHMS,
+    DuplicateMemberError,
     KeySet,
     KeyStore,
     TokenConfigError,
+    reject_duplicate_members,
 )
 from gateway.errors import AuthenticationError
 
@@ -293,15 +296,14 @@ class TokenVerifier:
         return entry.token
 
     def _verify(self, token: str, keyset: KeySet) -> _Verified:
-        try:
-            header = jwt.get_unverified_header(token)  # also refuses crit extensions pyjwt does not know
-        except jwt.PyJWTError:
-            _refuse("malformed token")
+        header, claims = _decode(token)
         key, algorithm = self._key_for(header, keyset)
         with self._lock:
             self.signature_checks += 1
+        # pyjwt checks the signature and the registered claims over the same segments. The claims used afterwards
+        # are the ones decoded above: with no member repeated, pyjwt's reading of them is the same.
         try:
-            claims = jwt.decode(
+            jwt.decode(
                 token,
                 key,
                 algorithms=[algorithm],  # the one algorithm the header named and the key allows
@@ -369,6 +371,25 @@ class TokenVerifier:
         groups, scopes = groups_and_scopes(claims, groups_claim=self._groups_claim, scopes_claim=self._scopes_claim)
         x5t = _confirmation(claims)
         return _Verified(VerifiedToken(subject, self._issuer, jti, groups, scopes, exp, bound=x5t is not None), x5t)
+
+
+def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JOSE header and the claims of a compact JWS (shape already checked), each a JSON object in which no
+    member is repeated at any depth; the gateway's one reading of both, before any signature work."""
+    header, claims, _signature = token.split(".")
+    return _json_object(header, "header"), _json_object(claims, "claims")
+
+
+def _json_object(segment: str, part: str) -> dict[str, Any]:
+    try:
+        value = json.loads(base64url_decode(segment), object_pairs_hook=reject_duplicate_members)
+    except DuplicateMemberError:
+        _refuse(f"duplicate member in token {part}")  # the member's name is attacker text: not in the reason
+    except (ValueError, RecursionError):  # base64 (binascii.Error), UTF-8 and JSON errors are ValueErrors
+        _refuse("malformed token")
+    if not isinstance(value, dict):
+        _refuse("malformed token")
+    return value
 
 
 def _confirmation(claims: Mapping[str, Any]) -> str | None:

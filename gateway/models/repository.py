@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -139,17 +139,12 @@ class ModelRepository:
         placement: Placement,
         poll_interval_s: float,
         strict: bool = False,
-        on_publish: Callable[[list[ModelInfo], list[str]], None] | None = None,
     ) -> None:
-        """``on_publish(models, removed_names)`` is called after each change (health statuses follow it).
-
-        ``strict``: a version that fails to load at start is a startup error instead of being left out.
-        """
+        """``strict``: a version that fails to load at start is a startup error instead of being left out."""
         self.root = Path(root)
         self._options = options
         self._placement = placement
         self._strict = strict
-        self._on_publish = on_publish
         self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
         self._ignored: dict[str, str] = {}  # as last logged: each entry is logged once, not on every poll
         self._write_lock = threading.Lock()
@@ -233,10 +228,7 @@ class ModelRepository:
         for name, version in loaded:
             versions.setdefault(name, []).append(version)
         index = {name: ModelInfo(name, tuple(sorted(vs)), max(vs)) for name, vs in sorted(versions.items())}
-        removed = [name for name in self._snapshot.index if name not in index]
         self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index), MappingProxyType(failed))
-        if self._on_publish is not None:
-            self._on_publish(list(index.values()), removed)
 
     @staticmethod
     def _log_loaded(model: ModelVersion, *, reloaded: bool = False) -> None:

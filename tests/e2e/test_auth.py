@@ -90,6 +90,18 @@ def test_malformed_authorization_header_is_unauthenticated(gw, header, reason):
     assert record["reason"] == reason
 
 
+@pytest.mark.parametrize("spelling", ["Bearer  {}", "Bearer {} "], ids=["two-spaces", "trailing-space"])
+def test_bearer_token_with_extra_spaces_is_unauthenticated(gw, spelling):
+    # These reach the gateway as sent (tabs and newlines are refused by grpc itself); one spelling is accepted.
+    record = refused(gw, None, metadata=(("authorization", spelling.format(gw.token())),))
+    assert record["reason"] == "malformed bearer token"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(gw, scheme):
+    assert predict(gw, None, metadata=(("authorization", f"{scheme} {gw.token()}"),)).model_version == "2"
+
+
 def test_several_authorization_headers_are_unauthenticated(gw):
     token = gw.token()
     md = (("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}"))
@@ -170,6 +182,27 @@ def test_tampered_payload_is_unauthenticated(gw):
     decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     decoded["sub"] = "root"
     refused(gw, f"{header}.{b64(json.dumps(decoded).encode())}.{signature}")
+
+
+def signed_by_the_gateway_key(gw, header_json: str, claims_json: str) -> str:
+    """A token signed with the PKI's JWT key over header and claims given as JSON text, which may repeat members."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    signing_input = f"{b64(header_json.encode())}.{b64(claims_json.encode())}"
+    key = load_pem_private_key(gw.pki.read("jwt-signing.key"), password=None)
+    return f"{signing_input}.{b64(jwt.get_algorithm_by_name('RS256').sign(signing_input.encode(), key))}"
+
+
+def test_signed_token_repeating_a_claim_is_unauthenticated(gw):
+    header = json.dumps({"alg": "RS256", "typ": "JWT", "kid": kid(gw)})
+    assert predict(gw, signed_by_the_gateway_key(gw, header, json.dumps(claims(gw)))).model_version == "2"
+    # {"sub": "bob", ..., "sub": "alice"}: pyjwt alone reads alice, whom the policy lets predict.
+    twice = json.dumps(claims(gw, sub="bob"))[:-1] + ', "sub": "alice"}'
+    record = refused(gw, signed_by_the_gateway_key(gw, header, twice))
+    assert (record["reason"], record["sub"]) == ("duplicate member in token claims", None)
+    twice_kid = header[:-1] + f', "kid": "{kid(gw)}"}}'
+    record = refused(gw, signed_by_the_gateway_key(gw, twice_kid, json.dumps(claims(gw))))
+    assert record["reason"] == "duplicate member in token header"
 
 
 def test_tampered_signature_is_unauthenticated(gw):

@@ -419,6 +419,13 @@ def test_policy_check_prints_the_denial_and_exits_1(policy_dir, args, line):
     assert (result.returncode, result.stdout.strip()) == (1, line)
 
 
+def test_policy_check_takes_a_cert_identity_spelled_with_its_type(policy_dir):
+    alice = ["--action", "predict", "--claims", '{"sub": "alice"}', "--bound"]
+    as_cn = check(policy_dir, *alice, "--cert-identity", f"cn:{ALICE_ID}")  # a CN reading like alice's URI SAN
+    assert (as_cn.returncode, as_cn.stdout.strip()) == (1, "deny (no rule allows)")
+    usage_error(check(policy_dir, *alice, "--cert-identity", "alice"), "--cert-identity: must start with spiffe://")
+
+
 def test_policy_check_agrees_with_the_running_gateway(gw):
     result = run(
         "policy",
@@ -445,8 +452,10 @@ def test_policy_check_agrees_with_the_running_gateway(gw):
         ('{"sub": "alice", "groups": [""]}', "malformed claim groups"),
         ('{"sub": "alice", "scope": ["predict"]}', "malformed claim scope"),
         ('{"sub": 7}', "malformed claim sub"),
+        ('{"sub": "bob", "sub": "alice"}', "duplicate member 'sub'"),
+        ('{"sub": "alice", "cnf": {"x5t#S256": "a", "x5t#S256": "b"}}', "duplicate member 'x5t#S256'"),
     ],
-    ids=["groups-string", "groups-number", "groups-empty-string", "scope-list", "sub-number"],
+    ids=["groups-string", "groups-number", "groups-empty-string", "scope-list", "sub-number", "sub-twice", "nested"],
 )
 def test_policy_check_refuses_claims_the_gateway_would_refuse(policy_dir, claims, fragment):
     result = check(policy_dir, "--action", "predict", "--claims", claims, "--cert-identity", ALICE_ID, "--bound")

@@ -220,7 +220,7 @@ def refusal(pem: bytes) -> str:
     return caught.value.reason
 
 
-# Identity
+# Identity: one per certificate, spelled with its type (a URI SAN as itself, "dns:NAME", "cn:NAME")
 
 
 def test_spiffe_uri_san_wins_over_dns_san_and_cn(ca: CertificateAuthority) -> None:
@@ -230,21 +230,27 @@ def test_spiffe_uri_san_wins_over_dns_san_and_cn(ca: CertificateAuthority) -> No
 
 def test_dns_san_wins_over_cn(ca: CertificateAuthority) -> None:
     leaf = ca.issue(subject=cn("alice-cn"), dns=["alice.example.test"])
-    assert inspect_peer(leaf.pem).identity == "alice.example.test"
+    assert inspect_peer(leaf.pem).identity == "dns:alice.example.test"
 
 
 def test_non_spiffe_uri_san_is_not_an_identity(ca: CertificateAuthority) -> None:
     leaf = ca.issue(subject=cn("alice-cn"), uris=["https://example.test/alice"])
-    assert inspect_peer(leaf.pem).identity == "alice-cn"
+    assert inspect_peer(leaf.pem).identity == "cn:alice-cn"
 
 
 def test_cn_is_the_identity_without_sans(ca: CertificateAuthority) -> None:
-    assert inspect_peer(ca.issue(subject=cn("alice-cn")).pem).identity == "alice-cn"
+    assert inspect_peer(ca.issue(subject=cn("alice-cn")).pem).identity == "cn:alice-cn"
+
+
+@pytest.mark.parametrize("spelled", [SPIFFE, "dns:alice.example.test"], ids=["uri", "dns"])
+def test_cn_spelled_as_another_identity_stays_a_cn(ca: CertificateAuthority, spelled: str) -> None:
+    # Issue 12: a CN reading "spiffe://gateway.local/client/alice" was taken for alice's URI SAN.
+    assert inspect_peer(ca.issue(subject=cn(spelled)).pem).identity == f"cn:{spelled}"
 
 
 def test_ip_address_san_is_not_an_identity(ca: CertificateAuthority) -> None:
     leaf = ca.issue(subject=cn("batch-job"), ips=["10.0.0.1"])
-    assert inspect_peer(leaf.pem).identity == "batch-job"
+    assert inspect_peer(leaf.pem).identity == "cn:batch-job"
 
 
 def test_two_spiffe_uri_sans_are_refused_as_ambiguous(ca: CertificateAuthority) -> None:
@@ -263,7 +269,7 @@ def test_one_spiffe_uri_settles_several_dns_sans(ca: CertificateAuthority) -> No
 
 
 def test_dns_identity_is_lowercased_without_the_trailing_dot(ca: CertificateAuthority) -> None:
-    assert inspect_peer(ca.issue(dns=["Alice.Example.TEST."]).pem).identity == "alice.example.test"
+    assert inspect_peer(ca.issue(dns=["Alice.Example.TEST."]).pem).identity == "dns:alice.example.test"
 
 
 def test_wildcard_dns_san_is_refused_as_an_identity(ca: CertificateAuthority) -> None:
@@ -329,6 +335,20 @@ def test_eku_with_client_auth_among_others_is_accepted(ca: CertificateAuthority)
 def test_key_usage_without_digital_signature_is_refused(ca: CertificateAuthority) -> None:
     leaf = ca.issue(uris=[SPIFFE], usage=key_usage(encipherment=True))
     assert refusal(leaf.pem) == "client certificate key usage lacks digitalSignature"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        key_usage(digital_signature=True, cert_sign=True),
+        key_usage(digital_signature=True, crl_sign=True),
+        key_usage(digital_signature=True, cert_sign=True, crl_sign=True),
+    ],
+    ids=["keyCertSign", "cRLSign", "both"],
+)
+def test_leaf_that_may_sign_certificates_or_crls_is_refused(ca: CertificateAuthority, usage: x509.KeyUsage) -> None:
+    leaf = ca.issue(uris=[SPIFFE], usage=usage, ca=False)
+    assert refusal(leaf.pem) == "client certificate key usage allows signing certificates or CRLs"
 
 
 def test_ca_certificate_is_refused_as_a_client_even_with_client_auth(ca: CertificateAuthority) -> None:
@@ -620,6 +640,10 @@ def test_server_certificate_unfit_for_a_server_is_refused(ca: CertificateAuthori
     )
     a_ca = issue_server(ca, ca=True)
     assert pair_error(a_ca.pem, a_ca.key_pem, ca.pem) == "server certificate is a CA certificate"
+    signer = issue_server(ca, usage=key_usage(digital_signature=True, cert_sign=True, crl_sign=True))
+    assert pair_error(signer.pem, signer.key_pem, ca.pem) == (
+        "server certificate key usage allows signing certificates or CRLs"
+    )
 
 
 def test_server_key_of_another_certificate_is_refused(ca: CertificateAuthority, server: Leaf) -> None:

@@ -218,10 +218,51 @@ def test_globs_are_case_sensitive(tmp_path: Path) -> None:
 
 
 def test_star_glob_does_not_match_an_empty_identity(tmp_path: Path) -> None:
-    policies = load_one(tmp_path, rules_file(rule("r", principals='{cert: ["*"], subjects: ["*"]}')))
+    policies = load_one(tmp_path, rules_file(rule("r", principals='{cert: ["spiffe://*"], subjects: ["*"]}')))
     assert decide(policies).allowed
     assert not decide(policies, make_principal(cert="")).allowed
     assert not decide(policies, make_principal(sub="")).allowed
+
+
+@pytest.mark.parametrize("pattern", [ALICE_CERT, "spiffe://*", "spiffe://gateway.local/client/*"])
+def test_a_cert_rule_never_matches_a_cn_or_dns_name_spelled_as_a_uri(tmp_path: Path, pattern: str) -> None:
+    # A certificate whose CN (or DNS SAN) reads like alice's URI SAN gets the identity "cn:..." ("dns:...").
+    policies = load_one(tmp_path, rules_file(rule("r", principals=f'{{cert: ["{pattern}"]}}')))
+    assert decide(policies).allowed
+    assert not decide(policies, make_principal(cert=f"cn:{ALICE_CERT}")).allowed
+    assert not decide(policies, make_principal(cert=f"dns:{ALICE_CERT}")).allowed
+
+
+def test_dns_and_cn_patterns_match_only_identities_of_their_own_kind(tmp_path: Path) -> None:
+    principals = '{cert: ["dns:*.example.test", "cn:batch-*"]}'
+    policies = load_one(tmp_path, rules_file(rule("r", principals=principals)))
+    assert decide(policies, make_principal(cert="dns:alice.example.test")).allowed
+    assert decide(policies, make_principal(cert="cn:batch-7")).allowed
+    assert not decide(policies, make_principal(cert="cn:alice.example.test")).allowed
+    assert not decide(policies, make_principal(cert="dns:batch-7")).allowed
+    assert not decide(policies).allowed  # a URI SAN
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("alice", "must start with spiffe:// (the URI SAN), dns: (a DNS SAN) or cn: (the subject CN)"),
+        ("*", "must start with spiffe://"),
+        ("*alice", "must start with spiffe://"),
+        ("https://example.test/alice", "must start with spiffe://"),
+        ("spiffe://", "names nothing after 'spiffe://'"),
+        ("cn:", "names nothing after 'cn:'"),
+        ("dns:Alice.example.test", "a DNS name is compared in lowercase"),
+    ],
+)
+def test_a_cert_pattern_not_spelled_with_its_identity_type_is_refused(
+    tmp_path: Path, pattern: str, problem: str
+) -> None:
+    # Such a pattern used to match a DNS SAN or a CN; silently matching nothing instead would disarm a deny rule.
+    write(tmp_path, "a.yaml", rules_file(rule("r", effect="deny", principals=f'{{cert: ["cn:ok", "{pattern}"]}}')))
+    with pytest.raises(PolicyError) as raised:
+        load_policies(tmp_path)
+    assert str(raised.value).startswith(f"{tmp_path / 'a.yaml'}: rule 'r': principals.cert[1]: {problem}")
 
 
 def test_principal_keys_are_anded(tmp_path: Path) -> None:

@@ -369,7 +369,7 @@ def test_crit_header_is_refused(verifier: TokenVerifier, rsa_key: Key, decode_ca
     # RFC 7515 4.1.11; pyjwt GHSA-752w-5fwx-jx9f. Known-to-pyjwt (b64) or not, the gateway understands none.
     known = compact({"alg": "RS256", "kid": rsa_key.kid, "crit": ["b64"], "b64": True}, payload(), b"s" * 256)
     assert refused(verifier, known) == "unsupported critical header"
-    assert refused(verifier, token(rsa_key, crit=["exp"])) == "malformed token"  # pyjwt's header parser refuses it
+    assert refused(verifier, token(rsa_key, crit=["exp"])) == "unsupported critical header"
     assert decode_calls == []
 
 
@@ -382,6 +382,62 @@ def test_unencoded_payload_token_is_refused_as_malformed(
     )
     assert jwt.get_unverified_header(unencoded)["crit"] == ["b64"]
     assert refused(verifier, unencoded) == "malformed token"
+    assert decode_calls == []
+
+
+def signed(key: Key, header_json: str, claims_json: str) -> str:
+    """A token signed by ``key`` over a header and claims given as JSON text, which may repeat members."""
+    signing_input = f"{b64url(header_json.encode())}.{b64url(claims_json.encode())}"
+    signature = jwt.get_algorithm_by_name(key.alg).sign(signing_input.encode(), key.private)
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def claims_json(*members: str) -> str:
+    """The default claims as JSON text, with ``members`` (JSON text) appended."""
+    return json.dumps(payload())[:-1] + "".join(f", {member}" for member in members) + "}"
+
+
+def test_signed_token_with_its_members_once_is_accepted(verifier: TokenVerifier, rsa_key: Key) -> None:
+    # The control for the refusals below: the same helper, no member repeated.
+    text = signed(rsa_key, json.dumps({"alg": "RS256", "kid": rsa_key.kid}), claims_json('"tenant": "t1"'))
+    assert verifier.verify(text, cert_x5t=None).subject == "alice"
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        ('"sub": "bob"',),  # {"sub": "alice", ..., "sub": "bob"}: pyjwt alone reads the last one
+        ('"iss": "https://evil.example"',),
+        ('"groups": ["a"]', '"groups": ["admins"]'),
+        ('"cnf": {"x5t#S256": "' + "A" * 43 + '", "x5t#S256": "' + "B" * 43 + '"}',),
+        ('"extra": {"nested": {"k": 1, "k": 2}}',),
+    ],
+    ids=["sub", "iss", "groups", "cnf-member", "unread-claim-nested"],
+)
+def test_signed_token_repeating_a_claim_at_any_depth_is_refused(
+    verifier: TokenVerifier, rsa_key: Key, members: tuple[str, ...], decode_calls: list[str]
+) -> None:
+    # RFC 7519 4: a parser must refuse repeated claim names or keep the last; refusing means no two readers of
+    # the token (the gateway, pyjwt, an auditor) can disagree about who it names. Refused before any signature work.
+    text = signed(rsa_key, json.dumps({"alg": "RS256", "kid": rsa_key.kid}), claims_json(*members))
+    assert refused(verifier, text) == "duplicate member in token claims"
+    assert decode_calls == []
+
+
+@pytest.mark.parametrize(
+    "header_json",
+    [
+        '{"alg": "RS256", "kid": "%(kid)s", "kid": "%(kid)s"}',
+        '{"alg": "none", "alg": "RS256", "kid": "%(kid)s"}',
+        '{"alg": "RS256", "kid": "%(kid)s", "typ": "dpop+jwt", "typ": "JWT"}',
+    ],
+    ids=["kid", "alg", "typ"],
+)
+def test_signed_token_repeating_a_header_member_is_refused(
+    verifier: TokenVerifier, rsa_key: Key, header_json: str, decode_calls: list[str]
+) -> None:
+    text = signed(rsa_key, header_json % {"kid": rsa_key.kid}, claims_json())
+    assert refused(verifier, text) == "duplicate member in token header"  # RFC 7515 4
     assert decode_calls == []
 
 
