@@ -14,7 +14,7 @@ import numpy as np
 
 from gateway.auth.principal import Principal
 from gateway.context import CallContext
-from gateway.errors import NotFoundError, PermissionDeniedError
+from gateway.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
 from gateway.models.runtime import ModelVersion
 from gateway.policy import Action, Decision, PolicyStore
@@ -29,6 +29,7 @@ class InferRequest:
     version: str | None
     inputs: dict[str, np.ndarray]
     flat: np.ndarray | None = None
+    outputs: tuple[str, ...] | None = None  # the outputs to answer with, in this order; None: all, in model order
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +94,13 @@ class Pipeline:
         inputs = model.reshape_flat(request.flat) if request.flat is not None else model.name_inputs(request.inputs)
         call.describe_inputs(inputs)
         model.validate(inputs)
+        _check_outputs(model, request.outputs)
         self._before_run()
         call.model_ran = True
-        return InferResult(request.model, model.version, await model.run(inputs))
+        outputs = await model.run(inputs)
+        if request.outputs is not None:
+            outputs = {name: outputs[name] for name in request.outputs}
+        return InferResult(request.model, model.version, outputs)
 
     def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[ModelVersion, list[int]]:
         """The signature of one version, and the versions of the model the caller may read metadata of."""
@@ -118,6 +123,15 @@ class Pipeline:
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
+
+
+def _check_outputs(model: ModelVersion, requested: tuple[str, ...] | None) -> None:
+    known = {spec.name for spec in model.outputs}
+    for name in requested or ():
+        if name not in known:
+            raise InvalidArgumentError(
+                f"model '{shown(model.name)}' has no output '{shown(name)}' (outputs: {', '.join(sorted(known))})"
+            )
 
 
 def _parse_version(model: str, requested: str | None) -> int | None:

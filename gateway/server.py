@@ -24,7 +24,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway._pb.inference import grpc_service_pb2 as oip_pb
+from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.api.inference import InferenceServicer
+from gateway.api.oip import OpenInferenceServicer
 from gateway.audit import AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import CrlStore
@@ -47,6 +50,7 @@ _SIGNAL_POLL_S = 0.1
 _RECORDS_WAIT_S = 5.0
 _STOP_MARGIN_S = 10.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -144,6 +148,7 @@ class Gateway:
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
         self.health = health.aio.HealthServicer()  # its asyncio conditions bind to the loop on first use
         self._server: grpc.aio.Server | None = None
+        self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
 
@@ -210,9 +215,13 @@ class Gateway:
     async def _serve(self) -> int:
         server = grpc.aio.server(options=_grpc_options(self.settings))
         collector = HandlerCollector()
-        servicer = InferenceServicer(self.pipeline, max_elements=self.settings.models.max_elements)
-        pb_grpc.add_InferenceServiceServicer_to_server(servicer, collector)
-        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        max_elements = self.settings.models.max_elements
+        pb_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.pipeline, max_elements=max_elements), collector
+        )
+        oip = OpenInferenceServicer(self.pipeline, max_elements=max_elements, ready=self.ready)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, collector)
+        names = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)
         # Health answers with mutual TLS alone (balancers and kubelets carry no token): outside the boundary,
         # and before it, since the boundary's generic handler claims every other method name. Without a token it
@@ -254,9 +263,15 @@ class Gateway:
         self._close_loop()
         log.info("gateway_stopped")
 
+    def ready(self) -> bool:
+        """Serving inference now: started, not draining, audit trail writable, at least one model loaded."""
+        audit_ok = self.audit.healthy or self.settings.dev_audit_fail_open
+        return self._server is not None and not self._draining and audit_ok and bool(self.models.models())
+
     async def _shutdown(self, server: grpc.aio.Server, grace_s: float) -> None:
         # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
         # sending new calls before the listener closes.
+        self._draining = True
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_drain_s)
         await server.stop(grace_s)

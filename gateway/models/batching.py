@@ -48,6 +48,7 @@ class Batcher:
     """
 
     def __init__(self, options: BatchingOptions) -> None:
+        self.options = options
         self._max_rows = options.max_batch_size
         self._delay_s = options.max_queue_delay_us / 1e6
         self._open: _Batch | None = None  # the batch new requests join, until it is full or its timer fires

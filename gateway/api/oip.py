@@ -1,0 +1,226 @@
+"""The Open Inference Protocol (KServe v2 gRPC, with the Triton RPCs its client calls): convert, call the pipeline.
+
+Stock clients (tritonclient, KServe SDKs, grpcurl, Node) call ``/inference.GRPCInferenceService/<Rpc>``
+unmodified. As for gateway.v1, this module only converts: authentication, limits and the audit record are the
+call boundary's, authorization and execution the pipeline's. Policy actions: ModelInfer = predict,
+ModelStreamInfer = stream, ModelMetadata/ModelConfig/ModelReady = metadata, RepositoryIndex = list; the server-wide
+RPCs need an authenticated caller and no model permission.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from importlib.metadata import version
+
+import grpc
+import numpy as np
+
+from gateway import tensors
+from gateway._pb.inference import grpc_service_pb2 as pb
+from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.api.streaming import answer_in_order
+from gateway.context import CallContext, current_call
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
+from gateway.models.runtime import ModelVersion, TensorSpec
+from gateway.pipeline import InferRequest, InferResult, Pipeline
+from gateway.policy import Action
+
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+SERVER_NAME = "gateway"
+# Triton's names for what is served beyond the core protocol: ModelConfig, and RepositoryIndex (read-only).
+EXTENSIONS = ("model_configuration", "model_repository")
+_CONFIG_DATATYPES = {row.name: f"TYPE_{'STRING' if row.name == 'BYTES' else row.name}" for row in tensors.ROWS}
+
+
+def to_infer_request(request: pb.ModelInferRequest, *, max_elements: int) -> InferRequest:
+    """Decode a ModelInferRequest: inputs from ``raw_input_contents`` (one entry per input) or typed contents."""
+    if not request.model_name:
+        raise InvalidArgumentError("model_name is required")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgumentError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order"
+        )
+    _refuse_parameters(request.parameters, "the request")
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensors.shown(tensor.name)
+        if tensor.name in inputs:
+            raise InvalidArgumentError(f"input '{name}' appears twice")
+        _refuse_parameters(tensor.parameters, f"input '{name}'", allowed=("content_type",))
+        row = tensors.BY_NAME.get(tensor.datatype)
+        if row is None:
+            raise InvalidArgumentError(
+                f"input '{name}': unknown datatype {tensors.shown(tensor.datatype)!r} "
+                f"(one of {', '.join(tensors.BY_NAME)})"
+            )
+        inputs[tensor.name] = tensors.decode_values(
+            tensor.name,
+            row,
+            tuple(tensor.shape),
+            raw=raw[index] if raw else None,
+            contents=tensor.contents,
+            raw_field="raw_input_contents",
+            max_elements=max_elements,
+        )
+    requested = [output.name for output in request.outputs]
+    for output in request.outputs:
+        _refuse_parameters(output.parameters, f"output '{tensors.shown(output.name)}'")
+    if len(set(requested)) != len(requested):
+        raise InvalidArgumentError("an output is requested twice")
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version or None,
+        inputs=inputs,
+        outputs=tuple(requested) or None,
+    )
+
+
+def _refuse_parameters(parameters: object, where: str, *, allowed: tuple[str, ...] = ()) -> None:
+    """Parameters change what a server does; one the gateway would silently ignore is refused instead."""
+    unknown = sorted(key for key in parameters if key not in allowed)  # type: ignore[attr-defined]
+    if unknown:
+        raise InvalidArgumentError(f"{where}: parameter '{tensors.shown(unknown[0])}' is not supported by this gateway")
+
+
+def to_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
+    """Outputs as raw contents, one entry per output in order, with datatype and shape (what tritonclient reads)."""
+    response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
+    for name, array in result.outputs.items():
+        row, raw = tensors.to_raw(array)
+        response.outputs.add(name=name, datatype=row.name, shape=array.shape)
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def _tensor_metadata(specs: tuple[TensorSpec, ...]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+
+def to_model_config(model: ModelVersion) -> pb.ModelConfig:
+    """What the gateway knows of a model, in Triton's ModelConfig: with batching, dims leave out the batch dim."""
+    max_batch_size = model.batcher.options.max_batch_size if model.batcher else 0
+    skip = 1 if max_batch_size else 0
+    return pb.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=max_batch_size,
+        input=[
+            pb.ModelInput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
+            for s in model.inputs
+        ],
+        output=[
+            pb.ModelOutput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
+            for s in model.outputs
+        ],
+    )
+
+
+class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Adapter only: every decision is the pipeline's, every error crosses the call boundary as an exception."""
+
+    def __init__(self, pipeline: Pipeline, *, max_elements: int, ready: Callable[[], bool]) -> None:
+        """``ready`` says whether the gateway serves inference now (ServerReady)."""
+        self._pipeline = pipeline
+        self._max_elements = max_elements
+        self._ready = ready
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        """Answering at all is being live."""
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        """Ready: models loaded, audit trail writable, not draining."""
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        """The gateway's name, version and the protocol extensions it serves."""
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=version("gateway"), extensions=EXTENSIONS)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        """As Triton answers: a model or version that is not loaded is not ready (for a caller who may see it)."""
+        try:
+            self._pipeline.metadata(current_call.get(), _required(request.name), request.version or None)
+        except NotFoundError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        """Signature of one model version; ``versions`` lists those the caller may read metadata of."""
+        model, versions = self._pipeline.metadata(current_call.get(), _required(request.name), request.version or None)
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in versions],
+            platform=PLATFORM,
+            inputs=_tensor_metadata(model.inputs),
+            outputs=_tensor_metadata(model.outputs),
+        )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        """Triton's model configuration, as far as the gateway knows it."""
+        model, _ = self._pipeline.metadata(current_call.get(), _required(request.name), request.version or None)
+        return pb.ModelConfigResponse(config=to_model_config(model))
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        """One entry per model version the caller may list; every listed version is loaded, so READY."""
+        if request.repository_name:
+            raise InvalidArgumentError("this gateway serves one repository: leave repository_name empty")
+        models = self._pipeline.list_models(current_call.get())
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=str(v), state="READY")
+                for m in models
+                for v in m.versions
+            ]
+        )
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        """One inference."""
+        result = await self._pipeline.predict(
+            current_call.get(), to_infer_request(request, max_elements=self._max_elements)
+        )
+        return to_response(request, result)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in order; a failing request gets ``error_message`` and the stream goes on."""
+
+        async def answer(call: CallContext, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            infer_request = to_infer_request(request, max_elements=self._max_elements)
+            result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
+            return pb.ModelStreamInferResponse(infer_response=to_response(request, result))
+
+        def refuse(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
+            # Triton's form: the error as text (the status name first, so clients can tell causes apart).
+            return pb.ModelStreamInferResponse(
+                error_message=f"{error.code}: {error.message}",
+                infer_response=pb.ModelInferResponse(id=request.id),
+            )
+
+        async for reply in answer_in_order(current_call.get(), requests, answer, refuse):
+            yield reply
+
+
+def _required(name: str) -> str:
+    if not name:
+        raise InvalidArgumentError("name is required")
+    return name
