@@ -5,10 +5,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GATEWAY := $(VENV)/bin/gateway
 STAMP := $(VENV)/.installed
+NODE_DIR := tests/interop/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 
-.PHONY: setup demo test serve lint proto certs models bench clean
+.PHONY: setup node-deps demo test serve lint proto certs models bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) node-deps
+
+# The stock Node gRPC client used by the interoperability tests, from the committed lock file (skipped, with a
+# message, where npm is absent; the tests that need it then skip too).
+node-deps:
+	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(NODE_STAMP); \
+	else echo "npm not found: skipping $(NODE_DIR) (its interoperability test will be skipped)"; fi
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix $(NODE_DIR)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,4 +56,4 @@ bench: setup certs models
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) certs/*.crt certs/*.key certs/*.pem certs/*.pub certs/*.json certs/.ca models var
+	rm -rf $(VENV) $(NODE_DIR)/node_modules certs/*.crt certs/*.key certs/*.pem certs/*.pub certs/*.json certs/.ca models var

@@ -7,6 +7,7 @@ number, type and cardinality the stock client uses, and every method has its pat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -54,7 +55,9 @@ def describe(*modules: str) -> dict:
 
 @pytest.fixture(scope="module")
 def both() -> tuple[dict, dict]:
-    pytest.importorskip("tritonclient.grpc")  # a dev dependency: present wherever `make test` runs
+    # A dev dependency, present wherever `make test` runs; only looked up here: importing it would load its
+    # inference.* messages into this process, where the gateway's own must load.
+    assert importlib.util.find_spec("tritonclient") is not None, "tritonclient is not installed: run `make setup`"
     ours = describe("gateway._pb.inference.grpc_service_pb2")
     theirs = describe("tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2")
     return ours, theirs
