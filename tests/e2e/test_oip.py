@@ -295,3 +295,14 @@ def test_every_call_leaves_exactly_one_record(gw, client, bob):
         "RepositoryIndex",
     ]
     assert [r["code"] for r in records] == ["OK", "OK", "PERMISSION_DENIED", "NOT_FOUND", "INVALID_ARGUMENT", "OK"]
+
+
+def test_triton_rpcs_the_gateway_does_not_serve_are_unimplemented_after_authentication(gw):
+    channel = gw.channel("alice")
+    unload = channel.unary_unary(PREFIX + "RepositoryModelUnload")
+    anonymous = rpc_error(lambda: unload(b"", timeout=TIMEOUT))
+    refused = rpc_error(lambda: unload(b"", metadata=auth(gw.token()), timeout=TIMEOUT))
+    channel.close()
+    assert anonymous.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert [r["code"] for r in gw.audit_records()] == ["UNAUTHENTICATED", "UNIMPLEMENTED"]
