@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-certs: certs/ca.crt
-certs/ca.crt: scripts/gen_certs.sh | $(STAMP)
+certs: certs/signing/ca.crt
+certs/signing/ca.crt: scripts/gen_certs.sh | $(STAMP)
 	scripts/gen_certs.sh --force certs alice bob mallory
 
 models: models/mlp/2/model.onnx
@@ -42,7 +42,7 @@ test: setup certs models
 	$(PY) -m pytest -q
 
 serve: setup certs models
-	$(GATEWAY) serve --certs certs --models models --policies policies --audit-log var/audit/audit.log
+	$(GATEWAY) serve --certs certs/server --models models --policies policies --audit-log var/audit/audit.log
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -56,4 +56,5 @@ bench: setup certs models
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(NODE_DIR)/node_modules certs/*.crt certs/*.key certs/*.pem certs/*.pub certs/*.json certs/.ca models var
+	find certs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf $(VENV) $(NODE_DIR)/node_modules models var

@@ -32,7 +32,7 @@ class LoadSpec:
     features: int
     measure_from: float
     measure_until: float
-    certs: str | None = None
+    certs: str | None = None  # a folder written by scripts/gen_certs.sh; None: plaintext
     client: str = "alice"
     token: str | None = None
     connections: int = 1  # TCP connections of this process; the in-flight calls are spread over them
@@ -54,13 +54,17 @@ def _channel(spec: LoadSpec) -> grpc.aio.Channel:
     ]
     if spec.certs is None:
         return grpc.aio.insecure_channel(spec.target, options=options)
-    certs = Path(spec.certs)
-    credentials = grpc.ssl_channel_credentials(
-        (certs / "ca.crt").read_bytes(),
-        (certs / f"{spec.client}.key").read_bytes(),
-        (certs / f"{spec.client}.crt").read_bytes(),
+    return grpc.aio.secure_channel(spec.target, client_credentials(Path(spec.certs), spec.client), options=options)
+
+
+def client_credentials(certs: Path, client: str) -> grpc.ChannelCredentials:
+    """Mutual TLS as ``client``, from its folder in a gen_certs.sh set."""
+    folder = certs / "clients" / client
+    return grpc.ssl_channel_credentials(
+        (folder / "ca.crt").read_bytes(),
+        (folder / f"{client}.key").read_bytes(),
+        (folder / f"{client}.crt").read_bytes(),
     )
-    return grpc.aio.secure_channel(spec.target, credentials, options=options)
 
 
 async def _unary_worker(stub: Any, request: Any, metadata: Any, spec: LoadSpec, latencies: list[float]) -> int:

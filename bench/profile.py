@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=float, default=4.0)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--certs", type=Path, default=ROOT / "certs")
+    parser.add_argument("--certs", type=Path, default=ROOT / "certs", help="a folder written by scripts/gen_certs.sh")
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     args = parser.parse_args(argv)
     oplog.configure(fmt="json", level="warning")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         policies.mkdir()
         (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))
         overrides = {
-            **certs_dir_overrides(args.certs),
+            **certs_dir_overrides(args.certs / "server"),
             "listen": "127.0.0.1:0",
             "models.repository": args.models,
             "policies.directory": policies,

@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 import yaml
 
-from bench.load import LoadSpec, run_client
+from bench.load import LoadSpec, client_credentials, run_client
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -162,10 +162,7 @@ def cpu_seconds(pid: int) -> float:
 
 def wait_ready(target: str, certs: Path | None, timeout_s: float = 60) -> None:
     if certs:
-        credentials = grpc.ssl_channel_credentials(
-            (certs / "ca.crt").read_bytes(), (certs / "alice.key").read_bytes(), (certs / "alice.crt").read_bytes()
-        )
-        channel = grpc.secure_channel(target, credentials)
+        channel = grpc.secure_channel(target, client_credentials(certs, "alice"))
     else:
         channel = grpc.insecure_channel(target)
     with channel:
@@ -191,6 +188,7 @@ def make_echo_model(path: Path) -> None:
 
 def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: Path) -> None:
     """Start each server target as a subprocess on its own loopback port."""
+    server_certs = certs / "server"  # the server's folder of the gen_certs.sh set, all a server reads
     policies = workdir / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))
@@ -214,7 +212,7 @@ def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: 
                 "--port",
                 str(target.port),
             ]
-            command += ["--certs", str(certs)] if target.secure else []
+            command += ["--certs", str(server_certs)] if target.secure else []
             command += ["--tuned"] if target.tuned else []
         else:
             config = workdir / f"gateway-{target.key}.yaml"
@@ -222,7 +220,8 @@ def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: 
             command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--models", str(models)]
             command += ["--listen", f"127.0.0.1:{target.port}", "--policies", str(policies)]
             command += ["--audit-log", str(workdir / f"audit-{target.key}" / "audit.log")]
-            command += ["--certs", str(certs)] if target.secure else ["--dev", "insecure_transport", "--dev", "no_auth"]
+            dev = ["--dev", "insecure_transport", "--dev", "no_auth"]
+            command += ["--certs", str(server_certs)] if target.secure else dev
         log = (workdir / f"server-{target.key}.log").open("wb")
         target.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=workdir, env=env)
         wait_ready(f"127.0.0.1:{target.port}", certs if target.secure else None)
@@ -243,15 +242,15 @@ def issue_token(certs: Path) -> str:
     from gateway.auth.issuer import issue_token as issue
     from gateway.auth.keys import kid_from_jwks
 
-    key = (certs / "jwt-signing.key").read_bytes()
+    key = (certs / "signing" / "jwt-signing.key").read_bytes()
     return issue(
         private_key_pem=key,
         sub="alice",
-        kid=kid_from_jwks(certs / "jwks.json", key),
+        kid=kid_from_jwks(certs / "signing" / "jwks.json", key),
         iss="https://gateway.local",
         aud="gateway",
         ttl_s=6 * 3600,
-        bind_cert_pem=(certs / "alice.crt").read_bytes(),
+        bind_cert_pem=(certs / "clients" / "alice" / "alice.crt").read_bytes(),
     )
 
 
@@ -456,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=4, help="connections per client process")
     parser.add_argument("--targets", default=SWEEP, help=f"comma-separated, of {', '.join(TARGETS)}")
     parser.add_argument("--no-extras", action="store_true", help="only the in-flight sweep")
-    parser.add_argument("--certs", type=Path, default=ROOT / "certs")
+    parser.add_argument("--certs", type=Path, default=ROOT / "certs", help="a folder written by scripts/gen_certs.sh")
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)

@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--certs", type=Path, help="mutual TLS with a gen_certs.sh folder")
+    parser.add_argument("--certs", type=Path, help="mutual TLS with the server folder of a gen_certs.sh set")
     parser.add_argument("--tuned", action="store_true", help="1 intra-op thread per session")
     args = parser.parse_args()
     limit = 64 * 1024 * 1024

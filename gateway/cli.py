@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="gateway.yaml")
     serve.add_argument("--listen", help="HOST:PORT")
-    serve.add_argument("--certs", help="a folder written by scripts/gen_certs.sh")
+    serve.add_argument("--certs", help="the server folder scripts/gen_certs.sh writes (certs/server)")
     serve.add_argument("--models", help="model repository folder")
     serve.add_argument("--policies", help="policy folder")
     serve.add_argument("--audit-log", help="audit trail path")

@@ -1,8 +1,8 @@
 """The Python SDK: ``gateway.Client`` (sync) and ``gateway.AsyncClient`` (grpc.aio), over mutual TLS with a
 JWT sent as call credentials, so a token never travels on a channel without TLS.
 
-    with gateway.Client("localhost:50051", ca="certs/ca.crt", cert="certs/alice.crt",
-                        key="certs/alice.key", token=token) as client:
+    with gateway.Client("localhost:50051", ca="certs/clients/alice/ca.crt", cert="certs/clients/alice/alice.crt",
+                        key="certs/clients/alice/alice.key", token=token) as client:
         result = client.predict("mlp", {"input": array})
 """
 

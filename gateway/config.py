@@ -256,9 +256,22 @@ def _merge(into: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def certs_dir_overrides(directory: Path) -> dict[str, Any]:
-    """The settings a folder written by ``scripts/gen_certs.sh`` provides (``--certs DIR``)."""
+    """The settings the server folder of ``scripts/gen_certs.sh`` provides (``--certs DIR``).
+
+    A folder that also holds signing keys is refused: the gateway never needs them, so it must not be handed them.
+    """
     if not directory.is_dir():
         raise ConfigError(f"--certs: {directory} is not a directory")
+    if not (directory / "server.crt").exists() and (directory / "server").is_dir():
+        raise ConfigError(
+            f"--certs: {directory} holds the whole set; give the gateway its own: --certs {directory}/server"
+        )
+    for name in ("ca.key", "jwt-signing.key"):
+        if (directory / name).exists():
+            raise ConfigError(
+                f"--certs: {directory} holds {name}, a signing key the gateway never needs; move it out "
+                "(scripts/gen_certs.sh keeps signing keys in signing/, apart from the server's folder)"
+            )
     overrides: dict[str, Any] = {
         "tls.cert": directory / "server.crt",
         "tls.key": directory / "server.key",

@@ -1,6 +1,7 @@
 """`make demo`: start the gateway over mutual TLS, make allowed and refused calls, stop it cleanly.
 
-Uses only the project's own tools: certificates from scripts/gen_certs.sh (certs/), models from
+Uses only the project's own tools: certificates from scripts/gen_certs.sh (certs/: the gateway gets certs/server
+alone, each client its folder under certs/clients, tokens are signed with certs/signing), models from
 scripts/make_demo_models.py (models/), tokens from `gateway token issue`, and the SDK.
 """
 
@@ -25,6 +26,7 @@ from gateway.auth.keys import kid_from_jwks
 
 ROOT = Path(__file__).resolve().parent.parent
 CERTS = ROOT / "certs"
+SERVER, SIGNING = CERTS / "server", CERTS / "signing"
 BIN = Path(sys.executable).parent
 
 
@@ -35,18 +37,18 @@ def free_port() -> int:
 
 
 def token_for(sub: str, *, bind: str | None = None, **kwargs: object) -> str:
-    args = [str(BIN / "gateway"), "token", "issue", "--key", str(CERTS / "jwt-signing.key"), "--sub", sub]
+    args = [str(BIN / "gateway"), "token", "issue", "--key", str(SIGNING / "jwt-signing.key"), "--sub", sub]
     if bind:
-        args += ["--bind-cert", str(CERTS / f"{bind}.crt")]
+        args += ["--bind-cert", str(client_file(bind, "crt"))]
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def expired_token(sub: str) -> str:
-    key = (CERTS / "jwt-signing.key").read_bytes()
+    key = (SIGNING / "jwt-signing.key").read_bytes()
     return issue_token(
         private_key_pem=key,
         sub=sub,
-        kid=kid_from_jwks(CERTS / "jwks.json", key),
+        kid=kid_from_jwks(SIGNING / "jwks.json", key),
         iss="https://gateway.local",
         aud="gateway",
         ttl_s=600,
@@ -54,16 +56,24 @@ def expired_token(sub: str) -> str:
     )
 
 
+def client_file(name: str, kind: str) -> Path:
+    """A file of client ``name``'s folder: its ``crt``, its ``key``, or ``ca`` (the CA that signed the server)."""
+    return CERTS / "clients" / name / ("ca.crt" if kind == "ca" else f"{name}.{kind}")
+
+
 def client(name: str, token: str | None) -> gateway.Client:
     return gateway.Client(
-        TARGET, ca=CERTS / "ca.crt", cert=CERTS / f"{name}.crt", key=CERTS / f"{name}.key", token=token, timeout=10
+        TARGET,
+        ca=client_file(name, "ca"),
+        cert=client_file(name, "crt"),
+        key=client_file(name, "key"),
+        token=token,
+        timeout=10,
     )
 
 
 def wait_serving(target: str, deadline_s: float = 30.0) -> None:
-    creds = grpc.ssl_channel_credentials(
-        (CERTS / "ca.crt").read_bytes(), (CERTS / "alice.key").read_bytes(), (CERTS / "alice.crt").read_bytes()
-    )
+    creds = grpc.ssl_channel_credentials(*(client_file("alice", kind).read_bytes() for kind in ("ca", "key", "crt")))
     end = time.monotonic() + deadline_s
     with grpc.secure_channel(target, creds) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -107,7 +117,7 @@ def main() -> int:
             str(BIN / "gateway"),
             "serve",
             "--certs",
-            str(CERTS),
+            str(SERVER),
             "--models",
             str(ROOT / "models"),
             "--policies",
@@ -149,7 +159,7 @@ def main() -> int:
         code = server.wait(timeout=30)
     print(f"\ngateway stopped on SIGTERM with exit code {code}")
     verify = subprocess.run(
-        [str(BIN / "gateway"), "audit", "verify", str(audit_log), "--hmac-key", str(CERTS / "audit-hmac.key")],
+        [str(BIN / "gateway"), "audit", "verify", str(audit_log), "--hmac-key", str(SERVER / "audit-hmac.key")],
         capture_output=True,
         text=True,
     )
@@ -158,7 +168,7 @@ def main() -> int:
 
 
 def _no_cert_call() -> None:
-    creds = grpc.ssl_channel_credentials((CERTS / "ca.crt").read_bytes())
+    creds = grpc.ssl_channel_credentials(client_file("alice", "ca").read_bytes())
     with grpc.secure_channel(TARGET, creds) as channel:
         channel.unary_unary("/gateway.v1.InferenceService/ListModels")(b"", timeout=5)
 

@@ -6,10 +6,15 @@
 #   scripts/gen_certs.sh [--force] [OUTDIR (default certs)] [CLIENT... (default alice bob)]
 #   scripts/gen_certs.sh [--force] --client NAME [OUTDIR]   one more client certificate from the existing CA
 #   scripts/gen_certs.sh --server [OUTDIR]                  a fresh server key and certificate (rotation)
-#   scripts/gen_certs.sh --revoke NAME [OUTDIR]             revoke NAME.crt and re-sign crl.pem
+#   scripts/gen_certs.sh --revoke NAME [OUTDIR]             revoke client NAME and re-sign the server's crl.pem
 #
-# OUTDIR: ca.crt ca.key server.crt server.key NAME.crt NAME.key crl.pem jwt-signing.key jwt-signing.pub jwks.json
-# audit-hmac.key, and .ca/ (the CA database behind crl.pem). Private keys are mode 0600.
+# OUTDIR holds one folder per party, each with only what that party needs (least privilege):
+#   server/        what `gateway serve --certs OUTDIR/server` reads, and nothing else: server.crt server.key,
+#                  ca.crt (the client CA), crl.pem, jwks.json (public keys only), audit-hmac.key. Mount this one.
+#   clients/NAME/  what client NAME needs: NAME.crt NAME.key, and ca.crt to check the server.
+#   signing/       stays with whoever issues certificates and tokens, never on the server: ca.key ca.crt,
+#                  jwt-signing.key jwt-signing.pub jwks.json, and .ca/ (the CA database behind crl.pem).
+# Private keys are mode 0600, every folder 0700, certificates and public files 0644.
 #   - CA, server and client keys: ECDSA P-256. 128-bit security, small certificates and fast TLS handshakes; every
 #     TLS stack grpc uses supports it. The CA is pathlen:0 (no intermediates) and valid 10 years; leaves 825 days.
 #   - Client certificates: CN=NAME, SAN URI spiffe://gateway.local/client/NAME, EKU clientAuth only.
@@ -17,7 +22,8 @@
 #     ECDSA keys never encipher (keyEncipherment is for RSA key transport, absent from TLS 1.3).
 #   - JWT key: RSA 3072, e=65537, RS256: the one JWS algorithm every JWT library verifies, a deterministic signature
 #     (no per-signature nonce to get wrong), cheap verification; 3072 bits per NIST SP 800-57 beyond 2030.
-#     jwks.json holds its public key with kid = RFC 7638 thumbprint, computed here with openssl.
+#     jwks.json holds its public key with kid = RFC 7638 thumbprint, computed here with openssl; the copy in
+#     signing/ lets `gateway token issue` find the kid beside the key.
 #   - Serial numbers: 124 random bits (RFC 5280 4.1.2.2 allows 20 octets; CA/B Forum asks for 64+ random bits).
 #   - crl.pem: signed by the CA, nextUpdate 30 days; --revoke re-signs it and the gateway reloads it on change.
 # Files are written in a staging folder and renamed into place (key before certificate), so a reloading gateway
@@ -31,7 +37,8 @@ CERT_DAYS=825
 CRL_DAYS=30
 SPIFFE_PREFIX="spiffe://gateway.local/client"
 NAME_RE='^[a-z0-9][a-z0-9_-]{0,62}$'
-RESERVED_NAMES=" ca server jwt-signing audit-hmac crl jwks "  # client NAME.key must not clobber these files
+# A client's folder holds ca.crt beside NAME.crt; the other names would read as the set's own files.
+RESERVED_NAMES=" ca server jwt-signing audit-hmac crl jwks "
 
 die() {
     echo "gen_certs.sh: $*" >&2
@@ -76,12 +83,11 @@ fi
 
 check_name() {
     [[ $1 =~ $NAME_RE ]] || die "bad client name '$1' (lowercase letters, digits, '_' and '-', at most 63)"
-    [[ $RESERVED_NAMES != *" $1 "* ]] || die "client name '$1' is reserved (it would overwrite $1.key)"
+    [[ $RESERVED_NAMES != *" $1 "* ]] || die "client name '$1' is reserved (the name of one of the set's own files)"
 }
 case $mode in
     all) for client in "${clients[@]}"; do check_name "$client"; done ;;
-    client) check_name "$name" ;;
-    revoke) [[ $name =~ $NAME_RE && $name != ca ]] || die "bad certificate name '$name'" ;;
+    client | revoke) check_name "$name" ;;
 esac
 
 version=$("$OPENSSL" version 2>/dev/null) || die "cannot run '$OPENSSL' (install OpenSSL or set OPENSSL=/path/to/openssl)"
@@ -96,6 +102,7 @@ out=$(cd -- "$out" && pwd)
 # The path is written into an openssl config file, where these characters have meaning.
 case $out in *[\$\#\"\\]* | *$'\n'*) die "output folder path must not contain \$ # \" \\ or newlines: $out" ;; esac
 
+server_dir=$out/server signing_dir=$out/signing clients_dir=$out/clients
 stage=$(mktemp -d "$out/.gen_certs.XXXXXX")
 trap 'rm -rf -- "$stage"' EXIT
 
@@ -141,19 +148,24 @@ issue() { # KEY CERT SUBJECT EXTENSIONS CA_DIR: CERT for KEY, signed by the CA i
     rm -f "$stage/req.csr" "$stage/ext.cnf"
 }
 
-issue_client() { # NAME CA_DIR: $stage/NAME.key and $stage/NAME.crt
-    new_key "$stage/$1.key"
-    issue "$stage/$1.key" "$stage/$1.crt" "/CN=$1" "basicConstraints=critical,CA:FALSE
+issue_client() { # NAME CA_DIR: $stage/clients/NAME/ with NAME.key, NAME.crt and a copy of the CA certificate
+    local dir=$stage/clients/$1
+    mkdir -p "$dir"
+    new_key "$dir/$1.key"
+    issue "$dir/$1.key" "$dir/$1.crt" "/CN=$1" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=clientAuth
 subjectAltName=URI:$SPIFFE_PREFIX/$1
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid" "$2"
+    cp -- "$2/ca.crt" "$dir/ca.crt"
+    chmod 644 "$dir/ca.crt"
 }
 
-issue_server() { # CA_DIR: $stage/server.key and $stage/server.crt
-    new_key "$stage/server.key"
-    issue "$stage/server.key" "$stage/server.crt" "/CN=localhost" "basicConstraints=critical,CA:FALSE
+issue_server() { # CA_DIR: $stage/server/server.key and $stage/server/server.crt
+    mkdir -p "$stage/server"
+    new_key "$stage/server/server.key"
+    issue "$stage/server/server.key" "$stage/server/server.crt" "/CN=localhost" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
 subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1
@@ -180,98 +192,106 @@ authorityKeyIdentifier = keyid:always
 CNF
 }
 
-sign_crl() { # CA_DIR DB_DIR: $stage/crl.pem listing the revoked entries of DB_DIR
+sign_crl() { # CA_DIR DB_DIR: $stage/server/crl.pem listing the revoked entries of DB_DIR
     ca_config "$1" "$2"
-    ossl ca -config "$stage/ca.cnf" -gencrl -out "$stage/crl.pem"
-    chmod 644 "$stage/crl.pem"
+    mkdir -p "$stage/server"
+    ossl ca -config "$stage/ca.cnf" -gencrl -out "$stage/server/crl.pem"
+    chmod 644 "$stage/server/crl.pem"
 }
 
-publish() { # NAME...: move staged files into OUTDIR; callers list a key before its certificate
+publish() { # PATH...: move staged files (paths below OUTDIR) into place; callers list a key before its certificate
     local file
-    for file in "$@"; do mv -f -- "$stage/$file" "$out/$file"; done
+    for file in "$@"; do
+        mkdir -p -- "$out/$(dirname -- "$file")"
+        mv -f -- "$stage/$file" "$out/$file"
+    done
 }
 
 need_ca() {
-    [ -f "$out/ca.key" ] && [ -f "$out/ca.crt" ] && [ -f "$out/.ca/index.txt" ] ||
-        die "no CA in $out (run scripts/gen_certs.sh $out first)"
+    [ -f "$signing_dir/ca.key" ] && [ -f "$signing_dir/ca.crt" ] && [ -f "$signing_dir/.ca/index.txt" ] ||
+        die "no CA in $signing_dir (run scripts/gen_certs.sh $out first)"
 }
 
 # --- one more client, a new server certificate, a revocation ---------------------------------------------------
 case $mode in
     client)
         need_ca
-        if [ -e "$out/$name.key" ] && [ $force -eq 0 ]; then
-            die "$out/$name.key exists; refusing to replace it (use --force, and --revoke the old certificate)"
+        if [ -e "$clients_dir/$name/$name.key" ] && [ $force -eq 0 ]; then
+            die "$clients_dir/$name/$name.key exists; refusing to replace it (use --force, and --revoke the old certificate)"
         fi
-        issue_client "$name" "$out"
-        publish "$name.key" "$name.crt"
-        echo "gen_certs.sh: client $name ($SPIFFE_PREFIX/$name) in $out"
+        issue_client "$name" "$signing_dir"
+        publish "clients/$name/$name.key" "clients/$name/$name.crt" "clients/$name/ca.crt"
+        echo "gen_certs.sh: client $name ($SPIFFE_PREFIX/$name) in $clients_dir/$name"
         exit 0 ;;
     server)
         need_ca
-        issue_server "$out"
-        publish server.key server.crt
-        echo "gen_certs.sh: new server certificate in $out"
+        issue_server "$signing_dir"
+        publish server/server.key server/server.crt
+        echo "gen_certs.sh: new server certificate in $server_dir"
         exit 0 ;;
     revoke)
         need_ca
-        [ -f "$out/$name.crt" ] || die "no certificate $out/$name.crt"
+        crt=$clients_dir/$name/$name.crt
+        [ -f "$crt" ] || die "no certificate $crt"
         # Only a certificate this CA issued belongs on its CRL (serial numbers are unique per issuer only).
-        ossl verify -no_check_time -CAfile "$out/ca.crt" "$out/$name.crt" >/dev/null
-        serial_hex=$(ossl x509 -in "$out/$name.crt" -noout -serial)
+        ossl verify -no_check_time -CAfile "$signing_dir/ca.crt" "$crt" >/dev/null
+        serial_hex=$(ossl x509 -in "$crt" -noout -serial)
         serial_hex=${serial_hex#serial=}
-        ca_config "$out" "$out/.ca"
+        ca_config "$signing_dir" "$signing_dir/.ca"
         if awk -F'\t' -v s="$serial_hex" '$1 == "R" && $4 == s { found = 1 } END { exit !found }' \
-            "$out/.ca/index.txt"; then
+            "$signing_dir/.ca/index.txt"; then
             note="already revoked"  # idempotent: a rerun after a failed CRL write still re-signs it
         else
-            ossl ca -config "$stage/ca.cnf" -revoke "$out/$name.crt"
+            ossl ca -config "$stage/ca.cnf" -revoke "$crt"
             note="revoked"
         fi
-        sign_crl "$out" "$out/.ca"
-        publish crl.pem
-        echo "gen_certs.sh: $name (serial $serial_hex) $note; crl.pem re-signed in $out"
+        sign_crl "$signing_dir" "$signing_dir/.ca"
+        publish server/crl.pem
+        echo "gen_certs.sh: $name (serial $serial_hex) $note; $server_dir/crl.pem re-signed"
         exit 0 ;;
 esac
 
 # --- a whole new set ---------------------------------------------------------------------------------------------
-if [ -e "$out/ca.key" ] && [ $force -eq 0 ]; then
-    die "$out/ca.key exists; refusing to replace the CA (use --force to make a new CA and everything it signed)"
+if [ -e "$signing_dir/ca.key" ] && [ $force -eq 0 ]; then
+    die "$signing_dir/ca.key exists; refusing to replace the CA (use --force to make a new CA and everything it signed)"
 fi
 
-mkdir "$stage/.ca"
-: >"$stage/.ca/index.txt"
-echo 01 >"$stage/.ca/crlnumber"
+ca=$stage/signing
+mkdir -p "$ca/.ca"
+: >"$ca/.ca/index.txt"
+echo 01 >"$ca/.ca/crlnumber"
 
-new_key "$stage/ca.key"
+new_key "$ca/ca.key"
 # A random suffix tells CAs made by different runs apart in logs and error messages.
 ca_tag=$(ossl rand -hex 4)
 ca_serial=$(serial)
-ossl req -x509 -new -key "$stage/ca.key" -subj "/CN=gateway CA $ca_tag" -days "$CA_DAYS" -sha256 \
+ossl req -x509 -new -key "$ca/ca.key" -subj "/CN=gateway CA $ca_tag" -days "$CA_DAYS" -sha256 \
     -set_serial "$ca_serial" \
     -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
     -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -addext "subjectKeyIdentifier=hash" \
-    -out "$stage/ca.crt"
-chmod 644 "$stage/ca.crt"
+    -out "$ca/ca.crt"
+chmod 644 "$ca/ca.crt"
 
-issue_server "$stage"
-for client in "${clients[@]}"; do issue_client "$client" "$stage"; done
-sign_crl "$stage" "$stage/.ca"
+issue_server "$ca"
+cp -- "$ca/ca.crt" "$stage/server/ca.crt"  # the client CA the server verifies callers against
+chmod 644 "$stage/server/ca.crt"
+for client in "${clients[@]}"; do issue_client "$client" "$ca"; done
+sign_crl "$ca" "$ca/.ca"
 
 ossl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -pkeyopt rsa_keygen_pubexp:65537 \
-    -out "$stage/jwt-signing.key"
-chmod 600 "$stage/jwt-signing.key"
-ossl pkey -in "$stage/jwt-signing.key" -pubout -out "$stage/jwt-signing.pub"
-chmod 644 "$stage/jwt-signing.pub"
+    -out "$ca/jwt-signing.key"
+chmod 600 "$ca/jwt-signing.key"
+ossl pkey -in "$ca/jwt-signing.key" -pubout -out "$ca/jwt-signing.pub"
+chmod 644 "$ca/jwt-signing.pub"
 
 # jwks.json (RFC 7517): n is the modulus, e is fixed at generation; kid is the RFC 7638 thumbprint, the SHA-256
 # of the required members in lexicographic order without whitespace.
-modulus=$(ossl rsa -pubin -in "$stage/jwt-signing.pub" -noout -modulus)
+modulus=$(ossl rsa -pubin -in "$ca/jwt-signing.pub" -noout -modulus)
 n=$(hex_to_b64url "${modulus#Modulus=}")
 e=AQAB
 kid=$(printf '{"e":"%s","kty":"RSA","n":"%s"}' "$e" "$n" | "$OPENSSL" dgst -sha256 -binary | b64url)
-cat >"$stage/jwks.json" <<JSON
+cat >"$ca/jwks.json" <<JSON
 {
   "keys": [
     {
@@ -285,18 +305,22 @@ cat >"$stage/jwks.json" <<JSON
   ]
 }
 JSON
-chmod 644 "$stage/jwks.json"
+chmod 644 "$ca/jwks.json"
+cp -- "$ca/jwks.json" "$stage/server/jwks.json"
+chmod 644 "$stage/server/jwks.json"
 
-ossl rand -hex 32 >"$stage/audit-hmac.key"
-chmod 600 "$stage/audit-hmac.key"
+ossl rand -hex 32 >"$stage/server/audit-hmac.key"
+chmod 600 "$stage/server/audit-hmac.key"
 
-rm -rf -- "$out/.ca"
-mv -- "$stage/.ca" "$out/.ca"
-keys=(ca.key server.key jwt-signing.key audit-hmac.key)
-certs=(ca.crt server.crt crl.pem jwt-signing.pub jwks.json)
+mkdir -p -- "$signing_dir"
+rm -rf -- "$signing_dir/.ca"
+mv -- "$ca/.ca" "$signing_dir/.ca"
+keys=(signing/ca.key signing/jwt-signing.key server/server.key server/audit-hmac.key)
+certs=(signing/ca.crt signing/jwt-signing.pub signing/jwks.json server/ca.crt server/server.crt server/crl.pem)
+certs+=(server/jwks.json)
 for client in "${clients[@]}"; do
-    keys+=("$client.key")
-    certs+=("$client.crt")
+    keys+=("clients/$client/$client.key")
+    certs+=("clients/$client/$client.crt" "clients/$client/ca.crt")
 done
 publish "${keys[@]}" "${certs[@]}"
-echo "gen_certs.sh: CA, server, clients (${clients[*]}), crl.pem, JWT keys, jwks.json, audit-hmac.key in $out"
+echo "gen_certs.sh: serve with --certs $server_dir; clients (${clients[*]}) in $clients_dir; CA and JWT signing keys in $signing_dir"

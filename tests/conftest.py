@@ -27,17 +27,31 @@ def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, env=env, timeout=120)
 
 
+SERVER_FILES = frozenset({"server.crt", "server.key", "ca.crt", "crl.pem", "jwks.json", "audit-hmac.key"})
+SIGNING_FILES = frozenset({"ca.key", "jwt-signing.key", "jwt-signing.pub"})
+
+
 @dataclass(frozen=True)
 class Pki:
-    """A folder written by gen_certs.sh."""
+    """A folder written by gen_certs.sh: server/, clients/NAME/ and signing/."""
 
     dir: Path
 
+    @property
+    def server_dir(self) -> Path:
+        """What ``gateway serve --certs`` takes."""
+        return self.dir / "server"
+
     def path(self, name: str) -> Path:
-        return self.dir / name
+        """Where the set keeps ``name``: the server's copy of ca.crt and jwks.json, a client's files in its folder."""
+        if name in SERVER_FILES:
+            return self.server_dir / name
+        if name in SIGNING_FILES:
+            return self.dir / "signing" / name
+        return self.dir / "clients" / name.split(".")[0] / name
 
     def read(self, name: str) -> bytes:
-        return (self.dir / name).read_bytes()
+        return self.path(name).read_bytes()
 
     def channel_credentials(self, client: str | None) -> grpc.ChannelCredentials:
         if client is None:
@@ -166,7 +180,7 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
         (policy_dir / "test.yaml").write_text(policy)
         audit_path = tmp_path / f"audit-{len(started)}" / "audit.log"
         settings_overrides: dict[str, Any] = {
-            **certs_dir_overrides(the_pki.dir),
+            **certs_dir_overrides(the_pki.server_dir),
             "listen": "127.0.0.1:0",
             "models.repository": models or demo_models,
             "policies.directory": policy_dir,

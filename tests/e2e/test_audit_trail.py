@@ -405,7 +405,7 @@ def test_sigkill_under_load_leaves_a_verifiable_chain_with_every_delivered_call(
             "--config",
             str(config),
             "--certs",
-            str(pki.dir),
+            str(pki.server_dir),
             "--models",
             str(demo_models),
             "--policies",

@@ -329,18 +329,19 @@ def test_token_issue_with_an_unreadable_key_exits_2(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--key", "{pki}/jwt-signing.pub", "--sub", "alice"], "jwt-signing.pub: not an unencrypted PEM private key"),
-        (["--key", "{pki}/ca.crt", "--sub", "alice"], "ca.crt: not an unencrypted PEM private key"),
-        (["--key", "{pki}/jwt-signing.key", "--sub", ""], "sub must be a non-empty string"),
-        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--ttl", "0"], "at least one second"),
-        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--bind-cert", "{pki}/alice.key"], "not a PEM or DER"),
-        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--scope", "read write"], "without whitespace"),
-        (["--key", "{pki}/jwt-signing.key", "--sub", "alice", "--group", ""], "non-empty string"),
+        (["--key", "{sig}/jwt-signing.pub", "--sub", "alice"], "jwt-signing.pub: not an unencrypted PEM private key"),
+        (["--key", "{sig}/ca.crt", "--sub", "alice"], "ca.crt: not an unencrypted PEM private key"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", ""], "sub must be a non-empty string"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--ttl", "0"], "at least one second"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--bind-cert", "{alice}/alice.key"], "not a PEM or DER"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--scope", "read write"], "without whitespace"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--group", ""], "non-empty string"),
     ],
     ids=["public-key", "certificate", "empty-sub", "zero-ttl", "key-as-bind-cert", "scope-with-space", "empty-group"],
 )
 def test_token_issue_with_bad_input_exits_2_without_a_traceback(pki, args, fragment):
-    result = run("token", "issue", *(a.format(pki=pki.dir) for a in args))
+    folders = {"sig": pki.path("jwt-signing.key").parent, "alice": pki.path("alice.key").parent}
+    result = run("token", "issue", *(a.format(**folders) for a in args))
     usage_error(result, fragment)
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
 

@@ -131,7 +131,7 @@ def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path
     policies.mkdir()
     args = [
         "--certs",
-        str(pki.dir),
+        str(pki.server_dir),
         "--models",
         str(demo_models),
         "--policies",
@@ -164,7 +164,7 @@ def serve_args(pki, demo_models: Path, tmp_path: Path, port: int) -> list[str]:
         "rules:\n  - id: all\n    effect: allow\n    principals: {subjects: [alice]}\n    models: ['*']\n    actions: '*'\n"
     )
     return [
-        *("--certs", str(pki.dir), "--models", str(demo_models), "--policies", str(policies)),
+        *("--certs", str(pki.server_dir), "--models", str(demo_models), "--policies", str(policies)),
         *("--listen", f"127.0.0.1:{port}", "--audit-log", str(tmp_path / "audit" / "audit.log")),
     ]
 
@@ -268,7 +268,7 @@ def test_unloadable_model_stops_a_strict_start_with_one_line_naming_the_file(pki
     config.write_text("models:\n  strict: true\n")
     result = run_serve(
         [
-            *("--config", str(config), "--certs", str(pki.dir), "--models", str(models)),
+            *("--config", str(config), "--certs", str(pki.server_dir), "--models", str(models)),
             *("--policies", str(policies), "--listen", "127.0.0.1:0", "--audit-log", str(tmp_path / "audit.log")),
         ],
         tmp_path,

@@ -91,6 +91,22 @@ def test_certs_dir_provides_tls_jwks_crl_and_audit_key(tmp_path):
     assert settings.tls.client_ca == tmp_path / "ca.crt"
 
 
+@pytest.mark.parametrize("signing_key", ["ca.key", "jwt-signing.key"])
+def test_certs_dir_holding_a_signing_key_is_refused(tmp_path, signing_key):
+    for name in ("server.crt", "server.key", "ca.crt", "jwks.json", signing_key):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ConfigError, match=rf"--certs: .* holds {signing_key}, a signing key the gateway never needs"):
+        certs_dir_overrides(tmp_path)
+
+
+def test_certs_dir_takes_the_server_folder_of_a_gen_certs_set(pki):
+    with pytest.raises(ConfigError, match=rf"holds the whole set; .*: --certs {pki.dir}/server$"):
+        certs_dir_overrides(pki.dir)
+    overrides = certs_dir_overrides(pki.server_dir)
+    assert overrides["tls.key"] == pki.path("server.key") and overrides["auth.jwks"] == pki.path("jwks.json")
+    assert overrides["audit.hmac_key_file"] == pki.path("audit-hmac.key")
+
+
 def test_the_example_gateway_yaml_holds_every_option_with_its_default():
     from gateway.config import Settings
 

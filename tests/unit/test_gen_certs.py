@@ -28,26 +28,35 @@ from gateway.auth.certs import inspect_peer, load_crl, validate_server_pair
 from gateway.auth.issuer import issue_token
 from gateway.auth.keys import KeyStore, jwk_kid, kid_from_jwks, load_jwks
 from gateway.auth.verifier import TokenVerifier
+from tests.conftest import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gen_certs.sh"
 CLIENTS = ("alice", "bob")
-KEYS = {"ca.key", "server.key", "alice.key", "bob.key", "jwt-signing.key", "audit-hmac.key"}
 E = TypeVar("E", bound=x509.ExtensionType)
-PUBLIC = {"ca.crt", "server.crt", "alice.crt", "bob.crt", "crl.pem", "jwt-signing.pub", "jwks.json"}
+# Each party's folder and what it holds: the server and the clients never get a signing key.
+SERVER = {"server.crt", "server.key", "ca.crt", "crl.pem", "jwks.json", "audit-hmac.key"}
+SIGNING = {"ca.crt", "ca.key", "jwt-signing.key", "jwt-signing.pub", "jwks.json"}
+LAYOUT = {
+    "server": SERVER,
+    "signing": SIGNING,
+    **{f"clients/{name}": {f"{name}.crt", f"{name}.key", "ca.crt"} for name in CLIENTS},
+}
+KEYS = {"signing/ca.key", "signing/jwt-signing.key", "server/server.key", "server/audit-hmac.key"}
+KEYS |= {f"clients/{name}/{name}.key" for name in CLIENTS}
+PUBLIC = {f"{folder}/{name}" for folder, names in LAYOUT.items() for name in names} - KEYS
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def gen_certs(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def gen_certs(*args: str | Path | Pki, check: bool = True) -> subprocess.CompletedProcess[str]:
     # The script needs no Python; PYTHON is set as the Makefile does, to show it is not relied upon either way.
     env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(
-        [str(SCRIPT), *map(str, args)], check=check, capture_output=True, text=True, env=env, timeout=60
-    )
+    argv = [str(SCRIPT), *(str(a.dir if isinstance(a, Pki) else a) for a in args)]
+    return subprocess.run(argv, check=check, capture_output=True, text=True, env=env, timeout=60)
 
 
-def cert(directory: Path, name: str) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes())
+def cert(pki: Pki, name: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pki.read(f"{name}.crt"))
 
 
 def ext(certificate: x509.Certificate, kind: type[E]) -> x509.Extension[E]:
@@ -58,54 +67,60 @@ def spki(key: PublicKeyTypes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (the .ca database included), by relative path."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+def snapshot(pki: Pki) -> dict[str, bytes]:
+    """Every file of the set (the .ca database included), by relative path."""
+    return {str(p.relative_to(pki.dir)): p.read_bytes() for p in sorted(pki.dir.rglob("*")) if p.is_file()}
 
 
-def validate_server(directory: Path) -> None:
-    validate_server_pair(
-        (directory / "server.crt").read_bytes(),
-        (directory / "server.key").read_bytes(),
-        (directory / "ca.crt").read_bytes(),
-        SERVER_NAMES,
-    )
+def validate_server(pki: Pki) -> None:
+    validate_server_pair(pki.read("server.crt"), pki.read("server.key"), pki.read("ca.crt"), SERVER_NAMES)
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("pki") / "certs"  # not there yet: the script makes it
     result = gen_certs(directory, *CLIENTS)
     assert result.stdout.count("\n") == 1 and result.stderr == ""  # quiet: one summary line
-    return directory
+    assert f"--certs {directory}/server" in result.stdout  # it says what to hand the gateway
+    return Pki(directory)
 
 
 @pytest.fixture(scope="module")
-def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("other")
     gen_certs(directory, "eve")
-    return directory
+    return Pki(directory)
 
 
 @pytest.fixture
-def pki_copy(pki: Path, tmp_path: Path) -> Path:
+def pki_copy(pki: Pki, tmp_path: Path) -> Pki:
     target = tmp_path / "copy"
-    shutil.copytree(pki, target)
-    return target
+    shutil.copytree(pki.dir, target)
+    return Pki(target)
 
 
-def test_writes_the_documented_files_and_nothing_else(pki):
-    names = {p.name for p in pki.iterdir()}
-    assert names == KEYS | PUBLIC | {".ca"}
+def test_each_party_gets_a_folder_with_only_what_it_needs(pki):
+    folders = {str(p.relative_to(pki.dir)) for p in pki.dir.rglob("*") if p.is_dir() and ".ca" not in p.parts}
+    assert folders == {"server", "signing", "clients", *LAYOUT}
+    for folder, names in LAYOUT.items():
+        assert {p.name for p in (pki.dir / folder).iterdir()} == names | ({".ca"} if folder == "signing" else set())
+    assert {p.name for p in pki.dir.iterdir()} == {"server", "signing", "clients"}
 
 
-def test_private_keys_are_mode_0600_and_public_files_world_readable_not_writable(pki):
+def test_copies_of_the_ca_certificate_and_the_jwks_are_the_same(pki):
+    ca = (pki.dir / "signing" / "ca.crt").read_bytes()
+    assert {(pki.dir / folder / "ca.crt").read_bytes() for folder in LAYOUT} == {ca}
+    assert (pki.dir / "signing" / "jwks.json").read_bytes() == (pki.dir / "server" / "jwks.json").read_bytes()
+
+
+def test_private_keys_are_mode_0600_folders_0700_and_public_files_world_readable_not_writable(pki):
     for name in KEYS:
-        assert stat.S_IMODE((pki / name).stat().st_mode) == 0o600, name
+        assert stat.S_IMODE((pki.dir / name).stat().st_mode) == 0o600, name
     for name in PUBLIC:
-        mode = stat.S_IMODE((pki / name).stat().st_mode)
+        mode = stat.S_IMODE((pki.dir / name).stat().st_mode)
         assert mode & 0o444 == 0o444 and mode & 0o022 == 0, name
-    assert stat.S_IMODE((pki / ".ca").stat().st_mode) & 0o077 == 0
+    for folder in (pki.dir, pki.dir / "clients", pki.dir / "signing" / ".ca", *(pki.dir / f for f in LAYOUT)):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
 def test_ca_is_a_critical_pathlen_zero_ca_that_signs_certificates_and_crls_only(pki):
@@ -152,7 +167,7 @@ def test_gateway_accepts_the_server_pair_for_localhost_and_loopback(pki):
 
 @pytest.mark.parametrize("client", CLIENTS)
 def test_gateway_takes_the_client_identity_from_its_spiffe_id(pki, client):
-    peer = inspect_peer((pki / f"{client}.crt").read_bytes())
+    peer = inspect_peer(pki.read(f"{client}.crt"))
     assert peer.identity == f"spiffe://gateway.local/client/{client}"
     assert peer.serial == cert(pki, client).serial_number and peer.issuer == cert(pki, "ca").subject
 
@@ -168,7 +183,7 @@ def test_leaf_is_signed_by_the_ca_with_its_key_for_about_825_days(pki, name):
     assert (
         ext(leaf, x509.AuthorityKeyIdentifier).value.key_identifier == ext(ca, x509.SubjectKeyIdentifier).value.digest
     )
-    key = serialization.load_pem_private_key((pki / f"{name}.key").read_bytes(), password=None)
+    key = serialization.load_pem_private_key(pki.read(f"{name}.key"), password=None)
     assert spki(key.public_key()) == spki(leaf.public_key())
 
 
@@ -180,7 +195,7 @@ def test_serial_numbers_are_positive_distinct_and_carry_at_least_64_random_bits(
 
 def test_empty_crl_is_signed_by_the_ca_and_names_it(pki):
     ca = cert(pki, "ca")
-    crl = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+    crl = x509.load_pem_x509_crl(pki.path("crl.pem").read_bytes())
     assert crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
     assert len(crl) == 0
     assert crl.next_update_utc is not None and crl.next_update_utc > datetime.now(UTC)
@@ -190,12 +205,12 @@ def test_empty_crl_is_signed_by_the_ca_and_names_it(pki):
 
 
 def test_gateway_loads_the_empty_crl_as_signed_by_the_ca(pki):
-    crl = load_crl(pki / "crl.pem", pki / "ca.crt")
+    crl = load_crl(pki.path("crl.pem"), pki.path("ca.crt"))
     assert crl.serials == frozenset() and crl.issuer == cert(pki, "ca").subject
 
 
 def test_jwks_publishes_the_signing_key_with_its_rfc7638_thumbprint_as_kid(pki):
-    document = json.loads((pki / "jwks.json").read_text())
+    document = json.loads(pki.path("jwks.json").read_text())
     (jwk,) = document["keys"]
     assert {k: jwk[k] for k in ("kty", "use", "alg")} == {"kty": "RSA", "use": "sig", "alg": "RS256"}
     canonical = json.dumps({"e": jwk["e"], "kty": "RSA", "n": jwk["n"]}, separators=(",", ":"), sort_keys=True)
@@ -204,8 +219,8 @@ def test_jwks_publishes_the_signing_key_with_its_rfc7638_thumbprint_as_kid(pki):
     (published,) = jwt.PyJWKSet.from_dict(document).keys
     assert published.key_id == thumbprint and published.algorithm_name == "RS256"
 
-    public = serialization.load_pem_public_key((pki / "jwt-signing.pub").read_bytes())
-    private = serialization.load_pem_private_key((pki / "jwt-signing.key").read_bytes(), password=None)
+    public = serialization.load_pem_public_key(pki.path("jwt-signing.pub").read_bytes())
+    private = serialization.load_pem_private_key(pki.path("jwt-signing.key").read_bytes(), password=None)
     assert isinstance(public, rsa.RSAPublicKey) and isinstance(private, rsa.RSAPrivateKey)
     assert published.key.public_numbers() == public.public_numbers() == private.public_key().public_numbers()
     assert public.key_size >= 3072
@@ -214,26 +229,26 @@ def test_jwks_publishes_the_signing_key_with_its_rfc7638_thumbprint_as_kid(pki):
 
 
 def test_gateway_loads_the_jwks_with_the_signing_key_pinned_to_rs256(pki):
-    public = serialization.load_pem_public_key((pki / "jwt-signing.pub").read_bytes())
+    public = serialization.load_pem_public_key(pki.path("jwt-signing.pub").read_bytes())
     assert isinstance(public, rsa.RSAPublicKey)
-    [(kid, key)] = load_jwks(pki / "jwks.json", allowed_algorithms=["RS256"]).keys.items()
+    [(kid, key)] = load_jwks(pki.path("jwks.json"), allowed_algorithms=["RS256"]).keys.items()
     assert kid == key.kid == jwk_kid(public)  # the kid issue_token puts in its header by default
     assert key.algorithms == {"RS256"}
     assert key.key.public_numbers() == public.public_numbers()
-    assert kid_from_jwks(pki / "jwks.json", (pki / "jwt-signing.key").read_bytes()) == kid
+    assert kid_from_jwks(pki.path("jwks.json"), pki.path("jwt-signing.key").read_bytes()) == kid
 
 
 def test_token_signed_with_the_script_key_verifies_against_its_jwks_bound_to_the_client(pki):
-    alice_pem = (pki / "alice.crt").read_bytes()
+    alice_pem = pki.path("alice.crt").read_bytes()
     token = issue_token(
-        private_key_pem=(pki / "jwt-signing.key").read_bytes(),
+        private_key_pem=pki.path("jwt-signing.key").read_bytes(),
         sub="alice",
         iss="https://gw",
         aud="gateway",
         bind_cert_pem=alice_pem,
     )
     verifier = TokenVerifier(
-        keys=KeyStore(pki / "jwks.json", interval_s=0, allowed_algorithms=["RS256"]),
+        keys=KeyStore(pki.path("jwks.json"), interval_s=0, allowed_algorithms=["RS256"]),
         issuer="https://gw",
         audience="gateway",
     )
@@ -242,9 +257,9 @@ def test_token_signed_with_the_script_key_verifies_against_its_jwks_bound_to_the
 
 
 def test_audit_hmac_key_is_32_random_bytes_in_hex(pki, other_pki):
-    key = (pki / "audit-hmac.key").read_text().strip()
+    key = pki.path("audit-hmac.key").read_text().strip()
     assert re.fullmatch(r"[0-9a-f]{64}", key)  # 32 bytes, lowercase hex, nothing else
-    assert key != (other_pki / "audit-hmac.key").read_text().strip()
+    assert key != other_pki.path("audit-hmac.key").read_text().strip()
 
 
 def test_existing_ca_is_not_overwritten_without_force(pki):
@@ -260,33 +275,38 @@ def test_force_makes_a_new_ca_and_reissues_everything(pki, pki_copy):
     gen_certs("--force", pki_copy, "carol")
     new_ca = cert(pki_copy, "ca")
     assert spki(new_ca.public_key()) != spki(old_ca.public_key())
-    assert (pki_copy / "jwks.json").read_bytes() != (pki / "jwks.json").read_bytes()
+    assert pki_copy.path("jwks.json").read_bytes() != pki.path("jwks.json").read_bytes()
     for name in ("server", "carol"):
         cert(pki_copy, name).verify_directly_issued_by(new_ca)
-    assert stat.S_IMODE((pki_copy / "carol.key").stat().st_mode) == 0o600
-    assert load_crl(pki_copy / "crl.pem", pki_copy / "ca.crt").serials == frozenset()  # a fresh CRL from the new CA
-    assert not [p for p in pki_copy.iterdir() if p.name.startswith(".gen_certs")]  # staging folder cleaned up
+    assert stat.S_IMODE(pki_copy.path("carol.key").stat().st_mode) == 0o600
+    # A fresh CRL from the new CA, and the new CA certificate in each folder.
+    assert load_crl(pki_copy.path("crl.pem"), pki_copy.path("ca.crt")).serials == frozenset()
+    assert (pki_copy.dir / "clients" / "carol" / "ca.crt").read_bytes() == pki_copy.read("ca.crt")
+    assert not [p for p in pki_copy.dir.iterdir() if p.name.startswith(".gen_certs")]  # staging folder cleaned up
 
 
 def test_client_adds_a_certificate_from_the_existing_ca_and_leaves_the_rest(pki_copy):
-    before = {name: (pki_copy / name).read_bytes() for name in KEYS | PUBLIC}
+    before = {name: (pki_copy.dir / name).read_bytes() for name in KEYS | PUBLIC}
     result = gen_certs("--client", "dave", pki_copy)
     assert result.stdout.count("\n") == 1
     dave = cert(pki_copy, "dave")
     dave.verify_directly_issued_by(cert(pki_copy, "ca"))
     uris = ext(dave, x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
     assert uris == ["spiffe://gateway.local/client/dave"]
-    assert stat.S_IMODE((pki_copy / "dave.key").stat().st_mode) == 0o600
-    assert {name: (pki_copy / name).read_bytes() for name in KEYS | PUBLIC} == before
+    assert stat.S_IMODE(pki_copy.path("dave.key").stat().st_mode) == 0o600
+    folder = pki_copy.dir / "clients" / "dave"
+    assert {p.name for p in folder.iterdir()} == {"dave.crt", "dave.key", "ca.crt"}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and (folder / "ca.crt").read_bytes() == pki_copy.read("ca.crt")
+    assert {name: (pki_copy.dir / name).read_bytes() for name in KEYS | PUBLIC} == before
 
 
 def test_client_refuses_to_replace_an_existing_client_key_without_force(pki_copy):
-    before = (pki_copy / "alice.key").read_bytes()
+    before = pki_copy.path("alice.key").read_bytes()
     result = gen_certs("--client", "alice", pki_copy, check=False)
     assert result.returncode == 1 and "alice.key exists" in result.stderr
-    assert (pki_copy / "alice.key").read_bytes() == before
+    assert pki_copy.path("alice.key").read_bytes() == before
     gen_certs("--force", "--client", "alice", pki_copy)
-    assert (pki_copy / "alice.key").read_bytes() != before
+    assert pki_copy.path("alice.key").read_bytes() != before
 
 
 def test_client_with_a_bad_name_is_refused_and_changes_nothing(pki_copy):
@@ -313,17 +333,17 @@ def test_reserved_or_malformed_client_names_are_refused_before_anything_is_writt
 def test_revoke_puts_the_serial_on_a_crl_that_verifies_against_the_ca(pki_copy):
     ca, alice, bob = cert(pki_copy, "ca"), cert(pki_copy, "alice"), cert(pki_copy, "bob")
     gen_certs("--revoke", "alice", pki_copy)
-    crl = x509.load_pem_x509_crl((pki_copy / "crl.pem").read_bytes())
+    crl = x509.load_pem_x509_crl(pki_copy.path("crl.pem").read_bytes())
     assert crl.is_signature_valid(ca.public_key()) and crl.issuer == ca.subject
     assert crl.get_revoked_certificate_by_serial_number(alice.serial_number) is not None
     assert crl.get_revoked_certificate_by_serial_number(bob.serial_number) is None
-    gateway_crl = load_crl(pki_copy / "crl.pem", pki_copy / "ca.crt")  # what the gateway will enforce
+    gateway_crl = load_crl(pki_copy.path("crl.pem"), pki_copy.path("ca.crt"))  # what the gateway will enforce
     assert gateway_crl.is_revoked(alice.serial_number) and not gateway_crl.is_revoked(bob.serial_number)
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
     result = gen_certs("--revoke", "alice", pki_copy)  # idempotent; the CRL is re-signed with a higher number
     assert "already revoked" in result.stdout
-    again = x509.load_pem_x509_crl((pki_copy / "crl.pem").read_bytes())
+    again = x509.load_pem_x509_crl(pki_copy.path("crl.pem").read_bytes())
     assert [r.serial_number for r in again] == [alice.serial_number]
     assert again.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number > number
 
@@ -333,30 +353,34 @@ def test_revoke_in_a_copied_folder_leaves_the_original_untouched(pki, pki_copy):
     before = snapshot(pki)
     gen_certs("--revoke", "bob", pki_copy)
     assert snapshot(pki) == before
-    assert len(x509.load_pem_x509_crl((pki_copy / "crl.pem").read_bytes())) == 1
+    assert len(x509.load_pem_x509_crl(pki_copy.path("crl.pem").read_bytes())) == 1
 
 
 def test_revoke_refuses_a_certificate_from_another_ca(pki_copy, other_pki):
-    shutil.copy(other_pki / "eve.crt", pki_copy / "eve.crt")
-    before = (pki_copy / "crl.pem").read_bytes()
+    pki_copy.path("eve.crt").parent.mkdir()
+    shutil.copy(other_pki.path("eve.crt"), pki_copy.path("eve.crt"))
+    before = pki_copy.path("crl.pem").read_bytes()
     result = gen_certs("--revoke", "eve", pki_copy, check=False)
     assert result.returncode == 1 and "openssl verify failed" in result.stderr
-    assert (pki_copy / "crl.pem").read_bytes() == before
+    assert pki_copy.path("crl.pem").read_bytes() == before
 
 
-def test_revoke_of_an_unknown_name_is_refused(pki_copy):
-    result = gen_certs("--revoke", "nobody", pki_copy, check=False)
-    assert result.returncode == 1 and "no certificate" in result.stderr
+@pytest.mark.parametrize(("name", "message"), [("nobody", "no certificate"), ("server", "reserved"), ("../x", "bad")])
+def test_revoke_of_anything_but_a_known_client_is_refused(pki_copy, name, message):
+    before = snapshot(pki_copy)
+    result = gen_certs("--revoke", name, pki_copy, check=False)
+    assert result.returncode == 1 and message in result.stderr
+    assert snapshot(pki_copy) == before
 
 
 def test_server_rotation_issues_a_new_key_and_certificate_from_the_same_ca(pki_copy):
-    old, old_key = cert(pki_copy, "server"), (pki_copy / "server.key").read_bytes()
+    old, old_key = cert(pki_copy, "server"), pki_copy.path("server.key").read_bytes()
     gen_certs("--server", pki_copy)
     new = cert(pki_copy, "server")
     assert new.serial_number != old.serial_number
-    assert (pki_copy / "server.key").read_bytes() != old_key and spki(new.public_key()) != spki(old.public_key())
+    assert pki_copy.path("server.key").read_bytes() != old_key and spki(new.public_key()) != spki(old.public_key())
     new.verify_directly_issued_by(cert(pki_copy, "ca"))
-    assert stat.S_IMODE((pki_copy / "server.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(pki_copy.path("server.key").stat().st_mode) == 0o600
     validate_server(pki_copy)
 
 
