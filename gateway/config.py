@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -350,6 +352,29 @@ def check_paths(settings: Settings) -> None:
     for key, path in folders.items():
         if not path.is_dir():
             raise ConfigError(f"{key}: {path} is not a directory")
+
+
+def read_secret(path: Path, *, key: str) -> bytes:
+    """A private key or secret the server reads, refused unless it is its owner's alone (``_check_private``)."""
+    try:
+        with path.open("rb") as file:
+            _check_private(os.fstat(file.fileno()), path, key)  # the file as opened: no swap between check and read
+            return file.read()
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _check_private(info: os.stat_result, path: Path, key: str) -> None:
+    """No access for group or others, and owned by the gateway's user or root: any other owner could rewrite the
+    file or open its mode at any time."""
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{key}: {path} is accessible to group or others (mode {mode:04o}); run: chmod 600 {path}")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(
+            f"{key}: {path} is owned by uid {info.st_uid}, not by the gateway's user (uid {os.geteuid()}) or root; "
+            f"run: chown {os.geteuid()} {path}"
+        )
 
 
 def validate(settings: Settings) -> None:

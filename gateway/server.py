@@ -34,7 +34,7 @@ from gateway.auth.certs import CrlStore
 from gateway.auth.keys import KeyStore
 from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
-from gateway.config import ConfigError, Settings
+from gateway.config import ConfigError, Settings, read_secret
 from gateway.errors import UnavailableError
 from gateway.limits import Admission
 from gateway.models.placement import Placement
@@ -124,7 +124,8 @@ class Gateway:
         )
         self.keys: KeyStore | None = None
         self.crl: CrlStore | None = None
-        hmac_key = settings.audit.hmac_key_file.read_bytes().strip() if settings.audit.hmac_key_file else None
+        hmac_key_file = settings.audit.hmac_key_file
+        hmac_key = read_secret(hmac_key_file, key="audit.hmac_key_file").strip() if hmac_key_file else None
         self.audit = AuditLog(
             settings.audit.path,
             fsync=cast(FsyncPolicy, settings.audit.fsync),  # one of FSYNC_POLICIES, checked by config
@@ -158,6 +159,8 @@ class Gateway:
         if auth.jwks is None:
             raise ConfigError("auth.jwks: required to verify tokens")
         self.keys = KeyStore(auth.jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms)
+        secret_file = auth.hmac_secret_file
+        hmac_secret = read_secret(secret_file, key="auth.hmac_secret_file").strip() if secret_file else None
         verifier = TokenVerifier(
             keys=self.keys,
             issuer=auth.issuer,
@@ -168,7 +171,7 @@ class Gateway:
             required_claims=auth.required_claims,
             groups_claim=auth.groups_claim,
             scopes_claim=auth.scopes_claim,
-            hmac_secret=auth.hmac_secret_file.read_bytes().strip() if auth.hmac_secret_file else None,
+            hmac_secret=hmac_secret,
             cache_size=auth.token_cache_size,
         )
         if settings.tls.crl is not None and settings.tls.client_ca is not None:

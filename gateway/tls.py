@@ -1,9 +1,9 @@
 """Server TLS credentials for mutual TLS, rotated without restart.
 
 grpcio asks ``_fetch`` for a new certificate configuration at each handshake; a watcher validates a changed
-cert/key/CA set first (parses, key matches, SANs cover the configured names, chains to the CA) and only then
-offers it, so a bad pair is refused with a logged error and the old one keeps serving. Open connections keep
-the credentials they were made with (bounded by max_connection_age).
+cert/key/CA set first (key file private to the gateway's user, parses, key matches, SANs cover the configured
+names, chains to the CA) and only then offers it, so a bad pair is refused with a logged error and the old one
+keeps serving. Open connections keep the credentials they were made with (bounded by max_connection_age).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import grpc
 import structlog
 from cryptography import x509
 
-from gateway.auth.certs import CertificateConfigError, read_material, validate_server_pair
-from gateway.config import ConfigError, TlsSettings
+from gateway.auth.certs import read_material, validate_server_pair
+from gateway.config import ConfigError, TlsSettings, read_secret
+from gateway.errors import StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
 
 log = structlog.get_logger(__name__)
@@ -30,12 +31,12 @@ class ServerCredentials:
         self._paths = (settings.cert, settings.key, settings.client_ca)
         self._names = settings.server_names
         self._lock = threading.Lock()
-        # A bad pair at startup raises CertificateConfigError: a startup error.
+        # A bad pair or key file at startup raises a StartupError; on a reload it is refused, the old pair kept.
         self._configs = ReloadingStore(
             name="server-tls",
             fingerprint=lambda: file_fingerprint(self._paths),
             load=lambda _old: self._load(),
-            refused=CertificateConfigError,
+            refused=StartupError,
             interval_s=settings.reload_interval_s,
             reloaded="credentials_rotated",
             failed="server_certificate_refused",
@@ -44,7 +45,7 @@ class ServerCredentials:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert_path, key_path, ca_path = self._paths
-        cert, key, ca = read_material(cert_path), read_material(key_path), read_material(ca_path)
+        cert, key, ca = read_material(cert_path), read_secret(key_path, key="tls.key"), read_material(ca_path)
         validate_server_pair(cert, key, ca, self._names)
         leaf = x509.load_pem_x509_certificate(cert)
         log.info(

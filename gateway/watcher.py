@@ -2,7 +2,8 @@
 are reloaded on change, and a file that fails to load leaves the previous value in force.
 
 Polling, not inotify: it works the same on every filesystem (bind mounts, Kubernetes ConfigMap symlink swaps),
-and a fingerprint of (inode, size, mtime) catches both in-place edits and atomic renames.
+and a fingerprint of (inode, size, mtime, ctime) catches in-place edits, atomic renames, and a chmod or chown
+(so fixing a key file's mode takes effect without a restart).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ T = TypeVar("T")
 
 
 def file_fingerprint(paths: Iterable[str | os.PathLike[str]]) -> Fingerprint:
-    """Identity of some files' current contents; a missing file has its own fingerprint."""
-    prints: list[tuple[str, tuple[int, int, int] | None]] = []
+    """Identity of some files' current contents and permissions; a missing file has its own fingerprint."""
+    prints: list[tuple[str, tuple[int, int, int, int] | None]] = []
     for path in paths:
         try:
             st = os.stat(path)
         except FileNotFoundError:
             prints.append((str(path), None))
             continue
-        prints.append((str(path), (st.st_ino, st.st_size, st.st_mtime_ns)))
+        prints.append((str(path), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
     return tuple(prints)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,6 +248,32 @@ def test_bad_config_value_is_a_usage_error_naming_the_key(tmp_path):
     result = run_serve(["--config", str(config)], tmp_path)
     assert result.returncode == 2
     assert "audit.fsync" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "mode"), [("server.key", "tls.key", 0o644), ("audit-hmac.key", "audit.hmac_key_file", 0o640)]
+)
+def test_serve_refuses_a_key_file_open_to_group_or_others_in_one_line(pki, demo_models, tmp_path, name, key, mode):
+    certs = tmp_path / "server"
+    shutil.copytree(pki.server_dir, certs)
+    (certs / name).chmod(mode)
+    args = serve_args(pki, demo_models, tmp_path, 0)
+    args[args.index(str(pki.server_dir))] = str(certs)
+    result = run_serve(args, tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    path = certs / name
+    assert errors == [f"error: {key}: {path} is accessible to group or others (mode {mode:04o}); run: chmod 600 {path}"]
+
+
+def test_gateway_refuses_an_hmac_secret_file_open_to_group_or_others(start_gateway, tmp_path):
+    from gateway.config import ConfigError
+
+    secret = tmp_path / "hmac.secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o604)
+    with pytest.raises(ConfigError, match=rf"^auth\.hmac_secret_file: {secret} is accessible .*chmod 600 {secret}$"):
+        start_gateway(overrides={"auth.hmac_secret_file": secret, "auth.algorithms": ["RS256", "HS256"]})
 
 
 def test_dev_insecure_transport_refuses_a_public_address(tmp_path):

@@ -70,6 +70,18 @@ def test_dev_insecure_transport_serves_plaintext_on_loopback_only(start_gateway)
         assert list_models(channel, unbound).models
 
 
+def test_rotated_server_key_open_to_others_is_refused_and_the_old_pair_keeps_serving(start_gateway, pki_copy):
+    gw = start_gateway(use_pki=pki_copy)
+    first = served_certificate_serial(gw)
+    run_script(ROOT / "scripts/gen_certs.sh", "--server", pki_copy.dir)
+    pki_copy.path("server.key").chmod(0o644)
+    gw.gateway.credentials.reload_now()
+    assert served_certificate_serial(gw) == first
+    pki_copy.path("server.key").chmod(0o600)  # the fix the refusal names takes effect without a restart
+    gw.gateway.credentials.reload_now()
+    assert served_certificate_serial(gw) != first
+
+
 def served_certificate_serial(gw) -> int:
     """The serial of the certificate the server presents to a new TLS connection (ALPN h2, like grpc)."""
     context = ssl.create_default_context(cafile=str(gw.pki.path("ca.crt")))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, certs_dir_overrides, load_settings
+from gateway.config import ConfigError, certs_dir_overrides, load_settings, read_secret
 
 TLS = "tls: {cert: s.crt, key: s.key, client_ca: ca.crt}\n"
 SECURE = TLS + "auth: {jwks: jwks.json}\n"
@@ -105,6 +107,39 @@ def test_certs_dir_takes_the_server_folder_of_a_gen_certs_set(pki):
     overrides = certs_dir_overrides(pki.server_dir)
     assert overrides["tls.key"] == pki.path("server.key") and overrides["auth.jwks"] == pki.path("jwks.json")
     assert overrides["audit.hmac_key_file"] == pki.path("audit-hmac.key")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_secret_readable_by_its_owner_alone_is_read(tmp_path, mode):
+    path = tmp_path / "server.key"
+    path.write_bytes(b"secret")
+    path.chmod(mode)
+    assert read_secret(path, key="tls.key") == b"secret"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o610])
+def test_secret_open_to_group_or_others_is_refused_naming_the_file_and_the_fix(tmp_path, mode):
+    path = tmp_path / "server.key"
+    path.write_bytes(b"secret")
+    path.chmod(mode)
+    message = f"tls.key: {path} is accessible to group or others (mode {mode:04o}); run: chmod 600 {path}"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        read_secret(path, key="tls.key")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_secret_owned_by_another_user_is_refused(tmp_path):
+    path = tmp_path / "audit-hmac.key"
+    path.write_bytes(b"secret")
+    path.chmod(0o600)
+    os.chown(path, 4242, -1)  # that user could rewrite the key, or open its mode, at any time
+    with pytest.raises(ConfigError, match=rf"audit\.hmac_key_file: .* is owned by uid 4242, .*; run: chown 0 {path}$"):
+        read_secret(path, key="audit.hmac_key_file")
+
+
+def test_unreadable_secret_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"auth\.hmac_secret_file: .*nope\.key: cannot read"):
+        read_secret(tmp_path / "nope.key", key="auth.hmac_secret_file")
 
 
 def test_the_example_gateway_yaml_holds_every_option_with_its_default():
