@@ -154,7 +154,7 @@ class Settings:
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     # Development only, each logged at WARNING on every start.
     dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
-    dev_no_auth: bool = False  # no token, no policy: every call is allowed
+    dev_no_auth: bool = False  # no token, no policy: every call is allowed; only on a loopback address
     dev_audit_fail_open: bool = False  # serve even when the audit record cannot be written
 
     @property
@@ -388,10 +388,11 @@ def validate(settings: Settings) -> None:
         validate_chain_id(settings.audit.chain_id)
     except ValueError as exc:
         raise ConfigError(f"audit.chain_id: {exc}") from None
-    if settings.dev_insecure_transport:
-        if not _is_loopback(host):
-            raise ConfigError(f"dev_insecure_transport: only allowed on a loopback address, not {host!r}")
-    else:
+    # Each opens the gateway to any caller that can reach the port: only this machine may.
+    for option in ("dev_insecure_transport", "dev_no_auth"):
+        if getattr(settings, option) and not _is_loopback(host):
+            raise ConfigError(f"{option}: only allowed on a loopback address, not {host!r}")
+    if not settings.dev_insecure_transport:
         for name in ("cert", "key", "client_ca"):
             if getattr(settings.tls, name) is None:
                 raise ConfigError(f"tls.{name}: required for mutual TLS (or start with --certs DIR)")

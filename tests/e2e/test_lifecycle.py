@@ -282,6 +282,14 @@ def test_dev_insecure_transport_refuses_a_public_address(tmp_path):
     assert "loopback" in result.stderr
 
 
+def test_dev_no_auth_refuses_a_public_address(pki, demo_models, tmp_path):
+    args = serve_args(pki, demo_models, tmp_path, 0)
+    args[args.index("127.0.0.1:0")] = "0.0.0.0:0"
+    result = run_serve([*args, "--dev", "no_auth"], tmp_path)
+    assert result.returncode == 2
+    assert "error: dev_no_auth: only allowed on a loopback address, not '0.0.0.0'" in result.stderr
+
+
 def test_unloadable_model_stops_a_strict_start_with_one_line_naming_the_file(pki, demo_models, tmp_path):
     import shutil
 

@@ -83,6 +83,18 @@ def test_dev_insecure_transport_only_on_loopback(tmp_path):
     assert settings.host_port == ("::1", 50051)
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "10.1.2.3", "gateway.example"])  # noqa: S104 - refused, never bound
+def test_dev_no_auth_is_refused_on_an_address_other_machines_can_reach(tmp_path, host):
+    config = write(tmp_path, SECURE + f"dev_no_auth: true\nlisten: '{host}:50051'\n")
+    with pytest.raises(ConfigError, match="dev_no_auth: only allowed on a loopback address"):
+        load_settings(config)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+def test_dev_no_auth_is_allowed_on_loopback(tmp_path, host):
+    assert load_settings(write(tmp_path, SECURE + f"dev_no_auth: true\nlisten: '{host}:50051'\n")).dev_no_auth
+
+
 def test_certs_dir_provides_tls_jwks_crl_and_audit_key(tmp_path):
     for name in ("server.crt", "server.key", "ca.crt", "jwks.json", "crl.pem", "audit-hmac.key"):
         (tmp_path / name).write_text("x")
