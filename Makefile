@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Everything is installed into .venv by pip
-# from pyproject.toml; generated certificates, models and audit logs live in ignored folders.
+# from pyproject.toml (the server extra and the dev tools: a plain `pip install gateway` is the SDK alone);
+# generated certificates, models and audit logs live in ignored folders.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,7 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[server,dev]"
 	touch $(STAMP)
 
 certs: certs/signing/ca.crt

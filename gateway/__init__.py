@@ -1,13 +1,44 @@
 """Secure, authenticated gRPC inference gateway for ONNX models.
 
 The public SDK surface is imported lazily (PEP 562), so that server modules importing ``gateway.x`` do not
-pay for the client, and the transport-free modules stay free of grpc.
+pay for the client, and the transport-free modules stay free of grpc. The SDK needs grpcio, protobuf and numpy
+alone (``pip install gateway``); the server's dependencies come with ``pip install 'gateway[server]'``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see of the lazy names below (the package ships py.typed)
+    from gateway.client import (
+        AsyncClient,
+        Client,
+        ModelInfo,
+        ModelMetadata,
+        PredictResult,
+        RefreshingToken,
+        RetryPolicy,
+        StaticToken,
+        StreamRequest,
+        TensorSpec,
+        TokenFile,
+        TokenProvider,
+    )
+    from gateway.errors import (
+        AuthenticationError,
+        CancelledError,
+        DeadlineExceededError,
+        GatewayError,
+        InternalError,
+        InvalidArgumentError,
+        NotFoundError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        TLSHandshakeError,
+        UnavailableError,
+        UnimplementedError,
+    )
 
 _EXPORTS = {
     "Client": "gateway.client",

@@ -1,6 +1,8 @@
 """The ``gateway`` command: serve, token issue, policy check, audit verify, and the client commands.
 
 Exit codes: 0 ok, 1 the operation failed (refused, invalid, tampered), 2 usage or configuration error.
+Each command imports what it needs when it runs, so the client commands and ``audit verify`` work in an SDK-only
+install (``pip install gateway``); the others say to install the server extra.
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import (
-    DEFAULT_AUDIENCE,
-    DEFAULT_ISSUER,
-    ConfigError,
-    certs_dir_overrides,
-    check_paths,
-    for_worker,
-    load_settings,
-)
+from gateway.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# The top-level modules of the server extra (pyproject.toml), which `pip install gateway` leaves out.
+SERVER_MODULES = frozenset(
+    {"cryptography", "grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml"}
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +37,7 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logging as oplog
     from gateway.audit import AuditError
+    from gateway.config import ConfigError, certs_dir_overrides, check_paths, for_worker, load_settings
     from gateway.errors import StartupError
     from gateway.models.runtime import ModelLoadError
     from gateway.server import Gateway
@@ -476,4 +475,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.serve_args = argv[1:] if args.command == "serve" else []  # what a supervisor passes on to its workers
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
+            raise
+        command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
+        return _fail(
+            f"gateway {command} needs the server extra: pip install 'gateway[server]' (no module {exc.name})",
+            EXIT_USAGE,
+        )

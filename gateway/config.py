@@ -21,14 +21,13 @@ from typing import Any
 import yaml
 
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
+from gateway.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 from gateway.auth.keys import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
 from gateway.auth.verifier import MAX_TOKEN_BYTES
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
 
-DEFAULT_ISSUER = "https://gateway.local"
-DEFAULT_AUDIENCE = "gateway"
 MIB = 1024 * 1024
 
 

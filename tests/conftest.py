@@ -200,6 +200,32 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
         running.gateway.stop(0.5)
 
 
+# The top-level modules of the server extra: an SDK-only install (`pip install gateway`) has none of them.
+SERVER_ONLY_MODULES = ("cryptography", "grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml")
+
+_BLOCKER = f"""
+import importlib.abc
+import sys
+
+
+class _ServerOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {SERVER_ONLY_MODULES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (an SDK-only install)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _ServerOnly())
+"""
+
+
+def sdk_only_env(directory: Path) -> dict[str, str]:
+    """The environment of a Python that cannot import the server extra's modules, as after ``pip install gateway``:
+    a sitecustomize in ``directory``, first on PYTHONPATH, puts a finder that refuses them first on the meta path."""
+    (directory / "sitecustomize.py").write_text(_BLOCKER)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join((str(directory), str(ROOT)))}
+
+
 def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
     """Poll until ``predicate()`` is true; fail the test after ``timeout_s``."""
     end = time.monotonic() + timeout_s

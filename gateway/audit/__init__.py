@@ -6,6 +6,8 @@ model are in docs/audit.md.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from gateway.audit.chain import (
     CHECKPOINT_SIZE,
     ZERO_HASH,
@@ -18,7 +20,13 @@ from gateway.audit.chain import (
     worker_path,
 )
 from gateway.audit.verifier import ChainSummary, Finding, VerifyReport, verify_files
-from gateway.audit.writer import FSYNC_POLICIES, AuditLog, AuditStats, FsyncPolicy
+
+if TYPE_CHECKING:
+    from gateway.audit.writer import FSYNC_POLICIES, AuditLog, AuditStats, FsyncPolicy
+
+# The writer logs with structlog, a server dependency; the chain and its verification need nothing beyond the
+# standard library, so `gateway audit verify` and the client commands run in an SDK-only install (PEP 562).
+_WRITER_NAMES = frozenset({"FSYNC_POLICIES", "AuditLog", "AuditStats", "FsyncPolicy"})
 
 __all__ = [
     "CHECKPOINT_SIZE",
@@ -39,3 +47,11 @@ __all__ = [
     "worker_chain_id",
     "worker_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WRITER_NAMES:
+        raise AttributeError(f"module 'gateway.audit' has no attribute {name!r}")
+    from gateway.audit import writer
+
+    return getattr(writer, name)
