@@ -43,8 +43,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import Gateway
 
     overrides: dict[str, Any] = {}
-    if args.certs:
-        overrides.update(certs_dir_overrides(Path(args.certs)))
     flags = {"listen": args.listen, "models.repository": args.models, "policies.directory": args.policies}
     flags["audit.path"] = args.audit_log
     for key, value in flags.items():
@@ -55,6 +53,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides["workers"] = args.workers
     try:
+        if args.certs:  # its keys (tls.*, auth.jwks, audit.hmac_key_file) are none of the flags' above
+            overrides.update(certs_dir_overrides(Path(args.certs)))
         settings = load_settings(Path(args.config) if args.config else None, overrides)
         check_paths(settings)
     except ConfigError as exc:

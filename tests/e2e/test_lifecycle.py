@@ -250,6 +250,21 @@ def test_bad_config_value_is_a_usage_error_naming_the_key(tmp_path):
     assert "audit.fsync" in result.stderr
 
 
+def test_serve_refuses_a_certs_folder_holding_signing_keys_in_one_line(pki, demo_models, tmp_path):
+    flat = tmp_path / "flat"  # the server's files with the signing keys beside them, as the old layout had it
+    shutil.copytree(pki.server_dir, flat)
+    shutil.copy(pki.path("ca.key"), flat / "ca.key")
+    for certs, message in [
+        (pki.dir, f"error: --certs: {pki.dir} holds the whole set; give the gateway its own: --certs {pki.server_dir}"),
+        (flat, f"error: --certs: {flat} holds ca.key, a signing key the gateway never needs; move it out"),
+    ]:
+        args = serve_args(pki, demo_models, tmp_path, 0)
+        args[args.index(str(pki.server_dir))] = str(certs)
+        result = run_serve(args, tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize(
     ("name", "key", "mode"), [("server.key", "tls.key", 0o644), ("audit-hmac.key", "audit.hmac_key_file", 0o640)]
 )
