@@ -141,6 +141,9 @@ def main() -> int:
             digit[0, [19, 20, 27, 28, 35, 36, 43, 44, 51, 52]] = 1.0  # a vertical stroke: a "1"
             result = alice.predict("digits", digit)
             allowed(f"alice predict digits (version {result.version})", f"label {int(result.outputs['label'][0])}")
+            words = alice.predict("labels", {"text": np.array(["dog", "cat", "fish"])}).outputs["ids"]
+            allowed("alice predict labels (text in)", f"ids {words.tolist()}")
+            allowed("alice predict digits with tritonclient", triton_predict(alice_token, digit))
             allowed("alice list models", [m.name for m in alice.list_models()])
         print()
         refused("no client certificate (TLS handshake)", lambda: _no_cert_call())
@@ -165,6 +168,25 @@ def main() -> int:
     )
     print(f"audit verify: {verify.stdout.strip()}")
     return 0 if code == 0 and verify.returncode == 0 else 1
+
+
+def triton_predict(token: str, pixels: np.ndarray) -> str:
+    """The same gateway through a stock Triton client (the Open Inference Protocol, docs/oip.md): only the
+    address, the certificate files and the authorization header are the gateway's."""
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(
+        TARGET,
+        ssl=True,
+        root_certificates=str(client_file("alice", "ca")),
+        private_key=str(client_file("alice", "key")),
+        certificate_chain=str(client_file("alice", "crt")),
+    )
+    pixels_input = triton.InferInput("input", list(pixels.shape), "FP32")
+    pixels_input.set_data_from_numpy(pixels)
+    with client:
+        result = client.infer("digits", [pixels_input], headers={"authorization": f"Bearer {token}"})
+    return f"label {int(result.as_numpy('label')[0])}"
 
 
 def _no_cert_call() -> None:
