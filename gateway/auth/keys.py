@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 
 import jwt
 from cryptography import x509
@@ -20,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.document import loads_json
 from gateway.errors import StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
 
@@ -113,19 +114,6 @@ def cert_thumbprint(cert: bytes | str) -> str:
     return _b64url(hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).digest())
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in obj:  # RFC 7517 4 / RFC 8259 4: the last-one-wins reading would hide a second key
-            raise ValueError(f"duplicate member {name!r}")
-        obj[name] = value
-    return obj
-
-
 def _read_jwks(path: Path) -> list[Any]:
     """The ``keys`` list of a JWKS file, parsed strictly (no duplicate members, no NaN, bounded size)."""
     try:
@@ -133,7 +121,7 @@ def _read_jwks(path: Path) -> list[Any]:
             raw = handle.read(MAX_JWKS_BYTES + 1)
         if len(raw) > MAX_JWKS_BYTES:
             raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
-        data = json.loads(raw, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+        data = loads_json(raw)
     except (OSError, ValueError) as exc:
         raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
