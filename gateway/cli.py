@@ -1,6 +1,8 @@
 """The ``gateway`` command: serve, token issue, policy check, audit verify, and the client commands.
 
-Exit codes: 0 ok, 1 the operation failed (refused, invalid, tampered), 2 usage or configuration error.
+Exit codes: 0 ok, 1 the operation failed (refused, invalid, tampered, unreachable, output cut off), 2 usage or
+configuration error (a bad flag, file or setting, a port in use, no standard output), 130 interrupted (Ctrl-C).
+Every error is one line on stderr: a user's mistake never shows a traceback.
 Each command imports what it needs when it runs, so the client commands and ``audit verify`` work in an SDK-only
 install (``pip install gateway``); the others say to install the server extra.
 """
@@ -9,24 +11,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+from gateway.config import (
+    CHOICES,
+    DEFAULT_AUDIENCE,
+    DEFAULT_ISSUER,
+    AuthSettings,
+    ConfigError,
+    Settings,
+    certs_dir_overrides,
+    check_listen,
+    check_paths,
+    default_config_file,
+    file_settings,
+    for_worker,
+    load_settings,
+)
+from gateway.document import DocumentError, did_you_mean, loads_json
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from gateway.auth.verifier import TokenVerifier
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # The top-level modules of the server extra (pyproject.toml), which `pip install gateway` leaves out.
 SERVER_MODULES = frozenset(
     {"cryptography", "grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml"}
 )
+DEFAULT_TTL_S = 3600
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, where it has one and does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:  # argparse exits 2 on usage errors, as our contract says
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -34,32 +69,59 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def _config_file(args: argparse.Namespace) -> Path | None:
+    """``--config``, else ``./gateway.yaml`` when it exists, else None: the same file for serve and token issue."""
+    return Path(args.config) if args.config else default_config_file()
+
+
+def _default_of(key: str) -> Any:
+    """The built-in default of a settings key (``models.repository``), for help texts."""
+    value: Any = Settings()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# `gateway serve` flags that set one setting each: flag -> (settings key, type, metavar, help).
+_SERVE_FLAGS: dict[str, tuple[str, type, str | None, str]] = {
+    "--listen": ("listen", str, "HOST:PORT", "address to serve on"),
+    "--models": ("models.repository", Path, "DIR", "model repository folder"),
+    "--policies": ("policies.directory", Path, "DIR", "policy folder"),
+    "--audit-log": ("audit.path", Path, "FILE", "audit trail file"),
+    "--workers": ("workers", int, "N", "processes sharing the port, each with its own audit chain"),
+    "--log-format": ("log_format", str, None, "operational log format on stderr"),
+    "--log-level": ("log_level", str, None, "operational log level"),
+}
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import structlog
+
     from gateway import logging as oplog
     from gateway.audit import AuditError
-    from gateway.config import ConfigError, certs_dir_overrides, check_paths, for_worker, load_settings
+    from gateway.config import ConfigError
     from gateway.errors import StartupError
     from gateway.models.runtime import ModelLoadError
     from gateway.server import Gateway
 
+    config = _config_file(args)
     overrides: dict[str, Any] = {}
-    flags = {"listen": args.listen, "models.repository": args.models, "policies.directory": args.policies}
-    flags["audit.path"] = args.audit_log
-    for key, value in flags.items():
-        if value is not None:
-            overrides[key] = Path(value) if key != "listen" else value
-    for option in args.dev or ():
-        overrides[f"dev_{option}"] = True
-    if args.workers is not None:
-        overrides["workers"] = args.workers
     try:
-        if args.certs:  # its keys (tls.*, auth.jwks, audit.hmac_key_file) are none of the flags' above
+        if args.certs:
             overrides.update(certs_dir_overrides(Path(args.certs)))
-        settings = load_settings(Path(args.config) if args.config else None, overrides)
+        for key, *_ in _SERVE_FLAGS.values():
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        for option in args.dev or ():
+            overrides[f"dev_{option}"] = True
+        settings = load_settings(config, overrides)
         check_paths(settings)
+        check_listen(settings)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
     oplog.configure(fmt=settings.log_format, level=settings.log_level)
+    source = {"path": str(config.resolve())} if config else {"path": None, "detail": "no config file: defaults"}
+    structlog.get_logger("gateway.cli").info("config_loaded", **source, flags=sorted(overrides))
     if settings.workers > 1 and args.worker_index is None:
         from gateway.workers import run_workers
 
@@ -78,57 +140,145 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_issue(args: argparse.Namespace) -> int:
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-
     from gateway.auth.issuer import issue_token
-    from gateway.auth.keys import TokenConfigError, cert_thumbprint, kid_from_jwks
+    from gateway.auth.keys import TokenConfigError
 
-    key_path = Path(args.key)
+    config = _config_file(args)
     try:
-        private_pem = key_path.read_bytes()
-        bind = Path(args.bind_cert).read_bytes() if args.bind_cert else None
-    except OSError as exc:
-        return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
-    # Loaded here first so that each problem names its own file: the key, the certificate, the JWKS.
-    try:
-        key = serialization.load_pem_private_key(private_pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        return _fail(f"--key {key_path}: not an unencrypted PEM private key (a public key cannot sign)", EXIT_USAGE)
-    if bind is not None:
-        try:
-            cert_thumbprint(bind)
-        except ValueError:
-            return _fail(f"--bind-cert {args.bind_cert}: not a PEM or DER certificate", EXIT_USAGE)
-    kid = args.kid
-    jwks = key_path.with_name("jwks.json")
-    try:
-        if kid is None and jwks.exists():
-            kid = kid_from_jwks(jwks, key)
-    except TokenConfigError as exc:
-        return _fail(f"{exc} (it is read for the key's kid; --kid skips it)", EXIT_USAGE)
-    try:
+        auth = file_settings(config).auth
+        private_pem, key, bind = _signing_material(args)
+        jwks = _key_set(args, auth, Path(args.key))
+        kid = args.kid if jwks is None else _published_kid(args, key, jwks)
+        verifier = None if jwks is None else _verifier(auth, jwks)
+        ttl = args.ttl if args.ttl is not None else min(DEFAULT_TTL_S, int(auth.max_token_lifetime_s))
+        iss, aud = args.iss or auth.issuer, args.aud or auth.audience
         token = issue_token(
             private_key_pem=private_pem,
             sub=args.sub,
             kid=kid,
-            iss=args.iss,
-            aud=args.aud,
+            iss=iss,
+            aud=aud,
             scopes=args.scope or (),
             groups=args.group or (),
-            ttl_s=args.ttl,
+            ttl_s=ttl,
             bind_cert_pem=bind,
         )
+        refusal = None if verifier is None else _refusal(verifier, token, bind)
+    except (ConfigError, _UsageError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
     except TokenConfigError as exc:
-        return _fail(f"--key {key_path}: {exc}", EXIT_USAGE)
+        return _fail(f"--key {args.key}: {exc}", EXIT_USAGE)
     except ValueError as exc:
         return _fail(f"cannot issue a token: {exc}", EXIT_USAGE)
+    if jwks is None:
+        _note("no key set to check the token against (--jwks, auth.jwks, or a jwks.json beside --key): not checked")
+    if refusal is not None:
+        where = str(config) if config else "the default settings (no config file)"
+        explained = _explain(refusal, auth, iss=iss, aud=aud, ttl=ttl)
+        return _fail(f"with {where}, the gateway would refuse this token: {explained}", EXIT_USAGE)
     print(token)
     return EXIT_OK
 
 
+def _signing_material(args: argparse.Namespace) -> tuple[bytes, Any, bytes | None]:
+    """The signing key (PEM and loaded) and the certificate to bind to, each problem naming its own flag."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.auth.keys import cert_thumbprint
+
+    try:
+        private_pem = Path(args.key).read_bytes()
+        bind = Path(args.bind_cert).read_bytes() if args.bind_cert else None
+    except OSError as exc:
+        raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(private_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise _UsageError(f"--key {args.key}: not an unencrypted PEM private key (a public key cannot sign)") from None
+    if bind is not None:
+        try:
+            cert_thumbprint(bind)
+        except ValueError:
+            raise _UsageError(f"--bind-cert {args.bind_cert}: not a PEM or DER certificate") from None
+    return private_pem, key, bind
+
+
+def _published_kid(args: argparse.Namespace, key: Any, jwks: Path) -> str:
+    """The kid under which the key set publishes the signing key: a key it lacks signs tokens nobody accepts."""
+    from gateway.auth.keys import TokenConfigError, kid_from_jwks
+
+    try:
+        published = kid_from_jwks(jwks, key)
+    except TokenConfigError as exc:
+        raise _UsageError(f"{exc} (the key set the token is checked against; --jwks names another)") from None
+    if published is None:
+        raise _UsageError(f"--key {args.key}: its public key is not in {jwks}: the gateway would refuse the token")
+    if args.kid not in (None, published):
+        raise _UsageError(f"--kid {args.kid}: {jwks} publishes this key as {published!r}")
+    return published
+
+
+def _key_set(args: argparse.Namespace, auth: AuthSettings, key_path: Path) -> Path | None:
+    """The JWKS a token is checked against: --jwks, else the config's auth.jwks, else jwks.json beside the key
+    (where gen_certs.sh puts it, and where ``serve --certs DIR`` reads it)."""
+    if args.jwks:
+        return Path(args.jwks)
+    if auth.jwks is not None:
+        return auth.jwks
+    beside = key_path.with_name("jwks.json")
+    return beside if beside.exists() else None
+
+
+def _verifier(auth: AuthSettings, jwks: Path) -> TokenVerifier:
+    """The verifier a gateway with these settings and key set runs, to ask it about a token before it is printed."""
+    from gateway.auth.keys import HMAC_ALGORITHMS, KeyStore, TokenConfigError
+    from gateway.auth.verifier import TokenVerifier
+
+    try:
+        return TokenVerifier(
+            keys=KeyStore(jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms),
+            issuer=auth.issuer,
+            audience=auth.audience,
+            # The token is signed with a key pair: the shared-secret (HMAC) path and its secret play no part.
+            algorithms=[algorithm for algorithm in auth.algorithms if algorithm not in HMAC_ALGORITHMS],
+            leeway_s=auth.leeway_s,
+            max_lifetime_s=auth.max_token_lifetime_s,
+            required_claims=auth.required_claims,
+            groups_claim=auth.groups_claim,
+            scopes_claim=auth.scopes_claim,
+        )
+    except TokenConfigError as exc:
+        raise _UsageError(f"{exc}: a gateway with these settings would not start") from None
+
+
+def _refusal(verifier: TokenVerifier, token: str, bind_pem: bytes | None) -> str | None:
+    """Why the verifier refuses ``token`` (None: it accepts it), on a connection with the certificate it is bound
+    to."""
+    from gateway.auth.keys import cert_thumbprint
+    from gateway.errors import AuthenticationError
+
+    try:
+        verifier.verify(token, cert_x5t=cert_thumbprint(bind_pem) if bind_pem else None)
+    except AuthenticationError as exc:
+        return exc.reason
+    return None
+
+
+def _explain(reason: str, auth: AuthSettings, *, iss: str, aud: str, ttl: int) -> str:
+    """The verifier's reason, and the flag or setting behind it."""
+    hints = {
+        "token lifetime over the maximum": f"--ttl {ttl} is over auth.max_token_lifetime_s "
+        f"({auth.max_token_lifetime_s:g})",
+        "wrong issuer": f"--iss {iss} is not auth.issuer ({auth.issuer})",
+        "wrong audience": f"--aud {aud} is not auth.audience ({auth.audience})",
+    }
+    if reason.startswith("missing claim"):
+        return f"{reason}: auth.required_claims asks for a claim token issue does not set"
+    return f"{reason}: {hints[reason]}" if reason in hints else reason
+
+
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from gateway.auth.keys import DuplicateMemberError, reject_duplicate_members
     from gateway.auth.principal import Principal, identity_spelling_problem
     from gateway.auth.verifier import groups_and_scopes
     from gateway.errors import AuthenticationError
@@ -136,14 +286,12 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
 
     try:
         policies = load_policies(Path(args.policies))
-        claims = json.loads(args.claims, object_pairs_hook=reject_duplicate_members) if args.claims else {}
+        claims = loads_json(args.claims) if args.claims else {}
         version = _judged_version(args)
     except (PolicyError, _UsageError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except DuplicateMemberError as exc:
-        return _fail(f"--claims: {exc}: the gateway refuses such a token", EXIT_USAGE)
-    except ValueError as exc:
-        return _fail(f"--claims is not JSON: {exc}", EXIT_USAGE)
+    except DocumentError as exc:
+        return _fail(f"--claims: {exc}", EXIT_USAGE)
     if not isinstance(claims, dict):
         return _fail("--claims must be a JSON object", EXIT_USAGE)
     subject = claims.get("sub", "")
@@ -234,8 +382,9 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 def _connect(args: argparse.Namespace) -> Any:
     """A Client from flags, falling back to GATEWAY_* environment variables."""
-    import os
-
+    # Before grpc loads: the one error line printed says what failed, and grpc core's own log would repeat it
+    # unformatted on stderr. GRPC_VERBOSITY, when set, still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from gateway.client import Client, TokenFile
 
     values = {name: getattr(args, name) or os.environ.get(env) for name, env, _ in _CONNECTION}
@@ -250,7 +399,14 @@ def _connect(args: argparse.Namespace) -> Any:
         values["token"], values["token_file"] = args.token, args.token_file
     elif values["token"] and values["token_file"]:
         raise _UsageError("set GATEWAY_TOKEN or GATEWAY_TOKEN_FILE, not both")
-    token: Any = TokenFile(values["token_file"]) if values["token_file"] else values["token"]
+    token: Any = values["token"]
+    if values["token_file"]:
+        token = TokenFile(values["token_file"])
+        try:
+            if not token.token():  # read once now: a missing or empty file is a usage error, not a refused call
+                raise _UsageError(f"--token-file {values['token_file']}: empty")
+        except OSError as exc:
+            raise _UsageError(f"--token-file {exc.filename}: {exc.strerror}") from None
     try:
         return Client(
             target,
@@ -263,6 +419,8 @@ def _connect(args: argparse.Namespace) -> Any:
         )
     except OSError as exc:
         raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:  # TLS material the SDK refused: not PEM, or a key that is not the certificate's
+        raise _UsageError(str(exc)) from None
 
 
 class _UsageError(Exception):
@@ -277,9 +435,9 @@ def _read_inputs(args: argparse.Namespace) -> Any:
 
     if args.input is not None:
         try:
-            data = json.loads(args.input)
-        except json.JSONDecodeError as exc:
-            raise _UsageError(f"--input is not JSON: {exc}") from None
+            data = loads_json(args.input)
+        except DocumentError as exc:
+            raise _UsageError(f"--input: {exc}") from None
     else:
         path = Path(args.input_file)
         try:
@@ -287,9 +445,9 @@ def _read_inputs(args: argparse.Namespace) -> Any:
                 array = np.load(path, allow_pickle=False)
                 datatype_of(array)  # a dtype the protocol cannot carry is the caller's mistake, not a refusal
                 return array
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise _UsageError(f"--input-file {path}: {exc}") from None
+            data = loads_json(path.read_text())
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: numpy's word for an empty or cut .npy
+            raise _UsageError(f"--input-file {path}: {exc or type(exc).__name__}") from None
         except InvalidArgumentError as exc:
             raise _UsageError(f"--input-file {path}: {exc.message}") from None
     return _inputs_from_json(data)
@@ -298,8 +456,6 @@ def _read_inputs(args: argparse.Namespace) -> Any:
 def _inputs_from_json(data: Any) -> Any:
     """JSON input: a list of floats (simple form), or {name: nested list | {"data", "datatype", "shape"}}."""
     import numpy as np
-
-    from gateway.tensors import BY_NAME
 
     if isinstance(data, list):
         try:
@@ -313,17 +469,32 @@ def _inputs_from_json(data: Any) -> Any:
     inputs = {}
     for name, value in data.items():
         try:
-            if isinstance(value, dict):
-                dtype = BY_NAME[str(value.get("datatype", "FP32")).upper()].dtype
-                array = np.asarray(value["data"], dtype=dtype)
-                if "shape" in value:
-                    array = array.reshape(value["shape"])
-            else:
-                array = np.asarray(value, dtype=np.float32)
-        except (KeyError, ValueError, TypeError) as exc:
+            array = _typed_tensor(name, value) if isinstance(value, dict) else np.asarray(value, dtype=np.float32)
+        except (ValueError, TypeError) as exc:
             raise _UsageError(f"input '{name}': {exc}") from None
         inputs[name] = array
     return inputs
+
+
+_TENSOR_KEYS = ("data", "datatype", "shape")
+
+
+def _typed_tensor(name: str, value: dict[str, Any]) -> Any:
+    """One ``{"data", "datatype", "shape"}`` object as an array; a misspelt key is an error, never ignored."""
+    import numpy as np
+
+    from gateway.tensors import BY_NAME
+
+    for key in value:
+        if key not in _TENSOR_KEYS:
+            raise _UsageError(f"input '{name}': unknown key {key!r}{did_you_mean(key, _TENSOR_KEYS)}")
+    if "data" not in value:
+        raise _UsageError(f"input '{name}': missing key 'data'")
+    datatype = str(value.get("datatype", "FP32")).upper()
+    if datatype not in BY_NAME:
+        raise _UsageError(f"input '{name}': unknown datatype {datatype!r}{did_you_mean(datatype, BY_NAME)}")
+    array = np.asarray(value["data"], dtype=BY_NAME[datatype].dtype)
+    return array.reshape(value["shape"]) if "shape" in value else array
 
 
 def _array_json(array: Any) -> dict[str, Any]:
@@ -397,35 +568,65 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``gateway`` argument parser."""
     parser = _Parser(prog="gateway", description="Secure, authenticated gRPC inference gateway for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="gateway.yaml")
-    serve.add_argument("--listen", help="HOST:PORT")
-    serve.add_argument("--certs", help="the server folder scripts/gen_certs.sh writes (certs/server)")
-    serve.add_argument("--models", help="model repository folder")
-    serve.add_argument("--policies", help="policy folder")
-    serve.add_argument("--audit-log", help="audit trail path")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Each setting comes from its flag, else the config file, else its built-in "
+        "default; gateway.yaml lists every setting.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="settings file (default: ./gateway.yaml when it exists)")
+    serve.add_argument(
+        "--certs",
+        metavar="DIR",
+        help="the server folder scripts/gen_certs.sh writes (certs/server): sets tls.cert, tls.key, tls.client_ca, "
+        "auth.jwks, and tls.crl and audit.hmac_key_file when their files are there",
+    )
+    for flag, (key, kind, metavar, text) in _SERVE_FLAGS.items():
+        serve.add_argument(
+            flag,
+            dest=key,
+            type=kind,
+            choices=CHOICES.get(key),
+            metavar=metavar,
+            help=f"{text} (config key {key}; built-in default: {_default_of(key)})",
+        )
     serve.add_argument(
         "--dev",
         action="append",
         choices=("insecure_transport", "no_auth", "audit_fail_open"),
         help="development-only option (repeatable); logged loudly",
     )
-    serve.add_argument("--workers", type=int, help="processes sharing the port, each with its own audit chain")
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
     serve.set_defaults(run=_cmd_serve)
 
     token = commands.add_parser("token", help="token tools").add_subparsers(dest="token_command", required=True)
-    issue = token.add_parser("issue", help="print a signed JWT")
+    issue = token.add_parser(
+        "issue",
+        help="print a signed JWT",
+        description="Print a signed JWT, checked first by the verifier of a gateway with the settings of the "
+        "config file that serve reads: a token that gateway would refuse is an error, not printed.",
+    )
     issue.add_argument("--key", required=True, help="private signing key (PEM)")
-    issue.add_argument("--sub", required=True)
-    issue.add_argument("--kid", help="key id (default: the key's id in a jwks.json beside the key)")
-    issue.add_argument("--iss", default=DEFAULT_ISSUER)
-    issue.add_argument("--aud", default=DEFAULT_AUDIENCE)
-    issue.add_argument("--scope", action="append")
-    issue.add_argument("--group", action="append")
-    issue.add_argument("--ttl", type=int, default=3600, help="seconds")
+    issue.add_argument("--sub", required=True, help="subject: who the token is for")
+    issue.add_argument("--config", metavar="FILE", help="settings file (default: ./gateway.yaml when it exists)")
+    issue.add_argument(
+        "--jwks",
+        metavar="FILE",
+        help="key set to check against (default: auth.jwks of the config file, else a jwks.json beside --key)",
+    )
+    issue.add_argument("--kid", help="key id (default: the key's kid in the key set, else its RFC 7638 thumbprint)")
+    issue.add_argument("--iss", help=f"issuer (default: auth.issuer of the config file, else {DEFAULT_ISSUER})")
+    issue.add_argument("--aud", help=f"audience (default: auth.audience of the config file, else {DEFAULT_AUDIENCE})")
+    issue.add_argument("--scope", action="append", help="a scope (repeatable)")
+    issue.add_argument("--group", action="append", help="a group (repeatable)")
+    issue.add_argument(
+        "--ttl",
+        type=_seconds,
+        help=f"lifetime in seconds (default: {DEFAULT_TTL_S}, or auth.max_token_lifetime_s when that is less)",
+    )
     issue.add_argument("--bind-cert", help="bind the token to this client certificate (RFC 8705)")
     issue.set_defaults(run=_cmd_token_issue)
 
@@ -470,13 +671,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> int:
+    """``--ttl``: a whole number of seconds, at least one."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds, at least 1")
+    return int(text)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gateway")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gateway`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.serve_args = argv[1:] if args.command == "serve" else []  # what a supervisor passes on to its workers
+    if sys.stdout is None and args.command != "serve":  # started with stdout closed: the result would be lost
+        return _fail("standard output is closed: nowhere to print the result", EXIT_USAGE)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a closed pipe shows here, not as an error Python prints at exit
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # Whatever read the output stopped early (`| head`). Nothing more can go there, not even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _fail("output cut off: the program reading it closed the pipe", EXIT_FAILED)
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
             raise
@@ -485,3 +712,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"gateway {command} needs the server extra: pip install 'gateway[server]' (no module {exc.name})",
             EXIT_USAGE,
         )
+    return code

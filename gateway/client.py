@@ -24,6 +24,9 @@ from typing import Any
 import grpc
 import grpc.aio
 import numpy as np
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
@@ -197,10 +200,42 @@ class _BearerAuth(grpc.AuthMetadataPlugin):  # type: ignore[misc]
 # --------------------------------------------------------------------------------------------------- settings
 
 
-def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    return Path(value).read_bytes()
+PemSource = str | os.PathLike[str] | bytes
+
+
+def _pem(value: PemSource) -> bytes:
+    return value if isinstance(value, bytes) else Path(value).read_bytes()
+
+
+def _named(value: PemSource) -> str:
+    return "(PEM bytes)" if isinstance(value, bytes) else str(value)
+
+
+def _certificates(pem: bytes, role: str, source: PemSource) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ValueError(f"{role} {_named(source)}: not a PEM certificate") from None
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _tls_material(*, ca: PemSource, cert: PemSource, key: PemSource) -> tuple[bytes, bytes, bytes]:
+    """The PEM bytes of the CA, the client certificate (chain) and its key, checked to be what they claim and the
+    key to be the certificate's: a ValueError naming the file, where grpc would fail every call after logging
+    its own errors to stderr. OSError when a file cannot be read."""
+    ca_pem, cert_pem, key_pem = _pem(ca), _pem(cert), _pem(key)
+    _certificates(ca_pem, "ca", ca)
+    leaf = _certificates(cert_pem, "cert", cert)[0]
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"key {_named(key)}: not an unencrypted PEM private key") from None
+    if _spki(private_key.public_key()) != _spki(leaf.public_key()):
+        raise ValueError(f"key {_named(key)} does not match cert {_named(cert)}: it is another key pair's")
+    return ca_pem, cert_pem, key_pem
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,9 +467,9 @@ class _ClientBase:
         self,
         target: str,
         *,
-        ca: str | os.PathLike[str] | bytes,
-        cert: str | os.PathLike[str] | bytes,
-        key: str | os.PathLike[str] | bytes,
+        ca: PemSource,
+        cert: PemSource,
+        key: PemSource,
         token: str | TokenProvider | Callable[[], str] | None = None,
         server_name: str | None = None,
         timeout: float | None = 30.0,
@@ -443,8 +478,9 @@ class _ClientBase:
         keepalive_s: float = 60.0,
     ) -> None:
         provider = as_token_provider(token)
+        ca_pem, cert_pem, key_pem = _tls_material(ca=ca, cert=cert, key=key)
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
+            root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
         )
         if provider is not None:
             credentials = grpc.composite_channel_credentials(

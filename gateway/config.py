@@ -1,8 +1,9 @@
 """Typed settings from ``gateway.yaml`` plus ``gateway serve`` flags; every error names the bad key.
 
-Precedence, in ``load_settings`` only: CLI flag > file > default. Relative paths in the file are relative to
-the file's folder; relative paths from flags are relative to the working directory. The server reads no
-environment variables.
+Precedence, in ``load_settings`` only: CLI flag > file > default. The file is the one named by ``--config``,
+else ``./gateway.yaml`` when it exists (``default_config_file``), else none. Relative paths in the file are
+relative to the file's folder; relative paths from flags are relative to the working directory. The server
+reads no environment variables.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import socket
 import stat
 import types
 import typing
@@ -18,17 +20,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gateway.audit.chain import validate_chain_id, worker_chain_id, worker_path
-from gateway.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
-from gateway.auth.keys import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, SUPPORTED_ALGORITHMS
-from gateway.auth.verifier import MAX_TOKEN_BYTES
+from gateway.auth import (
+    DEFAULT_ALGORITHMS,
+    DEFAULT_AUDIENCE,
+    DEFAULT_ISSUER,
+    HMAC_ALGORITHMS,
+    MAX_TOKEN_BYTES,
+    SUPPORTED_ALGORITHMS,
+)
+from gateway.document import DocumentError, did_you_mean, read_yaml
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
 
+DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
+# How to give the material mutual TLS and tokens need, for the errors that say it is missing.
+_MATERIAL_HINT = (
+    "give --certs DIR (a folder written by scripts/gen_certs.sh) or set {key} in the config file "
+    "(--config FILE; ./gateway.yaml is read when it exists)"
+)
 
 
 class ConfigError(StartupError):
@@ -162,7 +174,7 @@ class Settings:
         return _split_listen(self.listen)
 
 
-_CHOICES = {
+CHOICES = {
     "audit.fsync": ("none", "batch", "always"),
     "models.execution_mode": ("sequential", "parallel"),
     "log_format": ("json", "console"),
@@ -225,8 +237,8 @@ def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
     if annotation is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
         return value
     raise ConfigError(f"{key}: unsupported setting type")  # pragma: no cover - a programming error
 
@@ -239,7 +251,7 @@ def _build(cls: Any, data: Any, prefix: str, base: Path) -> Any:
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"{where}: unknown key")
+            raise ConfigError(f"{where}: unknown key{did_you_mean(key, names)}")
     values = {
         name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name, base) for name, value in data.items()
     }
@@ -286,23 +298,37 @@ def certs_dir_overrides(directory: Path) -> dict[str, Any]:
     return overrides
 
 
+def default_config_file() -> Path | None:
+    """``./gateway.yaml`` when it exists: the file ``--config`` defaults to."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _read_file(config: Path | None) -> tuple[dict[str, Any], Path]:
+    """The file's settings as parsed (empty without a file), and the folder its relative paths start from."""
+    if config is None:
+        return {}, Path.cwd()
+    try:
+        loaded = read_yaml(config)
+    except DocumentError as exc:
+        raise ConfigError(str(exc)) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{config}: expected a mapping at the top level")
+    return loaded or {}, config.parent.resolve()
+
+
+def file_settings(config: Path | None) -> Settings:
+    """The settings of a file alone, each value checked but not the rules across them that only ``serve``
+    needs (TLS material, for one): ``gateway token issue`` reads its ``auth`` section."""
+    data, base = _read_file(config)
+    try:
+        return _build(Settings, data, "", base)
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}" if config else str(exc)) from None
+
+
 def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
     """Settings from the file (if any) with flag overrides (dotted keys) applied on top, validated."""
-    data: dict[str, Any] = {}
-    base = Path.cwd()
-    if config is not None:
-        try:
-            text = config.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{config}: cannot read: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{config}: expected a mapping at the top level")
-        data = loaded or {}
-        base = config.parent.resolve()
+    data, base = _read_file(config)
     for dotted, value in (overrides or {}).items():
         # Flag paths are relative to the working directory; only the file's own paths use its folder.
         _merge(data, dotted, Path.cwd() / value if isinstance(value, Path) else value)
@@ -310,7 +336,9 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
         settings = _build(Settings, data, "", base)
         validate(settings)
     except ConfigError as exc:
-        raise ConfigError(f"{config}: {exc}" if config else str(exc)) from None
+        # Every message starts with its key: the file is named unless a flag set that key.
+        from_flag = str(exc).partition(":")[0] in (overrides or {})
+        raise ConfigError(f"{config}: {exc}" if config and not from_flag else str(exc)) from None
     return settings
 
 
@@ -376,6 +404,47 @@ def _check_private(info: os.stat_result, path: Path, key: str) -> None:
         )
 
 
+def listen_error(listen: str, reason: str) -> ConfigError:
+    """The error for a listen address that cannot be bound, saying what to change and where."""
+    return ConfigError(
+        f"listen: cannot listen on {listen}: {reason}; "
+        "choose another address with --listen HOST:PORT or listen in the config file"
+    )
+
+
+def check_listen(settings: Settings) -> None:
+    """The listen address can be bound now: a port in use is a startup error naming it (exit 2), found before
+    the audit trail is opened. grpc's own bind failure only says that binding failed (the server raises the
+    same error for it), and logs its reason to stderr in grpc's format first.
+    """
+    host, port = settings.host_port
+    problem = _bind_problem(host, port, reuse_port=settings.workers > 1)
+    if problem is not None:
+        raise listen_error(settings.listen, problem)
+
+
+def _bind_problem(host: str, port: int, *, reuse_port: bool) -> str | None:
+    """Why no address of ``host`` can take ``port`` now (None: one can; like grpc, one is enough)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r} ({exc.strerror})"
+    problem = "no address to bind"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # The options grpc binds with: SO_REUSEADDR always, SO_REUSEPORT when workers share the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                problem = exc.strerror or str(exc)
+                continue
+        return None
+    return problem
+
+
 def validate(settings: Settings) -> None:
     """Cross-field rules: secure by default, dev options only where they are safe."""
     host, port = settings.host_port
@@ -394,9 +463,10 @@ def validate(settings: Settings) -> None:
     if not settings.dev_insecure_transport:
         for name in ("cert", "key", "client_ca"):
             if getattr(settings.tls, name) is None:
-                raise ConfigError(f"tls.{name}: required for mutual TLS (or start with --certs DIR)")
+                key = f"tls.{name}"
+                raise ConfigError(f"{key}: required for mutual TLS; {_MATERIAL_HINT.format(key=key)}")
     if not settings.dev_no_auth and settings.auth.jwks is None:
-        raise ConfigError("auth.jwks: required to verify tokens (or start with --certs DIR)")
+        raise ConfigError(f"auth.jwks: required to verify tokens; {_MATERIAL_HINT.format(key='auth.jwks')}")
     for model, batching in settings.models.batching.items():
         if not 2 <= batching.max_batch_size <= 4096:
             raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")

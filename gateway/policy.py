@@ -6,20 +6,18 @@ that does not validate is refused whole (at start: a startup error; on reload: t
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import structlog
-import yaml
 
 from gateway.auth.principal import Principal, identity_spelling_problem
+from gateway.document import DocumentError, did_you_mean, read_yaml
 from gateway.errors import StartupError
 from gateway.watcher import Fingerprint, ReloadingStore, tree_fingerprint
 
@@ -39,7 +37,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 FILE_PATTERNS = ("*.yaml", "*.yml")
-MAX_FILE_BYTES = 1 << 20  # far above any sane policy file; a bigger one is a mistake, not something to parse
 CACHE_MAX_ENTRIES = 10_000
 # Model names come from requests: longer keys are evaluated but not cached, so callers cannot fill memory.
 _CACHE_MAX_KEY_CHARS = 256
@@ -50,7 +47,6 @@ _RULE_KEYS = ("id", "effect", "description", "principals", "models", "versions",
 _REQUIRED_KEYS = ("id", "effect", "principals", "models", "actions")
 _PRINCIPAL_LIST_KEYS = ("cert", "subjects", "groups", "scopes")
 _PRINCIPAL_KEYS = (*_PRINCIPAL_LIST_KEYS, "bound_token")
-_YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class PolicyError(StartupError):
@@ -271,7 +267,11 @@ def load_policies(directory: str | os.PathLike[str]) -> PolicySet:
         # drop a deny rule.
         if not path.is_file():
             raise PolicyError(f"{source}: not a regular file (a directory or a broken link)")
-        for rule in _parse_file(source, _read_document(path, source)):
+        try:
+            document = read_yaml(path)
+        except DocumentError as exc:
+            raise PolicyError(str(exc)) from None
+        for rule in _parse_file(source, document):
             if rule.id in defined_in:
                 raise PolicyError(f"{source}: rule {rule.id!r}: duplicate id, also defined in {defined_in[rule.id]}")
             defined_in[rule.id] = source
@@ -280,63 +280,6 @@ def load_policies(directory: str | os.PathLike[str]) -> PolicySet:
     if not files:
         log.warning("policy_directory_empty", directory=str(root), effect="every request is denied")
     return PolicySet(rules, files=files)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate mapping keys, which PyYAML would otherwise resolve to the
-    last one, so ``effect: deny`` followed by ``effect: allow`` would quietly allow."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _YAML_MERGE_TAG:
-                continue
-            key = (key_node.tag, key_node.value)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key_node.value!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_document(path: Path, source: str) -> object:
-    """The single YAML document of a file (None when it has none), parsed with the safe loader only."""
-    try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise PolicyError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) > MAX_FILE_BYTES:
-        raise PolicyError(f"{source}: larger than {MAX_FILE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{source}: not UTF-8 text (byte {exc.start})") from None
-    loader = _StrictLoader(text)
-    try:
-        if not loader.check_node():
-            return None
-        node = loader.get_node()
-        if loader.check_node():
-            raise PolicyError(f"{source}: more than one YAML document; put every rule in one 'rules' list")
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: invalid YAML: {_describe_yaml_error(exc)}") from None
-    except (ValueError, RecursionError) as exc:  # an integer too long to convert, nesting too deep
-        raise PolicyError(f"{source}: invalid YAML: {exc}") from None
-    finally:
-        loader.dispose()
-
-
-def _describe_yaml_error(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
-    return " ".join(str(exc).split())
 
 
 class _Invalid(Exception):
@@ -353,7 +296,7 @@ def _parse_file(source: str, document: object) -> list[Rule]:
         raise PolicyError(f"{source}: expected a mapping with a 'rules' list, got {_kind(document)}")
     for key in document:
         if key != "rules":
-            raise PolicyError(f"{source}: unknown top-level key {key!r}{_hint(key, ('rules',))}")
+            raise PolicyError(f"{source}: unknown top-level key {key!r}{did_you_mean(key, ('rules',))}")
     if "rules" not in document:
         raise PolicyError(f"{source}: missing key 'rules'")
     raw_rules = document["rules"]
@@ -376,7 +319,7 @@ def _parse_rule(raw: object, source: str) -> Rule:
         raise _Invalid("", f"must be a mapping, got {_kind(raw)}")
     for key in raw:
         if key not in _RULE_KEYS:
-            raise _Invalid("", f"unknown key {key!r}{_hint(key, _RULE_KEYS)}")
+            raise _Invalid("", f"unknown key {key!r}{did_you_mean(key, _RULE_KEYS)}")
     for key in _REQUIRED_KEYS:
         if key not in raw:
             raise _Invalid("", f"missing key {key!r}")
@@ -414,7 +357,7 @@ def _parse_principals(value: object) -> PrincipalMatcher | None:
         raise _Invalid("principals", "empty mapping; write '*' for any authenticated caller")
     for key in value:
         if key not in _PRINCIPAL_KEYS:
-            raise _Invalid("principals", f"unknown key {key!r}{_hint(key, _PRINCIPAL_KEYS)}")
+            raise _Invalid("principals", f"unknown key {key!r}{did_you_mean(key, _PRINCIPAL_KEYS)}")
     globs = {key: _parse_globs(f"principals.{key}", value[key]) for key in _PRINCIPAL_LIST_KEYS if key in value}
     if "cert" in value:
         _check_cert_patterns(value["cert"])
@@ -453,8 +396,19 @@ def _parse_globs(path: str, value: object) -> GlobSet:
     return GlobSet.compile(value)
 
 
+def _is_wildcard(path: str, value: object) -> bool:
+    """Whether ``value`` is the wildcard: ``'*'``, or a list holding only ``'*'`` (as Istio policies write it).
+
+    A list mixing ``'*'`` with other items is refused: it reads as a narrowing that it is not."""
+    if value == "*" or value == ["*"]:
+        return True
+    if isinstance(value, list) and "*" in value:
+        raise _Invalid(path, "'*' already means any; write it alone: '*'")
+    return False
+
+
 def _parse_versions(value: object) -> frozenset[str] | None:
-    if value == "*":
+    if _is_wildcard("versions", value):
         return None
     if not isinstance(value, list) or not value:
         raise _Invalid("versions", f"must be '*' or a non-empty list of positive integers, got {_show(value)}")
@@ -472,7 +426,7 @@ def _parse_versions(value: object) -> frozenset[str] | None:
 
 
 def _parse_actions(value: object) -> frozenset[Action] | None:
-    if value == "*":
+    if _is_wildcard("actions", value):
         return None
     allowed = ", ".join(action.value for action in Action)
     if not isinstance(value, list) or not value:
@@ -504,11 +458,6 @@ def _show(value: object) -> str:
     if isinstance(value, str | int | float | bool) and len(repr(value)) <= 60:
         return repr(value)
     return _kind(value)
-
-
-def _hint(key: object, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(known), n=1) if isinstance(key, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --- reloading -------------------------------------------------------------------------------------------

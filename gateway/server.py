@@ -34,7 +34,7 @@ from gateway.auth.certs import CrlStore
 from gateway.auth.keys import KeyStore
 from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
-from gateway.config import ConfigError, Settings, read_secret
+from gateway.config import ConfigError, Settings, listen_error, read_secret
 from gateway.errors import UnavailableError
 from gateway.limits import Admission
 from gateway.models.placement import Placement
@@ -194,18 +194,25 @@ class Gateway:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
 
     def start(self) -> int:
-        """Load everything, bind, start serving on a new event-loop thread; returns the bound port."""
+        """Load everything, bind, start serving on a new event-loop thread; returns the bound port.
+
+        The port is bound before the audit trail is opened, so that a port in use fails the start without
+        creating or touching the trail, and served only once the trail is open, so that no call comes in
+        before its record can be written.
+        """
         self._warn_dev_options()
         self.models.load_all()
-        self.audit.open()
         loop = self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
         self._loop_thread.start()
         try:
-            self.port = self._on_loop(self._serve())
+            self._server, self.port = self._on_loop(self._bind())
+            self.audit.open()
+            self._on_loop(self._serve(self._server))
         except BaseException:
             if self._server is not None:
                 self._on_loop(self._server.stop(0))
+                self._server = None
             self._close_loop()
             self.audit.close()
             raise
@@ -215,7 +222,8 @@ class Gateway:
         log.info("gateway_started", listen=self.settings.listen, port=self.port, mtls=self.credentials is not None)
         return self.port
 
-    async def _serve(self) -> int:
+    async def _bind(self) -> tuple[grpc.aio.Server, int]:
+        """The server with every service, bound to the listen address but not serving yet, and its port."""
         server = grpc.aio.server(options=_grpc_options(self.settings))
         collector = HandlerCollector()
         max_elements = self.settings.models.max_elements
@@ -233,16 +241,16 @@ class Gateway:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
         listen = self.settings.listen
-        if self.credentials is None:
-            port = server.add_insecure_port(listen)
-        else:
-            port = server.add_secure_port(listen, self.credentials.credentials())
-        if not port:
-            raise OSError(f"cannot listen on {listen}")
+        try:
+            if self.credentials is None:
+                return server, server.add_insecure_port(listen)
+            return server, server.add_secure_port(listen, self.credentials.credentials())
+        except RuntimeError:  # grpc's "Failed to bind to address": config.check_listen says why, where it runs
+            raise listen_error(listen, "the address is in use or not one of this machine's") from None
+
+    async def _serve(self, server: grpc.aio.Server) -> None:
         await server.start()
-        self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        return port
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, then flush the audit trail."""

@@ -4,3 +4,18 @@
 # works with the other out of the box. Here, free of imports, because the CLI's parser needs them in any install.
 DEFAULT_ISSUER = "https://gateway.local"
 DEFAULT_AUDIENCE = "gateway"
+
+# Algorithms, here rather than in keys.py for the same reason: settings validation (config.py) names them.
+DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# RFC 7518 3.2: an HMAC key at least as long as the hash output.
+HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+HMAC_ALGORITHMS = frozenset(HMAC_KEY_BYTES)
+# Algorithm families by key type: the only algorithms a key of that type may ever verify (RFC 7518 3.1).
+ALGORITHM_FAMILIES: dict[tuple[str, str | None], frozenset[str]] = {
+    ("RSA", None): frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    ("EC", "P-256"): frozenset({"ES256"}),
+    ("EC", "P-384"): frozenset({"ES384"}),
+    ("OKP", "Ed25519"): frozenset({"EdDSA"}),
+}
+SUPPORTED_ALGORITHMS = frozenset(alg for family in ALGORITHM_FAMILIES.values() for alg in family) | HMAC_ALGORITHMS
+MAX_TOKEN_BYTES = 8192

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any
 
 import jwt
 from cryptography import x509
@@ -20,6 +20,14 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.auth import (
+    ALGORITHM_FAMILIES,
+    DEFAULT_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    HMAC_KEY_BYTES,
+    SUPPORTED_ALGORITHMS,
+)
+from gateway.document import loads_json
 from gateway.errors import StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
 
@@ -28,7 +36,6 @@ __all__ = [
     "HMAC_ALGORITHMS",
     "HMAC_KEY_BYTES",
     "SUPPORTED_ALGORITHMS",
-    "DuplicateMemberError",
     "KeySet",
     "KeyStore",
     "TokenConfigError",
@@ -37,23 +44,9 @@ __all__ = [
     "jwk_kid",
     "kid_from_jwks",
     "load_jwks",
-    "reject_duplicate_members",
 ]
 
 MAX_JWKS_BYTES = 1 << 20
-DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
-# RFC 7518 3.2: an HMAC key at least as long as the hash output.
-HMAC_KEY_BYTES: Mapping[str, int] = {"HS256": 32, "HS384": 48, "HS512": 64}
-HMAC_ALGORITHMS = frozenset(HMAC_KEY_BYTES)
-# Algorithm families by key type: the only algorithms a key of that type may ever verify (RFC 7518 3.1).
-_FAMILIES: Mapping[tuple[str, str | None], frozenset[str]] = {
-    ("RSA", None): frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
-    ("EC", "P-256"): frozenset({"ES256"}),
-    ("EC", "P-384"): frozenset({"ES384"}),
-    ("OKP", "Ed25519"): frozenset({"EdDSA"}),
-}
-_ASYMMETRIC_ALGORITHMS = frozenset(alg for family in _FAMILIES.values() for alg in family)
-SUPPORTED_ALGORITHMS = _ASYMMETRIC_ALGORITHMS | HMAC_ALGORITHMS
 _PUBLIC_KEY_TYPES: Mapping[str, type] = {
     "RSA": rsa.RSAPublicKey,
     "EC": ec.EllipticCurvePublicKey,
@@ -115,28 +108,6 @@ def cert_thumbprint(cert: bytes | str) -> str:
     return _b64url(hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).digest())
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
-class DuplicateMemberError(ValueError):
-    """A JSON object names a member twice."""
-
-
-def reject_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for ``json.loads``: the object, or DuplicateMemberError on a repeated name, at any depth.
-
-    RFC 8259 4 leaves repeated names to each parser, and most keep the last: two readers of the same JWKS or token
-    could then disagree on what it says (RFC 7515 4, RFC 7517 4, RFC 7519 4 allow refusing; the gateway refuses).
-    """
-    obj: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in obj:
-            raise DuplicateMemberError(f"duplicate member {name!r}")
-        obj[name] = value
-    return obj
-
-
 def _read_jwks(path: Path) -> list[Any]:
     """The ``keys`` list of a JWKS file, parsed strictly (no duplicate members, no NaN, bounded size)."""
     try:
@@ -144,7 +115,7 @@ def _read_jwks(path: Path) -> list[Any]:
             raw = handle.read(MAX_JWKS_BYTES + 1)
         if len(raw) > MAX_JWKS_BYTES:
             raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
-        data = json.loads(raw, object_pairs_hook=reject_duplicate_members, parse_constant=_reject_constant)
+        data = loads_json(raw)
     except (OSError, ValueError) as exc:
         raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
@@ -212,7 +183,7 @@ def _family(jwk: Mapping[str, Any]) -> frozenset[str]:
     kty, crv = jwk.get("kty"), jwk.get("crv")
     if not isinstance(kty, str) or not isinstance(crv, str | None):  # untrusted JSON: a list here is unhashable
         return frozenset()
-    return _FAMILIES.get((kty, None if kty == "RSA" else crv), frozenset())
+    return ALGORITHM_FAMILIES.get((kty, None if kty == "RSA" else crv), frozenset())
 
 
 def _verification_key(jwk: Any, allowed: frozenset[str], path: Path, index: int) -> VerificationKey:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import json
 import math
 import re
 import threading
@@ -26,22 +25,17 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from jwt.utils import base64url_decode, is_pem_format, is_ssh_key
 
+from gateway.auth import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, HMAC_KEY_BYTES, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
 from gateway.auth.keys import (
-    DEFAULT_ALGORITHMS,
-    HMAC_ALGORITHMS,
-    HMAC_KEY_BYTES,
-    SUPPORTED_ALGORITHMS,
-    DuplicateMemberError,
     KeySet,
     KeyStore,
     TokenConfigError,
-    reject_duplicate_members,
 )
+from gateway.document import DocumentError, DuplicateMemberError, loads_json
 from gateway.errors import AuthenticationError
 
 __all__ = ["MAX_TOKEN_BYTES", "TokenVerifier", "VerifiedToken", "groups_and_scopes"]
 
-MAX_TOKEN_BYTES = 8192
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest, no padding
 # RFC 8725 3.11 / RFC 9068 2.1: explicit typing; anything else (a DPoP proof, a logout token) is not ours.
@@ -382,10 +376,10 @@ def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _json_object(segment: str, part: str) -> dict[str, Any]:
     try:
-        value = json.loads(base64url_decode(segment), object_pairs_hook=reject_duplicate_members)
+        value = loads_json(base64url_decode(segment))
     except DuplicateMemberError:
         _refuse(f"duplicate member in token {part}")  # the member's name is attacker text: not in the reason
-    except (ValueError, RecursionError):  # base64 (binascii.Error), UTF-8 and JSON errors are ValueErrors
+    except (DocumentError, ValueError):  # base64 (binascii.Error) errors are ValueErrors
         _refuse("malformed token")
     if not isinstance(value, dict):
         _refuse("malformed token")

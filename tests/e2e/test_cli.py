@@ -3,12 +3,15 @@ policy check and audit verify, each run as ``python -m gateway`` in a subprocess
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jwt
 import numpy as np
@@ -27,17 +30,25 @@ def gw(start_gateway):
     return start_gateway()
 
 
-def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m gateway ARGS`` with only the given GATEWAY_* variables set."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+# The commands read ./gateway.yaml when it is there: they run in this folder, which has none, unless told.
+HERE = Path(__file__).resolve().parent
+
+
+def run(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path = HERE, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ARGS`` (the tree under test) with only the given GATEWAY_* variables set."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "GRPC_"))}
+    kwargs.setdefault("stdout", subprocess.PIPE)
     return subprocess.run(
         [sys.executable, "-m", "gateway", *map(str, args)],
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        env={**base, "GRPC_VERBOSITY": "NONE", **(env or {})},
-        cwd=ROOT,
+        env={**base, "PYTHONPATH": str(ROOT), **(env or {})},
+        cwd=cwd,
         timeout=TIMEOUT_S,
         check=False,
+        **kwargs,
     )
 
 
@@ -176,6 +187,14 @@ def test_predict_with_an_npy_of_an_unsupported_dtype_exits_2(gw, tmp_path, dtype
     assert gw.audit_records() == []  # refused before connecting
 
 
+@pytest.mark.parametrize("content", [b"", b"\x93NUMPY"], ids=["empty", "cut-short"])
+def test_predict_with_a_broken_npy_is_one_line_exit_2(gw, tmp_path, content):
+    path = tmp_path / "x.npy"
+    path.write_bytes(content)
+    result = run("predict", "--model", "mlp", "--input-file", path, env=client_env(gw))
+    assert result.returncode == 2 and one_line(result).startswith(f"error: --input-file {path}: ")
+
+
 def test_flags_override_the_environment(gw):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -276,11 +295,158 @@ def test_unreadable_certificate_exits_2(gw, tmp_path):
     usage_error(run("models", "--cert", tmp_path / "missing.crt", env=client_env(gw)), "missing.crt")
 
 
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed command printed on stderr: no traceback, no grpc log before it."""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    return result.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("flag", "name", "line"),
+    [
+        ("--key", "bob.key", "error: key {pki}/bob.key does not match cert {pki}/alice.crt: it is another key pair's"),
+        ("--key", "alice.crt", "error: key {pki}/alice.crt: not an unencrypted PEM private key"),
+        ("--cert", "alice.key", "error: cert {pki}/alice.key: not a PEM certificate"),
+        ("--ca", "jwks.json", "error: ca {pki}/jwks.json: not a PEM certificate"),
+    ],
+    ids=["key-of-another-certificate", "certificate-as-key", "key-as-certificate", "jwks-as-ca"],
+)
+def test_tls_material_mistakes_are_one_line_exit_2_before_connecting(gw, flag, name, line):
+    result = run("models", flag, gw.pki.path(name), env=client_env(gw))
+    assert (result.returncode, one_line(result)) == (2, line.format(pki=gw.pki.dir))
+    assert gw.audit_records() == []
+
+
+def test_missing_or_empty_token_file_is_one_line_exit_2(gw, tmp_path):
+    env = client_env(gw)
+    del env["GATEWAY_TOKEN"]
+    missing = run("models", "--token-file", tmp_path / "nope.jwt", env=env)
+    assert (missing.returncode, one_line(missing)) == (
+        2,
+        f"error: --token-file {tmp_path}/nope.jwt: No such file or directory",
+    )
+    (tmp_path / "empty.jwt").write_text("\n")
+    empty = run("models", env={**env, "GATEWAY_TOKEN_FILE": str(tmp_path / "empty.jwt")})
+    assert (empty.returncode, one_line(empty)) == (2, f"error: --token-file {tmp_path}/empty.jwt: empty")
+    assert gw.audit_records() == []
+
+
+def test_unreachable_server_and_unknown_host_are_one_line_exit_1(gw):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    refused = run("models", "--target", dead, "--timeout", "5", env=client_env(gw))
+    assert refused.returncode == 1 and "Connection refused" in one_line(refused)
+    unknown = run("models", "--target", "no-such-host.invalid:50051", "--timeout", "5", env=client_env(gw))
+    assert unknown.returncode == 1 and "no-such-host.invalid" in one_line(unknown)
+
+
+def test_output_cut_off_by_its_reader_is_one_line_exit_1(gw):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as when `| head` has had enough
+    try:
+        result = run("metadata", "--model", "mlp", env=client_env(gw), stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, one_line(result)) == (1, "error: output cut off: the program reading it closed the pipe")
+
+
+def test_closed_stdout_is_one_line_exit_2_and_nothing_is_done(pki):
+    command = [sys.executable, "-m", "gateway", "token", "issue", "--key", pki.path("jwt-signing.key"), "--sub", "a"]
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", *map(str, command)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=HERE,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert (result.returncode, one_line(result)) == (2, "error: standard output is closed: nowhere to print the result")
+
+
+def test_ctrl_c_during_a_call_is_one_line_exit_130(gw):
+    with socket.socket() as silent:  # accepts the connection, never answers the TLS handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "GRPC_"))}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "models", "--target", target, "--timeout", "60"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**base, "PYTHONPATH": str(ROOT), **client_env(gw), "GATEWAY_TARGET": target},
+            cwd=HERE,
+        )
+        try:
+            connection, _ = silent.accept()  # the command is inside its call now
+            with connection:
+                process.send_signal(signal.SIGINT)
+                _, stderr = process.communicate(timeout=TIMEOUT_S)
+        finally:
+            process.kill()
+    assert (process.returncode, stderr) == (130, "error: interrupted\n")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "line"),
+    [
+        ('{"input": [1], "input": [2]}', "error: --input: duplicate member 'input'"),
+        (
+            '{"input": {"data": [1], "shap": [1, 1]}}',
+            "error: input 'input': unknown key 'shap' (did you mean 'shape'?)",
+        ),
+        ('{"input": {"dta": [1]}}', "error: input 'input': unknown key 'dta' (did you mean 'data'?)"),
+        ('{"input": {"datatype": "FP32"}}', "error: input 'input': missing key 'data'"),
+        (
+            '{"input": {"data": [1], "datatype": "FP33"}}',
+            "error: input 'input': unknown datatype 'FP33' (did you mean 'FP32'?)",
+        ),
+    ],
+    ids=["duplicate-name", "misspelt-shape", "misspelt-data", "no-data", "unknown-datatype"],
+)
+def test_input_json_mistakes_are_refused_not_ignored(gw, tmp_path, inputs, line):
+    result = run("predict", "--model", "mlp", "--input", inputs, env=client_env(gw))
+    assert (result.returncode, one_line(result)) == (2, line)
+    path = tmp_path / "x.json"
+    path.write_text(inputs)
+    from_file = run("predict", "--model", "mlp", "--input-file", path, env=client_env(gw))
+    assert from_file.returncode == 2 and line.removeprefix("error: ").removeprefix("--input: ") in from_file.stderr
+    assert gw.audit_records() == []
+
+
+def test_version_prints_the_installed_version():
+    result = run("--version")
+    assert (result.returncode, result.stdout) == (0, f"gateway {importlib.metadata.version('gateway')}\n")
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (
+            ["serve"],
+            ["--config FILE settings file (default: ./gateway.yaml when it exists)", "default: 127.0.0.1:50051"],
+        ),
+        (["serve"], ["--log-format {json,console}", "--log-level {debug,info,warning,error}", "default: info"]),
+        (["token", "issue"], ["default: 3600, or auth.max_token_lifetime_s", "default: ./gateway.yaml"]),
+        (["models"], ["--timeout TIMEOUT seconds (default: 30.0)"]),
+        (["policy", "check"], ["(auth.groups_claim) (default: groups)"]),
+    ],
+    ids=["serve-config", "serve-logs", "token-issue", "client", "policy-check"],
+)
+def test_help_shows_the_defaults(command, shown):
+    result = run(*command, "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    for text in shown:
+        assert text in " ".join(result.stdout.split())
+
+
 # --------------------------------------------------------------------------------------------- token issue
 
 
-def issue(pki, *args: str | Path) -> str:
-    result = run("token", "issue", "--key", pki.path("jwt-signing.key"), *args)
+def issue(pki, *args: str | Path, cwd: Path = HERE) -> str:
+    result = run("token", "issue", "--key", pki.path("jwt-signing.key"), *args, cwd=cwd)
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
     assert token.count(".") == 2 and "\n" not in token
@@ -332,27 +498,118 @@ def test_token_issue_with_an_unreadable_key_exits_2(tmp_path):
         (["--key", "{sig}/jwt-signing.pub", "--sub", "alice"], "jwt-signing.pub: not an unencrypted PEM private key"),
         (["--key", "{sig}/ca.crt", "--sub", "alice"], "ca.crt: not an unencrypted PEM private key"),
         (["--key", "{sig}/jwt-signing.key", "--sub", ""], "sub must be a non-empty string"),
-        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--ttl", "0"], "at least one second"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--ttl", "0"], "argument --ttl: '0' is not a whole"),
+        (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--ttl", "-5"], "argument --ttl: '-5' is not a whole"),
         (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--bind-cert", "{alice}/alice.key"], "not a PEM or DER"),
         (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--scope", "read write"], "without whitespace"),
         (["--key", "{sig}/jwt-signing.key", "--sub", "alice", "--group", ""], "non-empty string"),
     ],
-    ids=["public-key", "certificate", "empty-sub", "zero-ttl", "key-as-bind-cert", "scope-with-space", "empty-group"],
+    ids=[
+        "public-key",
+        "certificate",
+        "empty-sub",
+        "zero-ttl",
+        "negative-ttl",
+        "key-as-bind-cert",
+        "scope-with-space",
+        "empty-group",
+    ],
 )
 def test_token_issue_with_bad_input_exits_2_without_a_traceback(pki, args, fragment):
     folders = {"sig": pki.path("jwt-signing.key").parent, "alice": pki.path("alice.key").parent}
     result = run("token", "issue", *(a.format(**folders) for a in args))
     usage_error(result, fragment)
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert "ttl_s" not in result.stderr  # flags by their names, never the issuer's parameters
 
 
 def test_token_issue_with_a_broken_jwks_beside_the_key_exits_2(pki, tmp_path):
     (tmp_path / "jwt-signing.key").write_bytes(pki.read("jwt-signing.key"))
     (tmp_path / "jwks.json").write_text('{"keys": [')
-    result = run("token", "issue", "--key", tmp_path / "jwt-signing.key", "--sub", "alice")
+    issue_args = ["token", "issue", "--key", tmp_path / "jwt-signing.key", "--sub", "alice"]
+    result = run(*issue_args)
     usage_error(result, "jwks.json: cannot read a JWKS")
-    assert "--kid" in result.stderr and "Traceback" not in result.stderr
-    assert run("token", "issue", "--key", tmp_path / "jwt-signing.key", "--sub", "alice", "--kid", "k1").returncode == 0
+    assert "--jwks" in result.stderr and "Traceback" not in result.stderr
+    # It is the key set the token is checked against: another kid does not skip it, another key set does.
+    usage_error(run(*issue_args, "--kid", "k1"), "jwks.json: cannot read a JWKS")
+    assert run(*issue_args, "--jwks", pki.path("jwks.json")).returncode == 0
+
+
+def config_dir(tmp_path: Path, text: str) -> Path:
+    """A folder whose ./gateway.yaml holds ``text``: a command run there reads it, as ``serve`` there would."""
+    folder = tmp_path / "here"
+    folder.mkdir()
+    (folder / "gateway.yaml").write_text(text)
+    return folder
+
+
+def lifetime(token: str) -> int:
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return int(claims["exp"] - claims["iat"])
+
+
+def test_token_issue_refuses_a_ttl_over_the_maximum_of_the_config_serve_reads(pki, tmp_path):
+    here = config_dir(tmp_path, f"auth: {{jwks: {pki.path('jwks.json')}, max_token_lifetime_s: 600}}\n")
+    issue_args = ["token", "issue", "--key", pki.path("jwt-signing.key"), "--sub", "alice"]
+    result = run(*issue_args, "--ttl", "3600", cwd=here)
+    usage_error(result, "with gateway.yaml, the gateway would refuse this token: token lifetime over the maximum")
+    assert "--ttl 3600 is over auth.max_token_lifetime_s (600)" in result.stderr
+    assert lifetime(issue(pki, "--sub", "alice", cwd=here)) == 600  # the default lifetime, cut to the maximum
+    assert lifetime(issue(pki, "--sub", "alice", "--ttl", "600", cwd=here)) == 600
+    # With no config file, serve's built-in maximum (one day) applies.
+    usage_error(run(*issue_args, "--ttl", "86401"), "the default settings (no config file)")
+    assert lifetime(issue(pki, "--sub", "alice")) == 3600
+
+
+def test_token_issue_refuses_a_key_the_key_set_does_not_publish(pki, other_pki, tmp_path):
+    here = config_dir(tmp_path, f"auth: {{jwks: {pki.path('jwks.json')}}}\n")
+    stranger = ["token", "issue", "--key", other_pki.path("jwt-signing.key"), "--sub", "alice"]
+    usage_error(run(*stranger, cwd=here), f"its public key is not in {pki.path('jwks.json')}")
+    usage_error(run(*stranger, "--jwks", pki.path("jwks.json")), "its public key is not in")  # with no config
+    usage_error(
+        run("token", "issue", "--key", pki.path("jwt-signing.key"), "--sub", "a", "--kid", "k9", cwd=here), "--kid k9"
+    )
+    issue(other_pki, "--sub", "alice")  # beside its own key set, the other key is fine
+
+
+def test_token_issue_without_a_key_set_to_check_says_so(pki, tmp_path):
+    (tmp_path / "signing.key").write_bytes(pki.read("jwt-signing.key"))
+    result = run("token", "issue", "--key", tmp_path / "signing.key", "--sub", "alice")
+    assert result.returncode == 0 and result.stdout.count(".") == 2
+    assert "note: no key set to check the token against" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("auth", "flags", "fragment"),
+    [
+        (
+            "issuer: https://idp.example",
+            ["--iss", "https://gateway.local"],
+            "wrong issuer: --iss https://gateway.local",
+        ),
+        ("audience: inference", ["--aud", "gateway"], "wrong audience: --aud gateway is not auth.audience (inference)"),
+        ("required_claims: [exp, iss, aud, sub, groups]", [], "missing claim groups: auth.required_claims"),
+    ],
+    ids=["issuer", "audience", "required-claim"],
+)
+def test_token_issue_refuses_what_the_configured_verifier_refuses(pki, tmp_path, auth, flags, fragment):
+    here = config_dir(tmp_path, f"auth: {{jwks: {pki.path('jwks.json')}, {auth}}}\n")
+    result = run("token", "issue", "--key", pki.path("jwt-signing.key"), "--sub", "alice", *flags, cwd=here)
+    usage_error(result, fragment)
+    assert result.stderr.count("\n") == 1
+
+
+def test_token_issue_takes_issuer_and_audience_from_the_config_and_the_gateway_accepts_the_token(
+    start_gateway, tmp_path
+):
+    gw = start_gateway(overrides={"auth.issuer": "https://idp.example", "auth.audience": "inference"})
+    here = config_dir(
+        tmp_path, f"auth: {{jwks: {gw.pki.path('jwks.json')}, issuer: https://idp.example, audience: inference}}\n"
+    )
+    token = issue(gw.pki, "--sub", "alice", "--bind-cert", gw.pki.path("alice.crt"), cwd=here)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert (claims["iss"], claims["aud"]) == ("https://idp.example", "inference")
+    assert ok(run("metadata", "--model", "mlp", env=client_env(gw, token=token)))["name"] == "mlp"
 
 
 # -------------------------------------------------------------------------------------------- policy check

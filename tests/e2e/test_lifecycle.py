@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -156,6 +157,84 @@ def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path
     log = (tmp_path / "serve.log").read_text()
     assert code == 0, log[-3000:]
     assert "gateway_stopped" in log
+    # No ./gateway.yaml where it ran and no --config: the log says that no file was read.
+    (loaded,) = [json.loads(line) for line in log.splitlines() if '"config_loaded"' in line]
+    assert loaded["path"] is None and "no config file" in loaded["detail"]
+    assert "listen" in loaded["flags"] and "tls.cert" in loaded["flags"]
+
+
+def test_serve_reads_gateway_yaml_where_it_runs_and_flags_override_it(pki, demo_models, tmp_path):
+    port = free_port()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (tmp_path / "gateway.yaml").write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"tls: {{cert: {pki.path('server.crt')}, key: {pki.path('server.key')}, client_ca: {pki.path('ca.crt')}}}\n"
+        f"auth: {{jwks: {pki.path('jwks.json')}}}\n"
+        f"models: {{repository: {demo_models}}}\n"
+        "policies: {directory: policies}\n"  # relative to the file's folder
+        "audit: {path: audit/audit.log}\n"
+        "log_format: json\n"
+        "log_level: warning\n"
+    )
+    # No --config: ./gateway.yaml is read. The log flags win over the file's json and warning.
+    process = serve(["--log-format", "console", "--log-level", "info"], tmp_path)
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    finally:
+        process.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log[-3000:]
+    (loaded,) = [line for line in log.splitlines() if "config_loaded" in line]
+    assert f"path={tmp_path / 'gateway.yaml'}" in loaded and "flags=['log_format', 'log_level']" in loaded
+    assert not any(line.startswith("{") for line in log.splitlines())  # console, not the file's json
+    assert (tmp_path / "audit" / "audit.log").exists()
+
+
+def test_port_in_use_is_one_line_exit_2_and_the_audit_trail_is_not_created(pki, demo_models, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_serve(serve_args(pki, demo_models, tmp_path, port), tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: listen: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "choose another address with --listen HOST:PORT or listen in the config file\n"
+    )
+    assert not (tmp_path / "audit").exists()
+
+
+def test_gateway_started_on_a_port_in_use_fails_before_opening_its_audit_trail(start_gateway, tmp_path):
+    from gateway.config import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=rf"^listen: cannot listen on {listen}: "):
+            start_gateway(overrides={"listen": listen})
+    assert not (tmp_path / "audit-0").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--certs", "no-such-folder"], "error: --certs: no-such-folder is not a directory"),
+        (["--config", "no-such.yaml"], "error: no-such.yaml: cannot read: No such file or directory"),
+        (["--listen", "nowhere"], "error: listen: 'nowhere' is not HOST:PORT"),
+        (["--log-level", "loud"], "error: argument --log-level: invalid choice: 'loud'"),
+        (["--workers", "many"], "error: argument --workers: invalid int value: 'many'"),
+    ],
+    ids=["certs-folder", "config-file", "listen", "log-level", "workers"],
+)
+def test_serve_mistakes_are_one_line_exit_2(tmp_path, args, line):
+    result = run_serve(args, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result.stderr
 
 
 def serve_args(pki, demo_models: Path, tmp_path: Path, port: int) -> list[str]:
@@ -228,10 +307,11 @@ def run_serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[st
     )
 
 
-def test_serve_without_tls_material_is_a_usage_error(tmp_path):
+def test_serve_without_tls_material_is_a_usage_error_saying_how_to_give_it(tmp_path):
     result = run_serve(["--listen", "127.0.0.1:0"], tmp_path)
     assert result.returncode == 2
-    assert "tls.cert: required" in result.stderr
+    assert result.stderr.startswith("error: tls.cert: required for mutual TLS; give --certs DIR")
+    assert "set tls.cert in the config file (--config FILE; ./gateway.yaml is read when it exists)" in result.stderr
 
 
 def test_bad_config_key_is_a_usage_error_naming_the_key(tmp_path):
@@ -239,7 +319,7 @@ def test_bad_config_key_is_a_usage_error_naming_the_key(tmp_path):
     config.write_text("limits:\n  max_mesage_bytes: 10\n")
     result = run_serve(["--config", str(config)], tmp_path)
     assert result.returncode == 2
-    assert "limits.max_mesage_bytes: unknown key" in result.stderr
+    assert "limits.max_mesage_bytes: unknown key (did you mean 'max_message_bytes'?)" in result.stderr
 
 
 def test_bad_config_value_is_a_usage_error_naming_the_key(tmp_path):

@@ -445,6 +445,20 @@ def test_server_name_checks_the_certificate_for_that_name(gw):
         assert client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT).version == "2"
 
 
+@pytest.mark.parametrize("cls", [gateway.Client, gateway.AsyncClient])
+def test_a_key_that_is_not_the_certificates_is_one_clear_value_error(gw, cls):
+    before = len(gw.audit_records())
+    alice, bob_key = gw.pki.path("alice.crt"), gw.pki.path("bob.key")
+    with pytest.raises(ValueError) as caught:
+        cls(gw.target, ca=gw.pki.path("ca.crt"), cert=alice, key=bob_key, token=gw.token())
+    assert str(caught.value) == f"key {bob_key} does not match cert {alice}: it is another key pair's"
+    with pytest.raises(ValueError, match=r"^key \(PEM bytes\) does not match cert \(PEM bytes\)"):
+        cls(gw.target, ca=gw.pki.read("ca.crt"), cert=alice.read_bytes(), key=bob_key.read_bytes())
+    with pytest.raises(ValueError, match=r"ca .*alice\.key: not a PEM certificate"):
+        cls(gw.target, ca=gw.pki.path("alice.key"), cert=alice, key=gw.pki.path("alice.key"))
+    assert len(gw.audit_records()) == before  # refused before any connection
+
+
 # --------------------------------------------------------------------------------------------------- tokens
 
 

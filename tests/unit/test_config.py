@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, certs_dir_overrides, load_settings, read_secret
+from gateway.config import (
+    ConfigError,
+    certs_dir_overrides,
+    check_listen,
+    default_config_file,
+    file_settings,
+    load_settings,
+    read_secret,
+)
 
 TLS = "tls: {cert: s.crt, key: s.key, client_ca: ca.crt}\n"
 SECURE = TLS + "auth: {jwks: jwks.json}\n"
@@ -20,9 +29,21 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_are_secure_and_need_tls_material():
-    with pytest.raises(ConfigError, match=r"tls\.cert: required"):
+def test_defaults_are_secure_and_need_tls_material_and_the_error_says_how_to_give_it():
+    with pytest.raises(ConfigError, match=r"tls\.cert: required") as raised:
         load_settings(None)
+    assert "--certs DIR" in str(raised.value) and "set tls.cert in the config file" in str(raised.value)
+    assert "./gateway.yaml" in str(raised.value)
+    with pytest.raises(ConfigError, match=r"auth\.jwks: required to verify tokens; give --certs DIR"):
+        load_settings(None, {"tls.cert": Path("s.crt"), "tls.key": Path("s.key"), "tls.client_ca": Path("ca.crt")})
+
+
+def test_the_config_file_defaults_to_gateway_yaml_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_config_file() is None
+    (tmp_path / "gateway.yaml").write_text(SECURE)
+    assert default_config_file() == Path("gateway.yaml")
+    assert load_settings(default_config_file()).tls.cert == tmp_path / "s.crt"
 
 
 def test_file_paths_are_relative_to_the_file(tmp_path):
@@ -38,6 +59,76 @@ def test_flags_override_the_file_and_are_relative_to_the_working_directory(tmp_p
     )
     assert settings.listen == "127.0.0.1:2"
     assert settings.models.repository == Path.cwd() / "flag"
+
+
+def test_an_error_in_a_flag_value_names_the_key_not_the_file(tmp_path):
+    config = write(tmp_path, SECURE + "listen: 127.0.0.1:1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, {"listen": "nowhere"})
+    assert str(raised.value) == "listen: 'nowhere' is not HOST:PORT"
+    with pytest.raises(ConfigError, match=rf"^{config}: listen: 'also-nowhere' is not HOST:PORT$"):
+        load_settings(write(tmp_path, SECURE + "listen: also-nowhere\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lisen: 127.0.0.1:1\n", "lisen: unknown key (did you mean 'listen'?)"),
+        ("limits: {max_mesage_bytes: 1}\n", "limits.max_mesage_bytes: unknown key (did you mean 'max_message_bytes'?)"),
+        ("audit: {hmac_key: k}\n", "audit.hmac_key: unknown key (did you mean 'hmac_key_file'?)"),
+        ("nothing_like_any_key: 1\n", "nothing_like_any_key: unknown key"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_known_one(tmp_path, text, message):
+    config = write(tmp_path, SECURE + text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert str(raised.value) == f"{config}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n", "found duplicate key 'listen' (line 4, column 1)"),
+        ("limits: {max_message_bytes: 1, max_message_bytes: 2}\n", "found duplicate key 'max_message_bytes'"),
+    ],
+    ids=["top-level", "nested"],
+)
+def test_duplicate_keys_are_refused_naming_file_and_line(tmp_path, text, where):
+    config = write(tmp_path, SECURE + text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert str(raised.value).startswith(f"{config}: invalid YAML: ") and where in str(raised.value)
+
+
+def test_yaml_syntax_errors_name_the_file_line_and_column(tmp_path):
+    config = write(tmp_path, "listen: [127.0.0.1:1\ntls: {}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    message = str(raised.value)
+    assert message.startswith(f"{config}: invalid YAML: ") and "(line 2, column 4)" in message
+    assert "<unicode string>" not in message and "\n" not in message
+
+
+def test_file_settings_check_values_but_not_the_material_only_serve_needs(tmp_path):
+    auth = file_settings(write(tmp_path, "auth: {issuer: https://idp.example, max_token_lifetime_s: 600}\n")).auth
+    assert (auth.issuer, auth.max_token_lifetime_s, auth.jwks) == ("https://idp.example", 600.0, None)
+    with pytest.raises(ConfigError, match=r"gateway\.yaml: auth\.isuer: unknown key \(did you mean 'issuer'\?\)"):
+        file_settings(write(tmp_path, "auth: {isuer: x}\n"))
+    assert file_settings(None).auth.audience == "gateway"
+
+
+def test_check_listen_refuses_an_address_in_use_naming_it(tmp_path):
+    settings = load_settings(write(tmp_path, SECURE), {"listen": "127.0.0.1:0"})
+    check_listen(settings)  # a free port: no error
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError) as raised:
+            check_listen(load_settings(write(tmp_path, SECURE), {"listen": listen}))
+    assert str(raised.value).startswith(f"listen: cannot listen on {listen}: Address already in use; ")
+    assert "--listen HOST:PORT" in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -66,12 +157,14 @@ def test_flags_override_the_file_and_are_relative_to_the_working_directory(tmp_p
         ("models: {batching: [mlp]}\n", r"models\.batching: expected a mapping of names"),
         ("tls: 3\n", r"tls: expected a mapping"),
         ("- a\n- b\n", r"expected a mapping at the top level"),
-        ("a: [\n", r"not valid YAML"),
+        ("a: [\n", r"invalid YAML"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, message):
+    # The prefix gives what the case does not: a key written twice would be refused as a duplicate.
+    prefixes = {"auth:": TLS, "tls:": "auth: {jwks: j.json}\n", "-": "", "a:": ""}
+    prefix = next((p for start, p in prefixes.items() if text.startswith(start)), SECURE)
     with pytest.raises(ConfigError, match=message):
-        prefix = TLS if text.startswith("auth:") else "" if text.startswith(("-", "a:")) else SECURE
         load_settings(write(tmp_path, prefix + text))
 
 
@@ -179,12 +272,13 @@ def test_missing_files_and_folders_are_startup_errors_naming_the_key(tmp_path):
     (tmp_path / "policies").mkdir()
     base = SECURE + "models: {repository: models}\npolicies: {directory: policies}\n"
     check_paths(load_settings(write(tmp_path, base)))  # everything there: no error
-    for extra, message in [
-        ("audit: {hmac_key_file: missing.key}\n", r"audit\.hmac_key_file: .*missing\.key is not a readable file"),
-        ("tls: {cert: s.crt, key: s.key, client_ca: ca.crt, crl: gone.pem}\n", r"tls\.crl: .*gone\.pem is not"),
+    with_crl = base.replace(TLS, "tls: {cert: s.crt, key: s.key, client_ca: ca.crt, crl: gone.pem}\n")
+    for text, message in [
+        (base + "audit: {hmac_key_file: missing.key}\n", r"audit\.hmac_key_file: .*missing\.key is not a readable"),
+        (with_crl, r"tls\.crl: .*gone\.pem is not"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            check_paths(load_settings(write(tmp_path, base + extra)))
+            check_paths(load_settings(write(tmp_path, text)))
     for key, folder in (("models", "repository"), ("policies", "directory")):
         text = base.replace(f"{key}: {{{folder}: {key}}}", f"{key}: {{{folder}: nowhere}}")
         with pytest.raises(ConfigError, match=rf"{key}\.{folder}: .*nowhere is not a directory"):

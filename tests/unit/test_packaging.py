@@ -1,4 +1,4 @@
-"""Packaging: the wheel's dependency split (the SDK needs grpcio, protobuf and numpy; the server is an extra) and its
+"""Packaging: the build gives no setuptools warning (as ``make setup``'s ``pip install -e`` runs it); the wheel's dependency split (the SDK needs grpcio, protobuf and numpy; the server is an extra) and its
 type information, and an SDK-only install, simulated by a Python that cannot import the server extra's modules."""
 
 from __future__ import annotations
@@ -151,3 +151,21 @@ def test_server_commands_without_the_server_extra_say_how_to_install_it_in_one_l
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"error: gateway {name} needs the server extra: pip install 'gateway[server]' (no module ")
+
+
+def test_the_editable_build_gives_no_setuptools_deprecation_warning(tmp_path):
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("gateway", "meta", "dist"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "gateway" / "__init__.py").write_text("")
+    build = (
+        "from setuptools import build_meta\n"
+        "print(build_meta.prepare_metadata_for_build_editable('meta'))\n"
+        "print(build_meta.build_editable('dist'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", build], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from structlog.testing import capture_logs
 
-from gateway import policy
+from gateway import document, policy
 from gateway.auth.keys import KeyStore, jwk_kid
 from gateway.auth.principal import Principal
 from gateway.auth.verifier import TokenVerifier, groups_and_scopes
@@ -363,6 +363,16 @@ def test_action_star_matches_every_action(tmp_path: Path) -> None:
     assert all(decide(policies, action=action).allowed for action in Action)
 
 
+@pytest.mark.parametrize("star", ['"*"', '["*"]', "['*']"], ids=["string", "list", "single-quoted-list"])
+def test_star_alone_or_as_the_only_list_item_matches_every_action_and_version(tmp_path: Path, star: str) -> None:
+    # Istio users write actions: ["*"]; it means what actions: "*" means.
+    policies = load_one(tmp_path, rules_file(rule("r", actions=star, versions=star)))
+    assert policies.rules[0].actions is None and policies.rules[0].versions is None
+    for action in Action:
+        for version in ("1", "42", None):
+            assert decide(policies, action=action, version=version).allowed
+
+
 # --- validation ----------------------------------------------------------------------------------------------
 
 GOOD = {
@@ -392,6 +402,8 @@ def one_rule(**overrides: str | None) -> str:
         (one_rule(actions="[predict, train]"), "rule 'r1': actions[1]: must be one of predict, stream"),
         (one_rule(actions="predict"), "rule 'r1': actions: must be '*' or a non-empty list"),
         (one_rule(actions="[]"), "rule 'r1': actions: must be '*' or a non-empty list"),
+        (one_rule(actions='[predict, "*"]'), "rule 'r1': actions: '*' already means any; write it alone: '*'"),
+        (one_rule(versions='["*", 2]'), "rule 'r1': versions: '*' already means any; write it alone: '*'"),
         (one_rule(id=None), "rule #1: missing key 'id'"),
         (one_rule(effect=None), "rule 'r1': missing key 'effect'"),
         (one_rule(principals=None), "rule 'r1': missing key 'principals'"),
@@ -487,7 +499,7 @@ def test_broken_link_named_like_a_policy_file_is_refused(tmp_path: Path) -> None
 
 
 def test_oversized_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(policy, "MAX_FILE_BYTES", 64)
+    monkeypatch.setattr(document, "MAX_FILE_BYTES", 64)
     write(tmp_path, "a.yaml", rules_file(rule("r")))
     with pytest.raises(PolicyError, match="larger than 64 bytes"):
         load_policies(tmp_path)
