@@ -304,16 +304,18 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize(
     ("flag", "name", "line"),
     [
-        ("--key", "bob.key", "error: key {pki}/bob.key does not match cert {pki}/alice.crt: it is another key pair's"),
-        ("--key", "alice.crt", "error: key {pki}/alice.crt: not an unencrypted PEM private key"),
-        ("--cert", "alice.key", "error: cert {pki}/alice.key: not a PEM certificate"),
-        ("--ca", "jwks.json", "error: ca {pki}/jwks.json: not a PEM certificate"),
+        ("--key", "bob.key", "error: key {bob.key} does not match cert {alice.crt}: it is another key pair's"),
+        ("--key", "alice.crt", "error: key {alice.crt}: not an unencrypted PEM private key"),
+        ("--cert", "alice.key", "error: cert {alice.key}: not a PEM certificate"),
+        ("--ca", "jwks.json", "error: ca {jwks.json}: not a PEM certificate"),
     ],
     ids=["key-of-another-certificate", "certificate-as-key", "key-as-certificate", "jwks-as-ca"],
 )
 def test_tls_material_mistakes_are_one_line_exit_2_before_connecting(gw, flag, name, line):
     result = run("models", flag, gw.pki.path(name), env=client_env(gw))
-    assert (result.returncode, one_line(result)) == (2, line.format(pki=gw.pki.dir))
+    for file in ("alice.crt", "alice.key", "bob.key", "jwks.json"):
+        line = line.replace(f"{{{file}}}", str(gw.pki.path(file)))
+    assert (result.returncode, one_line(result)) == (2, line)
     assert gw.audit_records() == []
 
 

@@ -19,8 +19,8 @@ from packaging.utils import canonicalize_name
 from gateway import cli
 from tests.conftest import ROOT, SERVER_ONLY_MODULES, sdk_only_env
 
-SDK = {"grpcio", "protobuf", "numpy"}
-SERVER = {"grpcio-health-checking", "grpcio-reflection", "cryptography", "pyjwt", "structlog", "onnxruntime", "pyyaml"}
+SDK = {"grpcio", "protobuf", "numpy", "cryptography"}
+SERVER = {"grpcio-health-checking", "grpcio-reflection", "pyjwt", "structlog", "onnxruntime", "pyyaml"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def requirements(wheel: zipfile.ZipFile, extra: str | None) -> set[str]:
     return found
 
 
-def test_wheel_requires_grpcio_protobuf_and_numpy_alone(wheel):
+def test_wheel_requires_grpcio_protobuf_numpy_and_cryptography_alone(wheel):
     assert requirements(wheel, None) == SDK
 
 

@@ -559,12 +559,21 @@ def test_token_issued_in_the_future_is_refused(verifier: TokenVerifier, rsa_key:
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
-@pytest.mark.parametrize("value", ["1800000600", True, None, [T0], float("nan"), float("inf"), 10**400], ids=repr)
+@pytest.mark.parametrize("value", ["1800000600", True, None, [T0], 10**400], ids=repr)
 def test_time_claim_that_is_not_a_number_is_refused(
     verifier: TokenVerifier, rsa_key: Key, claim: str, value: Any
 ) -> None:
     reason = refused(verifier, token(rsa_key, payload(**{claim: value})))
     assert reason == ("missing claim exp" if (claim, value) == ("exp", None) else f"malformed claim {claim}")
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=repr)
+def test_claims_holding_nan_or_infinity_are_not_json(
+    verifier: TokenVerifier, rsa_key: Key, claim: str, value: Any
+) -> None:
+    # Python's json writes NaN and Infinity, which RFC 8259 JSON does not have: the claims are not JSON at all.
+    assert refused(verifier, token(rsa_key, payload(**{claim: value}))) == "malformed token"
 
 
 def test_lifetime_over_the_maximum_is_refused(make: Callable[..., TokenVerifier], rsa_key: Key) -> None:
