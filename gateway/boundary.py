@@ -25,7 +25,7 @@ import structlog
 
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
-from gateway.context import CallContext, current_call, request_id_from
+from gateway.context import CallContext, current_call, new_request_id
 from gateway.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -37,11 +37,10 @@ from gateway.errors import (
     UnimplementedError,
     error_for_code,
 )
+from gateway.identifiers import ID, shown
 from gateway.limits import Admission, Slot
 
 log = structlog.get_logger(__name__)
-
-_MAX_METHOD_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +90,11 @@ class Recorder:
 
 def _metadata_values(metadata: Sequence[tuple[str, Any]] | None, key: str) -> list[str]:
     return [value for name, value in metadata or () if name == key]
+
+
+def _request_id_header(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    """The caller's ``x-request-id``, None when absent or empty."""
+    return next(iter(_metadata_values(metadata, "x-request-id")), None) or None
 
 
 def _decode(deserialize: Callable[[bytes], Any], raw: bytes, *, index: int | None = None) -> Any:
@@ -180,8 +184,9 @@ class CallBoundary:
     def _unknown(self, name: str) -> grpc.RpcMethodHandler:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
             self._enter()
-            call, metadata = self._begin(name, context)
-            error: GatewayError = UnimplementedError(reason=f"unknown method {name[:_MAX_METHOD_CHARS]}")
+            # An unknown method's name is the caller's choice, up to the metadata limit: recorded as shown.
+            call, metadata = self._begin(shown(name), context)
+            error: GatewayError = UnimplementedError(reason=f"unknown method {call.method}")
             slots: list[Slot] = []
             try:
                 try:
@@ -199,11 +204,12 @@ class CallBoundary:
     # ------------------------------------------------------------------------------------------------ per call
 
     def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[CallContext, Sequence[Any]]:
-        """The call's context, and its metadata (read once)."""
+        """The call's context, and its metadata (read once). A malformed ``x-request-id`` is replaced here and
+        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send)."""
         metadata = context.invocation_metadata() or ()
-        request_id = request_id_from(next(iter(_metadata_values(metadata, "x-request-id")), None))
-        # An unknown method's name is the caller's choice, up to the metadata limit: kept short in the record.
-        call = CallContext(request_id=request_id, method=method[:_MAX_METHOD_CHARS], peer=context.peer())
+        header = _request_id_header(metadata)
+        request_id = header if header is not None and ID.allows(header) else new_request_id()
+        call = CallContext(request_id=request_id, method=method, peer=context.peer())
         current_call.set(call)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -226,7 +232,12 @@ class CallBoundary:
             if peer is not None:
                 call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
             authorization = _metadata_values(metadata, "authorization")
-            principal = call.principal = authenticator.authenticate(peer, authorization)
+            call.principal = authenticator.authenticate(peer, authorization)
+        header = _request_id_header(metadata)
+        if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
+            ID.check(header, "x-request-id header")
+        principal = call.principal
+        if principal is not None:
             slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
         slots.append(self._admission.admit_call())
 

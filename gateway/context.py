@@ -7,7 +7,6 @@ through ``current_call`` by code that is not handed it explicitly.
 from __future__ import annotations
 
 import contextvars
-import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -17,14 +16,9 @@ from typing import Any, Protocol
 from gateway.auth.principal import Principal
 from gateway.tensors import datatype_of
 
-# Caller-chosen request ids end up in logs and the audit trail: only short, plain tokens are accepted.
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
-
-def request_id_from(candidate: str | None) -> str:
-    """The caller's ``x-request-id`` when it is a safe string, else a new random one."""
-    if candidate and _SAFE_REQUEST_ID.match(candidate):
-        return candidate
+def new_request_id() -> str:
+    """A request id for a call whose caller sent none (or a malformed one)."""
     return secrets.token_hex(16)
 
 

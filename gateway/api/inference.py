@@ -13,6 +13,7 @@ from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.context import current_call
 from gateway.errors import GatewayError, InternalError, InvalidArgumentError
+from gateway.identifiers import ID, shown
 from gateway.models.runtime import TensorSpec
 from gateway.pipeline import InferRequest, InferResult, Pipeline
 from gateway.policy import Action
@@ -21,21 +22,26 @@ log = structlog.get_logger(__name__)
 
 
 def to_infer_request(request: pb.PredictRequest, *, max_elements: int) -> InferRequest:
-    """Decode a PredictRequest; both forms (named tensors, flat ``input_data``) end up in one InferRequest."""
-    if not request.model_name:
-        raise InvalidArgumentError("model_name is required")
+    """Decode a PredictRequest; both forms (named tensors, flat ``input_data``) end up in one InferRequest (whose
+    identifiers the pipeline checks)."""
     if request.inputs and request.input_data:
         raise InvalidArgumentError("send either inputs or input_data, not both")
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         if tensor.name in inputs:
-            raise InvalidArgumentError(f"input '{tensors.shown(tensor.name)}' appears twice")
+            raise InvalidArgumentError(f"input '{shown(tensor.name)}' appears twice")
         inputs[tensor.name] = tensors.decode(tensor, max_elements=max_elements)
     flat = None
     if request.input_data:
         tensors.element_count((len(request.input_data),), name="input_data", max_elements=max_elements)
         flat = np.asarray(request.input_data, dtype=np.float32)
-    return InferRequest(model=request.model_name, version=request.model_version or None, inputs=inputs, flat=flat)
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version or None,
+        inputs=inputs,
+        flat=flat,
+        id=request.id or None,
+    )
 
 
 def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictResponse:
@@ -50,6 +56,12 @@ def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictRe
         first = next(iter(result.outputs.values()))
         response.result.extend(np.asarray(first, dtype=np.float32).ravel().tolist())
     return response
+
+
+def _echoed_id(request: pb.PredictRequest) -> str:
+    """The message's id for a reply that refuses it: left out when the id itself is malformed (or the reply would
+    carry it back, up to the size of the request)."""
+    return request.id if ID.allows(request.id) else ""
 
 
 def _specs(specs: tuple[TensorSpec, ...]) -> list[pb.TensorSpec]:
@@ -92,7 +104,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 error = InternalError(reason="unexpected error")
             if error is not None:
                 code = grpc.StatusCode[error.code].value[0]
-                reply = pb.PredictStreamResponse(error=pb.StreamError(code=code, message=error.message), id=request.id)
+                reply = pb.PredictStreamResponse(
+                    error=pb.StreamError(code=code, message=error.message), id=_echoed_id(request)
+                )
             call.bytes_out = reply.ByteSize()
             stream.model_ran = stream.model_ran or call.model_ran
             # Recorded before the reply leaves; if the record cannot be written the stream ends UNAVAILABLE.
@@ -121,8 +135,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
         """Signature of one model version."""
-        if not request.model_name:
-            raise InvalidArgumentError("model_name is required")
         model, versions = self._pipeline.metadata(current_call.get(), request.model_name, request.model_version or None)
         return pb.GetModelMetadataResponse(
             name=model.name,

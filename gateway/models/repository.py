@@ -19,15 +19,14 @@ from types import MappingProxyType
 import structlog
 
 from gateway.errors import NotFoundError
+from gateway.identifiers import NAME, shown
 from gateway.models.placement import Placement
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
-from gateway.tensors import shown
 from gateway.watcher import Watcher
 
 log = structlog.get_logger(__name__)
 
 MODEL_FILE = "model.onnx"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 
 FileKey = tuple[int, int, int]  # (inode, size, mtime_ns): a new key means a new or rewritten file
@@ -69,7 +68,7 @@ def scan(root: Path) -> dict[tuple[str, int], tuple[Path, FileKey]]:
     except FileNotFoundError:
         return found
     for name_entry in names:
-        if not (name_entry.is_dir() and _NAME.fullmatch(name_entry.name)):
+        if not (name_entry.is_dir() and NAME.allows(name_entry.name)):
             continue
         for version_entry in os.scandir(name_entry.path):
             if not (version_entry.is_dir() and parse_version(version_entry.name) is not None):
