@@ -1,6 +1,7 @@
 """Caller text in the audit trail: every identifier a caller chooses (model name, version, input names, the message
 id, the request id header, the same in stream messages) is checked against its grammar and limit before anything
-records it, for a caller allowed everything and for one allowed nothing."""
+records it, for a caller allowed everything and for one allowed nothing; and no record outgrows a fixed size,
+whatever the request holds."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
+from gateway.audit import verify_files
+from gateway.audit.chain import MAX_RECORD_BYTES
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, raw_unary_call, rpc_error, stub, tensor, trailer
 
 PREDICT = "/gateway.v1.InferenceService/Predict"
@@ -149,3 +152,12 @@ def test_stream_messages_with_malformed_identifiers_are_refused_in_band_and_reco
     assert (records[5]["event"], records[5]["messages"]) == ("stream", 5)
     assert all(len(line) < SMALL for line in lines)
 
+
+def test_a_record_stays_under_the_size_limit_whatever_the_request_holds(start_gateway):
+    gw = start_gateway()
+    many = predict_request("mlp", {f"input_{i:04d}": np.zeros(1, np.float32) for i in range(3000)})
+    error, line, record = refused_call(gw, "alice", many)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(line) <= MAX_RECORD_BYTES < record["truncated"]  # cut down from what it would have been
+    assert (record["code"], record["model"], len(record["inputs"])) == ("INVALID_ARGUMENT", "mlp", 16)
+    assert verify_files([gw.audit_path], hmac_key=gw.pki.read("audit-hmac.key").strip()).ok

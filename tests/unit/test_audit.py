@@ -30,7 +30,7 @@ from gateway.audit import (
     worker_chain_id,
     worker_path,
 )
-from gateway.audit.chain import encode_canonical, parse_rotated
+from gateway.audit.chain import MAX_RECORD_BYTES, encode_canonical, parse_rotated
 from gateway.errors import InternalError, UnavailableError
 from tests.conftest import wait_until
 
@@ -146,6 +146,33 @@ def test_non_finite_floats_become_strings_and_the_file_is_strict_json(log_path: 
     assert first["sub"] == "bad\ufffdclaim"
     assert second["seq"] == 2
     assert verify_files([log_path]).ok
+
+
+def _huge_fields(count: int) -> dict[str, Any]:
+    return {f"field_{i}_" + "k" * 300: "\x00" * 5000 for i in range(count)}
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept"),
+    [
+        ({"reason": "r" * 1_000_000}, {"reason": "r" * 256 + "...", "model": "mlp"}),
+        ({"inputs": [{"name": f"in{i}", "datatype": "FP32", "shape": [1]} for i in range(5000)]}, {"model": "mlp"}),
+        (_huge_fields(100), {"request_id": "req-1", "code": "OK"}),  # still too long once cut: the identity only
+    ],
+    ids=["long-string", "many-items", "many-long-fields"],
+)
+def test_a_record_over_the_size_limit_is_cut_to_fit_and_still_verifies(
+    log_path: Path, extra: dict[str, Any], kept: dict[str, Any]
+) -> None:
+    with AuditLog(log_path, hmac_key=KEY) as audit:
+        audit.write(record(1, **extra))
+        audit.write(record(2))
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    first, second = read_records(log_path)
+    assert len(lines[0]) <= MAX_RECORD_BYTES < first["truncated"]
+    assert {key: first[key] for key in kept} == kept
+    assert len(first.get("inputs", [])) <= 16 and "truncated" not in second
+    assert verify_files([log_path], hmac_key=KEY).ok
 
 
 # ------------------------------------------------------------------------------------------------ tampering
