@@ -25,7 +25,7 @@ import structlog
 
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
-from gateway.context import CallContext, current_call, new_request_id
+from gateway.context import CallContext, check_size, current_call, new_request_id
 from gateway.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -251,11 +251,7 @@ class CallBoundary:
             raise _not_received(what, timeout_s) from None
 
     def _check_size(self, size: int, *, what: str = "message") -> None:
-        limit = self._limits.max_message_bytes
-        if size > limit:
-            raise ResourceExhaustedError(
-                f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large"
-            )
+        check_size(size, self._limits.max_message_bytes, what=what)
 
     async def _request(
         self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext
@@ -290,6 +286,10 @@ class CallBoundary:
         while True:
             raw = await self._within(context.read(), self._limits.stream_idle_timeout_s, "stream message")
             if raw is grpc.aio.EOF:
+                # grpcio reports a cancel (the client's, or its own for a message over its size limit) both as the
+                # end of the request stream and as a cancellation of this task, in two events that may come one
+                # loop turn apart: one turn lets the second land before an OK is recorded (docs/audit.md).
+                await asyncio.sleep(0)
                 if _deadline_passed(context):
                     raise _deadline_exceeded()
                 return
@@ -333,7 +333,7 @@ class CallBoundary:
         self._enter()
         call, metadata = self._begin(method.name, context)
         call.event = "stream"
-        call.recorder = self.recorder
+        call.recorder, call.messages, call.max_reply_bytes = self.recorder, 0, self._limits.max_message_bytes
         slots: list[Slot] = []
         try:
             error: GatewayError | None = None
@@ -344,10 +344,17 @@ class CallBoundary:
                 else:
                     request, following = await self._request(method, call, context)
                     await self._end_of_request(following)
+                replies = 0
                 async for message in method.behavior(request, context):
                     out = method.serialize(message)
                     self._check_size(len(out), what="response")
                     call.bytes_out += len(out)
+                    replies += 1
+                    if (call.messages or 0) < replies:
+                        # A library's handler (reflection) records nothing of its own: no reply leaves unrecorded.
+                        reply = call.for_message(replies - 1, bytes_in=0)
+                        reply.bytes_out = len(out)
+                        await call.record_message(reply, None)
                     yield out
             except BaseException as exc:
                 error = await self._failed(call, context, exc)
@@ -397,8 +404,12 @@ def _deadline_exceeded() -> DeadlineExceededError:
 
 
 def _ended_early(context: grpc.aio.ServicerContext) -> GatewayError:
-    """Why a call was cancelled under its handler: its deadline passed, or the client went away."""
-    return _deadline_exceeded() if _deadline_passed(context) else CancelledError(reason="client cancelled")
+    """Why a call was cancelled under its handler: its deadline passed, or the client went away (or grpc ended it)."""
+    if _deadline_passed(context):
+        return _deadline_exceeded()
+    # grpc also cancels a call itself for a message over its own size limit (twice ours); the client then gets
+    # RESOURCE_EXHAUSTED from grpc, and grpcio tells the two cases apart to no handler.
+    return CancelledError(reason="client cancelled, or grpc refused a message over its size limit")
 
 
 def _not_received(what: str, timeout_s: float) -> DeadlineExceededError:

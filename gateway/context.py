@@ -14,12 +14,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gateway.auth.principal import Principal
+from gateway.errors import ResourceExhaustedError
 from gateway.tensors import datatype_of
 
 
 def new_request_id() -> str:
     """A request id for a call whose caller sent none (or a malformed one)."""
     return secrets.token_hex(16)
+
+
+def check_size(size: int, limit: int, *, what: str) -> None:
+    """RESOURCE_EXHAUSTED when a message (``what``: "message", "response") of ``size`` bytes is over ``limit``."""
+    if size > limit:
+        raise ResourceExhaustedError(f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large")
 
 
 class Recorder(Protocol):
@@ -53,12 +60,21 @@ class CallContext:
     messages: int | None = None
     model_ran: bool = False  # a refusal before the run is safe for the client to retry
     recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
+    max_reply_bytes: int | None = None  # streams: the largest reply the call boundary lets through
 
     async def record_message(self, message: CallContext, error: Any) -> None:
-        """Commit the record of one stream message (made by ``for_message``) through the stream's recorder."""
+        """Commit the record of one stream message (made by ``for_message``) through the stream's recorder, and
+        count it in ``messages``."""
         if self.recorder is None:
             raise RuntimeError("stream call has no recorder")
         await self.recorder.record(message, error)
+        self.messages = (self.messages or 0) + 1
+
+    def check_reply(self, size: int) -> None:
+        """RESOURCE_EXHAUSTED for a stream reply the boundary would not let through: checked before the reply's
+        record, so that the record says what the client gets (an in-band refusal, not the reply)."""
+        if self.max_reply_bytes is not None:
+            check_size(size, self.max_reply_bytes, what="response")
 
     def for_message(self, index: int, *, bytes_in: int) -> CallContext:
         """A child context for one message of a stream: same caller, its own audit fields and clock."""

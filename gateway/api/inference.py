@@ -87,9 +87,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         """One response per request, in order; a failing message gets its error in-band and its own record."""
         stream = current_call.get()
         stream.action = Action.STREAM.value
-        count = 0
+        index = 0
         async for request in requests:
-            index, count = count, count + 1
             call = stream.for_message(index, bytes_in=request.ByteSize())
             error: GatewayError | None = None
             try:
@@ -97,6 +96,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     call, to_infer_request(request, max_elements=self._max_elements), action=Action.STREAM
                 )
                 reply = pb.PredictStreamResponse(response=to_response(request, result), id=request.id)
+                stream.check_reply(reply.ByteSize())
             except GatewayError as exc:
                 error = exc
             except Exception:
@@ -111,9 +111,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             stream.model_ran = stream.model_ran or call.model_ran
             # Recorded before the reply leaves; if the record cannot be written the stream ends UNAVAILABLE.
             await stream.record_message(call, error)
-            stream.messages = count
+            index += 1
             yield reply
-        stream.messages = count
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
