@@ -285,10 +285,40 @@ def test_hmac_records_match_the_standard_construction(log_path: Path, key: bytes
     assert verify_files([log_path], hmac_key=key).ok
 
 
-def test_keyed_trail_verified_without_the_key_says_so(log_path: Path) -> None:
-    write_n(log_path, 2, hmac_key=KEY)
-    report = verify_files([log_path], checkpoint=None)
-    assert report.first_error is not None and "HMAC-chained" in report.first_error.reason
+@pytest.mark.parametrize(
+    ("written_with", "verified_with", "reason"),
+    [
+        (KEY, None, "no record's hash matches without a key: the trail is HMAC-keyed, pass its key (--hmac-key)"),
+        (None, KEY, "no record's hash matches with this key: the wrong key, or the trail is not keyed"),
+        (KEY, b"another key of 32 bytes, or more", "no record's hash matches with this key: the wrong key"),
+    ],
+    ids=["keyed-without-key", "unkeyed-with-key", "wrong-key"],
+)
+def test_a_trail_verified_with_the_wrong_key_or_none_says_so(
+    log_path: Path, written_with: bytes | None, verified_with: bytes | None, reason: str
+) -> None:
+    write_n(log_path, 3, hmac_key=written_with)
+    report = verify_files([log_path], hmac_key=verified_with, checkpoint=None)
+    assert report.first_error is not None and (report.first_error.line, report.first_error.seq) == (1, 1)
+    assert report.first_error.reason.startswith(reason)
+    assert "record altered" not in report.first_error.reason
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+def test_an_altered_first_record_is_an_edit_not_a_key_question(log_path: Path, key: bytes | None) -> None:
+    write_n(log_path, 3, hmac_key=key)
+    edit_lines(log_path, lambda lines: [lines[0].replace(b'"request_id":"req-1"', b'"request_id":"req-X"'), *lines[1:]])
+    report = verify_files([log_path], hmac_key=key, checkpoint=None)
+    assert report.first_error is not None and report.first_error.reason == "hash mismatch: record altered"
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+def test_audit_opened_says_whether_the_trail_is_keyed(
+    log_path: Path, captured: list[MutableMapping[str, Any]], key: bytes | None
+) -> None:
+    write_n(log_path, 1, hmac_key=key)
+    (opened,) = [entry for entry in captured if entry["event"] == "audit_opened"]
+    assert opened["keyed"] is (key is not None)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
