@@ -25,7 +25,7 @@ import structlog
 
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
-from gateway.context import CallContext, current_call, request_id_from
+from gateway.context import CallContext, check_size, current_call, new_request_id
 from gateway.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -37,11 +37,10 @@ from gateway.errors import (
     UnimplementedError,
     error_for_code,
 )
+from gateway.identifiers import ID, shown
 from gateway.limits import Admission, Slot
 
 log = structlog.get_logger(__name__)
-
-_MAX_METHOD_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +90,11 @@ class Recorder:
 
 def _metadata_values(metadata: Sequence[tuple[str, Any]] | None, key: str) -> list[str]:
     return [value for name, value in metadata or () if name == key]
+
+
+def _request_id_header(metadata: Sequence[tuple[str, Any]]) -> str | None:
+    """The caller's ``x-request-id``, None when absent or empty."""
+    return next(iter(_metadata_values(metadata, "x-request-id")), None) or None
 
 
 def _decode(deserialize: Callable[[bytes], Any], raw: bytes, *, index: int | None = None) -> Any:
@@ -180,8 +184,9 @@ class CallBoundary:
     def _unknown(self, name: str) -> grpc.RpcMethodHandler:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
             self._enter()
-            call, metadata = self._begin(name, context)
-            error: GatewayError = UnimplementedError(reason=f"unknown method {name[:_MAX_METHOD_CHARS]}")
+            # An unknown method's name is the caller's choice, up to the metadata limit: recorded as shown.
+            call, metadata = self._begin(shown(name), context)
+            error: GatewayError = UnimplementedError(reason=f"unknown method {call.method}")
             slots: list[Slot] = []
             try:
                 try:
@@ -199,11 +204,12 @@ class CallBoundary:
     # ------------------------------------------------------------------------------------------------ per call
 
     def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[CallContext, Sequence[Any]]:
-        """The call's context, and its metadata (read once)."""
+        """The call's context, and its metadata (read once). A malformed ``x-request-id`` is replaced here and
+        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send)."""
         metadata = context.invocation_metadata() or ()
-        request_id = request_id_from(next(iter(_metadata_values(metadata, "x-request-id")), None))
-        # An unknown method's name is the caller's choice, up to the metadata limit: kept short in the record.
-        call = CallContext(request_id=request_id, method=method[:_MAX_METHOD_CHARS], peer=context.peer())
+        header = _request_id_header(metadata)
+        request_id = header if header is not None and ID.allows(header) else new_request_id()
+        call = CallContext(request_id=request_id, method=method, peer=context.peer())
         current_call.set(call)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -226,7 +232,12 @@ class CallBoundary:
             if peer is not None:
                 call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
             authorization = _metadata_values(metadata, "authorization")
-            principal = call.principal = authenticator.authenticate(peer, authorization)
+            call.principal = authenticator.authenticate(peer, authorization)
+        header = _request_id_header(metadata)
+        if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
+            ID.check(header, "x-request-id header")
+        principal = call.principal
+        if principal is not None:
             slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
         slots.append(self._admission.admit_call())
 
@@ -240,11 +251,7 @@ class CallBoundary:
             raise _not_received(what, timeout_s) from None
 
     def _check_size(self, size: int, *, what: str = "message") -> None:
-        limit = self._limits.max_message_bytes
-        if size > limit:
-            raise ResourceExhaustedError(
-                f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large"
-            )
+        check_size(size, self._limits.max_message_bytes, what=what)
 
     async def _request(
         self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext
@@ -279,6 +286,10 @@ class CallBoundary:
         while True:
             raw = await self._within(context.read(), self._limits.stream_idle_timeout_s, "stream message")
             if raw is grpc.aio.EOF:
+                # grpcio reports a cancel (the client's, or its own for a message over its size limit) both as the
+                # end of the request stream and as a cancellation of this task, in two events that may come one
+                # loop turn apart: one turn lets the second land before an OK is recorded (docs/audit.md).
+                await asyncio.sleep(0)
                 if _deadline_passed(context):
                     raise _deadline_exceeded()
                 return
@@ -322,7 +333,7 @@ class CallBoundary:
         self._enter()
         call, metadata = self._begin(method.name, context)
         call.event = "stream"
-        call.recorder = self.recorder
+        call.recorder, call.messages, call.max_reply_bytes = self.recorder, 0, self._limits.max_message_bytes
         slots: list[Slot] = []
         try:
             error: GatewayError | None = None
@@ -333,10 +344,17 @@ class CallBoundary:
                 else:
                     request, following = await self._request(method, call, context)
                     await self._end_of_request(following)
+                replies = 0
                 async for message in method.behavior(request, context):
                     out = method.serialize(message)
                     self._check_size(len(out), what="response")
                     call.bytes_out += len(out)
+                    replies += 1
+                    if (call.messages or 0) < replies:
+                        # A library's handler (reflection) records nothing of its own: no reply leaves unrecorded.
+                        reply = call.for_message(replies - 1, bytes_in=0)
+                        reply.bytes_out = len(out)
+                        await call.record_message(reply, None)
                     yield out
             except BaseException as exc:
                 error = await self._failed(call, context, exc)
@@ -386,8 +404,12 @@ def _deadline_exceeded() -> DeadlineExceededError:
 
 
 def _ended_early(context: grpc.aio.ServicerContext) -> GatewayError:
-    """Why a call was cancelled under its handler: its deadline passed, or the client went away."""
-    return _deadline_exceeded() if _deadline_passed(context) else CancelledError(reason="client cancelled")
+    """Why a call was cancelled under its handler: its deadline passed, or the client went away (or grpc ended it)."""
+    if _deadline_passed(context):
+        return _deadline_exceeded()
+    # grpc also cancels a call itself for a message over its own size limit (twice ours); the client then gets
+    # RESOURCE_EXHAUSTED from grpc, and grpcio tells the two cases apart to no handler.
+    return CancelledError(reason="client cancelled, or grpc refused a message over its size limit")
 
 
 def _not_received(what: str, timeout_s: float) -> DeadlineExceededError:

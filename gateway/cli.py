@@ -351,11 +351,16 @@ def _note(message: str) -> None:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify_files
 
+    paths = [Path(p) for p in args.paths]
+    missing = next((path for path in paths if not path.exists()), None)
+    if missing is not None:
+        return _fail(f"{missing}: no such file or directory", EXIT_USAGE)
     try:
+        # The key is the file's bytes with surrounding whitespace stripped, as `serve` reads it (docs/audit.md).
         hmac_key = Path(args.hmac_key).read_bytes().strip() if args.hmac_key else None
     except OSError as exc:
         return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
-    report = verify_files([Path(p) for p in args.paths], hmac_key=hmac_key)
+    report = verify_files(paths, hmac_key=hmac_key)
     for line in report.lines():
         print(line)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -664,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="verify hash chains and checkpoints")
     verify.add_argument("paths", nargs="+")
-    verify.add_argument("--hmac-key", help="key file, when the trail is HMAC-chained")
+    verify.add_argument("--hmac-key", help="key file of a keyed trail (its text, stripped; not hex-decoded)")
     verify.set_defaults(run=_cmd_audit_verify)
     return parser
 

@@ -7,7 +7,6 @@ through ``current_call`` by code that is not handed it explicitly.
 from __future__ import annotations
 
 import contextvars
-import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -15,17 +14,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gateway.auth.principal import Principal
+from gateway.errors import ResourceExhaustedError
 from gateway.tensors import datatype_of
 
-# Caller-chosen request ids end up in logs and the audit trail: only short, plain tokens are accepted.
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
-
-def request_id_from(candidate: str | None) -> str:
-    """The caller's ``x-request-id`` when it is a safe string, else a new random one."""
-    if candidate and _SAFE_REQUEST_ID.match(candidate):
-        return candidate
+def new_request_id() -> str:
+    """A request id for a call whose caller sent none (or a malformed one)."""
     return secrets.token_hex(16)
+
+
+def check_size(size: int, limit: int, *, what: str) -> None:
+    """RESOURCE_EXHAUSTED when a message (``what``: "message", "response") of ``size`` bytes is over ``limit``."""
+    if size > limit:
+        raise ResourceExhaustedError(f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large")
 
 
 class Recorder(Protocol):
@@ -59,12 +60,21 @@ class CallContext:
     messages: int | None = None
     model_ran: bool = False  # a refusal before the run is safe for the client to retry
     recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
+    max_reply_bytes: int | None = None  # streams: the largest reply the call boundary lets through
 
     async def record_message(self, message: CallContext, error: Any) -> None:
-        """Commit the record of one stream message (made by ``for_message``) through the stream's recorder."""
+        """Commit the record of one stream message (made by ``for_message``) through the stream's recorder, and
+        count it in ``messages``."""
         if self.recorder is None:
             raise RuntimeError("stream call has no recorder")
         await self.recorder.record(message, error)
+        self.messages = (self.messages or 0) + 1
+
+    def check_reply(self, size: int) -> None:
+        """RESOURCE_EXHAUSTED for a stream reply the boundary would not let through: checked before the reply's
+        record, so that the record says what the client gets (an in-band refusal, not the reply)."""
+        if self.max_reply_bytes is not None:
+            check_size(size, self.max_reply_bytes, what="response")
 
     def for_message(self, index: int, *, bytes_in: int) -> CallContext:
         """A child context for one message of a stream: same caller, its own audit fields and clock."""

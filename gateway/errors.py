@@ -1,9 +1,10 @@
 """Domain errors: one tree shared by the server, the pipeline and the SDK, and the errors that stop a start.
 
-Each GatewayError carries the gRPC status code name it maps to and a message that is safe to show a caller.
-The precise internal reason (expired token, the rule id that denied, ...) travels in ``reason`` and goes to
-the audit record and the operational log only, never to the caller. This module imports nothing from grpc
-so that policy, tokens, models and audit stay transport-free; the boundary turns ``code`` into a status.
+Each GatewayError carries the gRPC status code name it maps to and a message that is safe to show a caller (at
+most MAX_MESSAGE_CHARS). The precise internal reason (expired token, the rule id that denied, ...) travels in
+``reason`` and goes to the audit record and the operational log only, never to the caller. This module imports
+nothing from grpc so that policy, tokens, models and audit stay transport-free; the boundary turns ``code`` into a
+status.
 
 StartupError is a second, separate tree: the errors that stop the gateway from starting. They never reach a caller;
 each is defined next to the code that raises it, and ``gateway serve`` prints it and exits with the code shown.
@@ -37,6 +38,11 @@ class StartupError(Exception):
     """An error that stops the gateway from starting; the CLI reports it and exits 2 (1 for models and audit)."""
 
 
+# A message reaches the client in a trailer (grpc-message) or an in-band stream error: far below the 8 KiB of
+# metadata grpc clients accept by default, past which they get RESOURCE_EXHAUSTED instead of the status recorded.
+MAX_MESSAGE_CHARS = 1024
+
+
 class GatewayError(Exception):
     """Base of every error the gateway reports to a caller."""
 
@@ -44,7 +50,7 @@ class GatewayError(Exception):
     default_message: str = "internal error"
 
     def __init__(self, message: str | None = None, *, reason: str | None = None, request_id: str | None = None) -> None:
-        self.message = message or self.default_message
+        self.message = (message or self.default_message)[:MAX_MESSAGE_CHARS]
         self.reason = reason or self.message
         self.request_id = request_id
         super().__init__(self.message)

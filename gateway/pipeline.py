@@ -2,7 +2,9 @@
 
 Authorization needs the model name from the message, so it lives here rather than in the call boundary, and
 every protocol the gateway serves shares it: one place decides. A caller who may not act on a model gets
-PERMISSION_DENIED whether or not the model exists (DESIGN.md: a refused caller learns nothing).
+PERMISSION_DENIED whether or not the model exists (DESIGN.md: a refused caller learns nothing). Before anything
+else, every identifier of the request is checked against its grammar (gateway.identifiers), so no malformed one
+reaches a record, whoever the caller and whatever the decision.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ import numpy as np
 from gateway.auth.principal import Principal
 from gateway.context import CallContext
 from gateway.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from gateway.identifiers import ID, NAME, shown
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
 from gateway.models.runtime import ModelVersion
 from gateway.policy import Action, Decision, PolicyStore
-from gateway.tensors import shown
 
 
 @dataclass(slots=True)
 class InferRequest:
-    """One inference request, whatever protocol it came in: named tensors or the simple flat FP32 form."""
+    """One inference request, whatever protocol it came in: named tensors (the name "" is the unnamed tensor of a
+    one-input model) or the simple flat FP32 form, and the caller's id of the message (echoed in the reply)."""
 
     model: str
     version: str | None
     inputs: dict[str, np.ndarray]
     flat: np.ndarray | None = None
+    id: str | None = None
     outputs: tuple[str, ...] | None = None  # the outputs to answer with, in this order; None: all, in model order
 
 
@@ -68,7 +72,11 @@ class Pipeline:
         return self._policies.current.evaluate(principal, model=model, version=version, action=action)
 
     def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> ModelVersion:
-        """Resolve first (so the decision is about the version that will run), then decide, then report."""
+        """Check the names, resolve (so the decision is about the version that will run), decide, then report.
+        Fields are named as both protocols name them (gateway.v1 and the Open Inference Protocol)."""
+        NAME.check(model, "model_name")
+        if requested is not None:
+            NAME.check(requested, "model_version")
         call.model, call.requested_version, call.action = model, requested, action.value
         resolved: ModelVersion | NotFoundError
         try:
@@ -90,6 +98,11 @@ class Pipeline:
         self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT
     ) -> InferResult:
         """Run one inference for an authorized caller."""
+        if request.id is not None:
+            ID.check(request.id, "id")
+        for name in request.inputs:
+            if name:  # "" is the unnamed tensor
+                ID.check(name, "input name")
         model = self._authorize(call, request.model, request.version, action)
         inputs = model.reshape_flat(request.flat) if request.flat is not None else model.name_inputs(request.inputs)
         call.describe_inputs(inputs)
@@ -128,7 +141,7 @@ class Pipeline:
 def _check_outputs(model: ModelVersion, requested: tuple[str, ...] | None) -> None:
     known = {spec.name for spec in model.outputs}
     for name in requested or ():
-        if name not in known:
+        if ID.check(name, "output name") not in known:
             raise InvalidArgumentError(
                 f"model '{shown(model.name)}' has no output '{shown(name)}' (outputs: {', '.join(sorted(known))})"
             )
@@ -138,6 +151,6 @@ def _parse_version(model: str, requested: str | None) -> int | None:
     if requested is None:
         return None
     version = parse_version(requested)
-    if version is None:  # "02", "v2", "²": no such version ("²".isdigit() is true, int("²") fails)
-        raise NotFoundError(f"model '{shown(model)}' has no version {shown(requested)!r}")
+    if version is None:  # "02", "v2": no such version
+        raise NotFoundError(f"model '{model}' has no version '{requested}'")
     return version

@@ -17,6 +17,7 @@ import numpy as np
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway.errors import InvalidArgumentError
+from gateway.identifiers import shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,30 +65,25 @@ def datatype_of(array: np.ndarray) -> DataType:
 
 
 MAX_RANK = 32  # numpy's own limit is 64; no served model comes near either
-_MAX_NAME = 64  # names are caller text that goes back into error messages and logs: shown cut to this length
-
-
-def shown(name: str) -> str:
-    """A caller-chosen name as it may appear in an error message: at most ``_MAX_NAME`` characters."""
-    return name if len(name) <= _MAX_NAME else name[:_MAX_NAME] + "..."
 
 
 def element_count(shape: Sequence[int], *, name: str, max_elements: int) -> int:
-    """Product of a shape's dims, refusing negative dims, a rank or a count over the limits before any overflow.
+    """Product of a shape's dims, refusing negative dims, a rank or a count over the limits before any overflow
+    (``name`` as messages may show it: see ``identifiers.shown``).
 
     Every dim is also held to ``max_elements`` on its own: with a zero dim elsewhere the product stays 0 however
     large the others are, and numpy refuses such shapes (``[0, 2**62, 2**62]``) when reshaping.
     """
     if len(shape) > MAX_RANK:
-        raise InvalidArgumentError(f"input '{shown(name)}': rank {len(shape)} is over the limit of {MAX_RANK}")
+        raise InvalidArgumentError(f"input '{name}': rank {len(shape)} is over the limit of {MAX_RANK}")
     count = 1
     for dim in shape:
         if dim < 0:
-            raise InvalidArgumentError(f"input '{shown(name)}': negative dimension {dim} in shape {list(shape)}")
+            raise InvalidArgumentError(f"input '{name}': negative dimension {dim} in shape {list(shape)}")
         count *= dim
         if count > max_elements or dim > max_elements:
             raise InvalidArgumentError(
-                f"input '{shown(name)}': shape {list(shape)} has more than {max_elements} elements (the limit)"
+                f"input '{name}': shape {list(shape)} has more than {max_elements} elements (the limit)"
             )
     return count
 

@@ -11,8 +11,10 @@ import structlog
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.context import current_call
-from gateway.errors import GatewayError, InternalError, InvalidArgumentError
+from gateway.api.streaming import answer_in_order, echoed_id
+from gateway.context import CallContext, current_call
+from gateway.errors import GatewayError, InvalidArgumentError
+from gateway.identifiers import shown
 from gateway.models.runtime import TensorSpec
 from gateway.pipeline import InferRequest, InferResult, Pipeline
 from gateway.policy import Action
@@ -21,21 +23,26 @@ log = structlog.get_logger(__name__)
 
 
 def to_infer_request(request: pb.PredictRequest, *, max_elements: int) -> InferRequest:
-    """Decode a PredictRequest; both forms (named tensors, flat ``input_data``) end up in one InferRequest."""
-    if not request.model_name:
-        raise InvalidArgumentError("model_name is required")
+    """Decode a PredictRequest; both forms (named tensors, flat ``input_data``) end up in one InferRequest (whose
+    identifiers the pipeline checks)."""
     if request.inputs and request.input_data:
         raise InvalidArgumentError("send either inputs or input_data, not both")
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         if tensor.name in inputs:
-            raise InvalidArgumentError(f"input '{tensors.shown(tensor.name)}' appears twice")
+            raise InvalidArgumentError(f"input '{shown(tensor.name)}' appears twice")
         inputs[tensor.name] = tensors.decode(tensor, max_elements=max_elements)
     flat = None
     if request.input_data:
         tensors.element_count((len(request.input_data),), name="input_data", max_elements=max_elements)
         flat = np.asarray(request.input_data, dtype=np.float32)
-    return InferRequest(model=request.model_name, version=request.model_version or None, inputs=inputs, flat=flat)
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version or None,
+        inputs=inputs,
+        flat=flat,
+        id=request.id or None,
+    )
 
 
 def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictResponse:
@@ -75,31 +82,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         """One response per request, in order; a failing message gets its error in-band and its own record."""
         stream = current_call.get()
         stream.action = Action.STREAM.value
-        count = 0
-        async for request in requests:
-            index, count = count, count + 1
-            call = stream.for_message(index, bytes_in=request.ByteSize())
-            error: GatewayError | None = None
-            try:
-                result = await self._pipeline.predict(
-                    call, to_infer_request(request, max_elements=self._max_elements), action=Action.STREAM
-                )
-                reply = pb.PredictStreamResponse(response=to_response(request, result), id=request.id)
-            except GatewayError as exc:
-                error = exc
-            except Exception:
-                log.exception("stream_message_failed", request_id=stream.request_id, message_index=index)
-                error = InternalError(reason="unexpected error")
-            if error is not None:
-                code = grpc.StatusCode[error.code].value[0]
-                reply = pb.PredictStreamResponse(error=pb.StreamError(code=code, message=error.message), id=request.id)
-            call.bytes_out = reply.ByteSize()
-            stream.model_ran = stream.model_ran or call.model_ran
-            # Recorded before the reply leaves; if the record cannot be written the stream ends UNAVAILABLE.
-            await stream.record_message(call, error)
-            stream.messages = count
+
+        async def answer(call: CallContext, request: pb.PredictRequest) -> pb.PredictStreamResponse:
+            infer_request = to_infer_request(request, max_elements=self._max_elements)
+            result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
+            return pb.PredictStreamResponse(response=to_response(request, result), id=request.id)
+
+        def refuse(request: pb.PredictRequest, error: GatewayError) -> pb.PredictStreamResponse:
+            code = grpc.StatusCode[error.code].value[0]
+            return pb.PredictStreamResponse(
+                error=pb.StreamError(code=code, message=error.message), id=echoed_id(request.id)
+            )
+
+        async for reply in answer_in_order(stream, requests, answer, refuse):
             yield reply
-        stream.messages = count
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -121,8 +117,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
         """Signature of one model version."""
-        if not request.model_name:
-            raise InvalidArgumentError("model_name is required")
         model, versions = self._pipeline.metadata(current_call.get(), request.model_name, request.model_version or None)
         return pb.GetModelMetadataResponse(
             name=model.name,

@@ -18,9 +18,10 @@ import numpy as np
 from gateway import tensors
 from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.api.streaming import answer_in_order
+from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.context import CallContext, current_call
 from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
+from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
 from gateway.pipeline import InferRequest, InferResult, Pipeline
 from gateway.policy import Action
@@ -35,8 +36,6 @@ _CONFIG_DATATYPES = {row.name: f"TYPE_{'STRING' if row.name == 'BYTES' else row.
 
 def to_infer_request(request: pb.ModelInferRequest, *, max_elements: int) -> InferRequest:
     """Decode a ModelInferRequest: inputs from ``raw_input_contents`` (one entry per input) or typed contents."""
-    if not request.model_name:
-        raise InvalidArgumentError("model_name is required")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgumentError(
@@ -45,15 +44,14 @@ def to_infer_request(request: pb.ModelInferRequest, *, max_elements: int) -> Inf
     _refuse_parameters(request.parameters, "the request")
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
-        name = tensors.shown(tensor.name)
+        name = shown(tensor.name)
         if tensor.name in inputs:
             raise InvalidArgumentError(f"input '{name}' appears twice")
         _refuse_parameters(tensor.parameters, f"input '{name}'", allowed=("content_type",))
         row = tensors.BY_NAME.get(tensor.datatype)
         if row is None:
             raise InvalidArgumentError(
-                f"input '{name}': unknown datatype {tensors.shown(tensor.datatype)!r} "
-                f"(one of {', '.join(tensors.BY_NAME)})"
+                f"input '{name}': unknown datatype {shown(tensor.datatype)!r} (one of {', '.join(tensors.BY_NAME)})"
             )
         inputs[tensor.name] = tensors.decode_values(
             tensor.name,
@@ -66,13 +64,14 @@ def to_infer_request(request: pb.ModelInferRequest, *, max_elements: int) -> Inf
         )
     requested = [output.name for output in request.outputs]
     for output in request.outputs:
-        _refuse_parameters(output.parameters, f"output '{tensors.shown(output.name)}'")
+        _refuse_parameters(output.parameters, f"output '{shown(output.name)}'")
     if len(set(requested)) != len(requested):
         raise InvalidArgumentError("an output is requested twice")
     return InferRequest(
         model=request.model_name,
         version=request.model_version or None,
         inputs=inputs,
+        id=request.id or None,
         outputs=tuple(requested) or None,
     )
 
@@ -81,7 +80,7 @@ def _refuse_parameters(parameters: object, where: str, *, allowed: tuple[str, ..
     """Parameters change what a server does; one the gateway would silently ignore is refused instead."""
     unknown = sorted(key for key in parameters if key not in allowed)  # type: ignore[attr-defined]
     if unknown:
-        raise InvalidArgumentError(f"{where}: parameter '{tensors.shown(unknown[0])}' is not supported by this gateway")
+        raise InvalidArgumentError(f"{where}: parameter '{shown(unknown[0])}' is not supported by this gateway")
 
 
 def to_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
@@ -150,7 +149,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         """As Triton answers: a model or version that is not loaded is not ready (for a caller who may see it)."""
         try:
-            self._pipeline.metadata(current_call.get(), _required(request.name), request.version or None)
+            self._pipeline.metadata(current_call.get(), request.name, request.version or None)
         except NotFoundError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -159,7 +158,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         """Signature of one model version; ``versions`` lists those the caller may read metadata of."""
-        model, versions = self._pipeline.metadata(current_call.get(), _required(request.name), request.version or None)
+        model, versions = self._pipeline.metadata(current_call.get(), request.name, request.version or None)
         return pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(v) for v in versions],
@@ -172,7 +171,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         """Triton's model configuration, as far as the gateway knows it."""
-        model, _ = self._pipeline.metadata(current_call.get(), _required(request.name), request.version or None)
+        model, _ = self._pipeline.metadata(current_call.get(), request.name, request.version or None)
         return pb.ModelConfigResponse(config=to_model_config(model))
 
     async def RepositoryIndex(
@@ -213,14 +212,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Triton's form: the error as text (the status name first, so clients can tell causes apart).
             return pb.ModelStreamInferResponse(
                 error_message=f"{error.code}: {error.message}",
-                infer_response=pb.ModelInferResponse(id=request.id),
+                infer_response=pb.ModelInferResponse(id=echoed_id(request.id)),
             )
 
         async for reply in answer_in_order(current_call.get(), requests, answer, refuse):
             yield reply
-
-
-def _required(name: str) -> str:
-    if not name:
-        raise InvalidArgumentError("name is required")
-    return name

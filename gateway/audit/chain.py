@@ -27,6 +27,8 @@ CHECKPOINT_SIZE = 512
 CHECKPOINT_SUFFIX = ".checkpoint"
 LOCK_SUFFIX = ".lock"  # an empty file whose flock marks the one process writing the chain
 SEQ_DIGITS = 16
+# The longest line a record may take, whatever its fields hold: a caller's text, an error's reason, many inputs.
+MAX_RECORD_BYTES = 16 * 1024
 
 # One encoder object: json.dumps with non-default options builds a new encoder on every call.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -38,6 +40,11 @@ _ROTATED = re.compile(rf"(?P<base>.+)\.(?P<first>\d{{{SEQ_DIGITS}}})-(?P<last>\d
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _SCALARS = frozenset({int, bool, type(None)})
 _CHECKPOINT_KEYS = frozenset({"chain", "file", "hash", "mac", "seq", "ts"})
+_MAX_BODY_BYTES = MAX_RECORD_BYTES - len(',"hash":""}\n') - 64
+_CUT_CHARS = 256  # of each string in a record over the limit
+_CUT_ITEMS = 16  # of each list and mapping in a record over the limit
+# What is left of a record still over the limit once cut: the fields that say where it stands and what it was.
+_KEPT_FIELDS = ("chain", "seq", "prev", "ts", "event", "request_id", "method", "code")
 
 
 class AuditError(StartupError):
@@ -80,13 +87,16 @@ def seal(record: dict[str, Any], digest: Digester) -> tuple[bytes, str]:
 
     ``record`` must already carry ``chain``, ``seq`` and ``prev`` and no ``hash``. The hash covers the canonical
     JSON of everything else, which is the line itself minus the ``,"hash":"..."`` member. A record that is not
-    strict JSON as it stands (NaN, a lone surrogate, a numpy scalar) is made so first; the common record is
-    encoded once, with no Python-level walk over its values.
+    strict JSON as it stands (NaN, a lone surrogate, a numpy scalar) is made so first, and one whose line would
+    be longer than MAX_RECORD_BYTES is cut down (``bounded``); the common record is encoded once, with no
+    Python-level walk over its values.
     """
     try:
         body = encode_canonical(record).encode("utf-8")
     except (ValueError, TypeError):
         body = encode_canonical(make_strict(record)).encode("utf-8")
+    if len(body) > _MAX_BODY_BYTES:
+        body = encode_canonical(bounded(record, len(body))).encode("utf-8")
     mac = digest(body)
     return body[:-1] + b',"hash":"' + mac.encode("ascii") + b'"}\n', mac
 
@@ -170,6 +180,34 @@ def make_strict(record: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         if not _is_clean(value):
             record[key] = strict_value(value)
     return record
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= _CUT_CHARS else value[:_CUT_CHARS] + "..."
+    if isinstance(value, list | tuple):
+        return [_cut(item) for item in value[:_CUT_ITEMS]]
+    if isinstance(value, Mapping):
+        return {_cut(key): _cut(item) for key, item in list(value.items())[:_CUT_ITEMS]}
+    return value
+
+
+def _small(value: Any) -> bool:
+    return isinstance(value, str) or (type(value) is int and abs(value) < 2**63)
+
+
+def bounded(record: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """A strict-JSON record whose body of ``size`` bytes is over the limit, cut to fit: every string to 256
+    characters and every list or mapping to 16 items; if that is not enough, only the fields that place and name
+    it. ``truncated`` holds the size it had."""
+    cut = {key: _cut(value) for key, value in record.items()}
+    cut["truncated"] = size
+    if len(encode_canonical(cut).encode("utf-8")) <= _MAX_BODY_BYTES:
+        return cut
+    # At most 8 fields of at most 259 characters, 6 bytes each when escaped: well under the limit.
+    kept = {key: cut[key] for key in _KEPT_FIELDS if _small(cut.get(key))}
+    kept["truncated"] = size
+    return kept
 
 
 def _reject_constant(name: str) -> Any:

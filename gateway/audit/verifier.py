@@ -128,8 +128,8 @@ class _Walk:
                         str(path), number, None, self.chain, "incomplete last line: a torn write or a truncated file"
                     )
                 link, reason = check_line(raw[:-1], self.digest)
-                if reason == HASH_MISMATCH and self.records == 0 and not self.digest.keyed:
-                    reason += " (or the trail is HMAC-chained: pass its key)"  # every record would fail alike
+                if reason == HASH_MISMATCH and self.records == 0:
+                    reason = _key_mismatch(path, self.digest) or reason
                 if link is None or reason is not None:
                     return Finding(str(path), number, link.seq if link else None, self.chain, reason or "bad record")
                 problem = self._follow(link, first_in_file=number == 1)
@@ -163,6 +163,19 @@ class _Walk:
         if link.seq in self.wanted:
             self.hashes[link.seq] = link.hash
         return None
+
+
+def _key_mismatch(path: Path, digest: Digester) -> str | None:
+    """Why the first record of a chain fails its hash check when every record of its file fails it alike: not an
+    edit (which breaks the records it touches), but the wrong key or none."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            link, reason = check_line(raw.rstrip(b"\n"), digest)
+            if link is None or reason != HASH_MISMATCH:
+                return None
+    if digest.keyed:
+        return "no record's hash matches with this key: the wrong key, or the trail is not keyed"
+    return "no record's hash matches without a key: the trail is HMAC-keyed, pass its key (--hmac-key)"
 
 
 def verify_files(

@@ -338,7 +338,14 @@ class AuditLog:
         if self.fsync == "batch":
             self._syncer = threading.Thread(target=self._sync_loop, name=f"audit-sync-{self.chain_id}", daemon=True)
             self._syncer.start()
-        log.info("audit_opened", file=str(self.path), chain=self.chain_id, seq=self._head.seq, fsync=self.fsync)
+        log.info(
+            "audit_opened",
+            file=str(self.path),
+            chain=self.chain_id,
+            seq=self._head.seq,
+            fsync=self.fsync,
+            keyed=self._digest.keyed,  # an HMAC-keyed trail verifies only with its key
+        )
         if self.dev_fail_open:
             log.warning("audit_fail_open_enabled", file=str(self.path), detail="calls proceed when audit writes fail")
         return self

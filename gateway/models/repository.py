@@ -22,15 +22,14 @@ from types import MappingProxyType
 import structlog
 
 from gateway.errors import NotFoundError
+from gateway.identifiers import NAME, shown
 from gateway.models.placement import Placement
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
-from gateway.tensors import shown
 from gateway.watcher import Watcher
 
 log = structlog.get_logger(__name__)
 
 MODEL_FILE = "model.onnx"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _VERSION = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 
 FileKey = tuple[int, int, int]  # (inode, size, mtime_ns): a new key means a new or rewritten file
@@ -93,7 +92,7 @@ def scan(root: Path) -> Listing:
     for entry in entries:
         if not entry.is_dir():
             listing.ignored[entry.path] = "a file where only model folders belong"
-        elif not _NAME.fullmatch(entry.name):
+        elif not NAME.allows(entry.name):
             listing.ignored[entry.path] = "not a model name (a letter or digit, then letters, digits, '_', '.', '-')"
         else:
             _scan_model(entry, listing)

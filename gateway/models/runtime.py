@@ -14,6 +14,7 @@ import structlog
 
 from gateway import tensors
 from gateway.errors import InternalError, InvalidArgumentError, StartupError
+from gateway.identifiers import shown
 from gateway.models.batching import Batcher, BatchingOptions
 from gateway.models.placement import Placement, RunCost
 
@@ -21,7 +22,12 @@ log = structlog.get_logger(__name__)
 
 # A sequence of maps (scikit-learn's ZipMap, e.g. the iris model shipped with onnxruntime) is served as an FP32
 # tensor [N, K], columns in ascending key order: the same layout skl2onnx gives with zipmap disabled.
-_SEQ_OF_MAPS = re.compile(r"^seq\(map\((int64|string),tensor\(float\)\)\)$")
+_SEQ_OF_MAPS = re.compile(r"seq\(map\((int64|string),tensor\(float\)\)\)")
+
+
+def is_sequence_of_maps(onnx_type: str) -> bool:
+    """Whether an ONNX Runtime type is a sequence of maps (a classifier's probabilities, served as FP32 -1 x -1)."""
+    return _SEQ_OF_MAPS.fullmatch(onnx_type) is not None
 
 
 class ModelLoadError(StartupError):
@@ -90,7 +96,7 @@ class ModelVersion:
         self.inputs = tuple(self._spec(arg, "input") for arg in self._session.get_inputs())
         self.outputs = tuple(self._spec(arg, "output") for arg in self._session.get_outputs())
         self._seq_map_outputs = frozenset(
-            arg.name for arg in self._session.get_outputs() if _SEQ_OF_MAPS.match(arg.type)
+            arg.name for arg in self._session.get_outputs() if is_sequence_of_maps(arg.type)
         )
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
@@ -102,7 +108,7 @@ class ModelVersion:
         row = tensors.BY_ONNX.get(arg.type)
         if row is not None:
             return TensorSpec(arg.name, row.name, _dims(arg.shape))
-        if kind == "output" and _SEQ_OF_MAPS.match(arg.type):
+        if kind == "output" and is_sequence_of_maps(arg.type):
             return TensorSpec(arg.name, "FP32", (-1, -1))
         raise ModelLoadError(
             self.path,
@@ -142,7 +148,7 @@ class ModelVersion:
         for name in inputs:
             if name not in self._inputs_by_name:
                 expected = ", ".join(self._inputs_by_name)
-                raise InvalidArgumentError(f"unknown input '{tensors.shown(name)}' (model inputs: {expected})")
+                raise InvalidArgumentError(f"unknown input '{shown(name)}' (model inputs: {expected})")
         for spec in self.inputs:
             array = inputs.get(spec.name)
             if array is None:

@@ -819,3 +819,15 @@ def test_audit_verify_accepts_the_running_gateways_trail_and_names_an_altered_re
 
 def test_audit_verify_with_an_unreadable_key_exits_2(gw, tmp_path):
     usage_error(run("audit", "verify", gw.audit_path, "--hmac-key", tmp_path / "nope.key"), "nope.key")
+
+
+def test_audit_verify_says_that_a_keyed_trail_needs_its_key(gw):
+    ok(run("models", env=client_env(gw)))
+    result = run("audit", "verify", gw.audit_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the trail is HMAC-keyed, pass its key (--hmac-key)" in result.stdout
+    assert "record altered" not in result.stdout
+
+
+def test_audit_verify_of_a_missing_path_exits_2(gw, tmp_path):
+    usage_error(run("audit", "verify", gw.audit_path, tmp_path / "nope.log"), "nope.log: no such file or directory")

@@ -120,18 +120,19 @@ def test_tutorial_simple_form_returns_flat_result(api, demo_models):
     np.testing.assert_allclose(outputs(response)["output"], expected, rtol=1e-5)
 
 
-def test_request_id_is_echoed_or_generated(api):
+def test_request_id_is_echoed_generated_or_refused_when_malformed(api):
     client, md = api
-    x = np.zeros((1, 784), np.float32)
-    _, call = client.Predict.with_call(
-        predict_request("mlp", {"input": x}), metadata=(*md, ("x-request-id", "req-42")), timeout=TIMEOUT
-    )
+    request = predict_request("mlp", {"input": np.zeros((1, 784), np.float32)})
+    _, call = client.Predict.with_call(request, metadata=(*md, ("x-request-id", "req-42")), timeout=TIMEOUT)
     assert trailer(call, "x-request-id") == "req-42"
-    _, call = client.Predict.with_call(
-        predict_request("mlp", {"input": x}), metadata=(*md, ("x-request-id", "bad id <x>")), timeout=TIMEOUT
+    _, call = client.Predict.with_call(request, metadata=md, timeout=TIMEOUT)
+    assert len(trailer(call, "x-request-id") or "") == 32
+    refused = rpc_error(
+        lambda: client.Predict(request, metadata=(*md, ("x-request-id", "bad id <x>")), timeout=TIMEOUT)
     )
-    generated = trailer(call, "x-request-id")
-    assert generated and generated != "bad id <x>" and len(generated) == 32
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().startswith("x-request-id header 'bad id <x>' is not made of letters, digits")
+    assert len(trailer(refused, "x-request-id") or "") == 32  # the call's own id, to find its record by
 
 
 @pytest.mark.parametrize(
@@ -140,7 +141,6 @@ def test_request_id_is_echoed_or_generated(api):
         ("nope", "", grpc.StatusCode.NOT_FOUND),
         ("mlp", "9", grpc.StatusCode.NOT_FOUND),
         ("mlp", "abc", grpc.StatusCode.NOT_FOUND),
-        ("mlp", "\u00b2", grpc.StatusCode.NOT_FOUND),  # "²".isdigit() is true, yet it is no version
         ("mlp", "02", grpc.StatusCode.NOT_FOUND),
     ],
 )
@@ -178,7 +178,9 @@ ZEROS = np.zeros((1, 784), np.float32)
             "more than",
         ),
         (pb.PredictRequest(model_name="mlp", inputs=[_raw("input", FP32, [1] * 65, b"")]), "rank 65 is over"),
-        (predict_request("mlp", {"x" * 5000: ZEROS}), "unknown input '" + "x" * 64 + "...'"),
+        (predict_request("mlp", {"x" * 5000: ZEROS}), "input name is 5000 characters long, over the limit of 128"),
+        (predict_request("mlp", {"inp\n": ZEROS}), "input name 'inp\\n' is not made of letters"),
+        (predict_request("mlp", {"input": ZEROS}, version="\u00b2"), "model_version '\\xb2' is not made of"),
         (pb.PredictRequest(model_name="mlp", inputs=[_raw("input", 0, [1, 784], b"")]), "unspecified datatype"),
         (
             pb.PredictRequest(model_name="mlp", inputs=[predict_request("m", {"input": ZEROS}).inputs[0]] * 2),
@@ -204,7 +206,9 @@ ZEROS = np.zeros((1, 784), np.float32)
         "element-overflow",
         "huge-dims-beside-a-zero",
         "rank-over-the-limit",
-        "long-name-shown-cut",
+        "input-name-over-the-limit",
+        "input-name-with-a-final-newline",
+        "version-not-ascii",  # "²".isdigit() is true, yet it is no version
         "no-datatype",
         "duplicate-input",
         "both-forms",

@@ -30,7 +30,7 @@ from gateway.audit import (
     worker_chain_id,
     worker_path,
 )
-from gateway.audit.chain import encode_canonical, parse_rotated
+from gateway.audit.chain import MAX_RECORD_BYTES, encode_canonical, parse_rotated
 from gateway.errors import InternalError, UnavailableError
 from tests.conftest import wait_until
 
@@ -148,6 +148,33 @@ def test_non_finite_floats_become_strings_and_the_file_is_strict_json(log_path: 
     assert verify_files([log_path]).ok
 
 
+def _huge_fields(count: int) -> dict[str, Any]:
+    return {f"field_{i}_" + "k" * 300: "\x00" * 5000 for i in range(count)}
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept"),
+    [
+        ({"reason": "r" * 1_000_000}, {"reason": "r" * 256 + "...", "model": "mlp"}),
+        ({"inputs": [{"name": f"in{i}", "datatype": "FP32", "shape": [1]} for i in range(5000)]}, {"model": "mlp"}),
+        (_huge_fields(100), {"request_id": "req-1", "code": "OK"}),  # still too long once cut: the identity only
+    ],
+    ids=["long-string", "many-items", "many-long-fields"],
+)
+def test_a_record_over_the_size_limit_is_cut_to_fit_and_still_verifies(
+    log_path: Path, extra: dict[str, Any], kept: dict[str, Any]
+) -> None:
+    with AuditLog(log_path, hmac_key=KEY) as audit:
+        audit.write(record(1, **extra))
+        audit.write(record(2))
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    first, second = read_records(log_path)
+    assert len(lines[0]) <= MAX_RECORD_BYTES < first["truncated"]
+    assert {key: first[key] for key in kept} == kept
+    assert len(first.get("inputs", [])) <= 16 and "truncated" not in second
+    assert verify_files([log_path], hmac_key=KEY).ok
+
+
 # ------------------------------------------------------------------------------------------------ tampering
 
 
@@ -219,6 +246,98 @@ def test_tampering_names_the_first_bad_record(
     assert report.lines()[-1].startswith("FAILED")
 
 
+REMOVE = object()  # as a field value for _forged: drop the field
+
+
+def _forged(line: bytes, **changes: Any) -> bytes:
+    """``line`` with ``changes`` and its SHA-256 hash recomputed: what anyone can do to a trail without a key."""
+    fields = strict_loads(line)
+    fields.pop("hash")
+    for key, value in changes.items():
+        if value is REMOVE:
+            del fields[key]
+        else:
+            fields[key] = value
+    body = encode_canonical(fields).encode()
+    return body[:-1] + b',"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+
+
+def test_a_record_replaced_by_a_forgery_with_its_hash_recomputed_breaks_the_next_link(log_path: Path) -> None:
+    # Without a key, the forged record verifies on its own and the checkpoint (at seq 5) still matches: only the
+    # next record's prev, which names the original, tells.
+    write_n(log_path, 5)
+    edit_lines(log_path, lambda lines: [*lines[:2], _forged(lines[2], code="PERMISSION_DENIED"), *lines[3:]])
+    error = verify_files([log_path]).first_error
+    assert error is not None and (error.line, error.seq) == (4, 4)
+    assert error.reason.startswith("prev does not match the hash of seq 3")
+
+
+def test_a_first_record_forged_to_follow_another_is_refused(log_path: Path) -> None:
+    write_n(log_path, 1)
+    edit_lines(log_path, lambda lines: [_forged(lines[0], prev="1" * 64)])
+    error = verify_files([log_path], checkpoint=None).first_error  # the checkpoint removed too
+    assert error is not None and (error.line, error.seq) == (1, 1)
+    assert "first record (seq 1) has a prev that is not all zeros" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda line: line[: line.rindex(b',"hash"')] + b"}\n", "missing or malformed hash field"),
+        (lambda line: line[:-3] + b'00"}\n', "missing or malformed hash field"),
+        (lambda line: _forged(line, chain=5), "missing or malformed chain or seq field"),
+        (lambda line: _forged(line, seq=REMOVE), "missing or malformed chain or seq field"),
+        (lambda line: _forged(line, seq=True), "missing or malformed chain or seq field"),
+        (lambda line: _forged(line, seq=2.0), "missing or malformed chain or seq field"),
+        (lambda line: _forged(line, seq=0), "missing or malformed chain or seq field"),
+        (lambda line: _forged(line, prev="a" * 63), "missing or malformed prev field"),
+    ],
+    ids=["no-hash", "long-hash", "chain-number", "no-seq", "seq-bool", "seq-float", "seq-zero", "short-prev"],
+)
+def test_a_record_with_a_malformed_chain_field_is_named_so(log_path: Path, edit: Any, reason: str) -> None:
+    write_n(log_path, 3)
+    edit_lines(log_path, lambda lines: [lines[0], edit(lines[1]), *lines[2:]])
+    error = verify_files([log_path]).first_error
+    assert error is not None and (error.line, error.reason) == (2, reason)
+
+
+@pytest.mark.parametrize("value", [b"[]", b'"a string"', b"42", b"null"])
+def test_a_line_that_is_json_but_no_object_is_named_so(log_path: Path, value: bytes) -> None:
+    write_n(log_path, 3)
+    edit_lines(log_path, lambda lines: [lines[0], value + b"\n", *lines[2:]])
+    error = verify_files([log_path]).first_error
+    assert error is not None and (error.line, error.reason) == (2, "not a JSON object")
+
+
+def test_a_record_of_another_chain_spliced_in_is_named_so(log_path: Path) -> None:
+    for worker in (1, 2):
+        write_n(worker_path(log_path, worker), 3, chain_id=worker_chain_id("main", worker))
+    stranger = worker_path(log_path, 2).read_bytes().splitlines(keepends=True)[1]
+    edit_lines(worker_path(log_path, 1), lambda lines: [lines[0], stranger, *lines[1:]])
+    error = verify_files([worker_path(log_path, 1)], checkpoint=None).first_error
+    assert error is not None and (error.line, error.chain) == (2, "main-w1")
+    assert error.reason == "record of chain 'main-w2' among the records of chain 'main-w1': inserted"
+
+
+def test_a_file_with_no_readable_record_is_refused_not_skipped(log_path: Path) -> None:
+    write_n(log_path, 3)
+    garbage = log_path.with_name("audit.log.0000000000000001-0000000000000009")
+    garbage.write_bytes(b"not a record\n" * 3)
+    error = verify_files([log_path, garbage]).first_error
+    assert error is not None and (error.file, error.line) == (str(garbage), 1)
+    assert error.reason == "no readable audit record in this file"
+
+
+def test_missing_or_no_files_are_refused(log_path: Path, tmp_path: Path) -> None:
+    write_n(log_path, 1)
+    error = verify_files([log_path, tmp_path / "gone.log"]).first_error
+    assert error is not None and (error.file, error.reason) == (str(tmp_path / "gone.log"), "file not found")
+    (tmp_path / "empty").mkdir()
+    for given in ([], [tmp_path / "empty"]):
+        error = verify_files(given).first_error
+        assert error is not None and error.reason == "no audit files given"
+
+
 def test_hmac_chain_recomputed_without_the_key_is_detected(log_path: Path) -> None:
     write_n(log_path, 4, hmac_key=KEY)
     assert verify_files([log_path], hmac_key=KEY).ok
@@ -258,10 +377,40 @@ def test_hmac_records_match_the_standard_construction(log_path: Path, key: bytes
     assert verify_files([log_path], hmac_key=key).ok
 
 
-def test_keyed_trail_verified_without_the_key_says_so(log_path: Path) -> None:
-    write_n(log_path, 2, hmac_key=KEY)
-    report = verify_files([log_path], checkpoint=None)
-    assert report.first_error is not None and "HMAC-chained" in report.first_error.reason
+@pytest.mark.parametrize(
+    ("written_with", "verified_with", "reason"),
+    [
+        (KEY, None, "no record's hash matches without a key: the trail is HMAC-keyed, pass its key (--hmac-key)"),
+        (None, KEY, "no record's hash matches with this key: the wrong key, or the trail is not keyed"),
+        (KEY, b"another key of 32 bytes, or more", "no record's hash matches with this key: the wrong key"),
+    ],
+    ids=["keyed-without-key", "unkeyed-with-key", "wrong-key"],
+)
+def test_a_trail_verified_with_the_wrong_key_or_none_says_so(
+    log_path: Path, written_with: bytes | None, verified_with: bytes | None, reason: str
+) -> None:
+    write_n(log_path, 3, hmac_key=written_with)
+    report = verify_files([log_path], hmac_key=verified_with, checkpoint=None)
+    assert report.first_error is not None and (report.first_error.line, report.first_error.seq) == (1, 1)
+    assert report.first_error.reason.startswith(reason)
+    assert "record altered" not in report.first_error.reason
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+def test_an_altered_first_record_is_an_edit_not_a_key_question(log_path: Path, key: bytes | None) -> None:
+    write_n(log_path, 3, hmac_key=key)
+    edit_lines(log_path, lambda lines: [lines[0].replace(b'"request_id":"req-1"', b'"request_id":"req-X"'), *lines[1:]])
+    report = verify_files([log_path], hmac_key=key, checkpoint=None)
+    assert report.first_error is not None and report.first_error.reason == "hash mismatch: record altered"
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+def test_audit_opened_says_whether_the_trail_is_keyed(
+    log_path: Path, captured: list[MutableMapping[str, Any]], key: bytes | None
+) -> None:
+    write_n(log_path, 1, hmac_key=key)
+    (opened,) = [entry for entry in captured if entry["event"] == "audit_opened"]
+    assert opened["keyed"] is (key is not None)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint
@@ -321,6 +470,68 @@ def test_forged_checkpoint_is_detected(log_path: Path, key: bytes | None) -> Non
     assert "MAC mismatch" in report.first_error.reason
     with pytest.raises(AuditError, match="MAC mismatch"):
         AuditLog(log_path, hmac_key=key).open()
+
+
+def _forged_checkpoint(path: Path, **changes: Any) -> None:
+    """Rewrite the checkpoint at ``path`` with ``changes`` and its unkeyed MAC recomputed."""
+    fields = strict_loads(path.read_bytes())
+    fields.pop("mac")
+    for key, value in changes.items():
+        if value is REMOVE:
+            del fields[key]
+        else:
+            fields[key] = value
+    fields["mac"] = hashlib.sha256(encode_canonical(fields).encode()).hexdigest()
+    path.write_bytes(encode_canonical(fields).encode().ljust(CHECKPOINT_SIZE - 1) + b"\n")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"note": "x"}, "does not have exactly the fields"),
+        ({"file": REMOVE}, "does not have exactly the fields"),
+        ({"seq": -1}, "malformed seq or hash"),
+        ({"seq": "3"}, "malformed seq or hash"),
+        ({"hash": "A" * 64}, "malformed seq or hash"),
+        ({"ts": 5}, "malformed chain, file, ts or mac"),
+    ],
+    ids=["extra-field", "missing-field", "negative-seq", "seq-text", "hash-uppercase", "ts-number"],
+)
+def test_a_checkpoint_with_malformed_fields_is_refused(log_path: Path, change: dict[str, Any], reason: str) -> None:
+    write_n(log_path, 3)
+    _forged_checkpoint(checkpoint_path(log_path), **change)
+    error = verify_files([log_path]).first_error
+    assert error is not None and error.file == str(checkpoint_path(log_path)) and reason in error.reason
+    with pytest.raises(AuditError, match=reason):
+        AuditLog(log_path).open()
+
+
+def test_a_named_checkpoint_that_does_not_exist_is_refused(log_path: Path, tmp_path: Path) -> None:
+    write_n(log_path, 1)
+    error = verify_files([log_path], checkpoint=tmp_path / "gone.checkpoint").first_error
+    assert error is not None and error.reason == "checkpoint file not found"
+
+
+def test_a_fresh_trail_with_no_record_yet_verifies(log_path: Path) -> None:
+    with AuditLog(log_path):
+        pass
+    assert read_checkpoint(checkpoint_path(log_path), None) is not None  # at seq 0
+    report = verify_files([log_path.parent])
+    assert report.ok and report.records == 0, report.lines()
+
+
+def test_an_old_checkpoint_copy_before_the_archived_start_is_a_note(log_path: Path, tmp_path: Path) -> None:
+    write_n(log_path, 3, fsync="none")
+    shipped = tmp_path / "shipped.checkpoint"  # a copy kept elsewhere, as docs/audit.md advises
+    shipped.write_bytes(checkpoint_path(log_path).read_bytes())
+    with AuditLog(log_path, max_bytes=1500, fsync="none") as audit:
+        for i in range(4, 31):
+            audit.write(record(i))
+    files = sorted(p for p in log_path.parent.iterdir() if parse_rotated(p.name))
+    kept = [*files[1:], log_path]  # the oldest file, with seq 1..3, archived
+    report = verify_files(kept, checkpoint=[shipped, checkpoint_path(log_path)], allow_partial_start=True)
+    assert report.ok, report.lines()
+    assert any("checkpoint seq 3 precedes the first record given" in note for note in report.notes)
 
 
 # ------------------------------------------------------------------------------------------------ restart
