@@ -116,12 +116,9 @@ async def run_aio(job: dict[str, Any], op: str, args: dict[str, Any]) -> Any:
                 for request in args["requests"]:
                     yield infer_args(aio_client, request)
 
-            answers = []
-            async for result, error in client.stream_infer(requests(), stream_timeout=TIMEOUT_S, headers=md):
-                answers.append(stream_answer(result, error))
-                if len(answers) == len(args["requests"]):
-                    break
-            return answers
+            # Read to the end: the requests' end half-closes the stream, and the gateway then ends it (OK).
+            stream = client.stream_infer(requests(), stream_timeout=TIMEOUT_S, headers=md)
+            return [stream_answer(result, error) async for result, error in stream]
         return metadata_op(await getattr(client, op)(**args, headers=md, client_timeout=TIMEOUT_S))
     finally:
         await client.close()

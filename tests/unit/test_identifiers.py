@@ -129,7 +129,7 @@ def _chain_id_refused(suffix: str) -> bool:
 def _model_folder_skipped(tmp_path: Path, suffix: str) -> bool:
     (tmp_path / f"mlp{suffix}" / "1").mkdir(parents=True)
     (tmp_path / f"mlp{suffix}" / "1" / "model.onnx").write_bytes(b"")
-    return not scan(tmp_path)
+    return not scan(tmp_path).versions
 
 
 def _rule_id_refused(tmp_path: Path, suffix: str) -> bool:
