@@ -25,7 +25,8 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[server,dev]"
+	@# setuptools >= 80 prints a boxed "Editable installation" notice on every editable build: noise, not news.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[server,dev]"
 	touch $(STAMP)
 
 certs: certs/signing/ca.crt
