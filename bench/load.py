@@ -17,6 +17,8 @@ import numpy as np
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway._pb.inference import grpc_service_pb2 as oip_pb
+from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class LoadSpec:
 
     target: str
     model: str
-    form: str  # "flat" (tutorial repeated float) or "tensor" (raw bytes)
+    form: str  # "flat" (tutorial repeated float), "tensor" (raw bytes) or "oip" (Open Inference Protocol, raw)
     mode: str  # "unary" or "stream"
     in_flight: int
     batch: int
@@ -38,8 +40,11 @@ class LoadSpec:
     connections: int = 1  # TCP connections of this process; the in-flight calls are spread over them
 
 
-def _request(spec: LoadSpec) -> pb.PredictRequest:
+def _request(spec: LoadSpec) -> Any:
     x = np.random.default_rng(0).random((spec.batch, spec.features), dtype=np.float32)
+    if spec.form == "oip":  # as tritonclient sends it
+        tensor = oip_pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=x.shape)
+        return oip_pb.ModelInferRequest(model_name=spec.model, inputs=[tensor], raw_input_contents=[x.tobytes()])
     if spec.form == "flat":
         return pb.PredictRequest(model_name=spec.model, input_data=x.ravel())
     return pb.PredictRequest(model_name=spec.model, inputs=[tensors.encode("input", x)])
@@ -72,7 +77,7 @@ async def _unary_worker(stub: Any, request: Any, metadata: Any, spec: LoadSpec, 
     while (now := time.time()) < spec.measure_until:
         start = time.perf_counter()
         try:
-            await stub.Predict(request, metadata=metadata, timeout=30)
+            await stub(request, metadata=metadata, timeout=30)
         except grpc.aio.AioRpcError:
             errors += 1
             continue
@@ -103,8 +108,15 @@ async def _run(spec: LoadSpec) -> tuple[list[float], int]:
     channels = [_channel(spec) for _ in range(max(1, min(spec.connections, spec.in_flight)))]
     try:
         await asyncio.gather(*(channel.channel_ready() for channel in channels))
-        stubs = [pb_grpc.InferenceServiceStub(channel) for channel in channels]
-        worker = _stream_worker if spec.mode == "stream" else _unary_worker
+        if spec.mode == "stream":
+            worker, stubs = _stream_worker, [pb_grpc.InferenceServiceStub(channel) for channel in channels]
+        elif spec.form == "oip":
+            worker, stubs = (
+                _unary_worker,
+                [oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer for channel in channels],
+            )
+        else:
+            worker, stubs = _unary_worker, [pb_grpc.InferenceServiceStub(channel).Predict for channel in channels]
         errors = await asyncio.gather(
             *(worker(stubs[i % len(stubs)], request, metadata, spec, latencies) for i in range(spec.in_flight))
         )

@@ -53,7 +53,7 @@ class Target:
     key: str
     label: str
     kind: str  # "ort" (in-process), "tutorial" or "gateway"
-    form: str = "tensor"  # "flat" (tutorial repeated float) or "tensor" (raw bytes)
+    form: str = "tensor"  # "flat" (tutorial repeated float), "tensor" (raw bytes) or "oip" (ModelInfer, raw)
     mode: str = "unary"  # or "stream"
     secure: bool = False
     token: bool = False
@@ -121,6 +121,12 @@ TARGETS: dict[str, dict[str, Any]] = {
         "config": {"models": {"batching": {"mlp": {"max_batch_size": 32, "max_queue_delay_us": 500}}}},
     },
     "e-w2": {"label": "(e) with 2 worker processes", **SECURE_GATEWAY, "config": {"workers": 2}},
+    "e-oip": {
+        "label": "(e) through the Open Inference Protocol (ModelInfer, raw_input_contents)",
+        **SECURE_GATEWAY,
+        "form": "oip",
+        "shares": "e",
+    },
     "e-pool": {
         "label": "(e) with every model run on the run pool (models.inline_max_ms: 0)",
         **SECURE_GATEWAY,
@@ -128,7 +134,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     },
 }
 SWEEP = "a,b,c,d,e,f"
-ABLATIONS = "e,e-nocache,e-ortdefault,e-always,e-pool,e-w2,c"
+ABLATIONS = "e,e-oip,e-nocache,e-ortdefault,e-always,e-pool,e-w2,c"
 BATCHING = "e,e-batch"
 SIZES_TARGETS = "c,e"
 SIZES = (1 << 10, 64 << 10, 1 << 20, 4 << 20)
