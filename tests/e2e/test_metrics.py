@@ -87,7 +87,7 @@ def test_counters_move_by_exactly_the_calls_allowed_and_refused(metered):
     assert delta("gateway_authentication_duration_seconds_count") == allowed + refused + 2
     assert delta("gateway_model_run_duration_seconds_count", model="mlp", version="2") == allowed
     assert delta("gateway_audit_records_written_total") == allowed + refused + 2
-    assert value(after, "gateway_calls_in_flight") == 0
+    assert delta("gateway_calls_in_flight") == 0
     assert value(after, "gateway_audit_sink_up") == 1
     assert value(after, "gateway_model_versions_loaded", model="mlp") == 2
 
@@ -211,3 +211,54 @@ def test_a_metrics_port_in_use_fails_the_start_before_the_audit_trail_is_opened(
         with pytest.raises(ConfigError, match=rf"^metrics\.listen: cannot listen on 127\.0\.0\.1:{port}: "):
             start_gateway(overrides={"metrics.listen": f"127.0.0.1:{port}"})
     assert not list(tmp_path.glob("audit-*/audit.log"))
+
+
+def test_a_stream_counts_once_as_a_call(metered):
+    gw, url = metered
+    stream = "/gateway.v1.InferenceService/PredictStream"
+    before = scrape(url)
+    with gw.channel("alice") as alice:
+        requests = [predict_request("mlp", {"input": X}) for _ in range(3)]
+        replies = list(stub(alice).PredictStream(iter(requests), metadata=auth(gw.token()), timeout=TIMEOUT))
+    assert len(replies) == 3
+    after = scrape(url)
+    labels = {"method": stream, "model": "-", "version": "-", "code": "OK"}
+    assert value(after, "gateway_calls_total", **labels) - value(before, "gateway_calls_total", **labels) == 1
+    assert (
+        sum(v for (name, _), v in after.items() if name == "gateway_calls_total")
+        - sum(v for (name, _), v in before.items() if name == "gateway_calls_total")
+        == 1
+    )
+    run = "gateway_model_run_duration_seconds_count"
+    assert value(after, run, model="mlp", version="2") - value(before, run, model="mlp", version="2") == 3
+
+
+def test_sink_down_shows_in_the_gauge_and_the_refusals(metered):
+    from tests.e2e.test_audit_trail import _point_at_dev_full
+
+    gw, url = metered
+    before = scrape(url)
+    assert value(before, "gateway_audit_sink_up") == 1
+    directory = gw.audit_path.parent
+    moved = directory.with_name("audit-moved")
+    _point_at_dev_full(gw.gateway.audit)
+    directory.rename(moved)  # and reopening fails too, for as long as the outage lasts
+    directory.write_text("not a directory")
+    try:
+        with gw.channel("alice") as alice:
+            error = rpc_error(
+                lambda: stub(alice).Predict(
+                    predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT
+                )
+            )
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        down = scrape(url)
+    finally:
+        directory.unlink()
+        moved.rename(directory)
+    assert value(down, "gateway_audit_sink_up") == 0
+    unavailable = {"reason": "unavailable", "detail": "-"}
+    assert (
+        value(down, "gateway_refusals_total", **unavailable) - value(before, "gateway_refusals_total", **unavailable)
+        == 1
+    )
