@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from gateway import metrics
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
 from gateway.context import CallContext, check_size, current_call, new_request_id
@@ -69,16 +70,28 @@ class Recorder:
 
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
+        self.methods: frozenset[str] = frozenset()  # the methods served: any other name is no metric label
 
     async def record(self, call: CallContext, error: GatewayError | None) -> None:
-        """Commit the record; raises UnavailableError when the sink is down (the call must then fail)."""
-        if error is None:
-            await self._audit.append(call.audit_record(code="OK", reason=None))
-            return
-        (log.error if isinstance(error, InternalError) else log.info)(
-            "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
-        )
-        await self._audit.append(call.audit_record(code=error.code, reason=error.reason))
+        """Commit the record, then count the call in the metrics (with the audit failure, when that is how the
+        call ends); raises UnavailableError when the sink is down (the call must then fail)."""
+        if error is not None:
+            (log.error if isinstance(error, InternalError) else log.info)(
+                "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
+            )
+        code, reason = ("OK", None) if error is None else (error.code, error.reason)
+        try:
+            with metrics.timed(metrics.AUDIT_COMMIT_SECONDS):
+                await self._audit.append(call.audit_record(code=code, reason=reason))
+        except GatewayError as exc:
+            self._observe(call, exc)
+            raise
+        self._observe(call, error)
+
+    def _observe(self, call: CallContext, error: GatewayError | None) -> None:
+        if call.event != "stream_message":  # a stream is counted once, as a call
+            method = call.method if call.method in self.methods else metrics.NONE
+            metrics.observe_call(call, error, method=method)
 
     async def record_quietly(self, call: CallContext, error: GatewayError) -> None:
         """Record where no status can be sent any more (the client is gone)."""
@@ -146,9 +159,11 @@ class CallBoundary:
     def _enter(self) -> None:
         self._active += 1
         self._idle.clear()
+        metrics.IN_FLIGHT.inc()
 
     def _leave(self) -> None:
         self._active -= 1
+        metrics.IN_FLIGHT.dec()
         if not self._active:
             self._idle.set()
 
@@ -162,6 +177,7 @@ class CallBoundary:
             for service, handlers in services.items()
             for name, handler in handlers.items()
         }
+        self.recorder.methods = frozenset(wrapped)
         return _Routes(wrapped, self._unknown)
 
     def _wrap(self, method: _Method) -> grpc.RpcMethodHandler:
@@ -227,12 +243,8 @@ class CallBoundary:
         """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
         authenticator = self._authenticator
         if authenticator is not None:
-            pems = context.auth_context().get("x509_pem_cert")
-            peer = authenticator.inspect(pems[0] if pems else None)
-            if peer is not None:
-                call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
-            authorization = _metadata_values(metadata, "authorization")
-            call.principal = authenticator.authenticate(peer, authorization)
+            with metrics.timed(metrics.AUTH_SECONDS):
+                self._authenticate(authenticator, call, context, metadata)
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
             ID.check(header, "x-request-id header")
@@ -240,6 +252,18 @@ class CallBoundary:
         if principal is not None:
             slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
         slots.append(self._admission.admit_call())
+
+    @staticmethod
+    def _authenticate(
+        authenticator: Authenticator, call: CallContext, context: grpc.aio.ServicerContext, metadata: Sequence[Any]
+    ) -> None:
+        """The certificate, then the bearer token: the caller's identity and principal, or AuthenticationError."""
+        pems = context.auth_context().get("x509_pem_cert")
+        peer = authenticator.inspect(pems[0] if pems else None)
+        if peer is not None:
+            call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
+        authorization = _metadata_values(metadata, "authorization")
+        call.principal = authenticator.authenticate(peer, authorization)
 
     @staticmethod
     async def _within(waited: Awaitable[Any], timeout_s: float, what: str) -> Any:

@@ -39,7 +39,9 @@ if TYPE_CHECKING:  # imported where used: a command loads only what it needs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # The top-level modules of the server extra (pyproject.toml), which `pip install gateway` leaves out.
-SERVER_MODULES = frozenset({"grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml"})
+SERVER_MODULES = frozenset(
+    {"grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml", "prometheus_client"}
+)
 DEFAULT_TTL_S = 3600
 
 
@@ -100,7 +102,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError
     from gateway.errors import StartupError
     from gateway.models.runtime import ModelLoadError
-    from gateway.server import Gateway
+    from gateway.server import Gateway, metrics_tls
 
     config = _config_file(args)
     overrides: dict[str, Any] = {}
@@ -123,7 +125,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if settings.workers > 1 and args.worker_index is None:
         from gateway.workers import run_workers
 
-        return run_workers(args.serve_args, settings.workers, grace_s=settings.shutdown_grace_s)
+        try:
+            return run_workers(
+                args.serve_args,
+                settings.workers,
+                grace_s=settings.shutdown_grace_s,
+                metrics_listen=settings.metrics.listen,
+                metrics_tls=metrics_tls(settings),
+            )
+        except ConfigError as exc:  # metrics.listen cannot be bound
+            return _fail(str(exc), EXIT_USAGE)
     if args.worker_index is not None:
         settings = for_worker(settings, args.worker_index)
     try:

@@ -147,6 +147,14 @@ class KeepaliveSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus listener (docs/operations.md): off unless ``listen`` is set."""
+
+    listen: str | None = None  # HOST:PORT
+    tls: bool = False  # HTTPS with the server certificate; clients need a certificate signed by tls.client_ca
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every option of ``gateway serve``."""
 
@@ -163,6 +171,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # Development only, each logged at WARNING on every start.
     dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
     dev_no_auth: bool = False  # no token, no policy: every call is allowed; only on a loopback address
@@ -343,13 +352,14 @@ def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) 
 
 
 def for_worker(settings: Settings, index: int) -> Settings:
-    """The settings of worker ``index`` of several: its own audit file and chain, the rest shared."""
+    """The settings of worker ``index`` of several: its own audit file and chain, no metrics listener (the
+    supervisor serves every worker's metrics), the rest shared."""
     audit = dataclasses.replace(
         settings.audit,
         path=worker_path(settings.audit.path, index),
         chain_id=worker_chain_id(settings.audit.chain_id, index),
     )
-    return dataclasses.replace(settings, audit=audit)
+    return dataclasses.replace(settings, audit=audit, metrics=MetricsSettings())
 
 
 def check_paths(settings: Settings) -> None:
@@ -465,6 +475,13 @@ def validate(settings: Settings) -> None:
             if getattr(settings.tls, name) is None:
                 key = f"tls.{name}"
                 raise ConfigError(f"{key}: required for mutual TLS; {_MATERIAL_HINT.format(key=key)}")
+    if settings.metrics.listen is not None:
+        try:
+            _split_listen(settings.metrics.listen)
+        except ConfigError as exc:
+            raise ConfigError(f"metrics.{exc}") from None
+    if settings.metrics.tls and settings.dev_insecure_transport:
+        raise ConfigError("metrics.tls: needs tls.cert, tls.key and tls.client_ca, which dev_insecure_transport skips")
     if not settings.dev_no_auth and settings.auth.jwks is None:
         raise ConfigError(f"auth.jwks: required to verify tokens; {_MATERIAL_HINT.format(key='auth.jwks')}")
     for model, batching in settings.models.batching.items():

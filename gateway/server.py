@@ -37,6 +37,7 @@ from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Reco
 from gateway.config import ConfigError, Settings, listen_error, read_secret
 from gateway.errors import UnavailableError
 from gateway.limits import Admission
+from gateway.metrics import MetricsListener, MetricsTls, registry
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository
 from gateway.models.runtime import RuntimeOptions
@@ -92,6 +93,14 @@ def catch_stop_signals() -> list[int]:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return received
+
+
+def metrics_tls(settings: Settings) -> MetricsTls | None:
+    """The metrics listener's HTTPS files (the server's certificate, the client CA), or None for plain HTTP."""
+    tls = settings.tls
+    if not settings.metrics.tls or tls.cert is None or tls.key is None or tls.client_ca is None:
+        return None
+    return MetricsTls(cert=str(tls.cert), key=str(tls.key), client_ca=str(tls.client_ca))
 
 
 class Gateway:
@@ -152,6 +161,7 @@ class Gateway:
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        self.metrics: MetricsListener | None = None
 
     def _authenticator(self) -> Authenticator:
         settings = self.settings
@@ -207,12 +217,16 @@ class Gateway:
         self._loop_thread.start()
         try:
             self._server, self.port = self._on_loop(self._bind())
+            self._listen_for_metrics()
             self.audit.open()
             self._on_loop(self._serve(self._server))
         except BaseException:
             if self._server is not None:
                 self._on_loop(self._server.stop(0))
                 self._server = None
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = None
             self._close_loop()
             self.audit.close()
             raise
@@ -221,6 +235,13 @@ class Gateway:
                 component.start()
         log.info("gateway_started", listen=self.settings.listen, port=self.port, mtls=self.credentials is not None)
         return self.port
+
+    def _listen_for_metrics(self) -> None:
+        """Bind ``metrics.listen``, if set, before the audit trail is opened (a port in use fails the start)."""
+        listen = self.settings.metrics.listen
+        if listen is not None:
+            self.metrics = MetricsListener(listen, tls=metrics_tls(self.settings), source=registry())
+            log.info("metrics_listening", listen=listen, port=self.metrics.port, https=self.settings.metrics.tls)
 
     async def _bind(self) -> tuple[grpc.aio.Server, int]:
         """The server with every service, bound to the listen address but not serving yet, and its port."""
@@ -266,7 +287,7 @@ class Gateway:
             self._on_loop(self._shutdown(self._server, grace), bound)
         except TimeoutError:
             log.error("gateway_stop_timed_out", waited_s=bound, detail="the grpc server did not stop in time")
-        for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
+        for component in (self.metrics, self.credentials, self.crl, self.keys, self.policies, self.models):
             if component is not None:
                 component.stop()
         self.placement.close()

@@ -14,6 +14,7 @@ import grpc
 import structlog
 from cryptography import x509
 
+from gateway import metrics
 from gateway.auth.certs import read_material, validate_server_pair
 from gateway.config import ConfigError, TlsSettings, read_secret
 from gateway.errors import StartupError
@@ -48,6 +49,9 @@ class ServerCredentials:
         cert, key, ca = read_material(cert_path), read_secret(key_path, key="tls.key"), read_material(ca_path)
         validate_server_pair(cert, key, ca, self._names)
         leaf = x509.load_pem_x509_certificate(cert)
+        metrics.set_timestamp(metrics.NOT_AFTER.labels(role="server"), leaf.not_valid_after_utc)
+        cas = x509.load_pem_x509_certificates(ca)
+        metrics.set_timestamp(metrics.NOT_AFTER.labels(role="client_ca"), min(c.not_valid_after_utc for c in cas))
         log.info(
             "server_certificate_loaded",
             path=str(cert_path),

@@ -16,6 +16,8 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
+from gateway import metrics
+
 log = structlog.get_logger(__name__)
 
 Fingerprint = object  # compared with ==, never hashed
@@ -131,7 +133,9 @@ class ReloadingStore(Generic[T]):
         self._reloaded_fields, self._failed_fields = reloaded_fields, failed_fields
         # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
         self._watcher = Watcher(name=name, fingerprint=fingerprint, on_change=self._reload, interval_s=interval_s)
+        self._loaded = metrics.LAST_RELOAD.labels(store=name)
         self._current = load(None)
+        self._loaded.set_to_current_time()
 
     @property
     def current(self) -> T:
@@ -159,4 +163,5 @@ class ReloadingStore(Generic[T]):
             return
         # One attribute store: a reader sees the old value or the new one, never a mix.
         self._current = new
+        self._loaded.set_to_current_time()
         log.info(self._reloaded, **self._reloaded_fields(old, new))

@@ -6,14 +6,17 @@ rest when one dies, so that a process manager sees the failure and restarts the 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
 import structlog
 
+from gateway.metrics import MULTIPROCESS_DIR_ENV, MetricsListener, MetricsTls, mark_worker_dead, registry
 from gateway.server import catch_stop_signals
 
 log = structlog.get_logger(__name__)
@@ -21,15 +24,37 @@ log = structlog.get_logger(__name__)
 _POLL_S = 0.2
 
 
-def run_workers(serve_args: Sequence[str], count: int, *, grace_s: float) -> int:
-    """Run ``count`` workers of ``gateway serve serve_args`` until a signal or a worker exits; the exit code."""
+def run_workers(
+    serve_args: Sequence[str], count: int, *, grace_s: float, metrics_listen: str | None, metrics_tls: MetricsTls | None
+) -> int:
+    """Run ``count`` workers of ``gateway serve serve_args`` until a signal or a worker exits; the exit code.
+
+    The workers write their metrics to a fresh folder (prometheus_client's multiprocess mode); this process
+    serves them all on ``metrics_listen``, when set, and removes the folder at the end."""
     stopping = catch_stop_signals()
-    # Each worker is a fresh interpreter (no fork): grpc's threads and ONNX Runtime's pools do not survive fork.
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "gateway", "serve", *serve_args, "--worker-index", str(index)])  # noqa: S603 (our own argv)
-        for index in range(count)
-    ]
-    log.info("workers_started", count=count, pids=[w.pid for w in workers])
+    with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
+        listener = None
+        if metrics_listen is not None:  # bound first: a port in use stops the start before any worker runs
+            listener = MetricsListener(metrics_listen, tls=metrics_tls, source=registry(metrics_dir))
+            log.info("metrics_listening", listen=metrics_listen, port=listener.port, workers=count)
+        env = {**os.environ, MULTIPROCESS_DIR_ENV: metrics_dir}
+        try:
+            # Each worker is a fresh interpreter (no fork): grpc's threads and ONNX Runtime's pools do not survive
+            # fork.
+            workers = [
+                subprocess.Popen(  # noqa: S603 (our own argv)
+                    [sys.executable, "-m", "gateway", "serve", *serve_args, "--worker-index", str(index)], env=env
+                )
+                for index in range(count)
+            ]
+            log.info("workers_started", count=count, pids=[w.pid for w in workers])
+            return _supervise(workers, stopping, grace_s=grace_s, metrics_dir=metrics_dir)
+        finally:
+            if listener is not None:
+                listener.stop()
+
+
+def _supervise(workers: list[subprocess.Popen[bytes]], stopping: list[int], *, grace_s: float, metrics_dir: str) -> int:
     failed = None
     while not stopping and failed is None:
         time.sleep(_POLL_S)
@@ -47,5 +72,6 @@ def run_workers(serve_args: Sequence[str], count: int, *, grace_s: float) -> int
         except subprocess.TimeoutExpired:
             worker.kill()
             codes.append(worker.wait())
+        mark_worker_dead(worker.pid, metrics_dir)
     log.info("workers_stopped", codes=codes)
     return 0 if failed is None and all(code == 0 for code in codes) else 1

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import structlog
 
+from gateway import metrics
 from gateway.audit.chain import (
     ZERO_HASH,
     AuditError,
@@ -333,6 +334,7 @@ class AuditLog:
             self._handoff.clear()
             self._committer = None
             self._state = "open"
+        metrics.AUDIT_SINK_UP.set(1)
         self._writer = threading.Thread(target=self._run, name=f"audit-writer-{self.chain_id}", daemon=True)
         self._writer.start()
         if self.fsync == "batch":
@@ -375,6 +377,7 @@ class AuditLog:
         self._release_lock()
         with self._lock:
             self._state = "closed"
+        metrics.AUDIT_SINK_UP.set(0)
         log.info("audit_closed", file=str(self.path), chain=self.chain_id, seq=self._head.seq)
 
     def _release_lock(self) -> None:
@@ -657,7 +660,8 @@ class AuditLog:
             _write_all(self._fd, data)
             if self.fsync == "always":
                 op = "fsync"
-                os.fsync(self._fd)
+                with metrics.timed(metrics.AUDIT_FSYNC_SECONDS):
+                    os.fsync(self._fd)
             op = "stat"
             self._check_identity()
             if self.fsync != "batch":
@@ -673,6 +677,9 @@ class AuditLog:
         self._head = _Head(seq, prev, self.path.name)
         self.records_written += len(lines)
         self.groups_written += 1
+        metrics.AUDIT_RECORDS.inc(len(lines))
+        metrics.AUDIT_BYTES.inc(len(data))
+        metrics.AUDIT_GROUP_SIZE.observe(len(lines))
         if recovering is not None and self._clear_broken(failures_seen):
             log.info(
                 "audit_recovered",
@@ -716,6 +723,7 @@ class AuditLog:
                 self._broken = failure
             else:  # keep the original "since" for audit_recovered's down_s
                 self._broken = _Failure(failure.op, failure.error, previous.since)
+        metrics.AUDIT_SINK_UP.set(0)
         now = time.monotonic()
         changed = previous is None or previous.op != failure.op
         if changed or now - self._last_failure_log >= _FAILURE_LOG_INTERVAL_S:
@@ -735,7 +743,8 @@ class AuditLog:
             if self._broken is None or self._failures != failures_seen:
                 return False  # a newer failure (the syncer's) arrived meanwhile: the next group recovers from it
             self._broken = None
-            return True
+        metrics.AUDIT_SINK_UP.set(1)
+        return True
 
     def _reopen(self) -> None:
         """Recover after a failure: the active file must be ours at the committed offset, else a new file starts.
@@ -843,7 +852,8 @@ class AuditLog:
             if self._broken is not None or head == self._checkpoint_head:
                 return
             try:
-                os.fsync(self._fd)
+                with metrics.timed(metrics.AUDIT_FSYNC_SECONDS):
+                    os.fsync(self._fd)
                 self._check_identity()
                 self._write_checkpoint(head)
                 return

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway import metrics
 from gateway.auth.principal import CN_IDENTITY_PREFIX, DNS_IDENTITY_PREFIX, URI_IDENTITY_PREFIX
 from gateway.errors import AuthenticationError, StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
@@ -314,6 +315,7 @@ class CrlStore:
         # A stale file-based CRL still lists what it lists; refusing every client over it would be an outage.
         if new.next_update is not None and new.next_update < datetime.now(UTC):
             log.warning("crl_stale", path=str(self._crl_path), next_update=new.next_update.isoformat())
+        metrics.set_timestamp(metrics.CRL_NEXT_UPDATE, new.next_update)
         return new
 
 

@@ -47,8 +47,10 @@ class Batcher:
     form a reference cycle: a removed version is freed as soon as its last in-flight request ends.
     """
 
-    def __init__(self, options: BatchingOptions) -> None:
+    def __init__(self, options: BatchingOptions, *, on_batch: Callable[[int], None] = lambda _size: None) -> None:
+        """``on_batch`` is told each batch's size (the metrics; this module is imported by the settings too)."""
         self.options = options
+        self._on_batch = on_batch
         self._max_rows = options.max_batch_size
         self._delay_s = options.max_queue_delay_us / 1e6
         self._open: _Batch | None = None  # the batch new requests join, until it is full or its timer fires
@@ -93,6 +95,7 @@ class Batcher:
         batch.timer = None
         self.batches_run += 1
         self.requests_run += len(batch.requests)
+        self._on_batch(len(batch.requests))
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._running.add(task)
         task.add_done_callback(self._running.discard)

@@ -21,6 +21,7 @@ from types import MappingProxyType
 
 import structlog
 
+from gateway import metrics
 from gateway.errors import NotFoundError
 from gateway.identifiers import NAME, shown
 from gateway.models.placement import Placement
@@ -145,6 +146,7 @@ class ModelRepository:
         self._placement = placement
         self._strict = strict
         self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
+        self._published: set[str] = set()  # the models whose loaded versions the metrics last showed
         self._ignored: dict[str, str] = {}  # as last logged: each entry is logged once, not on every poll
         self._write_lock = threading.Lock()
         self._watcher = Watcher(
@@ -206,6 +208,7 @@ class ModelRepository:
         except ModelLoadError as exc:
             if strict:
                 raise
+            metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
             log.error(
                 "model_load_failed",
                 model=name,
@@ -228,6 +231,12 @@ class ModelRepository:
             versions.setdefault(name, []).append(version)
         index = {name: ModelInfo(name, tuple(sorted(vs)), max(vs)) for name, vs in sorted(versions.items())}
         self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index), MappingProxyType(failed))
+        for name in self._published - versions.keys():  # removed: 0, as every worker's file can say it
+            metrics.MODEL_VERSIONS.labels(model=name).set(0)
+        for name, vs in versions.items():
+            metrics.MODEL_VERSIONS.labels(model=name).set(len(vs))
+        self._published = set(versions)
+        metrics.LAST_RELOAD.labels(store="models").set_to_current_time()
 
     @staticmethod
     def _log_loaded(model: ModelVersion, *, reloaded: bool = False) -> None:

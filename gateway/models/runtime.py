@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from gateway import tensors
+from gateway import metrics, tensors
 from gateway.errors import InternalError, InvalidArgumentError, StartupError
 from gateway.identifiers import shown
 from gateway.models.batching import Batcher, BatchingOptions
@@ -130,7 +130,7 @@ class ModelVersion:
             max_batch_size=options.max_batch_size,
             max_queue_delay_us=options.max_queue_delay_us,
         )
-        return Batcher(options)
+        return Batcher(options, on_batch=metrics.BATCH_SIZE.labels(model=self.name).observe)
 
     @property
     def label(self) -> str:
@@ -188,9 +188,10 @@ class ModelVersion:
 
     async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (batched with concurrent requests when configured); validated inputs only."""
-        if self.batcher is not None:
-            return await self.batcher.run(inputs, self._run_placed)
-        return await self._run_placed(inputs)
+        with metrics.timed(metrics.MODEL_RUN_SECONDS.labels(model=self.name, version=str(self.version))):
+            if self.batcher is not None:
+                return await self.batcher.run(inputs, self._run_placed)
+            return await self._run_placed(inputs)
 
     async def _run_placed(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self._placement.run(self.execute, inputs, self.cost)

@@ -20,7 +20,15 @@ from gateway import cli
 from tests.conftest import ROOT, SERVER_ONLY_MODULES, sdk_only_env
 
 SDK = {"grpcio", "protobuf", "numpy", "cryptography"}
-SERVER = {"grpcio-health-checking", "grpcio-reflection", "pyjwt", "structlog", "onnxruntime", "pyyaml"}
+SERVER = {
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "pyjwt",
+    "structlog",
+    "onnxruntime",
+    "pyyaml",
+    "prometheus-client",
+}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,264 @@
+"""Prometheus metrics: scraped over real HTTP(S) from the real listener and parsed with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import signal
+import ssl
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway._pb.inference import grpc_service_pb2 as oip_pb
+from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
+from tests.conftest import wait_until
+from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
+from tests.e2e.test_lifecycle import _serving, free_port, serve, serve_args
+
+METRICS = {"metrics.listen": "127.0.0.1:0"}
+PREDICT = "/gateway.v1.InferenceService/Predict"
+X = np.zeros((1, 784), np.float32)
+
+Samples = Counter[tuple[str, frozenset[tuple[str, str]]]]
+
+
+def scrape(url: str, context: ssl.SSLContext | None = None) -> Samples:
+    """Every sample of one scrape, by name and labels."""
+    with urllib.request.urlopen(url, timeout=TIMEOUT, context=context) as response:  # noqa: S310 (our own URL)
+        text = response.read().decode()
+    samples: Samples = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] += sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def series(samples: Samples, name: str) -> set[frozenset[tuple[str, str]]]:
+    return {labels for sample_name, labels in samples if sample_name == name}
+
+
+@pytest.fixture
+def metered(start_gateway):
+    gw = start_gateway(overrides=METRICS)
+    return gw, f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics"
+
+
+def test_counters_move_by_exactly_the_calls_allowed_and_refused(metered):
+    gw, url = metered
+    allowed, refused = 3, 2
+    before = scrape(url)
+    with gw.channel("alice") as alice, gw.channel("bob") as bob:
+        for _ in range(allowed):
+            stub(alice).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT)
+        for _ in range(refused):
+            rpc_error(lambda: stub(alice).Predict(predict_request("mlp", {"input": X}), timeout=TIMEOUT))
+        denied = rpc_error(
+            lambda: stub(bob).Predict(
+                predict_request("mlp", {"input": X}), metadata=auth(gw.token("bob", bind="bob")), timeout=TIMEOUT
+            )
+        )
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+        oip_grpc.GRPCInferenceServiceStub(alice).ServerLive(
+            oip_pb.ServerLiveRequest(), metadata=auth(gw.token()), timeout=TIMEOUT
+        )
+    after = scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    calls = "gateway_calls_total"
+    assert delta(calls, method=PREDICT, model="mlp", version="2", code="OK") == allowed
+    assert delta(calls, method=PREDICT, model="-", version="-", code="UNAUTHENTICATED") == refused
+    assert delta(calls, method=PREDICT, model="mlp", version="2", code="PERMISSION_DENIED") == 1
+    oip_live = "/inference.GRPCInferenceService/ServerLive"
+    assert delta(calls, method=oip_live, model="-", version="-", code="OK") == 1
+    refusals = "gateway_refusals_total"
+    assert delta(refusals, reason="token", detail="no authorization header") == refused
+    assert delta(refusals, reason="policy_deny", detail="default_deny") == 1
+    assert delta("gateway_call_duration_seconds_count", method=PREDICT) == allowed + refused + 1
+    assert delta("gateway_authentication_duration_seconds_count") == allowed + refused + 2
+    assert delta("gateway_model_run_duration_seconds_count", model="mlp", version="2") == allowed
+    assert delta("gateway_audit_records_written_total") == allowed + refused + 2
+    assert delta("gateway_calls_in_flight") == 0
+    assert value(after, "gateway_audit_sink_up") == 1
+    assert value(after, "gateway_model_versions_loaded", model="mlp") == 2
+
+
+def test_invented_model_and_method_names_add_no_series(metered):
+    gw, url = metered
+    with gw.channel("alice") as alice:
+        # One call of each kind first, so that the fixed series they use exist before the count.
+        rpc_error(
+            lambda: stub(alice).Predict(predict_request("nope", {"input": X}), metadata=auth(gw.token()), timeout=5)
+        )
+        invented = alice.unary_unary("/invented.Service/Method")
+        rpc_error(lambda: invented(b"", metadata=auth(gw.token()), timeout=TIMEOUT))
+        before = scrape(url)
+        token = gw.token()
+        for index in range(1000):
+            error = rpc_error(
+                lambda i=index: stub(alice).Predict(
+                    predict_request(f"invented-{i}", {"input": X}), metadata=auth(token), timeout=TIMEOUT
+                )
+            )
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            rpc_error(
+                lambda i=index: alice.unary_unary(f"/invented{i}.Service/M")(b"", metadata=auth(token), timeout=5)
+            )
+    after = scrape(url)
+    for name in ("gateway_calls_total", "gateway_refusals_total", "gateway_call_duration_seconds_count"):
+        assert series(after, name) == series(before, name), name
+    assert (
+        value(after, "gateway_calls_total", method=PREDICT, model="-", version="-", code="NOT_FOUND")
+        - value(before, "gateway_calls_total", method=PREDICT, model="-", version="-", code="NOT_FOUND")
+        == 1000
+    )
+    assert (
+        value(after, "gateway_calls_total", method="-", model="-", version="-", code="UNIMPLEMENTED")
+        - value(before, "gateway_calls_total", method="-", model="-", version="-", code="UNIMPLEMENTED")
+        == 1000
+    )
+
+
+def test_security_posture_gauges_come_from_the_stores(metered):
+    from cryptography import x509
+
+    gw, url = metered
+    samples = scrape(url)
+    server = x509.load_pem_x509_certificate(gw.pki.read("server.crt"))
+    ca = x509.load_pem_x509_certificate(gw.pki.read("ca.crt"))
+    crl = x509.load_pem_x509_crl(gw.pki.read("crl.pem"))
+    not_after = "gateway_certificate_not_after_timestamp_seconds"
+    assert value(samples, not_after, role="server") == server.not_valid_after_utc.timestamp()
+    assert value(samples, not_after, role="client_ca") == ca.not_valid_after_utc.timestamp()
+    assert crl.next_update_utc is not None
+    assert value(samples, "gateway_crl_next_update_timestamp_seconds") == crl.next_update_utc.timestamp()
+    for store in ("jwks", "policies", "crl", "server-tls", "models"):
+        assert value(samples, "gateway_last_reload_timestamp_seconds", store=store) > 0, store
+    assert value(samples, "process_cpu_seconds_total") > 0  # the library's process metrics
+
+
+def _client_context(pki, client_pki=None, client: str | None = None) -> ssl.SSLContext:
+    """Trusts the server (pki's CA); presents ``client``'s certificate from ``client_pki`` when given."""
+    context = ssl.create_default_context(cafile=str(pki.path("ca.crt")))
+    if client_pki is not None and client is not None:
+        context.load_cert_chain(client_pki.path(f"{client}.crt"), client_pki.path(f"{client}.key"))
+    return context
+
+
+def test_https_listener_requires_a_client_certificate_from_the_client_ca(start_gateway, pki, other_pki):
+    gw = start_gateway(overrides={**METRICS, "metrics.tls": True})
+    url = f"https://localhost:{gw.gateway.metrics.port}/metrics"
+    assert value(scrape(url, _client_context(pki, pki, "alice")), "gateway_audit_sink_up") == 1
+    for refused in (_client_context(pki), _client_context(pki, other_pki, "alice")):
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            scrape(url, refused)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        scrape(url.replace("https://", "http://"))
+
+
+def test_no_listener_unless_metrics_listen_is_set(start_gateway):
+    assert start_gateway().gateway.metrics is None
+
+
+def test_one_scrape_counts_the_calls_of_both_workers(pki, demo_models, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"metrics:\n  listen: 127.0.0.1:{metrics_port}\n")
+    args = [*serve_args(pki, demo_models, tmp_path, port), "--workers", "2", "--config", str(config)]
+    process = serve(args, tmp_path)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    from gateway.audit import verify_files
+    from tests.conftest import RunningGateway
+
+    token = RunningGateway(None, port, pki, tmp_path, tmp_path).token()
+    calls = 40
+    try:
+        for _ in range(calls):  # a new connection per call: the kernel spreads them over both workers
+            with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+                wait_until(lambda ch=channel: _serving(ch), timeout_s=30, interval_s=0.2)
+                stub(channel).Predict(predict_request("mlp", {"input": X}), metadata=auth(token), timeout=TIMEOUT)
+        samples = scrape(url)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert value(samples, "gateway_calls_total", method=PREDICT, model="mlp", version="2", code="OK") == calls
+    report = verify_files([tmp_path / "audit"], hmac_key=pki.read("audit-hmac.key").strip())
+    assert all(chain.last_seq > 0 for chain in report.chains) and len(report.chains) == 2  # both workers served
+    assert value(samples, "gateway_audit_sink_up") == 1
+    assert value(samples, "gateway_model_versions_loaded", model="mlp") == 2
+
+
+def test_a_metrics_port_in_use_fails_the_start_before_the_audit_trail_is_opened(start_gateway, tmp_path):
+    import socket
+
+    from gateway.config import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"^metrics\.listen: cannot listen on 127\.0\.0\.1:{port}: "):
+            start_gateway(overrides={"metrics.listen": f"127.0.0.1:{port}"})
+    assert not list(tmp_path.glob("audit-*/audit.log"))
+
+
+def test_a_stream_counts_once_as_a_call(metered):
+    gw, url = metered
+    stream = "/gateway.v1.InferenceService/PredictStream"
+    before = scrape(url)
+    with gw.channel("alice") as alice:
+        requests = [predict_request("mlp", {"input": X}) for _ in range(3)]
+        replies = list(stub(alice).PredictStream(iter(requests), metadata=auth(gw.token()), timeout=TIMEOUT))
+    assert len(replies) == 3
+    after = scrape(url)
+    labels = {"method": stream, "model": "-", "version": "-", "code": "OK"}
+    assert value(after, "gateway_calls_total", **labels) - value(before, "gateway_calls_total", **labels) == 1
+    assert (
+        sum(v for (name, _), v in after.items() if name == "gateway_calls_total")
+        - sum(v for (name, _), v in before.items() if name == "gateway_calls_total")
+        == 1
+    )
+    run = "gateway_model_run_duration_seconds_count"
+    assert value(after, run, model="mlp", version="2") - value(before, run, model="mlp", version="2") == 3
+
+
+def test_sink_down_shows_in_the_gauge_and_the_refusals(metered):
+    from tests.e2e.test_audit_trail import _point_at_dev_full
+
+    gw, url = metered
+    before = scrape(url)
+    assert value(before, "gateway_audit_sink_up") == 1
+    directory = gw.audit_path.parent
+    moved = directory.with_name("audit-moved")
+    _point_at_dev_full(gw.gateway.audit)
+    directory.rename(moved)  # and reopening fails too, for as long as the outage lasts
+    directory.write_text("not a directory")
+    try:
+        with gw.channel("alice") as alice:
+            error = rpc_error(
+                lambda: stub(alice).Predict(
+                    predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT
+                )
+            )
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        down = scrape(url)
+    finally:
+        directory.unlink()
+        moved.rename(directory)
+    assert value(down, "gateway_audit_sink_up") == 0
+    unavailable = {"reason": "unavailable", "detail": "-"}
+    assert (
+        value(down, "gateway_refusals_total", **unavailable) - value(before, "gateway_refusals_total", **unavailable)
+        == 1
+    )

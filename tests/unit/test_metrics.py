@@ -1,0 +1,93 @@
+"""Metric label values are bounded: every refusal maps to a fixed reason class and detail."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.context import CallContext
+from gateway.errors import (
+    AuthenticationError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from gateway.metrics import refusal_labels
+
+
+def _call(rule: str | None = None) -> CallContext:
+    call = CallContext(request_id="r", method="/m", peer="p")
+    call.rule = rule
+    return call
+
+
+@pytest.mark.parametrize(
+    ("reason", "labels"),
+    [
+        ("no client certificate", ("certificate", "-")),
+        ("client certificate revoked", ("certificate", "-")),
+        ("expired", ("token", "expired")),
+        ("missing claim sub", ("token", "missing claim")),
+        ("malformed claim groups", ("token", "malformed claim")),
+        # The algorithm comes from the token's header: the caller's text, never a label value.
+        ("algorithm x-invented-by-caller not allowed", ("token", "algorithm not allowed")),
+        ("algorithm none", ("token", "algorithm none")),
+        ("duplicate member in token header", ("token", "other")),
+        ("anything new", ("token", "other")),
+    ],
+)
+def test_authentication_refusals_have_bounded_labels(reason, labels):
+    assert refusal_labels(AuthenticationError(reason=reason), _call()) == labels
+
+
+def test_policy_denials_are_labelled_by_rule_id_or_default_deny():
+    assert refusal_labels(PermissionDeniedError(reason="x"), _call("deny-suspended")) == (
+        "policy_deny",
+        "deny-suspended",
+    )
+    assert refusal_labels(PermissionDeniedError(reason="x"), _call()) == ("policy_deny", "default_deny")
+
+
+def test_limits_and_other_codes_have_fixed_labels():
+    assert refusal_labels(ResourceExhaustedError(reason="concurrent call limit"), _call()) == (
+        "limit",
+        "concurrent call limit",
+    )
+    assert refusal_labels(ResourceExhaustedError(reason="something else"), _call()) == ("limit", "other")
+    assert refusal_labels(InvalidArgumentError("caller text 'x'"), _call()) == ("invalid_argument", "-")
+    assert refusal_labels(UnavailableError(reason="audit sink unhealthy"), _call()) == ("unavailable", "-")
+
+
+def _settings(tmp_path, text: str):
+    from gateway.config import load_settings
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text("tls: {cert: s.crt, key: s.key, client_ca: ca.crt}\nauth: {jwks: jwks.json}\n" + text)
+    return load_settings(path)
+
+
+def test_metrics_are_off_unless_listen_is_set(tmp_path):
+    settings = _settings(tmp_path, "")
+    assert settings.metrics.listen is None
+    assert _settings(tmp_path, "metrics: {listen: '127.0.0.1:9464'}\n").metrics.listen == "127.0.0.1:9464"
+
+
+def test_a_bad_metrics_listen_address_is_an_error_naming_the_key(tmp_path):
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"metrics\.listen: 'nowhere' is not HOST:PORT"):
+        _settings(tmp_path, "metrics: {listen: nowhere}\n")
+
+
+def test_metrics_tls_needs_the_tls_material_dev_insecure_transport_skips(tmp_path):
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^.*metrics\.tls: needs tls\.cert"):
+        _settings(tmp_path, "dev_insecure_transport: true\nmetrics: {listen: '127.0.0.1:9464', tls: true}\n")
+
+
+def test_workers_open_no_metrics_listener_of_their_own(tmp_path):
+    from gateway.config import for_worker
+
+    settings = _settings(tmp_path, "metrics: {listen: '127.0.0.1:9464', tls: true}\n")
+    assert for_worker(settings, 1).metrics.listen is None
