@@ -23,6 +23,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from gateway import tracing
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
 from gateway.context import CallContext, check_size, current_call, new_request_id
@@ -39,6 +40,7 @@ from gateway.errors import (
 )
 from gateway.identifiers import ID, shown
 from gateway.limits import Admission, Slot
+from gateway.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -72,13 +74,14 @@ class Recorder:
 
     async def record(self, call: CallContext, error: GatewayError | None) -> None:
         """Commit the record; raises UnavailableError when the sink is down (the call must then fail)."""
-        if error is None:
-            await self._audit.append(call.audit_record(code="OK", reason=None))
-            return
-        (log.error if isinstance(error, InternalError) else log.info)(
-            "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
-        )
-        await self._audit.append(call.audit_record(code=error.code, reason=error.reason))
+        if error is not None:
+            (log.error if isinstance(error, InternalError) else log.info)(
+                "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
+            )
+        code = "OK" if error is None else error.code
+        with tracing.span(call, "gateway.audit.commit"):
+            await self._audit.append(call.audit_record(code=code, reason=None if error is None else error.reason))
+        tracing.note_outcome(call, code)
 
     async def record_quietly(self, call: CallContext, error: GatewayError) -> None:
         """Record where no status can be sent any more (the client is gone)."""
@@ -124,9 +127,11 @@ class CallBoundary:
         authenticator: Authenticator | None,
         admission: Admission,
         limits: MessageLimits,
+        tracing: Tracing,
     ) -> None:
         """``authenticator=None`` is the dev_no_auth mode: calls are admitted without a caller."""
         self.recorder = recorder
+        self._tracing = tracing
         self._authenticator = authenticator
         self._admission = admission
         self._limits = limits
@@ -185,7 +190,7 @@ class CallBoundary:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
             self._enter()
             # An unknown method's name is the caller's choice, up to the metadata limit: recorded as shown.
-            call, metadata = self._begin(shown(name), context)
+            call, metadata = self._begin(shown(name), context, traced_as=_UNKNOWN_METHOD)
             error: GatewayError = UnimplementedError(reason=f"unknown method {call.method}")
             slots: list[Slot] = []
             try:
@@ -203,13 +208,17 @@ class CallBoundary:
 
     # ------------------------------------------------------------------------------------------------ per call
 
-    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[CallContext, Sequence[Any]]:
+    def _begin(
+        self, method: str, context: grpc.aio.ServicerContext, *, traced_as: str | None = None
+    ) -> tuple[CallContext, Sequence[Any]]:
         """The call's context, and its metadata (read once). A malformed ``x-request-id`` is replaced here and
-        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send)."""
+        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send).
+        ``traced_as``: the name its span gets instead of ``method`` (which an unknown method's caller chose)."""
         metadata = context.invocation_metadata() or ()
         header = _request_id_header(metadata)
         request_id = header if header is not None and ID.allows(header) else new_request_id()
         call = CallContext(request_id=request_id, method=method, peer=context.peer())
+        call.trace = self._tracing.start_call(traced_as or method, metadata, request_id)
         current_call.set(call)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -227,12 +236,13 @@ class CallBoundary:
         """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
         authenticator = self._authenticator
         if authenticator is not None:
-            pems = context.auth_context().get("x509_pem_cert")
-            peer = authenticator.inspect(pems[0] if pems else None)
-            if peer is not None:
-                call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
-            authorization = _metadata_values(metadata, "authorization")
-            call.principal = authenticator.authenticate(peer, authorization)
+            with tracing.span(call, "gateway.authenticate"):
+                pems = context.auth_context().get("x509_pem_cert")
+                peer = authenticator.inspect(pems[0] if pems else None)
+                if peer is not None:
+                    call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
+                authorization = _metadata_values(metadata, "authorization")
+                call.principal = authenticator.authenticate(peer, authorization)
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
             ID.check(header, "x-request-id header")
@@ -372,18 +382,22 @@ class CallBoundary:
         if isinstance(exc, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             ended = _aborted(context) if isinstance(exc, grpc.aio.AbortError) else _ended_early(context)
             await self.recorder.record_quietly(call, ended)
+            tracing.end_call(call)
             raise exc
         if isinstance(exc, Exception):
             return _unexpected(exc, call)
         raise exc  # KeyboardInterrupt, SystemExit: not a call's failure
 
     async def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
-        """Record the outcome, then fail the call if it failed or its record could not be written."""
+        """Record the outcome and end the call's span, then fail the call if it failed or its record could not be
+        written."""
         try:
             await self.recorder.record(call, error)
         except GatewayError as exc:
             log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
             error = exc
+            tracing.note_outcome(call, exc.code)
+        tracing.end_call(call)
         if error is None:
             return
         if isinstance(error, UnavailableError) and not call.model_ran:
@@ -392,6 +406,9 @@ class CallBoundary:
         if isinstance(error, InternalError):
             message = f"internal error (request id {call.request_id})"
         await context.abort(_status(error), message)
+
+
+_UNKNOWN_METHOD = "/unknown/method"
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
