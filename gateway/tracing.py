@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from gateway.errors import GatewayError
+
 if TYPE_CHECKING:
     from gateway.context import CallContext
 
@@ -116,7 +118,7 @@ def span(call: CallContext, name: str, attributes: Mapping[str, str | int] | Non
     try:
         yield child
     except BaseException as exc:
-        child.set_status(Status(StatusCode.ERROR, getattr(exc, "code", None) or type(exc).__name__))
+        child.set_status(Status(StatusCode.ERROR, exc.code if isinstance(exc, GatewayError) else type(exc).__name__))
         raise
     finally:
         child.end()

@@ -8,10 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -189,6 +192,69 @@ def test_span_attributes_carry_no_token_tensor_or_unchecked_caller_text(traced):
     names = {s.name for s in spans_of(traced, "bad-name")}
     assert "gateway.authorize" not in names  # refused by the grammar check, before any span names the model
     assert call_span(spans_of(traced, "unknown-1")).name == "unknown/method"
+
+
+def test_a_caller_that_asks_not_to_be_sampled_is_not_traced_but_its_record_carries_the_trace_id(traced):
+    with traced.channel() as channel:
+        stub(channel).Predict(
+            predict_request("mlp", {"input": X}),
+            metadata=auth(
+                traced.token(), ("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00"), ("x-request-id", "unsampled")
+            ),
+            timeout=TIMEOUT,
+        )
+    spans = traced.extra["spans"].get_finished_spans()
+    assert not [s for s in spans if format_trace_id(s.context.trace_id) == TRACE_ID]
+    assert record_of(traced, "unsampled")["trace_id"] == TRACE_ID
+
+
+class Collector(otlp_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[otlp.ExportTraceServiceRequest] = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return otlp.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def collector():
+    receiver = Collector()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    otlp_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    receiver.port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver
+    server.stop(0)
+
+
+def test_spans_are_exported_over_otlp_where_the_otel_variables_say(start_gateway, collector, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    gw = start_gateway(overrides={"tracing.enabled": True})
+    with gw.channel() as channel:
+        stub(channel).Predict(
+            predict_request("mlp", {"input": X}),
+            metadata=auth(gw.token(), ("traceparent", TRACEPARENT), ("x-request-id", "exported")),
+            timeout=TIMEOUT,
+        )
+    gw.gateway.stop(0.5)  # exports what the batch processor still holds
+    exported = [
+        (resource_spans.resource, span)
+        for request in collector.requests
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+    assert {span.name for _, span in exported} >= CALL_STEPS | {"gateway.v1.InferenceService/Predict"}
+    assert {span.trace_id.hex() for _, span in exported} == {TRACE_ID}
+    resource = {kv.key: kv.value.string_value for kv in exported[0][0].attributes}
+    assert resource["service.name"] == "gateway" and resource["deployment.environment"] == "test"
+    assert record_of(gw, "exported")["trace_id"] == TRACE_ID
 
 
 def test_records_carry_a_null_trace_id_when_tracing_is_off(start_gateway):
