@@ -79,9 +79,9 @@ class Recorder:
                 "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
             )
         code = "OK" if error is None else error.code
+        tracing.note_outcome(call, code)  # before the commit: a call whose record is lost still ended so
         with tracing.span(call, "gateway.audit.commit"):
             await self._audit.append(call.audit_record(code=code, reason=None if error is None else error.reason))
-        tracing.note_outcome(call, code)
 
     async def record_quietly(self, call: CallContext, error: GatewayError) -> None:
         """Record where no status can be sent any more (the client is gone)."""
