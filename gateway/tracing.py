@@ -70,7 +70,7 @@ class Tracing:
         return CallTrace(self._tracer, span, trace.set_span_in_context(span), trace_id)
 
     def shutdown(self) -> None:
-        """Export the spans still buffered (a provider this gateway made; see ``from_environment``)."""
+        """Export the spans still buffered and stop the provider (each gateway is given one of its own)."""
         if self._provider is not None:
             self._provider.shutdown()
 
