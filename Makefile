@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# setuptools >= 80 prints a boxed "Editable installation" notice on every editable build: noise, not news.
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[server,dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e ".[server,otel,dev]"
 	touch $(STAMP)
 
 certs: certs/signing/ca.crt

@@ -23,7 +23,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
 from gateway.context import CallContext, check_size, current_call, new_request_id
@@ -40,6 +40,7 @@ from gateway.errors import (
 )
 from gateway.identifiers import ID, shown
 from gateway.limits import Admission, Slot
+from gateway.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +81,9 @@ class Recorder:
                 "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
             )
         code, reason = ("OK", None) if error is None else (error.code, error.reason)
+        tracing.note_outcome(call, code)  # before the commit: a call whose record is lost still ended so
         try:
-            with metrics.timed(metrics.AUDIT_COMMIT_SECONDS):
+            with metrics.timed(metrics.AUDIT_COMMIT_SECONDS), tracing.span(call, "gateway.audit.commit"):
                 await self._audit.append(call.audit_record(code=code, reason=reason))
         except GatewayError as exc:
             self._observe(call, exc)
@@ -137,9 +139,11 @@ class CallBoundary:
         authenticator: Authenticator | None,
         admission: Admission,
         limits: MessageLimits,
+        tracing: Tracing,
     ) -> None:
         """``authenticator=None`` is the dev_no_auth mode: calls are admitted without a caller."""
         self.recorder = recorder
+        self._tracing = tracing
         self._authenticator = authenticator
         self._admission = admission
         self._limits = limits
@@ -201,7 +205,7 @@ class CallBoundary:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
             self._enter()
             # An unknown method's name is the caller's choice, up to the metadata limit: recorded as shown.
-            call, metadata = self._begin(shown(name), context)
+            call, metadata = self._begin(shown(name), context, traced_as=_UNKNOWN_METHOD)
             error: GatewayError = UnimplementedError(reason=f"unknown method {call.method}")
             slots: list[Slot] = []
             try:
@@ -219,13 +223,17 @@ class CallBoundary:
 
     # ------------------------------------------------------------------------------------------------ per call
 
-    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[CallContext, Sequence[Any]]:
+    def _begin(
+        self, method: str, context: grpc.aio.ServicerContext, *, traced_as: str | None = None
+    ) -> tuple[CallContext, Sequence[Any]]:
         """The call's context, and its metadata (read once). A malformed ``x-request-id`` is replaced here and
-        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send)."""
+        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send).
+        ``traced_as``: the name its span gets instead of ``method`` (which an unknown method's caller chose)."""
         metadata = context.invocation_metadata() or ()
         header = _request_id_header(metadata)
         request_id = header if header is not None and ID.allows(header) else new_request_id()
         call = CallContext(request_id=request_id, method=method, peer=context.peer())
+        call.trace = self._tracing.start_call(traced_as or method, metadata, request_id)
         current_call.set(call)
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -243,7 +251,7 @@ class CallBoundary:
         """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
         authenticator = self._authenticator
         if authenticator is not None:
-            with metrics.timed(metrics.AUTH_SECONDS):
+            with metrics.timed(metrics.AUTH_SECONDS), tracing.span(call, "gateway.authenticate"):
                 self._authenticate(authenticator, call, context, metadata)
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
@@ -396,18 +404,22 @@ class CallBoundary:
         if isinstance(exc, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             ended = _aborted(context) if isinstance(exc, grpc.aio.AbortError) else _ended_early(context)
             await self.recorder.record_quietly(call, ended)
+            tracing.end_call(call)
             raise exc
         if isinstance(exc, Exception):
             return _unexpected(exc, call)
         raise exc  # KeyboardInterrupt, SystemExit: not a call's failure
 
     async def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
-        """Record the outcome, then fail the call if it failed or its record could not be written."""
+        """Record the outcome and end the call's span, then fail the call if it failed or its record could not be
+        written."""
         try:
             await self.recorder.record(call, error)
         except GatewayError as exc:
             log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
             error = exc
+            tracing.note_outcome(call, exc.code)
+        tracing.end_call(call)
         if error is None:
             return
         if isinstance(error, UnavailableError) and not call.model_ran:
@@ -416,6 +428,9 @@ class CallBoundary:
         if isinstance(error, InternalError):
             message = f"internal error (request id {call.request_id})"
         await context.abort(_status(error), message)
+
+
+_UNKNOWN_METHOD = "/unknown/method"
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:

@@ -3,7 +3,8 @@
 Precedence, in ``load_settings`` only: CLI flag > file > default. The file is the one named by ``--config``,
 else ``./gateway.yaml`` when it exists (``default_config_file``), else none. Relative paths in the file are
 relative to the file's folder; relative paths from flags are relative to the working directory. The server
-reads no environment variables.
+reads no environment variables of its own; with ``tracing.enabled``, OpenTelemetry reads the standard ``OTEL_*``
+ones (docs/tracing.md).
 """
 
 from __future__ import annotations
@@ -155,6 +156,13 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry tracing (the ``gateway[otel]`` extra); where spans go is set by ``OTEL_*`` variables."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every option of ``gateway serve``."""
 
@@ -172,6 +180,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     # Development only, each logged at WARNING on every start.
     dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
     dev_no_auth: bool = False  # no token, no policy: every call is allowed; only on a loopback address

@@ -11,11 +11,14 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.auth.principal import Principal
 from gateway.errors import ResourceExhaustedError
 from gateway.tensors import datatype_of
+
+if TYPE_CHECKING:
+    from gateway.tracing import CallTrace
 
 
 def new_request_id() -> str:
@@ -61,6 +64,7 @@ class CallContext:
     model_ran: bool = False  # a refusal before the run is safe for the client to retry
     recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
     max_reply_bytes: int | None = None  # streams: the largest reply the call boundary lets through
+    trace: CallTrace | None = None  # with tracing on: the call's span, shared by its stream messages
 
     async def record_message(self, message: CallContext, error: Any) -> None:
         """Commit the record of one stream message (made by ``for_message``) through the stream's recorder, and
@@ -132,6 +136,7 @@ class CallContext:
             "inputs": self.inputs or [],
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "trace_id": self.trace.trace_id if self.trace else None,
         }
         if self.message_index is not None:
             record["message_index"] = self.message_index

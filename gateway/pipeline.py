@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway import tracing
 from gateway.auth.principal import Principal
 from gateway.context import CallContext
 from gateway.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
@@ -86,8 +87,11 @@ class Pipeline:
         if isinstance(resolved, ModelVersion):
             call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
         policy_version = call.version or requested
-        decision = self._decide(call.principal, model, policy_version, action)
-        call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
+        with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
+            decision = self._decide(call.principal, model, policy_version, action)
+            call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
+            if span is not None:
+                span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
         if not decision.allowed:
             raise PermissionDeniedError(reason=decision.reason)
         if isinstance(resolved, NotFoundError):
@@ -110,7 +114,8 @@ class Pipeline:
         _check_outputs(model, request.outputs)
         self._before_run()
         call.model_ran = True
-        outputs = await model.run(inputs)
+        with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
+            outputs = await model.run(inputs)
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
         return InferResult(request.model, model.version, outputs)
@@ -126,12 +131,13 @@ class Pipeline:
         """The models, and their versions, the caller may list."""
         call.action, call.decision = Action.LIST.value, "allow"
         visible = []
-        for info in self.models.models():
-            versions = self._visible_versions(call.principal, info, Action.LIST)
-            if versions:
-                # The default is shown only when the caller may use it: a request without a version gets it.
-                default = info.default_version if info.default_version in versions else None
-                visible.append(ModelInfo(info.name, tuple(versions), default))
+        with tracing.span(call, "gateway.authorize", {"gateway.action": Action.LIST.value}):
+            for info in self.models.models():
+                versions = self._visible_versions(call.principal, info, Action.LIST)
+                if versions:
+                    # The default is shown only when the caller may use it: a request without a version gets it.
+                    default = info.default_version if info.default_version in versions else None
+                    visible.append(ModelInfo(info.name, tuple(versions), default))
         return visible
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:

@@ -44,6 +44,7 @@ from gateway.models.runtime import RuntimeOptions
 from gateway.pipeline import Pipeline
 from gateway.policy import PolicyStore
 from gateway.tls import ServerCredentials
+from gateway.tracing import Tracing, from_environment
 
 log = structlog.get_logger(__name__)
 
@@ -103,11 +104,24 @@ def metrics_tls(settings: Settings) -> MetricsTls | None:
     return MetricsTls(cert=str(tls.cert), key=str(tls.key), client_ca=str(tls.client_ca))
 
 
+def _tracing(settings: Settings) -> Tracing:
+    if not settings.tracing.enabled:
+        return Tracing(None)
+    try:
+        return from_environment()
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"tracing.enabled: OpenTelemetry is not installed (no module {exc.name!r}); pip install 'gateway[otel]'"
+        ) from None
+
+
 class Gateway:
     """The gateway process: every component, wired once, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tracing: Tracing | None = None) -> None:
+        """``tracing``: where call spans go; by default as ``settings.tracing`` and the ``OTEL_*`` variables say."""
         self.settings = settings
+        self.tracing = tracing or _tracing(settings)
         self.port: int | None = None
         self._stopped = threading.Event()
         models = settings.models
@@ -154,6 +168,7 @@ class Gateway:
                 message_timeout_s=limits.message_timeout_s,
                 stream_idle_timeout_s=limits.stream_idle_timeout_s,
             ),
+            tracing=self.tracing,
         )
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
         self.health = health.aio.HealthServicer()  # its asyncio conditions bind to the loop on first use
@@ -293,6 +308,7 @@ class Gateway:
         self.placement.close()
         self.audit.close()  # while the loop still runs: records it commits wake their (cancelled) callers there
         self._close_loop()
+        self.tracing.shutdown()
         log.info("gateway_stopped")
 
     def ready(self) -> bool:

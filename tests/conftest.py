@@ -175,6 +175,7 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
         policy: str = ALL_ACCESS_POLICY,
         overrides: dict[str, Any] | None = None,
         use_pki: Pki | None = None,
+        tracing: Any = None,
     ) -> RunningGateway:
         the_pki = use_pki or pki
         policy_dir = tmp_path / f"policies-{len(started)}"
@@ -191,7 +192,7 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
             "shutdown_drain_s": 0.0,
         }
         settings_overrides.update(overrides or {})
-        gateway = Gateway(load_settings(None, settings_overrides))
+        gateway = Gateway(load_settings(None, settings_overrides), tracing=tracing)
         port = gateway.start()
         running = RunningGateway(gateway, port, the_pki, audit_path, policy_dir)
         started.append(running)
@@ -205,27 +206,32 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
 # The top-level modules of the server extra: an SDK-only install (`pip install gateway`) has none of them.
 SERVER_ONLY_MODULES = ("grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml", "prometheus_client")
 
-_BLOCKER = f"""
+_BLOCKER = """
 import importlib.abc
 import sys
 
 
-class _ServerOnly(importlib.abc.MetaPathFinder):
+class _NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {SERVER_ONLY_MODULES!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (an SDK-only install)", name=name)
+        if name.partition(".")[0] in {modules!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} ({why})", name=name)
         return None
 
 
-sys.meta_path.insert(0, _ServerOnly())
+sys.meta_path.insert(0, _NotInstalled())
 """
 
 
-def sdk_only_env(directory: Path) -> dict[str, str]:
-    """The environment of a Python that cannot import the server extra's modules, as after ``pip install gateway``:
-    a sitecustomize in ``directory``, first on PYTHONPATH, puts a finder that refuses them first on the meta path."""
-    (directory / "sitecustomize.py").write_text(_BLOCKER)
+def without_modules_env(directory: Path, modules: tuple[str, ...], why: str) -> dict[str, str]:
+    """The environment of a Python that cannot import ``modules`` (top-level names), as if not installed: a
+    sitecustomize in ``directory``, first on PYTHONPATH, puts a finder that refuses them first on the meta path."""
+    (directory / "sitecustomize.py").write_text(_BLOCKER.format(modules=modules, why=why))
     return {**os.environ, "PYTHONPATH": os.pathsep.join((str(directory), str(ROOT)))}
+
+
+def sdk_only_env(directory: Path) -> dict[str, str]:
+    """The environment of a Python that cannot import the server extra's modules, as after ``pip install gateway``."""
+    return without_modules_env(directory, SERVER_ONLY_MODULES, "an SDK-only install")
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 10.0, interval_s: float = 0.05) -> None:
