@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from types import FrameType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 import grpc.aio
@@ -81,8 +81,17 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
-def catch_stop_signals() -> list[int]:
-    """A list that SIGTERM and SIGINT append to from now on; the caller polls it (the supervisor does too).
+class Reloadable(Protocol):
+    """A component read from files: watched in the background, and re-read at once on request."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def reload_now(self) -> bool: ...
+
+
+def catch_signals() -> list[int]:
+    """A list that SIGTERM, SIGINT (stop) and SIGHUP (reload) append to from now on; the caller polls it (the
+    supervisor does too). Without a handler SIGHUP would end the process with its audit trail unclosed.
 
     The handler only appends: a handler that took a lock could wait for the very lock the code it interrupted
     holds, so the work happens in the polling loop instead.
@@ -92,8 +101,8 @@ def catch_stop_signals() -> list[int]:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     return received
 
 
@@ -224,9 +233,8 @@ class Gateway:
             self._close_loop()
             self.audit.close()
             raise
-        for component in (self.models, self.policies, self.keys, self.crl, self.credentials):
-            if component is not None:
-                component.start()
+        for component in self._reloadable().values():
+            component.start()
         log.info(
             "gateway_started",
             listen=self.settings.listen,
@@ -298,13 +306,28 @@ class Gateway:
             self._on_loop(self._shutdown(self._server, grace), bound)
         except TimeoutError:
             log.error("gateway_stop_timed_out", waited_s=bound, detail="the grpc server did not stop in time")
-        for component in (self.credentials, self.crl, self.keys, self.policies, self.models):
-            if component is not None:
-                component.stop()
+        for component in reversed(self._reloadable().values()):
+            component.stop()
         self.placement.close()
         self.audit.close()  # while the loop still runs: records it commits wake their (cancelled) callers there
         self._close_loop()
         log.info("gateway_stopped")
+
+    def _reloadable(self) -> dict[str, Reloadable]:
+        """What is read from files and reloaded, by name, in start order."""
+        components: dict[str, Reloadable | None] = {
+            "models": self.models,
+            "policies": self.policies,
+            "jwks": self.keys,
+            "crl": self.crl,
+            "certificates": self.credentials,
+        }
+        return {name: component for name, component in components.items() if component is not None}
+
+    def reload(self) -> None:
+        """Re-read every file now (SIGHUP) instead of at the next poll; each store logs what it changed."""
+        changed = [name for name, component in self._reloadable().items() if component.reload_now()]
+        log.info("gateway_reloaded", changed=changed)
 
     def ready(self) -> bool:
         """Serving inference now: started, not draining, audit trail writable, at least one model loaded, and a
@@ -342,10 +365,15 @@ class Gateway:
         loop.close()
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        received = catch_stop_signals()
+        """Run until SIGTERM or SIGINT, then shut down gracefully; reload on SIGHUP."""
+        received = catch_signals()
         self.start()
-        while not received:
-            time.sleep(_SIGNAL_POLL_S)
-        log.info("signal_received", signal=signal.Signals(received[0]).name)
+        while True:
+            while not received:
+                time.sleep(_SIGNAL_POLL_S)
+            signum = received.pop(0)
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            if signum != signal.SIGHUP:
+                break
+            self.reload()
         self.stop()
