@@ -148,6 +148,8 @@ class CallBoundary:
         self._idle.clear()
 
     def _leave(self) -> None:
+        # The request id bound by _begin: cleared with the call, so no later line in this context claims it.
+        structlog.contextvars.unbind_contextvars("request_id")
         self._active -= 1
         if not self._active:
             self._idle.set()
