@@ -330,12 +330,12 @@ class Gateway:
         log.info("gateway_reloaded", changed=changed)
 
     def ready(self) -> bool:
-        """Serving inference now: started, not draining, audit trail writable, at least one model loaded, and a
-        key set to verify tokens with. The one definition: health (both ports) and ServerReady answer with it."""
+        """Serving inference now: started, not draining, audit trail writable, at least one model loaded. The one
+        definition: health (both ports) and ServerReady answer with it. The key set needs no check: a JWKS
+        without keys is refused at start and on every reload, so one is always present."""
         audit_ok = self.audit.healthy or self.settings.dev_audit_fail_open
-        keys_ok = self.keys is None or bool(self.keys.current.keys)  # None: dev_no_auth, no tokens to verify
         started = self._server is not None and not self._draining
-        return started and audit_ok and keys_ok and bool(self.models.models())
+        return started and audit_ok and bool(self.models.models())
 
     async def _shutdown(self, server: grpc.aio.Server, grace_s: float) -> None:
         # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
