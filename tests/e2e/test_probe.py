@@ -90,6 +90,17 @@ def test_both_ports_turn_not_serving_while_the_audit_sink_is_down_and_serving_on
         assert check(probe) == check(channel) == SERVING
 
 
+def test_watch_sends_the_status_then_its_change(gw):
+    with probe_channel(gw) as probe, gw.channel() as channel:
+        updates = health_pb2_grpc.HealthStub(probe).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+        assert next(updates).status == SERVING
+        break_audit_sink(gw)
+        assert predict(gw, channel) == grpc.StatusCode.UNAVAILABLE
+        assert next(updates).status == NOT_SERVING
+        updates.cancel()
+        mend_audit_sink(gw)
+
+
 def test_without_a_loaded_model_health_and_server_ready_all_say_not_ready(start_gateway, tmp_path):
     empty = tmp_path / "no-models"
     empty.mkdir()
