@@ -59,8 +59,8 @@ def predict_mlp(pki, port: int, token: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def reloads_logged(tmp_path: Path) -> int:
-    return (tmp_path / "serve.log").read_text().count('"gateway_reloaded"')
+def logged(tmp_path: Path, event: str) -> int:
+    return (tmp_path / "serve.log").read_text().count(f'"{event}"')
 
 
 def stop(process: subprocess.Popen[bytes], tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_sighup_applies_a_policy_change_at_once_and_the_audit_trail_stays_open_a
         assert predict_mlp(pki, port, token) == grpc.StatusCode.PERMISSION_DENIED
         policy.write_text(ALSO_MLP)
         process.send_signal(signal.SIGHUP)
-        wait_until(lambda: reloads_logged(tmp_path) == 1, timeout_s=30)
+        wait_until(lambda: logged(tmp_path, "gateway_reloaded") == 1, timeout_s=30)
         assert process.poll() is None  # still running: SIGHUP used to end the process
         assert predict_mlp(pki, port, token) == grpc.StatusCode.OK
     finally:
@@ -102,9 +102,11 @@ def test_sighup_is_forwarded_to_every_worker(pki, demo_models, tmp_path):
     process, port, policy = start_serving(pki, demo_models, tmp_path, "--workers", "2")
     token = RunningGateway(None, port, pki, tmp_path, tmp_path).token()
     try:
+        # Both workers have their handler: a SIGHUP before that ends a process, as the default action does.
+        wait_until(lambda: logged(tmp_path, "gateway_started") == 2, timeout_s=30)
         policy.write_text(ALSO_MLP)
         process.send_signal(signal.SIGHUP)
-        wait_until(lambda: reloads_logged(tmp_path) == 2, timeout_s=30)  # one per worker
+        wait_until(lambda: logged(tmp_path, "gateway_reloaded") == 2, timeout_s=30)  # one per worker
         assert all(predict_mlp(pki, port, token) == grpc.StatusCode.OK for _ in range(10))
     finally:
         stop(process, tmp_path)
