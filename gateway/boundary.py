@@ -166,6 +166,8 @@ class CallBoundary:
         metrics.IN_FLIGHT.inc()
 
     def _leave(self) -> None:
+        # The request id bound by _begin: cleared with the call, so no later line in this context claims it.
+        structlog.contextvars.unbind_contextvars("request_id")
         self._active -= 1
         metrics.IN_FLIGHT.dec()
         if not self._active:

@@ -163,6 +163,13 @@ class TracingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """The plaintext probe listener (kubelet, load balancers): ``grpc.health.v1.Health``, overall status only."""
+
+    listen: str | None = None  # HOST:PORT; off unless set
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every option of ``gateway serve``."""
 
@@ -181,6 +188,7 @@ class Settings:
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
     # Development only, each logged at WARNING on every start.
     dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
     dev_no_auth: bool = False  # no token, no policy: every call is allowed; only on a loopback address
@@ -200,10 +208,10 @@ CHOICES = {
 }
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
+def _split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not host or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"listen: {listen!r} is not HOST:PORT")
+        raise ConfigError(f"{key}: {listen!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -423,11 +431,11 @@ def _check_private(info: os.stat_result, path: Path, key: str) -> None:
         )
 
 
-def listen_error(listen: str, reason: str) -> ConfigError:
+def listen_error(listen: str, reason: str, *, key: str = "listen") -> ConfigError:
     """The error for a listen address that cannot be bound, saying what to change and where."""
+    where = "--listen HOST:PORT or listen" if key == "listen" else key
     return ConfigError(
-        f"listen: cannot listen on {listen}: {reason}; "
-        "choose another address with --listen HOST:PORT or listen in the config file"
+        f"{key}: cannot listen on {listen}: {reason}; choose another address with {where} in the config file"
     )
 
 
@@ -437,9 +445,15 @@ def check_listen(settings: Settings) -> None:
     same error for it), and logs its reason to stderr in grpc's format first.
     """
     host, port = settings.host_port
-    problem = _bind_problem(host, port, reuse_port=settings.workers > 1)
+    reuse_port = settings.workers > 1
+    problem = _bind_problem(host, port, reuse_port=reuse_port)
     if problem is not None:
         raise listen_error(settings.listen, problem)
+    probe = settings.health.listen
+    if probe is not None:
+        problem = _bind_problem(*_split_listen(probe, "health.listen"), reuse_port=reuse_port)
+        if problem is not None:
+            raise listen_error(probe, problem, key="health.listen")
 
 
 def _bind_problem(host: str, port: int, *, reuse_port: bool) -> str | None:
@@ -471,6 +485,7 @@ def validate(settings: Settings) -> None:
         raise ConfigError("workers: must be between 1 and 64")
     if settings.workers > 1 and port == 0:
         raise ConfigError("workers: several workers share one port, so listen needs a fixed port, not 0")
+    _validate_probe(settings)
     try:
         validate_chain_id(settings.audit.chain_id)
     except ValueError as exc:
@@ -520,3 +535,16 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_probe(settings: Settings) -> None:
+    """The probe listener may use any address (it tells only SERVING or NOT_SERVING), but not the main port."""
+    probe = settings.health.listen
+    if probe is None:
+        return
+    port = _split_listen(probe, "health.listen")[1]
+    if settings.workers > 1 and port == 0:
+        raise ConfigError("health.listen: several workers share one port, so it needs a fixed port, not 0")
+    main_port = settings.host_port[1]
+    if port != 0 and port == main_port:
+        raise ConfigError(f"health.listen: port {port} is the main port (listen); the probe needs its own")

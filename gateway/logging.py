@@ -30,21 +30,47 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
 
 
 def configure(*, fmt: str = "json", level: str = "info", stream: Any = None) -> None:
-    """Configure the process-wide operational logger (stderr by default)."""
+    """Configure the process-wide operational logger (stderr by default), and send the standard library's
+    logging (grpcio's Python side, asyncio, other libraries) through the same processors to the same stream."""
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
+    # merge_contextvars first: a call's request id reaches every line logged in its context, whoever logs it.
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    output = stream or sys.stderr
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=output),
         cache_logger_on_first_use=False,
     )
+    _bridge_stdlib(shared=shared, renderer=renderer, level=level, stream=output)
+
+
+def _bridge_stdlib(*, shared: list[Any], renderer: Any, level: str, stream: Any) -> None:
+    """The root logger's one handler renders stdlib records as structlog lines, redacted like the rest."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())

@@ -14,12 +14,12 @@ import threading
 import time
 from collections.abc import Coroutine
 from types import FrameType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 import grpc.aio
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
@@ -36,6 +36,8 @@ from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import ConfigError, Settings, listen_error, read_secret
 from gateway.errors import UnavailableError
+from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from gateway.health import HealthServicer
 from gateway.limits import Admission
 from gateway.metrics import MetricsListener, MetricsTls, registry
 from gateway.models.placement import Placement
@@ -51,6 +53,7 @@ log = structlog.get_logger(__name__)
 _SIGNAL_POLL_S = 0.1
 _RECORDS_WAIT_S = 5.0
 _STOP_MARGIN_S = 10.0
+_PROBE_MAX_MESSAGE_BYTES = 4096
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -80,8 +83,17 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
-def catch_stop_signals() -> list[int]:
-    """A list that SIGTERM and SIGINT append to from now on; the caller polls it (the supervisor does too).
+class Reloadable(Protocol):
+    """A component read from files: watched in the background, and re-read at once on request."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def reload_now(self) -> bool: ...
+
+
+def catch_signals() -> list[int]:
+    """A list that SIGTERM, SIGINT (stop) and SIGHUP (reload) append to from now on; the caller polls it (the
+    supervisor does too). Without a handler SIGHUP would end the process with its audit trail unclosed.
 
     The handler only appends: a handler that took a lock could wait for the very lock the code it interrupted
     holds, so the work happens in the polling loop instead.
@@ -91,8 +103,8 @@ def catch_stop_signals() -> list[int]:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     return received
 
 
@@ -171,8 +183,10 @@ class Gateway:
             tracing=self.tracing,
         )
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
-        self.health = health.aio.HealthServicer()  # its asyncio conditions bind to the loop on first use
+        self.health = HealthServicer(self.ready)
         self._server: grpc.aio.Server | None = None
+        self._probe: grpc.aio.Server | None = None
+        self.probe_port: int | None = None
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -232,23 +246,31 @@ class Gateway:
         self._loop_thread.start()
         try:
             self._server, self.port = self._on_loop(self._bind())
+            if self.settings.health.listen is not None:
+                self._probe, self.probe_port = self._on_loop(self._bind_probe(self.settings.health.listen))
             self._listen_for_metrics()
             self.audit.open()
-            self._on_loop(self._serve(self._server))
+            self._on_loop(self._serve(self._server, self._probe))
         except BaseException:
-            if self._server is not None:
-                self._on_loop(self._server.stop(0))
-                self._server = None
+            for server in (self._server, self._probe):
+                if server is not None:
+                    self._on_loop(server.stop(0))
+            self._server = self._probe = None
             if self.metrics is not None:
                 self.metrics.stop()
                 self.metrics = None
             self._close_loop()
             self.audit.close()
             raise
-        for component in (self.models, self.policies, self.keys, self.crl, self.credentials):
-            if component is not None:
-                component.start()
-        log.info("gateway_started", listen=self.settings.listen, port=self.port, mtls=self.credentials is not None)
+        for component in self._reloadable().values():
+            component.start()
+        log.info(
+            "gateway_started",
+            listen=self.settings.listen,
+            port=self.port,
+            mtls=self.credentials is not None,
+            probe_port=self.probe_port,
+        )
         return self.port
 
     def _listen_for_metrics(self) -> None:
@@ -268,12 +290,11 @@ class Gateway:
         )
         oip = OpenInferenceServicer(self.pipeline, max_elements=max_elements, ready=self.ready)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, collector)
-        names = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)
         # Health answers with mutual TLS alone (balancers and kubelets carry no token): outside the boundary,
         # and before it, since the boundary's generic handler claims every other method name. Without a token it
-        # gives the overall status only: per-service or per-model statuses would tell any certificate holder
-        # which models exist, which only callers the policy lets see them may learn.
+        # gives the overall status only (gateway.health says why).
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
         listen = self.settings.listen
@@ -284,9 +305,28 @@ class Gateway:
         except RuntimeError:  # grpc's "Failed to bind to address": config.check_listen says why, where it runs
             raise listen_error(listen, "the address is in use or not one of this machine's") from None
 
-    async def _serve(self, server: grpc.aio.Server) -> None:
+    async def _bind_probe(self, listen: str) -> tuple[grpc.aio.Server, int]:
+        """The plaintext probe listener: Health alone, for kubelet's gRPC probe, which cannot do TLS. Any address
+        is allowed: it tells only SERVING or NOT_SERVING, the same answer the main port gives without a token."""
+        options = [
+            # A Check request is a service name: nothing bigger is needed from callers without any identity.
+            ("grpc.max_receive_message_length", _PROBE_MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", int(self.settings.workers > 1)),
+        ]
+        probe = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
+        try:
+            return probe, probe.add_insecure_port(listen)
+        except RuntimeError:
+            raise listen_error(
+                listen, "the address is in use or not one of this machine's", key="health.listen"
+            ) from None
+
+    @staticmethod
+    async def _serve(server: grpc.aio.Server, probe: grpc.aio.Server | None) -> None:
         await server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if probe is not None:
+            await probe.start()
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, let in-flight calls finish within the grace period, then flush the audit trail."""
@@ -302,27 +342,48 @@ class Gateway:
             self._on_loop(self._shutdown(self._server, grace), bound)
         except TimeoutError:
             log.error("gateway_stop_timed_out", waited_s=bound, detail="the grpc server did not stop in time")
-        for component in (self.metrics, self.credentials, self.crl, self.keys, self.policies, self.models):
-            if component is not None:
-                component.stop()
+        for component in reversed(self._reloadable().values()):
+            component.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.placement.close()
         self.audit.close()  # while the loop still runs: records it commits wake their (cancelled) callers there
         self._close_loop()
         self.tracing.shutdown()
         log.info("gateway_stopped")
 
+    def _reloadable(self) -> dict[str, Reloadable]:
+        """What is read from files and reloaded, by name, in start order."""
+        components: dict[str, Reloadable | None] = {
+            "models": self.models,
+            "policies": self.policies,
+            "jwks": self.keys,
+            "crl": self.crl,
+            "certificates": self.credentials,
+        }
+        return {name: component for name, component in components.items() if component is not None}
+
+    def reload(self) -> None:
+        """Re-read every file now (SIGHUP) instead of at the next poll; each store logs what it changed."""
+        changed = [name for name, component in self._reloadable().items() if component.reload_now()]
+        log.info("gateway_reloaded", changed=changed)
+
     def ready(self) -> bool:
-        """Serving inference now: started, not draining, audit trail writable, at least one model loaded."""
+        """Serving inference now: started, not draining, audit trail writable, at least one model loaded. The one
+        definition: health (both ports) and ServerReady answer with it. The key set needs no check: a JWKS
+        without keys is refused at start and on every reload, so one is always present."""
         audit_ok = self.audit.healthy or self.settings.dev_audit_fail_open
-        return self._server is not None and not self._draining and audit_ok and bool(self.models.models())
+        started = self._server is not None and not self._draining
+        return started and audit_ok and bool(self.models.models())
 
     async def _shutdown(self, server: grpc.aio.Server, grace_s: float) -> None:
         # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
         # sending new calls before the listener closes.
         self._draining = True
-        await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_drain_s)
         await server.stop(grace_s)
+        if self._probe is not None:  # answering NOT_SERVING to the end
+            await self._probe.stop(0)
         # Calls cut off at the end of the grace period are still recording their outcome: wait for them, so that
         # the audit log closes after their records.
         if not await self.boundary.wait_idle(_RECORDS_WAIT_S):
@@ -343,10 +404,15 @@ class Gateway:
         loop.close()
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        received = catch_stop_signals()
+        """Run until SIGTERM or SIGINT, then shut down gracefully; reload on SIGHUP."""
+        received = catch_signals()
         self.start()
-        while not received:
-            time.sleep(_SIGNAL_POLL_S)
-        log.info("signal_received", signal=signal.Signals(received[0]).name)
+        while True:
+            while not received:
+                time.sleep(_SIGNAL_POLL_S)
+            signum = received.pop(0)
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            if signum != signal.SIGHUP:
+                break
+            self.reload()
         self.stop()

@@ -81,6 +81,6 @@ class ServerCredentials:
         """Stop watching."""
         self._configs.stop()
 
-    def reload_now(self) -> None:
-        """Check the files once, synchronously (tests, SIGHUP)."""
-        self._configs.check_now()
+    def reload_now(self) -> bool:
+        """Check the files once, synchronously (SIGHUP); returns whether a change was seen (loaded or refused)."""
+        return self._configs.check_now()

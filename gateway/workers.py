@@ -1,7 +1,7 @@
 """Several gateway processes on one port (``workers: N``), for machines with more cores than one Python process
 can use: each worker is a full gateway with its own audit chain, and the kernel spreads connections between them
-(``SO_REUSEPORT``). This module is the supervisor: it starts the workers, forwards SIGTERM/SIGINT, and stops the
-rest when one dies, so that a process manager sees the failure and restarts the whole set.
+(``SO_REUSEPORT``). This module is the supervisor: it starts the workers, forwards SIGTERM/SIGINT and SIGHUP, and stops
+the rest when one dies, so that a process manager sees the failure and restarts the whole set.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import structlog
 
 from gateway.metrics import MULTIPROCESS_DIR_ENV, MetricsListener, MetricsTls, mark_worker_dead, registry
-from gateway.server import catch_stop_signals
+from gateway.server import catch_signals
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +31,7 @@ def run_workers(
 
     The workers write their metrics to a fresh folder (prometheus_client's multiprocess mode); this process
     serves them all on ``metrics_listen``, when set, and removes the folder at the end."""
-    stopping = catch_stop_signals()
+    received = catch_signals()
     with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
         listener = None
         if metrics_listen is not None:  # bound first: a port in use stops the start before any worker runs
@@ -48,15 +48,16 @@ def run_workers(
                 for index in range(count)
             ]
             log.info("workers_started", count=count, pids=[w.pid for w in workers])
-            return _supervise(workers, stopping, grace_s=grace_s, metrics_dir=metrics_dir)
+            return _supervise(workers, received, grace_s=grace_s, metrics_dir=metrics_dir)
         finally:
             if listener is not None:
                 listener.stop()
 
 
-def _supervise(workers: list[subprocess.Popen[bytes]], stopping: list[int], *, grace_s: float, metrics_dir: str) -> int:
+def _supervise(workers: list[subprocess.Popen[bytes]], received: list[int], *, grace_s: float, metrics_dir: str) -> int:
+    """Wait for a stop signal or a worker's exit (passing SIGHUP on), stop every worker; the exit code."""
     failed = None
-    while not stopping and failed is None:
+    while failed is None and not _stop_requested(received, workers):
         time.sleep(_POLL_S)
         failed = next((w for w in workers if w.poll() is not None), None)
     if failed is not None:
@@ -75,3 +76,15 @@ def _supervise(workers: list[subprocess.Popen[bytes]], stopping: list[int], *, g
         mark_worker_dead(worker.pid, metrics_dir)
     log.info("workers_stopped", codes=codes)
     return 0 if failed is None and all(code == 0 for code in codes) else 1
+
+
+def _stop_requested(received: list[int], workers: Sequence[subprocess.Popen[bytes]]) -> bool:
+    """Whether a stop signal came; a SIGHUP is passed on to every worker, each reloading its own files."""
+    while received:
+        signum = received.pop(0)
+        if signum != signal.SIGHUP:
+            return True
+        log.info("signal_forwarded", signal="SIGHUP", pids=[w.pid for w in workers])
+        for worker in workers:
+            worker.send_signal(signal.SIGHUP)
+    return False

@@ -169,6 +169,10 @@ class ModelRepository:
         """Stop watching."""
         self._watcher.stop()
 
+    def reload_now(self) -> bool:
+        """Check the repository once, synchronously (SIGHUP); returns whether a change was seen."""
+        return self._watcher.check_now()
+
     def rescan(self) -> None:
         """Apply what changed on disk: load new or rewritten versions, drop removed ones."""
         self._apply(scan(self.root), strict=False)

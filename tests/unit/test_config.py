@@ -131,6 +131,23 @@ def test_check_listen_refuses_an_address_in_use_naming_it(tmp_path):
     assert "--listen HOST:PORT" in str(raised.value)
 
 
+def test_check_listen_refuses_a_probe_address_in_use_naming_its_key(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        probe = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = load_settings(write(tmp_path, SECURE), {"listen": "127.0.0.1:0", "health.listen": probe})
+        with pytest.raises(ConfigError) as raised:
+            check_listen(settings)
+    assert str(raised.value).startswith(f"health.listen: cannot listen on {probe}: Address already in use; ")
+
+
+def test_the_probe_listener_may_use_an_address_other_machines_can_reach(tmp_path):
+    # It tells only SERVING or NOT_SERVING; kubelet probes the pod's own address, not loopback.
+    settings = load_settings(write(tmp_path, SECURE + "health: {listen: '0.0.0.0:8081'}\n"))
+    assert settings.health.listen == "0.0.0.0:8081"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -145,6 +162,9 @@ def test_check_listen_refuses_an_address_in_use_naming_it(tmp_path):
         ("audit: {fsync: sometimes}\n", r"audit\.fsync: 'sometimes' is not one of none, batch, always"),
         ("keepalive: {time_s: true}\n", r"keepalive\.time_s: expected a non-negative number"),
         ("listen: nowhere\n", r"listen: 'nowhere' is not HOST:PORT"),
+        ("health: {listen: nowhere}\n", r"health\.listen: 'nowhere' is not HOST:PORT"),
+        ("health: {listen: '0.0.0.0:50051'}\n", r"health\.listen: port 50051 is the main port"),
+        ("workers: 2\nlisten: '127.0.0.1:50051'\nhealth: {listen: '127.0.0.1:0'}\n", r"health\.listen: .* not 0"),
         ("auth: {jwks: j.json, algorithms: [RS256, none]}\n", r"auth\.algorithms: unsupported \['none'\]"),
         ("auth: {jwks: j.json, algorithms: [HS256]}\n", r"auth\.algorithms: \['HS256'\] need auth\.hmac_secret_file"),
         (
@@ -254,7 +274,7 @@ def test_the_example_gateway_yaml_holds_every_option_with_its_default():
     example = load_settings(root / "gateway.yaml")
     defaults = Settings()
     # Every section and scalar matches the built-in defaults, except the paths the example fills in.
-    for section in ("auth", "policies", "models", "audit", "limits", "keepalive", "tls"):
+    for section in ("auth", "policies", "models", "audit", "limits", "keepalive", "tls", "health"):
         got, want = getattr(example, section), getattr(defaults, section)
         for name in want.__dataclass_fields__:
             value = getattr(got, name)

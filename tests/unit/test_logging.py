@@ -1,0 +1,66 @@
+"""The operational log: the standard library's logging (grpcio, asyncio, other libraries) comes out as the same
+structlog lines, with the call's request id and the same redaction."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from gateway.logging import configure
+
+JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+
+
+@pytest.fixture
+def output():
+    """The log stream; the process-wide logging is put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    configure(fmt="json", level="info", stream=stream)
+    yield stream
+    root.handlers, root.level = handlers, level
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_library_log_record_is_a_json_line_with_the_calls_request_id(output):
+    with structlog.contextvars.bound_contextvars(request_id="abc123"):
+        logging.getLogger("grpc._cython.cygrpc").warning("handshake failed: %s", "peer went away")
+        structlog.get_logger("gateway.test").info("model_ran")
+    library, own = lines(output)
+    assert library["event"] == "handshake failed: peer went away"
+    assert library["level"] == "warning" and library["logger"] == "grpc._cython.cygrpc"
+    assert library["request_id"] == own["request_id"] == "abc123"
+    assert "timestamp" in library
+
+
+def test_a_library_log_record_is_redacted_like_the_gateways_own(output):
+    logging.getLogger("somelib").warning("sent Authorization: Bearer %s", JWT)
+    logging.getLogger("somelib").warning("retrying", extra={"token": JWT})  # extras are not rendered at all
+    text = output.getvalue()
+    assert JWT not in text and "[redacted-jwt]" in text
+
+
+def test_a_library_exception_is_rendered_in_its_line(output):
+    try:
+        raise ValueError("bad frame")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Exception in callback")
+    (line,) = lines(output)
+    assert line["level"] == "error" and "ValueError: bad frame" in line["exception"]
+
+
+def test_the_log_level_applies_to_library_records(output):
+    configure(fmt="json", level="warning", stream=output)
+    logging.getLogger("grpc").info("chatty")
+    logging.getLogger("grpc").warning("worth saying")
+    assert [line["event"] for line in lines(output)] == ["worth saying"]
