@@ -24,24 +24,11 @@ if importlib.util.find_spec("tritonclient") is None:
 
 NODE_DIR = ROOT / "tests/interop/node"
 GRPCURL = Path(sys.executable).with_name("grpcurl")
-POLICY = """
-rules:
-  - id: alice-all
-    effect: allow
-    principals: {subjects: [alice]}
-    models: ["*"]
-    actions: "*"
-  - id: bob-list-digits
-    effect: allow
-    principals: {subjects: [bob]}
-    models: [digits]
-    actions: [metadata, list]
-"""
 
 
 @pytest.fixture
 def gw(start_gateway):
-    return start_gateway(policy=POLICY)
+    return start_gateway()  # conftest's policy: alice may do anything, bob list and read digits
 
 
 def connection(gw, client: str | None = "alice", token: str | None = "") -> dict:
