@@ -1,8 +1,8 @@
 """Secure, authenticated gRPC inference gateway for ONNX models.
 
 The public SDK surface is imported lazily (PEP 562), so that server modules importing ``gateway.x`` do not
-pay for the client, and the transport-free modules stay free of grpc. The SDK needs grpcio, protobuf and numpy
-alone (``pip install gateway``); the server's dependencies come with ``pip install 'gateway[server]'``.
+pay for the client, and the transport-free modules stay free of grpc. The SDK needs grpcio, protobuf, numpy and
+cryptography (``pip install gateway``); the server's dependencies come with ``pip install 'gateway[server]'``.
 """
 
 from __future__ import annotations
@@ -79,3 +79,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+def package_version() -> str:
+    """The installed distribution's version (``gateway --version``, the Open Inference Protocol's ServerMetadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gateway")
+    except PackageNotFoundError:
+        return "(not installed)"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway import package_version
 from gateway.config import (
     CHOICES,
     DEFAULT_AUDIENCE,
@@ -582,7 +583,7 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``gateway`` argument parser."""
     parser = _Parser(prog="gateway", description="Secure, authenticated gRPC inference gateway for ONNX models.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser(
@@ -690,15 +691,6 @@ def _seconds(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds, at least 1")
     return int(text)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gateway")
-    except PackageNotFoundError:
-        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,12 +10,11 @@ RPCs need an authenticated caller and no model permission.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from importlib.metadata import version
 
 import grpc
 import numpy as np
 
-from gateway import tensors
+from gateway import package_version, tensors
 from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.api.streaming import answer_in_order, echoed_id
@@ -142,7 +141,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         """The gateway's name, version and the protocol extensions it serves."""
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=version("gateway"), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(), extensions=EXTENSIONS)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
