@@ -4,6 +4,9 @@ definition, which the mutual-TLS port's health and the Open Inference Protocol's
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -120,3 +123,30 @@ def test_probe_port_is_not_serving_while_draining(start_gateway):
         wait_until(lambda: check(probe) == NOT_SERVING, timeout_s=TIMEOUT)
     stopper.join(timeout=TIMEOUT)
     assert not stopper.is_alive()
+
+
+def probe_command(address: str) -> subprocess.CompletedProcess[str]:
+    """The image's health check command, as a container runtime runs it."""
+    command = [sys.executable, "-m", "gateway.probe", address, "--timeout", "5"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_probe_command_exits_0_while_serving_and_1_naming_the_status_while_not(gw):
+    address = f"127.0.0.1:{gw.gateway.probe_port}"
+    assert probe_command(address).returncode == 0
+    with gw.channel() as channel:
+        break_audit_sink(gw)
+        assert predict(gw, channel) == grpc.StatusCode.UNAVAILABLE  # the write that finds the sink down
+        refused = probe_command(address)
+        mend_audit_sink(gw)
+        wait_until(lambda: predict(gw, channel) == grpc.StatusCode.OK, timeout_s=TIMEOUT)
+    assert (refused.returncode, refused.stderr.strip()) == (1, f"{address}: NOT_SERVING")
+
+
+def test_probe_command_exits_1_naming_unavailable_when_nothing_listens():
+    with socket.socket() as bound:  # bound, never listening: connecting is refused, and no one else can take the port
+        bound.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{bound.getsockname()[1]}"
+        refused = probe_command(address)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"{address}: UNAVAILABLE")

@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# The gateway server image: `gateway serve` from a wheel with the `server` extra, as a non-root user, on a
+# read-only root filesystem. Nothing secret or site-specific is baked in: mount the configuration, policies,
+# models, TLS material, key set and audit HMAC key, and give it writable volumes for the audit trail and /tmp
+# (docs/deploy.md; deploy/kubernetes/ does all of this).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+# The project's wheel and every wheel the server needs, then an install from those wheels alone.
+RUN pip wheel --wheel-dir /wheels ".[server]" \
+    && python -m venv /opt/gateway \
+    && /opt/gateway/bin/pip install --no-index --find-links /wheels "gateway[server]"
+
+FROM ${PYTHON_IMAGE}
+COPY --from=build /opt/gateway /opt/gateway
+# No bytecode written at run time (the root filesystem is read-only); the install compiled it already.
+ENV PATH=/opt/gateway/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TMPDIR=/tmp
+# A numeric user, so Kubernetes' runAsNonRoot can check it without a passwd entry.
+USER 10001:10001
+WORKDIR /var/lib/gateway
+VOLUME ["/var/lib/gateway/audit", "/tmp"]
+EXPOSE 50051 8081
+# Needs health.listen: 0.0.0.0:8081 (or 127.0.0.1:8081) in the configuration.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s CMD ["python", "-m", "gateway.probe", "127.0.0.1:8081"]
+ENTRYPOINT ["gateway"]
+CMD ["serve", "--config", "/etc/gateway/gateway.yaml"]
