@@ -120,9 +120,13 @@ class Pipeline:
             outputs = {name: outputs[name] for name in request.outputs}
         return InferResult(request.model, model.version, outputs)
 
+    def signature(self, call: CallContext, model: str, version: str | None) -> ModelVersion:
+        """The loaded version the caller may read metadata of (its signature and configuration)."""
+        return self._authorize(call, model, version, Action.METADATA)
+
     def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[ModelVersion, list[int]]:
         """The signature of one version, and the versions of the model the caller may read metadata of."""
-        resolved = self._authorize(call, model, version, Action.METADATA)
+        resolved = self.signature(call, model, version)
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
         return resolved, versions

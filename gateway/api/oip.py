@@ -9,7 +9,7 @@ RPCs need an authenticated caller and no model permission.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 import numpy as np
@@ -75,9 +75,9 @@ def to_infer_request(request: pb.ModelInferRequest, *, max_elements: int) -> Inf
     )
 
 
-def _refuse_parameters(parameters: object, where: str, *, allowed: tuple[str, ...] = ()) -> None:
+def _refuse_parameters(parameters: Mapping[str, object], where: str, *, allowed: tuple[str, ...] = ()) -> None:
     """Parameters change what a server does; one the gateway would silently ignore is refused instead."""
-    unknown = sorted(key for key in parameters if key not in allowed)  # type: ignore[attr-defined]
+    unknown = sorted(key for key in parameters if key not in allowed)
     if unknown:
         raise InvalidArgumentError(f"{where}: parameter '{shown(unknown[0])}' is not supported by this gateway")
 
@@ -148,7 +148,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         """As Triton answers: a model or version that is not loaded is not ready (for a caller who may see it)."""
         try:
-            self._pipeline.metadata(current_call.get(), request.name, request.version or None)
+            self._pipeline.signature(current_call.get(), request.name, request.version or None)
         except NotFoundError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -170,7 +170,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         """Triton's model configuration, as far as the gateway knows it."""
-        model, _ = self._pipeline.metadata(current_call.get(), request.name, request.version or None)
+        model = self._pipeline.signature(current_call.get(), request.name, request.version or None)
         return pb.ModelConfigResponse(config=to_model_config(model))
 
     async def RepositoryIndex(
