@@ -236,6 +236,7 @@ def test_repository_index_lists_what_the_caller_may_list(gw, client, bob):
     assert last_record(gw, "RepositoryIndex")["action"] == "list"
     error = rpc_error(lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="other"), metadata=md))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert last_record(gw, "RepositoryIndex")["code"] == "INVALID_ARGUMENT"
 
 
 def test_stream_answers_in_order_with_errors_in_band_and_a_record_per_message(gw, client, demo_models):
