@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
 
 
 def _variants() -> dict[str, Callable[[], object]]:
+    from gateway import metrics, tracing
     from gateway.audit.writer import AuditLog
     from gateway.auth.verifier import TokenVerifier
     from gateway.models.runtime import ModelVersion
@@ -54,7 +55,22 @@ def _variants() -> dict[str, Callable[[], object]]:
         "without the token check (cache hit)": lambda: _replaced(
             TokenVerifier, "verify", _first_result(TokenVerifier.verify)
         ),
+        "without Prometheus metrics": lambda: _all(
+            _replaced(metrics, "observe_call", lambda call, error, *, method: None),
+            _replaced(metrics, "timed", lambda histogram: nullcontext()),
+        ),
+        "without tracing hooks (tracing off)": lambda: _replaced(
+            tracing, "span", lambda call, name, attributes=None: nullcontext()
+        ),
     }
+
+
+@contextmanager
+def _all(*replacements: AbstractContextManager[None]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for replacement in replacements:
+            stack.enter_context(replacement)
+        yield
 
 
 async def _no_append(self: object, record: object) -> None:

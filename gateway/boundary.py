@@ -83,7 +83,7 @@ class Recorder:
         code, reason = ("OK", None) if error is None else (error.code, error.reason)
         tracing.note_outcome(call, code)  # before the commit: a call whose record is lost still ended so
         try:
-            with metrics.timed(metrics.AUDIT_COMMIT_SECONDS), tracing.span(call, "gateway.audit.commit"):
+            with metrics.AUDIT_COMMIT_SECONDS.time(), tracing.span(call, "gateway.audit.commit"):
                 await self._audit.append(call.audit_record(code=code, reason=reason))
         except GatewayError as exc:
             self._observe(call, exc)
@@ -253,7 +253,7 @@ class CallBoundary:
         """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
         authenticator = self._authenticator
         if authenticator is not None:
-            with metrics.timed(metrics.AUTH_SECONDS), tracing.span(call, "gateway.authenticate"):
+            with metrics.AUTH_SECONDS.time(), tracing.span(call, "gateway.authenticate"):
                 self._authenticate(authenticator, call, context, metadata)
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more

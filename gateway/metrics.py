@@ -8,10 +8,9 @@ set up by the supervisor before the workers start) and the supervisor serves the
 
 from __future__ import annotations
 
+import functools
 import ssl
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -149,20 +148,22 @@ def observe_call(call: CallContext, error: GatewayError | None, *, method: str) 
     resolved = call.version is not None and call.model is not None
     model = call.model if resolved and call.model is not None else NONE
     version = call.version if resolved and call.version is not None else NONE
-    CALLS.labels(method=method, model=model, version=version, code="OK" if error is None else error.code).inc()
-    CALL_SECONDS.labels(method=method).observe(time.perf_counter() - call.started)
+    _calls(method, model, version, "OK" if error is None else error.code).inc()
+    _call_seconds(method).observe(time.perf_counter() - call.started)
     if error is not None:
         REFUSALS.labels(*refusal_labels(error, call)).inc()
 
 
-@contextmanager
-def timed(histogram: Histogram) -> Iterator[None]:
-    """Observe the duration of the ``with`` block, also when it raises."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        histogram.observe(time.perf_counter() - start)
+# Every call looks up its series: prometheus_client's labels() checks and joins the values each time, a cost on
+# every call that a cache of the (bounded, see the module docstring) series takes off the path.
+@functools.lru_cache(maxsize=4096)
+def _calls(method: str, model: str, version: str, code: str) -> Counter:
+    return CALLS.labels(method=method, model=model, version=version, code=code)
+
+
+@functools.lru_cache(maxsize=256)
+def _call_seconds(method: str) -> Histogram:
+    return CALL_SECONDS.labels(method=method)
 
 
 def set_timestamp(gauge: Gauge, moment: datetime | None) -> None:

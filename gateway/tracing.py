@@ -101,14 +101,25 @@ def _trace_headers(metadata: Sequence[tuple[str, Any]]) -> dict[str, str]:
     return headers
 
 
-@contextlib.contextmanager
-def span(call: CallContext, name: str, attributes: Mapping[str, str | int] | None = None) -> Iterator[Any]:
+_NO_SPAN = contextlib.nullcontext()
+
+
+def span(
+    call: CallContext, name: str, attributes: Mapping[str, str | int] | None = None
+) -> contextlib.AbstractContextManager[Any]:
     """A child span of ``call``'s span around the block (None without tracing); an exception leaving the block
-    marks it as an error, by its gRPC code or its class name (never its message)."""
+    marks it as an error, by its gRPC code or its class name (never its message). Without tracing, one shared
+    no-op: this is on every call's path."""
     trace = call.trace
     if trace is None:
-        yield None
-        return
+        return _NO_SPAN
+    return _child_span(call, trace, name, attributes)
+
+
+@contextlib.contextmanager
+def _child_span(
+    call: CallContext, trace: CallTrace, name: str, attributes: Mapping[str, str | int] | None
+) -> Iterator[Any]:
     from opentelemetry.trace import Status, StatusCode
 
     attributes = dict(attributes or {})

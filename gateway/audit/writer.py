@@ -660,7 +660,7 @@ class AuditLog:
             _write_all(self._fd, data)
             if self.fsync == "always":
                 op = "fsync"
-                with metrics.timed(metrics.AUDIT_FSYNC_SECONDS):
+                with metrics.AUDIT_FSYNC_SECONDS.time():
                     os.fsync(self._fd)
             op = "stat"
             self._check_identity()
@@ -852,7 +852,7 @@ class AuditLog:
             if self._broken is not None or head == self._checkpoint_head:
                 return
             try:
-                with metrics.timed(metrics.AUDIT_FSYNC_SECONDS):
+                with metrics.AUDIT_FSYNC_SECONDS.time():
                     os.fsync(self._fd)
                 self._check_identity()
                 self._write_checkpoint(head)

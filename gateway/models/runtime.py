@@ -100,6 +100,7 @@ class ModelVersion:
         )
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
+        self._run_seconds = metrics.MODEL_RUN_SECONDS.labels(model=self.name, version=str(self.version))
         self.batcher = self._make_batcher(options.batching.get(name))
         self._placement = placement
         self.cost = RunCost()
@@ -188,7 +189,7 @@ class ModelVersion:
 
     async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (batched with concurrent requests when configured); validated inputs only."""
-        with metrics.timed(metrics.MODEL_RUN_SECONDS.labels(model=self.name, version=str(self.version))):
+        with self._run_seconds.time():
             if self.batcher is not None:
                 return await self.batcher.run(inputs, self._run_placed)
             return await self._run_placed(inputs)
