@@ -37,6 +37,7 @@ from gateway.models.batching import BatchingOptions
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
+MAX_MESSAGE_BYTES = 2**30 - 1  # twice this still fits grpc's 32-bit limit options
 # How to give the material mutual TLS and tokens need, for the errors that say it is missing.
 _MATERIAL_HINT = (
     "give --certs DIR (a folder written by scripts/gen_certs.sh) or set {key} in the config file "
@@ -519,6 +520,11 @@ def validate(settings: Settings) -> None:
     for name in ("max_message_bytes", "max_metadata_bytes", "max_concurrent_rpcs", "max_streams_per_connection"):
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be at least 1")
+    # grpc takes these as 32-bit ints, and the receive limit it is given is twice ours (gateway/server.py).
+    if limits.max_message_bytes > MAX_MESSAGE_BYTES:
+        raise ConfigError(f"limits.max_message_bytes: at most {MAX_MESSAGE_BYTES} (1 GiB - 1, grpc's own bound)")
+    if limits.max_metadata_bytes > 2**31 - 1:
+        raise ConfigError(f"limits.max_metadata_bytes: at most {2**31 - 1} (grpc's own bound)")
     for name in ("max_in_flight", "max_streams"):
         if getattr(limits.per_principal, name) < 1:
             raise ConfigError(f"limits.per_principal.{name}: must be at least 1")

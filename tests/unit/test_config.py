@@ -303,3 +303,15 @@ def test_missing_files_and_folders_are_startup_errors_naming_the_key(tmp_path):
         text = base.replace(f"{key}: {{{folder}: {key}}}", f"{key}: {{{folder}: nowhere}}")
         with pytest.raises(ConfigError, match=rf"{key}\.{folder}: .*nowhere is not a directory"):
             check_paths(load_settings(write(tmp_path, text)))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bound"),
+    [("max_message_bytes", 2**30, 2**30 - 1), ("max_metadata_bytes", 2**31, 2**31 - 1)],
+)
+def test_limits_past_grpcs_32_bit_options_are_a_config_error_naming_the_key(tmp_path, key, value, bound):
+    # grpc raised OverflowError at start for these, after the settings were accepted.
+    config = write(tmp_path, SECURE + f"limits: {{{key}: {value}}}\n")
+    with pytest.raises(ConfigError, match=rf"limits\.{key}: at most {bound} "):
+        load_settings(config)
+    load_settings(write(tmp_path, SECURE + f"limits: {{{key}: {bound}}}\n"))
