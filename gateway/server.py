@@ -28,7 +28,7 @@ from gateway._pb.inference import grpc_service_pb2 as oip_pb
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.api.inference import InferenceServicer
 from gateway.api.oip import OpenInferenceServicer
-from gateway.audit import AuditLog, FsyncPolicy
+from gateway.audit import AuditError, AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import CrlStore
 from gateway.auth.keys import KeyStore
@@ -249,7 +249,7 @@ class Gateway:
             if self.settings.health.listen is not None:
                 self._probe, self.probe_port = self._on_loop(self._bind_probe(self.settings.health.listen))
             self._listen_for_metrics()
-            self.audit.open()
+            self._open_audit()
             self._on_loop(self._serve(self._server, self._probe))
         except BaseException:
             for server in (self._server, self._probe):
@@ -272,6 +272,14 @@ class Gateway:
             probe_port=self.probe_port,
         )
         return self.port
+
+    def _open_audit(self) -> None:
+        """Open the trail; a path the gateway cannot create or write is an error naming audit.path."""
+        try:
+            self.audit.open()
+        except OSError as exc:
+            path = exc.filename or self.settings.audit.path
+            raise AuditError(f"audit.path: cannot open {path}: {exc.strerror or exc}") from None
 
     def _listen_for_metrics(self) -> None:
         """Bind ``metrics.listen``, if set, before the audit trail is opened (a port in use fails the start)."""

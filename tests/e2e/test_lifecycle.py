@@ -407,3 +407,14 @@ def test_unloadable_model_stops_a_strict_start_with_one_line_naming_the_file(pki
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert errors[0].startswith(f"error: cannot start: {models / 'mlp' / '3' / 'model.onnx'}: onnxruntime cannot load")
+
+
+def test_an_audit_path_that_cannot_be_created_is_one_line_naming_audit_path(pki, demo_models, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the audit folder should be\n")
+    args = serve_args(pki, demo_models, tmp_path, 0)
+    args[args.index("--audit-log") + 1] = str(blocker / "audit.log")
+    result = run_serve(args, tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot start: audit.path: cannot open {blocker}: File exists"], result.stderr
