@@ -68,15 +68,16 @@ _CLIENT_CREDENTIALS_ONLY = {
 
 @dataclass
 class OidcProvider:
-    """One provider process; ``start()`` binds port 0 the first time, then the same port on every restart."""
+    """One provider process; ``start()`` binds port 0 the first time, then the same port on every restart.
+    Clients: "alice" and "bob" (tls_client_auth), SECRET_CLIENT with ``client_secret``."""
 
     pki: Any  # tests.conftest.Pki
     dir: Path
     ttl_s: int = 300
-    client_secret: str = field(default_factory=lambda: os.urandom(16).hex())
+    client_secret: str = field(default_factory=lambda: os.urandom(16).hex(), repr=False)
     port: int = 0
-    keys: list[dict[str, Any]] = field(default_factory=lambda: [new_signing_key("key-1")])
-    _process: subprocess.Popen[str] | None = None
+    keys: list[dict[str, Any]] = field(default_factory=lambda: [new_signing_key("key-1")], repr=False)
+    _process: subprocess.Popen[str] | None = field(default=None, repr=False)
 
     @property
     def issuer(self) -> str:
@@ -114,13 +115,11 @@ class OidcProvider:
         settings = self.dir / "settings.json"
         _write_private(self.dir / "jwks.json", {"keys": self.keys})
         _write_private(settings, self._settings())
-        self._process = subprocess.Popen(
-            ["node", str(OIDC_DIR / "provider.js"), str(settings)],
-            stdout=subprocess.PIPE,
-            # Its warnings (it wants Node 22; an in-memory store) go to a file, shown when it fails to start.
-            stderr=(self.dir / "stderr.log").open("a"),
-            text=True,
-        )
+        # Its warnings (it wants Node 22; an in-memory store) go to a file, shown when it fails to start.
+        with (self.dir / "stderr.log").open("a") as stderr:
+            self._process = subprocess.Popen(
+                ["node", str(OIDC_DIR / "provider.js"), str(settings)], stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
         self.port = self._listening()["port"]
         return self
 
