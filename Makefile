@@ -6,21 +6,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GATEWAY := $(VENV)/bin/gateway
 STAMP := $(VENV)/.installed
-NODE_DIR := tests/interop/node
-NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
+NODE_DIRS := tests/interop/node tests/interop/oidc
+NODE_STAMPS := $(addsuffix /node_modules/.package-lock.json,$(NODE_DIRS))
 
 .PHONY: setup node-deps demo test serve lint proto certs models bench clean
 
 setup: $(STAMP) node-deps
 
-# The stock Node gRPC client used by the interoperability tests, from the committed lock file (skipped, with a
-# message, where npm is absent; the tests that need it then skip too).
+# The Node packages of the interoperability tests, each folder from its committed lock file: the stock Node gRPC
+# client (tests/interop/node) and node-oidc-provider, the OpenID provider of the identity-provider tests
+# (tests/interop/oidc). Skipped, with a message, where npm is absent; the tests that need them then skip too.
 node-deps:
-	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(NODE_STAMP); \
-	else echo "npm not found: skipping $(NODE_DIR) (its interoperability test will be skipped)"; fi
+	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(NODE_STAMPS); \
+	else echo "npm not found: skipping $(NODE_DIRS) (their interoperability tests will be skipped)"; fi
 
-$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
-	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix $(NODE_DIR)
+%/node_modules/.package-lock.json: %/package.json %/package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix $*
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,4 +60,4 @@ bench: setup certs models
 
 clean:
 	find certs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
-	rm -rf $(VENV) $(NODE_DIR)/node_modules models var
+	rm -rf $(VENV) $(addsuffix /node_modules,$(NODE_DIRS)) models var

@@ -1,8 +1,9 @@
 """Secure, authenticated gRPC inference gateway for ONNX models.
 
 The public SDK surface is imported lazily (PEP 562), so that server modules importing ``gateway.x`` do not
-pay for the client, and the transport-free modules stay free of grpc. The SDK needs grpcio, protobuf, numpy and
-cryptography (``pip install gateway``); the server's dependencies come with ``pip install 'gateway[server]'``.
+pay for the client, and the transport-free modules stay free of grpc. The SDK needs grpcio, protobuf, numpy,
+cryptography and httpx (``pip install gateway``); the server's dependencies come with
+``pip install 'gateway[server]'``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # what type checkers see of the lazy names below (the package
         UnavailableError,
         UnimplementedError,
     )
+    from gateway.oauth import ClientCredentialsTokenProvider
 
 _EXPORTS = {
     "Client": "gateway.client",
@@ -53,6 +55,7 @@ _EXPORTS = {
     "StaticToken": "gateway.client",
     "TokenFile": "gateway.client",
     "RefreshingToken": "gateway.client",
+    "ClientCredentialsTokenProvider": "gateway.oauth",
     "TLSHandshakeError": "gateway.errors",
     "GatewayError": "gateway.errors",
     "AuthenticationError": "gateway.errors",

@@ -59,6 +59,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        # A flag is spelt out, never a prefix: `--client-secret S` must not read S as --client-secret-file's path
+        # and then quote it in the error.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:  # argparse exits 2 on usage errors, as our contract says
@@ -385,8 +388,21 @@ _CONNECTION = (
     ("key", "GATEWAY_KEY", "client private key"),
     ("token", "GATEWAY_TOKEN", "bearer token (prefer --token-file: argv is visible to other users)"),
     ("token_file", "GATEWAY_TOKEN_FILE", "file holding the bearer token, re-read when it changes"),
+    ("token_url", "GATEWAY_TOKEN_URL", "identity provider's token endpoint: tokens by the client-credentials grant"),
+    ("client_id", "GATEWAY_CLIENT_ID", "client id at the token endpoint (with --token-url)"),
+    (
+        "client_secret_file",
+        "GATEWAY_CLIENT_SECRET_FILE",
+        "file holding the client secret (with --token-url; without it, --cert authenticates: RFC 8705)",
+    ),
+    ("token_ca", "GATEWAY_TOKEN_CA", "CA of the token endpoint's certificate (default: the system's trust store)"),
+    ("token_resource", "GATEWAY_TOKEN_RESOURCE", "resource (RFC 8707) to ask tokens for: the gateway's audience"),
+    ("token_scope", "GATEWAY_TOKEN_SCOPE", "scopes to ask tokens for, space separated"),
     ("server_name", "GATEWAY_SERVER_NAME", "name to check the server certificate against (when --target is an IP)"),
 )
+# The ways to get a token: one per command. A flag among them overrides the GATEWAY_* variables of all of them.
+_TOKEN_SOURCES = ("token", "token_file", "token_url")
+_CLIENT_CREDENTIALS = ("client_id", "client_secret_file", "token_ca", "token_resource", "token_scope")
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -400,28 +416,14 @@ def _connect(args: argparse.Namespace) -> Any:
     # Before grpc loads: the one error line printed says what failed, and grpc core's own log would repeat it
     # unformatted on stderr. GRPC_VERBOSITY, when set, still wins.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from gateway.client import Client, TokenFile
+    from gateway.client import Client
 
     values = {name: getattr(args, name) or os.environ.get(env) for name, env, _ in _CONNECTION}
     target, ca, cert, key = (values[name] for name in ("target", "ca", "cert", "key"))
     if not (target and ca and cert and key):
         missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
         raise _UsageError(f"missing {', '.join(missing)} (or the GATEWAY_* environment variables)")
-    if args.token and args.token_file:
-        raise _UsageError("give --token or --token-file, not both")
-    if args.token or args.token_file:
-        # The two are one setting: a token flag overrides both GATEWAY_TOKEN and GATEWAY_TOKEN_FILE.
-        values["token"], values["token_file"] = args.token, args.token_file
-    elif values["token"] and values["token_file"]:
-        raise _UsageError("set GATEWAY_TOKEN or GATEWAY_TOKEN_FILE, not both")
-    token: Any = values["token"]
-    if values["token_file"]:
-        token = TokenFile(values["token_file"])
-        try:
-            if not token.token():  # read once now: a missing or empty file is a usage error, not a refused call
-                raise _UsageError(f"--token-file {values['token_file']}: empty")
-        except OSError as exc:
-            raise _UsageError(f"--token-file {exc.filename}: {exc.strerror}") from None
+    token = _token(args, values)
     try:
         return Client(
             target,
@@ -436,6 +438,94 @@ def _connect(args: argparse.Namespace) -> Any:
         raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
     except ValueError as exc:  # TLS material the SDK refused: not PEM, or a key that is not the certificate's
         raise _UsageError(str(exc)) from None
+
+
+def _token(args: argparse.Namespace, values: dict[str, Any]) -> Any:
+    """The token argument of the Client: a token, a TokenFile or a ClientCredentialsTokenProvider, from exactly
+    one source; the settings of another source are a usage error."""
+    from gateway.client import TokenFile
+
+    source = _token_source(args, values)
+    if source != "token_url":
+        stray = [name for name in _CLIENT_CREDENTIALS if values[name]]
+        if stray:
+            raise _UsageError(f"{_spelt(stray[0])} needs --token-url (GATEWAY_TOKEN_URL)")
+    if source == "token_url":
+        return _client_credentials(values)
+    if source == "token_file":
+        token = TokenFile(values["token_file"])
+        try:
+            if not token.token():  # read once now: a missing or empty file is a usage error, not a refused call
+                raise _UsageError(f"--token-file {values['token_file']}: empty")
+        except OSError as exc:
+            raise _UsageError(f"--token-file {exc.filename}: {exc.strerror}") from None
+        return token
+    return values["token"]
+
+
+def _token_source(args: argparse.Namespace, values: dict[str, Any]) -> str | None:
+    """Which of --token, --token-file, --token-url gives the token. A flag among them wins over every
+    GATEWAY_* variable of the others (they are one setting); two flags, or two variables, are a usage error."""
+    flagged = [name for name in _TOKEN_SOURCES if getattr(args, name)]
+    if len(flagged) > 1:
+        both = " and ".join(map(_flag, flagged))
+        raise _UsageError(f"give one of --token, --token-file, --token-url: not both {both}")
+    if flagged:
+        for name in _TOKEN_SOURCES:
+            values[name] = getattr(args, name)
+        if flagged[0] != "token_url":  # the variables of the client-credentials source go with it
+            values.update({name: getattr(args, name) for name in _CLIENT_CREDENTIALS})
+        return flagged[0]
+    present = [name for name in _TOKEN_SOURCES if values[name]]
+    if len(present) > 1:
+        both = " and ".join(map(_env, present))
+        raise _UsageError(f"set one of GATEWAY_TOKEN, GATEWAY_TOKEN_FILE, GATEWAY_TOKEN_URL: not both {both}")
+    return present[0] if present else None
+
+
+def _client_credentials(values: dict[str, Any]) -> Any:
+    """A ClientCredentialsTokenProvider: the client secret from its file, else the client certificate (--cert,
+    --key) authenticates the client, and the token is bound to it (RFC 8705)."""
+    from gateway.oauth import ClientCredentialsTokenProvider
+
+    if not values["client_id"]:
+        raise _UsageError("--token-url needs --client-id (GATEWAY_CLIENT_ID)")
+    secret = None
+    if values["client_secret_file"]:
+        try:
+            secret = Path(values["client_secret_file"]).read_text().strip()
+        except OSError as exc:
+            raise _UsageError(f"--client-secret-file {exc.filename}: {exc.strerror}") from None
+        if not secret:
+            raise _UsageError(f"--client-secret-file {values['client_secret_file']}: empty")
+    try:
+        return ClientCredentialsTokenProvider(
+            values["token_url"],
+            values["client_id"],
+            client_secret=secret,
+            cert=values["cert"],
+            key=values["key"],
+            ca=values["token_ca"],
+            scope=values["token_scope"],
+            resource=values["token_resource"],
+        )
+    except OSError as exc:
+        raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _env(name: str) -> str:
+    return next(env for key, env, _ in _CONNECTION if key == name)
+
+
+def _spelt(name: str) -> str:
+    """A setting as the user may have given it: its flag or its variable."""
+    return f"{_flag(name)} ({_env(name)})"
 
 
 class _UsageError(Exception):

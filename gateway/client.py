@@ -193,8 +193,10 @@ class _BearerAuth(grpc.AuthMetadataPlugin):  # type: ignore[misc]
         try:
             callback((("authorization", f"Bearer {self._provider.token()}"),), None)
         except Exception as exc:
-            # The exception's type only: its text may quote the token. Providers' reprs never hold one.
-            callback((), RuntimeError(f"{_PROVIDER_FAILURE} {self._provider!r} failed: {type(exc).__name__}"))
+            # The exception's type only: its text may quote the token. Providers' reprs never hold one, and a
+            # GatewayError's message is safe to show by contract (an identity provider's refusal, for one).
+            what = f"{type(exc).__name__}: {exc.message}" if isinstance(exc, GatewayError) else type(exc).__name__
+            callback((), RuntimeError(f"{_PROVIDER_FAILURE} {self._provider!r} failed: {what}"))
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -226,8 +228,19 @@ def _tls_material(*, ca: PemSource, cert: PemSource, key: PemSource) -> tuple[by
     """The PEM bytes of the CA, the client certificate (chain) and its key, checked to be what they claim and the
     key to be the certificate's: a ValueError naming the file, where grpc would fail every call after logging
     its own errors to stderr. OSError when a file cannot be read."""
-    ca_pem, cert_pem, key_pem = _pem(ca), _pem(cert), _pem(key)
+    return ca_material(ca), *identity_material(cert=cert, key=key)
+
+
+def ca_material(ca: PemSource) -> bytes:
+    """The PEM bytes of a CA bundle, checked to hold certificates."""
+    ca_pem = _pem(ca)
     _certificates(ca_pem, "ca", ca)
+    return ca_pem
+
+
+def identity_material(*, cert: PemSource, key: PemSource) -> tuple[bytes, bytes]:
+    """The PEM bytes of a client certificate (chain) and its key, checked to be a pair."""
+    cert_pem, key_pem = _pem(cert), _pem(key)
     leaf = _certificates(cert_pem, "cert", cert)[0]
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)
@@ -235,7 +248,7 @@ def _tls_material(*, ca: PemSource, cert: PemSource, key: PemSource) -> tuple[by
         raise ValueError(f"key {_named(key)}: not an unencrypted PEM private key") from None
     if _spki(private_key.public_key()) != _spki(leaf.public_key()):
         raise ValueError(f"key {_named(key)} does not match cert {_named(cert)}: it is another key pair's")
-    return ca_pem, cert_pem, key_pem
+    return cert_pem, key_pem
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,3 +241,28 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 10.0, interv
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         time.sleep(interval_s)
+
+
+@pytest.fixture
+def start_oidc_provider(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start node-oidc-provider on loopback (tests/oidc_provider.py): a factory taking ``ttl_s``, the lifetime of
+    its access tokens. Skips, saying why, where node or the provider's node_modules is missing."""
+    from tests.oidc_provider import OidcProvider, skip_without_node
+
+    skip_without_node()
+    started: list[OidcProvider] = []
+
+    def start(*, ttl_s: int = 300) -> OidcProvider:
+        provider = OidcProvider(pki, tmp_path / f"oidc-{len(started)}", ttl_s=ttl_s)
+        started.append(provider)
+        return provider.start()
+
+    yield start
+    for provider in started:
+        provider.stop()
+
+
+@pytest.fixture
+def oidc_provider(start_oidc_provider: Callable[..., Any]) -> Any:
+    """A running node-oidc-provider: issuer, discovery_url, token_url, jwks_url, resource, ca, client_secret."""
+    return start_oidc_provider()

@@ -831,3 +831,97 @@ def test_audit_verify_says_that_a_keyed_trail_needs_its_key(gw):
 
 def test_audit_verify_of_a_missing_path_exits_2(gw, tmp_path):
     usage_error(run("audit", "verify", gw.audit_path, tmp_path / "nope.log"), "nope.log: no such file or directory")
+
+
+# ------------------------------------------------------------------------------- tokens from an identity provider
+
+
+def provider_env(gw, oidc, client: str = "alice") -> dict[str, str]:
+    """client_env with the client-credentials variables in place of GATEWAY_TOKEN (the secret client's needs
+    GATEWAY_CLIENT_SECRET_FILE too)."""
+    env = {k: v for k, v in client_env(gw, client).items() if k != "GATEWAY_TOKEN"}
+    return {
+        **env,
+        "GATEWAY_TOKEN_URL": oidc.token_url,
+        "GATEWAY_CLIENT_ID": client,
+        "GATEWAY_TOKEN_CA": str(oidc.ca),
+        "GATEWAY_TOKEN_RESOURCE": oidc.resource,
+    }
+
+
+def test_token_url_flags_get_a_certificate_bound_token_from_the_provider(gw, oidc_provider):
+    env = {k: v for k, v in client_env(gw).items() if k != "GATEWAY_TOKEN"}
+    flags = ["--token-url", oidc_provider.token_url, "--client-id", "alice", "--token-ca", oidc_provider.ca]
+    result = run("models", *flags, "--token-resource", oidc_provider.resource, "--token-scope", "list", env=env)
+    # The gateway does not trust this provider (yet): the point is the request the provider answered.
+    refused(gw, result, "UNAUTHENTICATED")
+    assert oidc_provider.token_requests() == [{"event": "grant.success", "client_id": "alice"}]
+
+
+def test_token_url_variables_with_a_client_secret_file(gw, oidc_provider, tmp_path):
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(oidc_provider.client_secret + "\n")
+    env = {**provider_env(gw, oidc_provider), "GATEWAY_CLIENT_ID": "service"}
+    refused(gw, run("models", env={**env, "GATEWAY_CLIENT_SECRET_FILE": str(secret_file)}), "UNAUTHENTICATED")
+    assert oidc_provider.token_requests() == [{"event": "grant.success", "client_id": "service"}]
+
+
+def test_a_refused_client_secret_is_one_line_exit_1_without_the_secret(gw, oidc_provider, tmp_path):
+    secret = "wrong-" + oidc_provider.client_secret
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(secret)
+    env = {**provider_env(gw, oidc_provider), "GATEWAY_CLIENT_ID": "service"}
+    result = run("models", "--client-secret-file", secret_file, env=env)
+    assert result.returncode == 1 and "invalid_client" in one_line(result)
+    assert secret not in result.stderr + result.stdout
+    assert oidc_provider.token_requests() == [
+        {"event": "grant.error", "client_id": "service", "error": "invalid_client"}
+    ]
+    assert gw.audit_records() == []  # nothing reached the gateway
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "extra_env", "fragment"),
+    [
+        (["--token", "t", "--token-url", "{url}"], {}, "not both --token and --token-url"),
+        (["--token-file", "t.jwt", "--token-url", "{url}"], {}, "not both --token-file and --token-url"),
+        ([], {"GATEWAY_TOKEN": "t"}, "not both GATEWAY_TOKEN and GATEWAY_TOKEN_URL"),
+        ([], {"GATEWAY_TOKEN_FILE": "t.jwt"}, "not both GATEWAY_TOKEN_FILE and GATEWAY_TOKEN_URL"),
+        ([], {"GATEWAY_CLIENT_ID": ""}, "--token-url needs --client-id (GATEWAY_CLIENT_ID)"),
+        ([], {"GATEWAY_TOKEN_URL": "http://127.0.0.1:1/token"}, "not an https:// URL"),
+        (["--client-secret-file", "missing-secret"], {}, "--client-secret-file missing-secret: No such file"),
+        (["--client-secret", "s3cret"], {}, "unrecognized arguments"),  # no such flag: a secret never goes on argv
+    ],
+    ids=[
+        "token-flag-and-url",
+        "token-file-flag-and-url",
+        "token-and-url-variables",
+        "token-file-and-url-variables",
+        "no-client-id",
+        "plain-http",
+        "missing-secret-file",
+        "secret-flag",
+    ],
+)
+def test_token_url_mistakes_are_one_line_exit_2(gw, oidc_provider, extra_args, extra_env, fragment):
+    env = {**provider_env(gw, oidc_provider), **extra_env}
+    args = [arg.replace("{url}", oidc_provider.token_url) for arg in extra_args]
+    result = run("models", *args, env={k: v for k, v in env.items() if v})
+    assert result.returncode == 2 and fragment in one_line(result)
+    assert oidc_provider.token_requests() == [] and gw.audit_records() == []
+
+
+def test_a_token_flag_overrides_the_client_credentials_variables(gw, oidc_provider):
+    env = provider_env(gw, oidc_provider)
+    assert run("models", "--token", gw.token(), env=env).returncode == 0
+    assert oidc_provider.token_requests() == []
+
+
+def test_client_credentials_settings_without_a_token_url_are_refused(gw):
+    result = run("models", "--client-id", "alice", env=client_env(gw))
+    assert (result.returncode, one_line(result)) == (
+        2,
+        "error: --client-id (GATEWAY_CLIENT_ID) needs --token-url (GATEWAY_TOKEN_URL)",
+    )
+    result = run("models", env={**client_env(gw), "GATEWAY_TOKEN_SCOPE": "predict"})
+    assert result.returncode == 2 and "--token-scope (GATEWAY_TOKEN_SCOPE) needs --token-url" in one_line(result)

@@ -817,6 +817,7 @@ PUBLIC_SURFACE = {
     "StaticToken",
     "TokenFile",
     "RefreshingToken",
+    "ClientCredentialsTokenProvider",
     # errors
     "GatewayError",
     "AuthenticationError",
@@ -841,6 +842,9 @@ def test_public_surface_is_exactly_the_documented_names_and_each_resolves():
     errors = [getattr(gateway, n) for n in PUBLIC_SURFACE if n.endswith("Error")]
     assert all(issubclass(cls, gateway.GatewayError) for cls in errors)
     assert issubclass(gateway.TLSHandshakeError, gateway.UnavailableError)
-    assert all(issubclass(getattr(gateway, n), gateway.TokenProvider) for n in ("StaticToken", "TokenFile"))
+    assert all(
+        issubclass(getattr(gateway, n), gateway.TokenProvider)
+        for n in ("StaticToken", "TokenFile", "ClientCredentialsTokenProvider")
+    )
     with pytest.raises(AttributeError):
         _ = gateway.NoSuchThing

@@ -1,4 +1,4 @@
-"""Packaging: the build gives no setuptools warning (as ``make setup``'s ``pip install -e`` runs it); the wheel's dependency split (the SDK needs grpcio, protobuf and numpy; the server is an extra) and its
+"""Packaging: the build gives no setuptools warning (as ``make setup``'s ``pip install -e`` runs it); the wheel's dependency split (the SDK needs grpcio, protobuf, numpy, cryptography and httpx; the server is an extra) and its
 type information, and an SDK-only install, simulated by a Python that cannot import the server extra's modules."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from gateway import cli
 from tests.conftest import ROOT, SERVER_ONLY_MODULES, sdk_only_env
 
-SDK = {"grpcio", "protobuf", "numpy", "cryptography"}
+SDK = {"grpcio", "protobuf", "numpy", "cryptography", "httpx"}
 SERVER = {
     "grpcio-health-checking",
     "grpcio-reflection",
@@ -61,7 +61,7 @@ def requirements(wheel: zipfile.ZipFile, extra: str | None) -> set[str]:
     return found
 
 
-def test_wheel_requires_grpcio_protobuf_numpy_and_cryptography_alone(wheel):
+def test_wheel_requires_grpcio_protobuf_numpy_cryptography_and_httpx_alone(wheel):
     assert requirements(wheel, None) == SDK
 
 
