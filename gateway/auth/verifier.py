@@ -109,15 +109,35 @@ def _scope_values(value: Any, claim: str) -> frozenset[str]:
     return _string_list(value, claim)
 
 
+def _claim_at(claims: Mapping[str, Any], name: str) -> Any:
+    """The claim ``name``: the member of that exact name if there is one (namespaced claims are URLs, dots
+    included), else the dotted path through nested objects (Keycloak's ``realm_access.roles``); None if absent.
+
+    A path that meets something other than an object is a malformed token, not an absent claim: a deny rule on a
+    group must not be skipped because a provider sent a shape the gateway did not expect.
+    """
+    if name in claims or "." not in name:
+        return claims.get(name)
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping):
+            _refuse(f"malformed claim {name}")
+        if part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def groups_and_scopes(
     claims: Mapping[str, Any], *, groups_claim: str = "groups", scopes_claim: str = "scope"
 ) -> tuple[frozenset[str], frozenset[str]]:
     """A token's groups and scopes; AuthenticationError when malformed. One reader for the verifier and for
     ``gateway policy check``, so that they cannot disagree on a claim's shape.
 
-    The scopes come from ``scopes_claim``, else ``scope``, else ``scp``: the first one present.
+    The groups come from ``groups_claim`` (``_claim_at``); the scopes from ``scopes_claim``, else ``scope``, else
+    ``scp``: the first one present.
     """
-    groups = _string_list(claims.get(groups_claim), groups_claim)
+    groups = _string_list(_claim_at(claims, groups_claim), groups_claim)
     names = (scopes_claim, *(name for name in ("scope", "scp") if name != scopes_claim))
     scope_claim = next((name for name in names if name in claims), scopes_claim)
     return groups, _scope_values(claims.get(scope_claim), scope_claim)
