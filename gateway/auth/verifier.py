@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -26,15 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from jwt.utils import base64url_decode, is_pem_format, is_ssh_key
 
 from gateway.auth import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, HMAC_KEY_BYTES, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
-from gateway.auth.keys import (
-    KeySet,
-    KeyStore,
-    TokenConfigError,
-)
+from gateway.auth.keys import KeySet, KeySource, TokenConfigError
 from gateway.document import DocumentError, DuplicateMemberError, loads_json
 from gateway.errors import AuthenticationError
 
-__all__ = ["MAX_TOKEN_BYTES", "TokenVerifier", "VerifiedToken", "groups_and_scopes"]
+__all__ = ["MAX_TOKEN_BYTES", "TokenVerifier", "UnknownKidError", "VerifiedToken", "groups_and_scopes"]
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest, no padding
@@ -86,6 +83,11 @@ def _reason(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"missing claim {exc.claim}"  # the claim name is one of ours, never token text
     return next((reason for cls, reason in _REASONS if isinstance(exc, cls)), "invalid token")
+
+
+class UnknownKidError(AuthenticationError):
+    """A token signed with a key the set does not hold (yet): the issuer may have rotated, so the caller may wait
+    for ``TokenVerifier.refresh_keys`` and verify once more."""
 
 
 def _refuse(reason: str) -> NoReturn:
@@ -200,7 +202,7 @@ class TokenVerifier:
     def __init__(
         self,
         *,
-        keys: KeyStore,
+        keys: KeySource,
         issuer: str,
         audience: str,
         algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
@@ -248,6 +250,11 @@ class TokenVerifier:
         """How many verified tokens the cache holds now."""
         with self._lock:
             return len(self._cache)
+
+    def refresh_keys(self) -> Future[None] | None:
+        """After an UnknownKidError: the key refresh to wait for before verifying once more, or None (the keys are
+        a file, or a refresh ran too recently: the token stays refused)."""
+        return self._keys.refresh_unknown_kid()
 
     def verify(self, token: str, *, cert_x5t: str | None) -> VerifiedToken:
         """The verified token (``bound`` when its cnf names this connection's certificate), or AuthenticationError."""
@@ -356,7 +363,7 @@ class TokenVerifier:
             _refuse("missing kid")
         key = keyset.keys.get(kid)
         if key is None:
-            _refuse("unknown kid")
+            raise UnknownKidError(reason="unknown kid")
         if algorithm not in key.algorithms:  # pinned per key: alg confusion across key types is impossible
             _refuse(f"algorithm {algorithm} not allowed for this key")
         return key.key, algorithm

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 from gateway.auth.issuer import issue_token
 from gateway.auth.keys import KeyStore, TokenConfigError, cert_thumbprint, jwk_kid, kid_from_jwks, load_jwks
-from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier, VerifiedToken
+from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier, UnknownKidError, VerifiedToken
 from gateway.errors import AuthenticationError
 
 ISSUER = "https://idp.example"
@@ -336,6 +336,13 @@ def test_a_claim_named_with_dots_is_read_before_a_dotted_path(make: Callable[...
 
 def test_audience_list_without_ours_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
     assert refused(verifier, token(rsa_key, payload(aud=["other", "another"]))) == "wrong audience"
+
+
+def test_unknown_kid_is_an_unknown_kid_error_and_a_file_offers_no_refresh(verifier: TokenVerifier, rsa_key: Key):
+    with pytest.raises(UnknownKidError) as raised:
+        verifier.verify(token(rsa_key, kid="rotated-away"), cert_x5t=None)
+    assert (raised.value.reason, raised.value.code) == ("unknown kid", "UNAUTHENTICATED")
+    assert verifier.refresh_keys() is None
 
 
 # ---------------------------------------------------------------------------------------- algorithm-level attacks
