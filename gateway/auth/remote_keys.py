@@ -160,6 +160,7 @@ class RemoteKeyStore:
             self._fetcher.close()
             raise TokenConfigError(f"{setting}: cannot fetch the key set: {exc}") from None
         self._succeeded()
+        metrics.LAST_RELOAD.labels(store="jwks").set_to_current_time()
 
     @property
     def current(self) -> KeySet:

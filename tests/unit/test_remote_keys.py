@@ -99,6 +99,11 @@ def test_the_key_set_is_fetched_at_start_and_verifies_tokens(store: RemoteKeySto
     verifier = TokenVerifier(keys=store, issuer=ISSUER, audience="gateway")
     assert verifier.verify(signed(pki, kid=published_kid(pki)), cert_x5t=None).subject == "alice"
     assert store.current.kids == [published_kid(pki)] and server.count(JWKS_PATH) == 1
+    for metric, labels in (
+        ("gateway_jwks_last_success_timestamp_seconds", {}),
+        ("gateway_last_reload_timestamp_seconds", {"store": "jwks"}),
+    ):
+        assert (REGISTRY.get_sample_value(metric, labels) or 0) > 0
 
 
 def test_a_rotated_key_set_is_taken_on_reload_and_counts_as_a_change(
