@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ import structlog
 from gateway import metrics, tracing
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
+from gateway.auth.verifier import UnknownKidError
 from gateway.context import CallContext, check_size, current_call, new_request_id
 from gateway.errors import (
     CancelledError,
@@ -43,6 +45,9 @@ from gateway.limits import Admission, Slot
 from gateway.tracing import Tracing
 
 log = structlog.get_logger(__name__)
+
+# How long a call whose token names an unknown kid waits for the key refetch (itself bounded by its timeouts).
+_KEY_REFRESH_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +217,7 @@ class CallBoundary:
             slots: list[Slot] = []
             try:
                 try:
-                    self._admit(call, context, metadata, stream=False, slots=slots)
+                    await self._admit(call, context, metadata, stream=False, slots=slots)
                 except GatewayError as exc:
                     error = exc
                 await self._finish(call, error, context)
@@ -241,7 +246,7 @@ class CallBoundary:
         context.set_trailing_metadata((("x-request-id", request_id),))
         return call, metadata
 
-    def _admit(
+    async def _admit(
         self,
         call: CallContext,
         context: grpc.aio.ServicerContext,
@@ -254,7 +259,7 @@ class CallBoundary:
         authenticator = self._authenticator
         if authenticator is not None:
             with metrics.AUTH_SECONDS.time(), tracing.span(call, "gateway.authenticate"):
-                self._authenticate(authenticator, call, context, metadata)
+                await self._authenticate(authenticator, call, context, metadata)
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
             ID.check(header, "x-request-id header")
@@ -264,7 +269,7 @@ class CallBoundary:
         slots.append(self._admission.admit_call())
 
     @staticmethod
-    def _authenticate(
+    async def _authenticate(
         authenticator: Authenticator, call: CallContext, context: grpc.aio.ServicerContext, metadata: Sequence[Any]
     ) -> None:
         """The certificate, then the bearer token: the caller's identity and principal, or AuthenticationError."""
@@ -273,7 +278,15 @@ class CallBoundary:
         if peer is not None:
             call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
         authorization = _metadata_values(metadata, "authorization")
-        call.principal = authenticator.authenticate(peer, authorization)
+        try:
+            call.principal = authenticator.authenticate(peer, authorization)
+        except UnknownKidError:
+            # The issuer may have rotated its keys: wait, bounded, for the one shared and rate-limited refetch
+            # (in its own thread: the loop keeps serving), then verify once more. Still unknown: refused.
+            refresh = authenticator.refresh_keys()
+            if refresh is None or not await _finished(refresh, _KEY_REFRESH_WAIT_S):
+                raise
+            call.principal = authenticator.authenticate(peer, authorization)
 
     @staticmethod
     async def _within(waited: Awaitable[Any], timeout_s: float, what: str) -> Any:
@@ -341,7 +354,7 @@ class CallBoundary:
             error: GatewayError | None = None
             out = None
             try:
-                self._admit(call, context, metadata, stream=method.request_streaming, slots=slots)
+                await self._admit(call, context, metadata, stream=method.request_streaming, slots=slots)
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
@@ -372,7 +385,7 @@ class CallBoundary:
         try:
             error: GatewayError | None = None
             try:
-                self._admit(call, context, metadata, stream=True, slots=slots)
+                await self._admit(call, context, metadata, stream=True, slots=slots)
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
@@ -433,6 +446,13 @@ class CallBoundary:
 
 
 _UNKNOWN_METHOD = "/unknown/method"
+
+
+async def _finished(work: Future[None], timeout_s: float) -> bool:
+    """Whether ``work`` (running in another thread) ends within ``timeout_s``; it is never cancelled here, since
+    other calls may be waiting for it too."""
+    done, _ = await asyncio.wait({asyncio.wrap_future(work)}, timeout=timeout_s)
+    return bool(done)
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:

@@ -29,6 +29,7 @@ from gateway.auth import (
     HMAC_ALGORITHMS,
     MAX_TOKEN_BYTES,
     SUPPORTED_ALGORITHMS,
+    https_url_problem,
 )
 from gateway.document import DocumentError, did_you_mean, read_yaml
 from gateway.errors import StartupError
@@ -64,9 +65,14 @@ class TlsSettings:
 
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
-    """JWT verification (RFC 7519) with keys from a JWKS file."""
+    """JWT verification (RFC 7519) with keys from exactly one of: a JWKS file, a JWKS URL, or OIDC Discovery."""
 
     jwks: Path | None = None
+    jwks_url: str | None = None  # https only
+    discovery: bool = False  # the jwks_uri of ISSUER/.well-known/openid-configuration
+    jwks_ca: Path | None = None  # PEM bundle the key server's certificate must chain to; default: system store
+    jwks_refresh_interval_s: float = 300.0
+    jwks_min_refresh_interval_s: float = 30.0  # at most one refetch per this for tokens with an unknown kid
     issuer: str = DEFAULT_ISSUER
     audience: str = DEFAULT_AUDIENCE
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
@@ -392,6 +398,7 @@ def check_paths(settings: Settings) -> None:
         "tls.crl": settings.tls.crl,
         "auth.jwks": settings.auth.jwks,
         "auth.hmac_secret_file": settings.auth.hmac_secret_file,
+        "auth.jwks_ca": settings.auth.jwks_ca,
         "audit.hmac_key_file": settings.audit.hmac_key_file,
     }
     if settings.dev_insecure_transport:
@@ -507,8 +514,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"metrics.{exc}") from None
     if settings.metrics.tls and settings.dev_insecure_transport:
         raise ConfigError("metrics.tls: needs tls.cert, tls.key and tls.client_ca, which dev_insecure_transport skips")
-    if not settings.dev_no_auth and settings.auth.jwks is None:
-        raise ConfigError(f"auth.jwks: required to verify tokens; {_MATERIAL_HINT.format(key='auth.jwks')}")
+    if not settings.dev_no_auth:
+        _validate_key_source(settings.auth)
     for model, batching in settings.models.batching.items():
         if not 2 <= batching.max_batch_size <= 4096:
             raise ConfigError(f"models.batching.{model}.max_batch_size: must be between 2 and 4096")
@@ -541,6 +548,35 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_key_source(auth: AuthSettings) -> None:
+    """Exactly one place to take the token keys from, and a fetchable one: https only."""
+    sources = [
+        name
+        for name, chosen in (
+            ("auth.jwks", auth.jwks is not None),
+            ("auth.jwks_url", auth.jwks_url is not None),
+            ("auth.discovery", auth.discovery),
+        )
+        if chosen
+    ]
+    if not sources:
+        hint = _MATERIAL_HINT.format(key="auth.jwks")
+        raise ConfigError(f"auth.jwks: required to verify tokens; {hint}, or set auth.jwks_url or auth.discovery")
+    if len(sources) > 1:
+        raise ConfigError(f"{sources[1]}: set together with {sources[0]}; give exactly one of {', '.join(sources)}")
+    problem = None if auth.jwks_url is None else https_url_problem(auth.jwks_url)
+    if problem is not None:
+        raise ConfigError(f"auth.jwks_url: {problem}")
+    problem = https_url_problem(auth.issuer) if auth.discovery else None
+    if problem is not None:
+        raise ConfigError(f"auth.issuer: {problem} (auth.discovery reads ISSUER/.well-known/openid-configuration)")
+    if auth.jwks_ca is not None and auth.jwks is not None:
+        raise ConfigError("auth.jwks_ca: only used to fetch keys (auth.jwks_url or auth.discovery), not with auth.jwks")
+    for name in ("jwks_refresh_interval_s", "jwks_min_refresh_interval_s"):
+        if getattr(auth, name) <= 0:
+            raise ConfigError(f"auth.{name}: must be more than 0")
 
 
 def _validate_probe(settings: Settings) -> None:

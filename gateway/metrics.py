@@ -77,6 +77,16 @@ LAST_RELOAD = Gauge(
     ["store"],
     multiprocess_mode="livemax",
 )
+JWKS_LAST_SUCCESS = Gauge(
+    "gateway_jwks_last_success_timestamp_seconds",
+    "Last fetch of the issuer's JWKS (auth.jwks_url, auth.discovery) that gave a valid key set",
+    multiprocess_mode="livemin",
+)
+JWKS_FETCH_FAILURES = Counter(
+    "gateway_jwks_fetch_failures",
+    "Fetches of the issuer's JWKS or discovery document that failed; the last good key set stayed in force",
+    ["reason"],
+)
 
 # Reasons the verifier and authenticator give for a bad token (gateway/auth): anything else is "other".
 _TOKEN_DETAILS = frozenset(

@@ -32,9 +32,10 @@ from gateway.audit import AuditError, AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import CrlStore
 from gateway.auth.keys import KeyStore
+from gateway.auth.remote_keys import RemoteKeyStore
 from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
-from gateway.config import ConfigError, Settings, listen_error, read_secret
+from gateway.config import AuthSettings, ConfigError, Settings, listen_error, read_secret
 from gateway.errors import UnavailableError
 from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
@@ -157,7 +158,7 @@ class Gateway:
             if settings.dev_no_auth
             else PolicyStore(settings.policies.directory, interval_s=settings.policies.reload_interval_s)
         )
-        self.keys: KeyStore | None = None
+        self.keys: KeyStore | RemoteKeyStore | None = None
         self.crl: CrlStore | None = None
         hmac_key_file = settings.audit.hmac_key_file
         hmac_key = read_secret(hmac_key_file, key="audit.hmac_key_file").strip() if hmac_key_file else None
@@ -195,9 +196,7 @@ class Gateway:
     def _authenticator(self) -> Authenticator:
         settings = self.settings
         auth = settings.auth
-        if auth.jwks is None:
-            raise ConfigError("auth.jwks: required to verify tokens")
-        self.keys = KeyStore(auth.jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms)
+        self.keys = self._key_source(auth)
         secret_file = auth.hmac_secret_file
         hmac_secret = read_secret(secret_file, key="auth.hmac_secret_file").strip() if secret_file else None
         verifier = TokenVerifier(
@@ -216,6 +215,22 @@ class Gateway:
         if settings.tls.crl is not None and settings.tls.client_ca is not None:
             self.crl = CrlStore(settings.tls.crl, settings.tls.client_ca, interval_s=settings.tls.reload_interval_s)
         return Authenticator(verifier=verifier, crl=self.crl, require_certificate=not settings.dev_insecure_transport)
+
+    @staticmethod
+    def _key_source(auth: AuthSettings) -> KeyStore | RemoteKeyStore:
+        """The JWKS file, or the issuer's key set over HTTPS (fetched now: a failure stops the start)."""
+        if auth.jwks is not None:
+            return KeyStore(auth.jwks, interval_s=auth.reload_interval_s, allowed_algorithms=auth.algorithms)
+        if auth.jwks_url is None and not auth.discovery:
+            raise ConfigError("auth.jwks: required to verify tokens")
+        return RemoteKeyStore(
+            url=auth.jwks_url,
+            issuer=auth.issuer,
+            ca=auth.jwks_ca,
+            refresh_interval_s=auth.jwks_refresh_interval_s,
+            min_refresh_interval_s=auth.jwks_min_refresh_interval_s,
+            allowed_algorithms=auth.algorithms,
+        )
 
     def _audit_gate(self) -> None:
         # No model runs while the audit sink is known to be down: its record could not be written.

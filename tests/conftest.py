@@ -204,7 +204,15 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
 
 
 # The top-level modules of the server extra: an SDK-only install (`pip install gateway`) has none of them.
-SERVER_ONLY_MODULES = ("grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml", "prometheus_client")
+SERVER_ONLY_MODULES = (
+    "grpc_health",
+    "grpc_reflection",
+    "jwt",
+    "onnxruntime",
+    "structlog",
+    "yaml",
+    "prometheus_client",
+)
 
 _BLOCKER = """
 import importlib.abc

@@ -19,3 +19,20 @@ ALGORITHM_FAMILIES: dict[tuple[str, str | None], frozenset[str]] = {
 }
 SUPPORTED_ALGORITHMS = frozenset(alg for family in ALGORITHM_FAMILIES.values() for alg in family) | HMAC_ALGORITHMS
 MAX_TOKEN_BYTES = 8192
+
+
+def https_url_problem(url: str) -> str | None:
+    """Why ``url`` is no place to fetch keys from (None: an absolute https URL with a host, no user info or
+    fragment). Keys fetched over plain HTTP could be swapped by anyone on the path, and with them every token."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        return "not a URL"
+    if parts.scheme != "https":
+        return "must be an https:// URL"
+    if not parts.hostname or parts.username is not None or parts.fragment:
+        return "must be https://HOST[:PORT]/PATH, without user info or fragment"
+    return None

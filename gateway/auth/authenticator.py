@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 
 from gateway.auth.certs import CrlStore, PeerCertificate, check_validity, inspect_peer
@@ -54,6 +55,10 @@ class Authenticator:
         self._crl = crl
         self._require_certificate = require_certificate
         self._clock = clock
+
+    def refresh_keys(self) -> Future[None] | None:
+        """After an UnknownKidError, the key refresh to wait for before authenticating once more (or None)."""
+        return self._verifier.refresh_keys()
 
     @staticmethod
     def inspect(peer_pem: bytes | None) -> PeerCertificate | None:

@@ -9,10 +9,11 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography import x509
@@ -37,6 +38,7 @@ __all__ = [
     "HMAC_KEY_BYTES",
     "SUPPORTED_ALGORITHMS",
     "KeySet",
+    "KeySource",
     "KeyStore",
     "TokenConfigError",
     "VerificationKey",
@@ -44,6 +46,7 @@ __all__ = [
     "jwk_kid",
     "kid_from_jwks",
     "load_jwks",
+    "parse_jwks",
 ]
 
 MAX_JWKS_BYTES = 1 << 20
@@ -108,18 +111,25 @@ def cert_thumbprint(cert: bytes | str) -> str:
     return _b64url(hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).digest())
 
 
-def _read_jwks(path: Path) -> list[Any]:
-    """The ``keys`` list of a JWKS file, parsed strictly (no duplicate members, no NaN, bounded size)."""
+def _read_bytes(path: Path) -> bytes:
+    """A JWKS file's bytes, at most one more than MAX_JWKS_BYTES (the excess is refused by ``_jwks_keys``)."""
     try:
         with path.open("rb") as handle:
-            raw = handle.read(MAX_JWKS_BYTES + 1)
-        if len(raw) > MAX_JWKS_BYTES:
-            raise ValueError(f"larger than {MAX_JWKS_BYTES} bytes")
-        data = loads_json(raw)
-    except (OSError, ValueError) as exc:
+            return handle.read(MAX_JWKS_BYTES + 1)
+    except OSError as exc:
         raise TokenConfigError(f"{path}: cannot read a JWKS: {exc}") from None
+
+
+def _jwks_keys(raw: bytes, source: str) -> list[Any]:
+    """The ``keys`` list of a JWKS document, parsed strictly (no duplicate members, no NaN, bounded size)."""
+    if len(raw) > MAX_JWKS_BYTES:
+        raise TokenConfigError(f"{source}: cannot read a JWKS: larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        data = loads_json(raw)
+    except ValueError as exc:
+        raise TokenConfigError(f"{source}: cannot read a JWKS: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
-        raise TokenConfigError(f"{path}: a JWKS needs a non-empty 'keys' list")
+        raise TokenConfigError(f"{source}: a JWKS needs a non-empty 'keys' list")
     return data["keys"]
 
 
@@ -143,7 +153,8 @@ def kid_from_jwks(jwks_path: str | Path, key: Any) -> str | None:
     if isinstance(key, str):
         key = key.encode("ascii")
     wanted = jwk_kid(_load_key_bytes(key) if isinstance(key, bytes) else key)
-    for jwk in _read_jwks(Path(jwks_path)):
+    path = Path(jwks_path)
+    for jwk in _jwks_keys(_read_bytes(path), str(path)):
         if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or not isinstance(jwk.get("kid"), str):
             continue
         try:
@@ -186,14 +197,14 @@ def _family(jwk: Mapping[str, Any]) -> frozenset[str]:
     return ALGORITHM_FAMILIES.get((kty, None if kty == "RSA" else crv), frozenset())
 
 
-def _verification_key(jwk: Any, allowed: frozenset[str], path: Path, index: int) -> VerificationKey:
+def _verification_key(jwk: Any, allowed: frozenset[str], source: str, index: int) -> VerificationKey:
     """One JWKS entry, checked in order: shape, kid, use, no private members, key_ops, type, pinned alg, the key."""
     if not isinstance(jwk, dict):
-        raise TokenConfigError(f"{path}: key #{index}: not an object")
+        raise TokenConfigError(f"{source}: key #{index}: not an object")
     kid = jwk.get("kid")
     if not isinstance(kid, str) or not kid:
-        raise TokenConfigError(f"{path}: key #{index}: needs a 'kid'")
-    where = f"{path}: key {kid!r}"
+        raise TokenConfigError(f"{source}: key #{index}: needs a 'kid'")
+    where = f"{source}: key {kid!r}"
     if jwk.get("use", "sig") != "sig":
         raise TokenConfigError(f"{where}: 'use' must be 'sig'")
     if _PRIVATE_MEMBERS & jwk.keys():
@@ -225,21 +236,37 @@ def _verification_key(jwk: Any, allowed: frozenset[str], path: Path, index: int)
     return VerificationKey(kid, key, algorithms)
 
 
-def load_jwks(path: str | Path, *, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS) -> KeySet:
-    """Strictly load a public JWKS file (RFC 7517); any problem is a TokenConfigError naming the file and key.
+def parse_jwks(raw: bytes, *, source: str, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS) -> KeySet:
+    """Strictly read a public JWKS document (RFC 7517) from a file or a URL (``source``, named in every error);
+    any problem is a TokenConfigError naming the source and the key, and refuses the whole document.
 
     Each key goes through ``jwt.PyJWK`` on its own: ``jwt.PyJWKSet`` silently skips keys it cannot use, and a
     JWKS the gateway half-understands is a configuration error, not a smaller key set.
     """
-    path = Path(path)
     allowed = frozenset(allowed_algorithms) - HMAC_ALGORITHMS  # a JWKS never holds an HMAC secret
     keys: dict[str, VerificationKey] = {}
-    for index, jwk in enumerate(_read_jwks(path)):
-        key = _verification_key(jwk, allowed, path, index)
+    for index, jwk in enumerate(_jwks_keys(raw, source)):
+        key = _verification_key(jwk, allowed, source, index)
         if key.kid in keys:
-            raise TokenConfigError(f"{path}: key {key.kid!r}: duplicate kid")
+            raise TokenConfigError(f"{source}: key {key.kid!r}: duplicate kid")
         keys[key.kid] = key
     return KeySet(MappingProxyType(keys))
+
+
+def load_jwks(path: str | Path, *, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS) -> KeySet:
+    """Strictly load a public JWKS file (``parse_jwks``)."""
+    path = Path(path)
+    return parse_jwks(_read_bytes(path), source=str(path), allowed_algorithms=allowed_algorithms)
+
+
+class KeySource(Protocol):
+    """Where the verifier's keys come from: a JWKS file (KeyStore) or the issuer's URL (RemoteKeyStore)."""
+
+    @property
+    def current(self) -> KeySet: ...
+
+    def refresh_unknown_kid(self) -> Future[None] | None:
+        """A refresh to wait for (bounded) before a token with an unknown kid is refused, or None."""
 
 
 class KeyStore:
@@ -290,6 +317,11 @@ class KeyStore:
     def reload_now(self) -> bool:
         """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
         return self._keys.check_now()
+
+    @staticmethod
+    def refresh_unknown_kid() -> None:
+        """Never a refresh: the file is polled on its own schedule, and a token's kid is no reason to read it."""
+        return None
 
     def _load(self, old: KeySet | None) -> KeySet:
         new = load_jwks(self.path, allowed_algorithms=self._allowed)

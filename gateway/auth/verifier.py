@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -26,15 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from jwt.utils import base64url_decode, is_pem_format, is_ssh_key
 
 from gateway.auth import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, HMAC_KEY_BYTES, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
-from gateway.auth.keys import (
-    KeySet,
-    KeyStore,
-    TokenConfigError,
-)
+from gateway.auth.keys import KeySet, KeySource, TokenConfigError
 from gateway.document import DocumentError, DuplicateMemberError, loads_json
 from gateway.errors import AuthenticationError
 
-__all__ = ["MAX_TOKEN_BYTES", "TokenVerifier", "VerifiedToken", "groups_and_scopes"]
+__all__ = ["MAX_TOKEN_BYTES", "TokenVerifier", "UnknownKidError", "VerifiedToken", "groups_and_scopes"]
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of a SHA-256 digest, no padding
@@ -88,6 +85,11 @@ def _reason(exc: jwt.PyJWTError) -> str:
     return next((reason for cls, reason in _REASONS if isinstance(exc, cls)), "invalid token")
 
 
+class UnknownKidError(AuthenticationError):
+    """A token signed with a key the set does not hold (yet): the issuer may have rotated, so the caller may wait
+    for ``TokenVerifier.refresh_keys`` and verify once more."""
+
+
 def _refuse(reason: str) -> NoReturn:
     raise AuthenticationError(reason=reason)
 
@@ -109,15 +111,35 @@ def _scope_values(value: Any, claim: str) -> frozenset[str]:
     return _string_list(value, claim)
 
 
+def _claim_at(claims: Mapping[str, Any], name: str) -> Any:
+    """The claim ``name``: the member of that exact name if there is one (namespaced claims are URLs, dots
+    included), else the dotted path through nested objects (Keycloak's ``realm_access.roles``); None if absent.
+
+    A path that meets something other than an object is a malformed token, not an absent claim: a deny rule on a
+    group must not be skipped because a provider sent a shape the gateway did not expect.
+    """
+    if name in claims or "." not in name:
+        return claims.get(name)
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping):
+            _refuse(f"malformed claim {name}")
+        if part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def groups_and_scopes(
     claims: Mapping[str, Any], *, groups_claim: str = "groups", scopes_claim: str = "scope"
 ) -> tuple[frozenset[str], frozenset[str]]:
     """A token's groups and scopes; AuthenticationError when malformed. One reader for the verifier and for
     ``gateway policy check``, so that they cannot disagree on a claim's shape.
 
-    The scopes come from ``scopes_claim``, else ``scope``, else ``scp``: the first one present.
+    The groups come from ``groups_claim`` (``_claim_at``); the scopes from ``scopes_claim``, else ``scope``, else
+    ``scp``: the first one present.
     """
-    groups = _string_list(claims.get(groups_claim), groups_claim)
+    groups = _string_list(_claim_at(claims, groups_claim), groups_claim)
     names = (scopes_claim, *(name for name in ("scope", "scp") if name != scopes_claim))
     scope_claim = next((name for name in names if name in claims), scopes_claim)
     return groups, _scope_values(claims.get(scope_claim), scope_claim)
@@ -180,7 +202,7 @@ class TokenVerifier:
     def __init__(
         self,
         *,
-        keys: KeyStore,
+        keys: KeySource,
         issuer: str,
         audience: str,
         algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
@@ -228,6 +250,11 @@ class TokenVerifier:
         """How many verified tokens the cache holds now."""
         with self._lock:
             return len(self._cache)
+
+    def refresh_keys(self) -> Future[None] | None:
+        """After an UnknownKidError: the key refresh to wait for before verifying once more, or None (the keys are
+        a file, or a refresh ran too recently: the token stays refused)."""
+        return self._keys.refresh_unknown_kid()
 
     def verify(self, token: str, *, cert_x5t: str | None) -> VerifiedToken:
         """The verified token (``bound`` when its cnf names this connection's certificate), or AuthenticationError."""
@@ -336,7 +363,7 @@ class TokenVerifier:
             _refuse("missing kid")
         key = keyset.keys.get(kid)
         if key is None:
-            _refuse("unknown kid")
+            raise UnknownKidError(reason="unknown kid")
         if algorithm not in key.algorithms:  # pinned per key: alg confusion across key types is impossible
             _refuse(f"algorithm {algorithm} not allowed for this key")
         return key.key, algorithm

@@ -455,6 +455,16 @@ def issue(pki, *args: str | Path, cwd: Path = HERE) -> str:
     return token
 
 
+def test_token_issue_with_keys_from_the_issuer_checks_against_the_key_set_beside_the_key(pki, tmp_path):
+    # token issue signs with a local key and never fetches the remote set: auth.jwks_url is not its business.
+    (tmp_path / "gateway.yaml").write_text("auth: {jwks_url: 'https://127.0.0.1:1/jwks.json'}\n")
+    result = run("token", "issue", "--key", pki.path("jwt-signing.key"), "--sub", "alice", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert (
+        jwt.get_unverified_header(result.stdout.strip())["kid"] == json.loads(pki.read("jwks.json"))["keys"][0]["kid"]
+    )
+
+
 def test_issued_bound_token_works_out_of_the_box(gw):
     token = issue(gw.pki, "--sub", "alice", "--bind-cert", gw.pki.path("alice.crt"))
     claims = jwt.decode(token, options={"verify_signature": False})
@@ -677,6 +687,16 @@ def test_policy_check_prints_the_allowing_rule(policy_dir):
 def test_policy_check_prints_the_denial_and_exits_1(policy_dir, args, line):
     result = check(policy_dir, *args)
     assert (result.returncode, result.stdout.strip()) == (1, line)
+
+
+def test_policy_check_reads_groups_at_a_dotted_path_as_the_gateway_does(policy_dir):
+    alice = ["--action", "predict", "--cert-identity", ALICE_ID, "--bound", "--groups-claim", "realm_access.roles"]
+    nested = check(policy_dir, *alice, "--claims", '{"sub": "alice", "realm_access": {"roles": ["suspended"]}}')
+    assert (nested.returncode, nested.stdout.strip()) == (1, "deny by rule deny-suspended")
+    usage_error(
+        check(policy_dir, *alice, "--claims", '{"sub": "alice", "realm_access": ["suspended"]}'),
+        "--claims: malformed claim realm_access.roles: the gateway refuses such a token",
+    )
 
 
 def test_policy_check_takes_a_cert_identity_spelled_with_its_type(policy_dir):

@@ -418,3 +418,24 @@ def test_an_audit_path_that_cannot_be_created_is_one_line_naming_audit_path(pki,
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot start: audit.path: cannot open {blocker}: File exists"], result.stderr
+
+
+def test_serve_whose_key_server_cannot_be_reached_exits_2_naming_the_url(pki, demo_models, tmp_path):
+    # Fail closed at start: a gateway that cannot verify any token must not come up.
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"https://127.0.0.1:{closed.getsockname()[1]}/jwks.json"
+    (tmp_path / "policies").mkdir()
+    config = tmp_path / "gateway.yaml"
+    server = pki.server_dir
+    config.write_text(
+        f"tls: {{cert: {server}/server.crt, key: {server}/server.key, client_ca: {server}/ca.crt}}\n"
+        f"auth: {{jwks_url: '{url}', jwks_ca: {server}/ca.crt}}\n"
+        f"models: {{repository: {demo_models}}}\npolicies: {{directory: policies}}\n"
+        "listen: 127.0.0.1:0\naudit: {path: audit/audit.log}\n"
+    )
+    result = run_serve(["--config", str(config)], tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # the rest: JSON logs
+    assert len(errors) == 1 and errors[0].startswith(f"error: auth.jwks_url: cannot fetch the key set: {url}: connect")
+    assert not (tmp_path / "audit" / "audit.log").exists()

@@ -13,6 +13,7 @@ from gateway.config import (
     ConfigError,
     certs_dir_overrides,
     check_listen,
+    check_paths,
     default_config_file,
     file_settings,
     load_settings,
@@ -171,6 +172,19 @@ def test_the_probe_listener_may_use_an_address_other_machines_can_reach(tmp_path
             "auth: {jwks: j.json, hmac_secret_file: s.key}\n",
             r"auth\.hmac_secret_file: set, but auth\.algorithms lists no",
         ),
+        ("auth: {jwks: j.json, jwks_url: 'https://idp/k'}\n", r"auth\.jwks_url: set together with auth\.jwks; give"),
+        ("auth: {jwks: j.json, discovery: true}\n", r"auth\.discovery: set together with auth\.jwks; give exactly"),
+        ("auth: {jwks_url: 'https://idp/k', discovery: true}\n", r"auth\.discovery: set together with auth\.jwks_url"),
+        ("auth: {jwks_url: 'http://idp/k'}\n", r"auth\.jwks_url: must be an https:// URL"),
+        ("auth: {jwks_url: 'https://u@idp/k'}\n", r"auth\.jwks_url: must be https://HOST\[:PORT\]/PATH, without user"),
+        ("auth: {jwks_url: 'https://idp:x/k'}\n", r"auth\.jwks_url: not a URL"),
+        ("auth: {jwks_url: 3}\n", r"auth\.jwks_url: expected a non-empty string"),
+        ("auth: {discovery: true, issuer: 'http://idp'}\n", r"auth\.issuer: must be an https:// URL \(auth\.discovery"),
+        ("auth: {discovery: yes please}\n", r"auth\.discovery: expected true or false"),
+        ("auth: {jwks: j.json, jwks_ca: ca.pem}\n", r"auth\.jwks_ca: only used to fetch keys"),
+        ("auth: {jwks_url: 'https://idp/k', jwks_refresh_interval_s: 0}\n", r"auth\.jwks_refresh_interval_s: must be"),
+        ("auth: {discovery: true, jwks_min_refresh_interval_s: 0}\n", r"auth\.jwks_min_refresh_interval_s: must be"),
+        ("auth: {jwks_uri: 'https://idp/k'}\n", r"auth\.jwks_uri: unknown key \(did you mean 'jwks_url'\?\)"),
         ("models: {batching: {mlp: {max_batch_size: 1}}}\n", r"models\.batching\.mlp\.max_batch_size: must be between"),
         ("models: {batching: {mlp: {max_queue_delay_us: 2000000}}}\n", r"max_queue_delay_us: at most 1000000"),
         ("models: {batching: {mlp: {max_batch: 8}}}\n", r"models\.batching\.mlp\.max_batch: unknown key"),
@@ -283,9 +297,19 @@ def test_the_example_gateway_yaml_holds_every_option_with_its_default():
             assert value == getattr(want, name), f"{section}.{name}"
 
 
-def test_missing_files_and_folders_are_startup_errors_naming_the_key(tmp_path):
-    from gateway.config import check_paths
+def test_keys_from_a_url_or_discovery_need_no_jwks_file(tmp_path):
+    remote = load_settings(write(tmp_path, TLS + "auth: {jwks_url: 'https://idp.example/keys', jwks_ca: ca.pem}\n"))
+    assert (remote.auth.jwks, remote.auth.jwks_url) == (None, "https://idp.example/keys")
+    assert remote.auth.jwks_ca == tmp_path / "ca.pem"
+    discovered = load_settings(write(tmp_path, TLS + "auth: {discovery: true, issuer: 'https://idp.example'}\n"))
+    assert discovered.auth.discovery and discovered.auth.jwks_refresh_interval_s == 300.0
+    for name in ("s.crt", "s.key", "ca.crt"):
+        (tmp_path / name).write_text("x")
+    with pytest.raises(ConfigError, match=r"auth\.jwks_ca: .*ca\.pem is not a readable file"):
+        check_paths(remote)
 
+
+def test_missing_files_and_folders_are_startup_errors_naming_the_key(tmp_path):
     for name in ("s.crt", "s.key", "ca.crt", "jwks.json"):
         (tmp_path / name).write_text("x")
     (tmp_path / "models").mkdir()

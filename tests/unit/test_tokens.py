@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 from gateway.auth.issuer import issue_token
 from gateway.auth.keys import KeyStore, TokenConfigError, cert_thumbprint, jwk_kid, kid_from_jwks, load_jwks
-from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier, VerifiedToken
+from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier, UnknownKidError, VerifiedToken
 from gateway.errors import AuthenticationError
 
 ISSUER = "https://idp.example"
@@ -298,6 +298,51 @@ def test_custom_groups_claim_is_read(make: Callable[..., TokenVerifier], rsa_key
 @pytest.mark.parametrize("groups", ["ml-team readers", 3, ["ok", 1], [""], {"a": 1}])
 def test_malformed_groups_are_refused(verifier: TokenVerifier, rsa_key: Key, groups: Any) -> None:
     assert refused(verifier, token(rsa_key, payload(groups=groups))) == "malformed claim groups"
+
+
+def test_groups_claim_may_be_a_dotted_path_into_nested_objects(
+    make: Callable[..., TokenVerifier], rsa_key: Key
+) -> None:
+    verifier = make(groups_claim="realm_access.roles")
+    claims = payload(realm_access={"roles": ["ml-team"]}, resource_access={"roles": ["x"]}, groups=["y"])
+    assert verifier.verify(token(rsa_key, claims), cert_x5t=None).groups == {"ml-team"}
+
+
+@pytest.mark.parametrize("claims", [{}, {"realm_access": {}}, {"realm_access": {"other": 1}}])
+def test_an_absent_dotted_path_means_no_groups(make: Callable[..., TokenVerifier], rsa_key: Key, claims: Any) -> None:
+    verifier = make(groups_claim="realm_access.roles")
+    assert verifier.verify(token(rsa_key, payload(**claims)), cert_x5t=None).groups == frozenset()
+
+
+@pytest.mark.parametrize(
+    "realm_access",
+    [["roles"], "roles", 3, {"roles": "ml-team"}, {"roles": ["ok", 1]}, {"roles": {"ml-team": True}}],
+    ids=["list-midway", "string-midway", "number-midway", "string-at-end", "mixed-list", "object-at-end"],
+)
+def test_a_dotted_path_meeting_an_unexpected_shape_is_refused(
+    make: Callable[..., TokenVerifier], rsa_key: Key, realm_access: Any
+) -> None:
+    # Refused rather than read as no groups: a deny rule on a group must not be skipped over a shape change.
+    verifier = make(groups_claim="realm_access.roles")
+    assert refused(verifier, token(rsa_key, payload(realm_access=realm_access))) == "malformed claim realm_access.roles"
+
+
+def test_a_claim_named_with_dots_is_read_before_a_dotted_path(make: Callable[..., TokenVerifier], rsa_key: Key) -> None:
+    # Namespaced custom claims (Auth0 and others) are URLs, dots included.
+    verifier = make(groups_claim="https://example.com/groups")
+    claims = payload(**{"https://example.com/groups": ["ml-team"]})
+    assert verifier.verify(token(rsa_key, claims), cert_x5t=None).groups == {"ml-team"}
+
+
+def test_audience_list_without_ours_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
+    assert refused(verifier, token(rsa_key, payload(aud=["other", "another"]))) == "wrong audience"
+
+
+def test_unknown_kid_is_an_unknown_kid_error_and_a_file_offers_no_refresh(verifier: TokenVerifier, rsa_key: Key):
+    with pytest.raises(UnknownKidError) as raised:
+        verifier.verify(token(rsa_key, kid="rotated-away"), cert_x5t=None)
+    assert (raised.value.reason, raised.value.code) == ("unknown kid", "UNAUTHENTICATED")
+    assert verifier.refresh_keys() is None
 
 
 # ---------------------------------------------------------------------------------------- algorithm-level attacks
