@@ -254,7 +254,7 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float = 10.0, interv
 @pytest.fixture
 def start_oidc_provider(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Start node-oidc-provider on loopback (tests/oidc_provider.py): a factory taking ``ttl_s``, the lifetime of
-    its access tokens. Skips, saying why, where node or the provider's node_modules is missing."""
+    its access tokens. Skips where node is absent; fails, saying why, where the provider is not installed."""
     from tests.oidc_provider import OidcProvider, skip_without_node
 
     skip_without_node()

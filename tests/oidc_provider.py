@@ -35,17 +35,20 @@ START_TIMEOUT_S = 30.0
 
 
 def skip_without_node() -> None:
-    """Skip the calling test where the provider cannot run; the message says what is missing."""
+    """Skip the calling test where node is absent; fail it where node is here but the provider is not installed."""
     if shutil.which("node") is None:
         pytest.skip("node is not installed: the OpenID provider (node-oidc-provider) cannot run")
-    if not (OIDC_DIR / "node_modules/oidc-provider").is_dir():
-        pytest.skip("tests/interop/oidc/node_modules is missing: run `make setup` (npm ci from the lock file)")
+    if not (OIDC_DIR / "node_modules/oidc-provider").is_dir():  # node is here: the setup is broken, not absent
+        pytest.fail("tests/interop/oidc/node_modules is missing: run `make setup` (npm ci from the lock file)")
 
 
 def new_signing_key(kid: str) -> dict[str, Any]:
-    """A private RS256 JWK."""
+    """A private RS256 JWK, as providers' own key tools make them: without pyjwt's ``key_ops: ["sign"]``, which the
+    provider would publish with the public key, and which the gateway refuses there (a key set's keys verify)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return {**json.loads(RSAAlgorithm.to_jwk(key)), "kid": kid, "alg": "RS256", "use": "sig"}
+    jwk = json.loads(RSAAlgorithm.to_jwk(key))
+    jwk.pop("key_ops", None)
+    return {**jwk, "kid": kid, "alg": "RS256", "use": "sig"}
 
 
 def _tls_client(name: str) -> dict[str, Any]:
