@@ -29,6 +29,7 @@ from gateway.config import (
     check_listen,
     check_paths,
     default_config_file,
+    environment_settings,
     file_settings,
     for_worker,
     load_settings,
@@ -115,14 +116,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 overrides[key] = getattr(args, key)
         for option in args.dev or ():
             overrides[f"dev_{option}"] = True
-        settings = load_settings(config, overrides)
+        environment = environment_settings(os.environ, ignored=CLIENT_VARIABLES)
+        settings = load_settings(config, overrides, environment)
         check_paths(settings)
         check_listen(settings)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
     oplog.configure(fmt=settings.log_format, level=settings.log_level)
     source = {"path": str(config.resolve())} if config else {"path": None, "detail": "no config file: defaults"}
-    structlog.get_logger("gateway.cli").info("config_loaded", **source, flags=sorted(overrides))
+    structlog.get_logger("gateway.cli").info(
+        "config_loaded", **source, environment=sorted(environment), flags=sorted(overrides)
+    )
     if settings.workers > 1 and args.worker_index is None:
         from gateway.workers import run_workers
 
@@ -155,7 +159,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
     config = _config_file(args)
     try:
-        auth = file_settings(config).auth
+        auth = file_settings(config, environment_settings(os.environ, ignored=CLIENT_VARIABLES)).auth
         private_pem, key, bind = _signing_material(args)
         jwks = _key_set(args, auth, Path(args.key))
         kid = args.kid if jwks is None else _published_kid(args, key, jwks)
@@ -387,6 +391,9 @@ _CONNECTION = (
     ("token_file", "GATEWAY_TOKEN_FILE", "file holding the bearer token, re-read when it changes"),
     ("server_name", "GATEWAY_SERVER_NAME", "name to check the server certificate against (when --target is an IP)"),
 )
+# The client commands' variables: `serve` and `token issue` leave them alone, as the client commands leave the
+# settings' variables alone.
+CLIENT_VARIABLES = frozenset(env for _, env, _ in _CONNECTION)
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -589,8 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the gateway",
-        description="Run the gateway. Each setting comes from its flag, else the config file, else its built-in "
-        "default; gateway.yaml lists every setting.",
+        description="Run the gateway. Each setting comes from its flag, else its GATEWAY_* environment variable "
+        "(GATEWAY_ + the key upper-cased, . as __: GATEWAY_AUDIT__CHAIN_ID), else the config file, else its built-in "
+        "default; gateway.yaml lists every setting, docs/deploy.md every variable.",
     )
     serve.add_argument("--config", metavar="FILE", help="settings file (default: ./gateway.yaml when it exists)")
     serve.add_argument(
@@ -622,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
         "issue",
         help="print a signed JWT",
         description="Print a signed JWT, checked first by the verifier of a gateway with the settings of the "
-        "config file that serve reads: a token that gateway would refuse is an error, not printed.",
+        "config file and GATEWAY_* variables that serve reads: a token that gateway would refuse is an error, "
+        "not printed.",
     )
     issue.add_argument("--key", required=True, help="private signing key (PEM)")
     issue.add_argument("--sub", required=True, help="subject: who the token is for")

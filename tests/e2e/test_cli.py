@@ -227,6 +227,23 @@ def test_token_file_from_the_environment_is_used(gw, tmp_path):
     assert ok(run("metadata", "--model", "digits", env=env))["name"] == "digits"
 
 
+def test_client_commands_ignore_the_servers_variables(gw):
+    env = {**client_env(gw), "GATEWAY_WORKERS": "x", "GATEWAY_NOT_A_SETTING": "1"}
+    assert "mlp" in {m["name"] for m in ok(run("models", env=env))}
+
+
+def test_token_issue_reads_the_auth_settings_serve_reads_from_gateway_variables(pki):
+    key = pki.path("jwt-signing.key")
+    env = {"GATEWAY_AUTH__AUDIENCE": "billing", "GATEWAY_TARGET": "elsewhere:1"}
+    result = run("token", "issue", "--key", key, "--sub", "a", env=env)
+    assert result.returncode == 0, result.stderr
+    assert jwt.decode(result.stdout.strip(), options={"verify_signature": False})["aud"] == "billing"
+    result = run("token", "issue", "--key", key, "--sub", "a", env={"GATEWAY_AUTH__AUDIENS": "billing"})
+    assert result.returncode == 2 and result.stderr.startswith(
+        "error: GATEWAY_AUTH__AUDIENS (did you mean 'GATEWAY_AUTH__AUDIENCE'?): unknown environment variable"
+    )
+
+
 def test_permission_denied_exits_1_with_the_error_on_stderr(gw):
     result = run("predict", "--model", "mlp", "--input", "[0.5]", env=client_env(gw, "bob"))
     record = refused(gw, result, "PERMISSION_DENIED")
