@@ -909,3 +909,36 @@ def test_invalid_options_are_refused(tmp_path: Path) -> None:
         AuditLog(tmp_path / "a.log", chain_id="bad chain\n")
     with pytest.raises(ValueError, match="hmac_key"):
         AuditLog(tmp_path / "a.log", hmac_key=b"short")
+
+
+# A pod name may be any DNS-1123 subdomain: up to 253 characters of labels joined by dots.
+LONGEST_POD_NAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+POD_NAMES = ["gateway-5d8f9c7b6-x2x7q", "gateway-0", "a", "web.v2-canary-7", LONGEST_POD_NAME]
+
+
+@pytest.mark.parametrize("pod", POD_NAMES)
+def test_every_pod_name_is_a_chain_id_and_so_is_it_with_a_workers_suffix(tmp_path: Path, pod: str) -> None:
+    assert len(LONGEST_POD_NAME) == 253
+    path = tmp_path / ("x" * 100) / "audit.log"  # a long file name must fit in the checkpoint too
+    path.parent.mkdir()
+    for index, chain in ((None, pod), (63, worker_chain_id(pod, 63))):
+        active = path if index is None else worker_path(path, index)
+        write_n(active, 3, chain_id=chain, max_bytes=600)  # rotated: the longest file name the checkpoint holds
+        report = verify_files([active.parent])
+        assert report.ok, report.lines()
+        assert chain in {summary.chain for summary in report.chains}
+
+
+@pytest.mark.parametrize("chain", ["a" * 254, "", "pod name", "pod/name", "a" * 253 + "-w640"])
+def test_chain_ids_beyond_a_pod_names_grammar_are_refused(tmp_path: Path, chain: str) -> None:
+    with pytest.raises(ValueError, match="chain_id must be 1 to 253 letters"):
+        AuditLog(tmp_path / "audit.log", chain_id=chain)
+
+
+def test_a_checkpoint_of_the_former_512_bytes_is_read_and_continued(log_path: Path) -> None:
+    write_n(log_path, 2)
+    point = checkpoint_path(log_path)
+    point.write_bytes(point.read_bytes().rstrip().ljust(511) + b"\n")
+    write_n(log_path, 2)
+    assert len(point.read_bytes()) == CHECKPOINT_SIZE
+    assert verify_files([log_path]).ok
