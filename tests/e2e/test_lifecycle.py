@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import wait_until
+from tests.conftest import RunningGateway, wait_until
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -161,6 +161,42 @@ def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path
     (loaded,) = [json.loads(line) for line in log.splitlines() if '"config_loaded"' in line]
     assert loaded["path"] is None and "no config file" in loaded["detail"]
     assert "listen" in loaded["flags"] and "tls.cert" in loaded["flags"]
+
+
+def test_sigterm_turns_both_health_ports_not_serving_serves_through_the_drain_then_exits_0(pki, demo_models, tmp_path):
+    """Kubernetes' termination sequence: SIGTERM, the readiness probe fails while calls still arrive (the endpoint's
+    removal takes a while to reach every client), then the gateway stops within the grace period."""
+    port, probe_port = free_port(), free_port()
+    drain_s, grace_s = 8, 5  # the drain outlasts the call below even on a loaded machine
+    env = {
+        "GATEWAY_HEALTH__LISTEN": f"127.0.0.1:{probe_port}",
+        "GATEWAY_SHUTDOWN_DRAIN_S": str(drain_s),
+        "GATEWAY_SHUTDOWN_GRACE_S": str(grace_s),
+    }
+    process = serve(serve_args(pki, demo_models, tmp_path, port), tmp_path, env)
+    caller = RunningGateway(None, port, pki, tmp_path / "audit" / "audit.log", tmp_path / "policies")
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{probe_port}") as probe,
+            grpc.secure_channel(caller.target, pki.channel_credentials("alice")) as channel,
+        ):
+            wait_until(lambda: _serving(probe) and _serving(channel), timeout_s=30, interval_s=0.2)
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: health_status(probe) == NOT_SERVING, timeout_s=TIMEOUT, interval_s=0.05)
+            assert health_status(channel) == NOT_SERVING
+            reply = stub(channel).Predict(
+                predict_request("mlp", {"input": np.zeros((1, 784), np.float32)}),
+                metadata=auth(caller.token()),
+                timeout=TIMEOUT,
+            )
+            assert reply.model_version == "2"  # draining: still serving
+        code = process.wait(timeout=drain_s + grace_s + 20)
+    finally:
+        process.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "gateway_stopped" in log
+    assert [record["code"] for record in caller.audit_records()] == ["OK"]
 
 
 def test_serve_reads_gateway_yaml_where_it_runs_and_flags_override_it(pki, demo_models, tmp_path):
