@@ -377,8 +377,11 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
     report = verify_files(paths, hmac_key=hmac_key)
-    for line in report.lines():
-        print(line)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -688,9 +691,16 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.set_defaults(run=_cmd_metadata)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
-    verify = audit.add_parser("verify", help="verify hash chains and checkpoints")
-    verify.add_argument("paths", nargs="+")
+    verify = audit.add_parser(
+        "verify",
+        help="verify hash chains and checkpoints",
+        description="Verify audit trails: files, or folders at any depth (one per replica), grouped by the chain "
+        "id their records carry; each chain is verified on its own, and two trails claiming one chain id fail. "
+        "Exit 0 only when every chain verifies.",
+    )
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="audit file or folder")
     verify.add_argument("--hmac-key", help="key file of a keyed trail (its text, stripped; not hex-decoded)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON: verdict, per-chain summaries")
     verify.set_defaults(run=_cmd_audit_verify)
     return parser
 

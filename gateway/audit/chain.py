@@ -235,6 +235,7 @@ class Link:
     seq: int
     prev: str
     hash: str
+    ts: str | None = None  # when it was written, as the record says (a summary shows it; nothing checks it)
 
 
 def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
@@ -252,7 +253,8 @@ def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
         return None, "missing or malformed chain or seq field"
     if not (isinstance(prev, str) and _HEX64.fullmatch(prev)):
         return None, "missing or malformed prev field"
-    link = Link(chain=chain, seq=seq, prev=prev, hash=stored)
+    ts = record.get("ts")
+    link = Link(chain=chain, seq=seq, prev=prev, hash=stored, ts=ts if isinstance(ts, str) else None)
     body = encode_canonical(record).encode("utf-8")
     # Byte equality with the canonical form rejects edits that leave the parsed values alone (duplicate keys,
     # reordered keys, whitespace, escapes): a reader must see exactly what was hashed.

@@ -848,3 +848,38 @@ def test_audit_verify_says_that_a_keyed_trail_needs_its_key(gw):
 
 def test_audit_verify_of_a_missing_path_exits_2(gw, tmp_path):
     usage_error(run("audit", "verify", gw.audit_path, tmp_path / "nope.log"), "nope.log: no such file or directory")
+
+
+def test_audit_verify_of_several_replicas_trails_summarizes_each_chain_and_exits_1_for_any_bad_one(tmp_path):
+    from tests.unit.test_audit import KEY, PODS, replica_trails
+
+    key = tmp_path / "audit-hmac.key"
+    key.write_bytes(KEY)
+    trails = replica_trails(tmp_path / "audit", PODS)
+    folders = [trails[pod].parent for pod in PODS]
+
+    intact = run("audit", "verify", *folders, "--hmac-key", key)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    lines = intact.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == [f"chain {pod}" for pod in sorted(PODS)]
+    assert all(": OK: seq 1..5, 5 records, " in line for line in lines[:3])
+    assert lines[-1] == "OK: 15 records in 3 chain(s) verified"
+
+    # A fourth trail claiming the first one's chain id (a pod given the same id), and the second one tampered.
+    replica_trails(tmp_path / "audit", {"gateway-copy": "gateway-7d9f-a1"})
+    active = trails["gateway-7d9f-b2"]
+    active.write_bytes(active.read_bytes().replace(b'"sub":"alice"', b'"sub":"mallory"', 1))
+    result = run("audit", "verify", tmp_path / "audit", "--hmac-key", key, "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["records"] == 19  # the tampered trail up to its bad record
+    verdicts = [(chain["chain"], chain["trail"], chain["ok"]) for chain in report["chains"]]
+    assert verdicts == [
+        ("gateway-7d9f-a1", str(tmp_path / "audit" / "gateway-7d9f-a1" / "audit.log"), False),
+        ("gateway-7d9f-a1", str(tmp_path / "audit" / "gateway-copy" / "audit.log"), False),
+        ("gateway-7d9f-b2", str(active), False),
+        ("gateway-7d9f-c3", str(tmp_path / "audit" / "gateway-7d9f-c3" / "audit.log"), True),
+    ]
+    assert "2 trails claim this chain id" in report["chains"][0]["error"]
+    assert "hash mismatch" in report["chains"][2]["error"]
+    assert len(report["errors"]) == 2
