@@ -30,6 +30,7 @@ from gateway.audit.chain import (
 )
 
 PathArg = str | os.PathLike[str]
+_TrailKey = tuple[str, str, str]  # chain id, real folder, active file name
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,9 +292,6 @@ def verify_files(
             total += summary.records
     errors.extend(checkpoint_errors)
     return VerifyReport(records=total, chains=tuple(summaries), errors=tuple(errors), notes=tuple(notes))
-
-
-_TrailKey = tuple[str, str, str]  # chain id, real folder, active file name
 
 
 def _trail_of(path: Path) -> tuple[str, str]:
