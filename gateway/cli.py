@@ -25,6 +25,7 @@ from gateway.config import (
     AuthSettings,
     ConfigError,
     Settings,
+    attributed,
     certs_dir_overrides,
     check_listen,
     check_paths,
@@ -108,6 +109,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config_file(args)
     overrides: dict[str, Any] = {}
+    environment: dict[str, Any] = {}
     try:
         if args.certs:
             overrides.update(certs_dir_overrides(Path(args.certs)))
@@ -120,8 +122,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         settings = load_settings(config, overrides, environment)
         check_paths(settings)
         check_listen(settings)
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+    except ConfigError as exc:  # the checks after load_settings name the variable that gave a key, too
+        return _fail(attributed(str(exc), None, overrides, environment), EXIT_USAGE)
     oplog.configure(fmt=settings.log_format, level=settings.log_level)
     source = {"path": str(config.resolve())} if config else {"path": None, "detail": "no config file: defaults"}
     structlog.get_logger("gateway.cli").info(
@@ -149,7 +151,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # Files that are there but cannot be served (a model) or continued (the audit trail): the start failed.
         return _fail(f"cannot start: {exc}")
     except StartupError as exc:  # the rest are configuration errors
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(attributed(str(exc), None, overrides, environment), EXIT_USAGE)
     return EXIT_OK
 
 

@@ -442,13 +442,13 @@ def _settings(
         if cross_checked:
             validate(settings)
     except ConfigError as exc:
-        raise ConfigError(_attributed(str(exc), config, flags, environment)) from None
+        raise ConfigError(attributed(str(exc), config, flags, environment)) from None
     return settings
 
 
-def _attributed(message: str, config: Path | None, flags: Mapping[str, Any], environment: Mapping[str, Any]) -> str:
+def attributed(message: str, config: Path | None, flags: Mapping[str, Any], environment: Mapping[str, Any]) -> str:
     """Every message starts with its key; say where the value came from: a flag's key stays, a variable's key
-    becomes the variable, and the file is named before a key it set."""
+    becomes the variable, and the file (when given) is named before a key it set."""
     key = message.partition(":")[0]
     if key in flags:
         return message

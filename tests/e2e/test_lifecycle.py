@@ -271,11 +271,12 @@ def test_serve_takes_settings_from_gateway_variables_under_flags_and_logs_only_t
         ),
         ({"GATEWAY_WORKERS": "x"}, "error: GATEWAY_WORKERS: expected a non-negative integer, got 'x'"),
         ({"GATEWAY_MODELS__STRICT": "yes"}, "error: GATEWAY_MODELS__STRICT: expected true or false, got 'yes'"),
+        ({"GATEWAY_MODELS__REPOSITORY": "/no/such"}, "error: GATEWAY_MODELS__REPOSITORY: /no/such is not a directory"),
     ],
-    ids=["unknown", "integer", "bool"],
+    ids=["unknown", "integer", "bool", "missing-folder"],
 )
-def test_serve_variable_mistakes_are_one_line_exit_2_naming_the_variable(tmp_path, env, line):
-    result = run_serve([], tmp_path, env)
+def test_serve_variable_mistakes_are_one_line_exit_2_naming_the_variable(pki, tmp_path, env, line):
+    result = run_serve(["--certs", str(pki.server_dir)], tmp_path, env)  # the material: checks get to the folders
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result.stderr
 
