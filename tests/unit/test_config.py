@@ -1,4 +1,4 @@
-"""Settings: strict parsing, precedence flag > file > default, errors naming the key."""
+"""Settings: strict parsing, precedence flag > environment > file > default, errors naming the key or variable."""
 
 from __future__ import annotations
 
