@@ -25,10 +25,12 @@ from gateway.config import (
     AuthSettings,
     ConfigError,
     Settings,
+    attributed,
     certs_dir_overrides,
     check_listen,
     check_paths,
     default_config_file,
+    environment_settings,
     file_settings,
     for_worker,
     load_settings,
@@ -110,6 +112,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config_file(args)
     overrides: dict[str, Any] = {}
+    environment: dict[str, Any] = {}
     try:
         if args.certs:
             overrides.update(certs_dir_overrides(Path(args.certs)))
@@ -118,14 +121,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 overrides[key] = getattr(args, key)
         for option in args.dev or ():
             overrides[f"dev_{option}"] = True
-        settings = load_settings(config, overrides)
+        environment = environment_settings(os.environ, ignored=CLIENT_VARIABLES)
+        settings = load_settings(config, overrides, environment)
         check_paths(settings)
         check_listen(settings)
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+    except ConfigError as exc:  # the checks after load_settings name the variable that gave a key, too
+        return _fail(attributed(str(exc), None, overrides, environment), EXIT_USAGE)
     oplog.configure(fmt=settings.log_format, level=settings.log_level)
     source = {"path": str(config.resolve())} if config else {"path": None, "detail": "no config file: defaults"}
-    structlog.get_logger("gateway.cli").info("config_loaded", **source, flags=sorted(overrides))
+    structlog.get_logger("gateway.cli").info(
+        "config_loaded", **source, environment=sorted(environment), flags=sorted(overrides)
+    )
     if settings.workers > 1 and args.worker_index is None:
         from gateway.workers import run_workers
 
@@ -148,7 +154,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # Files that are there but cannot be served (a model) or continued (the audit trail): the start failed.
         return _fail(f"cannot start: {exc}")
     except StartupError as exc:  # the rest are configuration errors
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(attributed(str(exc), None, overrides, environment), EXIT_USAGE)
     return EXIT_OK
 
 
@@ -158,7 +164,7 @@ def _cmd_token_issue(args: argparse.Namespace) -> int:
 
     config = _config_file(args)
     try:
-        auth = file_settings(config).auth
+        auth = file_settings(config, environment_settings(os.environ, ignored=CLIENT_VARIABLES)).auth
         private_pem, key, bind = _signing_material(args)
         jwks = _key_set(args, auth, Path(args.key))
         kid = args.kid if jwks is None else _published_kid(args, key, jwks)
@@ -376,8 +382,11 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
     report = verify_files(paths, hmac_key=hmac_key)
-    for line in report.lines():
-        print(line)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -403,6 +412,9 @@ _CONNECTION = (
 # The ways to get a token: one per command. A flag among them overrides the GATEWAY_* variables of all of them.
 _TOKEN_SOURCES = ("token", "token_file", "token_url")
 _CLIENT_CREDENTIALS = ("client_id", "client_secret_file", "token_ca", "token_resource", "token_scope")
+# The client commands' variables: `serve` and `token issue` leave them alone, as the client commands leave the
+# settings' variables alone.
+CLIENT_VARIABLES = frozenset(env for _, env, _ in _CONNECTION)
 
 
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -679,8 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the gateway",
-        description="Run the gateway. Each setting comes from its flag, else the config file, else its built-in "
-        "default; gateway.yaml lists every setting.",
+        description="Run the gateway. Each setting comes from its flag, else its GATEWAY_* environment variable "
+        "(GATEWAY_ + the key upper-cased, . as __: GATEWAY_AUDIT__CHAIN_ID), else the config file, else its built-in "
+        "default; gateway.yaml lists every setting, docs/deploy.md every variable.",
     )
     serve.add_argument("--config", metavar="FILE", help="settings file (default: ./gateway.yaml when it exists)")
     serve.add_argument(
@@ -712,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
         "issue",
         help="print a signed JWT",
         description="Print a signed JWT, checked first by the verifier of a gateway with the settings of the "
-        "config file that serve reads: a token that gateway would refuse is an error, not printed.",
+        "config file and GATEWAY_* variables that serve reads: a token that gateway would refuse is an error, "
+        "not printed.",
     )
     issue.add_argument("--key", required=True, help="private signing key (PEM)")
     issue.add_argument("--sub", required=True, help="subject: who the token is for")
@@ -769,9 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.set_defaults(run=_cmd_metadata)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
-    verify = audit.add_parser("verify", help="verify hash chains and checkpoints")
-    verify.add_argument("paths", nargs="+")
+    verify = audit.add_parser(
+        "verify",
+        help="verify hash chains and checkpoints",
+        description="Verify audit trails: files, or folders at any depth (one per replica), grouped by the chain "
+        "id their records carry; each chain is verified on its own, and two trails claiming one chain id fail. "
+        "Exit 0 only when every chain verifies.",
+    )
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="audit file or folder")
     verify.add_argument("--hmac-key", help="key file of a keyed trail (its text, stripped; not hex-decoded)")
+    verify.add_argument("--json", action="store_true", help="print the report as JSON: verdict, per-chain summaries")
     verify.set_defaults(run=_cmd_audit_verify)
     return parser
 

@@ -1,22 +1,26 @@
-"""Typed settings from ``gateway.yaml`` plus ``gateway serve`` flags; every error names the bad key.
+"""Typed settings from ``gateway.yaml``, ``GATEWAY_*`` environment variables and ``gateway serve`` flags; every
+error names the bad key, variable or flag.
 
-Precedence, in ``load_settings`` only: CLI flag > file > default. The file is the one named by ``--config``,
-else ``./gateway.yaml`` when it exists (``default_config_file``), else none. Relative paths in the file are
-relative to the file's folder; relative paths from flags are relative to the working directory. The server
-reads no environment variables of its own; with ``tracing.enabled``, OpenTelemetry reads the standard ``OTEL_*``
-ones (docs/tracing.md).
+Precedence, in ``load_settings`` only: CLI flag > environment > file > default. The file is the one named by
+``--config``, else ``./gateway.yaml`` when it exists (``default_config_file``), else none. Relative paths in the file
+are relative to the file's folder; relative paths from flags and variables are relative to the working directory.
+Each setting's variable is ``GATEWAY_`` + its dotted key upper-cased with ``.`` -> ``__`` (``environment_variable``),
+derived from the dataclasses below, so a new setting has its variable without more code; an unknown ``GATEWAY_*``
+variable is an error, except the client commands' own (``gateway/cli.py`` passes them as ``ignored``). With
+``tracing.enabled``, OpenTelemetry also reads the standard ``OTEL_*`` variables (docs/tracing.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 import stat
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from gateway.auth import (
     SUPPORTED_ALGORITHMS,
     https_url_problem,
 )
-from gateway.document import DocumentError, did_you_mean, read_yaml
+from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
@@ -264,7 +268,7 @@ def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
             raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
         return float(value)
     if annotation is str:
@@ -349,30 +353,117 @@ def _read_file(config: Path | None) -> tuple[dict[str, Any], Path]:
     return loaded or {}, config.parent.resolve()
 
 
-def file_settings(config: Path | None) -> Settings:
-    """The settings of a file alone, each value checked but not the rules across them that only ``serve``
-    needs (TLS material, for one): ``gateway token issue`` reads its ``auth`` section."""
-    data, base = _read_file(config)
-    try:
-        return _build(Settings, data, "", base)
-    except ConfigError as exc:
-        raise ConfigError(f"{config}: {exc}" if config else str(exc)) from None
+ENV_PREFIX = "GATEWAY_"
 
 
-def load_settings(config: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from the file (if any) with flag overrides (dotted keys) applied on top, validated."""
+def environment_variable(key: str) -> str:
+    """A setting's variable: ``GATEWAY_LIMITS__PER_PRINCIPAL__MAX_IN_FLIGHT`` for
+    ``limits.per_principal.max_in_flight``."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def setting_types(cls: Any = Settings, prefix: str = "") -> dict[str, Any]:
+    """Every settings key with its type: sections recurse; a mapping keyed by names (``models.batching``) is one key."""
+    found: dict[str, Any] = {}
+    for name, annotation in typing.get_type_hints(cls).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(annotation):
+            found.update(setting_types(annotation, f"{key}."))
+        else:
+            found[key] = annotation
+    return found
+
+
+def environment_settings(environ: Mapping[str, str], ignored: Collection[str] = ()) -> dict[str, Any]:
+    """The settings ``GATEWAY_*`` variables give (dotted key -> value as a YAML file would give it; ``load_settings``
+    checks it). Any other ``GATEWAY_*`` variable that is not in ``ignored`` is an error naming it."""
+    by_variable = {environment_variable(key): (key, kind) for key, kind in setting_types().items()}
+    found: dict[str, Any] = {}
+    unknown: list[str] = []
+    for variable, text in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or variable in ignored:
+            continue
+        if variable not in by_variable:
+            unknown.append(variable + did_you_mean(variable, by_variable, ENV_PREFIX))
+            continue
+        key, kind = by_variable[variable]
+        found[key] = _from_text(text, kind, variable)
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"{', '.join(unknown)}: unknown environment variable{plural} (docs/deploy.md lists them)")
+    return found
+
+
+def _from_text(text: str, annotation: Any, variable: str) -> Any:
+    """A variable's text as the value a YAML file would hold; text that is not of the type is passed on as is, for
+    ``_convert`` to refuse with the same message a file's bad value gets."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        (annotation,) = (arg for arg in typing.get_args(annotation) if arg is not type(None))
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return {"true": True, "false": False}.get(text, text)
+    if annotation is int:
+        return int(text) if text.isascii() and text.isdigit() else text
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if origin is tuple:  # comma-separated; items are names, which never hold a comma
+        return [item.strip() for item in text.split(",")] if text else []
+    if origin is Mapping:  # keyed by names a variable's name cannot spell (model names): a JSON object
+        try:
+            return loads_json(text)
+        except DocumentError as exc:
+            raise ConfigError(f"{variable}: {exc}") from None
+    if annotation is Path and text:
+        return Path.cwd() / text  # like a flag's: relative to the working directory
+    return text
+
+
+def file_settings(config: Path | None, environment: Mapping[str, Any] | None = None) -> Settings:
+    """The settings of a file and the environment (``environment_settings``), each value checked but not the rules
+    across them that only ``serve`` needs (TLS material, for one): ``gateway token issue`` reads its ``auth``."""
+    return _settings(config, {}, environment or {}, cross_checked=False)
+
+
+def load_settings(
+    config: Path | None, overrides: dict[str, Any] | None = None, environment: Mapping[str, Any] | None = None
+) -> Settings:
+    """Settings from the file (if any), then the environment (``environment_settings``), then flag overrides
+    (dotted keys), each on top of the one before, validated."""
+    return _settings(config, overrides or {}, environment or {}, cross_checked=True)
+
+
+def _settings(
+    config: Path | None, flags: Mapping[str, Any], environment: Mapping[str, Any], *, cross_checked: bool
+) -> Settings:
     data, base = _read_file(config)
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in environment.items():
+        _merge(data, dotted, value)
+    for dotted, value in flags.items():
         # Flag paths are relative to the working directory; only the file's own paths use its folder.
         _merge(data, dotted, Path.cwd() / value if isinstance(value, Path) else value)
     try:
         settings = _build(Settings, data, "", base)
-        validate(settings)
+        if cross_checked:
+            validate(settings)
     except ConfigError as exc:
-        # Every message starts with its key: the file is named unless a flag set that key.
-        from_flag = str(exc).partition(":")[0] in (overrides or {})
-        raise ConfigError(f"{config}: {exc}" if config and not from_flag else str(exc)) from None
+        raise ConfigError(attributed(str(exc), config, flags, environment)) from None
     return settings
+
+
+def attributed(message: str, config: Path | None, flags: Mapping[str, Any], environment: Mapping[str, Any]) -> str:
+    """Every message starts with its key; say where the value came from: a flag's key stays, a variable's key
+    becomes the variable, and the file (when given) is named before a key it set."""
+    key = message.partition(":")[0]
+    if key in flags:
+        return message
+    given = next((name for name in environment if key == name or key.startswith(f"{name}.")), None)
+    if given is not None:
+        variable = environment_variable(given)
+        return variable + message[len(key) :] if key == given else f"{variable}: {message}"
+    return f"{config}: {message}" if config else message
 
 
 def for_worker(settings: Settings, index: int) -> Settings:

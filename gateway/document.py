@@ -121,7 +121,11 @@ def loads_json(text: str | bytes) -> Any:
         raise DocumentError("nested too deep") from None
 
 
-def did_you_mean(key: object, known: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` when a known name is close to ``key``; else an empty string."""
-    close = difflib.get_close_matches(key, list(known), n=1) if isinstance(key, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def did_you_mean(key: object, known: Iterable[str], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` when a known name is close to ``key``; else an empty string. Names are compared
+    without a ``prefix`` they all share, which would make any two of them look close."""
+    if not isinstance(key, str):
+        return ""
+    rests = [name.removeprefix(prefix) for name in known]
+    close = difflib.get_close_matches(key.removeprefix(prefix), rests, n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""

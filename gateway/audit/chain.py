@@ -23,7 +23,7 @@ from gateway.errors import StartupError
 
 ZERO_HASH = "0" * 64
 HASH_MISMATCH = "hash mismatch: record altered"
-CHECKPOINT_SIZE = 512
+CHECKPOINT_SIZE = 1024  # room for a 253-character chain id (a pod name) with a long file name
 CHECKPOINT_SUFFIX = ".checkpoint"
 LOCK_SUFFIX = ".lock"  # an empty file whose flock marks the one process writing the chain
 SEQ_DIGITS = 16
@@ -35,7 +35,8 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 encode_canonical = _CANONICAL.encode
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_CHAIN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_CHAIN_ID = 253  # a Kubernetes object name (DNS-1123 subdomain): a pod's name fits
+_CHAIN_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_CHAIN_ID}}}(-w[0-9]{{1,2}})?")  # with a worker's suffix
 _ROTATED = re.compile(rf"(?P<base>.+)\.(?P<first>\d{{{SEQ_DIGITS}}})-(?P<last>\d{{{SEQ_DIGITS}}})")
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _SCALARS = frozenset({int, bool, type(None)})
@@ -52,9 +53,12 @@ class AuditError(StartupError):
 
 
 def validate_chain_id(chain_id: str) -> str:
-    """``chain_id`` itself, or ValueError: it goes into every record and the checkpoint, so it stays short and plain."""
+    """``chain_id`` itself, or ValueError: it goes into every record and the checkpoint, so it stays short and plain;
+    any pod name fits, and a worker's ``-w<index>`` after it."""
     if not _CHAIN_ID.fullmatch(chain_id):
-        raise ValueError(f"chain_id must match {_CHAIN_ID.pattern}, got {chain_id!r}")
+        raise ValueError(
+            f"chain_id must be 1 to {MAX_CHAIN_ID} letters, digits, '.', '_' or '-' (a pod name fits), got {chain_id!r}"
+        )
     return chain_id
 
 
@@ -231,6 +235,7 @@ class Link:
     seq: int
     prev: str
     hash: str
+    ts: str | None = None  # when it was written, as the record says (a summary shows it; nothing checks it)
 
 
 def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
@@ -248,7 +253,8 @@ def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
         return None, "missing or malformed chain or seq field"
     if not (isinstance(prev, str) and _HEX64.fullmatch(prev)):
         return None, "missing or malformed prev field"
-    link = Link(chain=chain, seq=seq, prev=prev, hash=stored)
+    ts = record.get("ts")
+    link = Link(chain=chain, seq=seq, prev=prev, hash=stored, ts=ts if isinstance(ts, str) else None)
     body = encode_canonical(record).encode("utf-8")
     # Byte equality with the canonical form rejects edits that leave the parsed values alone (duplicate keys,
     # reordered keys, whitespace, escapes): a reader must see exactly what was hashed.

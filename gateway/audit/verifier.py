@@ -1,16 +1,20 @@
 """Verification of audit files: each record's hash, the chain across active and rotated files, the checkpoints.
 
-Files may be given in any order and may hold several chains (one per worker process); each chain is walked in
-seq order and its first bad record is named by file, line and seq.
+Files may be given in any order and may hold several chains (one per worker process, one per replica); each chain
+is walked in seq order and its first bad record is named by file, line and seq. A trail is the files of one active
+file name in one folder (the active file, its rotated files and its checkpoint, which the writer keeps together).
+Two trails with the same chain id are never merged: each is verified on its own and the chain id is reported as
+claimed twice (two replicas given one id, or a trail's files split across folders).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from gateway.audit.chain import (
     CHECKPOINT_SUFFIX,
@@ -26,6 +30,7 @@ from gateway.audit.chain import (
 )
 
 PathArg = str | os.PathLike[str]
+_TrailKey = tuple[str, str, str]  # chain id, real folder, active file name
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +52,7 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class ChainSummary:
-    """What was read of one chain (up to its first bad record, if any)."""
+    """What was read of one chain's trail (up to its first bad record, if any), and its first failure."""
 
     chain: str
     first_seq: int
@@ -55,6 +60,41 @@ class ChainSummary:
     records: int
     files: tuple[str, ...]
     checkpoint_seq: int | None
+    trail: str = ""  # the active file's path: folder and name
+    first_ts: str | None = None
+    last_ts: str | None = None
+    error: Finding | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when this trail verified and no other trail claims its chain id."""
+        return self.error is None
+
+    def line(self) -> str:
+        """One line: the chain, its verdict, what was read."""
+        verdict = "OK" if self.error is None else f"FAILED ({self.error})"
+        span = "" if self.first_ts is None else f", {self.first_ts} to {self.last_ts}"
+        checkpoint = "" if self.checkpoint_seq is None else f", checkpoint at seq {self.checkpoint_seq}"
+        return (
+            f"chain {self.chain}: {verdict}: seq {self.first_seq}..{self.last_seq}, {self.records} records{span}, "
+            f"{len(self.files)} file(s) of {self.trail}{checkpoint}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (``gateway audit verify --json``)."""
+        return {
+            "chain": self.chain,
+            "ok": self.ok,
+            "error": None if self.error is None else str(self.error),
+            "trail": self.trail,
+            "files": list(self.files),
+            "records": self.records,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+            "checkpoint_seq": self.checkpoint_seq,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +118,7 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         """Human-readable report, one line per chain, note and failure; the last line is the verdict."""
-        out: list[str] = []
-        for chain in self.chains:
-            checkpoint = "" if chain.checkpoint_seq is None else f", checkpoint at seq {chain.checkpoint_seq}"
-            out.append(
-                f"chain {chain.chain}: seq {chain.first_seq}..{chain.last_seq}, {chain.records} records "
-                f"in {len(chain.files)} file(s){checkpoint}"
-            )
+        out = [chain.line() for chain in self.chains]
         out.extend(f"note: {note}" for note in self.notes)
         out.extend(f"error: {error}" for error in self.errors)
         if self.ok:
@@ -92,6 +126,16 @@ class VerifyReport:
         else:
             out.append(f"FAILED: first bad record: {self.first_error}")
         return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (``gateway audit verify --json``): the verdict, the chains, notes and failures."""
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "chains": [chain.as_dict() for chain in self.chains],
+            "notes": list(self.notes),
+            "errors": [str(error) for error in self.errors],
+        }
 
 
 @dataclass(slots=True)
@@ -114,6 +158,8 @@ class _Walk:
     last_seq: int = 0
     last_hash: str = ZERO_HASH
     records: int = 0
+    first_ts: str | None = None
+    last_ts: str | None = None
 
     def feed(self, path: Path) -> Finding | None:
         """Check every line of one file; the first failure, or None."""
@@ -158,7 +204,8 @@ class _Walk:
             return f"expected seq {expected}, found {link.seq}: a record was inserted, duplicated or moved"
         elif link.prev != self.last_hash:
             return f"prev does not match the hash of seq {link.seq - 1}: a record was removed, inserted or replaced"
-        self.last_seq, self.last_hash = link.seq, link.hash
+        self.last_seq, self.last_hash, self.last_ts = link.seq, link.hash, link.ts
+        self.first_ts = self.first_ts if self.records else link.ts
         self.records += 1
         if link.seq in self.wanted:
             self.hashes[link.seq] = link.hash
@@ -198,53 +245,114 @@ def verify_files(
         errors.append(Finding("", None, None, None, "no audit files given"))
 
     digest = Digester(hmac_key)
-    by_chain: dict[str, list[_LogFile]] = {}
+    trails: dict[_TrailKey, list[_LogFile]] = {}
     for path in logs:
         placed = _place(path, digest, errors, notes)
         if placed is not None:
-            by_chain.setdefault(placed.chain, []).append(placed)
+            trails.setdefault((placed.chain, *_trail_of(path)), []).append(placed)
 
-    loaded: dict[str, list[tuple[Path, Checkpoint]]] = {}
+    points: dict[_TrailKey, list[tuple[Path, Checkpoint]]] = {}
+    unreadable: dict[tuple[str, str], Finding] = {}  # by trail folder and name: they name no chain
     checkpoint_errors: list[Finding] = []
     for path in checkpoints:
         try:
             found = read_checkpoint(path, hmac_key)
         except ValueError as exc:
-            checkpoint_errors.append(Finding(str(path), None, None, None, str(exc)))
-            continue
-        if found is None:
-            checkpoint_errors.append(Finding(str(path), None, None, None, "checkpoint file not found"))
+            found, problem = None, str(exc)
         else:
-            loaded.setdefault(found.chain, []).append((path, found))
+            problem = "checkpoint file not found" if found is None else ""
+        if found is None:
+            checkpoint_errors.append(Finding(str(path), None, None, None, problem))
+            unreadable.setdefault(_trail_of(path), checkpoint_errors[-1])
+            continue
+        key = (found.chain, *_trail_of(path))
+        same_chain = [trail for trail in trails if trail[0] == found.chain]
+        if key not in trails and len(same_chain) == 1:  # given from elsewhere: it vouches for its chain's trail
+            key = same_chain[0]
+        points.setdefault(key, []).append((path, found))
 
+    claimed: dict[str, list[_TrailKey]] = {}
+    for key in sorted(set(trails) | set(points)):
+        claimed.setdefault(key[0], []).append(key)
     summaries: list[ChainSummary] = []
     total = 0
-    for chain in sorted(set(by_chain) | set(loaded)):
-        files = sorted(by_chain.get(chain, []), key=lambda item: (item.first_seq, item.path.name))
-        points = loaded.get(chain, [])
-        walk = _Walk(chain, digest, allow_partial_start, {point.seq for _, point in points})
-        failure = None
-        for item in files:
-            failure = walk.feed(item.path)
-            if failure is not None:
-                errors.append(failure)
-                break
-        total += walk.records
-        if failure is None:
-            checkpoint_errors.extend(_check_points(chain, walk, points, notes))
-        checked = [point.seq for _, point in points]
-        summaries.append(
-            ChainSummary(
-                chain=chain,
-                first_seq=walk.first_seq or 0,
-                last_seq=walk.last_seq,
-                records=walk.records,
-                files=tuple(str(item.path) for item in files),
-                checkpoint_seq=max(checked) if checked else None,
+    for chain, keys in claimed.items():
+        twice = _claimed_twice(chain, keys, trails, points) if len(keys) > 1 else None
+        if twice is not None:
+            errors.append(twice)
+        for key in keys:
+            files = sorted(trails.get(key, []), key=lambda item: (item.first_seq, item.path.name))
+            summary, failure, point_errors = _verify_trail(
+                key, files, points.get(key, []), digest, allow_partial_start, notes
             )
-        )
+            errors.extend([failure] if failure else [])
+            checkpoint_errors.extend(point_errors)
+            first = twice or failure or next(iter(point_errors), None) or unreadable.get(key[1:])
+            summaries.append(dataclasses.replace(summary, error=first))
+            total += summary.records
     errors.extend(checkpoint_errors)
     return VerifyReport(records=total, chains=tuple(summaries), errors=tuple(errors), notes=tuple(notes))
+
+
+def _trail_of(path: Path) -> tuple[str, str]:
+    """The trail a file or checkpoint belongs to: its real folder and its active file's name."""
+    return os.path.realpath(path.parent), _active_name(path.name.removesuffix(CHECKPOINT_SUFFIX))
+
+
+def _trail_name(key: _TrailKey, files: list[_LogFile], points: list[tuple[Path, Checkpoint]]) -> str:
+    """The trail's active file as the caller spelled its folder."""
+    given = files[0].path if files else points[0][0]
+    return str(given.with_name(key[2]))
+
+
+def _claimed_twice(
+    chain: str,
+    keys: list[_TrailKey],
+    trails: dict[_TrailKey, list[_LogFile]],
+    points: dict[_TrailKey, list[tuple[Path, Checkpoint]]],
+) -> Finding:
+    names = [_trail_name(key, trails.get(key, []), points.get(key, [])) for key in keys]
+    return Finding(
+        ", ".join(names),
+        None,
+        None,
+        chain,
+        f"{len(keys)} trails claim this chain id, each verified on its own: two writers were given the same "
+        "chain id (two replicas?), or one trail's files were split across folders (keep them together)",
+    )
+
+
+def _verify_trail(
+    key: _TrailKey,
+    files: list[_LogFile],
+    points: list[tuple[Path, Checkpoint]],
+    digest: Digester,
+    allow_partial_start: bool,
+    notes: list[str],
+) -> tuple[ChainSummary, Finding | None, list[Finding]]:
+    """Walk one trail's files in seq order, then check its checkpoints: its summary, its first bad record (or
+    file), and what its checkpoints found (checked only when every record verified)."""
+    chain = key[0]
+    walk = _Walk(chain, digest, allow_partial_start, {point.seq for _, point in points})
+    failure = None
+    for item in files:
+        failure = walk.feed(item.path)
+        if failure is not None:
+            break
+    point_errors = [] if failure else _check_points(chain, walk, points, notes)
+    checked = [point.seq for _, point in points]
+    summary = ChainSummary(
+        chain=chain,
+        first_seq=walk.first_seq or 0,
+        last_seq=walk.last_seq,
+        records=walk.records,
+        files=tuple(str(item.path) for item in files),
+        checkpoint_seq=max(checked) if checked else None,
+        trail=_trail_name(key, files, points),
+        first_ts=walk.first_ts,
+        last_ts=walk.last_ts,
+    )
+    return summary, failure, point_errors
 
 
 def _check_points(chain: str, walk: _Walk, points: list[tuple[Path, Checkpoint]], notes: list[str]) -> list[Finding]:
@@ -286,16 +394,15 @@ def _classify(
     errors: list[Finding],
     notes: list[str],
 ) -> tuple[list[Path], list[Path]]:
-    """Split the arguments into log files and checkpoint files (directories: every visible file in them)."""
+    """Split the arguments into log files and checkpoint files (directories: every visible file under them, so a
+    folder of replicas' folders is one argument)."""
     auto = isinstance(checkpoint, str) and checkpoint == "auto"
     seen: set[str] = set()
     logs: list[Path] = []
     named_points: list[Path] = []
     for given in paths:
         path = Path(given)
-        expanded = (
-            sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
-        )
+        expanded = sorted(_visible_files(path)) if path.is_dir() else [path]
         for item in expanded:
             real = os.path.realpath(item)
             if real in seen:
@@ -329,6 +436,13 @@ def _classify(
     for point in points:
         unique.setdefault(os.path.realpath(point), point)
     return logs, list(unique.values())
+
+
+def _visible_files(folder: Path) -> Iterable[Path]:
+    """The files under ``folder``, at any depth, but none whose name or folder's name starts with a dot."""
+    for item in folder.rglob("*"):
+        if item.is_file() and not any(part.startswith(".") for part in item.relative_to(folder).parts):
+            yield item
 
 
 def _active_name(name: str) -> str:

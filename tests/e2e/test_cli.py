@@ -227,6 +227,23 @@ def test_token_file_from_the_environment_is_used(gw, tmp_path):
     assert ok(run("metadata", "--model", "digits", env=env))["name"] == "digits"
 
 
+def test_client_commands_ignore_the_servers_variables(gw):
+    env = {**client_env(gw), "GATEWAY_WORKERS": "x", "GATEWAY_NOT_A_SETTING": "1"}
+    assert "mlp" in {m["name"] for m in ok(run("models", env=env))}
+
+
+def test_token_issue_reads_the_auth_settings_serve_reads_from_gateway_variables(pki):
+    key = pki.path("jwt-signing.key")
+    env = {"GATEWAY_AUTH__AUDIENCE": "billing", "GATEWAY_TARGET": "elsewhere:1"}
+    result = run("token", "issue", "--key", key, "--sub", "a", env=env)
+    assert result.returncode == 0, result.stderr
+    assert jwt.decode(result.stdout.strip(), options={"verify_signature": False})["aud"] == "billing"
+    result = run("token", "issue", "--key", key, "--sub", "a", env={"GATEWAY_AUTH__AUDIENS": "billing"})
+    assert result.returncode == 2 and result.stderr.startswith(
+        "error: GATEWAY_AUTH__AUDIENS (did you mean 'GATEWAY_AUTH__AUDIENCE'?): unknown environment variable"
+    )
+
+
 def test_permission_denied_exits_1_with_the_error_on_stderr(gw):
     result = run("predict", "--model", "mlp", "--input", "[0.5]", env=client_env(gw, "bob"))
     record = refused(gw, result, "PERMISSION_DENIED")
@@ -945,3 +962,38 @@ def test_client_credentials_settings_without_a_token_url_are_refused(gw):
     )
     result = run("models", env={**client_env(gw), "GATEWAY_TOKEN_SCOPE": "predict"})
     assert result.returncode == 2 and "--token-scope (GATEWAY_TOKEN_SCOPE) needs --token-url" in one_line(result)
+
+
+def test_audit_verify_of_several_replicas_trails_summarizes_each_chain_and_exits_1_for_any_bad_one(tmp_path):
+    from tests.unit.test_audit import KEY, PODS, replica_trails
+
+    key = tmp_path / "audit-hmac.key"
+    key.write_bytes(KEY)
+    trails = replica_trails(tmp_path / "audit", PODS)
+    folders = [trails[pod].parent for pod in PODS]
+
+    intact = run("audit", "verify", *folders, "--hmac-key", key)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    lines = intact.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == [f"chain {pod}" for pod in sorted(PODS)]
+    assert all(": OK: seq 1..5, 5 records, " in line for line in lines[:3])
+    assert lines[-1] == "OK: 15 records in 3 chain(s) verified"
+
+    # A fourth trail claiming the first one's chain id (a pod given the same id), and the second one tampered.
+    replica_trails(tmp_path / "audit", {"gateway-copy": "gateway-7d9f-a1"})
+    active = trails["gateway-7d9f-b2"]
+    active.write_bytes(active.read_bytes().replace(b'"sub":"alice"', b'"sub":"mallory"', 1))
+    result = run("audit", "verify", tmp_path / "audit", "--hmac-key", key, "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and report["records"] == 19  # the tampered trail up to its bad record
+    verdicts = [(chain["chain"], chain["trail"], chain["ok"]) for chain in report["chains"]]
+    assert verdicts == [
+        ("gateway-7d9f-a1", str(tmp_path / "audit" / "gateway-7d9f-a1" / "audit.log"), False),
+        ("gateway-7d9f-a1", str(tmp_path / "audit" / "gateway-copy" / "audit.log"), False),
+        ("gateway-7d9f-b2", str(active), False),
+        ("gateway-7d9f-c3", str(tmp_path / "audit" / "gateway-7d9f-c3" / "audit.log"), True),
+    ]
+    assert "2 trails claim this chain id" in report["chains"][0]["error"]
+    assert "hash mismatch" in report["chains"][2]["error"]
+    assert len(report["errors"]) == 2

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import wait_until
+from tests.conftest import RunningGateway, wait_until
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -113,16 +113,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
-    """``gateway serve`` in a child process; its log goes to ``tmp_path/serve.log`` (an unread pipe could fill
-    and block the gateway on a log write)."""
+def serve(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``gateway serve`` in a child process, with ``env`` added to its environment; its log goes to
+    ``tmp_path/serve.log`` (an unread pipe could fill and block the gateway on a log write)."""
     with (tmp_path / "serve.log").open("wb") as log:
         return subprocess.Popen(
             [*GATEWAY, "serve", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
-            env=SERVE_ENV,
+            env={**SERVE_ENV, **(env or {})},
         )
 
 
@@ -163,6 +163,42 @@ def test_serve_stops_cleanly_on_signal_with_exit_zero(pki, demo_models, tmp_path
     assert "listen" in loaded["flags"] and "tls.cert" in loaded["flags"]
 
 
+def test_sigterm_turns_both_health_ports_not_serving_serves_through_the_drain_then_exits_0(pki, demo_models, tmp_path):
+    """Kubernetes' termination sequence: SIGTERM, the readiness probe fails while calls still arrive (the endpoint's
+    removal takes a while to reach every client), then the gateway stops within the grace period."""
+    port, probe_port = free_port(), free_port()
+    drain_s, grace_s = 8, 5  # the drain outlasts the call below even on a loaded machine
+    env = {
+        "GATEWAY_HEALTH__LISTEN": f"127.0.0.1:{probe_port}",
+        "GATEWAY_SHUTDOWN_DRAIN_S": str(drain_s),
+        "GATEWAY_SHUTDOWN_GRACE_S": str(grace_s),
+    }
+    process = serve(serve_args(pki, demo_models, tmp_path, port), tmp_path, env)
+    caller = RunningGateway(None, port, pki, tmp_path / "audit" / "audit.log", tmp_path / "policies")
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{probe_port}") as probe,
+            grpc.secure_channel(caller.target, pki.channel_credentials("alice")) as channel,
+        ):
+            wait_until(lambda: _serving(probe) and _serving(channel), timeout_s=30, interval_s=0.2)
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: health_status(probe) == NOT_SERVING, timeout_s=TIMEOUT, interval_s=0.05)
+            assert health_status(channel) == NOT_SERVING
+            reply = stub(channel).Predict(
+                predict_request("mlp", {"input": np.zeros((1, 784), np.float32)}),
+                metadata=auth(caller.token()),
+                timeout=TIMEOUT,
+            )
+            assert reply.model_version == "2"  # draining: still serving
+        code = process.wait(timeout=drain_s + grace_s + 20)
+    finally:
+        process.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "gateway_stopped" in log
+    assert [record["code"] for record in caller.audit_records()] == ["OK"]
+
+
 def test_serve_reads_gateway_yaml_where_it_runs_and_flags_override_it(pki, demo_models, tmp_path):
     port = free_port()
     policies = tmp_path / "policies"
@@ -192,6 +228,57 @@ def test_serve_reads_gateway_yaml_where_it_runs_and_flags_override_it(pki, demo_
     assert f"path={tmp_path / 'gateway.yaml'}" in loaded and "flags=['log_format', 'log_level']" in loaded
     assert not any(line.startswith("{") for line in log.splitlines())  # console, not the file's json
     assert (tmp_path / "audit" / "audit.log").exists()
+
+
+def test_serve_takes_settings_from_gateway_variables_under_flags_and_logs_only_their_keys(pki, demo_models, tmp_path):
+    port = free_port()
+    (tmp_path / "policies").mkdir()
+    env = {
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+        "GATEWAY_MODELS__REPOSITORY": str(demo_models),
+        "GATEWAY_POLICIES__DIRECTORY": "policies",  # relative to the working directory
+        "GATEWAY_AUDIT__PATH": "audit/audit.log",
+        "GATEWAY_AUDIT__CHAIN_ID": "gateway-5d8f9c7b6-x2x7q",
+        "GATEWAY_LOG_LEVEL": "error",  # the flag below wins
+        "GATEWAY_TARGET": "elsewhere:1",  # a client command's variable: serve leaves it alone
+    }
+    process = serve(["--certs", str(pki.server_dir), "--log-level", "info"], tmp_path, env)
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    finally:
+        process.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log[-3000:]
+    (loaded,) = [json.loads(line) for line in log.splitlines() if '"config_loaded"' in line]
+    assert loaded["environment"] == sorted(
+        ["listen", "models.repository", "policies.directory", "audit.path", "audit.chain_id", "log_level"]
+    )
+    assert "log_level" in loaded["flags"]  # info, so config_loaded was logged at all
+    assert "x2x7q" not in json.dumps(loaded)  # names, never values
+    checkpoint = json.loads((tmp_path / "audit" / "audit.log.checkpoint").read_text())
+    assert checkpoint["chain"] == "gateway-5d8f9c7b6-x2x7q"
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"GATEWAY_WORKER": "2"},
+            "error: GATEWAY_WORKER (did you mean 'GATEWAY_WORKERS'?): unknown environment variable",
+        ),
+        ({"GATEWAY_WORKERS": "x"}, "error: GATEWAY_WORKERS: expected a non-negative integer, got 'x'"),
+        ({"GATEWAY_MODELS__STRICT": "yes"}, "error: GATEWAY_MODELS__STRICT: expected true or false, got 'yes'"),
+        ({"GATEWAY_MODELS__REPOSITORY": "/no/such"}, "error: GATEWAY_MODELS__REPOSITORY: /no/such is not a directory"),
+    ],
+    ids=["unknown", "integer", "bool", "missing-folder"],
+)
+def test_serve_variable_mistakes_are_one_line_exit_2_naming_the_variable(pki, tmp_path, env, line):
+    result = run_serve(["--certs", str(pki.server_dir)], tmp_path, env)  # the material: checks get to the folders
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result.stderr
 
 
 def test_port_in_use_is_one_line_exit_2_and_the_audit_trail_is_not_created(pki, demo_models, tmp_path):
@@ -301,9 +388,14 @@ def _serving(channel: grpc.Channel) -> bool:
         return False
 
 
-def run_serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def run_serve(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*GATEWAY, "serve", *args], capture_output=True, text=True, cwd=tmp_path, timeout=60, env=SERVE_ENV
+        [*GATEWAY, "serve", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**SERVE_ENV, **(env or {})},
     )
 
 

@@ -1,4 +1,4 @@
-"""Settings: strict parsing, precedence flag > file > default, errors naming the key."""
+"""Settings: strict parsing, precedence flag > environment > file > default, errors naming the key or variable."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from gateway.config import (
     check_listen,
     check_paths,
     default_config_file,
+    environment_settings,
+    environment_variable,
     file_settings,
     load_settings,
     read_secret,
+    setting_types,
 )
 
 TLS = "tls: {cert: s.crt, key: s.key, client_ca: ca.crt}\n"
@@ -339,3 +342,115 @@ def test_limits_past_grpcs_32_bit_options_are_a_config_error_naming_the_key(tmp_
     with pytest.raises(ConfigError, match=rf"limits\.{key}: at most {bound} "):
         load_settings(config)
     load_settings(write(tmp_path, SECURE + f"limits: {{{key}: {bound}}}\n"))
+
+
+def env_settings(tmp_path: Path, environ: dict[str, str], text: str = SECURE, flags: dict | None = None):
+    return load_settings(write(tmp_path, text), flags, environment_settings(environ))
+
+
+def test_every_setting_has_a_variable_named_after_its_key():
+    names = {environment_variable(key) for key in setting_types()}
+    assert {
+        "GATEWAY_LISTEN",
+        "GATEWAY_AUDIT__CHAIN_ID",
+        "GATEWAY_LIMITS__PER_PRINCIPAL__MAX_IN_FLIGHT",
+        "GATEWAY_MODELS__BATCHING",
+        "GATEWAY_DEV_NO_AUTH",
+    } <= names
+    assert "GATEWAY_LIMITS__PER_PRINCIPAL" not in names  # a section is its fields, each its own variable
+
+
+def test_variables_are_parsed_by_the_fields_type(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = env_settings(
+        tmp_path,
+        {
+            "GATEWAY_WORKERS": "3",
+            "GATEWAY_SHUTDOWN_DRAIN_S": "2.5",
+            "GATEWAY_MODELS__STRICT": "true",
+            "GATEWAY_TLS__SERVER_NAMES": "gateway, gateway.svc",
+            "GATEWAY_AUDIT__PATH": "trail/audit.log",
+            "GATEWAY_AUDIT__CHAIN_ID": "gateway-7d9f-abcde",
+            "GATEWAY_LIMITS__PER_PRINCIPAL__MAX_IN_FLIGHT": "7",
+            "GATEWAY_MODELS__BATCHING": '{"mlp": {"max_batch_size": 8}}',
+            "GATEWAY_METRICS__LISTEN": "0.0.0.0:9464",
+        },
+    )
+    assert settings.workers == 3 and settings.shutdown_drain_s == 2.5 and settings.models.strict is True
+    assert settings.tls.server_names == ("gateway", "gateway.svc")
+    assert settings.audit.path == tmp_path / "trail/audit.log"  # the working directory, like a flag's path
+    assert settings.audit.chain_id == "gateway-7d9f-abcde"
+    assert settings.limits.per_principal.max_in_flight == 7
+    assert settings.models.batching["mlp"].max_batch_size == 8
+    assert settings.metrics.listen == "0.0.0.0:9464"
+
+
+def test_flags_win_over_variables_which_win_over_the_file(tmp_path):
+    text = SECURE + "workers: 2\nlog_level: debug\nshutdown_grace_s: 3\n"
+    environ = {"GATEWAY_WORKERS": "4", "GATEWAY_LOG_LEVEL": "warning"}
+    settings = env_settings(tmp_path, environ, text, flags={"workers": 5})
+    assert (settings.workers, settings.log_level, settings.shutdown_grace_s) == (5, "warning", 3.0)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GATEWAY_WORKERS", "x", "GATEWAY_WORKERS: expected a non-negative integer, got 'x'"),
+        ("GATEWAY_WORKERS", "-1", "GATEWAY_WORKERS: expected a non-negative integer, got '-1'"),
+        ("GATEWAY_WORKERS", "99", "GATEWAY_WORKERS: must be between 1 and 64"),
+        ("GATEWAY_MODELS__STRICT", "1", "GATEWAY_MODELS__STRICT: expected true or false, got '1'"),
+        ("GATEWAY_SHUTDOWN_GRACE_S", "soon", "GATEWAY_SHUTDOWN_GRACE_S: expected a non-negative number, got 'soon'"),
+        ("GATEWAY_SHUTDOWN_GRACE_S", "inf", "GATEWAY_SHUTDOWN_GRACE_S: expected a non-negative number, got inf"),
+        ("GATEWAY_SHUTDOWN_GRACE_S", "nan", "GATEWAY_SHUTDOWN_GRACE_S: expected a non-negative number, got nan"),
+        ("GATEWAY_LOG_LEVEL", "loud", "GATEWAY_LOG_LEVEL: 'loud' is not one of debug, info, warning, error"),
+        ("GATEWAY_LISTEN", "", "GATEWAY_LISTEN: expected a non-empty string, got ''"),
+        ("GATEWAY_AUDIT__PATH", "", "GATEWAY_AUDIT__PATH: expected a path, got ''"),
+        ("GATEWAY_TLS__SERVER_NAMES", "a,,b", "GATEWAY_TLS__SERVER_NAMES: expected a list of strings"),
+        ("GATEWAY_MODELS__BATCHING", "{mlp}", "GATEWAY_MODELS__BATCHING: not JSON"),
+        ("GATEWAY_MODELS__BATCHING", "[1]", "GATEWAY_MODELS__BATCHING: expected a mapping of names"),
+        (
+            "GATEWAY_MODELS__BATCHING",
+            '{"mlp": {"max_batch_size": 1}}',
+            "GATEWAY_MODELS__BATCHING: models.batching.mlp.max_batch_size: must be between 2 and 4096",
+        ),
+        ("GATEWAY_AUDIT__CHAIN_ID", "a b", "GATEWAY_AUDIT__CHAIN_ID: chain_id must"),
+    ],
+)
+def test_a_bad_variable_is_an_error_naming_the_variable(tmp_path, variable, value, message):
+    with pytest.raises(ConfigError) as raised:
+        env_settings(tmp_path, {variable: value})
+    assert str(raised.value).startswith(message)
+
+
+def test_a_file_error_names_the_file_and_a_flag_error_the_key_alone_with_variables_set(tmp_path):
+    config = write(tmp_path, SECURE + "workers: x\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: workers: expected a non-negative integer"):
+        load_settings(config, None, environment_settings({"GATEWAY_LOG_LEVEL": "debug"}))
+    with pytest.raises(ConfigError, match=r"^workers: must be between 1 and 64"):
+        env_settings(tmp_path, {"GATEWAY_WORKERS": "2"}, flags={"workers": 99})
+
+
+def test_an_unknown_gateway_variable_is_an_error_naming_each_with_a_suggestion():
+    with pytest.raises(ConfigError) as raised:
+        environment_settings({"GATEWAY_WORKER": "2", "GATEWAY_NOPE": "1", "HOME": "/root", "XGATEWAY_A": "1"})
+    assert str(raised.value) == (
+        "GATEWAY_NOPE, GATEWAY_WORKER (did you mean 'GATEWAY_WORKERS'?): unknown environment variables "
+        "(docs/deploy.md lists them)"
+    )
+
+
+def test_ignored_variables_are_left_alone():
+    assert environment_settings({"GATEWAY_TARGET": "x:1", "GATEWAY_WORKERS": "2"}, ignored={"GATEWAY_TARGET"}) == {
+        "workers": 2
+    }
+
+
+def test_a_non_finite_number_in_the_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"shutdown_grace_s: expected a non-negative number, got inf"):
+        load_settings(write(tmp_path, SECURE + "shutdown_grace_s: .inf\n"))
+
+
+def test_docs_name_every_variable():
+    text = (Path(__file__).parents[2] / "docs" / "deploy.md").read_text()
+    missing = [environment_variable(key) for key in setting_types() if f"`{environment_variable(key)}`" not in text]
+    assert not missing, f"docs/deploy.md does not list {missing}: add a row to its table"

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.config import file_settings
+from gateway.config import environment_settings, file_settings, load_settings
 from gateway.policy import load_policies
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +24,9 @@ OVERLAY = ROOT / "deploy" / "kubernetes" / "overlays" / "example"
 KUBERNETES_VERSION = "1.37.0"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
 RENDERED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
+POD_NAME = "gateway-5d8f9c7b6-x2x7q"  # a Deployment's pod, as the downward API's metadata.name gives it
+# After drain and grace: the audit trail's last records and close, and the kubelet's own delays.
+STOP_MARGIN_S = 5
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
@@ -77,11 +80,27 @@ def pod(rendered) -> dict[str, Any]:
     return find(rendered, "Deployment", "gateway")["spec"]["template"]["spec"]
 
 
+def pod_environment(container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables as the kubelet sets them in pod POD_NAME: ``$(NAME)`` expands a variable defined
+    before it."""
+    environ: dict[str, str] = {}
+    for variable in container.get("env", []):
+        if "valueFrom" in variable:
+            assert variable["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, "a source not rendered here"
+            environ[variable["name"]] = POD_NAME
+        else:
+            environ[variable["name"]] = re.sub(r"\$\((\w+)\)", lambda m: environ[m[1]], variable["value"])
+    return environ
+
+
 @pytest.fixture(scope="module")
-def settings(rendered, tmp_path_factory):
+def settings(rendered, pod, tmp_path_factory):
+    """The settings of the gateway in pod POD_NAME: its ConfigMap's gateway.yaml and its GATEWAY_* variables."""
     config = tmp_path_factory.mktemp("config") / "gateway.yaml"
     config.write_text(find(rendered, "ConfigMap", "gateway-config")["data"]["gateway.yaml"])
-    return file_settings(config)  # unknown keys and bad values are errors naming them
+    (gateway,) = pod["containers"]
+    # Unknown keys or variables and bad values are errors naming them; so is a chain id no pod name could give.
+    return load_settings(config, None, environment_settings(pod_environment(gateway)))
 
 
 def key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -163,22 +182,32 @@ def test_private_keys_reach_the_gateway_as_its_own_0600_files(pod, settings):
     assert {str(settings.tls.key), str(settings.audit.hmac_key_file)} == copied
 
 
-def test_probes_use_the_probe_listener_and_drain_fits_the_grace_period(pod, settings):
+def test_probes_use_the_probe_listener(pod, settings):
     (gateway,) = pod["containers"]
     probe_port = int(settings.health.listen.rsplit(":", 1)[1])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert gateway[probe]["grpc"] == {"port": probe_port}
-    assert settings.shutdown_drain_s + settings.shutdown_grace_s < pod["terminationGracePeriodSeconds"]
     ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
     assert ports["grpc"] == int(settings.listen.rsplit(":", 1)[1]) and ports["probe"] == probe_port
 
 
-def test_each_pod_writes_its_audit_trail_to_its_own_folder_of_the_audit_volume(pod):
+def test_termination_sequence_fits_the_drain_and_the_grace_period(pod, settings):
+    """On SIGTERM the gateway says NOT_SERVING but serves on for shutdown_drain_s; the readiness probe must fail
+    within it, so that the endpoint is removed before the listener closes; then the calls in flight get
+    shutdown_grace_s, and all of it must end before the kubelet's SIGKILL."""
     (gateway,) = pod["containers"]
-    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in gateway["env"]
-    audit_log = gateway["args"][gateway["args"].index("--audit-log") + 1]
+    readiness = gateway["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= settings.shutdown_drain_s
+    stop_s = settings.shutdown_drain_s + settings.shutdown_grace_s + STOP_MARGIN_S
+    assert stop_s <= pod["terminationGracePeriodSeconds"]
+    assert "lifecycle" not in gateway  # a preStop hook would spend the grace period before SIGTERM
+
+
+def test_each_pod_writes_its_own_audit_chain_named_after_it_to_its_own_folder(pod, settings):
+    (gateway,) = pod["containers"]
     audit_mount = next(m for m in gateway["volumeMounts"] if m["name"] == "audit")
-    assert audit_log == f"{audit_mount['mountPath']}/$(POD_NAME)/audit.log"
+    assert settings.audit.chain_id == POD_NAME and settings.workers == 1
+    assert settings.audit.path == Path(audit_mount["mountPath"]) / POD_NAME / "audit.log"
     audit_volume = next(v for v in pod["volumes"] if v["name"] == "audit")
     assert "persistentVolumeClaim" in audit_volume  # the trail outlives the pod
 
