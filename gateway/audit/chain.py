@@ -23,7 +23,7 @@ from gateway.errors import StartupError
 
 ZERO_HASH = "0" * 64
 HASH_MISMATCH = "hash mismatch: record altered"
-CHECKPOINT_SIZE = 1024  # room for a 253-character chain id (a pod name) with a long file name
+CHECKPOINT_SIZE = 512  # one sector: a crash leaves the old or the new checkpoint, never a mix (docs/audit.md)
 CHECKPOINT_SUFFIX = ".checkpoint"
 LOCK_SUFFIX = ".lock"  # an empty file whose flock marks the one process writing the chain
 SEQ_DIGITS = 16
@@ -35,7 +35,8 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 encode_canonical = _CANONICAL.encode
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-MAX_CHAIN_ID = 253  # a Kubernetes object name (DNS-1123 subdomain): a pod's name fits
+# Kubernetes keeps the names it generates (a Deployment's or a StatefulSet's pods) to 63 characters: any fits.
+MAX_CHAIN_ID = 63
 _CHAIN_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_CHAIN_ID}}}(-w[0-9]{{1,2}})?")  # with a worker's suffix
 _ROTATED = re.compile(rf"(?P<base>.+)\.(?P<first>\d{{{SEQ_DIGITS}}})-(?P<last>\d{{{SEQ_DIGITS}}})")
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}

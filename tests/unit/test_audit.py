@@ -911,15 +911,16 @@ def test_invalid_options_are_refused(tmp_path: Path) -> None:
         AuditLog(tmp_path / "a.log", hmac_key=b"short")
 
 
-# A pod name may be any DNS-1123 subdomain: up to 253 characters of labels joined by dots.
-LONGEST_POD_NAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+# Kubernetes generates pod names (a Deployment's, a StatefulSet's) of at most 63 characters: its generator cuts the
+# base name to 58 and adds 5 random ones.
+LONGEST_POD_NAME = "g" * 46 + "-5d8f9c7b6f-x2x7q"
 POD_NAMES = ["gateway-5d8f9c7b6-x2x7q", "gateway-0", "a", "web.v2-canary-7", LONGEST_POD_NAME]
 
 
 @pytest.mark.parametrize("pod", POD_NAMES)
 def test_every_pod_name_is_a_chain_id_and_so_is_it_with_a_workers_suffix(tmp_path: Path, pod: str) -> None:
-    assert len(LONGEST_POD_NAME) == 253
-    path = tmp_path / ("x" * 100) / "audit.log"  # a long file name must fit in the checkpoint too
+    assert len(LONGEST_POD_NAME) == 63
+    path = tmp_path / ("x" * 100) / ("audit-" + "y" * 60 + ".log")  # a long file name must fit in the checkpoint too
     path.parent.mkdir()
     for index, chain in ((None, pod), (63, worker_chain_id(pod, 63))):
         active = path if index is None else worker_path(path, index)
@@ -929,93 +930,7 @@ def test_every_pod_name_is_a_chain_id_and_so_is_it_with_a_workers_suffix(tmp_pat
         assert chain in {summary.chain for summary in report.chains}
 
 
-@pytest.mark.parametrize("chain", ["a" * 254, "", "pod name", "pod/name", "a" * 253 + "-w640"])
+@pytest.mark.parametrize("chain", ["a" * 64, "", "pod name", "pod/name", "a" * 63 + "-w640"])
 def test_chain_ids_beyond_a_pod_names_grammar_are_refused(tmp_path: Path, chain: str) -> None:
-    with pytest.raises(ValueError, match="chain_id must be 1 to 253 letters"):
+    with pytest.raises(ValueError, match="chain_id must be 1 to 63 letters"):
         AuditLog(tmp_path / "audit.log", chain_id=chain)
-
-
-def test_a_checkpoint_of_the_former_512_bytes_is_read_and_continued(log_path: Path) -> None:
-    write_n(log_path, 2)
-    point = checkpoint_path(log_path)
-    point.write_bytes(point.read_bytes().rstrip().ljust(511) + b"\n")
-    write_n(log_path, 2)
-    assert len(point.read_bytes()) == CHECKPOINT_SIZE
-    assert verify_files([log_path]).ok
-
-
-def replica_trails(root: Path, chains: dict[str, str], records: int = 5) -> dict[str, Path]:
-    """Each replica's trail in its own folder (folder -> chain id), keyed and rotated every few records, as the
-    pods of a Deployment write them; the active file of each."""
-    trails = {}
-    for folder, chain in chains.items():
-        trails[folder] = root / folder / "audit.log"
-        trails[folder].parent.mkdir(parents=True)
-        write_n(trails[folder], records, chain_id=chain, hmac_key=KEY, max_bytes=900)
-    return trails
-
-
-PODS = {
-    "gateway-7d9f-a1": "gateway-7d9f-a1",
-    "gateway-7d9f-b2": "gateway-7d9f-b2",
-    "gateway-7d9f-c3": "gateway-7d9f-c3",
-}
-
-
-def test_replicas_trails_are_verified_per_chain_across_their_rotated_files(tmp_path: Path) -> None:
-    replica_trails(tmp_path, PODS)
-    report = verify_files([tmp_path], hmac_key=KEY)  # one folder of the replicas' folders
-    assert report.ok, report.lines()
-    assert [chain.chain for chain in report.chains] == sorted(PODS)
-    for chain in report.chains:
-        assert chain.ok and chain.error is None
-        assert (chain.records, chain.first_seq, chain.last_seq, chain.checkpoint_seq) == (5, 1, 5, 5)
-        assert len(chain.files) > 1  # rotated: the chain runs across its files
-        assert chain.first_ts is not None and chain.first_ts <= chain.last_ts
-        assert chain.trail == str(tmp_path / chain.chain / "audit.log")
-    assert report.records == 15
-    assert report.lines()[0].startswith("chain gateway-7d9f-a1: OK: seq 1..5, 5 records, ")
-
-
-def test_a_tampered_replica_fails_its_own_chain_alone(tmp_path: Path) -> None:
-    trails = replica_trails(tmp_path, PODS)
-    rotated = sorted(p for p in trails["gateway-7d9f-b2"].parent.iterdir() if parse_rotated(p.name))[-1]
-    edit_lines(rotated, lambda lines: [lines[0].replace(b'"sub":"alice"', b'"sub":"mallory"'), *lines[1:]])
-    report = verify_files([tmp_path / pod for pod in PODS], hmac_key=KEY)
-    assert not report.ok
-    verdicts = {chain.chain: chain.error for chain in report.chains}
-    assert verdicts["gateway-7d9f-a1"] is None and verdicts["gateway-7d9f-c3"] is None
-    failed = verdicts["gateway-7d9f-b2"]
-    assert failed is not None and failed.file == str(rotated) and "hash mismatch" in failed.reason
-    assert report.first_error == failed
-
-
-def test_two_trails_claiming_one_chain_id_fail_and_are_not_merged(tmp_path: Path) -> None:
-    # Two pods given the same chain id by mistake: two trails of seq 1..5 each.
-    replica_trails(tmp_path, {"pod-a": "gateway", "pod-b": "gateway", "pod-c": "gateway-c"})
-    report = verify_files([tmp_path], hmac_key=KEY)
-    assert not report.ok
-    twice = [chain for chain in report.chains if chain.chain == "gateway"]
-    assert [chain.trail for chain in twice] == [
-        str(tmp_path / "pod-a" / "audit.log"),
-        str(tmp_path / "pod-b" / "audit.log"),
-    ]
-    for chain in twice:  # each verified on its own: its records, its checkpoint
-        assert (chain.records, chain.last_seq, chain.checkpoint_seq) == (5, 5, 5)
-        assert chain.error is not None and "2 trails claim this chain id" in chain.error.reason
-    assert report.first_error is not None and report.first_error.chain == "gateway"
-    assert len(report.errors) == 1  # nothing else is wrong with either trail
-    (other,) = [chain for chain in report.chains if chain.chain == "gateway-c"]
-    assert other.ok
-
-
-def test_verify_report_as_json_has_the_verdict_and_a_summary_per_chain(tmp_path: Path) -> None:
-    replica_trails(tmp_path, {"pod-a": "pod-a"})
-    data = json.loads(json.dumps(verify_files([tmp_path], hmac_key=KEY).as_dict()))
-    assert set(data) == {"ok", "records", "chains", "notes", "errors"} and data["ok"] is True
-    (chain,) = data["chains"]
-    assert set(chain) == {
-        "chain", "ok", "error", "trail", "files", "records", "first_seq", "last_seq", "first_ts", "last_ts",
-        "checkpoint_seq",
-    }  # fmt: skip
-    assert (chain["chain"], chain["ok"], chain["error"], chain["records"]) == ("pod-a", True, None, 5)
