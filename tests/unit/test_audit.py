@@ -934,3 +934,80 @@ def test_every_pod_name_is_a_chain_id_and_so_is_it_with_a_workers_suffix(tmp_pat
 def test_chain_ids_beyond_a_pod_names_grammar_are_refused(tmp_path: Path, chain: str) -> None:
     with pytest.raises(ValueError, match="chain_id must be 1 to 63 letters"):
         AuditLog(tmp_path / "audit.log", chain_id=chain)
+
+
+def replica_trails(root: Path, chains: dict[str, str], records: int = 5) -> dict[str, Path]:
+    """Each replica's trail in its own folder (folder -> chain id), keyed and rotated every few records, as the
+    pods of a Deployment write them; the active file of each."""
+    trails = {}
+    for folder, chain in chains.items():
+        trails[folder] = root / folder / "audit.log"
+        trails[folder].parent.mkdir(parents=True)
+        write_n(trails[folder], records, chain_id=chain, hmac_key=KEY, max_bytes=900)
+    return trails
+
+
+PODS = {
+    "gateway-7d9f-a1": "gateway-7d9f-a1",
+    "gateway-7d9f-b2": "gateway-7d9f-b2",
+    "gateway-7d9f-c3": "gateway-7d9f-c3",
+}
+
+
+def test_replicas_trails_are_verified_per_chain_across_their_rotated_files(tmp_path: Path) -> None:
+    replica_trails(tmp_path, PODS)
+    report = verify_files([tmp_path], hmac_key=KEY)  # one folder of the replicas' folders
+    assert report.ok, report.lines()
+    assert [chain.chain for chain in report.chains] == sorted(PODS)
+    for chain in report.chains:
+        assert chain.ok and chain.error is None
+        assert (chain.records, chain.first_seq, chain.last_seq, chain.checkpoint_seq) == (5, 1, 5, 5)
+        assert len(chain.files) > 1  # rotated: the chain runs across its files
+        assert chain.first_ts is not None and chain.first_ts <= chain.last_ts
+        assert chain.trail == str(tmp_path / chain.chain / "audit.log")
+    assert report.records == 15
+    assert report.lines()[0].startswith("chain gateway-7d9f-a1: OK: seq 1..5, 5 records, ")
+
+
+def test_a_tampered_replica_fails_its_own_chain_alone(tmp_path: Path) -> None:
+    trails = replica_trails(tmp_path, PODS)
+    rotated = sorted(p for p in trails["gateway-7d9f-b2"].parent.iterdir() if parse_rotated(p.name))[-1]
+    edit_lines(rotated, lambda lines: [lines[0].replace(b'"sub":"alice"', b'"sub":"mallory"'), *lines[1:]])
+    report = verify_files([tmp_path / pod for pod in PODS], hmac_key=KEY)
+    assert not report.ok
+    verdicts = {chain.chain: chain.error for chain in report.chains}
+    assert verdicts["gateway-7d9f-a1"] is None and verdicts["gateway-7d9f-c3"] is None
+    failed = verdicts["gateway-7d9f-b2"]
+    assert failed is not None and failed.file == str(rotated) and "hash mismatch" in failed.reason
+    assert report.first_error == failed
+
+
+def test_two_trails_claiming_one_chain_id_fail_and_are_not_merged(tmp_path: Path) -> None:
+    # Two pods given the same chain id by mistake: two trails of seq 1..5 each.
+    replica_trails(tmp_path, {"pod-a": "gateway", "pod-b": "gateway", "pod-c": "gateway-c"})
+    report = verify_files([tmp_path], hmac_key=KEY)
+    assert not report.ok
+    twice = [chain for chain in report.chains if chain.chain == "gateway"]
+    assert [chain.trail for chain in twice] == [
+        str(tmp_path / "pod-a" / "audit.log"),
+        str(tmp_path / "pod-b" / "audit.log"),
+    ]
+    for chain in twice:  # each verified on its own: its records, its checkpoint
+        assert (chain.records, chain.last_seq, chain.checkpoint_seq) == (5, 5, 5)
+        assert chain.error is not None and "2 trails claim this chain id" in chain.error.reason
+    assert report.first_error is not None and report.first_error.chain == "gateway"
+    assert len(report.errors) == 1  # nothing else is wrong with either trail
+    (other,) = [chain for chain in report.chains if chain.chain == "gateway-c"]
+    assert other.ok
+
+
+def test_verify_report_as_json_has_the_verdict_and_a_summary_per_chain(tmp_path: Path) -> None:
+    replica_trails(tmp_path, {"pod-a": "pod-a"})
+    data = json.loads(json.dumps(verify_files([tmp_path], hmac_key=KEY).as_dict()))
+    assert set(data) == {"ok", "records", "chains", "notes", "errors"} and data["ok"] is True
+    (chain,) = data["chains"]
+    assert set(chain) == {
+        "chain", "ok", "error", "trail", "files", "records", "first_seq", "last_seq", "first_ts", "last_ts",
+        "checkpoint_seq",
+    }  # fmt: skip
+    assert (chain["chain"], chain["ok"], chain["error"], chain["records"]) == ("pod-a", True, None, 5)
