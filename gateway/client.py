@@ -413,8 +413,8 @@ def _new_request_id() -> str:
     return secrets.token_hex(16)
 
 
-def _metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("x-request-id", request_id),) if request_id else None
+def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id),)
 
 
 StreamItems = Iterable[StreamRequest | Inputs]
@@ -568,8 +568,9 @@ class Client(_ClientBase):
         self, method: Any, request: Any, *, timeout: float | None, request_id: str | None, rerunnable: bool = False
     ) -> Any:
         """One unary call with typed errors and retries that never outlast the deadline, each attempt with the
-        same request id: (response, trailers, attempts made)."""
+        same request id (the caller's, or one made here): (response, trailers, attempts made)."""
         attempts = self._attempts(timeout, rerunnable=rerunnable)
+        request_id = request_id or _new_request_id()
         while True:
             try:
                 response, call = method.with_call(request, timeout=attempts.timeout(), metadata=_metadata(request_id))
@@ -586,12 +587,10 @@ class Client(_ClientBase):
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> PredictResult:
-        """Run one inference: a mapping of names to arrays, one array (one-input models), or a list of floats.
-
-        The call's request id is the caller's, or one made here, so that every attempt carries the same one."""
+        """Run one inference: a mapping of names to arrays, one array (one-input models), or a list of floats."""
         request = build_request(model, inputs, version=version)
         response, trailers, attempts = self._call(
-            self._stub.Predict, request, timeout=timeout, request_id=request_id or _new_request_id(), rerunnable=True
+            self._stub.Predict, request, timeout=timeout, request_id=request_id, rerunnable=True
         )
         return parse_response(response, _trailer(trailers, "x-request-id"), attempts)
 
@@ -658,6 +657,7 @@ class AsyncClient(_ClientBase):
     ) -> Any:
         """See Client._call."""
         attempts = self._attempts(timeout, rerunnable=rerunnable)
+        request_id = request_id or _new_request_id()
         while True:
             call = method(request, timeout=attempts.timeout(), metadata=_metadata(request_id))
             try:
@@ -677,7 +677,7 @@ class AsyncClient(_ClientBase):
         """Run one inference (see Client.predict)."""
         request = build_request(model, inputs, version=version)
         response, trailers, attempts = await self._call(
-            self._stub.Predict, request, timeout=timeout, request_id=request_id or _new_request_id(), rerunnable=True
+            self._stub.Predict, request, timeout=timeout, request_id=request_id, rerunnable=True
         )
         return parse_response(response, _trailer(trailers, "x-request-id"), attempts)
 

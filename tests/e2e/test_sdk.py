@@ -15,6 +15,7 @@ import jwt
 import numpy as np
 import onnxruntime as ort
 import pytest
+from structlog.testing import capture_logs
 
 import gateway
 from gateway.auth.issuer import issue_token
@@ -707,6 +708,18 @@ def test_every_attempt_of_a_predict_carries_the_same_request_id(gw):
         result = client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT)  # no request id given
     assert [r["code"] for r in records_of(gw, result.request_id)] == ["UNAVAILABLE", "OK"]
     assert result.attempts == 2
+
+
+@pytest.mark.parametrize("method", ["ListModels", "GetModelMetadata"])
+def test_every_attempt_of_a_retried_read_carries_the_same_request_id(gw, method):
+    retry = gateway.RetryPolicy(max_attempts=4, initial_backoff_s=0.05)
+    with connect(gw, retry=retry) as client, capture_logs() as logs:
+        _point_at_dev_full(gw.gateway.audit)  # the first attempt's record fails: refused as retry-safe (nothing ran)
+        client.list_models(timeout=TIMEOUT) if method == "ListModels" else client.metadata("mlp", timeout=TIMEOUT)
+    unrecorded = {log["request_id"] for log in logs if log["event"] == "call_refused_audit_unavailable"}
+    recorded = [(r["request_id"], r["code"]) for r in gw.audit_records() if r["method"].endswith(f"/{method}")]
+    assert recorded[-1][1] == "OK"
+    assert {request_id for request_id, _ in recorded} == unrecorded  # one id: the failed attempt's and the retry's
 
 
 def _lose_after_run(relay, call, recorded) -> dict[str, object]:
