@@ -266,7 +266,8 @@ def _client(pki: Pki, target: str, user: str, **options: object) -> gateway.Clie
 
 @dataclass
 class Outcome:
-    """What the client saw of one Predict call."""
+    """What the client saw of one Predict call: answered after ``attempts``, or failed with ``code`` (the SDK's
+    error does not say after how many attempts: 0)."""
 
     ok: bool
     attempts: int
@@ -281,7 +282,7 @@ class Load:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.outcomes: dict[str, Outcome] = {}
-        self.in_flight: dict[int, float] = {}  # caller -> when its current call started
+        self._in_flight: dict[int, float] = {}  # caller -> when its current call started
         self._threads = [threading.Thread(target=self._call, args=(n,), daemon=True) for n in range(THREADS)]
 
     def __enter__(self) -> Load:
@@ -303,14 +304,14 @@ class Load:
             request_id = f"load-{caller}-{number}"
             number += 1
             with self._lock:
-                self.in_flight[caller] = time.monotonic()
+                self._in_flight[caller] = time.monotonic()
             try:
                 result = client.predict("mlp", {"input": X}, request_id=request_id)
                 outcome = Outcome(ok=True, attempts=result.attempts)
             except gateway.GatewayError as exc:
                 outcome = Outcome(ok=False, attempts=0, code=exc.code)
             with self._lock:
-                del self.in_flight[caller]
+                del self._in_flight[caller]
                 self.outcomes[request_id] = outcome
 
     def answered(self) -> int:
@@ -321,7 +322,7 @@ class Load:
         """Every caller has been waiting on its call for ``for_s``: on a stopped replica, the only slow one."""
         now = time.monotonic()
         with self._lock:
-            return len(self.in_flight) == THREADS and all(now - t >= for_s for t in self.in_flight.values())
+            return len(self._in_flight) == THREADS and all(now - t >= for_s for t in self._in_flight.values())
 
 
 # ----------------------------------------------------------------------------------------------------- steps
