@@ -949,15 +949,23 @@ def _predicts_by_gateway(gws, request_ids: list[str]) -> list[list[str]]:
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 async def test_round_robin_spreads_calls_over_every_address(start_gateway, asynchronous):
     gws = [start_gateway(), start_gateway()]
-    ids = [f"rr-{i}" for i in range(12)]
+    ids: list[str] = []
+
+    def next_id() -> str | None:
+        """The next call's request id, until both trails got calls (bounded: a connection may come up late)."""
+        if all(_predicts_by_gateway(gws, ids)) or len(ids) == 200:
+            return None
+        ids.append(f"rr-{len(ids)}")
+        return ids[-1]
+
     options = {"target": _fleet_target(*gws), "server_name": "localhost", "load_balancing": "round_robin"}
     if asynchronous:
         async with connect_async(gws[0], **options) as client:
-            for request_id in ids:
+            while request_id := next_id():
                 await client.predict("mlp", {"input": X[:1]}, request_id=request_id)
     else:
         with connect(options.pop("target"), pki=gws[0].pki, **options) as client:
-            for request_id in ids:
+            while request_id := next_id():
                 client.predict("mlp", {"input": X[:1]}, request_id=request_id)
     answered = _predicts_by_gateway(gws, ids)
     assert all(answered), answered  # both trails got calls
