@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import grpc
 import grpc.aio
@@ -36,7 +36,8 @@ from gateway.errors import AuthenticationError, GatewayError, TLSHandshakeError,
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
 # gRPC's client-side load balancing over the addresses a target resolves to: the first that connects, or each
 # ready one in turn (a target such as "ipv4:10.0.0.2:50051,10.0.0.3:50051", or a DNS name with several records).
-LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+LoadBalancing = Literal["pick_first", "round_robin"]
+LOAD_BALANCING_POLICIES: tuple[str, ...] = get_args(LoadBalancing)
 Inputs = Mapping[str, np.ndarray] | np.ndarray | Sequence[float]
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -505,7 +506,7 @@ class _ClientBase:
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float = 60.0,
-        load_balancing: str = "pick_first",
+        load_balancing: LoadBalancing = "pick_first",
     ) -> None:
         if load_balancing not in LOAD_BALANCING_POLICIES:
             raise ValueError(f"load_balancing {load_balancing!r}: expected one of {', '.join(LOAD_BALANCING_POLICIES)}")
