@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import grpc
 import grpc.aio
@@ -34,6 +34,10 @@ from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.errors import AuthenticationError, GatewayError, TLSHandshakeError, UnavailableError, error_for_code
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
+# gRPC's client-side load balancing over the addresses a target resolves to: the first that connects, or each
+# ready one in turn (a target such as "ipv4:10.0.0.2:50051,10.0.0.3:50051", or a DNS name with several records).
+LoadBalancing = Literal["pick_first", "round_robin"]
+LOAD_BALANCING_POLICIES: tuple[str, ...] = get_args(LoadBalancing)
 Inputs = Mapping[str, np.ndarray] | np.ndarray | Sequence[float]
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -70,7 +74,8 @@ class ModelMetadata:
 
 @dataclass(frozen=True, slots=True)
 class PredictResult:
-    """Output arrays by name, the version that ran, the request id; ``error`` only on stream results."""
+    """Output arrays by name, the version that ran, the request id; ``error`` only on stream results;
+    ``attempts``: how many times ``predict`` sent the call (more than 1 when it was retried)."""
 
     model: str
     version: str
@@ -78,6 +83,7 @@ class PredictResult:
     request_id: str | None = None
     id: str = ""
     error: GatewayError | None = None
+    attempts: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,11 +259,17 @@ def identity_material(*, cert: PemSource, key: PemSource) -> tuple[bytes, bytes]
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Retries of UNAVAILABLE calls known not to have run: exponential backoff with full jitter."""
+    """Retries of UNAVAILABLE calls known not to have run: exponential backoff with full jitter.
+
+    ``retry_lost_predictions`` also retries a unary Predict whose connection was lost after it was sent (a
+    replica crashed): the model may then run twice, which is harmless for inference, a pure function of its
+    inputs. Every attempt carries the same request id, so the audit trails show them together.
+    """
 
     max_attempts: int = 4
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
+    retry_lost_predictions: bool = False
 
     def backoff(self, attempt: int) -> float:
         """Sleep before attempt ``attempt + 1`` (full jitter, AWS architecture blog's recommendation)."""
@@ -288,10 +300,12 @@ def _decode_tensor(tensor: pb.Tensor) -> np.ndarray:
     return tensors.decode(tensor, max_elements=2**62)
 
 
-def parse_response(response: pb.PredictResponse, request_id: str | None) -> PredictResult:
+def parse_response(response: pb.PredictResponse, request_id: str | None, attempts: int = 1) -> PredictResult:
     """A PredictResult from a PredictResponse."""
     outputs = {t.name: _decode_tensor(t) for t in response.outputs}
-    return PredictResult(response.model_name, response.model_version, outputs, request_id, response.id)
+    return PredictResult(
+        response.model_name, response.model_version, outputs, request_id, response.id, attempts=attempts
+    )
 
 
 def _spec(spec: pb.TensorSpec) -> TensorSpec:
@@ -360,27 +374,37 @@ def _is_handshake_failure(details: str) -> bool:
     return any(marker in lowered for marker in _HANDSHAKE_MARKERS)
 
 
-def _retryable(exc: grpc.RpcError, error: GatewayError) -> bool:
+def _retryable(exc: grpc.RpcError, error: GatewayError, *, lost_connections: bool) -> bool:
     """UNAVAILABLE known not to have run: the server said so (``x-retry-safe``), or no connection was ever made.
 
     A connection lost once the request was sent ("Socket closed", no trailers, as when the server crashes) may
-    have run the model, so it is not retried.
+    have run the model, so it is retried only when ``lost_connections`` says a second run is acceptable.
     """
     if not isinstance(error, UnavailableError) or isinstance(error, TLSHandshakeError):
         return False
     if _trailer(exc.trailing_metadata(), "x-retry-safe") == "true":  # type: ignore[attr-defined]
         return True
-    details = (exc.details() or "").lower()  # type: ignore[attr-defined]
-    return not _server_answered(exc) and details.startswith(_CONNECT_FAILURES)
+    if _server_answered(exc):
+        return False
+    return lost_connections or (exc.details() or "").lower().startswith(_CONNECT_FAILURES)  # type: ignore[attr-defined]
 
 
 class _Attempts:
-    """The attempts of one unary call: the time each may take, and the pause before the next one."""
+    """The attempts of one unary call: the time each may take, and the pause before the next one.
 
-    def __init__(self, retry: RetryPolicy, timeout: float | None) -> None:
+    ``rerunnable``: the call may run twice (Predict), so the policy's ``retry_lost_predictions`` applies to it.
+    """
+
+    def __init__(self, retry: RetryPolicy, timeout: float | None, *, rerunnable: bool) -> None:
         self._retry = retry
+        self._lost_connections = rerunnable and retry.retry_lost_predictions
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._made = 0
+
+    @property
+    def made(self) -> int:
+        """The attempts made so far, counting the one under way."""
+        return self._made + 1
 
     def timeout(self) -> float | None:
         """What is left of the call's deadline."""
@@ -392,13 +416,19 @@ class _Attempts:
         error = error_from_rpc(exc)
         pause = self._retry.backoff(self._made - 1)
         out_of_time = self._deadline is not None and time.monotonic() + pause >= self._deadline
-        if out_of_time or self._made >= self._retry.max_attempts or not _retryable(exc, error):
+        retryable = _retryable(exc, error, lost_connections=self._lost_connections)
+        if out_of_time or self._made >= self._retry.max_attempts or not retryable:
             raise error from None
         return pause
 
 
-def _metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("x-request-id", request_id),) if request_id else None
+def _new_request_id() -> str:
+    """A request id made by the client (the server accepts a safe caller-chosen one)."""
+    return secrets.token_hex(16)
+
+
+def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id),)
 
 
 StreamItems = Iterable[StreamRequest | Inputs]
@@ -489,7 +519,14 @@ class _ClientBase:
         retry: RetryPolicy = RetryPolicy(),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         keepalive_s: float = 60.0,
+        load_balancing: LoadBalancing = "pick_first",
     ) -> None:
+        if load_balancing not in LOAD_BALANCING_POLICIES:
+            raise ValueError(f"load_balancing {load_balancing!r}: expected one of {', '.join(LOAD_BALANCING_POLICIES)}")
+        if "," in target and not server_name:
+            raise ValueError(
+                f"target {target!r} has several addresses: pass server_name, the name their certificate carries"
+            )
         provider = as_token_provider(token)
         ca_pem, cert_pem, key_pem = _tls_material(ca=ca, cert=cert, key=key)
         credentials = grpc.ssl_channel_credentials(
@@ -504,6 +541,7 @@ class _ClientBase:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", 20000),
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})),
         ]
         if server_name:
             # Connect by IP but check the certificate for this name (and send it as :authority).
@@ -520,8 +558,8 @@ class _ClientBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
 
-    def _attempts(self, timeout: float | None) -> _Attempts:
-        return _Attempts(self.retry, self.timeout if timeout is None else timeout)
+    def _attempts(self, timeout: float | None, *, rerunnable: bool) -> _Attempts:
+        return _Attempts(self.retry, self.timeout if timeout is None else timeout, rerunnable=rerunnable)
 
 
 class Client(_ClientBase):
@@ -540,13 +578,17 @@ class Client(_ClientBase):
         """Close the channel."""
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, *, timeout: float | None, request_id: str | None) -> Any:
-        """One unary call with typed errors and retries that never outlast the deadline: (response, trailers)."""
-        attempts = self._attempts(timeout)
+    def _call(
+        self, method: Any, request: Any, *, timeout: float | None, request_id: str | None, rerunnable: bool = False
+    ) -> Any:
+        """One unary call with typed errors and retries that never outlast the deadline, each attempt with the
+        same request id (the caller's, or one made here): (response, trailers, attempts made)."""
+        attempts = self._attempts(timeout, rerunnable=rerunnable)
+        request_id = request_id or _new_request_id()
         while True:
             try:
                 response, call = method.with_call(request, timeout=attempts.timeout(), metadata=_metadata(request_id))
-                return response, call.trailing_metadata()
+                return response, call.trailing_metadata(), attempts.made
             except grpc.RpcError as exc:
                 time.sleep(attempts.pause_after(exc))
 
@@ -561,8 +603,10 @@ class Client(_ClientBase):
     ) -> PredictResult:
         """Run one inference: a mapping of names to arrays, one array (one-input models), or a list of floats."""
         request = build_request(model, inputs, version=version)
-        response, trailers = self._call(self._stub.Predict, request, timeout=timeout, request_id=request_id)
-        return parse_response(response, _trailer(trailers, "x-request-id"))
+        response, trailers, attempts = self._call(
+            self._stub.Predict, request, timeout=timeout, request_id=request_id, rerunnable=True
+        )
+        return parse_response(response, _trailer(trailers, "x-request-id"), attempts)
 
     def predict_stream(
         self,
@@ -581,7 +625,7 @@ class Client(_ClientBase):
         """
         # The stream's request id is chosen here, not read from the trailers, so that every result and
         # in-band error carries it as it arrives (the server accepts a safe caller-chosen id).
-        request_id = request_id or secrets.token_hex(16)
+        request_id = request_id or _new_request_id()
         messages = _Messages(requests, model, version)
         responses = self._stub.PredictStream(
             iter(messages), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
@@ -596,13 +640,13 @@ class Client(_ClientBase):
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the caller may list."""
-        response, _ = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout, request_id=None)
+        response, _, _ = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout, request_id=None)
         return parse_models(response)
 
     def metadata(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> ModelMetadata:
         """A model version's signature."""
         request = pb.GetModelMetadataRequest(model_name=model, model_version="" if version is None else str(version))
-        response, _ = self._call(self._stub.GetModelMetadata, request, timeout=timeout, request_id=None)
+        response, _, _ = self._call(self._stub.GetModelMetadata, request, timeout=timeout, request_id=None)
         return parse_metadata(response)
 
 
@@ -622,13 +666,16 @@ class AsyncClient(_ClientBase):
         """Close the channel."""
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any, *, timeout: float | None, request_id: str | None) -> Any:
+    async def _call(
+        self, method: Any, request: Any, *, timeout: float | None, request_id: str | None, rerunnable: bool = False
+    ) -> Any:
         """See Client._call."""
-        attempts = self._attempts(timeout)
+        attempts = self._attempts(timeout, rerunnable=rerunnable)
+        request_id = request_id or _new_request_id()
         while True:
             call = method(request, timeout=attempts.timeout(), metadata=_metadata(request_id))
             try:
-                return await call, await call.trailing_metadata()
+                return await call, await call.trailing_metadata(), attempts.made
             except grpc.RpcError as exc:
                 await asyncio.sleep(attempts.pause_after(exc))
 
@@ -643,8 +690,10 @@ class AsyncClient(_ClientBase):
     ) -> PredictResult:
         """Run one inference (see Client.predict)."""
         request = build_request(model, inputs, version=version)
-        response, trailers = await self._call(self._stub.Predict, request, timeout=timeout, request_id=request_id)
-        return parse_response(response, _trailer(trailers, "x-request-id"))
+        response, trailers, attempts = await self._call(
+            self._stub.Predict, request, timeout=timeout, request_id=request_id, rerunnable=True
+        )
+        return parse_response(response, _trailer(trailers, "x-request-id"), attempts)
 
     async def predict_stream(
         self,
@@ -658,7 +707,7 @@ class AsyncClient(_ClientBase):
     ) -> AsyncIterator[PredictResult]:
         """Results in request order over one stream (see Client.predict_stream); ``requests`` is read lazily,
         an iterable or an async iterable."""
-        request_id = request_id or secrets.token_hex(16)  # see Client.predict_stream
+        request_id = request_id or _new_request_id()  # see Client.predict_stream
         messages = _Messages(requests, model, version)
         call = self._stub.PredictStream(
             aiter(messages), timeout=self.timeout if timeout is None else timeout, metadata=_metadata(request_id)
@@ -678,7 +727,9 @@ class AsyncClient(_ClientBase):
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the caller may list."""
-        response, _ = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout, request_id=None)
+        response, _, _ = await self._call(
+            self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout, request_id=None
+        )
         return parse_models(response)
 
     async def metadata(
@@ -686,5 +737,5 @@ class AsyncClient(_ClientBase):
     ) -> ModelMetadata:
         """A model version's signature."""
         request = pb.GetModelMetadataRequest(model_name=model, model_version="" if version is None else str(version))
-        response, _ = await self._call(self._stub.GetModelMetadata, request, timeout=timeout, request_id=None)
+        response, _, _ = await self._call(self._stub.GetModelMetadata, request, timeout=timeout, request_id=None)
         return parse_metadata(response)

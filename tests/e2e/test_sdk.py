@@ -15,6 +15,7 @@ import jwt
 import numpy as np
 import onnxruntime as ort
 import pytest
+from structlog.testing import capture_logs
 
 import gateway
 from gateway.auth.issuer import issue_token
@@ -698,6 +699,90 @@ async def test_async_call_succeeds_when_the_server_comes_up_late(start_gateway, 
     assert audited(gw, "late-2")["code"] == "OK"
 
 
+def test_every_attempt_of_a_predict_carries_the_same_request_id(gw):
+    retry = gateway.RetryPolicy(max_attempts=4, initial_backoff_s=0.05)
+    with connect(gw, retry=retry) as client:
+        _point_at_dev_full(gw.gateway.audit)
+        with pytest.raises(gateway.UnavailableError):
+            client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT)  # ran, unrecorded: not retried
+        result = client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT)  # no request id given
+    assert [r["code"] for r in records_of(gw, result.request_id)] == ["UNAVAILABLE", "OK"]
+    assert result.attempts == 2
+
+
+@pytest.mark.parametrize("method", ["ListModels", "GetModelMetadata"])
+def test_every_attempt_of_a_retried_read_carries_the_same_request_id(gw, method):
+    retry = gateway.RetryPolicy(max_attempts=4, initial_backoff_s=0.05)
+    with connect(gw, retry=retry) as client, capture_logs() as logs:
+        _point_at_dev_full(gw.gateway.audit)  # the first attempt's record fails: refused as retry-safe (nothing ran)
+        client.list_models(timeout=TIMEOUT) if method == "ListModels" else client.metadata("mlp", timeout=TIMEOUT)
+    unrecorded = {log["request_id"] for log in logs if log["event"] == "call_refused_audit_unavailable"}
+    recorded = [(r["request_id"], r["code"]) for r in gw.audit_records() if r["method"].endswith(f"/{method}")]
+    assert recorded[-1][1] == "OK"
+    assert {request_id for request_id, _ in recorded} == unrecorded  # one id: the failed attempt's and the retry's
+
+
+def _lose_after_run(relay, call, recorded) -> dict[str, object]:
+    """Run ``call`` in a thread through ``relay``; lose its connection once ``recorded()`` says the gateway ran it."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except gateway.GatewayError as exc:
+            outcome["error"] = exc
+
+    relay.hold()
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_until(recorded)
+    relay.drop()
+    thread.join(timeout=TIMEOUT)
+    assert not thread.is_alive()
+    return outcome
+
+
+def test_lost_predict_is_retried_when_opted_in_under_the_same_request_id(gw, relay):
+    retry = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=0.05, retry_lost_predictions=True)
+    with connect(relay.target, pki=gw.pki, retry=retry) as client:
+        client.list_models(timeout=TIMEOUT)
+        outcome = _lose_after_run(
+            relay,
+            lambda: client.predict("mlp", {"input": X[:1]}, request_id="rerun-1", timeout=TIMEOUT),
+            lambda: bool(records_of(gw, "rerun-1")),
+        )
+    assert "error" not in outcome, outcome
+    assert outcome["result"].attempts == 2
+    assert [r["code"] for r in records_of(gw, "rerun-1")] == ["OK", "OK"]  # it ran twice, both under one id
+
+
+async def test_async_lost_predict_is_retried_when_opted_in(gw, relay):
+    retry = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=0.05, retry_lost_predictions=True)
+    async with connect_async(gw, target=relay.target, retry=retry) as client:
+        await client.list_models()
+        relay.hold()
+        call = asyncio.ensure_future(client.predict("mlp", {"input": X[:1]}, request_id="rerun-2"))
+        while not records_of(gw, "rerun-2"):
+            await asyncio.sleep(0.02)
+        relay.drop()
+        result = await asyncio.wait_for(call, TIMEOUT)
+    assert result.attempts == 2
+    assert [r["code"] for r in records_of(gw, "rerun-2")] == ["OK", "OK"]
+
+
+def test_lost_calls_other_than_predict_are_not_retried_even_when_opted_in(gw, relay):
+    retry = gateway.RetryPolicy(max_attempts=5, initial_backoff_s=0.05, retry_lost_predictions=True)
+
+    def listed() -> int:
+        return sum(r["method"].endswith("/ListModels") for r in gw.audit_records())
+
+    with connect(relay.target, pki=gw.pki, retry=retry) as client:
+        client.predict("mlp", {"input": X[:1]}, timeout=TIMEOUT)  # the connection is up
+        outcome = _lose_after_run(relay, lambda: client.list_models(timeout=TIMEOUT), lambda: listed() == 1)
+    assert isinstance(outcome.get("error"), gateway.UnavailableError), outcome
+    assert listed() == 1  # it ran once
+
+
 def test_retries_never_outlast_the_deadline(pki):
     retry = gateway.RetryPolicy(max_attempts=100, initial_backoff_s=0.2, max_backoff_s=0.5)
     started = time.monotonic()
@@ -850,3 +935,64 @@ def test_public_surface_is_exactly_the_documented_names_and_each_resolves():
     )
     with pytest.raises(AttributeError):
         _ = gateway.NoSuchThing
+
+
+# ------------------------------------------------------------------------------------------- load balancing
+
+
+def _fleet_target(*gws) -> str:
+    return "ipv4:" + ",".join(gw.target for gw in gws)
+
+
+def _predicts_by_gateway(gws, request_ids: list[str]) -> list[list[str]]:
+    """Per gateway, the request ids among ``request_ids`` that its trail recorded as answered."""
+    wanted = set(request_ids)
+    return [
+        [r["request_id"] for r in gw.audit_records() if r["request_id"] in wanted and r["code"] == "OK"] for gw in gws
+    ]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+async def test_round_robin_spreads_calls_over_every_address(start_gateway, asynchronous):
+    gws = [start_gateway(), start_gateway()]
+    ids: list[str] = []
+
+    def next_id() -> str | None:
+        """The next call's request id, until both trails got calls (bounded: a connection may come up late)."""
+        if all(_predicts_by_gateway(gws, ids)) or len(ids) == 200:
+            return None
+        ids.append(f"rr-{len(ids)}")
+        return ids[-1]
+
+    options = {"target": _fleet_target(*gws), "server_name": "localhost", "load_balancing": "round_robin"}
+    if asynchronous:
+        async with connect_async(gws[0], **options) as client:
+            while request_id := next_id():
+                await client.predict("mlp", {"input": X[:1]}, request_id=request_id)
+    else:
+        with connect(options.pop("target"), pki=gws[0].pki, **options) as client:
+            while request_id := next_id():
+                client.predict("mlp", {"input": X[:1]}, request_id=request_id)
+    answered = _predicts_by_gateway(gws, ids)
+    assert all(answered), answered  # both trails got calls
+    assert sorted(answered[0] + answered[1]) == sorted(ids)  # each call once
+
+
+def test_pick_first_keeps_every_call_on_one_address(start_gateway):
+    gws = [start_gateway(), start_gateway()]
+    ids = [f"pf-{i}" for i in range(6)]
+    target = _fleet_target(*gws)
+    with connect(target, pki=gws[0].pki, server_name="localhost", load_balancing="pick_first") as client:
+        for request_id in ids:
+            client.predict("mlp", {"input": X[:1]}, request_id=request_id)
+    assert sorted(len(answered) for answered in _predicts_by_gateway(gws, ids)) == [0, len(ids)]
+
+
+def test_several_addresses_need_a_server_name(pki):
+    with pytest.raises(ValueError, match="several addresses: pass server_name"):
+        connect("ipv4:127.0.0.1:1,127.0.0.1:2", pki=pki)
+
+
+def test_an_unknown_load_balancing_policy_is_refused(pki):
+    with pytest.raises(ValueError, match="load_balancing 'random': expected one of pick_first, round_robin"):
+        connect("127.0.0.1:1", pki=pki, load_balancing="random")
