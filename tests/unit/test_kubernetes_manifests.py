@@ -220,9 +220,12 @@ def test_only_volumes_are_writable(pod):
 
 def test_service_pdb_hpa_and_network_policy_point_at_the_gateway(rendered, pod):
     labels = find(rendered, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
-    service = find(rendered, "Service", "gateway")["spec"]
-    assert service["selector"].items() <= labels.items()
-    assert service["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "grpc"}]
+    grpc_port = [{"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "grpc"}]
+    for name in ("gateway", "gateway-headless"):  # the ClusterIP, and the DNS records of client-side balancing
+        service = find(rendered, "Service", name)["spec"]
+        assert service["selector"].items() <= labels.items() and service["ports"] == grpc_port
+        assert service.get("clusterIP") == (None if name == "gateway" else "None")
+        assert not service.get("publishNotReadyAddresses")  # a draining pod leaves DNS as it leaves the endpoints
     assert find(rendered, "PodDisruptionBudget", "gateway")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = find(rendered, "HorizontalPodAutoscaler", "gateway")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"}
