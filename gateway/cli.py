@@ -435,6 +435,11 @@ def _connect(args: argparse.Namespace) -> Any:
     if not (target and ca and cert and key):
         missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
         raise _UsageError(f"missing {', '.join(missing)} (or the GATEWAY_* environment variables)")
+    if "," in target and not values["server_name"]:  # the SDK says so too, but in its own argument's name
+        raise _UsageError(
+            f"--target {target} has several addresses: give --server-name (GATEWAY_SERVER_NAME), "
+            "the name their certificate carries"
+        )
     token = _token(args, values)
     try:
         return Client(

@@ -997,3 +997,14 @@ def test_audit_verify_of_several_replicas_trails_summarizes_each_chain_and_exits
     assert "2 trails claim this chain id" in report["chains"][0]["error"]
     assert "hash mismatch" in report["chains"][2]["error"]
     assert len(report["errors"]) == 2
+
+
+def test_several_addresses_without_a_server_name_is_one_line_naming_the_flag(gw):
+    target = f"ipv4:127.0.0.1:{gw.port},127.0.0.1:{gw.port}"
+    result = run("models", env={**client_env(gw), "GATEWAY_TARGET": target})
+    assert (result.returncode, one_line(result)) == (
+        2,
+        f"error: --target {target} has several addresses: give --server-name (GATEWAY_SERVER_NAME), "
+        "the name their certificate carries",
+    )
+    assert run("models", "--server-name", "localhost", env={**client_env(gw), "GATEWAY_TARGET": target}).returncode == 0
