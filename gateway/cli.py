@@ -34,6 +34,7 @@ from gateway.config import (
     file_settings,
     for_worker,
     load_settings,
+    read_secret,
 )
 from gateway.document import DocumentError, did_you_mean, loads_json
 
@@ -215,6 +216,10 @@ def _signing_material(args: argparse.Namespace) -> tuple[bytes, Any, bytes | Non
         key = serialization.load_pem_private_key(private_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise _UsageError(f"--key {args.key}: not an unencrypted PEM private key (a public key cannot sign)") from None
+    try:  # a signing key must be its owner's alone, as the gateway's own keys must (config.read_secret)
+        read_secret(Path(args.key), key="--key")
+    except ConfigError as exc:
+        raise _UsageError(str(exc)) from None
     if bind is not None:
         try:
             cert_thumbprint(bind)

@@ -517,6 +517,15 @@ def test_issued_unbound_token_for_alice_is_served(gw):
     assert ok(run("metadata", "--model", "mlp", env=client_env(gw, token=token)))["name"] == "mlp"
 
 
+def test_token_issue_refuses_a_signing_key_others_may_read_as_serve_refuses_its_keys(pki, tmp_path):
+    key = tmp_path / "jwt-signing.key"
+    key.write_bytes(pki.read("jwt-signing.key"))
+    key.chmod(0o640)
+    usage_error(run("token", "issue", "--key", key, "--sub", "alice"), f"--key: {key} is accessible to group or others")
+    key.chmod(0o600)
+    assert run("token", "issue", "--key", key, "--sub", "alice", "--jwks", pki.path("jwks.json")).returncode == 0
+
+
 def test_token_issue_with_an_unreadable_key_exits_2(tmp_path):
     usage_error(run("token", "issue", "--key", tmp_path / "nope.key", "--sub", "alice"), "nope.key")
 
@@ -554,6 +563,7 @@ def test_token_issue_with_bad_input_exits_2_without_a_traceback(pki, args, fragm
 
 def test_token_issue_with_a_broken_jwks_beside_the_key_exits_2(pki, tmp_path):
     (tmp_path / "jwt-signing.key").write_bytes(pki.read("jwt-signing.key"))
+    (tmp_path / "jwt-signing.key").chmod(0o600)
     (tmp_path / "jwks.json").write_text('{"keys": [')
     issue_args = ["token", "issue", "--key", tmp_path / "jwt-signing.key", "--sub", "alice"]
     result = run(*issue_args)
@@ -603,6 +613,7 @@ def test_token_issue_refuses_a_key_the_key_set_does_not_publish(pki, other_pki, 
 
 def test_token_issue_without_a_key_set_to_check_says_so(pki, tmp_path):
     (tmp_path / "signing.key").write_bytes(pki.read("jwt-signing.key"))
+    (tmp_path / "signing.key").chmod(0o600)
     result = run("token", "issue", "--key", tmp_path / "signing.key", "--sub", "alice")
     assert result.returncode == 0 and result.stdout.count(".") == 2
     assert "note: no key set to check the token against" in result.stderr
