@@ -353,7 +353,8 @@ class Gateway:
             await probe.start()
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting, let in-flight calls finish within the grace period, then flush the audit trail."""
+        """Drain, then refuse new calls while those in flight finish within the grace period, then close the
+        listener and flush the audit trail."""
         if self._server is None or self._stopped.is_set():
             return
         self._stopped.set()
