@@ -155,6 +155,22 @@ class CallBoundary:
         self._active = 0  # handlers running, from their first step to their record: shutdown waits for them
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_left = 0.0  # loop time the last handler ended: its answer may still be on its way out
+        self._closing = False
+
+    def close(self) -> None:
+        """Refuse every call from now on, as UNAVAILABLE marked safe to retry (the shutdown, past its drain)."""
+        self._closing = True
+
+    async def wait_delivered(self, timeout_s: float, flush_s: float) -> bool:
+        """Wait until no handler is running, then until ``flush_s`` after the last one ended, so that its answer
+        can reach the client before grpc closes the connection (a close while the client still sends, e.g. its
+        flow-control pings, resets the connection and loses what it had not yet read). False after ``timeout_s``."""
+        if not await self.wait_idle(timeout_s):
+            return False
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, self._last_left + flush_s - loop.time()))
+        return True
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no handler is running (each has committed its record); False after ``timeout_s``."""
@@ -175,6 +191,7 @@ class CallBoundary:
         structlog.contextvars.unbind_contextvars("request_id")
         self._active -= 1
         metrics.IN_FLIGHT.dec()
+        self._last_left = asyncio.get_running_loop().time()
         if not self._active:
             self._idle.set()
 
@@ -256,6 +273,8 @@ class CallBoundary:
         slots: list[Slot],
     ) -> None:
         """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
+        if self._closing:
+            raise UnavailableError("the gateway is shutting down", reason="shutting down")
         authenticator = self._authenticator
         if authenticator is not None:
             with metrics.AUTH_SECONDS.time(), tracing.span(call, "gateway.authenticate"):

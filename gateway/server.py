@@ -54,6 +54,7 @@ log = structlog.get_logger(__name__)
 _SIGNAL_POLL_S = 0.1
 _RECORDS_WAIT_S = 5.0
 _STOP_MARGIN_S = 10.0
+_ANSWER_FLUSH_S = 0.2  # after the last call's end, before the connections close: its answer's time to leave
 _PROBE_MAX_MESSAGE_BYTES = 4096
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -352,7 +353,8 @@ class Gateway:
             await probe.start()
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting, let in-flight calls finish within the grace period, then flush the audit trail."""
+        """Drain, then refuse new calls while those in flight finish within the grace period, then close the
+        listener and flush the audit trail."""
         if self._server is None or self._stopped.is_set():
             return
         self._stopped.set()
@@ -404,7 +406,16 @@ class Gateway:
         # sending new calls before the listener closes.
         self._draining = True
         await asyncio.sleep(self.settings.shutdown_drain_s)
-        await server.stop(grace_s)
+        # Then new calls are refused (UNAVAILABLE, safe to retry) while the listener and connections stay open
+        # until the calls in flight are done and their answers on their way: grpc closes each connection as soon
+        # as its last call ends, and a close while an answer is still being read resets the connection and loses
+        # the answer (docs/deploy.md, "Termination"). Stopping only then lets grpc's GOAWAY ping round trip
+        # follow the answers out.
+        self.boundary.close()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace_s
+        await self.boundary.wait_delivered(grace_s, _ANSWER_FLUSH_S)
+        await server.stop(max(0.0, until - loop.time()))
         if self._probe is not None:  # answering NOT_SERVING to the end
             await self._probe.stop(0)
         # Calls cut off at the end of the grace period are still recording their outcome: wait for them, so that
