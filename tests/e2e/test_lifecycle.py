@@ -263,15 +263,7 @@ def test_serve_reads_gateway_yaml_where_it_runs_and_flags_override_it(pki, demo_
         "log_level: warning\n"
     )
     # No --config: ./gateway.yaml is read. The log flags win over the file's json and warning.
-    process = serve(["--log-format", "console", "--log-level", "info"], tmp_path)
-    try:
-        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
-            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=30)
-    finally:
-        process.kill()
-    log = (tmp_path / "serve.log").read_text()
+    code, log = serve_until_stopped(["--log-format", "console", "--log-level", "info"], tmp_path, pki, port)
     assert code == 0, log[-3000:]
     (loaded,) = [line for line in log.splitlines() if "config_loaded" in line]
     assert f"path={tmp_path / 'gateway.yaml'}" in loaded and "flags=['log_format', 'log_level']" in loaded
@@ -291,15 +283,7 @@ def test_serve_takes_settings_from_gateway_variables_under_flags_and_logs_only_t
         "GATEWAY_LOG_LEVEL": "error",  # the flag below wins
         "GATEWAY_TARGET": "elsewhere:1",  # a client command's variable: serve leaves it alone
     }
-    process = serve(["--certs", str(pki.server_dir), "--log-level", "info"], tmp_path, env)
-    try:
-        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
-            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=30)
-    finally:
-        process.kill()
-    log = (tmp_path / "serve.log").read_text()
+    code, log = serve_until_stopped(["--certs", str(pki.server_dir), "--log-level", "info"], tmp_path, pki, port, env)
     assert code == 0, log[-3000:]
     (loaded,) = [json.loads(line) for line in log.splitlines() if '"config_loaded"' in line]
     assert loaded["environment"] == sorted(
@@ -371,6 +355,22 @@ def test_serve_mistakes_are_one_line_exit_2(tmp_path, args, line):
     result = run_serve(args, tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(line), result.stderr
+
+
+def serve_until_stopped(
+    args: list[str], tmp_path: Path, pki, port: int, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """``gateway serve`` until it is SERVING on ``port``, then SIGTERM: its exit code and its log."""
+    process = serve(args, tmp_path, env)
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", pki.channel_credentials("alice")) as channel:
+            wait_until(lambda: _serving(channel), timeout_s=30, interval_s=0.2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    finally:
+        process.kill()
+    log = (tmp_path / "serve.log").read_text()
+    return code, log
 
 
 def serve_args(pki, demo_models: Path, tmp_path: Path, port: int) -> list[str]:
