@@ -89,14 +89,16 @@ def _first_result(verify: Callable[..., object]) -> Callable[..., object]:
     return replacement
 
 
-def measure(port: int, certs: Path, token: str, window: float, pool: ProcessPoolExecutor) -> tuple[float, float]:
-    """(requests/s, server CPU us per request) over one window."""
+def measure(
+    port: int, certs: Path, token: str, window: float, pool: ProcessPoolExecutor, *, form: str = "tensor"
+) -> tuple[float, float]:
+    """(requests/s, server CPU us per request) over one window; ``form``: the request form (bench.load)."""
     start = time.time() + 0.5
     measure_from, measure_until = start + 1.0, start + 1.0 + window
     spec = LoadSpec(
         target=f"127.0.0.1:{port}",
         model="mlp",
-        form="tensor",
+        form=form,
         mode="unary",
         in_flight=IN_FLIGHT // 2,
         batch=1,
@@ -116,12 +118,41 @@ def measure(port: int, certs: Path, token: str, window: float, pool: ProcessPool
     return requests / window, (cpu1 - cpu0) / max(1, requests) * 1e6
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextmanager
+def serving(certs: Path, models: Path) -> Iterator[tuple[int, str]]:
+    """The fully secured gateway started in this process on a loopback port: yields (port, token)."""
     import yaml
 
-    from gateway import logging as oplog
     from gateway.config import certs_dir_overrides, load_settings
     from gateway.server import Gateway
+
+    with tempfile.TemporaryDirectory(prefix="gateway-profile-") as tmp:
+        policies = Path(tmp) / "policies"
+        policies.mkdir()
+        (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))
+        overrides = {
+            **certs_dir_overrides(certs / "server"),
+            "listen": "127.0.0.1:0",
+            "models.repository": models,
+            "policies.directory": policies,
+            "audit.path": Path(tmp) / "audit" / "audit.log",
+        }
+        gateway = Gateway(load_settings(None, overrides))
+        port = gateway.start()
+        try:
+            yield port, issue_token(certs)
+        finally:
+            gateway.stop(1.0)
+
+
+def client_pool() -> ProcessPoolExecutor:
+    """Two spawned client processes: a process forked from one running grpc.aio (the gateway runs in this one)
+    hangs in grpc."""
+    return ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gateway import logging as oplog
 
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=float, default=4.0)
@@ -130,33 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     args = parser.parse_args(argv)
     oplog.configure(fmt="json", level="warning")
-    # Spawned clients: a process forked from one running grpc.aio (the gateway runs in this one) hangs in grpc.
-    spawn = multiprocessing.get_context("spawn")
-    with (
-        tempfile.TemporaryDirectory(prefix="gateway-profile-") as tmp,
-        ProcessPoolExecutor(2, mp_context=spawn) as pool,
-    ):
-        policies = Path(tmp) / "policies"
-        policies.mkdir()
-        (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))
-        overrides = {
-            **certs_dir_overrides(args.certs / "server"),
-            "listen": "127.0.0.1:0",
-            "models.repository": args.models,
-            "policies.directory": policies,
-            "audit.path": Path(tmp) / "audit" / "audit.log",
-        }
-        gateway = Gateway(load_settings(None, overrides))
-        port = gateway.start()
-        token = issue_token(args.certs)
-        results: dict[str, list[tuple[float, float]]] = {}
-        try:
-            for _ in range(args.reps):
-                for name, replace in _variants().items():  # interleaved, as in bench.run
-                    with replace():
-                        results.setdefault(name, []).append(measure(port, args.certs, token, args.window, pool))
-        finally:
-            gateway.stop(1.0)
+    results: dict[str, list[tuple[float, float]]] = {}
+    with client_pool() as pool, serving(args.certs, args.models) as (port, token):
+        for _ in range(args.reps):
+            for name, replace in _variants().items():  # interleaved, as in bench.run
+                with replace():
+                    results.setdefault(name, []).append(measure(port, args.certs, token, args.window, pool))
     base = statistics.median(cpu for _, cpu in results["full (e)"])
     print(
         f"server CPU per request, {IN_FLIGHT} in flight, medians of {args.reps} "
