@@ -309,12 +309,29 @@ class CallBoundary:
 
     @staticmethod
     async def _within(waited: Awaitable[Any], timeout_s: float, what: str) -> Any:
-        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what``."""
+        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what``.
+
+        What ``asyncio.timeout`` does, with one timer handle and no context manager: the same rule (only the
+        cancellation this timer caused becomes the timeout, any other stays a cancellation) at about half the cost
+        per read (docs/performance.md)."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a bounded read outside a task")
+        loop = asyncio.get_running_loop()
+        cancelling = task.cancelling()
+        expired: list[bool] = []
+        timer = loop.call_at(loop.time() + timeout_s, _expire, task, expired)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await waited
-        except TimeoutError:
-            raise _not_received(what, timeout_s) from None
+            result = await waited
+        except asyncio.CancelledError:
+            if expired and task.uncancel() <= cancelling:
+                raise _not_received(what, timeout_s) from None
+            raise
+        finally:
+            timer.cancel()
+        if expired:  # fired as the wait ended: its cancel request is withdrawn, as asyncio.timeout does
+            task.uncancel()
+        return result
 
     def _check_size(self, size: int, *, what: str = "message") -> None:
         check_size(size, self._limits.max_message_bytes, what=what)
@@ -472,6 +489,11 @@ async def _finished(work: Future[None], timeout_s: float) -> bool:
     other calls may be waiting for it too."""
     done, _ = await asyncio.wait({asyncio.wrap_future(work)}, timeout=timeout_s)
     return bool(done)
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
