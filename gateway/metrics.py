@@ -9,6 +9,7 @@ set up by the supervisor before the workers start) and the supervisor serves the
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -149,6 +150,13 @@ def refusal_labels(error: GatewayError, call: CallContext) -> tuple[str, str]:
     if isinstance(error, ResourceExhaustedError):
         return "limit", reason if reason in _LIMIT_DETAILS else "other"
     return error.code.lower(), NONE
+
+
+def recording(listen: str | None) -> bool:
+    """Whether a server's per-call metrics are worth their cost (~15 us a call, docs/performance.md): only when its
+    ``metrics.listen`` serves them, or when it is a worker whose supervisor may (prometheus_client's multiprocess
+    mode). Otherwise nothing could ever read them."""
+    return listen is not None or MULTIPROCESS_DIR_ENV in os.environ
 
 
 def observe_call(call: CallContext, error: GatewayError | None, *, method: str) -> None:

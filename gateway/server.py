@@ -41,6 +41,7 @@ from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
 from gateway.limits import Admission
 from gateway.metrics import MetricsListener, MetricsTls, registry
+from gateway.metrics import recording as metrics_recording
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository
 from gateway.models.runtime import RuntimeOptions
@@ -173,8 +174,9 @@ class Gateway:
         )
         limits = settings.limits
         self.admission = Admission(max_concurrent_rpcs=limits.max_concurrent_rpcs, per_principal=limits.per_principal)
+        metered = metrics_recording(settings.metrics.listen)
         self.boundary = CallBoundary(
-            recorder=Recorder(self.audit),
+            recorder=Recorder(self.audit, metered=metered),
             authenticator=None if settings.dev_no_auth else self._authenticator(),
             admission=self.admission,
             limits=MessageLimits(
@@ -183,6 +185,7 @@ class Gateway:
                 stream_idle_timeout_s=limits.stream_idle_timeout_s,
             ),
             tracing=self.tracing,
+            metered=metered,
         )
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
         self.health = HealthServicer(self.ready)
