@@ -6,13 +6,15 @@ is still acceptable, and binding (RFC 8705) compares the token with that very ce
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gateway.auth.certs import CrlStore, PeerCertificate, check_validity, inspect_peer
+from gateway.auth.certs import CrlStore, PeerCertificate, RevocationList, check_validity, inspect_peer
 from gateway.auth.principal import Principal
 from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier
 from gateway.errors import AuthenticationError
@@ -20,6 +22,21 @@ from gateway.errors import AuthenticationError
 # RFC 6750 2.1: credentials = "Bearer" 1*SP b64token. The gateway takes exactly one space and nothing after the
 # token, the one spelling clients send: anything else is refused, never repaired.
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+# Callers authenticated lately, by (certificate's SHA-256, digest of the authorization header): in practice one per
+# connection and token. Cleared when full; an entry holds a Principal and a few numbers.
+_ADMITTED_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """A caller authenticated once, and what its verdict depended on that can change without the bytes changing."""
+
+    principal: Principal
+    not_before: float  # the certificate's validity, as Unix time
+    not_after: float
+    expires_at: float  # the token's exp
+    crl: RevocationList | None  # the revocation list it was checked against
+    keys_version: int  # the key set its signature was checked against
 
 
 def bearer_token(values: Sequence[str]) -> str:
@@ -55,6 +72,7 @@ class Authenticator:
         self._crl = crl
         self._require_certificate = require_certificate
         self._clock = clock
+        self._admitted: dict[tuple[str, bytes], _Admitted] = {}
 
     def refresh_keys(self) -> Future[None] | None:
         """After an UnknownKidError, the key refresh to wait for before authenticating once more (or None)."""
@@ -66,7 +84,45 @@ class Authenticator:
         return inspect_peer(peer_pem) if peer_pem else None
 
     def authenticate(self, peer: PeerCertificate | None, authorization: Sequence[str]) -> Principal:
-        """The caller, or AuthenticationError."""
+        """The caller, or AuthenticationError.
+
+        Answered from the verdict of an earlier call with the same certificate and the same authorization header
+        while nothing it rests on has changed: the certificate's validity and the token's exp (against the clock),
+        the revocation list (by identity: a reload swaps it whole) and the key set (by version). Everything else
+        the checks read is in the bytes compared, so the certificate and token checks run once per connection and
+        token instead of once per call. Refusals are never remembered."""
+        if peer is None or len(authorization) != 1:
+            return self._authenticate(peer, authorization)[0]
+        # A digest, not the header: the token itself is never kept (as in the verifier's cache).
+        key = (peer.sha256_hex, hashlib.sha256(authorization[0].encode()).digest())
+        admitted = self._admitted.get(key)
+        now = self._clock()
+        if (
+            admitted is not None
+            and admitted.not_before <= now <= admitted.not_after
+            and now < admitted.expires_at
+            and (self._crl is None or self._crl.current is admitted.crl)
+            and self._verifier.keys_version == admitted.keys_version
+        ):
+            return admitted.principal
+        # Read before the checks, so that an entry never claims a newer list or key set than it was checked with.
+        crl = self._crl.current if self._crl is not None else None
+        keys_version = self._verifier.keys_version
+        principal, expires_at = self._authenticate(peer, authorization)
+        if len(self._admitted) >= _ADMITTED_SIZE:
+            self._admitted.clear()
+        self._admitted[key] = _Admitted(
+            principal=principal,
+            not_before=peer.not_before.timestamp(),
+            not_after=peer.not_after.timestamp(),
+            expires_at=expires_at,
+            crl=crl,
+            keys_version=keys_version,
+        )
+        return principal
+
+    def _authenticate(self, peer: PeerCertificate | None, authorization: Sequence[str]) -> tuple[Principal, float]:
+        """The caller and its token's exp, or AuthenticationError: every check, in order."""
         if peer is not None:
             # Connections outlive certificates (RFC 5280 validity is checked at the handshake only): re-check.
             check_validity(peer, datetime.fromtimestamp(self._clock(), UTC))
@@ -75,7 +131,7 @@ class Authenticator:
         elif self._require_certificate:
             raise AuthenticationError(reason="no client certificate")
         token = self._verifier.verify(bearer_token(authorization), cert_x5t=peer.x5t_s256 if peer else None)
-        return Principal(
+        principal = Principal(
             cert_identity=peer.identity if peer else "",
             cert_sha256=peer.sha256_hex if peer else "",
             subject=token.subject,
@@ -85,3 +141,4 @@ class Authenticator:
             scopes=token.scopes,
             token_bound=token.bound,
         )
+        return principal, token.expires_at

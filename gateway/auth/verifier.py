@@ -251,6 +251,11 @@ class TokenVerifier:
         with self._lock:
             return len(self._cache)
 
+    @property
+    def keys_version(self) -> int:
+        """The version of the key set in force: it grows on every reload (what a cache of verdicts must follow)."""
+        return self._keys.current.version
+
     def refresh_keys(self) -> Future[None] | None:
         """After an UnknownKidError: the key refresh to wait for before verifying once more, or None (the keys are
         a file, or a refresh ran too recently: the token stays refused)."""
