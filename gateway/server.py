@@ -139,6 +139,7 @@ class Gateway:
         self.tracing = tracing or _tracing(settings)
         self.port: int | None = None
         self._stopped = threading.Event()
+        metered = metrics_recording(settings.metrics.listen)
         models = settings.models
         self.placement = Placement(threads=models.run_threads, inline_max_s=models.inline_max_ms / 1000)
         self.models = ModelRepository(
@@ -149,6 +150,7 @@ class Gateway:
                 execution_mode=models.execution_mode,
                 max_elements=models.max_elements,
                 batching=models.batching,
+                metered=metered,
             ),
             placement=self.placement,
             poll_interval_s=models.poll_interval_s,
@@ -171,10 +173,10 @@ class Gateway:
             max_bytes=settings.audit.max_bytes,
             chain_id=settings.audit.chain_id,
             dev_fail_open=settings.dev_audit_fail_open,
+            metered=metered,
         )
         limits = settings.limits
         self.admission = Admission(max_concurrent_rpcs=limits.max_concurrent_rpcs, per_principal=limits.per_principal)
-        metered = metrics_recording(settings.metrics.listen)
         self.boundary = CallBoundary(
             recorder=Recorder(self.audit, metered=metered),
             authenticator=None if settings.dev_no_auth else self._authenticator(),

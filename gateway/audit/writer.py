@@ -225,8 +225,10 @@ class AuditLog:
         dev_fail_open: bool = False,
         batch_interval_s: float = 0.2,
         write_timeout_s: float | None = 10.0,
+        metered: bool = True,
     ) -> None:
-        """Configure; nothing is touched on disk until ``open()``."""
+        """Configure; nothing is touched on disk until ``open()``. ``metered=False``: no per-group metrics
+        (nothing would serve them: ``metrics.recording``)."""
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         if hmac_key is not None and len(hmac_key) < 16:
@@ -245,6 +247,7 @@ class AuditLog:
         self._max_bytes = max_bytes
         self._interval = batch_interval_s
         self._write_timeout = write_timeout_s
+        self._metered = metered
         # Fail at configuration time, not at the first rotation, if the names cannot fit in a checkpoint.
         encode_checkpoint(
             Checkpoint(
@@ -677,9 +680,10 @@ class AuditLog:
         self._head = _Head(seq, prev, self.path.name)
         self.records_written += len(lines)
         self.groups_written += 1
-        metrics.AUDIT_RECORDS.inc(len(lines))
-        metrics.AUDIT_BYTES.inc(len(data))
-        metrics.AUDIT_GROUP_SIZE.observe(len(lines))
+        if self._metered:
+            metrics.AUDIT_RECORDS.inc(len(lines))
+            metrics.AUDIT_BYTES.inc(len(data))
+            metrics.AUDIT_GROUP_SIZE.observe(len(lines))
         if recovering is not None and self._clear_broken(failures_seen):
             log.info(
                 "audit_recovered",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class RuntimeOptions:
     execution_mode: str = "sequential"  # or "parallel": independent graph branches on inter_op_threads
     max_elements: int = 16 * 1024 * 1024
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)  # by model name; absent = off
+    metered: bool = True  # time each run in the metrics (off where nothing serves them: metrics.recording)
+
+
+_UNMETERED = contextlib.nullcontext()
 
 
 def _dims(shape: list[Any] | None) -> tuple[int, ...]:
@@ -100,7 +105,9 @@ class ModelVersion:
         )
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
-        self._run_seconds = metrics.MODEL_RUN_SECONDS.labels(model=self.name, version=str(self.version))
+        self._run_seconds: Any = (
+            metrics.MODEL_RUN_SECONDS.labels(model=self.name, version=str(self.version)) if options.metered else None
+        )
         self.batcher = self._make_batcher(options.batching.get(name))
         self._placement = placement
         self.cost = RunCost()
@@ -189,7 +196,7 @@ class ModelVersion:
 
     async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (batched with concurrent requests when configured); validated inputs only."""
-        with self._run_seconds.time():
+        with self._run_seconds.time() if self._run_seconds is not None else _UNMETERED:
             if self.batcher is not None:
                 return await self.batcher.run(inputs, self._run_placed)
             return await self._run_placed(inputs)
