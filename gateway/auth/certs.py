@@ -130,9 +130,12 @@ def _leaf_problem(cert: x509.Certificate, role: Literal["client", "server"]) -> 
 def _identity(cert: x509.Certificate) -> str:
     """The SPIFFE URI SAN, else the single DNS SAN, else the single CN, spelled with its type (auth/principal.py);
     anything ambiguous is refused."""
-    san = _extension(cert, x509.SubjectAlternativeName) or x509.SubjectAlternativeName([])
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(URI_IDENTITY_PREFIX)]
-    dns = san.get_values_for_type(x509.DNSName)
+    # No SAN extension is the common case of an enterprise PKI (CN only); cryptography >= 51 refuses to build an
+    # empty SubjectAlternativeName, so its absence is read as no names rather than as an empty extension.
+    san = _extension(cert, x509.SubjectAlternativeName)
+    uri_sans = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
+    uris = [u for u in uri_sans if u.startswith(URI_IDENTITY_PREFIX)]
+    dns = san.get_values_for_type(x509.DNSName) if san is not None else []
     if len(uris) > 1:
         raise AuthenticationError(reason="ambiguous identity: several SPIFFE URI SANs")
     if uris:
