@@ -6,14 +6,17 @@
 # audit trail and /tmp (docs/deploy.md; deploy/kubernetes/ does all of this).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# requirements/server-otel.txt adds OpenTelemetry tracing (tracing.enabled).
+ARG REQUIREMENTS=requirements/server.txt
 
 FROM ${PYTHON_IMAGE} AS build
+ARG REQUIREMENTS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY requirements/server.txt requirements/sbom.txt ./requirements/
+COPY requirements/server.txt requirements/server-otel.txt requirements/sbom.txt ./requirements/
 # The locked dependencies first (a layer that changes only with the lock), each wheel checked against its hash.
 RUN python -m venv /opt/gateway \
-    && /opt/gateway/bin/pip install --require-hashes --no-deps --only-binary=:all: -r requirements/server.txt
+    && /opt/gateway/bin/pip install --require-hashes --no-deps --only-binary=:all: -r "$REQUIREMENTS"
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN /opt/gateway/bin/pip install --no-deps --no-compile . \

@@ -81,12 +81,15 @@ serve: $(DEMO_STAMP) certs models
 	$(GATEWAY) serve --certs certs/server --models models --policies policies --audit-log var/audit/audit.log
 
 # Re-resolve uv.lock to the newest releases pyproject allows (LOCK_FLAGS= keeps the pins that still fit), and
-# the hash-checked requirement files made from it: the image's server set and the SBOM tool's.
+# the hash-checked requirement files made from it: the image's server set (with tracing: server-otel) and the
+# SBOM tool's.
 LOCK_FLAGS ?= --upgrade
 lock: | $(UV)
 	$(UV) lock $(LOCK_FLAGS)
 	$(UV) export --quiet --locked --format requirements.txt --no-emit-project --no-default-groups --extra server \
 		-o requirements/server.txt
+	$(UV) export --quiet --locked --format requirements.txt --no-emit-project --no-default-groups --extra server \
+		--extra otel -o requirements/server-otel.txt
 	$(UV) export --quiet --locked --format requirements.txt --no-emit-project --only-group sbom \
 		-o requirements/sbom.txt
 

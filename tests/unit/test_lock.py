@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 UV = ROOT / ".tools" / "uv" / "bin" / "uv"
 EXPORTS = {  # committed file -> the `uv export` selection that makes it (Makefile: lock)
     "requirements/server.txt": ["--no-default-groups", "--extra", "server"],
+    "requirements/server-otel.txt": ["--no-default-groups", "--extra", "server", "--extra", "otel"],
     "requirements/sbom.txt": ["--only-group", "sbom"],
 }
 
