@@ -21,8 +21,8 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_NO_PROGRESS := 1
 # Server, tracing and every tool of the tests; the demo needs the server and the demo group alone.
-FULL_ENV := --extra server --extra otel --group dev
-DEMO_ENV := --no-default-groups --extra server --group demo
+FULL_ENV := --extra server --extra signing --extra otel --group dev
+DEMO_ENV := --no-default-groups --extra server --extra signing --group demo
 
 .PHONY: setup node-deps demo test test-latest serve lint proto certs models bench lock sbom audit-deps clean
 

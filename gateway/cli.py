@@ -688,6 +688,7 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
             "versions": list(meta.versions),
             "inputs": specs(meta.inputs),
             "outputs": specs(meta.outputs),
+            "model_digest": meta.model_digest,
         }
 
     return _run_client(args, metadata)

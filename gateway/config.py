@@ -13,6 +13,7 @@ variable is an error, except the client commands' own (``gateway/cli.py`` passes
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import math
 import os
@@ -39,6 +40,8 @@ from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
+from gateway.models.signature import MODES as SIGNATURE_MODES
+from gateway.models.signature import SignaturePolicy, SignatureTrust
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
@@ -116,6 +119,16 @@ class ModelSettings:
     run_threads: int = 2
     # Dynamic batching by model name, off for every model not named: see docs/performance.md for when it pays.
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)
+    # OpenSSF model signatures (docs/model-signing.md): off | warn (verify, log, count, serve) | required (a version
+    # without a valid model.sig is not loaded; the last good load keeps serving). Per model: signatures_by_model.
+    signatures: str = "off"
+    signatures_by_model: Mapping[str, str] = field(default_factory=dict)
+    signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+
+    @property
+    def signature_policy(self) -> SignaturePolicy:
+        """What the model repository verifies."""
+        return SignaturePolicy(self.signatures, dict(self.signatures_by_model), self.signature_trust)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +227,7 @@ class Settings:
 CHOICES = {
     "audit.fsync": ("none", "batch", "always"),
     "models.execution_mode": ("sequential", "parallel"),
+    "models.signatures": SIGNATURE_MODES,
     "log_format": ("json", "console"),
     "log_level": ("debug", "info", "warning", "error"),
 }
@@ -272,6 +286,8 @@ def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
         return float(value)
     if annotation is str:
+        if value is False and ("off" in CHOICES.get(key, ()) or key.startswith("models.signatures_by_model.")):
+            value = "off"  # YAML 1.1 reads a bare `off` as false: `signatures: off` means the word
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
@@ -316,7 +332,7 @@ def certs_dir_overrides(directory: Path) -> dict[str, Any]:
         raise ConfigError(
             f"--certs: {directory} holds the whole set; give the gateway its own: --certs {directory}/server"
         )
-    for name in ("ca.key", "jwt-signing.key"):
+    for name in ("ca.key", "jwt-signing.key", "model-signing.key"):
         if (directory / name).exists():
             raise ConfigError(
                 f"--certs: {directory} holds {name}, a signing key the gateway never needs; move it out "
@@ -492,6 +508,10 @@ def check_paths(settings: Settings) -> None:
         "auth.jwks_ca": settings.auth.jwks_ca,
         "audit.hmac_key_file": settings.audit.hmac_key_file,
     }
+    if settings.models.signature_policy.used:
+        trust = settings.models.signature_trust
+        files["models.signature_trust.public_key"] = trust.public_key
+        files["models.signature_trust.certificate_chain"] = trust.certificate_chain
     if settings.dev_insecure_transport:
         files = {key: path for key, path in files.items() if not key.startswith("tls.")}
     if settings.dev_no_auth:
@@ -632,6 +652,7 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"limits.{name}: must be more than 0")
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
+    _validate_signatures(settings.models)
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
     if unknown:  # "none" among them: an unsigned token is never acceptable (RFC 8725 3.1)
@@ -640,6 +661,30 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_signatures(models: ModelSettings) -> None:
+    """Known modes; where any model is verified, exactly one trust source, and the library installed."""
+    for model, mode in models.signatures_by_model.items():
+        if mode not in SIGNATURE_MODES:
+            raise ConfigError(
+                f"models.signatures_by_model.{model}: {mode!r} is not one of {', '.join(SIGNATURE_MODES)}"
+            )
+    if not models.signature_policy.used:
+        return
+    trust = models.signature_trust
+    kinds = trust.kinds()
+    if not kinds:
+        raise ConfigError(
+            "models.signature_trust: required when models.signatures is warn or required: set public_key (PEM), "
+            "certificate_chain (PEM), or sigstore_identity with sigstore_issuer"
+        )
+    if len(kinds) > 1:
+        raise ConfigError(f"models.signature_trust.{kinds[1]}: set together with {kinds[0]}; give exactly one")
+    if (trust.sigstore_identity is None) != (trust.sigstore_issuer is None):
+        raise ConfigError("models.signature_trust.sigstore_issuer: sigstore_identity and sigstore_issuer go together")
+    if importlib.util.find_spec("model_signing") is None:
+        raise ConfigError("models.signatures: needs the model-signing library: pip install 'gateway[signing]'")
 
 
 def _validate_key_source(auth: AuthSettings) -> None:

@@ -58,6 +58,10 @@ MODEL_VERSIONS = Gauge(
     "gateway_model_versions_loaded", "Versions loaded, by model", ["model"], multiprocess_mode="livemax"
 )
 MODEL_LOAD_FAILURES = Counter("gateway_model_load_failures", "Model versions that failed to load", ["model"])
+# models.signatures: a version whose signature did not verify; mode "required" refused it, "warn" served it.
+MODEL_SIGNATURE_FAILURES = Counter(
+    "gateway_model_signature_failures", "Model versions whose signature did not verify, by mode", ["model", "mode"]
+)
 BATCH_SIZE = Histogram(
     "gateway_batch_size", "Requests per dynamic batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 )

@@ -152,6 +152,7 @@ class Gateway:
             placement=self.placement,
             poll_interval_s=models.poll_interval_s,
             strict=models.strict,
+            signatures=models.signature_policy,
         )
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)
         self.policies = (

@@ -54,7 +54,7 @@ def test_every_installed_distribution_is_the_locked_version():
 def test_every_declared_dependency_is_installed():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     declared = list(pyproject["project"]["dependencies"])
-    for extra in ("server", "otel"):
+    for extra in ("server", "signing", "otel"):
         declared += pyproject["project"]["optional-dependencies"][extra]
     for group in ("demo", "dev", "sbom"):
         declared += [item for item in pyproject["dependency-groups"][group] if isinstance(item, str)]
