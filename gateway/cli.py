@@ -396,6 +396,71 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _version_folders(paths: Sequence[str]) -> list[Path]:
+    """Each folder holding a model.onnx at or below the given paths (a version, a model, or a repository)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise _UsageError(f"{path}: not a directory")
+        below = sorted(model.parent for model in path.rglob("model.onnx") if not _hidden(model.relative_to(path)))
+        if not below:
+            raise _UsageError(f"{path}: no model.onnx in it or below it")
+        found.extend(below)
+    return found
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _cmd_model_sign(args: argparse.Namespace) -> int:
+    from gateway.models import signature
+
+    try:
+        folders = _version_folders(args.paths)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    for folder in folders:
+        try:
+            signature.sign(
+                folder,
+                private_key=Path(args.key),
+                certificate=Path(args.certificate) if args.certificate else None,
+                chain=Path(args.chain) if args.chain else None,
+            )
+            digest = signature.digest(folder)
+        except signature.SignatureError as exc:
+            return _fail(f"{folder}: {exc.reason}", EXIT_USAGE)
+        except Exception as exc:  # the library's errors: an unreadable key, a symlink, a wrong password
+            return _fail(f"{folder}: cannot sign: {' '.join(str(exc).split())[:300]}")
+        print(f"signed {folder / signature.SIGNATURE_FILE}: {digest}")
+    return EXIT_OK
+
+
+def _cmd_model_verify(args: argparse.Namespace) -> int:
+    from gateway.models import signature
+
+    trust = signature.SignatureTrust(
+        public_key=Path(args.public_key) if args.public_key else None,
+        certificate_chain=Path(args.certificate_chain) if args.certificate_chain else None,
+    )
+    if len(trust.kinds()) != 1:
+        return _fail("give exactly one of --public-key and --certificate-chain", EXIT_USAGE)
+    try:
+        folders = _version_folders(args.paths)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    failed = 0
+    for folder in folders:
+        try:
+            signature.verify(folder, trust)
+            print(f"OK {folder}: {signature.digest(folder)}")
+        except signature.SignatureError as exc:
+            failed += 1
+            print(f"FAILED {folder}: {exc.reason}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 _CONNECTION = (
     ("target", "GATEWAY_TARGET", "HOST:PORT of the gateway"),
     ("ca", "GATEWAY_CA", "CA certificate that signed the server's certificate"),
@@ -793,6 +858,33 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.add_argument("--version")
     _add_connection_flags(metadata)
     metadata.set_defaults(run=_cmd_metadata)
+
+    model = commands.add_parser("model", help="model signing (OpenSSF model signing; docs/model-signing.md)")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    sign = model_commands.add_parser(
+        "sign",
+        help="sign model versions: writes model.sig in each folder holding a model.onnx",
+        description="Sign every model version at or below each DIR (a version folder, a model, or a repository): "
+        "the OpenSSF model signing library writes DIR/model.sig over every file of the version. Prints each "
+        "signature and the digest that names the signed bytes in the gateway's records.",
+    )
+    sign.add_argument("paths", nargs="+", metavar="DIR")
+    sign.add_argument("--key", required=True, help="EC private key (PEM), e.g. certs/signing/model-signing.key")
+    sign.add_argument("--certificate", help="the key's signing certificate (PEM), for certificate_chain trust")
+    sign.add_argument("--chain", help="the certificate's chain up to its root (PEM), with --certificate")
+    sign.set_defaults(run=_cmd_model_sign)
+    check_signature = model_commands.add_parser(
+        "verify",
+        help="verify model versions as the gateway does at load",
+        description="Verify every model version at or below each DIR against its model.sig, as `serve` does with "
+        "models.signatures on. Exit 0 only when every version verifies.",
+    )
+    check_signature.add_argument("paths", nargs="+", metavar="DIR")
+    check_signature.add_argument(
+        "--public-key", help="trusted EC public key (PEM), e.g. certs/server/model-signing.pub"
+    )
+    check_signature.add_argument("--certificate-chain", help="trusted CA chain (PEM) of model-signing certificates")
+    check_signature.set_defaults(run=_cmd_model_verify)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser(

@@ -92,15 +92,18 @@ def verify(folder: Path, trust: SignatureTrust) -> None:
     if not signature.is_file():
         raise SignatureError(f"no signature ({SIGNATURE_FILE} is missing)")
     # A fresh Config per verification: the library keeps the hashing settings it guessed from the first manifest.
-    config = library.verifying.Config()
-    if trust.public_key is not None:
-        config.use_elliptic_key_verifier(public_key=trust.public_key)
-    elif trust.certificate_chain is not None:
-        config.use_certificate_verifier(certificate_chain=[trust.certificate_chain])
-    elif trust.sigstore_identity is not None and trust.sigstore_issuer is not None:
-        config.use_sigstore_verifier(identity=trust.sigstore_identity, oidc_issuer=trust.sigstore_issuer)
-    else:
+    if not trust.kinds():
         raise SignatureError("no trust configured (models.signature_trust)")
+    config = library.verifying.Config()
+    try:  # the trust material is read here, at every verification: a rotated key takes effect on the next load
+        if trust.public_key is not None:
+            config.use_elliptic_key_verifier(public_key=trust.public_key)
+        elif trust.certificate_chain is not None:
+            config.use_certificate_verifier(certificate_chain=[trust.certificate_chain])
+        else:
+            config.use_sigstore_verifier(identity=trust.sigstore_identity, oidc_issuer=trust.sigstore_issuer)
+    except Exception as exc:
+        raise SignatureError(f"cannot read the trust material: {_short(exc)}") from None
     try:
         config.verify(folder, signature)
     except Exception as exc:  # the library raises ValueError, OSError and its dependencies' own classes

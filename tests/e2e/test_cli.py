@@ -125,6 +125,8 @@ def test_models_shows_only_what_the_caller_may_list(gw):
 
 def test_metadata_prints_the_signature(gw):
     meta = ok(run("metadata", "--model", "mlp", env=client_env(gw)))
+    digest = meta.pop("model_digest")  # the bytes loaded (tests/e2e/test_model_signatures.py checks its value)
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
     assert meta == {
         "name": "mlp",
         "version": "2",

@@ -11,6 +11,8 @@ import base64
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -233,3 +235,26 @@ def test_per_model_override_verifies_only_the_model_it_names(start_gateway, mlp_
         except grpc.RpcError as error:
             exc = error
     assert exc is not None and exc.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_sign_and_verify_commands_wrap_the_library_with_the_sets_keys(demo_models, tmp_path, pki, other_pki):
+    gateway = [sys.executable, "-m", "gateway"]
+    repository = tmp_path / "repo"
+    shutil.copytree(demo_models / "mlp", repository / "mlp")
+    key = pki.dir / "signing" / "model-signing.key"
+    signed = subprocess.run([*gateway, "model", "sign", repository, "--key", key], capture_output=True, text=True)
+    assert signed.returncode == 0, signed.stderr
+    assert signed.stdout.count("signed ") == 2
+    assert f"{auditor_digest(repository / 'mlp' / '2')}" in signed.stdout
+
+    def verify(public: Path) -> subprocess.CompletedProcess[str]:
+        command = [*gateway, "model", "verify", repository, "--public-key", public]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    assert verify(pki.server_dir / "model-signing.pub").returncode == 0
+    untrusted = verify(other_pki.server_dir / "model-signing.pub")
+    assert untrusted.returncode == 1 and untrusted.stdout.count("FAILED") == 2
+    tamper_byte(repository / "mlp" / "1", key)
+    tampered = verify(pki.server_dir / "model-signing.pub")
+    assert tampered.returncode == 1
+    assert "OK " in tampered.stdout and "FAILED " in tampered.stdout and "Hash mismatch" in tampered.stdout
