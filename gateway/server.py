@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import resource
 import signal
 import threading
 import time
@@ -56,6 +58,9 @@ _RECORDS_WAIT_S = 5.0
 _STOP_MARGIN_S = 10.0
 _ANSWER_FLUSH_S = 0.2  # after the last call's end, before the connections close: its answer's time to leave
 _PROBE_MAX_MESSAGE_BYTES = 4096
+_PROBE_AGE_GRACE_MS = 5000  # a Check in flight when the probe connection reaches its age
+_NOFILE_UNLIMITED_TARGET = 1 << 20  # Linux's default nr_open: what an unlimited hard limit is raised to
+_DESCRIPTOR_MARGIN = 64  # beyond the listeners' connection caps: files, models, the audit trail, grpc's own
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -73,6 +78,10 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
         # long a connection may take to finish its TLS handshake before it is closed.
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
+        # Connections held at once, handshakes in progress included: grpc closes the next at accept. grpc sees no
+        # per-source-address count to cap (docs/operations.md, "Connection limits").
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_connection_idle_ms", int(keepalive.max_connection_idle_s * 1000)),
         ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
@@ -108,6 +117,29 @@ def catch_signals() -> list[int]:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     return received
+
+
+@functools.cache
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, once per process, and log both; the soft limit now.
+
+    Every connection holds a descriptor: the default soft limit (often 1024) is what a flood of idle connections
+    exhausts first, while the hard limit, which only root can raise, is usually far higher."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    now = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            now = target
+        except (ValueError, OSError) as exc:  # an unlimited hard limit above the kernel's nr_open
+            log.warning("open_files_limit_not_raised", soft=soft, hard=_limit_text(hard), error=str(exc))
+    log.info("open_files_limit", soft_was=_limit_text(soft), soft=_limit_text(now), hard=_limit_text(hard))
+    return target if now == resource.RLIM_INFINITY else now
+
+
+def _limit_text(limit: int) -> int | str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else limit
 
 
 def metrics_tls(settings: Settings) -> MetricsTls | None:
@@ -185,7 +217,8 @@ class Gateway:
             tracing=self.tracing,
         )
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
-        self.health = HealthServicer(self.ready)
+        self.health = HealthServicer(self.ready, max_watches=limits.max_watch_streams)
+        self.probe_health = HealthServicer(self.ready, max_watches=0)
         self._server: grpc.aio.Server | None = None
         self._probe: grpc.aio.Server | None = None
         self.probe_port: int | None = None
@@ -243,6 +276,24 @@ class Gateway:
             if getattr(self.settings, name):
                 log.warning("dev_option_enabled", option=name, detail="development only: never in production")
 
+    def _check_descriptor_budget(self, soft_limit: int) -> None:
+        """Warn when the listeners' connection caps together could use up the descriptor limit: then a flood on
+        one listener could still starve the others."""
+        settings = self.settings
+        caps = settings.limits.max_connections
+        if settings.health.listen is not None:
+            caps += settings.health.max_connections
+        if settings.metrics.listen is not None:
+            caps += settings.metrics.max_connections
+        if caps + _DESCRIPTOR_MARGIN > soft_limit:
+            log.warning(
+                "descriptor_budget_exceeded",
+                connection_caps=caps,
+                margin=_DESCRIPTOR_MARGIN,
+                open_files_limit=soft_limit,
+                detail="lower limits.max_connections or raise the hard RLIMIT_NOFILE (ulimit -Hn)",
+            )
+
     def _on_loop(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float | None = None) -> Any:
         if self._loop is None:
             raise RuntimeError("the gateway's event loop is not running")
@@ -256,6 +307,7 @@ class Gateway:
         before its record can be written.
         """
         self._warn_dev_options()
+        self._check_descriptor_budget(raise_open_files_limit())
         self.models.load_all()
         loop = self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
@@ -332,13 +384,23 @@ class Gateway:
     async def _bind_probe(self, listen: str) -> tuple[grpc.aio.Server, int]:
         """The plaintext probe listener: Health alone, for kubelet's gRPC probe, which cannot do TLS. Any address
         is allowed: it tells only SERVING or NOT_SERVING, the same answer the main port gives without a token."""
+        health = self.settings.health
+        idle_ms = int(health.max_connection_idle_s * 1000)
         options = [
             # A Check request is a service name: nothing bigger is needed from callers without any identity.
             ("grpc.max_receive_message_length", _PROBE_MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", int(self.settings.workers > 1)),
+            # Callers with no identity: a few connections, a few calls each, closed once idle or old, so that a
+            # flood of them holds a bounded number of descriptors and streams (issue 27).
+            ("grpc.max_allowed_incoming_connections", health.max_connections),
+            ("grpc.max_concurrent_streams", health.max_streams_per_connection),
+            ("grpc.max_connection_idle_ms", idle_ms),
+            ("grpc.server_handshake_timeout_ms", idle_ms),
+            ("grpc.max_connection_age_ms", int(health.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", _PROBE_AGE_GRACE_MS),
         ]
         probe = grpc.aio.server(options=options)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
+        health_pb2_grpc.add_HealthServicer_to_server(self.probe_health, probe)
         try:
             return probe, probe.add_insecure_port(listen)
         except RuntimeError:
