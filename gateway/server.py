@@ -12,9 +12,11 @@ import contextlib
 import functools
 import resource
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Protocol, cast
 
@@ -32,17 +34,17 @@ from gateway.api.inference import InferenceServicer
 from gateway.api.oip import OpenInferenceServicer
 from gateway.audit import AuditError, AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
-from gateway.auth.certs import CrlStore
+from gateway.auth.certs import CrlStore, check_validity, inspect_peer
 from gateway.auth.keys import KeyStore
 from gateway.auth.remote_keys import RemoteKeyStore
 from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import AuthSettings, ConfigError, Settings, listen_error, read_secret
-from gateway.errors import UnavailableError
+from gateway.errors import AuthenticationError, UnavailableError
 from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
 from gateway.limits import Admission
-from gateway.metrics import MetricsListener, MetricsTls, registry
+from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository
 from gateway.models.runtime import RuntimeOptions
@@ -143,11 +145,43 @@ def _limit_text(limit: int) -> int | str:
 
 
 def metrics_tls(settings: Settings) -> MetricsTls | None:
-    """The metrics listener's HTTPS files (the server's certificate, the client CA), or None for plain HTTP."""
+    """The metrics listener's HTTPS files (the server's certificate, the client CA) and its check of each scraper's
+    certificate (validity, the CRL the gRPC port uses, ``metrics.allowed_identities``), or None for plain HTTP."""
     tls = settings.tls
     if not settings.metrics.tls or tls.cert is None or tls.key is None or tls.client_ca is None:
         return None
-    return MetricsTls(cert=str(tls.cert), key=str(tls.key), client_ca=str(tls.client_ca))
+    crl = None if tls.crl is None else CrlStore(tls.crl, tls.client_ca, interval_s=tls.reload_interval_s)
+    return MetricsTls(
+        cert=str(tls.cert),
+        key=str(tls.key),
+        client_ca=str(tls.client_ca),
+        admit=functools.partial(_admit_scraper, crl=crl, allowed=frozenset(settings.metrics.allowed_identities)),
+        watched=() if crl is None else (crl,),
+    )
+
+
+def _admit_scraper(der: bytes, *, crl: CrlStore | None, allowed: frozenset[str]) -> str | None:
+    """Why the client certificate ``der`` may not scrape, or None: the checks a gRPC call's certificate gets."""
+    try:
+        peer = inspect_peer(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+        check_validity(peer, datetime.now(UTC))
+        if crl is not None:
+            crl.check(peer)
+    except AuthenticationError as exc:
+        return exc.reason
+    if allowed and peer.identity not in allowed:
+        return "identity not allowed to scrape"
+    return None
+
+
+def metrics_limits(settings: Settings) -> ListenerLimits:
+    """What peers may hold on the metrics listener."""
+    metrics = settings.metrics
+    return ListenerLimits(
+        max_connections=metrics.max_connections,
+        max_connections_per_source=metrics.max_connections_per_source,
+        timeout_s=metrics.timeout_s,
+    )
 
 
 def _tracing(settings: Settings) -> Tracing:
@@ -353,7 +387,9 @@ class Gateway:
         """Bind ``metrics.listen``, if set, before the audit trail is opened (a port in use fails the start)."""
         listen = self.settings.metrics.listen
         if listen is not None:
-            self.metrics = MetricsListener(listen, tls=metrics_tls(self.settings), source=registry())
+            self.metrics = MetricsListener(
+                listen, tls=metrics_tls(self.settings), source=registry(), limits=metrics_limits(self.settings)
+            )
             log.info("metrics_listening", listen=listen, port=self.metrics.port, https=self.settings.metrics.tls)
 
     async def _bind(self) -> tuple[grpc.aio.Server, int]:
