@@ -379,7 +379,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify_files
 
     paths = [Path(p) for p in args.paths]
-    missing = next((path for path in paths if not path.exists()), None)
+    waived = [Path(p) for p in args.no_checkpoint or ()]
+    missing = next((path for path in [*paths, *waived] if not path.exists()), None)
     if missing is not None:
         return _fail(f"{missing}: no such file or directory", EXIT_USAGE)
     try:
@@ -387,7 +388,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         hmac_key = Path(args.hmac_key).read_bytes().strip() if args.hmac_key else None
     except OSError as exc:
         return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
-    report = verify_files(paths, hmac_key=hmac_key)
+    report = verify_files(paths, hmac_key=hmac_key, no_checkpoint=waived)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -799,10 +800,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify hash chains and checkpoints",
         description="Verify audit trails: files, or folders at any depth (one per replica), grouped by the chain "
         "id their records carry; each chain is verified on its own, and two trails claiming one chain id fail. "
-        "Exit 0 only when every chain verifies.",
+        "Each trail needs its checkpoint (NAME.checkpoint beside its active file, naming its chain) unless "
+        "--no-checkpoint names it. Exit 0 only when every chain verifies.",
     )
     verify.add_argument("paths", nargs="+", metavar="PATH", help="audit file or folder")
     verify.add_argument("--hmac-key", help="key file of a keyed trail (its text, stripped; not hex-decoded)")
+    verify.add_argument(
+        "--no-checkpoint",
+        action="append",
+        metavar="TRAIL",
+        help="this trail (its active file, or a folder of trails) has no checkpoint: verify it without one, and say "
+        "so in its summary (repeatable); without it, a trail whose checkpoint is missing fails",
+    )
     verify.add_argument("--json", action="store_true", help="print the report as JSON: verdict, per-chain summaries")
     verify.set_defaults(run=_cmd_audit_verify)
     return parser

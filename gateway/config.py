@@ -610,8 +610,9 @@ def validate(settings: Settings) -> None:
         validate_chain_id(settings.audit.chain_id)
     except ValueError as exc:
         raise ConfigError(f"audit.chain_id: {exc}") from None
-    # Each opens the gateway to any caller that can reach the port: only this machine may.
-    for option in ("dev_insecure_transport", "dev_no_auth"):
+    # Each opens the gateway to any caller that can reach the port (or serves them unrecorded, which is as open):
+    # only this machine may, whichever source (file, GATEWAY_* variable, --dev flag) set it.
+    for option in ("dev_insecure_transport", "dev_no_auth", "dev_audit_fail_open"):
         if getattr(settings, option) and not _is_loopback(host):
             raise ConfigError(f"{option}: only allowed on a loopback address, not {host!r}")
     if not settings.dev_insecure_transport:

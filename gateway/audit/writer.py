@@ -663,11 +663,14 @@ class AuditLog:
                 return False
         head = self._head
         seq, prev = head.seq, head.hash
-        chain = self.chain_id
+        chain, fail_open = self.chain_id, self.dev_fail_open
         lines: list[bytes] = []
         for index, event in enumerate(group.records):
             event.pop("hash", None)  # reserved: a caller's own "hash" would shadow the chain's
             event["chain"], event["seq"], event["prev"] = chain, seq + 1, prev
+            if fail_open:
+                # A reader must know this trail may have gaps no check can see: calls went on while writes failed.
+                event["dev_audit_fail_open"] = True
             try:
                 line, digest = seal(event, self._digest)
             except (ValueError, TypeError, RecursionError) as exc:  # a key that is not a string, a cycle

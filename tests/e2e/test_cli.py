@@ -830,6 +830,19 @@ def test_policy_check_with_a_bad_policy_directory_exits_2(policy_dir, tmp_path):
     usage_error(check(policy_dir, "--action", "predict"), "broken.yaml")
 
 
+def test_serve_refuses_dev_audit_fail_open_from_a_variable_on_a_public_address(pki, demo_models, tmp_path):
+    env = {"GATEWAY_DEV_AUDIT_FAIL_OPEN": "true", "GATEWAY_LISTEN": "0.0.0.0:0"}
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "all.yaml").write_text(
+        "rules:\n  - {id: all, effect: allow, principals: {subjects: ['*']}, models: ['*'], actions: ['*']}\n"
+    )
+    args = ["serve", "--certs", pki.server_dir, "--models", demo_models, "--policies", tmp_path / "policies"]
+    result = run(*args, "--audit-log", tmp_path / "audit.log", env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: GATEWAY_DEV_AUDIT_FAIL_OPEN: only allowed on a loopback address, not '0.0.0.0'\n"
+    assert not (tmp_path / "audit.log").exists()  # refused before anything was opened
+
+
 # -------------------------------------------------------------------------------------------- audit verify
 
 

@@ -1008,7 +1008,7 @@ def test_verify_report_as_json_has_the_verdict_and_a_summary_per_chain(tmp_path:
     (chain,) = data["chains"]
     assert set(chain) == {
         "chain", "ok", "error", "trail", "files", "records", "first_seq", "last_seq", "first_ts", "last_ts",
-        "checkpoint_seq",
+        "checkpoint_seq", "no_checkpoint",
     }  # fmt: skip
     assert (chain["chain"], chain["ok"], chain["error"], chain["records"]) == ("pod-a", True, None, 5)
 
