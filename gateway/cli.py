@@ -109,7 +109,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError
     from gateway.errors import StartupError
     from gateway.models.runtime import ModelLoadError
-    from gateway.server import Gateway, metrics_tls
+    from gateway.server import Gateway, metrics_limits, metrics_tls
 
     config = _config_file(args)
     overrides: dict[str, Any] = {}
@@ -143,6 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 grace_s=settings.shutdown_grace_s,
                 metrics_listen=settings.metrics.listen,
                 metrics_tls=metrics_tls(settings),
+                metrics_limits=metrics_limits(settings),
             )
         except ConfigError as exc:  # metrics.listen cannot be bound
             return _fail(str(exc), EXIT_USAGE)

@@ -36,6 +36,7 @@ from gateway.auth import (
     SUPPORTED_ALGORITHMS,
     https_url_problem,
 )
+from gateway.auth.principal import identity_spelling_problem
 from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
@@ -156,7 +157,13 @@ class LimitSettings:
     message_timeout_s: float = 5.0
     stream_idle_timeout_s: float = 300.0
     max_streams_per_connection: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
-    handshake_timeout_s: float = 10.0  # a connection must finish its TLS handshake within this
+    # Connections that never send a ClientHello hold a descriptor each until this: short, so that a trickle of
+    # them cannot keep the port's connection cap full (a full TLS 1.3 handshake is one round trip).
+    handshake_timeout_s: float = 5.0
+    # Connections open on the main port at once, TLS handshakes in progress included; past it grpc closes new
+    # ones at accept. Below the descriptor limit, so that a flood fills this cap, not the process's table.
+    max_connections: int = 1000
+    max_watch_streams: int = 100  # grpc.health.v1 Watch streams open at once; past it, RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +176,8 @@ class KeepaliveSettings:
     min_ping_interval_s: float = 10.0
     max_connection_age_s: float = 3600.0
     max_connection_age_grace_s: float = 30.0
+    # A connection with no call open for this long is closed (GOAWAY); clients reconnect when they next call.
+    max_connection_idle_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +186,12 @@ class MetricsSettings:
 
     listen: str | None = None  # HOST:PORT
     tls: bool = False  # HTTPS with the server certificate; clients need a certificate signed by tls.client_ca
+    # Client-certificate identities allowed to scrape, typed as in policies (spiffe://..., dns:NAME, cn:NAME);
+    # empty: any certificate the client CA signed and the CRL does not revoke. Needs tls.
+    allowed_identities: tuple[str, ...] = ()
+    max_connections: int = 16  # open at once; past it a new connection is closed at once
+    max_connections_per_source: int = 4  # from one client address
+    timeout_s: float = 10.0  # for the TLS handshake, then for each read and write of the request and response
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +206,12 @@ class HealthSettings:
     """The plaintext probe listener (kubelet, load balancers): ``grpc.health.v1.Health``, overall status only."""
 
     listen: str | None = None  # HOST:PORT; off unless set
+    # Anyone who can reach the port may connect, with no identity: every resource is capped, and Watch (a stream
+    # held open for good) is not served here; kubelet's probe and grpc_health_probe use Check.
+    max_connections: int = 64
+    max_streams_per_connection: int = 4
+    max_connection_idle_s: float = 5.0  # a connection with no call open (or that never sent one) is closed then
+    max_connection_age_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,6 +671,7 @@ def validate(settings: Settings) -> None:
     for name in ("message_timeout_s", "stream_idle_timeout_s", "handshake_timeout_s"):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"limits.{name}: must be more than 0")
+    _validate_connection_limits(settings)
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
     _validate_signatures(settings.models)
@@ -714,6 +736,42 @@ def _validate_key_source(auth: AuthSettings) -> None:
     for name in ("jwks_refresh_interval_s", "jwks_min_refresh_interval_s"):
         if getattr(auth, name) <= 0:
             raise ConfigError(f"auth.{name}: must be more than 0")
+
+
+# grpc takes milliseconds as a 32-bit int.
+_MAX_DURATION_S = (2**31 - 1) / 1000
+
+
+def _validate_connection_limits(settings: Settings) -> None:
+    """Every listener's connection caps and timeouts are positive and fit what grpc takes."""
+    positive = {
+        "limits.max_connections": settings.limits.max_connections,
+        "limits.max_watch_streams": settings.limits.max_watch_streams,
+        "health.max_connections": settings.health.max_connections,
+        "health.max_streams_per_connection": settings.health.max_streams_per_connection,
+        "metrics.max_connections": settings.metrics.max_connections,
+        "metrics.max_connections_per_source": settings.metrics.max_connections_per_source,
+    }
+    for key, count in positive.items():
+        if not 1 <= count <= 2**31 - 1:
+            raise ConfigError(f"{key}: must be between 1 and {2**31 - 1}")
+    durations = {
+        "limits.handshake_timeout_s": settings.limits.handshake_timeout_s,
+        "keepalive.max_connection_idle_s": settings.keepalive.max_connection_idle_s,
+        "health.max_connection_idle_s": settings.health.max_connection_idle_s,
+        "health.max_connection_age_s": settings.health.max_connection_age_s,
+        "metrics.timeout_s": settings.metrics.timeout_s,
+    }
+    for key, seconds in durations.items():
+        if not 0 < seconds <= _MAX_DURATION_S:
+            raise ConfigError(f"{key}: must be more than 0 and at most {_MAX_DURATION_S:.0f}")
+    identities = settings.metrics.allowed_identities
+    if identities and not settings.metrics.tls:
+        raise ConfigError("metrics.allowed_identities: needs metrics.tls (a plain HTTP scraper has no identity)")
+    for identity in identities:
+        problem = identity_spelling_problem(identity)
+        if problem is not None:
+            raise ConfigError(f"metrics.allowed_identities: {identity!r} {problem}")
 
 
 def _validate_probe(settings: Settings) -> None:

@@ -80,7 +80,9 @@ def test_image_runs_gateway_serve_as_a_numeric_non_root_user_with_a_probe():
 def test_image_installs_every_dependency_from_the_lock_hash_checked():
     """The image holds exactly what was tested: the locked requirements, each wheel checked against its hash, and
     the project itself without resolving anything more."""
-    installs = [args for op, args in instructions() if op == "RUN" for args in args.split("&&") if "pip install" in args]
+    installs = [
+        args for op, args in instructions() if op == "RUN" for args in args.split("&&") if "pip install" in args
+    ]
     assert installs, "no pip install in the Dockerfile"
     for command in installs:
         assert "--no-deps" in command, command
