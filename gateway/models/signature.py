@@ -9,6 +9,7 @@ version gets the same function of its files, so one digest names one set of byte
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -110,18 +111,36 @@ def verify(folder: Path, trust: SignatureTrust) -> None:
         raise SignatureError(_short(exc)) from None
 
 
-def digest(folder: Path) -> str:
-    """``sha256:<hex>``: the root digest of the library's manifest of ``folder`` (what a signature's subject says)."""
-    config = _hashing_config()
-    # The library's own definition of the statement's subject digest (no public name for it in 1.1).
-    from model_signing._signing.signing import Payload
+# What the library leaves out of a manifest besides the signature (hashing.Config's ignore_git_paths).
+_GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")
+_CHUNK = 1 << 20
 
+
+def digest(folder: Path) -> str:
+    """``sha256:<hex>``: the SHA-256 of every file's SHA-256, files sorted by path, ``model.sig`` and git's files
+    left out. That is the subject digest a signature made by ``sign`` vouches for (tests/e2e/test_model_signatures.py
+    checks the two stay equal), computed here without the library, so that naming a version's bytes never depends
+    on the signing library importing (``signatures: off`` needs none of it)."""
     try:
-        manifest = config.hash(folder)
-    except Exception as exc:
+        files = sorted(
+            (path.relative_to(folder).as_posix(), path)
+            for path in folder.rglob("*")
+            if path.is_file() and not _left_out(path.relative_to(folder))
+        )
+        root = hashlib.sha256()
+        for _, path in files:
+            file_hash = hashlib.sha256()
+            with path.open("rb") as stream:
+                while chunk := stream.read(_CHUNK):
+                    file_hash.update(chunk)
+            root.update(file_hash.digest())
+    except OSError as exc:
         raise SignatureError(f"cannot hash the version's files: {_short(exc)}") from None
-    subject = Payload(manifest).statement.pb.subject[0]
-    return "sha256:" + subject.digest["sha256"]
+    return "sha256:" + root.hexdigest()
+
+
+def _left_out(relative: Path) -> bool:
+    return relative.as_posix() == SIGNATURE_FILE or relative.parts[0] in _GIT_PATHS
 
 
 def sign(folder: Path, *, private_key: Path, certificate: Path | None = None, chain: Path | None = None) -> Path:

@@ -17,8 +17,16 @@ from tests.conftest import ROOT
 
 UV = ROOT / ".tools" / "uv" / "bin" / "uv"
 EXPORTS = {  # committed file -> the `uv export` selection that makes it (Makefile: lock)
-    "requirements/server.txt": ["--no-default-groups", "--extra", "server"],
-    "requirements/server-otel.txt": ["--no-default-groups", "--extra", "server", "--extra", "otel"],
+    "requirements/server.txt": ["--no-default-groups", "--extra", "server", "--extra", "signing"],
+    "requirements/server-otel.txt": [
+        "--no-default-groups",
+        "--extra",
+        "server",
+        "--extra",
+        "signing",
+        "--extra",
+        "otel",
+    ],
     "requirements/sbom.txt": ["--only-group", "sbom"],
 }
 
