@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from gateway.auth.certs import CrlStore, PeerCertificate, RevocationList, check_validity, inspect_peer
+from gateway.auth.certs import CrlSet, CrlStore, PeerCertificate, check_validity, inspect_peer
 from gateway.auth.principal import Principal
 from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier
 from gateway.errors import AuthenticationError
@@ -35,7 +35,7 @@ class _Admitted:
     not_before: float  # the certificate's validity, as Unix time
     not_after: float
     expires_at: float  # the token's exp
-    crl: RevocationList | None  # the revocation list it was checked against
+    crl: CrlSet | None  # the revocation lists it was checked against
     keys_version: int  # the key set its signature was checked against
 
 
@@ -88,7 +88,7 @@ class Authenticator:
 
         Answered from the verdict of an earlier call with the same certificate and the same authorization header
         while nothing it rests on has changed: the certificate's validity and the token's exp (against the clock),
-        the revocation list (by identity: a reload swaps it whole) and the key set (by version). Everything else
+        the revocation lists (by identity: a reload swaps the set whole) and the key set (by version). Everything else
         the checks read is in the bytes compared, so the certificate and token checks run once per connection and
         token instead of once per call. Refusals are never remembered."""
         if peer is None or len(authorization) != 1:
