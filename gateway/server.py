@@ -147,6 +147,7 @@ class Gateway:
                 inter_op_threads=models.inter_op_threads,
                 execution_mode=models.execution_mode,
                 max_elements=models.max_elements,
+                max_bytes_elements=models.max_bytes_elements,
                 batching=models.batching,
             ),
             placement=self.placement,
@@ -308,11 +309,8 @@ class Gateway:
         """The server with every service, bound to the listen address but not serving yet, and its port."""
         server = grpc.aio.server(options=_grpc_options(self.settings))
         collector = HandlerCollector()
-        max_elements = self.settings.models.max_elements
-        pb_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.pipeline, max_elements=max_elements), collector
-        )
-        oip = OpenInferenceServicer(self.pipeline, max_elements=max_elements, ready=self.ready)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.pipeline), collector)
+        oip = OpenInferenceServicer(self.pipeline, ready=self.ready)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, collector)
         names = (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)
@@ -372,6 +370,7 @@ class Gateway:
         if self.metrics is not None:
             self.metrics.stop()
         self.placement.close()
+        self.pipeline.close()
         self.audit.close()  # while the loop still runs: records it commits wake their (cancelled) callers there
         self._close_loop()
         self.tracing.shutdown()

@@ -9,6 +9,7 @@ takes and gives (it would turn a ``bytes`` element into the text "b'...'"), so e
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,86 +105,157 @@ def _refuse_ambiguous_contents(name: str, row: DataType, *, raw: bytes | None, c
         )
 
 
+@dataclass(frozen=True, slots=True)
+class WireTensor:
+    """One input as the wire gave it, nothing decoded: its name, datatype, shape, and its values either raw
+    (``raw``) or typed (``values``, the one typed-contents field of its datatype). ``raw_field`` and
+    ``values_field`` name them as the caller's protocol does, for messages."""
+
+    name: str
+    row: DataType
+    shape: tuple[int, ...]
+    raw: bytes | None
+    values: Sequence[Any] | None
+    raw_field: str = "raw_data"
+    values_field: str = ""
+
+    @property
+    def datatype(self) -> str:
+        """The datatype's API name ("FP32", "BYTES"...)."""
+        return self.row.name
+
+
+def wire_tensor(
+    name: str, row: DataType, shape: Sequence[int], *, raw: bytes | None, contents: Any, raw_field: str
+) -> WireTensor:
+    """A tensor's values from the raw field (``raw`` not None) or from any protocol's typed-contents message,
+    refusing values in more than one place; nothing is decoded."""
+    if len(shape) > MAX_RANK:  # before the shape is copied: a packed shape may hold millions of dims
+        raise InvalidArgumentError(f"input '{shown(name)}': rank {len(shape)} is over the limit of {MAX_RANK}")
+    _refuse_ambiguous_contents(shown(name), row, raw=raw, contents=contents, raw_field=raw_field)
+    values = None if raw is not None else getattr(contents, row.contents_field)
+    return WireTensor(
+        name, row, tuple(shape), raw, values, raw_field=raw_field, values_field=f"contents.{row.contents_field}"
+    )
+
+
+def check(tensor: WireTensor, *, max_elements: int, max_bytes_elements: int) -> int:
+    """The tensor's element count, once its shape, limits and the length of its values agree: every check that
+    needs no look at the values themselves, so a decode never starts on a request it would refuse for its size.
+
+    BYTES tensors have their own, lower limit (each element becomes a Python object), and their raw form must
+    hold at least a 4-byte length prefix per element.
+    """
+    name, row, shape = shown(tensor.name), tensor.row, tensor.shape
+    limit = min(max_elements, max_bytes_elements) if row is BYTES else max_elements
+    count = element_count(shape, name=name, max_elements=limit)
+    if tensor.raw is not None:
+        size = len(tensor.raw)
+        needed = count * (_LENGTH_PREFIX if row is BYTES else row.dtype.itemsize)
+        if row is not BYTES and size != needed:
+            raise InvalidArgumentError(
+                f"input '{name}': {tensor.raw_field} has {size} bytes, shape {list(shape)} of {row.name} needs {needed}"
+            )
+        if size < needed:
+            raise InvalidArgumentError(
+                f"input '{name}': {tensor.raw_field} has {size} bytes, too few for the {count} elements of shape "
+                f"{list(shape)} (each takes a {_LENGTH_PREFIX}-byte length prefix)"
+            )
+        return count
+    values = tensor.values if tensor.values is not None else ()
+    if len(values) != count:
+        raise InvalidArgumentError(
+            f"input '{name}': {len(values)} values in {tensor.values_field}, shape {list(shape)} needs {count}"
+        )
+    return count
+
+
+def cost(tensor: WireTensor) -> int:
+    """Roughly how many elements decoding visits one by one (raw numeric values are a view: none), to choose
+    between decoding on the event loop and off it. Call after ``check``."""
+    if tensor.raw is not None and tensor.row is not BYTES:
+        return len(tensor.raw) // 64 if tensor.row.dtype == np.bool_ else 0  # BOOL: one vectorised range check
+    return max(1, int(np.prod(tensor.shape, dtype=np.int64)))
+
+
+def decode_checked(tensor: WireTensor) -> np.ndarray:
+    """The values of a tensor that ``check`` passed, as a numpy array of its datatype and shape.
+
+    Safe to call on a worker thread: long work is done in slices, so that no single step holds the GIL (and the
+    event loop waiting for it) for more than about a millisecond.
+    """
+    name, row, shape = shown(tensor.name), tensor.row, tensor.shape
+    count = int(np.prod(shape, dtype=np.int64))
+    if row is BYTES:
+        if tensor.raw is not None:
+            return _split_texts(tensor.raw, count, name, tensor.raw_field).reshape(shape)
+        return _texts(tensor.values or (), name).reshape(shape)
+    if tensor.raw is not None:
+        array = np.frombuffer(tensor.raw, dtype=row.dtype)
+        if row.dtype == np.bool_ and count and array.view(np.uint8).max() > 1:
+            raise InvalidArgumentError(f"input '{name}': BOOL bytes must be 0 or 1")
+        return array.reshape(shape)
+    return _typed(tensor.values or (), row, count, name).reshape(shape)
+
+
 def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
     """A gateway.v1 tensor as a numpy array of its declared datatype and shape."""
     row = BY_ENUM.get(tensor.datatype)
     if row is None:
         raise InvalidArgumentError(f"input '{shown(tensor.name)}': unknown or unspecified datatype {tensor.datatype}")
-    return decode_values(
-        tensor.name,
-        row,
-        tuple(tensor.shape),
-        raw=tensor.raw_data or None,
-        contents=tensor.contents,
-        raw_field="raw_data",
-        max_elements=max_elements,
+    wire = wire_tensor(
+        tensor.name, row, tensor.shape, raw=tensor.raw_data or None, contents=tensor.contents, raw_field="raw_data"
     )
+    check(wire, max_elements=max_elements, max_bytes_elements=max_elements)
+    return decode_checked(wire)
 
 
-def decode_values(
-    tensor_name: str,
-    row: DataType,
-    shape: tuple[int, ...],
-    *,
-    raw: bytes | None,
-    contents: Any,
-    raw_field: str,
-    max_elements: int,
-) -> np.ndarray:
-    """Values sent raw (``raw`` is not None) or typed (``contents``, any protocol's typed-contents message)."""
-    name = shown(tensor_name)
-    count = element_count(shape, name=name, max_elements=max_elements)
-    _refuse_ambiguous_contents(name, row, raw=raw, contents=contents, raw_field=raw_field)
-    if row is BYTES:
-        elements = _split_elements(raw, count, name, raw_field) if raw is not None else contents.bytes_contents
-        if len(elements) != count:
-            raise InvalidArgumentError(
-                f"input '{name}': {len(elements)} values in contents.bytes_contents, shape {list(shape)} needs {count}"
-            )
-        return _texts(elements, name).reshape(shape)
-    if raw is not None:
-        expected = count * row.dtype.itemsize
-        if len(raw) != expected:
-            raise InvalidArgumentError(
-                f"input '{name}': {raw_field} has {len(raw)} bytes, shape {list(shape)} of {row.name} needs {expected}"
-            )
-        array = np.frombuffer(raw, dtype=row.dtype)
-        if row.dtype == np.bool_ and count and array.view(np.uint8).max() > 1:
-            raise InvalidArgumentError(f"input '{name}': BOOL bytes must be 0 or 1")
-        return array.reshape(shape)
-    values = getattr(contents, row.contents_field)
-    if len(values) != count:
-        raise InvalidArgumentError(
-            f"input '{name}': {len(values)} values in contents.{row.contents_field}, shape {list(shape)} needs {count}"
-        )
+_SLICE = 16_384  # elements converted per step: about a millisecond of GIL for the slowest datatype
+
+
+def _typed(values: Sequence[Any], row: DataType, count: int, name: str) -> np.ndarray:
+    """Typed contents (a protobuf repeated field) as an array, converted a slice at a time."""
+    array = np.empty(count, dtype=row.dtype)
     try:
         # The wire types are wider than INT8/INT16/UINT8/UINT16; numpy >= 2 refuses values that would wrap. FP32
         # values past FP16's range would become infinities: refused too, rather than served as something else.
         with np.errstate(over="raise"):
-            array = np.asarray(values, dtype=row.dtype)
+            for start in range(0, count, _SLICE):
+                array[start : start + _SLICE] = np.asarray(values[start : start + _SLICE], dtype=row.dtype)
     except (OverflowError, FloatingPointError):
         raise InvalidArgumentError(f"input '{name}': a value does not fit in {row.name}") from None
-    return array.reshape(shape)
+    return array
 
 
-def _split_elements(raw: bytes, count: int, name: str, raw_field: str) -> list[bytes]:
-    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
-    elements: list[bytes] = []
-    view, offset = memoryview(raw), 0
-    while offset < len(raw):
-        if len(elements) == count:
-            raise InvalidArgumentError(f"input '{name}': {raw_field} holds more than the shape's {count} elements")
-        if offset + _LENGTH_PREFIX > len(raw):
+_PREFIX = struct.Struct("<I")
+
+
+def _split_texts(raw: bytes, count: int, name: str, raw_field: str) -> np.ndarray:
+    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then that many bytes) as text.
+
+    ``check`` bounded ``count`` and made sure ``raw`` is long enough for its prefixes; this one pass stops at
+    ``count`` elements whatever the prefixes say.
+    """
+    texts = np.empty(count, dtype=object)
+    view, offset, end = memoryview(raw), 0, len(raw)
+    unpack = _PREFIX.unpack_from
+    for index in range(count):
+        if offset + _LENGTH_PREFIX > end:
+            if offset == end:
+                raise InvalidArgumentError(f"input '{name}': {raw_field} holds {index} elements, the shape {count}")
             raise InvalidArgumentError(f"input '{name}': {raw_field} ends inside an element's length prefix")
-        size = int.from_bytes(view[offset : offset + _LENGTH_PREFIX], "little")
+        (size,) = unpack(raw, offset)
         offset += _LENGTH_PREFIX
-        if offset + size > len(raw):
-            raise InvalidArgumentError(f"input '{name}': element {len(elements)} runs past the end of {raw_field}")
-        elements.append(bytes(view[offset : offset + size]))
+        if offset + size > end:
+            raise InvalidArgumentError(f"input '{name}': element {index} runs past the end of {raw_field}")
+        try:
+            texts[index] = str(view[offset : offset + size], "utf-8")
+        except UnicodeDecodeError:
+            raise _not_text(name, index) from None
         offset += size
-    if len(elements) != count:
-        raise InvalidArgumentError(f"input '{name}': {raw_field} holds {len(elements)} elements, the shape {count}")
-    return elements
+    if offset != end:
+        raise InvalidArgumentError(f"input '{name}': {raw_field} holds more than the shape's {count} elements")
+    return texts
 
 
 def _texts(elements: Sequence[bytes], name: str) -> np.ndarray:
@@ -192,10 +264,12 @@ def _texts(elements: Sequence[bytes], name: str) -> np.ndarray:
         try:
             texts[index] = element.decode("utf-8")
         except UnicodeDecodeError:
-            raise InvalidArgumentError(
-                f"input '{name}': element {index} is not UTF-8 text (ONNX string tensors hold text)"
-            ) from None
+            raise _not_text(name, index) from None
     return texts
+
+
+def _not_text(name: str, index: int) -> InvalidArgumentError:
+    return InvalidArgumentError(f"input '{name}': element {index} is not UTF-8 text (ONNX string tensors hold text)")
 
 
 def to_raw(array: np.ndarray) -> tuple[DataType, bytes]:

@@ -180,8 +180,11 @@ def _raw_bytes_tensor(raw: bytes, shape: list[int]) -> pb.Tensor:
     ("raw", "shape", "message"),
     [
         (b"\x02\x00\x00\x00ab\x01\x00\x00\x00c", [1], "more than the shape's 1 elements"),
-        (b"\x02\x00\x00\x00ab", [2], "holds 1 elements, the shape 2"),
-        (b"\x02\x00\x00", [1], "ends inside an element's length prefix"),
+        (b"\x04\x00\x00\x00abcd", [2], "holds 1 elements, the shape 2"),
+        (b"\x02\x00\x00\x00ab\x00\x00", [2], "ends inside an element's length prefix"),
+        # Refused before any element is read: fewer bytes than the shape's length prefixes take.
+        (b"\x02\x00\x00\x00ab", [2], r"has 6 bytes, too few for the 2 elements of shape \[2\]"),
+        (b"\x02\x00\x00", [1], "has 3 bytes, too few for the 1 elements"),
         (b"\xff\xff\xff\xffab", [1], "element 0 runs past the end of raw_data"),
         (b"\x02\x00\x00\x00\xff\xfe", [1], "element 0 is not UTF-8 text"),
     ],
