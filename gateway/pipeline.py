@@ -5,9 +5,9 @@ Authorization needs the model name from the message, so it lives here rather tha
 every protocol the gateway serves shares it: one place decides. It is decided from the request's header fields
 alone (model, version, action): no tensor is read or decoded before, so a refused caller's tensors cost nothing
 whatever their size (issue 27). A caller who may not act on a model gets PERMISSION_DENIED whether or not the
-model exists (DESIGN.md: a refused caller learns nothing). Before anything else, every identifier of the request
-is checked against its grammar (gateway.identifiers), so no malformed one reaches a record, whoever the caller and
-whatever the decision.
+model exists (DESIGN.md: a refused caller learns nothing). Before anything else, every identifier of the header
+is checked against its grammar (gateway.identifiers), and the input names as soon as they are read, so no malformed
+one reaches a record, whoever the caller and whatever the decision.
 """
 
 from __future__ import annotations
