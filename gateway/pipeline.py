@@ -13,9 +13,7 @@ one reaches a record, whoever the caller and whatever the decision.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -70,8 +68,6 @@ class InferResult:
 
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
-# Decodes visiting more elements than this one by one go to the decode thread: ~0.5 ms on the loop at most.
-INLINE_DECODE_ELEMENTS = 4096
 
 
 class Pipeline:
@@ -83,20 +79,13 @@ class Pipeline:
         models: ModelRepository,
         policies: PolicyStore | None,
         before_run: Callable[[], None] = lambda: None,
-        decode_threads: int = 1,
     ) -> None:
         """``policies=None`` is the dev_no_auth mode (everything allowed); ``before_run`` may refuse a run
-        (the audit sink's health check: no model runs while its record could not be written). Large decodes run
-        on ``decode_threads`` threads, off the event loop."""
+        (the audit sink's health check: no model runs while its record could not be written)."""
         self.models = models
         self._policies = policies
         self._before_run = before_run
-        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="tensor-decode")
-        self.offloaded_decodes = 0  # for tests and measurements
-
-    def close(self) -> None:
-        """Stop the decode threads once the decodes they have are done."""
-        self._decode_pool.shutdown(wait=True)
+        self.sliced_decodes = 0  # decodes that took more than one step: for tests and measurements
 
     def _decide(self, principal: Principal | None, model: str, version: str | None, action: Action) -> Decision:
         if self._policies is None:
@@ -144,14 +133,12 @@ class Pipeline:
             if name:  # "" is the unnamed tensor
                 ID.check(name, "input name")
         wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
-        work = 0
         for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
             tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
-            work += tensors.cost(tensor)
         call.describe_inputs(wire)
         model.validate(wire)
         _check_outputs(model, body.outputs)
-        inputs = await self._decode(wire, work)
+        inputs = await self._decode(wire)
         self._before_run()
         call.model_ran = True
         with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
@@ -160,14 +147,23 @@ class Pipeline:
             outputs = {name: outputs[name] for name in body.outputs}
         return InferResult(request.model, model.version, outputs)
 
-    async def _decode(self, wire: Mapping[str, tensors.WireTensor], work: int) -> dict[str, np.ndarray]:
-        """Every input decoded (``work``: how many elements that visits one by one): inline when that is cheap,
-        else on the decode thread, so the loop serves other calls meanwhile."""
-        if work <= INLINE_DECODE_ELEMENTS:
-            return _decode_all(wire)
-        self.offloaded_decodes += 1
-        run = contextvars.copy_context().run  # the call's log context (request id) goes along
-        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, run, _decode_all, wire)
+    async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
+        """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
+        other calls between steps: a large decode delays no one by more than one step (issue 27). Cooperative
+        steps rather than a thread, since most of the work holds the GIL (Python objects are made one by one)."""
+        inputs: dict[str, np.ndarray] = {}
+        for name, tensor in wire.items():
+            steps, sliced = tensors.decode_steps(tensor), False
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    inputs[name] = done.value
+                    break
+                sliced = True
+                await asyncio.sleep(0)
+            self.sliced_decodes += sliced
+        return inputs
 
     def signature(self, call: CallContext, model: str, version: str | None) -> ModelVersion:
         """The loaded version the caller may read metadata of (its signature and configuration)."""
@@ -195,10 +191,6 @@ class Pipeline:
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
-
-
-def _decode_all(wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
-    return {name: tensors.decode_checked(tensor) for name, tensor in wire.items()}
 
 
 def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:

@@ -370,7 +370,6 @@ class Gateway:
         if self.metrics is not None:
             self.metrics.stop()
         self.placement.close()
-        self.pipeline.close()
         self.audit.close()  # while the loop still runs: records it commits wake their (cancelled) callers there
         self._close_loop()
         self.tracing.shutdown()

@@ -10,7 +10,7 @@ takes and gives (it would turn a ``bytes`` element into the text "b'...'"), so e
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,32 +170,43 @@ def check(tensor: WireTensor, *, max_elements: int, max_bytes_elements: int) -> 
     return count
 
 
-def cost(tensor: WireTensor) -> int:
-    """Roughly how many elements decoding visits one by one (raw numeric values are a view: none), to choose
-    between decoding on the event loop and off it. Call after ``check``."""
-    if tensor.raw is not None and tensor.row is not BYTES:
-        return len(tensor.raw) // 64 if tensor.row.dtype == np.bool_ else 0  # BOOL: one vectorised range check
-    return max(1, int(np.prod(tensor.shape, dtype=np.int64)))
+Steps = Generator[None, None, np.ndarray]
 
 
-def decode_checked(tensor: WireTensor) -> np.ndarray:
-    """The values of a tensor that ``check`` passed, as a numpy array of its datatype and shape.
-
-    Safe to call on a worker thread: long work is done in slices, so that no single step holds the GIL (and the
-    event loop waiting for it) for more than about a millisecond.
-    """
+def decode_steps(tensor: WireTensor) -> Steps:
+    """Decode a tensor that ``check`` passed, a slice at a time: each step (``next``) does at most about a
+    millisecond of work, and the generator's return value is the array of its datatype and shape. The event loop
+    serves other calls between steps (gateway.pipeline); a small tensor takes one step."""
     name, row, shape = shown(tensor.name), tensor.row, tensor.shape
     count = int(np.prod(shape, dtype=np.int64))
     if row is BYTES:
         if tensor.raw is not None:
-            return _split_texts(tensor.raw, count, name, tensor.raw_field).reshape(shape)
-        return _texts(tensor.values or (), name).reshape(shape)
+            texts = yield from _split_texts(tensor.raw, count, name, tensor.raw_field)
+        else:
+            texts = yield from _texts(tensor.values or (), name)
+        return texts.reshape(shape)
     if tensor.raw is not None:
-        array = np.frombuffer(tensor.raw, dtype=row.dtype)
-        if row.dtype == np.bool_ and count and array.view(np.uint8).max() > 1:
-            raise InvalidArgumentError(f"input '{name}': BOOL bytes must be 0 or 1")
+        array = np.frombuffer(tensor.raw, dtype=row.dtype)  # a view: no work whatever the size
+        if row.dtype == np.bool_:
+            as_bytes = array.view(np.uint8)
+            for start in range(0, count, _BOOL_SLICE):
+                if as_bytes[start : start + _BOOL_SLICE].max() > 1:
+                    raise InvalidArgumentError(f"input '{name}': BOOL bytes must be 0 or 1")
+                if start + _BOOL_SLICE < count:
+                    yield
         return array.reshape(shape)
-    return _typed(tensor.values or (), row, count, name).reshape(shape)
+    typed = yield from _typed(tensor.values or (), row, count, name)
+    return typed.reshape(shape)
+
+
+def decode_checked(tensor: WireTensor) -> np.ndarray:
+    """The values of a tensor that ``check`` passed, decoded in one go (every step of ``decode_steps``)."""
+    steps = decode_steps(tensor)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
 
 def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
@@ -210,28 +221,36 @@ def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
     return decode_checked(wire)
 
 
-_SLICE = 16_384  # elements converted per step: about a millisecond of GIL for the slowest datatype
+# Elements per step, each about a millisecond on the test machine (2 cores, loaded): typed values become Python
+# objects on their way through protobuf; texts are split and decoded one by one; BOOL bytes are one numpy max.
+_TYPED_SLICE = 16_384
+_TEXT_SLICE = 2_048
+_BOOL_SLICE = 4 * 1024 * 1024
 
 
-def _typed(values: Sequence[Any], row: DataType, count: int, name: str) -> np.ndarray:
-    """Typed contents (a protobuf repeated field) as an array, converted a slice at a time."""
+def _typed(values: Sequence[Any], row: DataType, count: int, name: str) -> Steps:
+    """Typed contents (a protobuf repeated field) as an array, converted a slice per step."""
     array = np.empty(count, dtype=row.dtype)
-    try:
-        # The wire types are wider than INT8/INT16/UINT8/UINT16; numpy >= 2 refuses values that would wrap. FP32
-        # values past FP16's range would become infinities: refused too, rather than served as something else.
-        with np.errstate(over="raise"):
-            for start in range(0, count, _SLICE):
-                array[start : start + _SLICE] = np.asarray(values[start : start + _SLICE], dtype=row.dtype)
-    except (OverflowError, FloatingPointError):
-        raise InvalidArgumentError(f"input '{name}': a value does not fit in {row.name}") from None
+    for start in range(0, count, _TYPED_SLICE):
+        try:
+            # The wire types are wider than INT8/INT16/UINT8/UINT16; numpy >= 2 refuses values that would wrap.
+            # FP32 values past FP16's range would become infinities: refused too, rather than served as something
+            # else.
+            with np.errstate(over="raise"):
+                array[start : start + _TYPED_SLICE] = np.asarray(values[start : start + _TYPED_SLICE], dtype=row.dtype)
+        except (OverflowError, FloatingPointError):
+            raise InvalidArgumentError(f"input '{name}': a value does not fit in {row.name}") from None
+        if start + _TYPED_SLICE < count:
+            yield
     return array
 
 
 _PREFIX = struct.Struct("<I")
 
 
-def _split_texts(raw: bytes, count: int, name: str, raw_field: str) -> np.ndarray:
-    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then that many bytes) as text.
+def _split_texts(raw: bytes, count: int, name: str, raw_field: str) -> Steps:
+    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then that many bytes) as text, a
+    slice per step.
 
     ``check`` bounded ``count`` and made sure ``raw`` is long enough for its prefixes; this one pass stops at
     ``count`` elements whatever the prefixes say.
@@ -240,6 +259,8 @@ def _split_texts(raw: bytes, count: int, name: str, raw_field: str) -> np.ndarra
     view, offset, end = memoryview(raw), 0, len(raw)
     unpack = _PREFIX.unpack_from
     for index in range(count):
+        if index and not index % _TEXT_SLICE:
+            yield
         if offset + _LENGTH_PREFIX > end:
             if offset == end:
                 raise InvalidArgumentError(f"input '{name}': {raw_field} holds {index} elements, the shape {count}")
@@ -258,9 +279,11 @@ def _split_texts(raw: bytes, count: int, name: str, raw_field: str) -> np.ndarra
     return texts
 
 
-def _texts(elements: Sequence[bytes], name: str) -> np.ndarray:
+def _texts(elements: Sequence[bytes], name: str) -> Steps:
     texts = np.empty(len(elements), dtype=object)
     for index, element in enumerate(elements):
+        if index and not index % _TEXT_SLICE:
+            yield
         try:
             texts[index] = element.decode("utf-8")
         except UnicodeDecodeError:
