@@ -13,8 +13,9 @@ one reaches a record, whoever the caller and whatever the decision.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -60,11 +61,13 @@ class InferRequest:
 
 @dataclass(frozen=True, slots=True)
 class InferResult:
-    """Outputs by name (model order) and the version that ran."""
+    """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), and the
+    version that ran."""
 
     model: str
     version: int
     outputs: dict[str, np.ndarray]
+    raw: dict[str, tuple[tensors.DataType, bytes]]
 
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
@@ -145,7 +148,8 @@ class Pipeline:
             outputs = await model.run(inputs)
         if body.outputs is not None:
             outputs = {name: outputs[name] for name in body.outputs}
-        return InferResult(request.model, model.version, outputs)
+        raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
+        return InferResult(request.model, model.version, outputs, raw)
 
     async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
         """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
@@ -153,16 +157,8 @@ class Pipeline:
         steps rather than a thread, since most of the work holds the GIL (Python objects are made one by one)."""
         inputs: dict[str, np.ndarray] = {}
         for name, tensor in wire.items():
-            steps, sliced = tensors.decode_steps(tensor), False
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    inputs[name] = done.value
-                    break
-                sliced = True
-                await asyncio.sleep(0)
-            self.sliced_decodes += sliced
+            inputs[name], pauses = await _in_steps(tensors.decode_steps(tensor))
+            self.sliced_decodes += pauses > 0
         return inputs
 
     def signature(self, call: CallContext, model: str, version: str | None) -> ModelVersion:
@@ -191,6 +187,22 @@ class Pipeline:
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
+
+
+T = TypeVar("T")
+
+
+async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
+    """Run a generator of steps (gateway.tensors) to its end, the loop serving others between two steps; what it
+    returns, and how many pauses it took."""
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value, pauses
+        pauses += 1
+        await asyncio.sleep(0)
 
 
 def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:

@@ -10,9 +10,9 @@ takes and gives (it would turn a ``bytes`` element into the text "b'...'"), so e
 from __future__ import annotations
 
 import struct
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +52,7 @@ BY_ENUM = {row.enum: row for row in ROWS}
 BY_ONNX = {row.onnx: row for row in ROWS}
 BY_DTYPE = {row.dtype.newbyteorder("="): row for row in ROWS}
 BYTES = BY_NAME["BYTES"]
+T = TypeVar("T")
 _LENGTH_PREFIX = 4
 
 
@@ -201,7 +202,11 @@ def decode_steps(tensor: WireTensor) -> Steps:
 
 def decode_checked(tensor: WireTensor) -> np.ndarray:
     """The values of a tensor that ``check`` passed, decoded in one go (every step of ``decode_steps``)."""
-    steps = decode_steps(tensor)
+    return run_steps(decode_steps(tensor))
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Every step of ``steps`` at once, and what it returns (where no event loop needs serving meanwhile)."""
     while True:
         try:
             next(steps)
@@ -295,26 +300,29 @@ def _not_text(name: str, index: int) -> InvalidArgumentError:
     return InvalidArgumentError(f"input '{name}': element {index} is not UTF-8 text (ONNX string tensors hold text)")
 
 
-def to_raw(array: np.ndarray) -> tuple[DataType, bytes]:
-    """An array's datatype and raw little-endian bytes (BYTES: length-prefixed UTF-8 elements)."""
+def encode_steps(array: np.ndarray) -> Generator[None, None, tuple[DataType, bytes]]:
+    """An array's datatype and raw little-endian bytes (BYTES: length-prefixed UTF-8 elements), a slice per step
+    (``next``) as ``decode_steps`` does: numeric arrays take one step, texts one per 2,048 elements."""
     row = datatype_of(array)
-    if row is BYTES:
-        parts: list[bytes] = []
-        for element in np.asarray(array).ravel():
-            if not isinstance(element, str | bytes):
-                raise TypeError(f"a BYTES tensor holds str or bytes elements, not {type(element).__name__}")
-            data = element.encode("utf-8") if isinstance(element, str) else element
-            parts += (len(data).to_bytes(_LENGTH_PREFIX, "little"), data)
-        return row, b"".join(parts)
-    return row, np.ascontiguousarray(array, dtype=row.dtype).tobytes()
+    if row is not BYTES:
+        return row, np.ascontiguousarray(array, dtype=row.dtype).tobytes()
+    parts: list[bytes] = []
+    for index, element in enumerate(np.asarray(array).ravel()):
+        if index and not index % _TEXT_SLICE:
+            yield
+        if not isinstance(element, str | bytes):
+            raise TypeError(f"a BYTES tensor holds str or bytes elements, not {type(element).__name__}")
+        data = element.encode("utf-8") if isinstance(element, str) else element
+        parts += (_PREFIX.pack(len(data)), data)
+    return row, b"".join(parts)
+
+
+def to_raw(array: np.ndarray) -> tuple[DataType, bytes]:
+    """An array's datatype and raw little-endian bytes (BYTES: length-prefixed UTF-8 elements), in one go."""
+    return run_steps(encode_steps(array))
 
 
 def encode(name: str, array: np.ndarray) -> pb.Tensor:
     """A numpy array as a gateway.v1 tensor with little-endian raw bytes."""
     row, raw = to_raw(array)
     return pb.Tensor(name=name, datatype=row.enum, shape=array.shape, raw_data=raw)
-
-
-def encode_all(outputs: Mapping[str, np.ndarray]) -> list[pb.Tensor]:
-    """Every output, in the model's output order."""
-    return [encode(name, array) for name, array in outputs.items()]

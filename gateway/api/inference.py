@@ -59,7 +59,10 @@ def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictRe
     response = pb.PredictResponse(
         model_name=result.model,
         model_version=str(result.version),
-        outputs=tensors.encode_all(result.outputs),
+        outputs=[
+            pb.Tensor(name=name, datatype=row.enum, shape=result.outputs[name].shape, raw_data=raw)
+            for name, (row, raw) in result.raw.items()  # encoded by the pipeline, a step at a time
+        ],
         id=request.id,
     )
     if request.input_data and result.outputs:

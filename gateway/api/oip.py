@@ -87,7 +87,7 @@ def to_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelI
     """Outputs as raw contents, one entry per output in order, with datatype and shape (what tritonclient reads)."""
     response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
     for name, array in result.outputs.items():
-        row, raw = tensors.to_raw(array)
+        row, raw = result.raw[name]  # encoded by the pipeline, a step at a time
         response.outputs.add(name=name, datatype=row.name, shape=array.shape)
         response.raw_output_contents.append(raw)
     return response
