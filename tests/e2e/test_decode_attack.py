@@ -26,8 +26,8 @@ from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, stub
 
 ELEMENTS = 3_000_000  # one-byte BYTES elements: 15 MB on the wire; the old code spent seconds decoding them
-# What each measured wait must stay under. The old code missed it by seconds; the new one, measured on a loaded
-# 2-core machine, stays under a tenth of it (the report in docs/security.md gives the numbers).
+# What each measured wait must stay under. The old code missed it by seconds; the new one, run 10 times in a row
+# on a loaded 2-core machine, stayed at or under 0.2 s (docs/performance.md gives the numbers).
 BOUND_S = 0.5
 X = np.random.default_rng(27).random((1, 784), dtype=np.float32)
 
@@ -193,20 +193,28 @@ def test_a_large_stream_message_that_is_refused_does_not_stall_other_callers(gw,
 
 ALLOWED_TEXTS = 1024 * 1024  # models.max_bytes_elements: the most BYTES elements one tensor may have
 ALLOWED_FLOATS = 16384 * 784  # 12.8 M typed FP32 values (fp32_contents, 51 MB), 16,384 rows of the MLP input
-# A 51 MB message costs the loop grpc's own copy of it and protobuf's parse (~40 ms each on a loaded 2-core machine)
-# before the gateway sees a value: that floor, not the decode, is what this wider bound leaves room for.
-TYPED_BOUND_S = 1.0
+# An allowed caller's large request also costs the loop what is not decoding: grpc's own copy of a 51 MB message and
+# protobuf's parse of it (~40 ms each on a loaded 2-core machine), ONNX Runtime's conversion of a million strings:
+# the wider bound leaves room for those; the ratio to the call's own length is the check the old code fails.
+ALLOWED_BOUND_S = 1.0
 
 
 def test_an_allowed_callers_large_bytes_tensor_is_decoded_and_echoed_a_slice_at_a_time(gw):
     request = oip.ModelInferRequest(model_name="labels", raw_input_contents=[one_byte_elements(ALLOWED_TEXTS)])
     request.inputs.add(name="text", datatype="BYTES", shape=[ALLOWED_TEXTS])
     responses: list[oip.ModelInferResponse] = []
+    took: list[float] = []
     large_replies = (("grpc.max_receive_message_length", 64 * 1024 * 1024),)  # a million ids and texts: 13 MB
     with grpc.secure_channel(gw.target, gw.pki.channel_credentials("alice"), options=large_replies) as channel:
         infer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        waits = measured_while(gw, lambda: responses.append(infer(request, metadata=auth(gw.token()), timeout=60)))
-    print(f"\nallowed BYTES: {waits.summary()}")
+
+        def infer_large() -> None:
+            started = time.perf_counter()
+            responses.append(infer(request, metadata=auth(gw.token()), timeout=60))
+            took.append(time.perf_counter() - started)
+
+        waits = measured_while(gw, infer_large)
+    print(f"\nallowed BYTES: {waits.summary()}, the large call took {took[0] * 1000:.0f} ms")
     (response,) = responses
     # The echo output is a million texts again: encoded for the reply in steps too.
     assert [(out.name, tuple(out.shape)) for out in response.outputs] == [
@@ -214,9 +222,13 @@ def test_an_allowed_callers_large_bytes_tensor_is_decoded_and_echoed_a_slice_at_
         ("echo", (ALLOWED_TEXTS,)),
     ]
     assert gw.gateway.pipeline.sliced_decodes == 1
-    assert max(waits.predicts) < BOUND_S, waits.summary()
-    assert max(waits.checks) < BOUND_S, waits.summary()
-    assert max(waits.loop_lag) < BOUND_S, waits.summary()
+    # As for typed values below: no single stall near the call's length (the old code's was its decode or its
+    # encode, each most of the call); the wider absolute bound leaves room for ONNX Runtime, which converts a
+    # million strings in and out holding the GIL (~60 ms each unloaded, up to ~0.5 s seen on a loaded machine).
+    assert max(waits.loop_lag) < took[0] / 4, waits.summary()
+    assert max(waits.predicts) < ALLOWED_BOUND_S, waits.summary()
+    assert max(waits.checks) < ALLOWED_BOUND_S, waits.summary()
+    assert max(waits.loop_lag) < ALLOWED_BOUND_S, waits.summary()
 
 
 def test_an_allowed_callers_large_typed_tensor_is_decoded_a_slice_at_a_time(gw):
@@ -242,6 +254,6 @@ def test_an_allowed_callers_large_typed_tensor_is_decoded_a_slice_at_a_time(gw):
     # tenth; the old code's one stall was over half of it, 0.76-1.62 s); the absolute bound leaves room for the
     # message's receipt and parse.
     assert max(waits.loop_lag) < took[0] / 4, waits.summary()
-    assert max(waits.predicts) < TYPED_BOUND_S, waits.summary()
-    assert max(waits.checks) < TYPED_BOUND_S, waits.summary()
-    assert max(waits.loop_lag) < TYPED_BOUND_S, waits.summary()
+    assert max(waits.predicts) < ALLOWED_BOUND_S, waits.summary()
+    assert max(waits.checks) < ALLOWED_BOUND_S, waits.summary()
+    assert max(waits.loop_lag) < ALLOWED_BOUND_S, waits.summary()
