@@ -85,10 +85,15 @@ async def _sample_lag(stop: threading.Event, lags: list[float], interval_s: floa
 
 
 def _repeat(stop: threading.Event, samples: list[float], call: Callable[[], object]) -> None:
+    """``call`` again and again until ``stop``; each one's duration, a failed one's (its deadline passed) too."""
     while not stop.is_set():
         started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
+        try:
+            call()
+        except grpc.RpcError:
+            samples.append(float("inf"))  # counted as over any bound, whatever it took
+        else:
+            samples.append(time.perf_counter() - started)
 
 
 def measured_while(gw, attack: Callable[[], None]) -> Waits:
@@ -225,7 +230,7 @@ def test_an_allowed_callers_large_bytes_tensor_is_decoded_and_echoed_a_slice_at_
     # As for typed values below: no single stall near the call's length (the old code's was its decode or its
     # encode, each most of the call); the wider absolute bound leaves room for ONNX Runtime, which converts a
     # million strings in and out holding the GIL (~60 ms each unloaded, up to ~0.5 s seen on a loaded machine).
-    assert max(waits.loop_lag) < took[0] / 4, waits.summary()
+    assert max(waits.loop_lag) < took[0] / 3, waits.summary()
     assert max(waits.predicts) < ALLOWED_BOUND_S, waits.summary()
     assert max(waits.checks) < ALLOWED_BOUND_S, waits.summary()
     assert max(waits.loop_lag) < ALLOWED_BOUND_S, waits.summary()
@@ -250,10 +255,9 @@ def test_an_allowed_callers_large_typed_tensor_is_decoded_a_slice_at_a_time(gw):
     (response,) = responses
     assert [tuple(out.shape) for out in response.outputs] == [(ALLOWED_FLOATS // 784, 10)]
     assert gw.gateway.pipeline.sliced_decodes == 1
-    # The decode is most of the large call: in slices, no single stall comes near its length (measured: under a
-    # tenth; the old code's one stall was over half of it, 0.76-1.62 s); the absolute bound leaves room for the
-    # message's receipt and parse.
-    assert max(waits.loop_lag) < took[0] / 4, waits.summary()
+    # The decode is most of the large call: in slices, no single stall comes near its length (10 loaded runs: at
+    # most 0.23 of it, the message's receipt and parse; the old code's one stall was over half of it, 0.76-1.62 s).
+    assert max(waits.loop_lag) < took[0] / 3, waits.summary()
     assert max(waits.predicts) < ALLOWED_BOUND_S, waits.summary()
     assert max(waits.checks) < ALLOWED_BOUND_S, waits.summary()
     assert max(waits.loop_lag) < ALLOWED_BOUND_S, waits.summary()
