@@ -127,7 +127,7 @@ class Pipeline:
         self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT
     ) -> InferResult:
         """Run one inference for an authorized caller: decided on the header, then the body read and checked
-        against the model's signature and limits, then decoded (large decodes off the loop), then run."""
+        against the model's signature and limits, then decoded (a step at a time), run, and encoded."""
         if request.id is not None:
             ID.check(request.id, "id")
         model = self._authorize(call, request.model, request.version, action)
