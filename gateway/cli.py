@@ -109,7 +109,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError
     from gateway.errors import StartupError
     from gateway.models.runtime import ModelLoadError
-    from gateway.server import Gateway, metrics_tls
+    from gateway.server import Gateway, metrics_limits, metrics_tls
 
     config = _config_file(args)
     overrides: dict[str, Any] = {}
@@ -143,6 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 grace_s=settings.shutdown_grace_s,
                 metrics_listen=settings.metrics.listen,
                 metrics_tls=metrics_tls(settings),
+                metrics_limits=metrics_limits(settings),
             )
         except ConfigError as exc:  # metrics.listen cannot be bound
             return _fail(str(exc), EXIT_USAGE)
@@ -378,7 +379,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify_files
 
     paths = [Path(p) for p in args.paths]
-    missing = next((path for path in paths if not path.exists()), None)
+    waived = [Path(p) for p in args.no_checkpoint or ()]
+    missing = next((path for path in [*paths, *waived] if not path.exists()), None)
     if missing is not None:
         return _fail(f"{missing}: no such file or directory", EXIT_USAGE)
     try:
@@ -386,13 +388,78 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         hmac_key = Path(args.hmac_key).read_bytes().strip() if args.hmac_key else None
     except OSError as exc:
         return _fail(f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
-    report = verify_files(paths, hmac_key=hmac_key)
+    report = verify_files(paths, hmac_key=hmac_key, no_checkpoint=waived)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         for line in report.lines():
             print(line)
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _version_folders(paths: Sequence[str]) -> list[Path]:
+    """Each folder holding a model.onnx at or below the given paths (a version, a model, or a repository)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise _UsageError(f"{path}: not a directory")
+        below = sorted(model.parent for model in path.rglob("model.onnx") if not _hidden(model.relative_to(path)))
+        if not below:
+            raise _UsageError(f"{path}: no model.onnx in it or below it")
+        found.extend(below)
+    return found
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _cmd_model_sign(args: argparse.Namespace) -> int:
+    from gateway.models import signature
+
+    try:
+        folders = _version_folders(args.paths)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    for folder in folders:
+        try:
+            signature.sign(
+                folder,
+                private_key=Path(args.key),
+                certificate=Path(args.certificate) if args.certificate else None,
+                chain=Path(args.chain) if args.chain else None,
+            )
+            digest = signature.digest(folder)
+        except signature.SignatureError as exc:
+            return _fail(f"{folder}: {exc.reason}", EXIT_USAGE)
+        except Exception as exc:  # the library's errors: an unreadable key, a symlink, a wrong password
+            return _fail(f"{folder}: cannot sign: {' '.join(str(exc).split())[:300]}")
+        print(f"signed {folder / signature.SIGNATURE_FILE}: {digest}")
+    return EXIT_OK
+
+
+def _cmd_model_verify(args: argparse.Namespace) -> int:
+    from gateway.models import signature
+
+    trust = signature.SignatureTrust(
+        public_key=Path(args.public_key) if args.public_key else None,
+        certificate_chain=Path(args.certificate_chain) if args.certificate_chain else None,
+    )
+    if len(trust.kinds()) != 1:
+        return _fail("give exactly one of --public-key and --certificate-chain", EXIT_USAGE)
+    try:
+        folders = _version_folders(args.paths)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    failed = 0
+    for folder in folders:
+        try:
+            signature.verify(folder, trust)
+            print(f"OK {folder}: {signature.digest(folder)}")
+        except signature.SignatureError as exc:
+            failed += 1
+            print(f"FAILED {folder}: {exc.reason}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 _CONNECTION = (
@@ -687,6 +754,7 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
             "versions": list(meta.versions),
             "inputs": specs(meta.inputs),
             "outputs": specs(meta.outputs),
+            "model_digest": meta.model_digest,
         }
 
     return _run_client(args, metadata)
@@ -792,16 +860,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(metadata)
     metadata.set_defaults(run=_cmd_metadata)
 
+    model = commands.add_parser("model", help="model signing (OpenSSF model signing; docs/model-signing.md)")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    sign = model_commands.add_parser(
+        "sign",
+        help="sign model versions: writes model.sig in each folder holding a model.onnx",
+        description="Sign every model version at or below each DIR (a version folder, a model, or a repository): "
+        "the OpenSSF model signing library writes DIR/model.sig over every file of the version. Prints each "
+        "signature and the digest that names the signed bytes in the gateway's records.",
+    )
+    sign.add_argument("paths", nargs="+", metavar="DIR")
+    sign.add_argument("--key", required=True, help="EC private key (PEM), e.g. certs/signing/model-signing.key")
+    sign.add_argument("--certificate", help="the key's signing certificate (PEM), for certificate_chain trust")
+    sign.add_argument("--chain", help="the certificate's chain up to its root (PEM), with --certificate")
+    sign.set_defaults(run=_cmd_model_sign)
+    check_signature = model_commands.add_parser(
+        "verify",
+        help="verify model versions as the gateway does at load",
+        description="Verify every model version at or below each DIR against its model.sig, as `serve` does with "
+        "models.signatures on. Exit 0 only when every version verifies.",
+    )
+    check_signature.add_argument("paths", nargs="+", metavar="DIR")
+    check_signature.add_argument(
+        "--public-key", help="trusted EC public key (PEM), e.g. certs/server/model-signing.pub"
+    )
+    check_signature.add_argument("--certificate-chain", help="trusted CA chain (PEM) of model-signing certificates")
+    check_signature.set_defaults(run=_cmd_model_verify)
+
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser(
         "verify",
         help="verify hash chains and checkpoints",
         description="Verify audit trails: files, or folders at any depth (one per replica), grouped by the chain "
         "id their records carry; each chain is verified on its own, and two trails claiming one chain id fail. "
-        "Exit 0 only when every chain verifies.",
+        "Each trail needs its checkpoint (NAME.checkpoint beside its active file, naming its chain) unless "
+        "--no-checkpoint names it. Exit 0 only when every chain verifies.",
     )
     verify.add_argument("paths", nargs="+", metavar="PATH", help="audit file or folder")
     verify.add_argument("--hmac-key", help="key file of a keyed trail (its text, stripped; not hex-decoded)")
+    verify.add_argument(
+        "--no-checkpoint",
+        action="append",
+        metavar="TRAIL",
+        help="this trail (its active file, or a folder of trails) has no checkpoint: verify it without one, and say "
+        "so in its summary (repeatable); without it, a trail whose checkpoint is missing fails",
+    )
     verify.add_argument("--json", action="store_true", help="print the report as JSON: verdict, per-chain summaries")
     verify.set_defaults(run=_cmd_audit_verify)
     return parser

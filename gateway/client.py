@@ -70,6 +70,7 @@ class ModelMetadata:
     versions: tuple[str, ...]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    model_digest: str | None = None  # "sha256:<hex>" of the version's files, as the gateway loaded them
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +321,7 @@ def parse_metadata(response: pb.GetModelMetadataResponse) -> ModelMetadata:
         tuple(response.versions),
         tuple(_spec(s) for s in response.inputs),
         tuple(_spec(s) for s in response.outputs),
+        response.model_digest or None,
     )
 
 

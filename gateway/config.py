@@ -13,6 +13,7 @@ variable is an error, except the client commands' own (``gateway/cli.py`` passes
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import math
 import os
@@ -35,10 +36,13 @@ from gateway.auth import (
     SUPPORTED_ALGORITHMS,
     https_url_problem,
 )
+from gateway.auth.principal import identity_spelling_problem
 from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
+from gateway.models.signature import MODES as SIGNATURE_MODES
+from gateway.models.signature import SignaturePolicy, SignatureTrust
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
@@ -118,6 +122,16 @@ class ModelSettings:
     run_threads: int = 2
     # Dynamic batching by model name, off for every model not named: see docs/performance.md for when it pays.
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)
+    # OpenSSF model signatures (docs/model-signing.md): off | warn (verify, log, count, serve) | required (a version
+    # without a valid model.sig is not loaded; the last good load keeps serving). Per model: signatures_by_model.
+    signatures: str = "off"
+    signatures_by_model: Mapping[str, str] = field(default_factory=dict)
+    signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+
+    @property
+    def signature_policy(self) -> SignaturePolicy:
+        """What the model repository verifies."""
+        return SignaturePolicy(self.signatures, dict(self.signatures_by_model), self.signature_trust)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +159,13 @@ class LimitSettings:
     message_timeout_s: float = 5.0
     stream_idle_timeout_s: float = 300.0
     max_streams_per_connection: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
-    handshake_timeout_s: float = 10.0  # a connection must finish its TLS handshake within this
+    # Connections that never send a ClientHello hold a descriptor each until this: short, so that a trickle of
+    # them cannot keep the port's connection cap full (a full TLS 1.3 handshake is one round trip).
+    handshake_timeout_s: float = 5.0
+    # Connections open on the main port at once, TLS handshakes in progress included; past it grpc closes new
+    # ones at accept. Below the descriptor limit, so that a flood fills this cap, not the process's table.
+    max_connections: int = 1000
+    max_watch_streams: int = 100  # grpc.health.v1 Watch streams open at once; past it, RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +178,8 @@ class KeepaliveSettings:
     min_ping_interval_s: float = 10.0
     max_connection_age_s: float = 3600.0
     max_connection_age_grace_s: float = 30.0
+    # A connection with no call open for this long is closed (GOAWAY); clients reconnect when they next call.
+    max_connection_idle_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +188,12 @@ class MetricsSettings:
 
     listen: str | None = None  # HOST:PORT
     tls: bool = False  # HTTPS with the server certificate; clients need a certificate signed by tls.client_ca
+    # Client-certificate identities allowed to scrape, typed as in policies (spiffe://..., dns:NAME, cn:NAME);
+    # empty: any certificate the client CA signed and the CRL does not revoke. Needs tls.
+    allowed_identities: tuple[str, ...] = ()
+    max_connections: int = 16  # open at once; past it a new connection is closed at once
+    max_connections_per_source: int = 4  # from one client address
+    timeout_s: float = 10.0  # for the TLS handshake, then for each read and write of the request and response
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +208,12 @@ class HealthSettings:
     """The plaintext probe listener (kubelet, load balancers): ``grpc.health.v1.Health``, overall status only."""
 
     listen: str | None = None  # HOST:PORT; off unless set
+    # Anyone who can reach the port may connect, with no identity: every resource is capped, and Watch (a stream
+    # held open for good) is not served here; kubelet's probe and grpc_health_probe use Check.
+    max_connections: int = 64
+    max_streams_per_connection: int = 4
+    max_connection_idle_s: float = 5.0  # a connection with no call open (or that never sent one) is closed then
+    max_connection_age_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +250,7 @@ class Settings:
 CHOICES = {
     "audit.fsync": ("none", "batch", "always"),
     "models.execution_mode": ("sequential", "parallel"),
+    "models.signatures": SIGNATURE_MODES,
     "log_format": ("json", "console"),
     "log_level": ("debug", "info", "warning", "error"),
 }
@@ -274,6 +309,8 @@ def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
         return float(value)
     if annotation is str:
+        if value is False and ("off" in CHOICES.get(key, ()) or key.startswith("models.signatures_by_model.")):
+            value = "off"  # YAML 1.1 reads a bare `off` as false: `signatures: off` means the word
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
         if key in CHOICES and value not in CHOICES[key]:
@@ -318,7 +355,7 @@ def certs_dir_overrides(directory: Path) -> dict[str, Any]:
         raise ConfigError(
             f"--certs: {directory} holds the whole set; give the gateway its own: --certs {directory}/server"
         )
-    for name in ("ca.key", "jwt-signing.key"):
+    for name in ("ca.key", "jwt-signing.key", "model-signing.key"):
         if (directory / name).exists():
             raise ConfigError(
                 f"--certs: {directory} holds {name}, a signing key the gateway never needs; move it out "
@@ -494,6 +531,10 @@ def check_paths(settings: Settings) -> None:
         "auth.jwks_ca": settings.auth.jwks_ca,
         "audit.hmac_key_file": settings.audit.hmac_key_file,
     }
+    if settings.models.signature_policy.used:
+        trust = settings.models.signature_trust
+        files["models.signature_trust.public_key"] = trust.public_key
+        files["models.signature_trust.certificate_chain"] = trust.certificate_chain
     if settings.dev_insecure_transport:
         files = {key: path for key, path in files.items() if not key.startswith("tls.")}
     if settings.dev_no_auth:
@@ -591,8 +632,9 @@ def validate(settings: Settings) -> None:
         validate_chain_id(settings.audit.chain_id)
     except ValueError as exc:
         raise ConfigError(f"audit.chain_id: {exc}") from None
-    # Each opens the gateway to any caller that can reach the port: only this machine may.
-    for option in ("dev_insecure_transport", "dev_no_auth"):
+    # Each opens the gateway to any caller that can reach the port (or serves them unrecorded, which is as open):
+    # only this machine may, whichever source (file, GATEWAY_* variable, --dev flag) set it.
+    for option in ("dev_insecure_transport", "dev_no_auth", "dev_audit_fail_open"):
         if getattr(settings, option) and not _is_loopback(host):
             raise ConfigError(f"{option}: only allowed on a loopback address, not {host!r}")
     if not settings.dev_insecure_transport:
@@ -631,8 +673,10 @@ def validate(settings: Settings) -> None:
     for name in ("message_timeout_s", "stream_idle_timeout_s", "handshake_timeout_s"):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"limits.{name}: must be more than 0")
+    _validate_connection_limits(settings)
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
+    _validate_signatures(settings.models)
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
     if unknown:  # "none" among them: an unsigned token is never acceptable (RFC 8725 3.1)
@@ -641,6 +685,30 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_signatures(models: ModelSettings) -> None:
+    """Known modes; where any model is verified, exactly one trust source, and the library installed."""
+    for model, mode in models.signatures_by_model.items():
+        if mode not in SIGNATURE_MODES:
+            raise ConfigError(
+                f"models.signatures_by_model.{model}: {mode!r} is not one of {', '.join(SIGNATURE_MODES)}"
+            )
+    if not models.signature_policy.used:
+        return
+    trust = models.signature_trust
+    kinds = trust.kinds()
+    if not kinds:
+        raise ConfigError(
+            "models.signature_trust: required when models.signatures is warn or required: set public_key (PEM), "
+            "certificate_chain (PEM), or sigstore_identity with sigstore_issuer"
+        )
+    if len(kinds) > 1:
+        raise ConfigError(f"models.signature_trust.{kinds[1]}: set together with {kinds[0]}; give exactly one")
+    if (trust.sigstore_identity is None) != (trust.sigstore_issuer is None):
+        raise ConfigError("models.signature_trust.sigstore_issuer: sigstore_identity and sigstore_issuer go together")
+    if importlib.util.find_spec("model_signing") is None:
+        raise ConfigError("models.signatures: needs the model-signing library: pip install 'gateway[signing]'")
 
 
 def _validate_key_source(auth: AuthSettings) -> None:
@@ -670,6 +738,42 @@ def _validate_key_source(auth: AuthSettings) -> None:
     for name in ("jwks_refresh_interval_s", "jwks_min_refresh_interval_s"):
         if getattr(auth, name) <= 0:
             raise ConfigError(f"auth.{name}: must be more than 0")
+
+
+# grpc takes milliseconds as a 32-bit int.
+_MAX_DURATION_S = (2**31 - 1) / 1000
+
+
+def _validate_connection_limits(settings: Settings) -> None:
+    """Every listener's connection caps and timeouts are positive and fit what grpc takes."""
+    positive = {
+        "limits.max_connections": settings.limits.max_connections,
+        "limits.max_watch_streams": settings.limits.max_watch_streams,
+        "health.max_connections": settings.health.max_connections,
+        "health.max_streams_per_connection": settings.health.max_streams_per_connection,
+        "metrics.max_connections": settings.metrics.max_connections,
+        "metrics.max_connections_per_source": settings.metrics.max_connections_per_source,
+    }
+    for key, count in positive.items():
+        if not 1 <= count <= 2**31 - 1:
+            raise ConfigError(f"{key}: must be between 1 and {2**31 - 1}")
+    durations = {
+        "limits.handshake_timeout_s": settings.limits.handshake_timeout_s,
+        "keepalive.max_connection_idle_s": settings.keepalive.max_connection_idle_s,
+        "health.max_connection_idle_s": settings.health.max_connection_idle_s,
+        "health.max_connection_age_s": settings.health.max_connection_age_s,
+        "metrics.timeout_s": settings.metrics.timeout_s,
+    }
+    for key, seconds in durations.items():
+        if not 0 < seconds <= _MAX_DURATION_S:
+            raise ConfigError(f"{key}: must be more than 0 and at most {_MAX_DURATION_S:.0f}")
+    identities = settings.metrics.allowed_identities
+    if identities and not settings.metrics.tls:
+        raise ConfigError("metrics.allowed_identities: needs metrics.tls (a plain HTTP scraper has no identity)")
+    for identity in identities:
+        problem = identity_spelling_problem(identity)
+        if problem is not None:
+            raise ConfigError(f"metrics.allowed_identities: {identity!r} {problem}")
 
 
 def _validate_probe(settings: Settings) -> None:

@@ -53,6 +53,7 @@ class CallContext:
     model: str | None = None
     requested_version: str | None = None
     version: str | None = None
+    model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
     action: str | None = None
     decision: str | None = None
     rule: str | None = None
@@ -89,6 +90,7 @@ class CallContext:
             model=None,
             requested_version=None,
             version=None,
+            model_digest=None,
             action=None,
             decision=None,
             rule=None,
@@ -127,6 +129,7 @@ class CallContext:
             "model": self.model,
             "requested_version": self.requested_version,
             "version": self.version,
+            "model_digest": self.model_digest,
             "action": self.action,
             "decision": self.decision,
             "rule": self.rule,

@@ -23,8 +23,12 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     """Answers for service ``""`` only: a per-service or per-model status would tell anyone who may ask (no token
     is needed) which models exist, so every named service is unknown."""
 
-    def __init__(self, ready: Callable[[], bool]) -> None:
+    def __init__(self, ready: Callable[[], bool], *, max_watches: int) -> None:
+        """``max_watches``: Watch streams open at once (each is held for as long as the caller likes); past it,
+        RESOURCE_EXHAUSTED; 0: Watch is not served (UNIMPLEMENTED), as on the probe port, open to anyone."""
         self._ready = ready
+        self._max_watches = max_watches
+        self._watches = 0  # on the event loop only: no lock
 
     def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
         if service:
@@ -44,10 +48,18 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """The status now, then each change (polled: readiness is computed, not pushed)."""
-        last = None
-        while True:
-            status = self._status(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(_WATCH_INTERVAL_S)
+        if self._max_watches == 0:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served here; use Check")
+        if self._watches >= self._max_watches:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many health watches")
+        self._watches += 1
+        try:
+            last = None
+            while True:
+                status = self._status(request.service)
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(_WATCH_INTERVAL_S)
+        finally:
+            self._watches -= 1

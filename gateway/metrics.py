@@ -8,14 +8,20 @@ set up by the supervisor before the workers start) and the supervisor serves the
 
 from __future__ import annotations
 
+import collections
 import functools
+import socket
 import ssl
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+import structlog
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -25,7 +31,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client import multiprocess as _multiprocess
 
@@ -34,6 +40,8 @@ from gateway.errors import AuthenticationError, GatewayError, PermissionDeniedEr
 
 if TYPE_CHECKING:
     from gateway.context import CallContext
+
+log = structlog.get_logger(__name__)
 
 NONE = "-"  # the label value for "no model", "unknown method", "no detail"
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -58,6 +66,10 @@ MODEL_VERSIONS = Gauge(
     "gateway_model_versions_loaded", "Versions loaded, by model", ["model"], multiprocess_mode="livemax"
 )
 MODEL_LOAD_FAILURES = Counter("gateway_model_load_failures", "Model versions that failed to load", ["model"])
+# models.signatures: a version whose signature did not verify; mode "required" refused it, "warn" served it.
+MODEL_SIGNATURE_FAILURES = Counter(
+    "gateway_model_signature_failures", "Model versions whose signature did not verify, by mode", ["model", "mode"]
+)
 BATCH_SIZE = Histogram(
     "gateway_batch_size", "Requests per dynamic batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 )
@@ -182,13 +194,35 @@ def set_timestamp(gauge: Gauge, moment: datetime | None) -> None:
         gauge.set(moment.timestamp())
 
 
+class Watched(Protocol):
+    """A store read from files that polls them while started (the CRL)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsTls:
-    """The files the metrics listener serves HTTPS with; clients must present a certificate signed by client_ca."""
+    """The files the metrics listener serves HTTPS with; clients must present a certificate signed by client_ca.
+
+    ``admit`` takes the client's leaf certificate (DER) and says why it may not scrape (revoked, not an allowed
+    identity), or None; ``watched`` are the stores it reads, started and stopped with the listener."""
 
     cert: str
     key: str
     client_ca: str
+    admit: Callable[[bytes], str | None] | None = None
+    watched: tuple[Watched, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """What peers may hold on the metrics listener: connections at once, per source address, and the time the TLS
+    handshake and then each read and write may take (metrics.max_connections, ...)."""
+
+    max_connections: int = 16
+    max_connections_per_source: int = 4
+    timeout_s: float = 10.0
 
 
 def registry(multiprocess_dir: str | None = None) -> CollectorRegistry:
@@ -202,37 +236,158 @@ def registry(multiprocess_dir: str | None = None) -> CollectorRegistry:
     return combined
 
 
-class MetricsListener:
-    """The ``/metrics`` HTTP(S) listener (prometheus_client's, on its own thread); TLS by the stdlib ssl module."""
+_REFUSAL = "gateway.scrape_refused"  # the WSGI environ key carrying why this connection may not scrape
 
-    def __init__(self, listen: str, *, tls: MetricsTls | None, source: CollectorRegistry) -> None:
-        host, _, port = listen.rpartition(":")
-        self._server: WSGIServer
+
+class _Handler(WSGIRequestHandler):
+    """One scrape; says in the environ whether the peer's certificate may scrape, and logs nothing per request."""
+
+    server: _MetricsServer
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ[_REFUSAL] = self.server.refusal(self.connection)
+        return environ
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's WSGI app behind a listener that accepts in one thread and does everything a peer can
+    stall (the TLS handshake, reading the request) in a thread per connection, under a timeout and a cap.
+
+    prometheus_client's own HTTPS listener does the handshake in its accepting thread with no timeout, so one
+    idle TCP connection stops every scrape (issue 27)."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        family: socket.AddressFamily,
+        limits: ListenerLimits,
+        tls: ssl.SSLContext | None,
+        admit: Callable[[bytes], str | None] | None,
+    ) -> None:
+        self.address_family = family
+        self._limits = limits
+        self._tls = tls
+        self._admit = admit
+        self._lock = threading.Lock()
+        self._open: collections.Counter[str] = collections.Counter()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread of its own, or close it at once past a cap."""
+        source = str(client_address[0])
+        with self._lock:
+            full = self._open.total() >= self._limits.max_connections
+            if full or self._open[source] >= self._limits.max_connections_per_source:
+                refused = True
+            else:
+                refused = False
+                self._open[source] += 1
+        if refused:
+            self.shutdown_request(request)
+            return
         try:
-            self._server = self._start(host.strip("[]"), int(port), tls, source)
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: the slot is free again
+            self._release(source)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(str(client_address[0]))
+
+    def _release(self, source: str) -> None:
+        with self._lock:
+            self._open[source] -= 1
+            if self._open[source] <= 0:
+                del self._open[source]
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self._limits.timeout_s)  # the handshake, then each read and write
+        if self._tls is not None:
+            try:
+                request = self._tls.wrap_socket(request, server_side=True)
+            except OSError:  # no or a bad certificate, a timeout, a reset: nothing to answer
+                return
+        super().finish_request(request, client_address)
+
+    def refusal(self, connection: Any) -> str | None:
+        """Why the peer on ``connection`` may not scrape, or None."""
+        if self._admit is None or not isinstance(connection, ssl.SSLSocket):
+            return None
+        der = connection.getpeercert(binary_form=True)
+        reason = "no client certificate" if der is None else self._admit(der)
+        if reason is not None:
+            log.warning("metrics_scrape_refused", reason=reason, peer=str(connection.getpeername()[0]))
+        return reason
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that stalls past the timeout or goes away: not worth a traceback on stderr."""
+
+
+def _guarded(app: Callable[..., Any]) -> Callable[..., Any]:
+    """prometheus_client's app, answering 403 to a peer whose certificate may not scrape."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get(_REFUSAL) is not None:
+            start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"forbidden\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
+class MetricsListener:
+    """The ``/metrics`` HTTP(S) listener on its own threads; TLS by the stdlib ssl module, client certificates
+    required and checked by ``tls.admit``."""
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        tls: MetricsTls | None,
+        source: CollectorRegistry,
+        limits: ListenerLimits | None = None,
+    ) -> None:
+        host, _, port = listen.rpartition(":")
+        self._tls = tls
+        try:
+            self._server = self._bind(host.strip("[]"), int(port), tls, limits or ListenerLimits())
         except OSError as exc:  # a port in use, an address not this machine's, unreadable TLS files
             raise ConfigError(f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+        self._server.set_app(_guarded(make_wsgi_app(source)))
         self.port: int = self._server.server_port
+        for store in tls.watched if tls is not None else ():
+            store.start()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-listener", daemon=True)
+        self._thread.start()
 
     @staticmethod
-    def _start(host: str, port: int, tls: MetricsTls | None, source: CollectorRegistry) -> WSGIServer:
-        if tls is None:
-            return start_http_server(port, addr=host, registry=source)[0]
-        return start_http_server(
-            port,
-            addr=host,
-            registry=source,
-            certfile=tls.cert,
-            keyfile=tls.key,
-            client_cafile=tls.client_ca,
-            client_auth_required=True,
-            tls_min_version=ssl.TLSVersion.TLSv1_2,
-        )[0]
+    def _bind(host: str, port: int, tls: MetricsTls | None, limits: ListenerLimits) -> _MetricsServer:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        context = None
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(tls.cert, tls.key)
+            context.load_verify_locations(tls.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return _MetricsServer((host, port), family=family, limits=limits, tls=context, admit=tls.admit if tls else None)
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
         self._server.shutdown()
         self._server.server_close()
+        for store in self._tls.watched if self._tls is not None else ():
+            store.stop()
 
 
 def mark_worker_dead(pid: int, multiprocess_dir: str) -> None:

@@ -111,6 +111,7 @@ class Pipeline:
             resolved = exc
         if isinstance(resolved, ModelVersion):
             call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
+            call.model_digest = resolved.digest
         policy_version = call.version or requested
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
             decision = self._decide(call.principal, model, policy_version, action)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import resource
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, Protocol, cast
 
@@ -30,17 +34,17 @@ from gateway.api.inference import InferenceServicer
 from gateway.api.oip import OpenInferenceServicer
 from gateway.audit import AuditError, AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
-from gateway.auth.certs import CrlStore
+from gateway.auth.certs import CrlStore, check_validity, inspect_peer
 from gateway.auth.keys import KeyStore
 from gateway.auth.remote_keys import RemoteKeyStore
 from gateway.auth.verifier import TokenVerifier
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import AuthSettings, ConfigError, Settings, listen_error, read_secret
-from gateway.errors import UnavailableError
+from gateway.errors import AuthenticationError, UnavailableError
 from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
 from gateway.limits import Admission
-from gateway.metrics import MetricsListener, MetricsTls, registry
+from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository
 from gateway.models.runtime import RuntimeOptions
@@ -56,6 +60,9 @@ _RECORDS_WAIT_S = 5.0
 _STOP_MARGIN_S = 10.0
 _ANSWER_FLUSH_S = 0.2  # after the last call's end, before the connections close: its answer's time to leave
 _PROBE_MAX_MESSAGE_BYTES = 4096
+_PROBE_AGE_GRACE_MS = 5000  # a Check in flight when the probe connection reaches its age
+_NOFILE_UNLIMITED_TARGET = 1 << 20  # Linux's default nr_open: what an unlimited hard limit is raised to
+_DESCRIPTOR_MARGIN = 64  # beyond the listeners' connection caps: files, models, the audit trail, grpc's own
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -73,6 +80,10 @@ def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
         # long a connection may take to finish its TLS handshake before it is closed.
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.server_handshake_timeout_ms", int(limits.handshake_timeout_s * 1000)),
+        # Connections held at once, handshakes in progress included: grpc closes the next at accept. grpc sees no
+        # per-source-address count to cap (docs/operations.md, "Connection limits").
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_connection_idle_ms", int(keepalive.max_connection_idle_s * 1000)),
         ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", int(keepalive.permit_without_calls)),
@@ -110,12 +121,67 @@ def catch_signals() -> list[int]:
     return received
 
 
+@functools.cache
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, once per process, and log both; the soft limit now.
+
+    Every connection holds a descriptor: the default soft limit (often 1024) is what a flood of idle connections
+    exhausts first, while the hard limit, which only root can raise, is usually far higher."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_UNLIMITED_TARGET if hard == resource.RLIM_INFINITY else hard
+    now = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            now = target
+        except (ValueError, OSError) as exc:  # an unlimited hard limit above the kernel's nr_open
+            log.warning("open_files_limit_not_raised", soft=soft, hard=_limit_text(hard), error=str(exc))
+    log.info("open_files_limit", soft_was=_limit_text(soft), soft=_limit_text(now), hard=_limit_text(hard))
+    return target if now == resource.RLIM_INFINITY else now
+
+
+def _limit_text(limit: int) -> int | str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else limit
+
+
 def metrics_tls(settings: Settings) -> MetricsTls | None:
-    """The metrics listener's HTTPS files (the server's certificate, the client CA), or None for plain HTTP."""
+    """The metrics listener's HTTPS files (the server's certificate, the client CA) and its check of each scraper's
+    certificate (validity, the CRL the gRPC port uses, ``metrics.allowed_identities``), or None for plain HTTP."""
     tls = settings.tls
     if not settings.metrics.tls or tls.cert is None or tls.key is None or tls.client_ca is None:
         return None
-    return MetricsTls(cert=str(tls.cert), key=str(tls.key), client_ca=str(tls.client_ca))
+    crl = None if tls.crl is None else CrlStore(tls.crl, tls.client_ca, interval_s=tls.reload_interval_s)
+    return MetricsTls(
+        cert=str(tls.cert),
+        key=str(tls.key),
+        client_ca=str(tls.client_ca),
+        admit=functools.partial(_admit_scraper, crl=crl, allowed=frozenset(settings.metrics.allowed_identities)),
+        watched=() if crl is None else (crl,),
+    )
+
+
+def _admit_scraper(der: bytes, *, crl: CrlStore | None, allowed: frozenset[str]) -> str | None:
+    """Why the client certificate ``der`` may not scrape, or None: the checks a gRPC call's certificate gets."""
+    try:
+        peer = inspect_peer(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+        check_validity(peer, datetime.now(UTC))
+        if crl is not None:
+            crl.check(peer)
+    except AuthenticationError as exc:
+        return exc.reason
+    if allowed and peer.identity not in allowed:
+        return "identity not allowed to scrape"
+    return None
+
+
+def metrics_limits(settings: Settings) -> ListenerLimits:
+    """What peers may hold on the metrics listener."""
+    metrics = settings.metrics
+    return ListenerLimits(
+        max_connections=metrics.max_connections,
+        max_connections_per_source=metrics.max_connections_per_source,
+        timeout_s=metrics.timeout_s,
+    )
 
 
 def _tracing(settings: Settings) -> Tracing:
@@ -153,6 +219,7 @@ class Gateway:
             placement=self.placement,
             poll_interval_s=models.poll_interval_s,
             strict=models.strict,
+            signatures=models.signature_policy,
         )
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)
         self.policies = (
@@ -186,7 +253,8 @@ class Gateway:
             tracing=self.tracing,
         )
         self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
-        self.health = HealthServicer(self.ready)
+        self.health = HealthServicer(self.ready, max_watches=limits.max_watch_streams)
+        self.probe_health = HealthServicer(self.ready, max_watches=0)
         self._server: grpc.aio.Server | None = None
         self._probe: grpc.aio.Server | None = None
         self.probe_port: int | None = None
@@ -244,6 +312,24 @@ class Gateway:
             if getattr(self.settings, name):
                 log.warning("dev_option_enabled", option=name, detail="development only: never in production")
 
+    def _check_descriptor_budget(self, soft_limit: int) -> None:
+        """Warn when the listeners' connection caps together could use up the descriptor limit: then a flood on
+        one listener could still starve the others."""
+        settings = self.settings
+        caps = settings.limits.max_connections
+        if settings.health.listen is not None:
+            caps += settings.health.max_connections
+        if settings.metrics.listen is not None:
+            caps += settings.metrics.max_connections
+        if caps + _DESCRIPTOR_MARGIN > soft_limit:
+            log.warning(
+                "descriptor_budget_exceeded",
+                connection_caps=caps,
+                margin=_DESCRIPTOR_MARGIN,
+                open_files_limit=soft_limit,
+                detail="lower limits.max_connections or raise the hard RLIMIT_NOFILE (ulimit -Hn)",
+            )
+
     def _on_loop(self, coroutine: Coroutine[Any, Any, Any], timeout_s: float | None = None) -> Any:
         if self._loop is None:
             raise RuntimeError("the gateway's event loop is not running")
@@ -257,6 +343,7 @@ class Gateway:
         before its record can be written.
         """
         self._warn_dev_options()
+        self._check_descriptor_budget(raise_open_files_limit())
         self.models.load_all()
         loop = self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
@@ -302,7 +389,9 @@ class Gateway:
         """Bind ``metrics.listen``, if set, before the audit trail is opened (a port in use fails the start)."""
         listen = self.settings.metrics.listen
         if listen is not None:
-            self.metrics = MetricsListener(listen, tls=metrics_tls(self.settings), source=registry())
+            self.metrics = MetricsListener(
+                listen, tls=metrics_tls(self.settings), source=registry(), limits=metrics_limits(self.settings)
+            )
             log.info("metrics_listening", listen=listen, port=self.metrics.port, https=self.settings.metrics.tls)
 
     async def _bind(self) -> tuple[grpc.aio.Server, int]:
@@ -330,13 +419,23 @@ class Gateway:
     async def _bind_probe(self, listen: str) -> tuple[grpc.aio.Server, int]:
         """The plaintext probe listener: Health alone, for kubelet's gRPC probe, which cannot do TLS. Any address
         is allowed: it tells only SERVING or NOT_SERVING, the same answer the main port gives without a token."""
+        health = self.settings.health
+        idle_ms = int(health.max_connection_idle_s * 1000)
         options = [
             # A Check request is a service name: nothing bigger is needed from callers without any identity.
             ("grpc.max_receive_message_length", _PROBE_MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", int(self.settings.workers > 1)),
+            # Callers with no identity: a few connections, a few calls each, closed once idle or old, so that a
+            # flood of them holds a bounded number of descriptors and streams (issue 27).
+            ("grpc.max_allowed_incoming_connections", health.max_connections),
+            ("grpc.max_concurrent_streams", health.max_streams_per_connection),
+            ("grpc.max_connection_idle_ms", idle_ms),
+            ("grpc.server_handshake_timeout_ms", idle_ms),
+            ("grpc.max_connection_age_ms", int(health.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", _PROBE_AGE_GRACE_MS),
         ]
         probe = grpc.aio.server(options=options)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
+        health_pb2_grpc.add_HealthServicer_to_server(self.probe_health, probe)
         try:
             return probe, probe.add_insecure_port(listen)
         except RuntimeError:

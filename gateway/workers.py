@@ -16,8 +16,15 @@ from collections.abc import Sequence
 
 import structlog
 
-from gateway.metrics import MULTIPROCESS_DIR_ENV, MetricsListener, MetricsTls, mark_worker_dead, registry
-from gateway.server import catch_signals
+from gateway.metrics import (
+    MULTIPROCESS_DIR_ENV,
+    ListenerLimits,
+    MetricsListener,
+    MetricsTls,
+    mark_worker_dead,
+    registry,
+)
+from gateway.server import catch_signals, raise_open_files_limit
 
 log = structlog.get_logger(__name__)
 
@@ -25,17 +32,26 @@ _POLL_S = 0.2
 
 
 def run_workers(
-    serve_args: Sequence[str], count: int, *, grace_s: float, metrics_listen: str | None, metrics_tls: MetricsTls | None
+    serve_args: Sequence[str],
+    count: int,
+    *,
+    grace_s: float,
+    metrics_listen: str | None,
+    metrics_tls: MetricsTls | None,
+    metrics_limits: ListenerLimits | None = None,
 ) -> int:
     """Run ``count`` workers of ``gateway serve serve_args`` until a signal or a worker exits; the exit code.
 
     The workers write their metrics to a fresh folder (prometheus_client's multiprocess mode); this process
     serves them all on ``metrics_listen``, when set, and removes the folder at the end."""
     received = catch_signals()
+    raise_open_files_limit()  # the supervisor's metrics listener; each worker raises its own
     with tempfile.TemporaryDirectory(prefix="gateway-metrics-") as metrics_dir:
         listener = None
         if metrics_listen is not None:  # bound first: a port in use stops the start before any worker runs
-            listener = MetricsListener(metrics_listen, tls=metrics_tls, source=registry(metrics_dir))
+            listener = MetricsListener(
+                metrics_listen, tls=metrics_tls, source=registry(metrics_dir), limits=metrics_limits
+            )
             log.info("metrics_listening", listen=metrics_listen, port=listener.port, workers=count)
         env = {**os.environ, MULTIPROCESS_DIR_ENV: metrics_dir}
         try:

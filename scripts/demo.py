@@ -2,12 +2,16 @@
 
 Uses only the project's own tools: certificates from scripts/gen_certs.sh (certs/: the gateway gets certs/server
 alone, each client its folder under certs/clients, tokens are signed with certs/signing), models from
-scripts/make_demo_models.py (models/), tokens from `gateway token issue`, and the SDK.
+scripts/make_demo_models.py (models/), tokens from `gateway token issue`, and the SDK. The models are served
+from a signed copy (`gateway model sign`, certs/signing/model-signing.key) with models.signatures: required, beside
+an mlp version 3 altered after signing, which the gateway refuses to load.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,12 +110,35 @@ def refused(label: str, action) -> None:  # type: ignore[no-untyped-def]
     raise SystemExit(f"demo failed: {label} was not refused")
 
 
+def signed_models(folder: Path) -> Path:
+    """A copy of models/ signed with the demo's model-signing key, plus mlp version 3: signed, then altered."""
+    repository = folder / "models"
+    shutil.copytree(ROOT / "models", repository)
+    shutil.copytree(repository / "mlp" / "2", repository / "mlp" / "3")
+    command = [str(BIN / "gateway"), "model", "sign", str(repository), "--key", str(SIGNING / "model-signing.key")]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    model = repository / "mlp" / "3" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")  # one byte changed after signing
+    print(f"signed {len(list(repository.glob('*/*/model.sig')))} model versions; then changed one byte of mlp 3")
+    return repository
+
+
+def last_record(audit_log: Path) -> dict:
+    return json.loads(audit_log.read_bytes().splitlines()[-1])
+
+
 def main() -> int:
     global TARGET
     port = free_port()
     TARGET = f"127.0.0.1:{port}"
     audit_dir = Path(tempfile.mkdtemp(prefix="gateway-demo-audit-"))
     audit_log = audit_dir / "audit.log"
+    repository = signed_models(audit_dir)
+    environment = {
+        **os.environ,
+        "GATEWAY_MODELS__SIGNATURES": "required",
+        "GATEWAY_MODELS__SIGNATURE_TRUST__PUBLIC_KEY": str(SERVER / "model-signing.pub"),
+    }
     server = subprocess.Popen(
         [
             str(BIN / "gateway"),
@@ -119,7 +146,7 @@ def main() -> int:
             "--certs",
             str(SERVER),
             "--models",
-            str(ROOT / "models"),
+            str(repository),
             "--policies",
             str(ROOT / "policies"),
             "--listen",
@@ -128,15 +155,22 @@ def main() -> int:
             str(audit_log),
         ],
         stderr=open(audit_dir / "gateway.log", "wb"),  # noqa: SIM115 - closed with the process
+        env=environment,
     )
     try:
         wait_serving(TARGET)
-        print(f"gateway serving on {TARGET} (mutual TLS, JWT, policies/demo.yaml); audit trail {audit_log}\n")
+        print(f"gateway serving on {TARGET} (mutual TLS, JWT, policies/demo.yaml); audit trail {audit_log}")
+        print("models.signatures: required (trust: certs/server/model-signing.pub)\n")
         alice_token = token_for("alice", bind="alice")
         rng = np.random.default_rng(0)
         with client("alice", alice_token) as alice:
             mlp = alice.predict("mlp", {"input": rng.random((1, 784), dtype=np.float32)})
             allowed(f"alice predict mlp (version {mlp.version})", f"{np.round(mlp.outputs['output'][0][:4], 3)}...")
+            digest = last_record(audit_log)["model_digest"]
+            allowed("  its record names the bytes that ran", digest[:23] + "...")
+            if alice.metadata("mlp").model_digest != digest:
+                raise SystemExit("demo failed: metadata and record name different bytes")
+            refused("alice predict mlp version 3 (altered)", lambda: alice.predict("mlp", [0.0] * 784, version=3))
             digit = np.zeros((1, 64), dtype=np.float32)
             digit[0, [19, 20, 27, 28, 35, 36, 43, 44, 51, 52]] = 1.0  # a vertical stroke: a "1"
             result = alice.predict("digits", digit)
@@ -167,6 +201,10 @@ def main() -> int:
         text=True,
     )
     print(f"audit verify: {verify.stdout.strip()}")
+    refusals = [
+        line for line in (audit_dir / "gateway.log").read_text().splitlines() if "model_signature_invalid" in line
+    ]
+    print(f"gateway log: {len(refusals)} model_signature_invalid line(s) (mlp 3)")
     return 0 if code == 0 and verify.returncode == 0 else 1
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the gateway's PKI and token keys with the openssl CLI alone (OpenSSL 1.1.1 or 3.x; OPENSSL=path picks
 # the binary): a CA, a server certificate, one client certificate per name, a CRL, the JWT signing pair with its
-# JWKS, and the audit-chain HMAC key. Python is not needed.
+# JWKS, the audit-chain HMAC key, and the model-signing pair (docs/model-signing.md). Python is not needed.
 #
 #   scripts/gen_certs.sh [--force] [OUTDIR (default certs)] [CLIENT... (default alice bob)]
 #   scripts/gen_certs.sh [--force] --client NAME [OUTDIR]   one more client certificate from the existing CA
@@ -10,10 +10,12 @@
 #
 # OUTDIR holds one folder per party, each with only what that party needs (least privilege):
 #   server/        what `gateway serve --certs OUTDIR/server` reads, and nothing else: server.crt server.key,
-#                  ca.crt (the client CA), crl.pem, jwks.json (public keys only), audit-hmac.key. Mount this one.
+#                  ca.crt (the client CA), crl.pem, jwks.json (public keys only), audit-hmac.key,
+#                  model-signing.pub (models.signature_trust.public_key). Mount this one.
 #   clients/NAME/  what client NAME needs: NAME.crt NAME.key, and ca.crt to check the server.
 #   signing/       stays with whoever issues certificates and tokens, never on the server: ca.key ca.crt,
-#                  jwt-signing.key jwt-signing.pub jwks.json, and .ca/ (the CA database behind crl.pem).
+#                  jwt-signing.key jwt-signing.pub jwks.json, model-signing.key model-signing.pub (`gateway model
+#                  sign` signs model versions with it), and .ca/ (the CA database behind crl.pem).
 # Private keys are mode 0600, every folder 0700, certificates and public files 0644.
 #   - CA, server and client keys: ECDSA P-256. 128-bit security, small certificates and fast TLS handshakes; every
 #     TLS stack grpc uses supports it. The CA is pathlen:0 (no intermediates) and valid 10 years; leaves 825 days.
@@ -24,6 +26,8 @@
 #     (no per-signature nonce to get wrong), cheap verification; 3072 bits per NIST SP 800-57 beyond 2030.
 #     jwks.json holds its public key with kid = RFC 7638 thumbprint, computed here with openssl; the copy in
 #     signing/ lets `gateway token issue` find the kid beside the key.
+#   - Model-signing key: ECDSA P-256 (PKCS#8 PEM), what OpenSSF model signing's key signer takes; its own pair, so
+#     that neither the CA key nor the token key is ever needed where models are published.
 #   - Serial numbers: 124 random bits (RFC 5280 4.1.2.2 allows 20 octets; CA/B Forum asks for 64+ random bits).
 #   - crl.pem: signed by the CA, nextUpdate 30 days; --revoke re-signs it and the gateway reloads it on change.
 # Files are written in a staging folder and renamed into place (key before certificate), so a reloading gateway
@@ -38,7 +42,7 @@ CRL_DAYS=30
 SPIFFE_PREFIX="spiffe://gateway.local/client"
 NAME_RE='^[a-z0-9][a-z0-9_-]{0,62}$'
 # A client's folder holds ca.crt beside NAME.crt; the other names would read as the set's own files.
-RESERVED_NAMES=" ca server jwt-signing audit-hmac crl jwks "
+RESERVED_NAMES=" ca server jwt-signing audit-hmac crl jwks model-signing "
 
 die() {
     echo "gen_certs.sh: $*" >&2
@@ -312,15 +316,21 @@ chmod 644 "$stage/server/jwks.json"
 ossl rand -hex 32 >"$stage/server/audit-hmac.key"
 chmod 600 "$stage/server/audit-hmac.key"
 
+new_key "$ca/model-signing.key"
+ossl pkey -in "$ca/model-signing.key" -pubout -out "$ca/model-signing.pub"
+chmod 644 "$ca/model-signing.pub"
+cp -- "$ca/model-signing.pub" "$stage/server/model-signing.pub"  # what the server verifies model signatures with
+chmod 644 "$stage/server/model-signing.pub"
+
 mkdir -p -- "$signing_dir"
 rm -rf -- "$signing_dir/.ca"
 mv -- "$ca/.ca" "$signing_dir/.ca"
-keys=(signing/ca.key signing/jwt-signing.key server/server.key server/audit-hmac.key)
+keys=(signing/ca.key signing/jwt-signing.key signing/model-signing.key server/server.key server/audit-hmac.key)
 certs=(signing/ca.crt signing/jwt-signing.pub signing/jwks.json server/ca.crt server/server.crt server/crl.pem)
-certs+=(server/jwks.json)
+certs+=(server/jwks.json signing/model-signing.pub server/model-signing.pub)
 for client in "${clients[@]}"; do
     keys+=("clients/$client/$client.key")
     certs+=("clients/$client/$client.crt" "clients/$client/ca.crt")
 done
 publish "${keys[@]}" "${certs[@]}"
-echo "gen_certs.sh: serve with --certs $server_dir; clients (${clients[*]}) in $clients_dir; CA and JWT signing keys in $signing_dir"
+echo "gen_certs.sh: serve with --certs $server_dir; clients (${clients[*]}) in $clients_dir; CA, JWT and model signing keys in $signing_dir"

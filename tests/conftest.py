@@ -27,8 +27,10 @@ def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, env=env, timeout=120)
 
 
-SERVER_FILES = frozenset({"server.crt", "server.key", "ca.crt", "crl.pem", "jwks.json", "audit-hmac.key"})
-SIGNING_FILES = frozenset({"ca.key", "jwt-signing.key", "jwt-signing.pub"})
+SERVER_FILES = frozenset(
+    {"server.crt", "server.key", "ca.crt", "crl.pem", "jwks.json", "audit-hmac.key", "model-signing.pub"}
+)
+SIGNING_FILES = frozenset({"ca.key", "jwt-signing.key", "jwt-signing.pub", "model-signing.key"})
 
 
 @dataclass(frozen=True)

@@ -135,4 +135,5 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             versions=[str(v) for v in versions],
             inputs=_specs(model.inputs),
             outputs=_specs(model.outputs),
+            model_digest=model.digest or "",
         )

@@ -114,6 +114,7 @@ def to_model_config(model: ModelVersion) -> pb.ModelConfig:
             pb.ModelOutput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
             for s in model.outputs
         ],
+        parameters={"model_digest": pb.ModelParameter(string_value=model.digest)} if model.digest else {},
     )
 
 

@@ -4,7 +4,10 @@ Files may be given in any order and may hold several chains (one per worker proc
 is walked in seq order and its first bad record is named by file, line and seq. A trail is the files of one active
 file name in one folder (the active file, its rotated files and its checkpoint, which the writer keeps together).
 Two trails with the same chain id are never merged: each is verified on its own and the chain id is reported as
-claimed twice (two replicas given one id, or a trail's files split across folders).
+claimed twice (two replicas given one id, or a trail's files split across folders). Every trail needs a checkpoint
+that names its chain (the one beside it, or one given): a trail without one fails unless the caller waives it for
+that trail (``no_checkpoint``), since a cut tail is otherwise invisible; a checkpoint of another chain put beside a
+trail is refused, never moved to the trail of its own chain.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class ChainSummary:
     first_ts: str | None = None
     last_ts: str | None = None
     error: Finding | None = None
+    no_checkpoint: bool = False  # the caller said this trail has no checkpoint: its tail is unverified
 
     @property
     def ok(self) -> bool:
@@ -75,6 +79,8 @@ class ChainSummary:
         verdict = "OK" if self.error is None else f"FAILED ({self.error})"
         span = "" if self.first_ts is None else f", {self.first_ts} to {self.last_ts}"
         checkpoint = "" if self.checkpoint_seq is None else f", checkpoint at seq {self.checkpoint_seq}"
+        if self.no_checkpoint:
+            checkpoint = ", no checkpoint (--no-checkpoint): a cut tail cannot be detected"
         return (
             f"chain {self.chain}: {verdict}: seq {self.first_seq}..{self.last_seq}, {self.records} records{span}, "
             f"{len(self.files)} file(s) of {self.trail}{checkpoint}"
@@ -94,6 +100,7 @@ class ChainSummary:
             "first_ts": self.first_ts,
             "last_ts": self.last_ts,
             "checkpoint_seq": self.checkpoint_seq,
+            "no_checkpoint": self.no_checkpoint,
         }
 
 
@@ -160,9 +167,11 @@ class _Walk:
     records: int = 0
     first_ts: str | None = None
     last_ts: str | None = None
+    torn: str | None = None  # where the active file ends in an incomplete line
 
-    def feed(self, path: Path) -> Finding | None:
-        """Check every line of one file; the first failure, or None."""
+    def feed(self, path: Path, *, newest: bool) -> Finding | None:
+        """Check every line of one file; the first failure, or None. ``newest``: the trail's active file, whose
+        incomplete last line is a write cut by a crash (kept in ``torn``), not a failure."""
         try:
             handle = path.open("rb")
         except OSError as exc:
@@ -170,6 +179,9 @@ class _Walk:
         with handle:
             for number, raw in enumerate(handle, 1):
                 if not raw.endswith(b"\n"):
+                    if newest:
+                        self.torn = f"{path}:{number}"
+                        return None
                     return Finding(
                         str(path), number, None, self.chain, "incomplete last line: a torn write or a truncated file"
                     )
@@ -231,11 +243,14 @@ def verify_files(
     hmac_key: bytes | None = None,
     checkpoint: Literal["auto"] | PathArg | Sequence[PathArg] | None = "auto",
     allow_partial_start: bool = False,
+    no_checkpoint: Iterable[PathArg] = (),
 ) -> VerifyReport:
     """Verify a set of audit files (active, rotated, several chains, any order) and their checkpoints.
 
     ``checkpoint="auto"`` checks ``NAME.checkpoint`` beside each file's active name when it exists (and any
-    ``*.checkpoint`` given in ``paths``); a path or list of paths checks exactly those; None checks none.
+    ``*.checkpoint`` given in ``paths``); a path or list of paths checks exactly those; None checks none and
+    requires none. Otherwise each trail must have a checkpoint of its own chain, except the trails
+    named in ``no_checkpoint`` (a trail's active file, or a folder holding trails at any depth).
     ``allow_partial_start`` accepts a chain whose first given record is not seq 1 (older files archived).
     """
     errors: list[Finding] = []
@@ -266,10 +281,28 @@ def verify_files(
             unreadable.setdefault(_trail_of(path), checkpoint_errors[-1])
             continue
         key = (found.chain, *_trail_of(path))
+        beside = sorted(trail[0] for trail in trails if trail[1:] == key[1:])
+        if beside and found.chain not in beside:
+            # Another trail's genuine checkpoint put in this one's place (the key alone cannot tell): it vouches
+            # for nothing here, and it is not moved over to the trail of its own chain either.
+            checkpoint_errors.append(
+                Finding(
+                    str(path),
+                    None,
+                    found.seq,
+                    beside[0],
+                    f"checkpoint of chain {found.chain!r} beside the trail of chain {beside[0]!r}: a checkpoint "
+                    "vouches only for its own chain (another trail's checkpoint put in this one's place?)",
+                )
+            )
+            unreadable.setdefault(key[1:], checkpoint_errors[-1])
+            continue
         same_chain = [trail for trail in trails if trail[0] == found.chain]
         if key not in trails and len(same_chain) == 1:  # given from elsewhere: it vouches for its chain's trail
             key = same_chain[0]
         points.setdefault(key, []).append((path, found))
+
+    waived = _waived(trails, no_checkpoint, notes)
 
     claimed: dict[str, list[_TrailKey]] = {}
     for key in sorted(set(trails) | set(points)):
@@ -287,11 +320,45 @@ def verify_files(
             )
             errors.extend([failure] if failure else [])
             checkpoint_errors.extend(point_errors)
-            first = twice or failure or next(iter(point_errors), None) or unreadable.get(key[1:])
+            missing = None
+            if key in trails and key not in points and key[1:] not in unreadable and checkpoint is not None:
+                if key in waived:
+                    summary = dataclasses.replace(summary, no_checkpoint=True)
+                else:
+                    missing = _no_checkpoint(key, summary)
+                    checkpoint_errors.append(missing)
+            first = twice or failure or next(iter(point_errors), None) or unreadable.get(key[1:]) or missing
             summaries.append(dataclasses.replace(summary, error=first))
             total += summary.records
     errors.extend(checkpoint_errors)
     return VerifyReport(records=total, chains=tuple(summaries), errors=tuple(errors), notes=tuple(notes))
+
+
+def _waived(trails: Iterable[_TrailKey], no_checkpoint: Iterable[PathArg], notes: list[str]) -> set[_TrailKey]:
+    """The trails the caller says have no checkpoint: named by their active file or by a folder above it."""
+    waived: set[_TrailKey] = set()
+    for given in no_checkpoint:
+        real = os.path.realpath(given)
+        named = {
+            key
+            for key in trails
+            if real in (key[1], os.path.join(key[1], key[2])) or key[1].startswith(real.rstrip(os.sep) + os.sep)
+        }
+        if not named:
+            notes.append(f"{given}: no trail there (no_checkpoint)")
+        waived |= named
+    return waived
+
+
+def _no_checkpoint(key: _TrailKey, summary: ChainSummary) -> Finding:
+    return Finding(
+        str(Path(summary.trail).with_name(key[2] + CHECKPOINT_SUFFIX)),
+        None,
+        None,
+        key[0],
+        "no checkpoint for this trail: a cut tail or a missing last file cannot be detected (restore the "
+        "checkpoint or a copy of it; if this trail really has none, say so with --no-checkpoint TRAIL)",
+    )
 
 
 def _trail_of(path: Path) -> tuple[str, str]:
@@ -336,9 +403,16 @@ def _verify_trail(
     walk = _Walk(chain, digest, allow_partial_start, {point.seq for _, point in points})
     failure = None
     for item in files:
-        failure = walk.feed(item.path)
+        failure = walk.feed(item.path, newest=item is files[-1])
         if failure is not None:
             break
+    if walk.torn is not None:
+        # A SIGKILL can cut a write between pages (generic_perform_write checks for fatal signals). The record was
+        # never acknowledged (the answer leaves after the write returns), no checkpoint vouches for it, and the
+        # gateway truncates it at its next start (writer: audit_partial_record_discarded).
+        notes.append(
+            f"{walk.torn}: incomplete last line after seq {walk.last_seq}: a write cut by a crash, never acknowledged"
+        )
     point_errors = [] if failure else _check_points(chain, walk, points, notes)
     checked = [point.seq for _, point in points]
     summary = ChainSummary(
@@ -426,8 +500,6 @@ def _classify(
             candidate = log_path.with_name(_active_name(log_path.name) + CHECKPOINT_SUFFIX)
             if candidate.exists():
                 points.append(candidate)
-        if not points and logs:
-            notes.append("no checkpoint found: a removed tail or a missing last file cannot be detected")
     else:
         explicit = [checkpoint] if isinstance(checkpoint, str | os.PathLike) else list(checkpoint)
         points.extend(Path(p) for p in explicit)

@@ -54,6 +54,7 @@ _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _FILE_MODE = 0o600  # the trail names callers and what they did: owner-only, like the keys
 _TAIL_CHUNK = 64 * 1024
 _FAILURE_LOG_INTERVAL_S = 10.0  # while the sink stays down, repeat audit_write_failed at most this often
+_STAGED_SUFFIX = ".next"  # .audit.log.next: the next active file, made before a rotation renames the full one
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +287,13 @@ class AuditLog:
         self._syncer: threading.Thread | None = None
         self._stop_sync = threading.Event()
         self._lock_fd = -1  # held (flock) while open: one writer per file, whatever the process
+        # Held while open, so that staying up needs no new descriptor (issue 27: a peer flood that uses up the
+        # process's descriptors must not take the sink down): the checkpoint file, the folder (fsynced after a
+        # rotation), and a spare given up for the one open a rotation needs.
+        self._checkpoint_fd = -1
+        self._dir_fd = -1
+        self._spare_fd = -1
+        self._last_deferral_log = 0.0
         self.records_written = 0
         self.groups_written = 0
         self.write_failures = 0
@@ -314,12 +322,17 @@ class AuditLog:
         except ValueError as exc:
             self._release_lock()
             raise AuditError(f"{self.checkpoint_path}: {exc}; an operator must look (gateway audit verify)") from exc
-        fd = os.open(self.path, _OPEN_FLAGS, _FILE_MODE)
+        try:
+            self._hold_descriptors()
+            fd = os.open(self.path, _OPEN_FLAGS, _FILE_MODE)
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self._resume(fd, checkpoint)
             if self.fsync != "none":
                 os.fsync(fd)
-                _fsync_dir(self.path.parent)  # the file's name, if open() just created it
+                os.fsync(self._dir_fd)  # the file's name, if open() just created it
             self._write_checkpoint(self._head)
         except BaseException:
             os.close(fd)
@@ -381,9 +394,19 @@ class AuditLog:
         log.info("audit_closed", file=str(self.path), chain=self.chain_id, seq=self._head.seq)
 
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = -1
+        """Close the descriptors held while open; the lock's last (closing it drops the flock)."""
+        for name in ("_checkpoint_fd", "_dir_fd", "_spare_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
+
+    def _hold_descriptors(self) -> None:
+        """Open what the writer keeps open until ``close``: the folder and a spare (the checkpoint file at its first
+        write, so that a start refused before it leaves no empty checkpoint behind)."""
+        self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _resume(self, fd: int, checkpoint: Checkpoint | None) -> None:
         """Find the chain head on disk, check it against the checkpoint, drop a torn last line."""
@@ -640,11 +663,14 @@ class AuditLog:
                 return False
         head = self._head
         seq, prev = head.seq, head.hash
-        chain = self.chain_id
+        chain, fail_open = self.chain_id, self.dev_fail_open
         lines: list[bytes] = []
         for index, event in enumerate(group.records):
             event.pop("hash", None)  # reserved: a caller's own "hash" would shadow the chain's
             event["chain"], event["seq"], event["prev"] = chain, seq + 1, prev
+            if fail_open:
+                # A reader must know this trail may have gaps no check can see: calls went on while writes failed.
+                event["dev_audit_fail_open"] = True
             try:
                 line, digest = seal(event, self._digest)
             except (ValueError, TypeError, RecursionError) as exc:  # a key that is not a string, a cycle
@@ -809,32 +835,64 @@ class AuditLog:
     def _rotate_or_break(self) -> None:
         try:
             with self._io_lock:
-                self._rotate()
+                fd = self._open_next()
+                if fd is not None:
+                    self._rotate(fd)
         except OSError as exc:
             self._set_broken(_Failure("rotate", str(exc), time.monotonic()))
 
-    def _rotate(self) -> None:
-        """Rename the full active file to its seq range and start a fresh one; the chain runs on across files."""
+    def _open_next(self) -> int | None:
+        """The next active file, created under a hidden name (the verifier skips dot files) before the full one is
+        renamed, so that a rotation that cannot get a descriptor leaves the sink up on the full file; None then
+        (retried at the next commit). The spare descriptor is given up for this open and taken back after it."""
+        staged = self.path.with_name(f".{self.path.name}{_STAGED_SUFFIX}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)  # left by a crash between the two renames: empty, never acknowledged
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
+            self._spare_fd = -1
+        try:
+            return os.open(staged, _OPEN_FLAGS | os.O_EXCL, _FILE_MODE)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            now = time.monotonic()
+            if now - self._last_deferral_log >= _FAILURE_LOG_INTERVAL_S:
+                self._last_deferral_log = now
+                log.warning("audit_rotation_deferred", file=str(self.path), error=exc.strerror, size=self._offset)
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _rotate(self, fd: int) -> None:
+        """Rename the full active file to its seq range and put the staged one (``fd``) in its place; the chain runs
+        on across files."""
+        staged = self.path.with_name(f".{self.path.name}{_STAGED_SUFFIX}")
         first, last = self._file_first_seq, self._head.seq
         target = rotated_path(self.path, first, last)
-        if self.fsync != "none":
-            os.fsync(self._fd)  # a rotated file is complete and durable before it gets its final name
-        self._check_identity()
-        if target.exists():
-            raise OSError(errno.EEXIST, f"rotation target {target} exists")
+        try:
+            if self.fsync != "none":
+                os.fsync(self._fd)  # a rotated file is complete and durable before it gets its final name
+            self._check_identity()
+            if target.exists():
+                raise OSError(errno.EEXIST, f"rotation target {target} exists")
+        except BaseException:
+            os.close(fd)
+            raise
         os.rename(self.path, target)
-        # From here the old file is done; if the new one cannot be created, recovery creates it (identity None).
+        # From here the old file is done; if the new one cannot take its name, recovery creates it (identity None).
         self._identity = None
         self._offset = 0
         self._file_first_seq = last + 1
         self._head = _Head(self._head.seq, self._head.hash, target.name)
-        fd = os.open(self.path, _OPEN_FLAGS | os.O_EXCL, _FILE_MODE)
         old, self._fd = self._fd, fd
         os.close(old)
+        os.rename(staged, self.path)
         fst = os.fstat(fd)
         self._identity = (fst.st_dev, fst.st_ino)
         if self.fsync != "none":
-            _fsync_dir(self.path.parent)
+            os.fsync(self._dir_fd)
         self._write_checkpoint(self._head)
         self.rotations += 1
         log.info("audit_rotated", file=str(target), first_seq=first, last_seq=last, next_file=str(self.path))
@@ -868,11 +926,21 @@ class AuditLog:
         if head == self._checkpoint_head:
             return
         data = encode_checkpoint(Checkpoint(self.chain_id, head.seq, head.hash, head.file, utc_now()), self._digest)
-        fd = os.open(self.checkpoint_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        fd = self._checkpoint_fd
+        held = os.fstat(fd) if fd >= 0 else None
         try:
-            os.pwrite(fd, data, 0)
-            if os.fstat(fd).st_size != len(data):
-                os.ftruncate(fd, len(data))
-        finally:
-            os.close(fd)
+            named: os.stat_result | None = os.stat(self.checkpoint_path)
+        except FileNotFoundError:
+            named = None
+        if held is None or named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            # The first write, or the file was removed or replaced behind our back: write it at its name again
+            # (the only checkpoint that needs a new descriptor).
+            fd = os.open(self.checkpoint_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            if self._checkpoint_fd >= 0:
+                os.close(self._checkpoint_fd)
+            self._checkpoint_fd = fd
+            held = os.fstat(fd)
+        os.pwrite(fd, data, 0)
+        if held.st_size != len(data):
+            os.ftruncate(fd, len(data))
         self._checkpoint_head = head

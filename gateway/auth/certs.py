@@ -10,7 +10,7 @@ import functools
 import ipaddress
 import re
 from base64 import urlsafe_b64encode
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,9 @@ _SPIFFE_MAX_LENGTH = 2048
 _ISSUER_KEY_TYPES = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
 _MIN_RSA_BITS = 2048
 _TLS_PURPOSES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+# Deeper than any real PKI (root, policy CA, issuing CA); a bound, so that a looping bundle cannot recurse forever.
+_MAX_CA_DEPTH = 8
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -130,9 +133,12 @@ def _leaf_problem(cert: x509.Certificate, role: Literal["client", "server"]) -> 
 def _identity(cert: x509.Certificate) -> str:
     """The SPIFFE URI SAN, else the single DNS SAN, else the single CN, spelled with its type (auth/principal.py);
     anything ambiguous is refused."""
-    san = _extension(cert, x509.SubjectAlternativeName) or x509.SubjectAlternativeName([])
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith(URI_IDENTITY_PREFIX)]
-    dns = san.get_values_for_type(x509.DNSName)
+    # No SAN extension is the common case of an enterprise PKI (CN only); cryptography >= 51 refuses to build an
+    # empty SubjectAlternativeName, so its absence is read as no names rather than as an empty extension.
+    san = _extension(cert, x509.SubjectAlternativeName)
+    uri_sans = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
+    uris = [u for u in uri_sans if u.startswith(URI_IDENTITY_PREFIX)]
+    dns = san.get_values_for_type(x509.DNSName) if san is not None else []
     if len(uris) > 1:
         raise AuthenticationError(reason="ambiguous identity: several SPIFFE URI SANs")
     if uris:
@@ -193,12 +199,102 @@ class RevocationList:
         return serial in self.serials
 
 
+@dataclass(frozen=True, slots=True)
+class CrlSet:
+    """Every CRL of ``tls.crl`` by issuer, and the verdict on each intermediate CA of the client CA bundle."""
+
+    lists: Mapping[x509.Name, RevocationList]
+    # Per CA subject: None when neither it nor a CA above it is revoked (roots: None), else why not.
+    intermediates: Mapping[x509.Name, str | None]
+
+    def for_issuer(self, issuer: x509.Name) -> RevocationList | None:
+        """The CRL that ``issuer`` signed, None when there is none."""
+        return self.lists.get(issuer)
+
+    @property
+    def revoked(self) -> int:
+        """How many serial numbers the CRLs revoke, all issuers together."""
+        return sum(len(crl.serials) for crl in self.lists.values())
+
+
 def load_crl(crl_path: str | Path, ca_path: str | Path) -> RevocationList:
-    """Load a PEM or DER CRL signed by a CA in ``ca_path``; CertificateConfigError names the file otherwise."""
+    """Load a PEM or DER CRL signed by a CA in ``ca_path`` (the first one of a PEM file that holds several);
+    CertificateConfigError names the file otherwise."""
     crl_path, ca_path = Path(crl_path), Path(ca_path)
-    data = read_material(crl_path)
+    return _revocation_list(_parse_crls(read_material(crl_path), crl_path)[0], crl_path, _load_cas(ca_path), ca_path)
+
+
+def load_crls(crl_path: str | Path, ca_path: str | Path) -> CrlSet:
+    """Load every CRL of a PEM file (or the one of a DER file), one per CA, each signed by a CA in ``ca_path``, and
+    judge each intermediate CA of ``ca_path`` by its issuer's CRL, up to a root (RFC 5280 6.3: every certificate
+    of the path but the trust anchor is checked)."""
+    crl_path, ca_path = Path(crl_path), Path(ca_path)
+    cas = _load_cas(ca_path)
+    lists: dict[x509.Name, RevocationList] = {}
+    for crl in _parse_crls(read_material(crl_path), crl_path):
+        loaded = _revocation_list(crl, crl_path, cas, ca_path)
+        if loaded.issuer in lists:
+            raise CertificateConfigError(
+                f"{crl_path}: two CRLs of {loaded.issuer.rfc4514_string()}: keep one per CA (the newest)"
+            )
+        lists[loaded.issuer] = loaded
+    return CrlSet(lists, _judge_intermediates(cas, lists))
+
+
+def _parse_crls(data: bytes, crl_path: Path) -> list[x509.CertificateRevocationList]:
     try:
-        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+        if not data.lstrip().startswith(b"-----BEGIN"):
+            return [x509.load_der_x509_crl(data)]
+        blocks = _PEM_CRL.findall(data)
+        if not blocks:
+            raise ValueError("no PEM CRL")
+        return [x509.load_pem_x509_crl(block) for block in blocks]
+    except ValueError:
+        raise CertificateConfigError(f"{crl_path}: not a PEM or DER CRL") from None
+
+
+def _judge_intermediates(
+    cas: Sequence[x509.Certificate], lists: Mapping[x509.Name, RevocationList]
+) -> dict[x509.Name, str | None]:
+    """Why a leaf issued by each CA of the bundle must be refused for that CA's sake, or None. A CA is judged by
+    its name, as the leaf names its issuer: when several CA certificates share a name, any one revoked refuses it
+    (fail closed)."""
+    by_subject: dict[x509.Name, list[x509.Certificate]] = {}
+    for ca in cas:
+        by_subject.setdefault(ca.subject, []).append(ca)
+    verdicts: dict[x509.Name, str | None] = {}
+
+    def judge(subject: x509.Name, depth: int) -> str | None:
+        if subject in verdicts:
+            return verdicts[subject]
+        if depth > _MAX_CA_DEPTH:
+            return "client CA chain too long, or looping"
+        reason = None
+        for ca in by_subject.get(subject, ()):
+            if ca.issuer == ca.subject:
+                continue  # a root: the trust anchor itself, which no CRL speaks for
+            crl = lists.get(ca.issuer)
+            if crl is None:
+                reason = f"no CRL for the issuer of intermediate CA {ca.subject.rfc4514_string()}"
+            elif crl.is_revoked(ca.serial_number):
+                reason = "intermediate CA certificate revoked"
+            else:
+                reason = judge(ca.issuer, depth + 1)
+            if reason is not None:
+                break
+        verdicts[subject] = reason
+        return reason
+
+    for subject in by_subject:
+        judge(subject, 0)
+    return verdicts
+
+
+def _revocation_list(
+    crl: x509.CertificateRevocationList, crl_path: Path, cas: Sequence[x509.Certificate], ca_path: Path
+) -> RevocationList:
+    """One CRL checked: parseable, no critical extension we do not process, signed by a CA of the bundle."""
+    try:
         extensions = crl.extensions
         entries = list(crl)
         entry_extensions = [ext for entry in entries for ext in entry.extensions]
@@ -208,7 +304,7 @@ def load_crl(crl_path: str | Path, ca_path: str | Path) -> RevocationList:
     # indirect CRL entries) must not be used to decide revocation: its scope may not be what it seems.
     if any(ext.critical for ext in (*extensions, *entry_extensions)):
         raise CertificateConfigError(f"{crl_path}: has a critical extension the gateway does not process")
-    if not _signed_by_a_ca(crl, _load_cas(ca_path)):
+    if not _signed_by_a_ca(crl, cas):
         raise CertificateConfigError(f"{crl_path}: not signed by a CA in {ca_path}")
     return RevocationList(
         issuer=crl.issuer,
@@ -255,7 +351,7 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
 
 
 class CrlStore:
-    """The CA's current revocation list, reloaded when the CRL or CA file changes; a bad new CRL is refused."""
+    """The CAs' current revocation lists, reloaded when the CRL or CA file changes; a bad new file is refused."""
 
     def __init__(self, crl_path: str | Path, ca_path: str | Path, *, interval_s: float) -> None:
         self._crl_path, self._ca_path = Path(crl_path), Path(ca_path)
@@ -269,23 +365,33 @@ class CrlStore:
             interval_s=interval_s,
             reloaded="crl_reloaded",
             failed="crl_reload_failed",
-            reloaded_fields=lambda _old, new: {"path": path, "revoked": len(new.serials), "number": new.number},
+            reloaded_fields=lambda _old, new: {
+                "path": path,
+                "revoked": new.revoked,
+                "crls": len(new.lists),
+                "numbers": {name.rfc4514_string(): crl.number for name, crl in new.lists.items()},
+            },
             failed_fields=lambda _old: {"path": path},
         )
 
     @property
-    def current(self) -> RevocationList:
-        """The revocation list in force."""
+    def current(self) -> CrlSet:
+        """The revocation lists in force."""
         return self._crls.current
 
     def check(self, peer: PeerCertificate) -> None:
-        """Refuse a revoked client certificate, or one from an issuer this CRL does not speak for."""
-        crl = self._crls.current  # one read: a concurrent reload swaps the whole list
+        """Refuse a revoked client certificate, one issued by a revoked intermediate CA (catalogue case A20), or
+        one with a CA on its way to the root that no CRL speaks for."""
+        crls = self._crls.current  # one read: a concurrent reload swaps the whole set
         # Serial numbers are unique per issuer only (RFC 5280 4.1.2.2): another issuer's serial proves nothing.
-        if peer.issuer != crl.issuer:
+        crl = crls.for_issuer(peer.issuer)
+        if crl is None:
             raise AuthenticationError(reason="no CRL for the client certificate's issuer")
         if crl.is_revoked(peer.serial):
             raise AuthenticationError(reason="client certificate revoked")
+        reason = crls.intermediates.get(peer.issuer)
+        if reason is not None:
+            raise AuthenticationError(reason=reason)
 
     def start(self) -> None:
         """Poll the CRL and CA files in a daemon thread."""
@@ -299,23 +405,25 @@ class CrlStore:
         """Poll once, synchronously; returns whether a change was seen (loaded or refused)."""
         return self._crls.check_now()
 
-    def _load(self, old: RevocationList | None) -> RevocationList:
-        new = load_crl(self._crl_path, self._ca_path)
-        # RFC 5280 5.2.3: CRL numbers only grow. An older CRL would silently un-revoke certificates.
-        if (
-            old is not None
-            and new.issuer == old.issuer
-            and new.number is not None
-            and old.number is not None
-            and new.number < old.number
-        ):
-            raise CertificateConfigError(
-                f"{self._crl_path}: CRL number {new.number} is older than the one in force ({old.number})"
-            )
-        # A stale file-based CRL still lists what it lists; refusing every client over it would be an outage.
-        if new.next_update is not None and new.next_update < datetime.now(UTC):
-            log.warning("crl_stale", path=str(self._crl_path), next_update=new.next_update.isoformat())
-        metrics.set_timestamp(metrics.CRL_NEXT_UPDATE, new.next_update)
+    def _load(self, old: CrlSet | None) -> CrlSet:
+        new = load_crls(self._crl_path, self._ca_path)
+        for issuer, crl in new.lists.items():
+            # RFC 5280 5.2.3: CRL numbers only grow. An older CRL would silently un-revoke certificates.
+            before = None if old is None else old.for_issuer(issuer)
+            if (
+                before is not None
+                and crl.number is not None
+                and before.number is not None
+                and crl.number < before.number
+            ):
+                raise CertificateConfigError(
+                    f"{self._crl_path}: CRL number {crl.number} is older than the one in force ({before.number})"
+                )
+            # A stale file-based CRL still lists what it lists; refusing every client over it would be an outage.
+            if crl.next_update is not None and crl.next_update < datetime.now(UTC):
+                log.warning("crl_stale", path=str(self._crl_path), next_update=crl.next_update.isoformat())
+        updates = [crl.next_update for crl in new.lists.values() if crl.next_update is not None]
+        metrics.set_timestamp(metrics.CRL_NEXT_UPDATE, min(updates) if updates else None)
         return new
 
 

@@ -57,6 +57,9 @@ _PUBLIC_KEY_TYPES: Mapping[str, type] = {
 }
 # RFC 7518 6.2.2, 6.3.2 and 6.4 (oct), RFC 8037 2: members that only a private or symmetric key has.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# RFC 7517 4.3: the operations that make a key one for signatures (a public JWKS key verifies; "sign" alone is an
+# error below, as a public key cannot sign).
+_SIGNATURE_OPS = frozenset({"sign", "verify"})
 # RFC 7638 3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}
 
@@ -183,6 +186,7 @@ class KeySet:
 
     keys: Mapping[str, VerificationKey]
     version: int = 0
+    ignored: tuple[str, ...] = ()  # the kids (or "#index") of keys meant for something else than signatures
 
     @property
     def kids(self) -> list[str]:
@@ -197,21 +201,45 @@ def _family(jwk: Mapping[str, Any]) -> frozenset[str]:
     return ALGORITHM_FAMILIES.get((kty, None if kty == "RSA" else crv), frozenset())
 
 
-def _verification_key(jwk: Any, allowed: frozenset[str], source: str, index: int) -> VerificationKey:
-    """One JWKS entry, checked in order: shape, kid, use, no private members, key_ops, type, pinned alg, the key."""
+def _for_signatures(jwk: Any, source: str, index: int) -> bool:
+    """Whether a JWKS entry is meant for signatures (RFC 7517 4.2 ``use``, 4.3 ``key_ops``); what every entry must
+    be, whatever it is for, is checked here: an object, a string kid if any, well-typed and consistent ``use``
+    and ``key_ops``, no private members. A malformed entry refuses the whole document."""
     if not isinstance(jwk, dict):
         raise TokenConfigError(f"{source}: key #{index}: not an object")
+    kid = jwk.get("kid")
+    where = f"{source}: key {kid!r}" if isinstance(kid, str) and kid else f"{source}: key #{index}"
+    if "kid" in jwk and not (isinstance(kid, str) and kid):
+        raise TokenConfigError(f"{where}: 'kid' must be a non-empty string")
+    if _PRIVATE_MEMBERS & jwk.keys():
+        raise TokenConfigError(f"{where}: private key material in a public JWKS")
+    use, key_ops = jwk.get("use"), jwk.get("key_ops")
+    if use is not None and not isinstance(use, str):
+        raise TokenConfigError(f"{where}: 'use' must be a string")
+    if key_ops is not None and (
+        not isinstance(key_ops, list)
+        or not all(isinstance(op, str) for op in key_ops)
+        or len(set(key_ops)) != len(key_ops)
+    ):
+        raise TokenConfigError(f"{where}: 'key_ops' must be a list of distinct strings")
+    signs = None if key_ops is None else bool(_SIGNATURE_OPS & set(key_ops))
+    if use is not None and signs is not None and (use == "sig") != signs:
+        raise TokenConfigError(f"{where}: 'use' {use!r} and 'key_ops' {key_ops!r} disagree (RFC 7517 4.3)")
+    if use is not None and use != "sig":
+        return False
+    if signs is False:
+        return False
+    if key_ops is not None and "verify" not in key_ops:
+        raise TokenConfigError(f"{where}: 'key_ops' must include 'verify'")
+    return True
+
+
+def _verification_key(jwk: dict[str, Any], allowed: frozenset[str], source: str, index: int) -> VerificationKey:
+    """One signature key (``_for_signatures`` passed), checked in order: kid, type, pinned alg, the key."""
     kid = jwk.get("kid")
     if not isinstance(kid, str) or not kid:
         raise TokenConfigError(f"{source}: key #{index}: needs a 'kid'")
     where = f"{source}: key {kid!r}"
-    if jwk.get("use", "sig") != "sig":
-        raise TokenConfigError(f"{where}: 'use' must be 'sig'")
-    if _PRIVATE_MEMBERS & jwk.keys():
-        raise TokenConfigError(f"{where}: private key material in a public JWKS")
-    key_ops = jwk.get("key_ops")
-    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
-        raise TokenConfigError(f"{where}: 'key_ops' must include 'verify'")
     family = _family(jwk)
     if not family:
         raise TokenConfigError(f"{where}: unsupported key type {jwk.get('kty')!r}/{jwk.get('crv')!r}")
@@ -240,17 +268,30 @@ def parse_jwks(raw: bytes, *, source: str, allowed_algorithms: Iterable[str] = D
     """Strictly read a public JWKS document (RFC 7517) from a file or a URL (``source``, named in every error);
     any problem is a TokenConfigError naming the source and the key, and refuses the whole document.
 
-    Each key goes through ``jwt.PyJWK`` on its own: ``jwt.PyJWKSet`` silently skips keys it cannot use, and a
-    JWKS the gateway half-understands is a configuration error, not a smaller key set.
+    Each signature key goes through ``jwt.PyJWK`` on its own: ``jwt.PyJWKSet`` silently skips keys it cannot use,
+    and a JWKS the gateway half-understands is a configuration error, not a smaller key set. The one exception is
+    a well-formed key that says it is meant for something else (``use: enc``, ``key_ops`` without
+    ``verify``/``sign``; Keycloak publishes its encryption key so): it is ignored, named in ``KeySet.ignored``,
+    and never verifies a token. A document with no signature key at all is refused.
     """
     allowed = frozenset(allowed_algorithms) - HMAC_ALGORITHMS  # a JWKS never holds an HMAC secret
     keys: dict[str, VerificationKey] = {}
+    ignored: list[str] = []
     for index, jwk in enumerate(_jwks_keys(raw, source)):
+        if not _for_signatures(jwk, source, index):
+            kid = jwk.get("kid")
+            ignored.append(kid if isinstance(kid, str) else f"#{index}")
+            continue
         key = _verification_key(jwk, allowed, source, index)
         if key.kid in keys:
             raise TokenConfigError(f"{source}: key {key.kid!r}: duplicate kid")
         keys[key.kid] = key
-    return KeySet(MappingProxyType(keys))
+    if not keys:
+        raise TokenConfigError(
+            f"{source}: no key meant for signatures (every key says another 'use' or 'key_ops'): nothing to verify "
+            "a token with"
+        )
+    return KeySet(MappingProxyType(keys), ignored=tuple(ignored))
 
 
 def load_jwks(path: str | Path, *, allowed_algorithms: Iterable[str] = DEFAULT_ALGORITHMS) -> KeySet:
@@ -291,6 +332,7 @@ class KeyStore:
                 "kids": new.kids,
                 "added": sorted(new.keys.keys() - old.keys.keys()),
                 "removed": sorted(old.keys.keys() - new.keys.keys()),
+                "ignored": list(new.ignored),
                 "version": new.version,
             },
             failed_fields=lambda _old: {"path": str(self.path)},

@@ -260,6 +260,7 @@ class RemoteKeyStore:
             kids=new.kids,
             added=sorted(new.keys.keys() - old.keys.keys()),
             removed=sorted(old.keys.keys() - new.keys.keys()),
+            ignored=list(new.ignored),  # keys not meant for signatures (RFC 7517 use/key_ops): never used
             version=new.version,
         )
         return True

@@ -6,6 +6,10 @@ holding it finish on it, and ONNX Runtime frees it when the last reference goes 
 
 A version whose file fails to load is left out and remembered with its reason (``failures``); one that loaded
 before keeps serving its last good load. Only ``strict`` makes a failure at start stop the gateway.
+
+Each load works on a private copy of the version folder (signature.staged): with ``models.signatures`` on, the
+copy is verified against its signature before ONNX Runtime reads it, and every load names the copy's bytes by
+their manifest digest (signature.digest), carried by the loaded version into records and metadata.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import structlog
 from gateway import metrics
 from gateway.errors import NotFoundError
 from gateway.identifiers import NAME, shown
+from gateway.models import signature
 from gateway.models.placement import Placement
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
+from gateway.models.signature import SignatureError, SignaturePolicy
 from gateway.watcher import Watcher
 
 log = structlog.get_logger(__name__)
@@ -33,7 +39,9 @@ log = structlog.get_logger(__name__)
 MODEL_FILE = "model.onnx"
 _VERSION = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
 
-FileKey = tuple[int, int, int]  # (inode, size, mtime_ns): a new key means a new or rewritten file
+# (path, inode, size, mtime_ns) of every file in a version folder: a new key means a file added, removed or
+# rewritten (the model, its signature, any file the signature covers), and so a new load.
+FileKey = tuple[tuple[str, int, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +122,24 @@ def _scan_model(model: os.DirEntry[str], listing: Listing) -> None:
         else:
             path = Path(entry.path) / MODEL_FILE
             try:
-                st = path.stat()
+                path.stat()
+                key = _folder_key(entry.path)
             except OSError as exc:
                 listing.ignored[entry.path] = f"{MODEL_FILE}: {exc.strerror}"
                 continue
-            listing.versions[(model.name, version)] = (path, (st.st_ino, st.st_size, st.st_mtime_ns))
+            listing.versions[(model.name, version)] = (path, key)
+
+
+def _folder_key(folder: str) -> FileKey:
+    """Every file under a version folder, hidden ones included (a signature covers them too), with its stat."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(parent, name)
+            st = os.stat(full)
+            found.append((os.path.relpath(full, folder), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(found)
 
 
 def _entries(folder: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
@@ -139,10 +160,13 @@ class ModelRepository:
         placement: Placement,
         poll_interval_s: float,
         strict: bool = False,
+        signatures: SignaturePolicy | None = None,
     ) -> None:
-        """``strict``: a version that fails to load at start is a startup error instead of being left out."""
+        """``strict``: a version that fails to load at start is a startup error instead of being left out.
+        ``signatures``: which models' versions must carry a valid signature (default: none)."""
         self.root = Path(root)
         self._options = options
+        self._signatures = signatures or SignaturePolicy()
         self._placement = placement
         self._strict = strict
         self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
@@ -208,7 +232,7 @@ class ModelRepository:
         """One version's file loaded, or why not (logged; raised when ``strict``)."""
         name, version = ident
         try:
-            return ModelVersion(name=name, version=version, path=path, options=self._options, placement=self._placement)
+            return self._load_staged(name, version, path, still_serving=still_serving)
         except ModelLoadError as exc:
             if strict:
                 raise
@@ -222,6 +246,51 @@ class ModelRepository:
                 still_serving=still_serving,
             )
             return LoadFailure(path, exc.reason, key)
+
+    def _load_staged(self, name: str, version: int, path: Path, *, still_serving: bool) -> ModelVersion:
+        """Copy the version folder privately, verify the copy (per the model's mode), name its bytes, load it."""
+        mode = self._signatures.mode_for(name)
+        try:
+            with signature.staged(path.parent) as copy:
+                signed = False
+                if mode != "off":
+                    try:
+                        signature.verify(copy, self._signatures.trust)
+                        signed = True
+                    except SignatureError as exc:
+                        self._signature_invalid(name, version, mode, exc.reason, still_serving=still_serving)
+                        if mode == "required":
+                            raise ModelLoadError(path, f"signature not valid: {exc.reason}") from None
+                try:
+                    digest = signature.digest(copy)
+                except SignatureError as exc:
+                    raise ModelLoadError(path, exc.reason) from None
+                return ModelVersion(
+                    name=name,
+                    version=version,
+                    path=path,
+                    options=self._options,
+                    placement=self._placement,
+                    load_from=copy / MODEL_FILE,
+                    digest=digest,
+                    signed=signed,
+                )
+        except OSError as exc:  # the folder changed or vanished while it was copied
+            raise ModelLoadError(path, f"cannot copy the version folder: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _signature_invalid(name: str, version: int, mode: str, reason: str, *, still_serving: bool) -> None:
+        metrics.MODEL_SIGNATURE_FAILURES.labels(model=name, mode=mode).inc()
+        refused = mode == "required"
+        (log.error if refused else log.warning)(
+            "model_signature_invalid",
+            model=name,
+            version=version,
+            reason=reason,
+            mode=mode,
+            action="refused" if refused else "served",
+            still_serving=still_serving and refused,
+        )
 
     def _log_ignored(self, ignored: dict[str, str]) -> None:
         for path, reason in ignored.items():
@@ -249,6 +318,8 @@ class ModelRepository:
             model=model.name,
             version=model.version,
             path=str(model.path),
+            digest=model.digest,
+            signed=model.signed,
         )
         weakref.finalize(model, log.info, "model_version_unloaded", model=model.name, version=model.version)
 

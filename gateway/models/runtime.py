@@ -82,16 +82,31 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
 class ModelVersion:
     """An immutable, thread-safe loaded model version; ORT sessions may be run from many threads at once."""
 
-    def __init__(self, *, name: str, version: int, path: Path, options: RuntimeOptions, placement: Placement) -> None:
-        """``placement`` decides, per run, between the event loop and the model-run pool (placement.py)."""
+    def __init__(
+        self,
+        *,
+        name: str,
+        version: int,
+        path: Path,
+        options: RuntimeOptions,
+        placement: Placement,
+        load_from: Path | None = None,
+        digest: str | None = None,
+        signed: bool = False,
+    ) -> None:
+        """``placement`` decides, per run, between the event loop and the model-run pool (placement.py).
+        ``load_from``: the file ONNX Runtime reads (the repository's private copy of ``path``); ``digest``: what
+        names the version's bytes in records and metadata; ``signed``: its signature verified at load."""
         self.name = name
         self.version = version
         self.path = path
+        self.digest = digest
+        self.signed = signed
         self.max_elements = options.max_elements
         self.max_bytes_elements = options.max_bytes_elements
         try:
             self._session = ort.InferenceSession(
-                str(path), sess_options=_session_options(options), providers=["CPUExecutionProvider"]
+                str(load_from or path), sess_options=_session_options(options), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises several pybind classes; all mean "this file cannot be served"
             raise ModelLoadError(path, f"onnxruntime cannot load it: {_short(exc)}") from None

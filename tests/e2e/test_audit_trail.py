@@ -467,3 +467,23 @@ def test_sigkill_under_load_leaves_a_verifiable_chain_with_every_delivered_call(
     report = verify_files([audit_log.parent], hmac_key=key)
     assert report.ok, report.lines()
     assert report.records == len(lines) + 1
+
+
+def test_every_record_written_under_dev_audit_fail_open_is_marked(start_gateway):
+    # Records written under a fail-open sink may have gaps that no one will ever see: each says so itself.
+    gw = start_gateway(overrides={"dev_audit_fail_open": True})
+    with gw.channel("alice") as channel:
+        stub(channel).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT)
+        with pytest.raises(grpc.RpcError):
+            stub(channel).Predict(predict_request("mlp", {"input": X}), timeout=TIMEOUT)  # no token
+    records = gw.audit_records()
+    assert [r["code"] for r in records] == ["OK", "UNAUTHENTICATED"]
+    assert all(r["dev_audit_fail_open"] is True for r in records)
+    assert verify_files([gw.audit_path], hmac_key=gw.pki.read("audit-hmac.key").strip()).ok
+
+
+def test_records_of_a_gateway_without_dev_options_carry_no_dev_mark(gw):
+    with gw.channel("alice") as channel:
+        stub(channel).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT)
+    (record,) = gw.audit_records()
+    assert "dev_audit_fail_open" not in record

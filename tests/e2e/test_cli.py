@@ -125,6 +125,8 @@ def test_models_shows_only_what_the_caller_may_list(gw):
 
 def test_metadata_prints_the_signature(gw):
     meta = ok(run("metadata", "--model", "mlp", env=client_env(gw)))
+    digest = meta.pop("model_digest")  # the bytes loaded (tests/e2e/test_model_signatures.py checks its value)
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
     assert meta == {
         "name": "mlp",
         "version": "2",
@@ -828,6 +830,19 @@ def test_policy_check_with_a_bad_policy_directory_exits_2(policy_dir, tmp_path):
     usage_error(check(policy_dir, "--action", "predict", "--claims", "{not json"), "error:")
     (policy_dir / "broken.yaml").write_text("rules:\n  - id: x\n    effect: maybe\n")
     usage_error(check(policy_dir, "--action", "predict"), "broken.yaml")
+
+
+def test_serve_refuses_dev_audit_fail_open_from_a_variable_on_a_public_address(pki, demo_models, tmp_path):
+    env = {"GATEWAY_DEV_AUDIT_FAIL_OPEN": "true", "GATEWAY_LISTEN": "0.0.0.0:0"}
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "all.yaml").write_text(
+        "rules:\n  - {id: all, effect: allow, principals: {subjects: ['*']}, models: ['*'], actions: ['*']}\n"
+    )
+    args = ["serve", "--certs", pki.server_dir, "--models", demo_models, "--policies", tmp_path / "policies"]
+    result = run(*args, "--audit-log", tmp_path / "audit.log", env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: GATEWAY_DEV_AUDIT_FAIL_OPEN: only allowed on a loopback address, not '0.0.0.0'\n"
+    assert not (tmp_path / "audit.log").exists()  # refused before anything was opened
 
 
 # -------------------------------------------------------------------------------------------- audit verify

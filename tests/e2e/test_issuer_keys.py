@@ -99,3 +99,35 @@ def test_calls_keep_working_when_the_key_server_goes_down(gw, key_server: KeySer
     gw.gateway.reload()  # SIGHUP: the fetch fails, the last good key set stays
     for token in (gw.token(), rotated):
         assert predict(gw, token).model_version == "2"
+
+
+def test_a_key_set_that_also_holds_an_encryption_key_is_served(start_gateway, key_server: KeyServer, pki: Pki):
+    # Keycloak publishes its realm's encryption key (use: enc, alg RSA-OAEP) beside its signing key: RFC 7517 4.2
+    # says what each is for, and the gateway takes the signing key and ignores the other.
+    _, encryption = new_signing_key()
+    encryption = {**encryption, "kid": "realm-enc", "use": "enc", "alg": "RSA-OAEP"}
+    del encryption["key_ops"]  # pyjwt writes ["verify"]: Keycloak's encryption key has none
+    keys = [*json.loads(pki.read("jwks.json"))["keys"], encryption]
+    key_server.serve(JWKS_PATH, json.dumps({"keys": keys}).encode())
+    gw = start_gateway(
+        overrides={
+            "auth.jwks": None,
+            "auth.jwks_url": key_server.url(JWKS_PATH),
+            "auth.jwks_ca": pki.path("ca.crt"),
+        }
+    )
+    assert predict(gw, gw.token()).model_version == "2"
+    # A token naming the encryption key is refused as one of an unknown key, and audited so.
+    token = issue_token(
+        private_key_pem=pki.read("jwt-signing.key"),
+        sub="alice",
+        kid="realm-enc",
+        bind_cert_pem=pki.read("alice.crt"),
+        iss="https://gateway.local",
+        aud="gateway",
+    )
+    request_id = uuid.uuid4().hex
+    exc = rpc_error(lambda: predict(gw, token, request_id))
+    assert exc.code().name == "UNAUTHENTICATED"
+    (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
+    assert (record["code"], record["reason"]) == ("UNAUTHENTICATED", "unknown kid")

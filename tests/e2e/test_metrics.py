@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -262,3 +263,76 @@ def test_sink_down_shows_in_the_gauge_and_the_refusals(metered):
         value(down, "gateway_refusals_total", **unavailable) - value(before, "gateway_refusals_total", **unavailable)
         == 1
     )
+
+
+def _https(gw) -> str:
+    return f"https://localhost:{gw.gateway.metrics.port}/metrics"
+
+
+def _scrape_status(url: str, context: ssl.SSLContext) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT, context=context) as response:  # noqa: S310 (our own URL)
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0))
+    return s
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def test_an_idle_connection_does_not_stop_https_scrapes(start_gateway, pki):
+    gw = start_gateway(overrides={**METRICS, "metrics.tls": True})
+    with _connect(gw.gateway.metrics.port):  # connected, and never a ClientHello
+        assert _scrape_status(_https(gw), _client_context(pki, pki, "alice")) == 200
+
+
+def test_metrics_connections_are_capped_per_source_and_in_all_and_idle_ones_closed_after_the_timeout(start_gateway):
+    gw = start_gateway(
+        overrides={
+            **METRICS,
+            "metrics.max_connections": 3,
+            "metrics.max_connections_per_source": 2,
+            "metrics.timeout_s": 1.0,
+        }
+    )
+    port = gw.gateway.metrics.port
+    held = [_connect(port), _connect(port), _connect(port, "127.0.0.2")]
+    past_source_cap, past_cap = _connect(port), _connect(port, "127.0.0.3")
+    try:
+        wait_until(lambda: _closed_by_server(past_source_cap) and _closed_by_server(past_cap), timeout_s=TIMEOUT)
+        # metrics.timeout_s: the idle ones are closed, their threads and slots free again.
+        wait_until(lambda: all(_closed_by_server(s) for s in held), timeout_s=TIMEOUT)
+    finally:
+        for s in (*held, past_source_cap, past_cap):
+            s.close()
+    wait_until(lambda: value(scrape(f"http://127.0.0.1:{port}/metrics"), "gateway_audit_sink_up") == 1)
+
+
+def test_a_revoked_certificate_cannot_scrape(start_gateway, pki_copy):
+    from tests.conftest import ROOT, run_script
+
+    run_script(ROOT / "scripts/gen_certs.sh", "--revoke", "alice", pki_copy.dir)
+    gw = start_gateway(overrides={**METRICS, "metrics.tls": True}, use_pki=pki_copy)
+    assert _scrape_status(_https(gw), _client_context(pki_copy, pki_copy, "alice")) == 403
+    assert _scrape_status(_https(gw), _client_context(pki_copy, pki_copy, "bob")) == 200
+
+
+def test_only_the_allowed_scraper_identities_may_scrape(start_gateway, pki):
+    allowed = ["spiffe://gateway.local/client/bob"]
+    gw = start_gateway(overrides={**METRICS, "metrics.tls": True, "metrics.allowed_identities": allowed})
+    assert _scrape_status(_https(gw), _client_context(pki, pki, "alice")) == 403
+    assert _scrape_status(_https(gw), _client_context(pki, pki, "bob")) == 200

@@ -93,9 +93,17 @@ def test_both_ports_turn_not_serving_while_the_audit_sink_is_down_and_serving_on
         assert check(probe) == check(channel) == SERVING
 
 
-def test_watch_sends_the_status_then_its_change(gw):
-    with probe_channel(gw) as probe, gw.channel() as channel:
+def test_probe_port_refuses_watch(gw):
+    """A Watch is held open for as long as the caller likes: not served to callers with no identity."""
+    with probe_channel(gw) as probe:
         updates = health_pb2_grpc.HealthStub(probe).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+        assert rpc_error(lambda: next(updates)).code() == grpc.StatusCode.UNIMPLEMENTED
+        assert check(probe) == SERVING
+
+
+def test_watch_on_the_main_port_sends_the_status_then_its_change(gw):
+    with gw.channel() as channel:
+        updates = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
         assert next(updates).status == SERVING
         break_audit_sink(gw)
         assert predict(gw, channel) == grpc.StatusCode.UNAVAILABLE

@@ -227,9 +227,8 @@ def _truncate(lines: list[bytes]) -> list[bytes]:
         (_reorder, 3, 4, "expected seq 3, found 4"),
         (_garbage, 3, None, "not a JSON record"),
         (_reformat, 3, 3, "canonical"),
-        (_truncate, 6, None, "incomplete last line"),
     ],
-    ids=["altered", "removed", "duplicated", "inserted", "reordered", "garbage", "reformatted", "truncated"],
+    ids=["altered", "removed", "duplicated", "inserted", "reordered", "garbage", "reformatted"],
 )
 def test_tampering_names_the_first_bad_record(
     log_path: Path, tamper: Any, line: int, seq: int | None, reason: str
@@ -244,6 +243,35 @@ def test_tampering_names_the_first_bad_record(
     assert (error.file, error.line, error.seq, error.chain) == (str(log_path), line, seq, "main"), report.lines()
     assert reason in error.reason
     assert report.lines()[-1].startswith("FAILED")
+
+
+def test_a_truncated_acknowledged_record_is_missing_for_its_checkpoint(log_path: Path) -> None:
+    write_n(log_path, 6)
+    edit_lines(log_path, _truncate)
+    report = verify_files([log_path])
+    assert not report.ok
+    assert "records 6..6 are missing" in report.first_error.reason, report.lines()
+
+
+def test_a_write_cut_by_a_crash_is_a_note_not_a_failure(log_path: Path) -> None:
+    """SIGKILL can cut a write between pages: the active file then ends in part of a record that was never
+    acknowledged and that no checkpoint vouches for (the writer drops it at its next start)."""
+    write_n(log_path, 6)
+    with log_path.open("ab") as trail:
+        trail.write(b'{"ts":"2026-12-07T00:00:00Z","seq":7,"pr')
+    report = verify_files([log_path])
+    assert report.ok, report.lines()
+    assert [note for note in report.notes if "incomplete last line after seq 6" in note], report.notes
+
+
+def test_an_incomplete_line_in_a_rotated_file_is_a_failure(log_path: Path) -> None:
+    write_n(log_path, 30, max_bytes=1500, fsync="none")
+    rotated = sorted(p for p in log_path.parent.iterdir() if parse_rotated(p.name))
+    assert rotated
+    rotated[0].write_bytes(rotated[0].read_bytes()[:-5])
+    report = verify_files([log_path.parent])
+    assert not report.ok
+    assert "incomplete last line" in report.first_error.reason, report.lines()
 
 
 REMOVE = object()  # as a field value for _forged: drop the field
@@ -1008,6 +1036,59 @@ def test_verify_report_as_json_has_the_verdict_and_a_summary_per_chain(tmp_path:
     (chain,) = data["chains"]
     assert set(chain) == {
         "chain", "ok", "error", "trail", "files", "records", "first_seq", "last_seq", "first_ts", "last_ts",
-        "checkpoint_seq",
+        "checkpoint_seq", "no_checkpoint",
     }  # fmt: skip
     assert (chain["chain"], chain["ok"], chain["error"], chain["records"]) == ("pod-a", True, None, 5)
+
+
+# Run in a child process: it lowers its own descriptor limit and takes every descriptor left, as a flood of
+# connections would, then writes across several rotations and checkpoints.
+_WRITE_WITH_NO_DESCRIPTOR_LEFT = """
+import errno, json, os, resource, sys, time
+from gateway.audit import AuditLog
+log = AuditLog(sys.argv[1], fsync=sys.argv[2], hmac_key=b"k" * 32, max_bytes=2000, batch_interval_s=0.05).open()
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+taken = []
+while True:
+    try:
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE, exc
+        break
+refused = 0
+for i in range(40):
+    try:
+        log.write({"event": "call", "request_id": f"req-{i}", "detail": "x" * 200})
+    except Exception:
+        refused += 1
+time.sleep(0.5)  # the batch syncer's checkpoint
+result = {"refused": refused, "healthy": log.healthy, "seq": log.seq, "rotations": log.rotations}
+for fd in taken:
+    os.close(fd)
+log.close()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("fsync", ["batch", "always"])
+def test_the_sink_stays_up_with_no_descriptor_left_to_open(log_path: Path, fsync: str) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.run(
+        [sys.executable, "-c", _WRITE_WITH_NO_DESCRIPTOR_LEFT, str(log_path), fsync],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.splitlines()[-1])
+    assert result == {"refused": 0, "healthy": True, "seq": 40, "rotations": result["rotations"]}
+    assert result["rotations"] >= 3  # each rotation opened its next file with no descriptor to spare
+    checkpoint = read_checkpoint(checkpoint_path(log_path), KEY)
+    assert checkpoint is not None and checkpoint.seq == 40
+    report = verify_files([log_path.parent], hmac_key=KEY)
+    assert report.ok, report.lines()

@@ -220,6 +220,25 @@ def test_dev_no_auth_is_refused_on_an_address_other_machines_can_reach(tmp_path,
         load_settings(config)
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "10.1.2.3", "gateway.example"])  # noqa: S104 - refused, never bound
+@pytest.mark.parametrize("source", ["file", "variable", "flag"])
+def test_dev_audit_fail_open_is_refused_on_an_address_other_machines_can_reach(tmp_path, host, source):
+    # Calls served with no record are as open as calls served with no authentication: only this machine may.
+    listen = f"listen: '{host}:50051'\n"
+    text = SECURE + listen + ("dev_audit_fail_open: true\n" if source == "file" else "")
+    environ = {"GATEWAY_DEV_AUDIT_FAIL_OPEN": "true"} if source == "variable" else {}
+    flags = {"dev_audit_fail_open": True} if source == "flag" else None
+    named = "GATEWAY_DEV_AUDIT_FAIL_OPEN" if source == "variable" else "dev_audit_fail_open"
+    with pytest.raises(ConfigError, match=f"(^|gateway.yaml: ){named}: only allowed on a loopback address"):
+        env_settings(tmp_path, environ, text, flags)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+def test_dev_audit_fail_open_is_allowed_on_loopback(tmp_path, host):
+    settings = env_settings(tmp_path, {"GATEWAY_DEV_AUDIT_FAIL_OPEN": "true"}, SECURE + f"listen: '{host}:50051'\n")
+    assert settings.dev_audit_fail_open
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
 def test_dev_no_auth_is_allowed_on_loopback(tmp_path, host):
     assert load_settings(write(tmp_path, SECURE + f"dev_no_auth: true\nlisten: '{host}:50051'\n")).dev_no_auth

@@ -52,7 +52,10 @@ def test_dockerfile_passes_hadolint():
 def test_build_context_is_the_package_sources_alone():
     files = context_files()
     assert "pyproject.toml" in files and "gateway/server.py" in files
-    assert {name for name in files if not name.startswith("gateway/")} == {"pyproject.toml", "README.md"}
+    outside_the_package = {name for name in files if not name.startswith("gateway/")}
+    assert outside_the_package == {"pyproject.toml", "README.md"} | {
+        f"requirements/{name}.txt" for name in ("server", "server-otel", "sbom")
+    }
     secrets_or_site_files = [n for n in files if n.endswith((".key", ".pem", ".crt", ".onnx", ".log", "jwks.json"))]
     assert secrets_or_site_files == []
 
@@ -67,4 +70,21 @@ def test_image_runs_gateway_serve_as_a_numeric_non_root_user_with_a_probe():
     assert '"gateway.probe"' in ops["HEALTHCHECK"]
     assert "PYTHONDONTWRITEBYTECODE=1" in ops["ENV"]  # nothing written to the read-only root filesystem
     copies = [args for op, args in final_stage if op == "COPY"]
-    assert copies == ["--from=build /opt/gateway /opt/gateway"]  # the installed wheel, nothing from the checkout
+    # the installed environment and its bill of materials, nothing from the checkout
+    assert copies == [
+        "--from=build /opt/gateway /opt/gateway",
+        "--from=build /src/sbom.cdx.json /usr/share/doc/gateway/sbom.cdx.json",
+    ]
+
+
+def test_image_installs_every_dependency_from_the_lock_hash_checked():
+    """The image holds exactly what was tested: the locked requirements, each wheel checked against its hash, and
+    the project itself without resolving anything more."""
+    installs = [
+        args for op, args in instructions() if op == "RUN" for args in args.split("&&") if "pip install" in args
+    ]
+    assert installs, "no pip install in the Dockerfile"
+    for command in installs:
+        assert "--no-deps" in command, command
+        if " -r " in command:
+            assert "--require-hashes" in command, command

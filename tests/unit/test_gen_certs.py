@@ -35,14 +35,16 @@ SCRIPT = ROOT / "scripts" / "gen_certs.sh"
 CLIENTS = ("alice", "bob")
 E = TypeVar("E", bound=x509.ExtensionType)
 # Each party's folder and what it holds: the server and the clients never get a signing key.
-SERVER = {"server.crt", "server.key", "ca.crt", "crl.pem", "jwks.json", "audit-hmac.key"}
-SIGNING = {"ca.crt", "ca.key", "jwt-signing.key", "jwt-signing.pub", "jwks.json"}
+SERVER = {"server.crt", "server.key", "ca.crt", "crl.pem", "jwks.json", "audit-hmac.key", "model-signing.pub"}
+SIGNING = {"ca.crt", "ca.key", "jwt-signing.key", "jwt-signing.pub", "jwks.json", "model-signing.key"}
+SIGNING |= {"model-signing.pub"}
 LAYOUT = {
     "server": SERVER,
     "signing": SIGNING,
     **{f"clients/{name}": {f"{name}.crt", f"{name}.key", "ca.crt"} for name in CLIENTS},
 }
-KEYS = {"signing/ca.key", "signing/jwt-signing.key", "server/server.key", "server/audit-hmac.key"}
+KEYS = {"signing/ca.key", "signing/jwt-signing.key", "signing/model-signing.key", "server/server.key"}
+KEYS |= {"server/audit-hmac.key"}
 KEYS |= {f"clients/{name}/{name}.key" for name in CLIENTS}
 PUBLIC = {f"{folder}/{name}" for folder, names in LAYOUT.items() for name in names} - KEYS
 SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -105,6 +107,14 @@ def test_each_party_gets_a_folder_with_only_what_it_needs(pki):
     for folder, names in LAYOUT.items():
         assert {p.name for p in (pki.dir / folder).iterdir()} == names | ({".ca"} if folder == "signing" else set())
     assert {p.name for p in pki.dir.iterdir()} == {"server", "signing", "clients"}
+
+
+def test_the_model_signing_pair_is_p256_and_the_server_holds_its_public_half(pki):
+    key = serialization.load_pem_private_key((pki.dir / "signing" / "model-signing.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert (pki.server_dir / "model-signing.pub").read_bytes() == public
+    assert (pki.dir / "signing" / "model-signing.pub").read_bytes() == public
 
 
 def test_copies_of_the_ca_certificate_and_the_jwks_are_the_same(pki):

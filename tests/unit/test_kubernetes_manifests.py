@@ -24,7 +24,7 @@ OVERLAY = ROOT / "deploy" / "kubernetes" / "overlays" / "example"
 KUBERNETES_VERSION = "1.37.0"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
 RENDERED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
-POD_NAME = "gateway-5d8f9c7b6-x2x7q"  # a Deployment's pod, as the downward API's metadata.name gives it
+POD_NAME = "gateway-0"  # a StatefulSet's pod, as the downward API's metadata.name gives it
 # After drain and grace: the audit trail's last records and close, and the kubelet's own delays.
 STOP_MARGIN_S = 5
 
@@ -66,7 +66,7 @@ def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def containers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Deployment"]
+    pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] == "StatefulSet"]
     return [c for pod in pods for c in pod.get("initContainers", []) + pod["containers"]]
 
 
@@ -77,7 +77,7 @@ def rendered() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def pod(rendered) -> dict[str, Any]:
-    return find(rendered, "Deployment", "gateway")["spec"]["template"]["spec"]
+    return find(rendered, "StatefulSet", "gateway")["spec"]["template"]["spec"]
 
 
 def pod_environment(container: dict[str, Any]) -> dict[str, str]:
@@ -121,7 +121,7 @@ def test_built_in_kinds_validate_against_the_kubernetes_api_schemas(directory):
     objects = render(directory)
     built_in = [o for o in objects if o["kind"] != "Certificate"]
     assert {o["kind"] for o in built_in} == {
-        "ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
+        "ConfigMap", "PersistentVolumeClaim", "StatefulSet", "Service", "PodDisruptionBudget",
         "HorizontalPodAutoscaler", "NetworkPolicy",
     }  # fmt: skip
     for obj in built_in:
@@ -129,7 +129,7 @@ def test_built_in_kinds_validate_against_the_kubernetes_api_schemas(directory):
 
 
 def test_validation_catches_a_misspelled_field(rendered):
-    deployment = find(rendered, "Deployment", "gateway")
+    deployment = find(rendered, "StatefulSet", "gateway")
     broken = {**deployment, "spec": {**deployment["spec"], "replica": 3}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
@@ -150,8 +150,8 @@ def test_certificate_issues_the_mounted_secret_for_the_configured_server_names(r
     assert re.fullmatch(r"\d+h", spec["duration"]) and re.fullmatch(r"\d+h", spec["renewBefore"])
 
 
-def test_deployment_runs_three_spread_locked_down_replicas(rendered, pod):
-    assert find(rendered, "Deployment", "gateway")["spec"]["replicas"] == 3
+def test_statefulset_runs_three_spread_locked_down_replicas(rendered, pod):
+    assert find(rendered, "StatefulSet", "gateway")["spec"]["replicas"] == 3
     assert pod["affinity"]["podAntiAffinity"]
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] != 0
@@ -175,11 +175,13 @@ def test_secrets_are_mounted_for_the_gateways_group_alone(pod):
 
 
 def test_private_keys_reach_the_gateway_as_its_own_0600_files(pod, settings):
-    (init,) = pod["initContainers"]
-    assert init["command"][:3] == ["install", "-m", "0600"]
+    init, audit_key = pod["initContainers"]
+    assert init["command"][:3] == audit_key["command"][:3] == ["install", "-m", "0600"]
     private = next(m["mountPath"] for m in init["volumeMounts"] if m["name"] == "private")
     copied = {f"{private}/{Path(source).name}" for source in init["command"][3:-1]}
-    assert {str(settings.tls.key), str(settings.audit.hmac_key_file)} == copied
+    assert copied == {str(settings.tls.key)}
+    assert audit_key["command"][-1] == str(settings.audit.hmac_key_file)
+    assert Path(settings.audit.hmac_key_file).parent == Path(private)
 
 
 def test_probes_use_the_probe_listener(pod, settings):
@@ -208,8 +210,7 @@ def test_each_pod_writes_its_own_audit_chain_named_after_it_to_its_own_folder(po
     audit_mount = next(m for m in gateway["volumeMounts"] if m["name"] == "audit")
     assert settings.audit.chain_id == POD_NAME and settings.workers == 1
     assert settings.audit.path == Path(audit_mount["mountPath"]) / POD_NAME / "audit.log"
-    audit_volume = next(v for v in pod["volumes"] if v["name"] == "audit")
-    assert "persistentVolumeClaim" in audit_volume  # the trail outlives the pod
+    assert "audit" not in {v["name"] for v in pod["volumes"]}  # the claim template's: the trail outlives the pod
 
 
 def test_only_volumes_are_writable(pod):
@@ -219,7 +220,7 @@ def test_only_volumes_are_writable(pod):
 
 
 def test_service_pdb_hpa_and_network_policy_point_at_the_gateway(rendered, pod):
-    labels = find(rendered, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    labels = find(rendered, "StatefulSet", "gateway")["spec"]["template"]["metadata"]["labels"]
     grpc_port = [{"name": "grpc", "port": 50051, "targetPort": "grpc", "appProtocol": "grpc"}]
     for name in ("gateway", "gateway-headless"):  # the ClusterIP, and the DNS records of client-side balancing
         service = find(rendered, "Service", name)["spec"]
@@ -228,7 +229,7 @@ def test_service_pdb_hpa_and_network_policy_point_at_the_gateway(rendered, pod):
         assert not service.get("publishNotReadyAddresses")  # a draining pod leaves DNS as it leaves the endpoints
     assert find(rendered, "PodDisruptionBudget", "gateway")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = find(rendered, "HorizontalPodAutoscaler", "gateway")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"}
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "gateway"}
     assert hpa["minReplicas"] == 3
     network = find(rendered, "NetworkPolicy", "gateway")["spec"]
     assert network["podSelector"]["matchLabels"].items() <= labels.items()
@@ -261,3 +262,33 @@ def test_gateway_settings_and_policies_load(directory, tmp_path):
     for name, text in find(objects, "ConfigMap", "gateway-policies")["data"].items():
         (policies / name).write_text(text)
     assert load_policies(policies).rules
+
+
+def test_each_pod_has_its_own_audit_volume_which_outlives_it(rendered):
+    # One volume per pod (issue 27: with one shared volume, a compromised pod could rewrite every pod's trail).
+    statefulset = find(rendered, "StatefulSet", "gateway")["spec"]
+    assert not [
+        o for o in rendered if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "gateway-audit"
+    ]
+    (claim,) = [c for c in statefulset["volumeClaimTemplates"] if c["metadata"]["name"] == "audit"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert statefulset["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    pod = statefulset["template"]["spec"]
+    assert "audit" not in {v["name"] for v in pod["volumes"]}  # the claim template's volume, not a shared claim
+
+
+def test_each_pod_has_its_own_audit_key_and_the_gateway_sees_no_other(rendered, settings):
+    pod = find(rendered, "StatefulSet", "gateway")["spec"]["template"]["spec"]
+    (copier,) = [c for c in pod["initContainers"] if c["name"] == "audit-key"]
+    assert pod_environment(copier) == {"POD_NAME": POD_NAME}
+    source = next(m["mountPath"] for m in copier["volumeMounts"] if m["name"] == "audit-keys")
+    assert copier["command"] == ["install", "-m", "0600", f"{source}/$(POD_NAME)", str(settings.audit.hmac_key_file)]
+    (keys,) = [v for v in pod["volumes"] if v["name"] == "audit-keys"]
+    assert keys["secret"]["secretName"] == "gateway-audit-keys"
+    # Only the copier mounts the set of keys: the gateway's container (and so a compromised gateway) holds its own.
+    mounting = [c["name"] for c in pod["initContainers"] + pod["containers"]
+                if "audit-keys" in {m["name"] for m in c["volumeMounts"]}]  # fmt: skip
+    assert mounting == ["audit-key"]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    hpa = find(rendered, "HorizontalPodAutoscaler", "gateway")["spec"]
+    assert f"seq 0 {hpa['maxReplicas'] - 1}" in docs  # a key for every pod the autoscaler may start

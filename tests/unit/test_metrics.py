@@ -86,6 +86,22 @@ def test_metrics_tls_needs_the_tls_material_dev_insecure_transport_skips(tmp_pat
         _settings(tmp_path, "dev_insecure_transport: true\nmetrics: {listen: '127.0.0.1:9464', tls: true}\n")
 
 
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ("{allowed_identities: [cn:scraper]}", r"metrics\.allowed_identities: needs metrics\.tls"),
+        ("{tls: true, allowed_identities: [scraper]}", r"metrics\.allowed_identities: 'scraper' must start with"),
+        ("{max_connections: 0}", r"metrics\.max_connections: must be between 1"),
+        ("{timeout_s: 0}", r"metrics\.timeout_s: must be more than 0"),
+    ],
+)
+def test_bad_scraper_settings_are_errors_naming_the_key(tmp_path, metrics, message):
+    from gateway.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _settings(tmp_path, f"metrics: {metrics}\n")
+
+
 def test_workers_open_no_metrics_listener_of_their_own(tmp_path):
     from gateway.config import for_worker
 

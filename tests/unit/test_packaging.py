@@ -66,8 +66,10 @@ def test_wheel_requires_grpcio_protobuf_numpy_cryptography_and_httpx_alone(wheel
 
 
 def test_wheel_puts_the_server_dependencies_in_the_server_extra(wheel):
-    assert {"server", "dev"} <= set(metadata(wheel).get_all("Provides-Extra") or ())
-    assert requirements(wheel, "server") == SERVER
+    # The tools (tests, demo models, SBOM) are dependency groups: never an extra a user of the wheel can ask for.
+    assert set(metadata(wheel).get_all("Provides-Extra") or ()) == {"server", "otel", "signing"}
+    assert requirements(wheel, "server") == SERVER  # model signing is its own extra (the image installs both)
+    assert requirements(wheel, "signing") == {"model-signing", "pyopenssl"}
 
 
 def test_wheel_ships_its_type_information(wheel):

@@ -27,6 +27,7 @@ from gateway.auth.certs import (
     check_validity,
     inspect_peer,
     load_crl,
+    load_crls,
     validate_server_pair,
 )
 from gateway.auth.keys import cert_thumbprint
@@ -588,7 +589,7 @@ def test_crl_store_refuses_an_older_crl_number_and_keeps_the_newer_list(
     write(crl_path, ca.crl([], number=4))  # a replayed older CRL would silently un-revoke
     with capture_logs() as logs:
         assert store.reload_now() is True
-    assert store.current.number == 5
+    assert store.current.lists[ca.cert.subject].number == 5
     [event] = [e for e in logs if e["event"] == "crl_reload_failed"]
     assert "older" in event["error"]
     with pytest.raises(AuthenticationError, match="unauthenticated"):
@@ -601,8 +602,24 @@ def test_crl_store_refuses_an_older_crl_number_and_keeps_the_newer_list(
 def test_stale_crl_is_used_with_a_warning(ca: CertificateAuthority, ca_file: Path, tmp_path: Path) -> None:
     with capture_logs() as logs:
         store = CrlStore(write(tmp_path / "crl.pem", ca.crl([9])), ca_file, interval_s=0)
-    assert store.current.serials == {9}
+    assert store.current.lists[ca.cert.subject].serials == {9}
     assert [e["log_level"] for e in logs if e["event"] == "crl_stale"] == ["warning"]
+
+
+def test_a_crl_file_holds_one_crl_per_ca_and_two_of_one_ca_are_refused(
+    ca: CertificateAuthority, other_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    bundle = write(tmp_path / "ca.crt", ca.pem + other_ca.pem)
+    crls = load_crls(write(tmp_path / "crl.pem", ca.crl([1]) + other_ca.crl([2, 3])), bundle)
+    assert {name: crl.serials for name, crl in crls.lists.items()} == {
+        ca.cert.subject: {1},
+        other_ca.cert.subject: {2, 3},
+    }
+    assert crls.revoked == 3 and crls.intermediates == {ca.cert.subject: None, other_ca.cert.subject: None}
+    path = write(tmp_path / "crl.pem", ca.crl([1], number=1) + ca.crl([1, 2], number=2))
+    with pytest.raises(CertificateConfigError) as caught:
+        load_crls(path, bundle)
+    assert str(caught.value) == f"{path}: two CRLs of CN=test CA: keep one per CA (the newest)"
 
 
 # Server certificate/key pair (checked before a rotation is swapped in)

@@ -125,6 +125,41 @@ def _jwk(pki: Pki, **changes: Any) -> dict[str, Any]:
     return {**json.loads(pki.read("jwks.json"))["keys"][0], **changes}
 
 
+def _encryption_jwk(**changes: Any) -> dict[str, Any]:
+    """An encryption key as Keycloak publishes it beside its signing key (RFC 7517 4.2 ``use: enc``)."""
+    _, jwk = new_signing_key()
+    jwk.pop("key_ops", None)  # pyjwt writes ["verify"]: Keycloak's encryption key has none
+    return {**jwk, "kid": "enc-" + jwk["kid"][:8], "use": "enc", "alg": "RSA-OAEP", **changes}
+
+
+def test_keys_not_meant_for_signatures_are_ignored_and_the_rest_is_taken(store: RemoteKeyStore, server: KeyServer, pki):
+    encryption = _encryption_jwk()
+    wrapping = _encryption_jwk(kid="wrap", use=None, key_ops=["wrapKey", "unwrapKey"])
+    del wrapping["use"]
+    unusable_type = {"kty": "oct-but-enc", "use": "enc", "kid": "opaque"}  # nothing else about it is read
+    document = {"keys": [encryption, _jwk(pki), wrapping, unusable_type]}
+    server.serve(JWKS_PATH, json.dumps(document).encode())
+    with capture_logs() as logs:
+        store.reload_now()
+    assert store.current.kids == [published_kid(pki)]
+    assert [entry["event"] for entry in logs if entry["event"].startswith("jwks_")] == ["jwks_reloaded"]
+    (event,) = [entry for entry in logs if entry["event"] == "jwks_reloaded"]
+    assert event["ignored"] == [encryption["kid"], "wrap", "opaque"]
+    verifier = TokenVerifier(keys=store, issuer=ISSUER, audience="gateway")
+    assert verifier.verify(signed(pki, kid=published_kid(pki)), cert_x5t=None).subject == "alice"
+    with pytest.raises(UnknownKidError):  # an encryption key never verifies a token
+        verifier.verify(signed(pki, kid=encryption["kid"]), cert_x5t=None)
+
+
+def test_a_key_server_publishing_keycloaks_two_keys_starts_the_store(server: KeyServer, pki: Pki):
+    server.serve(JWKS_PATH, json.dumps({"keys": [_jwk(pki), _encryption_jwk()]}).encode())
+    remote = make_store(server, pki)
+    try:
+        assert remote.current.kids == [published_kid(pki)]
+    finally:
+        remote.stop()
+
+
 BAD_DOCUMENTS: dict[str, Any] = {
     "not-json": lambda pki: b"<html>maintenance</html>",
     "duplicate-member": lambda pki: b'{"keys": [], "keys": ' + json.dumps([_jwk(pki)]).encode() + b"}",
@@ -132,6 +167,15 @@ BAD_DOCUMENTS: dict[str, Any] = {
     "empty-keys": lambda pki: b'{"keys": []}',
     "wrong-alg": lambda pki: json.dumps({"keys": [_jwk(pki, alg="ES256")]}).encode(),
     "duplicate-kid": lambda pki: json.dumps({"keys": [_jwk(pki), _jwk(pki)]}).encode(),
+    # Ignored keys are still read for what makes a document malformed or dangerous.
+    "only-encryption-keys": lambda pki: json.dumps({"keys": [_encryption_jwk()]}).encode(),
+    "encryption-key-with-private-member": lambda pki: json.dumps(
+        {"keys": [_jwk(pki), _encryption_jwk(d="AAAA")]}
+    ).encode(),
+    "use-not-a-string": lambda pki: json.dumps({"keys": [_jwk(pki), _encryption_jwk(use=["enc"])]}).encode(),
+    "key-ops-not-a-list": lambda pki: json.dumps({"keys": [_jwk(pki), _encryption_jwk(key_ops="encrypt")]}).encode(),
+    "use-and-key-ops-disagree": lambda pki: json.dumps({"keys": [_jwk(pki, key_ops=["encrypt"])]}).encode(),
+    "encryption-key-not-an-object": lambda pki: json.dumps({"keys": [_jwk(pki), "enc"]}).encode(),
 }
 
 

@@ -827,8 +827,11 @@ def test_jwks_duplicate_json_member_is_refused(tmp_path: Path, rsa_key: Key) -> 
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ({"use": "enc"}, "'use' must be 'sig'"),
-        ({"key_ops": ["encrypt"]}, "'key_ops' must include 'verify'"),
+        ({"key_ops": ["sign"]}, "'key_ops' must include 'verify'"),
+        ({"use": "sig", "key_ops": ["encrypt"]}, "disagree (RFC 7517 4.3)"),
+        ({"use": "enc", "key_ops": ["verify"]}, "disagree (RFC 7517 4.3)"),
+        ({"use": 1}, "'use' must be a string"),
+        ({"key_ops": ["verify", "verify"]}, "'key_ops' must be a list of distinct strings"),
         ({"d": "AQAB"}, "private key material"),
         ({"alg": "ES256"}, "not allowed for this key"),
         ({"alg": "PS256"}, "not allowed for this key"),
@@ -836,7 +839,19 @@ def test_jwks_duplicate_json_member_is_refused(tmp_path: Path, rsa_key: Key) -> 
         ({"alg": "none"}, "not allowed for this key"),
         ({"kty": "oct"}, "unsupported key type"),
     ],
-    ids=["use-enc", "key-ops", "private", "alg-other-type", "alg-not-allowed", "alg-hmac", "alg-none", "oct"],
+    ids=[
+        "key-ops-sign-only",
+        "use-sig-key-ops-encrypt",
+        "use-enc-key-ops-verify",
+        "use-number",
+        "key-ops-duplicate",
+        "private",
+        "alg-other-type",
+        "alg-not-allowed",
+        "alg-hmac",
+        "alg-none",
+        "oct",
+    ],
 )
 def test_jwks_key_that_is_unfit_is_refused_naming_its_kid(
     tmp_path: Path, rsa_key: Key, members: dict[str, Any], message: str
@@ -844,6 +859,21 @@ def test_jwks_key_that_is_unfit_is_refused_naming_its_kid(
     refusal = jwks_refusal(tmp_path, {"keys": [rsa_key.jwk(kid="candidate", **members)]})
     assert "key 'candidate'" in refusal
     assert message in refusal
+
+
+@pytest.mark.parametrize(
+    "members", [{"use": "enc"}, {"key_ops": ["encrypt"]}, {"use": "enc", "key_ops": ["wrapKey"]}], ids=str
+)
+def test_jwks_keys_not_meant_for_signatures_are_ignored_and_a_set_of_only_those_is_refused(
+    tmp_path: Path, rsa_key: Key, ec_key: Key, members: dict[str, Any]
+) -> None:
+    # RFC 7517 4.2 and 4.3: an encryption key beside the signing keys (Keycloak's default) is not an error.
+    other = {k: v for k, v in ec_key.jwk(kid="enc").items() if k != "key_ops"}  # pyjwt writes ["verify"]
+    other.update(members)
+    path = write_json(tmp_path / "jwks.json", {"keys": [rsa_key.jwk(), other]})
+    loaded = load_jwks(path)
+    assert loaded.kids == [rsa_key.kid] and loaded.ignored == ("enc",)
+    assert "no key meant for signatures" in jwks_refusal(tmp_path, {"keys": [other]})
 
 
 @pytest.mark.parametrize(

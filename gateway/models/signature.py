@@ -1,0 +1,177 @@
+"""Model signatures (OpenSSF model signing, PyPI ``model-signing``): a version folder's files checked against the
+signed manifest in its ``model.sig``, and the digest that names those exact bytes in every record.
+
+Every manifest, hash and signature operation is the library's; this module only chooses its configuration. The
+digest is the manifest's root digest as the library defines it for the signed statement's subject (SHA-256 over
+the files' SHA-256 digests, by path): a signed version's digest is its signature's subject digest, and an unsigned
+version gets the same function of its files, so one digest names one set of bytes whether or not it was signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SIGNATURE_FILE = "model.sig"
+MODES = ("off", "warn", "required")
+_EXTRA_HINT = "pip install 'gateway[signing]'"
+
+
+class SignatureError(Exception):
+    """A version whose signature does not verify, with a one-line ``reason`` (no secrets in it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureTrust:
+    """Whom a signature must come from: one of an EC public key (PEM), a CA certificate chain (PEM; offline), or a
+    Sigstore identity and OIDC issuer (needs Sigstore's public services at every verification)."""
+
+    public_key: Path | None = None
+    certificate_chain: Path | None = None
+    sigstore_identity: str | None = None
+    sigstore_issuer: str | None = None
+
+    def kinds(self) -> list[str]:
+        """The trust sources configured (exactly one is valid)."""
+        given = {
+            "public_key": self.public_key,
+            "certificate_chain": self.certificate_chain,
+            "sigstore_identity": self.sigstore_identity,
+        }
+        return [name for name, value in given.items() if value is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class SignaturePolicy:
+    """The verification mode per model (``by_model`` overrides ``mode``) and the trust every signature needs."""
+
+    mode: str = "off"
+    by_model: Mapping[str, str] = field(default_factory=dict)
+    trust: SignatureTrust = field(default_factory=SignatureTrust)
+
+    def mode_for(self, model: str) -> str:
+        """``off``, ``warn`` or ``required`` for one model."""
+        return self.by_model.get(model, self.mode)
+
+    @property
+    def used(self) -> bool:
+        """Whether any model is verified."""
+        return any(mode != "off" for mode in (self.mode, *self.by_model.values()))
+
+
+def _library() -> Any:
+    """The model_signing package, imported on first use (about a second: it brings Sigstore's client)."""
+    try:
+        import model_signing.hashing
+        import model_signing.signing
+        import model_signing.verifying
+    except ImportError as exc:
+        raise SignatureError(f"model signing is not installed ({exc.name}): {_EXTRA_HINT}") from None
+    return model_signing
+
+
+def _hashing_config() -> Any:
+    """The library's file-level SHA-256 manifest of a folder, less the signature file (and git's files)."""
+    return _library().hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=True)
+
+
+def verify(folder: Path, trust: SignatureTrust) -> None:
+    """Check ``folder``'s files against the manifest signed in ``folder/model.sig`` by a trusted signer; raise
+    SignatureError naming why not (missing, tampered, added or removed file, untrusted signer)."""
+    library = _library()
+    signature = folder / SIGNATURE_FILE
+    if not signature.is_file():
+        raise SignatureError(f"no signature ({SIGNATURE_FILE} is missing)")
+    # A fresh Config per verification: the library keeps the hashing settings it guessed from the first manifest.
+    if not trust.kinds():
+        raise SignatureError("no trust configured (models.signature_trust)")
+    config = library.verifying.Config()
+    try:  # the trust material is read here, at every verification: a rotated key takes effect on the next load
+        if trust.public_key is not None:
+            config.use_elliptic_key_verifier(public_key=trust.public_key)
+        elif trust.certificate_chain is not None:
+            config.use_certificate_verifier(certificate_chain=[trust.certificate_chain])
+        else:
+            config.use_sigstore_verifier(identity=trust.sigstore_identity, oidc_issuer=trust.sigstore_issuer)
+    except Exception as exc:
+        raise SignatureError(f"cannot read the trust material: {_short(exc)}") from None
+    try:
+        config.verify(folder, signature)
+    except Exception as exc:  # the library raises ValueError, OSError and its dependencies' own classes
+        raise SignatureError(_short(exc)) from None
+
+
+# What the library leaves out of a manifest besides the signature (hashing.Config's ignore_git_paths).
+_GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")
+_CHUNK = 1 << 20
+
+
+def digest(folder: Path) -> str:
+    """``sha256:<hex>``: the SHA-256 of every file's SHA-256, files sorted by path, ``model.sig`` and git's files
+    left out. That is the subject digest a signature made by ``sign`` vouches for (tests/e2e/test_model_signatures.py
+    checks the two stay equal), computed here without the library, so that naming a version's bytes never depends
+    on the signing library importing (``signatures: off`` needs none of it)."""
+    try:
+        files = sorted(
+            (path.relative_to(folder).as_posix(), path)
+            for path in folder.rglob("*")
+            if path.is_file() and not _left_out(path.relative_to(folder))
+        )
+        root = hashlib.sha256()
+        for _, path in files:
+            file_hash = hashlib.sha256()
+            with path.open("rb") as stream:
+                while chunk := stream.read(_CHUNK):
+                    file_hash.update(chunk)
+            root.update(file_hash.digest())
+    except OSError as exc:
+        raise SignatureError(f"cannot hash the version's files: {_short(exc)}") from None
+    return "sha256:" + root.hexdigest()
+
+
+def _left_out(relative: Path) -> bool:
+    return relative.as_posix() == SIGNATURE_FILE or relative.parts[0] in _GIT_PATHS
+
+
+def sign(folder: Path, *, private_key: Path, certificate: Path | None = None, chain: Path | None = None) -> Path:
+    """Sign ``folder`` into ``folder/model.sig`` with an EC private key (and its certificate and chain, for
+    certificate trust); returns the signature's path."""
+    library = _library()
+    config = library.signing.Config()
+    if certificate is not None:
+        config.use_certificate_signer(
+            private_key=private_key, signing_certificate=certificate, certificate_chain=[chain] if chain else []
+        )
+    else:
+        config.use_elliptic_key_signer(private_key=private_key)
+    signature = folder / SIGNATURE_FILE
+    config.set_hashing_config(_hashing_config()).sign(folder, signature)
+    return signature
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A private copy of a version folder (mode 0700, in TMPDIR), removed on exit.
+
+    What is verified, hashed and handed to ONNX Runtime is this copy, which nobody else can write: a file swapped
+    in the repository between the check and the load cannot reach the runtime. Symbolic links are followed (their
+    content is copied, and checked like any file)."""
+    with tempfile.TemporaryDirectory(prefix="gateway-model-") as tmp:
+        copy = Path(tmp) / "version"
+        shutil.copytree(folder, copy)
+        yield copy
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]

@@ -1,0 +1,122 @@
+"""``gateway audit verify`` over several pods' trails, run as the installed command (.venv/bin/gateway) on real
+files written by the audit writer: a cut tail cannot hide behind a deleted checkpoint or another trail's one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import AuditLog, checkpoint_path
+from tests.conftest import ROOT
+
+GATEWAY = ROOT / ".venv" / "bin" / "gateway"
+KEY = b"pod-audit-key-" + b"k" * 18
+PODS = ("gateway-0", "gateway-1", "gateway-2")
+
+
+def verify(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``gateway audit verify ARGS`` in a subprocess, with no GATEWAY_* variable set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run(
+        [str(GATEWAY), "audit", "verify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def write_trail(path: Path, chain: str, records: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AuditLog(path, chain_id=chain, hmac_key=KEY, max_bytes=600) as audit:
+        for i in range(records):
+            audit.write({"event": "call", "request_id": f"{chain}-{i}", "sub": "alice", "code": "OK"})
+
+
+@pytest.fixture
+def trails(tmp_path: Path) -> dict[str, Path]:
+    """One trail per pod in its own folder (its volume), as a StatefulSet's pods write them, and the key file."""
+    made = {pod: tmp_path / "audit" / pod / "audit.log" for pod in PODS}
+    for pod, path in made.items():
+        write_trail(path, pod, 8)  # rotated after 3 and 6: the active file holds 7..8
+    (tmp_path / "audit-hmac.key").write_bytes(KEY)
+    return made
+
+
+def cut_tail(path: Path, keep: int) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:keep]))
+
+
+def report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_several_intact_trails_verify_with_their_checkpoints(trails: dict[str, Path], tmp_path: Path) -> None:
+    result = verify(tmp_path / "audit", "--hmac-key", tmp_path / "audit-hmac.key")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "OK: 24 records in 3 chain(s) verified"
+    assert all(", checkpoint at seq 8" in line for line in result.stdout.splitlines()[:3])
+
+
+def test_a_cut_tail_with_its_checkpoint_deleted_fails_among_several_trails(
+    trails: dict[str, Path], tmp_path: Path
+) -> None:
+    victim = trails["gateway-1"]
+    cut_tail(victim, 1)  # the active file keeps its first record: the chain alone looks intact
+    checkpoint_path(victim).unlink()
+    key = tmp_path / "audit-hmac.key"
+
+    result = verify(tmp_path / "audit", "--hmac-key", key, "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    chains = {chain["chain"]: chain for chain in report(result)["chains"]}
+    assert chains["gateway-0"]["ok"] and chains["gateway-2"]["ok"]
+    assert not chains["gateway-1"]["ok"]
+    assert "no checkpoint" in chains["gateway-1"]["error"] and "--no-checkpoint" in chains["gateway-1"]["error"]
+
+    # The operator knows this trail has none and says so for it alone: it passes, and the summary says so.
+    waived = verify(tmp_path / "audit", "--hmac-key", key, "--no-checkpoint", victim)
+    assert waived.returncode == 0, waived.stdout + waived.stderr
+    (line,) = [line for line in waived.stdout.splitlines() if line.startswith("chain gateway-1:")]
+    assert "no checkpoint (--no-checkpoint): a cut tail cannot be detected" in line
+    assert "no checkpoint" not in "".join(x for x in waived.stdout.splitlines() if x.startswith("chain gateway-0"))
+    as_json = report(verify(tmp_path / "audit", "--hmac-key", key, "--no-checkpoint", victim.parent, "--json"))
+    assert [chain["no_checkpoint"] for chain in as_json["chains"]] == [False, True, False]
+
+    # Waiving one trail does not waive another whose checkpoint is missing too.
+    checkpoint_path(trails["gateway-2"]).unlink()
+    other = verify(tmp_path / "audit", "--hmac-key", key, "--no-checkpoint", victim)
+    assert other.returncode == 1 and "chain gateway-2: FAILED" in other.stdout
+
+
+def test_another_trails_checkpoint_in_place_of_a_trails_own_is_refused(trails: dict[str, Path], tmp_path: Path) -> None:
+    victim, donor = trails["gateway-1"], trails["gateway-0"]
+    cut_tail(victim, 1)
+    checkpoint_path(victim).write_bytes(checkpoint_path(donor).read_bytes())  # a genuine checkpoint, MAC and all
+
+    result = verify(tmp_path / "audit", "--hmac-key", tmp_path / "audit-hmac.key", "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    chains = {chain["chain"]: chain for chain in report(result)["chains"]}
+    assert chains["gateway-0"]["ok"] and chains["gateway-2"]["ok"]
+    error = chains["gateway-1"]["error"]
+    assert "checkpoint of chain 'gateway-0'" in error and "trail of chain 'gateway-1'" in error
+    assert str(checkpoint_path(victim)) in error
+
+    # Given as the only trail too: the checkpoint beside it names another chain.
+    alone = verify(victim, "--hmac-key", tmp_path / "audit-hmac.key")
+    assert alone.returncode == 1 and "checkpoint of chain 'gateway-0'" in alone.stdout
+
+
+def test_no_checkpoint_naming_a_path_that_does_not_exist_is_a_usage_error(
+    trails: dict[str, Path], tmp_path: Path
+) -> None:
+    result = verify(tmp_path / "audit", "--hmac-key", tmp_path / "audit-hmac.key", "--no-checkpoint", tmp_path / "x")
+    assert result.returncode == 2 and "x: no such file or directory" in result.stderr
