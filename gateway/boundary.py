@@ -349,11 +349,9 @@ class CallBoundary:
     def _check_size(self, size: int, *, what: str = "message") -> None:
         check_size(size, self._limits.max_message_bytes, what=what)
 
-    async def _request(
-        self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext
-    ) -> tuple[Any, asyncio.Task[Any]]:
-        """The one request of a unary method, read with a bounded wait, and the read of what follows it: started
-        now, so that its round trip overlaps the run, and checked by ``_end_of_request`` before anything is sent."""
+    async def _request(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
+        """The one request of a unary method, read with a bounded wait, then the end of the request: nothing may
+        follow it, and that is known before the handler runs (a refused call runs no model, issue 27 item 10)."""
         raw = await self._within(context.read(), self._limits.message_timeout_s, "request message")
         if raw is grpc.aio.EOF:
             if _deadline_passed(context):  # grpc ends the request stream when the deadline passes
@@ -366,15 +364,11 @@ class CallBoundary:
             )
         call.bytes_in = len(raw)
         self._check_size(len(raw))
-        request = _decode(method.deserialize, raw)
-        return request, asyncio.get_running_loop().create_task(context.read())
-
-    async def _end_of_request(self, following: asyncio.Task[Any]) -> None:
-        """Nothing may follow a unary request but the end of the stream."""
-        if not following.done():
-            await self._within(following, self._limits.message_timeout_s, "end of the request")
-        if following.result() is not grpc.aio.EOF:
+        # The client sends its half-close with the message (or right after it): this costs no round trip.
+        following = await self._within(context.read(), self._limits.message_timeout_s, "end of the request")
+        if following is not grpc.aio.EOF:
             raise InvalidArgumentError("a unary method takes exactly one request message")
+        return _decode(method.deserialize, raw)
 
     async def _requests(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
         """The messages of a stream, each waited for at most the idle timeout."""
@@ -398,7 +392,6 @@ class CallBoundary:
         self._enter()
         call, metadata = self._begin(method.name, context)
         slots: list[Slot] = []
-        following: asyncio.Task[Any] | None = None
         try:
             error: GatewayError | None = None
             out = None
@@ -407,10 +400,8 @@ class CallBoundary:
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
-                    request, following = await self._request(method, call, context)
+                    request = await self._request(method, call, context)
                 response = await method.behavior(request, context)
-                if following is not None:
-                    await self._end_of_request(following)
                 out = method.serialize(response)
                 call.bytes_out = len(out)
                 self._check_size(len(out), what="response")
@@ -419,8 +410,6 @@ class CallBoundary:
             await self._finish(call, error, context)
             return out
         finally:
-            if following is not None:
-                following.cancel()  # done already, unless the call failed before its end was read
             for slot in slots:
                 slot.release()
             self._leave()
@@ -438,8 +427,7 @@ class CallBoundary:
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
-                    request, following = await self._request(method, call, context)
-                    await self._end_of_request(following)
+                    request = await self._request(method, call, context)
                 replies = 0
                 async for message in method.behavior(request, context):
                     out = method.serialize(message)

@@ -114,6 +114,8 @@ class ModelSettings:
     inter_op_threads: int = 1  # only with execution_mode: parallel
     execution_mode: str = "sequential"
     max_elements: int = 16 * MIB
+    # BYTES tensors hold fewer: each element becomes a Python str (~60 bytes), decoded one by one.
+    max_bytes_elements: int = MIB
     # Runs predicted to take at most this long run inline on the event loop; longer ones on run_threads threads
     # (gateway/models/placement.py). 0 sends every run to the pool.
     inline_max_ms: float = 1.0

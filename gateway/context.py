@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextvars
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.auth.principal import Principal
 from gateway.errors import ResourceExhaustedError
-from gateway.tensors import datatype_of
+from gateway.tensors import WireTensor
 
 if TYPE_CHECKING:
     from gateway.tracing import CallTrace
@@ -102,11 +102,11 @@ class CallContext:
             model_ran=False,
         )
 
-    def describe_inputs(self, inputs: dict[str, Any]) -> None:
-        """Record names, datatypes and shapes of the inputs (never their values)."""
+    def describe_inputs(self, inputs: Mapping[str, WireTensor]) -> None:
+        """Record names, datatypes and shapes of the inputs as declared (never their values; read before any is
+        decoded, so a refusal for what the values hold still says which inputs it was about)."""
         self.inputs = [
-            {"name": name, "datatype": datatype_of(array).name, "shape": list(array.shape)}
-            for name, array in inputs.items()
+            {"name": name, "datatype": tensor.datatype, "shape": list(tensor.shape)} for name, tensor in inputs.items()
         ]
 
     def audit_record(self, *, code: str, reason: str | None) -> dict[str, Any]:

@@ -1,20 +1,25 @@
-"""The one path every API calls after decoding: authorize, resolve, validate, run. Never imports grpc.
+"""The one path every API calls: authorize, resolve, read and check the request's tensors, decode, run. Never
+imports grpc.
 
 Authorization needs the model name from the message, so it lives here rather than in the call boundary, and
-every protocol the gateway serves shares it: one place decides. A caller who may not act on a model gets
-PERMISSION_DENIED whether or not the model exists (DESIGN.md: a refused caller learns nothing). Before anything
-else, every identifier of the request is checked against its grammar (gateway.identifiers), so no malformed one
-reaches a record, whoever the caller and whatever the decision.
+every protocol the gateway serves shares it: one place decides. It is decided from the request's header fields
+alone (model, version, action): no tensor is read or decoded before, so a refused caller's tensors cost nothing
+whatever their size (issue 27). A caller who may not act on a model gets PERMISSION_DENIED whether or not the
+model exists (DESIGN.md: a refused caller learns nothing). Before anything else, every identifier of the header
+is checked against its grammar (gateway.identifiers), and the input names as soon as they are read, so no malformed
+one reaches a record, whoever the caller and whatever the decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
-from gateway import tracing
+from gateway import tensors, tracing
 from gateway.auth.principal import Principal
 from gateway.context import CallContext
 from gateway.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
@@ -24,26 +29,45 @@ from gateway.models.runtime import ModelVersion
 from gateway.policy import Action, Decision, PolicyStore
 
 
-@dataclass(slots=True)
-class InferRequest:
-    """One inference request, whatever protocol it came in: named tensors (the name "" is the unnamed tensor of a
-    one-input model) or the simple flat FP32 form, and the caller's id of the message (echoed in the reply)."""
+@dataclass(frozen=True, slots=True)
+class InferBody:
+    """What a request holds beyond its header, as the wire gave it (nothing decoded): named tensors (the name ""
+    is the unnamed tensor of a one-input model) or the simple flat FP32 form, and the outputs asked for."""
 
-    model: str
-    version: str | None
-    inputs: dict[str, np.ndarray]
-    flat: np.ndarray | None = None
-    id: str | None = None
+    inputs: dict[str, tensors.WireTensor]
+    flat: tensors.WireTensor | None = None
     outputs: tuple[str, ...] | None = None  # the outputs to answer with, in this order; None: all, in model order
 
 
 @dataclass(frozen=True, slots=True)
+class Bounds:
+    """How many inputs and outputs the named model has. An adapter reads at most one more of each than these (a
+    message may hold millions): the pipeline then refuses the extra one as a duplicate or an unknown name."""
+
+    inputs: int
+    outputs: int
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """One inference request, whatever protocol it came in: its header fields, read before authorization, and
+    ``read``, the protocol's conversion of the rest, called only for an authorized caller of a loaded model."""
+
+    model: str
+    version: str | None
+    read: Callable[[Bounds], InferBody]
+    id: str | None = None  # the caller's id of the message (echoed in the reply)
+
+
+@dataclass(frozen=True, slots=True)
 class InferResult:
-    """Outputs by name (model order) and the version that ran."""
+    """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), and the
+    version that ran."""
 
     model: str
     version: int
     outputs: dict[str, np.ndarray]
+    raw: dict[str, tuple[tensors.DataType, bytes]]
 
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
@@ -64,6 +88,7 @@ class Pipeline:
         self.models = models
         self._policies = policies
         self._before_run = before_run
+        self.sliced_decodes = 0  # decodes that took more than one step: for tests and measurements
 
     def _decide(self, principal: Principal | None, model: str, version: str | None, action: Action) -> Decision:
         if self._policies is None:
@@ -102,24 +127,40 @@ class Pipeline:
     async def predict(
         self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT
     ) -> InferResult:
-        """Run one inference for an authorized caller."""
+        """Run one inference for an authorized caller: decided on the header, then the body read and checked
+        against the model's signature and limits, then decoded (a step at a time), run, and encoded."""
         if request.id is not None:
             ID.check(request.id, "id")
-        for name in request.inputs:
+        model = self._authorize(call, request.model, request.version, action)
+        body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
+        for name in body.inputs:
             if name:  # "" is the unnamed tensor
                 ID.check(name, "input name")
-        model = self._authorize(call, request.model, request.version, action)
-        inputs = model.reshape_flat(request.flat) if request.flat is not None else model.name_inputs(request.inputs)
-        call.describe_inputs(inputs)
-        model.validate(inputs)
-        _check_outputs(model, request.outputs)
+        wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
+        for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
+            tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
+        call.describe_inputs(wire)
+        model.validate(wire)
+        _check_outputs(model, body.outputs)
+        inputs = await self._decode(wire)
         self._before_run()
         call.model_ran = True
         with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
             outputs = await model.run(inputs)
-        if request.outputs is not None:
-            outputs = {name: outputs[name] for name in request.outputs}
-        return InferResult(request.model, model.version, outputs)
+        if body.outputs is not None:
+            outputs = {name: outputs[name] for name in body.outputs}
+        raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
+        return InferResult(request.model, model.version, outputs, raw)
+
+    async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
+        """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
+        other calls between steps: a large decode delays no one by more than one step (issue 27). Cooperative
+        steps rather than a thread, since most of the work holds the GIL (Python objects are made one by one)."""
+        inputs: dict[str, np.ndarray] = {}
+        for name, tensor in wire.items():
+            inputs[name], pauses = await _in_steps(tensors.decode_steps(tensor))
+            self.sliced_decodes += pauses > 0
+        return inputs
 
     def signature(self, call: CallContext, model: str, version: str | None) -> ModelVersion:
         """The loaded version the caller may read metadata of (its signature and configuration)."""
@@ -147,6 +188,30 @@ class Pipeline:
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
+
+
+T = TypeVar("T")
+
+
+async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
+    """Run a generator of steps (gateway.tensors) to its end, the loop serving others between two steps; what it
+    returns, and how many pauses it took."""
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value, pauses
+        pauses += 1
+        await asyncio.sleep(0)
+
+
+def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
+    """The simple form's flat FP32 values as the model's one input, shaped by its signature."""
+    if flat.values is not None:  # bounded before the shape is worked out (a count past every limit is no shape)
+        tensors.element_count((len(flat.values),), name="input_data", max_elements=model.max_elements)
+    name, shape = model.flat_input(len(flat.values or ()))
+    return {name: replace(flat, shape=shape)}
 
 
 def _check_outputs(model: ModelVersion, requested: tuple[str, ...] | None) -> None:

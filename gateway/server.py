@@ -215,6 +215,7 @@ class Gateway:
                 inter_op_threads=models.inter_op_threads,
                 execution_mode=models.execution_mode,
                 max_elements=models.max_elements,
+                max_bytes_elements=models.max_bytes_elements,
                 batching=models.batching,
                 metered=metered,
             ),
@@ -402,11 +403,8 @@ class Gateway:
         """The server with every service, bound to the listen address but not serving yet, and its port."""
         server = grpc.aio.server(options=_grpc_options(self.settings))
         collector = HandlerCollector()
-        max_elements = self.settings.models.max_elements
-        pb_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.pipeline, max_elements=max_elements), collector
-        )
-        oip = OpenInferenceServicer(self.pipeline, max_elements=max_elements, ready=self.ready)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.pipeline), collector)
+        oip = OpenInferenceServicer(self.pipeline, ready=self.ready)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, collector)
         names = (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)

@@ -16,33 +16,42 @@ from gateway.context import CallContext, current_call
 from gateway.errors import GatewayError, InvalidArgumentError
 from gateway.identifiers import shown
 from gateway.models.runtime import TensorSpec
-from gateway.pipeline import InferRequest, InferResult, Pipeline
+from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
 from gateway.policy import Action
 
 log = structlog.get_logger(__name__)
 
 
-def to_infer_request(request: pb.PredictRequest, *, max_elements: int) -> InferRequest:
-    """Decode a PredictRequest; both forms (named tensors, flat ``input_data``) end up in one InferRequest (whose
-    identifiers the pipeline checks)."""
-    if request.inputs and request.input_data:
-        raise InvalidArgumentError("send either inputs or input_data, not both")
-    inputs: dict[str, np.ndarray] = {}
-    for tensor in request.inputs:
-        if tensor.name in inputs:
-            raise InvalidArgumentError(f"input '{shown(tensor.name)}' appears twice")
-        inputs[tensor.name] = tensors.decode(tensor, max_elements=max_elements)
-    flat = None
-    if request.input_data:
-        tensors.element_count((len(request.input_data),), name="input_data", max_elements=max_elements)
-        flat = np.asarray(request.input_data, dtype=np.float32)
+def to_infer_request(request: pb.PredictRequest) -> InferRequest:
+    """A PredictRequest's header fields, and how to read the rest (both forms, named tensors and flat
+    ``input_data``, end up in one InferBody); the pipeline reads it only for an authorized caller."""
+
+    def read(bounds: Bounds) -> InferBody:
+        if request.inputs and request.input_data:
+            raise InvalidArgumentError("send either inputs or input_data, not both")
+        inputs: dict[str, tensors.WireTensor] = {}
+        for tensor in request.inputs[: bounds.inputs + 1]:
+            if tensor.name in inputs:
+                raise InvalidArgumentError(f"input '{shown(tensor.name)}' appears twice")
+            inputs[tensor.name] = _wire(tensor)
+        flat = None
+        if request.input_data:
+            flat = tensors.WireTensor(
+                "input_data", tensors.BY_NAME["FP32"], (), None, request.input_data, values_field="input_data"
+            )
+        return InferBody(inputs=inputs, flat=flat)
+
     return InferRequest(
-        model=request.model_name,
-        version=request.model_version or None,
-        inputs=inputs,
-        flat=flat,
-        id=request.id or None,
+        model=request.model_name, version=request.model_version or None, read=read, id=request.id or None
     )
+
+
+def _wire(tensor: pb.Tensor) -> tensors.WireTensor:
+    row = tensors.BY_ENUM.get(tensor.datatype)
+    if row is None:
+        raise InvalidArgumentError(f"input '{shown(tensor.name)}': unknown or unspecified datatype {tensor.datatype}")
+    raw = tensor.raw_data or None
+    return tensors.wire_tensor(tensor.name, row, tensor.shape, raw=raw, contents=tensor.contents, raw_field="raw_data")
 
 
 def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictResponse:
@@ -50,7 +59,10 @@ def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictRe
     response = pb.PredictResponse(
         model_name=result.model,
         model_version=str(result.version),
-        outputs=tensors.encode_all(result.outputs),
+        outputs=[
+            pb.Tensor(name=name, datatype=row.enum, shape=result.outputs[name].shape, raw_data=raw)
+            for name, (row, raw) in result.raw.items()  # encoded by the pipeline, a step at a time
+        ],
         id=request.id,
     )
     if request.input_data and result.outputs:
@@ -66,14 +78,13 @@ def _specs(specs: tuple[TensorSpec, ...]) -> list[pb.TensorSpec]:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """Adapter only: every decision is the pipeline's, every error crosses the call boundary as an exception."""
 
-    def __init__(self, pipeline: Pipeline, *, max_elements: int) -> None:
+    def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
-        self._max_elements = max_elements
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         """One inference."""
         call = current_call.get()
-        result = await self._pipeline.predict(call, to_infer_request(request, max_elements=self._max_elements))
+        result = await self._pipeline.predict(call, to_infer_request(request))
         return to_response(request, result)
 
     async def PredictStream(
@@ -84,7 +95,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         stream.action = Action.STREAM.value
 
         async def answer(call: CallContext, request: pb.PredictRequest) -> pb.PredictStreamResponse:
-            infer_request = to_infer_request(request, max_elements=self._max_elements)
+            infer_request = to_infer_request(request)
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
             return pb.PredictStreamResponse(response=to_response(request, result), id=request.id)
 

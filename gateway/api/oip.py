@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
-import numpy as np
 
 from gateway import package_version, tensors
 from gateway._pb.inference import grpc_service_pb2 as pb
@@ -22,7 +21,7 @@ from gateway.context import CallContext, current_call
 from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
 from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
-from gateway.pipeline import InferRequest, InferResult, Pipeline
+from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
 from gateway.policy import Action
 
 PLATFORM = "onnxruntime_onnx"
@@ -33,45 +32,47 @@ EXTENSIONS = ("model_configuration", "model_repository")
 _CONFIG_DATATYPES = {row.name: f"TYPE_{'STRING' if row.name == 'BYTES' else row.name}" for row in tensors.ROWS}
 
 
-def to_infer_request(request: pb.ModelInferRequest, *, max_elements: int) -> InferRequest:
-    """Decode a ModelInferRequest: inputs from ``raw_input_contents`` (one entry per input) or typed contents."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, in order"
-        )
-    _refuse_parameters(request.parameters, "the request")
-    inputs: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
-        name = shown(tensor.name)
-        if tensor.name in inputs:
-            raise InvalidArgumentError(f"input '{name}' appears twice")
-        _refuse_parameters(tensor.parameters, f"input '{name}'", allowed=("content_type",))
-        row = tensors.BY_NAME.get(tensor.datatype)
-        if row is None:
+def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    """A ModelInferRequest's header fields, and how to read the rest: inputs from ``raw_input_contents`` (one
+    entry per input) or typed contents. The pipeline reads it only for an authorized caller."""
+
+    def read(bounds: Bounds) -> InferBody:
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
             raise InvalidArgumentError(
-                f"input '{name}': unknown datatype {shown(tensor.datatype)!r} (one of {', '.join(tensors.BY_NAME)})"
+                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, "
+                "in order"
             )
-        inputs[tensor.name] = tensors.decode_values(
-            tensor.name,
-            row,
-            tuple(tensor.shape),
-            raw=raw[index] if raw else None,
-            contents=tensor.contents,
-            raw_field="raw_input_contents",
-            max_elements=max_elements,
-        )
-    requested = [output.name for output in request.outputs]
-    for output in request.outputs:
-        _refuse_parameters(output.parameters, f"output '{shown(output.name)}'")
-    if len(set(requested)) != len(requested):
-        raise InvalidArgumentError("an output is requested twice")
+        _refuse_parameters(request.parameters, "the request")
+        inputs: dict[str, tensors.WireTensor] = {}
+        for index, tensor in enumerate(request.inputs[: bounds.inputs + 1]):
+            name = shown(tensor.name)
+            if tensor.name in inputs:
+                raise InvalidArgumentError(f"input '{name}' appears twice")
+            _refuse_parameters(tensor.parameters, f"input '{name}'", allowed=("content_type",))
+            row = tensors.BY_NAME.get(tensor.datatype)
+            if row is None:
+                raise InvalidArgumentError(
+                    f"input '{name}': unknown datatype {shown(tensor.datatype)!r} (one of {', '.join(tensors.BY_NAME)})"
+                )
+            inputs[tensor.name] = tensors.wire_tensor(
+                tensor.name,
+                row,
+                tensor.shape,
+                raw=raw[index] if raw else None,
+                contents=tensor.contents,
+                raw_field="raw_input_contents",
+            )
+        outputs = request.outputs[: bounds.outputs + 1]
+        requested = [output.name for output in outputs]
+        for output in outputs:
+            _refuse_parameters(output.parameters, f"output '{shown(output.name)}'")
+        if len(set(requested)) != len(requested):
+            raise InvalidArgumentError("an output is requested twice")
+        return InferBody(inputs=inputs, outputs=tuple(requested) or None)
+
     return InferRequest(
-        model=request.model_name,
-        version=request.model_version or None,
-        inputs=inputs,
-        id=request.id or None,
-        outputs=tuple(requested) or None,
+        model=request.model_name, version=request.model_version or None, read=read, id=request.id or None
     )
 
 
@@ -86,7 +87,7 @@ def to_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelI
     """Outputs as raw contents, one entry per output in order, with datatype and shape (what tritonclient reads)."""
     response = pb.ModelInferResponse(model_name=result.model, model_version=str(result.version), id=request.id)
     for name, array in result.outputs.items():
-        row, raw = tensors.to_raw(array)
+        row, raw = result.raw[name]  # encoded by the pipeline, a step at a time
         response.outputs.add(name=name, datatype=row.name, shape=array.shape)
         response.raw_output_contents.append(raw)
     return response
@@ -120,10 +121,9 @@ def to_model_config(model: ModelVersion) -> pb.ModelConfig:
 class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Adapter only: every decision is the pipeline's, every error crosses the call boundary as an exception."""
 
-    def __init__(self, pipeline: Pipeline, *, max_elements: int, ready: Callable[[], bool]) -> None:
+    def __init__(self, pipeline: Pipeline, *, ready: Callable[[], bool]) -> None:
         """``ready`` says whether the gateway serves inference now (ServerReady)."""
         self._pipeline = pipeline
-        self._max_elements = max_elements
         self._ready = ready
 
     async def ServerLive(
@@ -193,9 +193,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         """One inference."""
-        result = await self._pipeline.predict(
-            current_call.get(), to_infer_request(request, max_elements=self._max_elements)
-        )
+        result = await self._pipeline.predict(current_call.get(), to_infer_request(request))
         return to_response(request, result)
 
     async def ModelStreamInfer(
@@ -204,7 +202,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One response per request, in order; a failing request gets ``error_message`` and the stream goes on."""
 
         async def answer(call: CallContext, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            infer_request = to_infer_request(request, max_elements=self._max_elements)
+            infer_request = to_infer_request(request)
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
             return pb.ModelStreamInferResponse(infer_response=to_response(request, result))
 

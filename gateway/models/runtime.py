@@ -57,6 +57,7 @@ class RuntimeOptions:
     inter_op_threads: int = 1
     execution_mode: str = "sequential"  # or "parallel": independent graph branches on inter_op_threads
     max_elements: int = 16 * 1024 * 1024
+    max_bytes_elements: int = 1024 * 1024  # BYTES tensors: each element becomes a Python str
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)  # by model name; absent = off
     metered: bool = True  # time each run in the metrics (off where nothing serves them: metrics.recording)
 
@@ -107,6 +108,7 @@ class ModelVersion:
         self.digest = digest
         self.signed = signed
         self.max_elements = options.max_elements
+        self.max_bytes_elements = options.max_bytes_elements
         try:
             self._session = ort.InferenceSession(
                 str(load_from or path), sess_options=_session_options(options), providers=["CPUExecutionProvider"]
@@ -160,37 +162,40 @@ class ModelVersion:
         """``name:version`` for logs."""
         return f"{self.name}:{self.version}"
 
-    def name_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
         """An unnamed single tensor is the model's only input (so clients need no metadata round-trip)."""
         if len(inputs) == 1 and "" in inputs and len(self.inputs) == 1:
             return {self.inputs[0].name: inputs[""]}
         return inputs
 
-    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
-        """Refuse inputs that do not match the signature, with a message safe to return to the caller."""
+    def validate(self, inputs: Mapping[str, tensors.WireTensor]) -> None:
+        """Refuse inputs whose names, datatypes or shapes do not match the signature, before any is decoded, with a
+        message safe to return to the caller."""
         for name in inputs:
             if name not in self._inputs_by_name:
                 expected = ", ".join(self._inputs_by_name)
                 raise InvalidArgumentError(f"unknown input '{shown(name)}' (model inputs: {expected})")
         for spec in self.inputs:
-            array = inputs.get(spec.name)
-            if array is None:
+            tensor = inputs.get(spec.name)
+            if tensor is None:
                 raise InvalidArgumentError(f"missing input '{spec.name}'")
-            datatype = tensors.datatype_of(array).name
-            if datatype != spec.datatype:
-                raise InvalidArgumentError(f"input '{spec.name}': datatype {datatype}, model expects {spec.datatype}")
-            if array.ndim != len(spec.shape):
+            if tensor.datatype != spec.datatype:
                 raise InvalidArgumentError(
-                    f"input '{spec.name}': rank {array.ndim}, model expects shape {list(spec.shape)}"
+                    f"input '{spec.name}': datatype {tensor.datatype}, model expects {spec.datatype}"
                 )
-            for got, want in zip(array.shape, spec.shape, strict=True):
+            if len(tensor.shape) != len(spec.shape):
+                raise InvalidArgumentError(
+                    f"input '{spec.name}': rank {len(tensor.shape)}, model expects shape {list(spec.shape)}"
+                )
+            for got, want in zip(tensor.shape, spec.shape, strict=True):
                 if want != -1 and got != want:
                     raise InvalidArgumentError(
-                        f"input '{spec.name}': shape {list(array.shape)}, model expects {list(spec.shape)}"
+                        f"input '{spec.name}': shape {list(tensor.shape)}, model expects {list(spec.shape)}"
                     )
 
-    def reshape_flat(self, values: np.ndarray) -> dict[str, np.ndarray]:
-        """Shape the simple-form flat FP32 list for a one-input model, inferring its one dynamic dim."""
+    def flat_input(self, size: int) -> tuple[str, tuple[int, ...]]:
+        """The name and shape that ``size`` simple-form flat FP32 values take in a one-input model, inferring its
+        one dynamic dim."""
         if len(self.inputs) != 1 or self.inputs[0].datatype != "FP32":
             raise InvalidArgumentError("input_data is only for models with exactly one FP32 input")
         spec = self.inputs[0]
@@ -202,12 +207,11 @@ class ModelVersion:
             raise InvalidArgumentError(
                 f"input '{spec.name}' has {dynamic} dynamic dimensions; send a typed tensor instead of input_data"
             )
-        if known == 0 or values.size % known or (dynamic == 0 and values.size != known):
+        if known == 0 or size % known or (dynamic == 0 and size != known):
             raise InvalidArgumentError(
-                f"input_data has {values.size} values, which do not fill input '{spec.name}' {list(spec.shape)}"
+                f"input_data has {size} values, which do not fill input '{spec.name}' {list(spec.shape)}"
             )
-        shape = tuple(values.size // known if dim == -1 else dim for dim in spec.shape)
-        return {spec.name: values.reshape(shape)}
+        return spec.name, tuple(size // known if dim == -1 else dim for dim in spec.shape)
 
     async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (batched with concurrent requests when configured); validated inputs only."""

@@ -126,8 +126,10 @@ async def test_an_authenticated_call_that_never_sends_its_message_times_out_and_
     )
 
 
-async def test_a_unary_method_refuses_a_second_request_message(gw):
+async def test_a_unary_method_refuses_a_second_request_message_without_running_the_model(gw):
     request_id = uuid.uuid4().hex
+    placement = gw.gateway.placement
+    runs = placement.inline_runs + placement.pool_runs
     async with aio_channel(gw) as channel:
         call = channel.stream_unary(PREDICT, request_serializer=pb.PredictRequest.SerializeToString)(
             metadata=auth(gw.token(), ("x-request-id", request_id))
@@ -140,11 +142,12 @@ async def test_a_unary_method_refuses_a_second_request_message(gw):
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details() == "a unary method takes exactly one request message"
     (record,) = records_for(gw, {request_id})
-    # The end of a unary request is read while its model runs (one round trip less per call): the model may have
-    # run, but nothing is sent but the refusal, and the record says so.
+    # The end of a unary request is read before its handler runs (issue 27 item 10): no model ran for a call
+    # refused for its shape, and the record names no model, since the handler never read the request.
+    assert placement.inline_runs + placement.pool_runs == runs
     assert (record["code"], record["model"], record["reason"]) == (
         "INVALID_ARGUMENT",
-        "mlp",
+        None,
         "a unary method takes exactly one request message",
     )
 

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 import gateway
 from gateway.auth.issuer import issue_token
 from gateway.auth.keys import kid_from_jwks
+from gateway.models import signature
 from tests.conftest import Pki, wait_until
 from tests.e2e.test_audit_trail import _point_at_dev_full
 
@@ -299,7 +300,7 @@ def test_list_models_shows_only_what_the_caller_may_list(gw):
         assert [m.name for m in client.list_models(timeout=TIMEOUT)] == ["digits"]
 
 
-def test_metadata_describes_the_signature_with_dynamic_dims(gw):
+def test_metadata_describes_the_signature_with_dynamic_dims(gw, demo_models):
     with connect(gw) as client:
         default = client.metadata("mlp", timeout=TIMEOUT)
         first = client.metadata("mlp", 1, timeout=TIMEOUT)
@@ -309,8 +310,10 @@ def test_metadata_describes_the_signature_with_dynamic_dims(gw):
         versions=("1", "2"),
         inputs=(gateway.TensorSpec("input", "FP32", (-1, 784)),),
         outputs=(gateway.TensorSpec("output", "FP32", (-1, 10)),),
+        model_digest=signature.digest(demo_models / "mlp" / "2"),  # the bytes that version 2 is
     )
     assert first.version == "1"
+    assert first.model_digest == signature.digest(demo_models / "mlp" / "1") != default.model_digest
 
 
 def test_metadata_reports_integer_outputs(gw):

@@ -180,8 +180,11 @@ def _raw_bytes_tensor(raw: bytes, shape: list[int]) -> pb.Tensor:
     ("raw", "shape", "message"),
     [
         (b"\x02\x00\x00\x00ab\x01\x00\x00\x00c", [1], "more than the shape's 1 elements"),
-        (b"\x02\x00\x00\x00ab", [2], "holds 1 elements, the shape 2"),
-        (b"\x02\x00\x00", [1], "ends inside an element's length prefix"),
+        (b"\x04\x00\x00\x00abcd", [2], "holds 1 elements, the shape 2"),
+        (b"\x02\x00\x00\x00ab\x00\x00", [2], "ends inside an element's length prefix"),
+        # Refused before any element is read: fewer bytes than the shape's length prefixes take.
+        (b"\x02\x00\x00\x00ab", [2], r"has 6 bytes, too few for the 2 elements of shape \[2\]"),
+        (b"\x02\x00\x00", [1], "has 3 bytes, too few for the 1 elements"),
         (b"\xff\xff\xff\xffab", [1], "element 0 runs past the end of raw_data"),
         (b"\x02\x00\x00\x00\xff\xfe", [1], "element 0 is not UTF-8 text"),
     ],
@@ -204,3 +207,43 @@ def test_typed_bytes_count_and_text_are_checked():
 def test_bytes_tensors_hold_only_text():
     with pytest.raises(TypeError, match="str or bytes elements, not int"):
         tensors.encode("x", np.array(["a", 1], dtype=object))
+
+
+def _wire_bytes(shape: list[int], raw: bytes) -> tensors.WireTensor:
+    return tensors.wire_tensor("x", tensors.BYTES, shape, raw=raw, contents=pb.TensorContents(), raw_field="raw_data")
+
+
+def test_a_bytes_tensor_over_its_own_limit_is_refused_before_any_element_is_read():
+    wire = _wire_bytes([2_000_000], b"\x01\x00\x00\x00a" * 2_000_000)
+    with pytest.raises(InvalidArgumentError, match="more than 1048576 elements"):
+        tensors.check(wire, max_elements=16 * 2**20, max_bytes_elements=2**20)
+    assert tensors.check(wire, max_elements=16 * 2**20, max_bytes_elements=2_000_000) == 2_000_000
+
+
+def test_an_element_count_the_raw_length_cannot_hold_is_refused_before_any_element_is_read():
+    # A million elements claimed, 5 bytes sent: refused from the lengths alone, whatever the bytes hold.
+    wire = _wire_bytes([1_000_000], b"\xff\xff\xff\xffa")
+    with pytest.raises(InvalidArgumentError, match="has 5 bytes, too few for the 1000000 elements"):
+        tensors.check(wire, max_elements=2**24, max_bytes_elements=2**24)
+
+
+def _steps(wire: tensors.WireTensor) -> tuple[int, np.ndarray]:
+    steps, pauses = tensors.decode_steps(wire), 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return pauses, done.value
+        pauses += 1
+
+
+def test_large_decodes_pause_between_slices_and_small_ones_do_not():
+    texts = np.array([f"t{i}" for i in range(10_000)], dtype=object)
+    wire = _wire_bytes([10_000], tensors.to_raw(texts)[1])
+    pauses, decoded = _steps(wire)
+    assert pauses == 4 and decoded.tolist() == texts.tolist()  # slices of 2,048 texts
+    typed = pb.TensorContents(fp32_contents=np.arange(100_000, dtype=np.float32).tolist())
+    wire = tensors.wire_tensor("x", tensors.BY_NAME["FP32"], [100_000], raw=None, contents=typed, raw_field="raw_data")
+    pauses, decoded = _steps(wire)
+    assert pauses == 6 and decoded.tolist() == list(range(100_000))  # slices of 16,384 values
+    assert _steps(_wire_bytes([2], tensors.to_raw(np.array(["a", "b"]))[1]))[0] == 0
