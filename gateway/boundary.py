@@ -27,6 +27,7 @@ import structlog
 from gateway import metrics, tracing
 from gateway.audit import AuditLog
 from gateway.auth.authenticator import Authenticator
+from gateway.auth.certs import PeerCertificate
 from gateway.auth.verifier import UnknownKidError
 from gateway.context import CallContext, check_size, current_call, new_request_id
 from gateway.errors import (
@@ -41,7 +42,7 @@ from gateway.errors import (
     error_for_code,
 )
 from gateway.identifiers import ID, shown
-from gateway.limits import Admission, Slot
+from gateway.limits import Admission, CallerKey, RefusalLimit, Slot
 from gateway.tracing import Tracing
 
 log = structlog.get_logger(__name__)
@@ -59,6 +60,8 @@ class MessageLimits:
     max_message_bytes: int
     message_timeout_s: float  # for the request of a unary method
     stream_idle_timeout_s: float  # for each next message of a stream
+    max_call_s: float = 60.0  # a call with a unary response, from its start to its answer
+    max_stream_s: float = 3600.0  # a stream (or a client-streaming call), from its start to its end
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +79,12 @@ class _Method:
 class Recorder:
     """Writes the audit record of a call or stream message, and logs refusals (reason never sent to callers)."""
 
-    def __init__(self, audit: AuditLog, *, metered: bool = True) -> None:
-        """``metered=False``: no per-call metrics (nothing would serve them, see ``metrics.recording``)."""
+    def __init__(self, audit: AuditLog, *, metered: bool = True, refusals: RefusalLimit | None = None) -> None:
+        """``metered=False``: no per-call metrics (nothing would serve them, see ``metrics.recording``).
+        ``refusals``: where each refusal recorded is counted against its caller."""
         self._audit = audit
         self._metered = metered
+        self.refusals = refusals
         self.methods: frozenset[str] = frozenset()  # the methods served: any other name is no metric label
 
     async def record(self, call: CallContext, error: GatewayError | None) -> None:
@@ -89,6 +94,14 @@ class Recorder:
             (log.error if isinstance(error, InternalError) else log.info)(
                 "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
             )
+            # Counted before the commit is awaited: the other calls of the caller see its block the sooner.
+            if self.refusals is not None and self.refusals.note(caller_key(call), error.code):
+                log.warning(
+                    "caller_blocked",
+                    request_id=call.request_id,
+                    cert_identity=call.cert_identity,
+                    sub=call.principal.subject if call.principal else None,
+                )
         code, reason = ("OK", None) if error is None else (error.code, error.reason)
         tracing.note_outcome(call, code)  # before the commit: a call whose record is lost still ended so
         try:
@@ -111,6 +124,16 @@ class Recorder:
             await self.record(call, error)
         except GatewayError:
             log.error("audit_record_lost", request_id=call.request_id, method=call.method)
+
+
+def caller_key(call: CallContext) -> CallerKey | None:
+    """Whom the call's refusals count against: its principal once known, else its certificate (None: neither)."""
+    principal = call.principal
+    if principal is not None:
+        return ("principal", principal.issuer, principal.subject)
+    if call.cert_sha256 is not None:
+        return ("certificate", call.cert_sha256)
+    return None
 
 
 def _metadata_values(metadata: Sequence[tuple[str, Any]] | None, key: str) -> list[str]:
@@ -282,33 +305,43 @@ class CallBoundary:
         stream: bool,
         slots: list[Slot],
     ) -> None:
-        """Authenticate, then take the principal's and the server's capacity (appended to ``slots``)."""
-        if self._closing:
-            raise UnavailableError("the gateway is shutting down", reason="shutting down")
+        """Authenticate, then take the principal's and the server's capacity (appended to ``slots``).
+
+        The certificate's identity is taken first, whatever follows: it costs one cached lookup, and with it every
+        record names its peer, those of the drain's refusals (issue 27 item 8) and of a blocked caller included. A
+        caller blocked for its refusals is refused before its token is verified, when its certificate is blocked,
+        or right after, when its principal is."""
         authenticator = self._authenticator
+        refusals = self.recorder.refusals
         if authenticator is not None:
+            peer = _identify(authenticator, call, context)
+            if self._closing:
+                raise UnavailableError("the gateway is shutting down", reason="shutting down")
+            if refusals is not None:
+                refusals.check(caller_key(call))
             with (
                 metrics.AUTH_SECONDS.time() if self._metered else _UNMETERED,
                 tracing.span(call, "gateway.authenticate"),
             ):
-                await self._authenticate(authenticator, call, context, metadata)
+                await self._authenticate(authenticator, call, peer, metadata)
+        elif self._closing:
+            raise UnavailableError("the gateway is shutting down", reason="shutting down")
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
             ID.check(header, "x-request-id header")
         principal = call.principal
         if principal is not None:
+            if refusals is not None:
+                refusals.check(caller_key(call))
             slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
         slots.append(self._admission.admit_call())
 
     @staticmethod
     async def _authenticate(
-        authenticator: Authenticator, call: CallContext, context: grpc.aio.ServicerContext, metadata: Sequence[Any]
+        authenticator: Authenticator, call: CallContext, peer: PeerCertificate | None, metadata: Sequence[Any]
     ) -> None:
-        """The certificate, then the bearer token: the caller's identity and principal, or AuthenticationError."""
-        pems = context.auth_context().get("x509_pem_cert")
-        peer = authenticator.inspect(pems[0] if pems else None)
-        if peer is not None:
-            call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
+        """The bearer token, bound to the certificate ``peer`` (taken by ``_identify``): the caller's principal, or
+        AuthenticationError."""
         authorization = _metadata_values(metadata, "authorization")
         try:
             call.principal = authenticator.authenticate(peer, authorization)
@@ -321,8 +354,11 @@ class CallBoundary:
             call.principal = authenticator.authenticate(peer, authorization)
 
     @staticmethod
-    async def _within(waited: Awaitable[Any], timeout_s: float, what: str) -> Any:
-        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what``.
+    async def _within(
+        waited: Awaitable[Any], timeout_s: float, what: str, *, expired_error: GatewayError | None = None
+    ) -> Any:
+        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what`` (or
+        ``expired_error``). Nested bounds each raise their own: the one whose timer cancelled the task.
 
         What ``asyncio.timeout`` does, with one timer handle and no context manager: the same rule (only the
         cancellation this timer caused becomes the timeout, any other stays a cancellation) at about half the cost
@@ -338,7 +374,7 @@ class CallBoundary:
             result = await waited
         except asyncio.CancelledError:
             if expired and task.uncancel() <= cancelling:
-                raise _not_received(what, timeout_s) from None
+                raise expired_error or _not_received(what, timeout_s) from None
             raise
         finally:
             timer.cancel()
@@ -371,7 +407,9 @@ class CallBoundary:
         return _decode(method.deserialize, raw)
 
     async def _requests(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
-        """The messages of a stream, each waited for at most the idle timeout."""
+        """The messages of a stream, each waited for at most the idle timeout; RESOURCE_EXHAUSTED at the first one
+        that comes while its caller is blocked for its refusals."""
+        refusals = self.recorder.refusals
         index = 0
         while True:
             raw = await self._within(context.read(), self._limits.stream_idle_timeout_s, "stream message")
@@ -385,6 +423,8 @@ class CallBoundary:
                 return
             call.bytes_in += len(raw)
             self._check_size(len(raw))
+            if refusals is not None:  # ended at its next message once its caller is blocked (issue 27 item 9)
+                refusals.check(caller_key(call))
             yield _decode(method.deserialize, raw, index=index)
             index += 1
 
@@ -396,15 +436,9 @@ class CallBoundary:
             error: GatewayError | None = None
             out = None
             try:
-                await self._admit(call, context, metadata, stream=method.request_streaming, slots=slots)
-                if method.request_streaming:
-                    request = self._requests(method, call, context)
-                else:
-                    request = await self._request(method, call, context)
-                response = await method.behavior(request, context)
-                out = method.serialize(response)
-                call.bytes_out = len(out)
-                self._check_size(len(out), what="response")
+                cap_s, cap = self._time_cap(stream=method.request_streaming)
+                served = self._serve_call(method, call, context, metadata, slots)
+                out = await self._within(served, cap_s, "response", expired_error=cap)
             except BaseException as exc:
                 error = await self._failed(call, context, exc)
             await self._finish(call, error, context)
@@ -413,6 +447,35 @@ class CallBoundary:
             for slot in slots:
                 slot.release()
             self._leave()
+
+    async def _serve_call(
+        self,
+        method: _Method,
+        call: CallContext,
+        context: grpc.aio.ServicerContext,
+        metadata: Sequence[Any],
+        slots: list[Slot],
+    ) -> bytes:
+        """A call with a unary response, from admission to its encoded answer."""
+        await self._admit(call, context, metadata, stream=method.request_streaming, slots=slots)
+        if method.request_streaming:
+            request = self._requests(method, call, context)
+        else:
+            request = await self._request(method, call, context)
+        response = await method.behavior(request, context)
+        out: bytes = method.serialize(response)
+        call.bytes_out = len(out)
+        self._check_size(len(out), what="response")
+        return out
+
+    def _time_cap(self, *, stream: bool) -> tuple[float, DeadlineExceededError]:
+        """How long a call (or a stream) may last, and the error past it, which names the setting."""
+        if stream:
+            cap_s, key, reason = self._limits.max_stream_s, "limits.max_stream_s", "stream time limit"
+        else:
+            cap_s, key, reason = self._limits.max_call_s, "limits.max_call_s", "call time limit"
+        message = f"the call ran past the server's limit of {cap_s:g} s ({key})"
+        return cap_s, DeadlineExceededError(message, reason=reason)
 
     async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncGenerator[bytes, None]:
         self._enter()
@@ -423,13 +486,29 @@ class CallBoundary:
         try:
             error: GatewayError | None = None
             try:
-                await self._admit(call, context, metadata, stream=True, slots=slots)
+                # Every wait of the stream is bounded by what is left of its time (issue 27, E11), but for that of
+                # grpc sending a reply (at a yield), which the client's flow control and keepalive bound.
+                loop = asyncio.get_running_loop()
+                cap_s, cap = self._time_cap(stream=True)
+                ends = loop.time() + cap_s
+                admitted = self._admit(call, context, metadata, stream=True, slots=slots)
+                await self._within(admitted, cap_s, "admission", expired_error=cap)
                 if method.request_streaming:
                     request = self._requests(method, call, context)
                 else:
-                    request = await self._request(method, call, context)
+                    request = await self._within(
+                        self._request(method, call, context), ends - loop.time(), "request", expired_error=cap
+                    )
                 replies = 0
-                async for message in method.behavior(request, context):
+                behavior = aiter(method.behavior(request, context))
+                while True:
+                    left_s = ends - loop.time()
+                    if left_s <= 0:
+                        raise cap
+                    try:
+                        message = await self._within(anext(behavior), left_s, "reply", expired_error=cap)
+                    except StopAsyncIteration:
+                        break
                     out = method.serialize(message)
                     self._check_size(len(out), what="response")
                     call.bytes_out += len(out)
@@ -483,6 +562,18 @@ class CallBoundary:
 
 
 _UNKNOWN_METHOD = "/unknown/method"
+
+
+def _identify(
+    authenticator: Authenticator, call: CallContext, context: grpc.aio.ServicerContext
+) -> PeerCertificate | None:
+    """The client certificate (its parse is cached per certificate), its identity noted in ``call``;
+    AuthenticationError when it is unfit for a client."""
+    pems = context.auth_context().get("x509_pem_cert")
+    peer = authenticator.inspect(pems[0] if pems else None)
+    if peer is not None:
+        call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
+    return peer
 
 
 async def _finished(work: Future[None], timeout_s: float) -> bool:

@@ -158,6 +158,10 @@ class LimitSettings:
     # The call boundary reads a unary request, and each message of a stream, with a bounded wait.
     message_timeout_s: float = 5.0
     stream_idle_timeout_s: float = 300.0
+    # The longest a call (unary response), or a stream, may last from its start, whatever its pace; past it,
+    # DEADLINE_EXCEEDED (issue 27, E11: a stream sending just under the idle timeout would otherwise never end).
+    max_call_s: float = 60.0
+    max_stream_s: float = 3600.0
     max_streams_per_connection: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS
     # Connections that never send a ClientHello hold a descriptor each until this: short, so that a trickle of
     # them cannot keep the port's connection cap full (a full TLS 1.3 handshake is one round trip).
@@ -670,7 +674,12 @@ def validate(settings: Settings) -> None:
     for name in ("max_in_flight", "max_streams"):
         if getattr(limits.per_principal, name) < 1:
             raise ConfigError(f"limits.per_principal.{name}: must be at least 1")
-    for name in ("message_timeout_s", "stream_idle_timeout_s", "handshake_timeout_s"):
+    if limits.per_principal.max_refusals < 0:
+        raise ConfigError("limits.per_principal.max_refusals: must be at least 0 (0: no limit)")
+    for name in ("refusal_window_s", "refusal_block_s"):
+        if getattr(limits.per_principal, name) <= 0:
+            raise ConfigError(f"limits.per_principal.{name}: must be more than 0")
+    for name in ("message_timeout_s", "stream_idle_timeout_s", "handshake_timeout_s", "max_call_s", "max_stream_s"):
         if getattr(limits, name) <= 0:
             raise ConfigError(f"limits.{name}: must be more than 0")
     _validate_connection_limits(settings)

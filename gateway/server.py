@@ -43,7 +43,7 @@ from gateway.config import AuthSettings, ConfigError, Settings, listen_error, re
 from gateway.errors import AuthenticationError, UnavailableError
 from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
-from gateway.limits import Admission
+from gateway.limits import Admission, RefusalLimit
 from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry
 from gateway.metrics import recording as metrics_recording
 from gateway.models.placement import Placement
@@ -246,13 +246,15 @@ class Gateway:
         limits = settings.limits
         self.admission = Admission(max_concurrent_rpcs=limits.max_concurrent_rpcs, per_principal=limits.per_principal)
         self.boundary = CallBoundary(
-            recorder=Recorder(self.audit, metered=metered),
+            recorder=Recorder(self.audit, metered=metered, refusals=RefusalLimit(limits.per_principal)),
             authenticator=None if settings.dev_no_auth else self._authenticator(),
             admission=self.admission,
             limits=MessageLimits(
                 max_message_bytes=limits.max_message_bytes,
                 message_timeout_s=limits.message_timeout_s,
                 stream_idle_timeout_s=limits.stream_idle_timeout_s,
+                max_call_s=limits.max_call_s,
+                max_stream_s=limits.max_stream_s,
             ),
             tracing=self.tracing,
             metered=metered,

@@ -153,6 +153,10 @@ def test_after_the_drain_new_calls_are_refused_as_safe_to_retry_until_the_calls_
     assert trailer(exc, "x-retry-safe") == "true"
     (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
     assert (record["code"], record["reason"]) == ("UNAVAILABLE", "shutting down")
+    # The certificate's identity is taken before the refusal (it costs nothing): every record names its peer.
+    refused = [r for r in gw.audit_records() if r["reason"] == "shutting down"]
+    assert {r["cert_identity"] for r in refused} == {"spiffe://gateway.local/client/alice"}
+    assert all(r["cert_sha256"] for r in refused)
     assert [r["code"] for r in gw.audit_records() if r["event"] == "stream"] == ["OK"]
 
 
