@@ -161,6 +161,11 @@ def test_the_probe_listener_may_use_an_address_other_machines_can_reach(tmp_path
         ("limits: {per_principal: {max_in_flight: 0}}\n", r"limits\.per_principal\.max_in_flight: must be at least 1"),
         ("limits: {per_principal: {max_calls: 1}}\n", r"limits\.per_principal\.max_calls: unknown key"),
         ("limits: {message_timeout_s: 0}\n", r"limits\.message_timeout_s: must be more than 0"),
+        ("limits: {max_call_s: 0}\n", r"limits\.max_call_s: must be more than 0"),
+        ("limits: {max_stream_s: 0}\n", r"limits\.max_stream_s: must be more than 0"),
+        ("limits: {per_principal: {refusal_window_s: 0}}\n", r"limits\.per_principal\.refusal_window_s: must be more"),
+        ("limits: {per_principal: {refusal_block_s: 0}}\n", r"limits\.per_principal\.refusal_block_s: must be more"),
+        ("limits: {per_principal: {max_refusals: -1}}\n", r"limits\.per_principal\.max_refusals: expected a non-neg"),
         ("limits: {max_streams_per_connection: 0}\n", r"limits\.max_streams_per_connection: must be at least 1"),
         ("models: {run_threads: 0}\n", r"models\.run_threads: must be at least 1"),
         ("audit: {fsync: sometimes}\n", r"audit\.fsync: 'sometimes' is not one of none, batch, always"),
@@ -391,6 +396,8 @@ def test_variables_are_parsed_by_the_fields_type(tmp_path, monkeypatch):
             "GATEWAY_AUDIT__PATH": "trail/audit.log",
             "GATEWAY_AUDIT__CHAIN_ID": "gateway-7d9f-abcde",
             "GATEWAY_LIMITS__PER_PRINCIPAL__MAX_IN_FLIGHT": "7",
+            "GATEWAY_LIMITS__PER_PRINCIPAL__MAX_REFUSALS": "0",
+            "GATEWAY_LIMITS__MAX_STREAM_S": "600",
             "GATEWAY_MODELS__BATCHING": '{"mlp": {"max_batch_size": 8}}',
             "GATEWAY_METRICS__LISTEN": "0.0.0.0:9464",
         },
@@ -400,6 +407,7 @@ def test_variables_are_parsed_by_the_fields_type(tmp_path, monkeypatch):
     assert settings.audit.path == tmp_path / "trail/audit.log"  # the working directory, like a flag's path
     assert settings.audit.chain_id == "gateway-7d9f-abcde"
     assert settings.limits.per_principal.max_in_flight == 7
+    assert settings.limits.per_principal.max_refusals == 0 and settings.limits.max_stream_s == 600
     assert settings.models.batching["mlp"].max_batch_size == 8
     assert settings.metrics.listen == "0.0.0.0:9464"
 
