@@ -49,7 +49,8 @@ def add_failing_model(models: Path) -> None:
 @pytest.fixture
 def gw(start_gateway, model_repo):
     add_failing_model(model_repo)
-    return start_gateway(models=model_repo)
+    # Hundreds of refusals of one caller, each with its record: none blocked (limits.per_principal.max_refusals).
+    return start_gateway(models=model_repo, overrides={"limits.per_principal.max_refusals": 0})
 
 
 def call_with_id(gw, request, *, token, client="alice"):
