@@ -403,7 +403,8 @@ def _verify_trail(
     walk = _Walk(chain, digest, allow_partial_start, {point.seq for _, point in points})
     failure = None
     for item in files:
-        failure = walk.feed(item.path, newest=item is files[-1])
+        # Only the active file itself may end mid-record: a rotated file was complete when it was rotated.
+        failure = walk.feed(item.path, newest=item is files[-1] and item.path.name == key[2])
         if failure is not None:
             break
     if walk.torn is not None:

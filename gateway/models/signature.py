@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 SIGNATURE_FILE = "model.sig"
@@ -122,8 +122,10 @@ def digest(folder: Path) -> str:
     checks the two stay equal), computed here without the library, so that naming a version's bytes never depends
     on the signing library importing (``signatures: off`` needs none of it)."""
     try:
+        # Ordered as the library orders its manifest: by path components (PurePosixPath), not by the string, in
+        # which "tokenizer.json" would sort before "tokenizer/vocab.txt".
         files = sorted(
-            (path.relative_to(folder).as_posix(), path)
+            (PurePosixPath(path.relative_to(folder).as_posix()), path)
             for path in folder.rglob("*")
             if path.is_file() and not _left_out(path.relative_to(folder))
         )

@@ -13,7 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import grpc
 import numpy as np
@@ -39,7 +39,7 @@ def auditor_digest(folder: Path) -> str:
     """docs/model-signing.md's recipe, by hand: SHA-256 over each file's SHA-256, files by path, model.sig left out."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != signature.SIGNATURE_FILE)
     root = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.relative_to(folder).as_posix()):
+    for path in sorted(files, key=lambda p: PurePosixPath(p.relative_to(folder).as_posix())):
         root.update(hashlib.sha256(path.read_bytes()).digest())
     return "sha256:" + root.hexdigest()
 
@@ -63,6 +63,18 @@ def mlp_repo(demo_models: Path, tmp_path: Path, pki) -> Path:
         shutil.copytree(demo_models / "mlp" / version, root / "mlp" / version)
         sign(root / "mlp" / version, pki.dir / "signing" / "model-signing.key")
     return root
+
+
+def test_the_digest_is_the_signed_subject_for_nested_files(demo_models, tmp_path, pki):
+    """A Hugging Face-like layout: "tokenizer/vocab.txt" and "tokenizer.json" order differently as strings and as
+    paths; the digest must follow the library's manifest (by path components) to name what was signed."""
+    folder = tmp_path / "nested" / "1"
+    shutil.copytree(demo_models / "mlp" / "1", folder)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    sign(folder, pki.dir / "signing" / "model-signing.key")
+    assert signature.digest(folder) == signed_subject(folder) == auditor_digest(folder)
 
 
 def required(pki, mode: str = "required") -> dict:

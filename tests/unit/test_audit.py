@@ -274,6 +274,16 @@ def test_an_incomplete_line_in_a_rotated_file_is_a_failure(log_path: Path) -> No
     assert "incomplete last line" in report.first_error.reason, report.lines()
 
 
+def test_a_cut_rotated_file_is_a_failure_even_when_it_is_the_newest_file(log_path: Path) -> None:
+    write_n(log_path, 30, max_bytes=1500, fsync="none")
+    log_path.unlink()  # the active file gone: the newest rotated file ends the trail, and was complete when rotated
+    newest = max((p for p in log_path.parent.iterdir() if parse_rotated(p.name)), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(newest.read_bytes()[:-5])
+    report = verify_files([log_path.parent], checkpoint=None)
+    assert not report.ok
+    assert "incomplete last line" in report.first_error.reason, report.lines()
+
+
 REMOVE = object()  # as a field value for _forged: drop the field
 
 
