@@ -277,6 +277,8 @@ class ModelRepository:
                 )
         except OSError as exc:  # the folder changed or vanished while it was copied
             raise ModelLoadError(path, f"cannot copy the version folder: {exc.strerror or exc}") from None
+        except SignatureError as exc:  # a link to a folder or a special file: refused before it is read
+            raise ModelLoadError(path, f"cannot copy the version folder: {exc.reason}") from None
 
     @staticmethod
     def _signature_invalid(name: str, version: int, mode: str, reason: str, *, still_serving: bool) -> None:

@@ -10,6 +10,7 @@ version gets the same function of its files, so one digest names one set of byte
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -166,12 +167,25 @@ def staged(folder: Path) -> Iterator[Path]:
     """A private copy of a version folder (mode 0700, in TMPDIR), removed on exit.
 
     What is verified, hashed and handed to ONNX Runtime is this copy, which nobody else can write: a file swapped
-    in the repository between the check and the load cannot reach the runtime. Symbolic links are followed (their
-    content is copied, and checked like any file)."""
+    in the repository between the check and the load cannot reach the runtime. A symbolic link to a regular file
+    is copied as that file (and checked like any file); a link to a folder and a special file (device, FIFO,
+    socket) are refused before anything is read: whoever writes the repository must not make every load read
+    /dev/zero or the whole filesystem."""
+    _refuse_unstageable(folder)
     with tempfile.TemporaryDirectory(prefix="gateway-model-") as tmp:
         copy = Path(tmp) / "version"
         shutil.copytree(folder, copy)
         yield copy
+
+
+def _refuse_unstageable(folder: Path) -> None:
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = Path(root) / name
+            if path.is_symlink() and not path.is_file():
+                raise SignatureError(f"{path.relative_to(folder)}: a symbolic link to something not a regular file")
+            if not path.is_symlink() and not (path.is_dir() or path.is_file()):
+                raise SignatureError(f"{path.relative_to(folder)}: not a regular file or folder")
 
 
 def _short(exc: BaseException) -> str:

@@ -156,3 +156,27 @@ def test_ignored_entries_are_logged_once_each_and_again_when_they_come_back(make
         "mlp/v4",
     ]
     assert all(e["log_level"] == "warning" and e["reason"] for e in ignored)
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/"], ids=["device", "folder"])
+def test_a_version_linking_to_a_device_or_a_folder_is_refused_before_it_is_read(make_repository, model_repo, target):
+    """Each load copies the version privately (models/signature.staged): a link planted in the repository must
+    not make that copy read /dev/zero or the whole filesystem."""
+    version = model_repo / "mlp" / "3"
+    shutil.copytree(model_repo / "mlp" / "2", version)
+    (version / "planted").symlink_to(target)
+    repository = make_repository(model_repo)
+    repository.load_all()
+    with pytest.raises(NotFoundError):
+        repository.resolve("mlp", 3)
+    assert "a symbolic link to something not a regular file" in repository.failures()[("mlp", 3)].reason
+    assert repository.resolve("mlp", None).version == 2
+
+
+def test_a_link_to_a_regular_file_is_loaded_as_that_file(make_repository, model_repo):
+    version = model_repo / "mlp" / "3"
+    version.mkdir()
+    (version / "model.onnx").symlink_to(model_repo / "mlp" / "2" / "model.onnx")
+    repository = make_repository(model_repo)
+    repository.load_all()
+    assert repository.resolve("mlp", 3).version == 3
