@@ -9,6 +9,7 @@ set up by the supervisor before the workers start) and the supervisor serves the
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import socket
@@ -233,6 +234,10 @@ class ListenerLimits:
     timeout_s: float = 10.0
 
 
+# A connection may last this many timeout_s in all: the handshake, the request and the answer, each one at most.
+_CONNECTION_TIMEOUTS = 3
+
+
 def registry(multiprocess_dir: str | None = None) -> CollectorRegistry:
     """What a scrape returns: this process's metrics, or every worker's from their ``multiprocess_dir``."""
     if multiprocess_dir is None:
@@ -320,12 +325,20 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self._limits.timeout_s)  # the handshake, then each read and write
-        if self._tls is not None:
-            try:
-                request = self._tls.wrap_socket(request, server_side=True)
-            except OSError:  # no or a bad certificate, a timeout, a reset: nothing to answer
-                return
-        super().finish_request(request, client_address)
+        # And one deadline for the whole connection (handshake, request, answer): a peer sending a byte just
+        # inside each timeout would otherwise hold its slot for hours without a certificate.
+        deadline = threading.Timer(_CONNECTION_TIMEOUTS * self._limits.timeout_s, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            if self._tls is not None:
+                try:
+                    request = self._tls.wrap_socket(request, server_side=True)
+                except OSError:  # no or a bad certificate, a timeout, a reset, the deadline: nothing to answer
+                    return
+            super().finish_request(request, client_address)
+        finally:
+            deadline.cancel()
 
     def refusal(self, connection: Any) -> str | None:
         """Why the peer on ``connection`` may not scrape, or None."""
@@ -351,6 +364,12 @@ def _guarded(app: Callable[..., Any]) -> Callable[..., Any]:
         return app(environ, start_response)
 
     return guarded
+
+
+def _cut(connection: socket.socket) -> None:
+    """End a connection past its deadline: shutdown wakes the thread blocked reading or writing it."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class MetricsListener:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -337,3 +338,28 @@ def test_only_the_allowed_scraper_identities_may_scrape(start_gateway, pki):
     gw = start_gateway(overrides={**METRICS, "metrics.tls": True, "metrics.allowed_identities": allowed})
     assert _scrape_status(_https(gw), _client_context(pki, pki, "alice")) == 403
     assert _scrape_status(_https(gw), _client_context(pki, pki, "bob")) == 200
+
+
+def test_a_peer_trickling_bytes_is_closed_at_the_connection_deadline(start_gateway):
+    """metrics.timeout_s bounds each read; a request sent a byte at a time just inside it must not hold a slot past
+    3x it in all (the TLS handshake is bounded as a whole by the ssl module; the HTTP request was not)."""
+    gw = start_gateway(overrides={**METRICS, "metrics.timeout_s": 1.0})
+    trickler = _connect(gw.gateway.metrics.port)
+    request = b"GET /metrics HTTP/1.1\r\nX-Trickle: " + b"a" * 100
+    closed_after = None
+    try:
+        started = time.monotonic()
+        for byte in request:  # 100 bytes at 0.2 s: a request line and a header that never ends, for 20 s
+            try:
+                trickler.send(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            if _closed_by_server(trickler):
+                closed_after = time.monotonic() - started
+                break
+            trickler.setblocking(True)
+            time.sleep(0.2)
+    finally:
+        trickler.close()
+    assert closed_after is not None, "the trickling peer held its connection for 20 s"
