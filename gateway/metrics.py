@@ -327,16 +327,23 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
         request.settimeout(self._limits.timeout_s)  # the handshake, then each read and write
         # And one deadline for the whole connection (handshake, request, answer): a peer sending a byte just
         # inside each timeout would otherwise hold its slot for hours without a certificate.
-        deadline = threading.Timer(_CONNECTION_TIMEOUTS * self._limits.timeout_s, _cut, (request,))
+        current = [request]  # the socket the deadline cuts: the accepted one, then its TLS wrapper
+        deadline = threading.Timer(_CONNECTION_TIMEOUTS * self._limits.timeout_s, lambda: _cut(current[-1]))
         deadline.daemon = True
         deadline.start()
         try:
-            if self._tls is not None:
-                try:
-                    request = self._tls.wrap_socket(request, server_side=True)
-                except OSError:  # no or a bad certificate, a timeout, a reset, the deadline: nothing to answer
-                    return
-            super().finish_request(request, client_address)
+            if self._tls is None:
+                super().finish_request(request, client_address)
+                return
+            try:
+                wrapped = self._tls.wrap_socket(request, server_side=True)
+            except OSError:  # no or a bad certificate, a timeout, a reset, the deadline: nothing to answer
+                return
+            current.append(wrapped)
+            # The wrapper owns the descriptor now: closed here, since socketserver closes only the socket it
+            # accepted (detached by the wrap), and the descriptor would otherwise wait for a garbage collection.
+            with wrapped:
+                super().finish_request(wrapped, client_address)
         finally:
             deadline.cancel()
 

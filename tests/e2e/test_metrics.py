@@ -340,11 +340,15 @@ def test_only_the_allowed_scraper_identities_may_scrape(start_gateway, pki):
     assert _scrape_status(_https(gw), _client_context(pki, pki, "bob")) == 200
 
 
-def test_a_peer_trickling_bytes_is_closed_at_the_connection_deadline(start_gateway):
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_a_peer_trickling_bytes_is_closed_at_the_connection_deadline(start_gateway, pki, https):
     """metrics.timeout_s bounds each read; a request sent a byte at a time just inside it must not hold a slot past
     3x it in all (the TLS handshake is bounded as a whole by the ssl module; the HTTP request was not)."""
-    gw = start_gateway(overrides={**METRICS, "metrics.timeout_s": 1.0})
+    overrides = {**METRICS, "metrics.timeout_s": 1.0, "metrics.tls": https}
+    gw = start_gateway(overrides=overrides)
     trickler = _connect(gw.gateway.metrics.port)
+    if https:  # a scraper with a good certificate, past the handshake
+        trickler = _client_context(pki, pki, "alice").wrap_socket(trickler, server_hostname="localhost")
     request = b"GET /metrics HTTP/1.1\r\nX-Trickle: " + b"a" * 100
     closed_after = None
     try:
@@ -352,14 +356,14 @@ def test_a_peer_trickling_bytes_is_closed_at_the_connection_deadline(start_gatew
         for byte in request:  # 100 bytes at 0.2 s: a request line and a header that never ends, for 20 s
             try:
                 trickler.send(bytes([byte]))
+                trickler.settimeout(0.2)
+                if trickler.recv(65536) == b"":
+                    raise ConnectionResetError
+            except TimeoutError:
+                continue  # nothing from the server yet: still open
             except OSError:
                 closed_after = time.monotonic() - started
                 break
-            if _closed_by_server(trickler):
-                closed_after = time.monotonic() - started
-                break
-            trickler.setblocking(True)
-            time.sleep(0.2)
     finally:
         trickler.close()
     assert closed_after is not None, "the trickling peer held its connection for 20 s"
