@@ -61,6 +61,19 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x7
 _END_STREAM, _END_HEADERS, _ACK = 0x1, 0x4, 0x1
 
 
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the peer closed (or reset) a plain socket: reads what is there without waiting."""
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _frame(kind: int, flags: int, payload: bytes, stream: int = 1) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import RunningGateway, wait_until
-from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
+from tests.e2e.helpers import TIMEOUT, auth, closed_by_server, predict_request, rpc_error, stub
 from tests.e2e.test_lifecycle import GATEWAY, SERVE_ENV, _serving, free_port, serve_args
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # then an empty SETTINGS
@@ -79,18 +79,6 @@ def connect(port: int, count: int, *, preface: bool) -> list[socket.socket]:
             s.sendall(PREFACE)
         sockets.append(s)
     return sockets
-
-
-def closed_by_server(s: socket.socket) -> bool:
-    s.setblocking(False)
-    try:
-        while s.recv(65536):
-            pass
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def alice_predicts(gw_pki, port: int, token: str) -> grpc.StatusCode:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway._pb.inference import grpc_service_pb2 as oip_pb
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.conftest import wait_until
-from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
+from tests.e2e.helpers import TIMEOUT, auth, closed_by_server, predict_request, rpc_error, stub
 from tests.e2e.test_lifecycle import _serving, free_port, serve, serve_args
 
 METRICS = {"metrics.listen": "127.0.0.1:0"}
@@ -284,18 +284,6 @@ def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     return s
 
 
-def _closed_by_server(s: socket.socket) -> bool:
-    s.setblocking(False)
-    try:
-        while s.recv(65536):
-            pass
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def test_an_idle_connection_does_not_stop_https_scrapes(start_gateway, pki):
     gw = start_gateway(overrides={**METRICS, "metrics.tls": True})
     with _connect(gw.gateway.metrics.port):  # connected, and never a ClientHello
@@ -315,9 +303,9 @@ def test_metrics_connections_are_capped_per_source_and_in_all_and_idle_ones_clos
     held = [_connect(port), _connect(port), _connect(port, "127.0.0.2")]
     past_source_cap, past_cap = _connect(port), _connect(port, "127.0.0.3")
     try:
-        wait_until(lambda: _closed_by_server(past_source_cap) and _closed_by_server(past_cap), timeout_s=TIMEOUT)
+        wait_until(lambda: closed_by_server(past_source_cap) and closed_by_server(past_cap), timeout_s=TIMEOUT)
         # metrics.timeout_s: the idle ones are closed, their threads and slots free again.
-        wait_until(lambda: all(_closed_by_server(s) for s in held), timeout_s=TIMEOUT)
+        wait_until(lambda: all(closed_by_server(s) for s in held), timeout_s=TIMEOUT)
     finally:
         for s in (*held, past_source_cap, past_cap):
             s.close()
