@@ -78,13 +78,11 @@ def _first_result(verify: Callable[..., object]) -> Callable[..., object]:
     return replacement
 
 
-def measure(
-    port: int, certs: Path, token: str, window: float, pool: ProcessPoolExecutor, *, form: str = "tensor"
-) -> tuple[float, float]:
-    """(requests/s, server CPU us per request) over one window; ``form``: the request form (bench.load)."""
+def load_spec(port: int, certs: Path, token: str, window: float, *, form: str) -> LoadSpec:
+    """What each of the two client processes sends: half the in-flight calls over 4 connections, measured over
+    ``window`` seconds after a 1 s warm-up that starts half a second from now."""
     start = time.time() + 0.5
-    measure_from, measure_until = start + 1.0, start + 1.0 + window
-    spec = LoadSpec(
+    return LoadSpec(
         target=f"127.0.0.1:{port}",
         model="mlp",
         form=form,
@@ -92,12 +90,20 @@ def measure(
         in_flight=IN_FLIGHT // 2,
         batch=1,
         features=784,
-        measure_from=measure_from,
-        measure_until=measure_until,
+        measure_from=start + 1.0,
+        measure_until=start + 1.0 + window,
         certs=str(certs),
         token=token,
         connections=4,
     )
+
+
+def measure(
+    port: int, certs: Path, token: str, window: float, pool: ProcessPoolExecutor, *, form: str = "tensor"
+) -> tuple[float, float]:
+    """(requests/s, server CPU us per request) over one window; ``form``: the request form (bench.load)."""
+    spec = load_spec(port, certs, token, window, form=form)
+    measure_from, measure_until = spec.measure_from, spec.measure_until
     futures = [pool.submit(run_client, spec) for _ in range(2)]
     time.sleep(max(0.0, measure_from - time.time()))
     cpu0 = time.process_time()

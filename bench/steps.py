@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.load import LoadSpec, run_client
-from bench.profile import IN_FLIGHT, client_pool, serving
+from bench.load import run_client
+from bench.profile import IN_FLIGHT, client_pool, load_spec, serving
 from bench.run import ROOT
 
 _clock = time.thread_time_ns
@@ -336,22 +336,8 @@ class Window:
 
 def measure(port: int, certs: Path, token: str, window: float, pool: ProcessPoolExecutor, form: str) -> Window:
     """Load the gateway for ``window`` seconds and read the ledger, the process's and the loop thread's CPU."""
-    start = time.time() + 0.5
-    measure_from, measure_until = start + 1.0, start + 1.0 + window
-    spec = LoadSpec(
-        target=f"127.0.0.1:{port}",
-        model="mlp",
-        form=form,
-        mode="unary",
-        in_flight=IN_FLIGHT // 2,
-        batch=1,
-        features=784,
-        measure_from=measure_from,
-        measure_until=measure_until,
-        certs=str(certs),
-        token=token,
-        connections=4,
-    )
+    spec = load_spec(port, certs, token, window, form=form)
+    measure_from, measure_until = spec.measure_from, spec.measure_until
     loop_tid = _LOOP_NATIVE[0]
     futures = [pool.submit(run_client, spec) for _ in range(2)]
     time.sleep(max(0.0, measure_from - time.time()))
