@@ -309,15 +309,21 @@ class CallBoundary:
 
         The certificate's identity is taken first, whatever follows: it costs one cached lookup, and with it every
         record names its peer, those of the drain's refusals (issue 27 item 8) and of a blocked caller included. A
-        caller blocked for its refusals is refused before its token is verified, when its certificate is blocked,
-        or right after, when its principal is."""
+        caller blocked for its refusals is refused before its token is verified, when its certificate is blocked
+        (unless its token was verified before, on that certificate), or right after, when its principal is."""
         authenticator = self._authenticator
         refusals = self.recorder.refusals
         if authenticator is not None:
             peer = _identify(authenticator, call, context)
             if self._closing:
                 raise UnavailableError("the gateway is shutting down", reason="shutting down")
-            if refusals is not None:
+            # A certificate blocked for its token-less refusals is refused before a token is verified, unless the
+            # call carries a verdict still remembered for it: many principals may share one certificate (a proxy
+            # with unbound tokens), and one of them must not lock the others out.
+            if (
+                refusals is not None
+                and authenticator.remembered(peer, _metadata_values(metadata, "authorization")) is None
+            ):
                 refusals.check(caller_key(call))
             with (
                 metrics.AUTH_SECONDS.time() if self._metered else _UNMETERED,

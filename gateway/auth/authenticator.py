@@ -93,18 +93,10 @@ class Authenticator:
         token instead of once per call. Refusals are never remembered."""
         if peer is None or len(authorization) != 1:
             return self._authenticate(peer, authorization)[0]
-        # A digest, not the header: the token itself is never kept (as in the verifier's cache).
-        key = (peer.sha256_hex, hashlib.sha256(authorization[0].encode()).digest())
-        admitted = self._admitted.get(key)
-        now = self._clock()
-        if (
-            admitted is not None
-            and admitted.not_before <= now <= admitted.not_after
-            and now < admitted.expires_at
-            and (self._crl is None or self._crl.current is admitted.crl)
-            and self._verifier.keys_version == admitted.keys_version
-        ):
-            return admitted.principal
+        remembered = self.remembered(peer, authorization)
+        if remembered is not None:
+            return remembered
+        key = _verdict_key(peer, authorization[0])
         # Read before the checks, so that an entry never claims a newer list or key set than it was checked with.
         crl = self._crl.current if self._crl is not None else None
         keys_version = self._verifier.keys_version
@@ -120,6 +112,23 @@ class Authenticator:
             keys_version=keys_version,
         )
         return principal
+
+    def remembered(self, peer: PeerCertificate | None, authorization: Sequence[str]) -> Principal | None:
+        """The principal of an earlier call's verdict for this certificate and header that still holds, or None:
+        a dictionary lookup and four comparisons, no verification."""
+        if peer is None or len(authorization) != 1:
+            return None
+        admitted = self._admitted.get(_verdict_key(peer, authorization[0]))
+        now = self._clock()
+        if (
+            admitted is not None
+            and admitted.not_before <= now <= admitted.not_after
+            and now < admitted.expires_at
+            and (self._crl is None or self._crl.current is admitted.crl)
+            and self._verifier.keys_version == admitted.keys_version
+        ):
+            return admitted.principal
+        return None
 
     def _authenticate(self, peer: PeerCertificate | None, authorization: Sequence[str]) -> tuple[Principal, float]:
         """The caller and its token's exp, or AuthenticationError: every check, in order."""
@@ -142,3 +151,8 @@ class Authenticator:
             token_bound=token.bound,
         )
         return principal, token.expires_at
+
+
+def _verdict_key(peer: PeerCertificate, authorization: str) -> tuple[str, bytes]:
+    # A digest, not the header: the token itself is never kept (as in the verifier's cache).
+    return peer.sha256_hex, hashlib.sha256(authorization.encode()).digest()

@@ -127,6 +127,19 @@ def test_a_certificate_whose_calls_are_refused_before_any_token_is_refused_for_a
     assert {records[f"c{i}"]["cert_identity"] for i in range(8)} == {CAROL}
 
 
+def test_a_blocked_certificate_still_serves_a_principal_whose_token_it_verified_before(start_gateway):
+    """Many principals may share one certificate (a proxy with unbound tokens): token-less refusals on it must not
+    lock out a principal whose verdict on that certificate is still remembered."""
+    gw = start_gateway(overrides=REFUSALS)
+    token = gw.token()
+    with gw.channel() as channel:
+        client = stub(channel)
+        assert client.Predict(REQUEST, metadata=auth(token), timeout=TIMEOUT).model_version == "2"
+        codes = [rpc_error(lambda: client.Predict(REQUEST, timeout=TIMEOUT)).code() for _ in range(6)]
+        assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 5 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert client.Predict(REQUEST, metadata=auth(token), timeout=TIMEOUT).model_version == "2"
+
+
 def test_a_stream_past_limits_max_stream_s_is_ended_deadline_exceeded_and_recorded(start_gateway):
     gw = start_gateway(overrides={"limits.max_stream_s": 1.0})
     stop = threading.Event()
