@@ -219,29 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         pid = process.pid
         print(f"idle gateway: fds, RSS MiB = {held(pid)}; {alice_predicts(port, token)}")
 
-        sockets = open_idle(probe, args.idle, preface=True)
-        time.sleep(1)
-        print(f"{len(sockets)} idle probe connections: fds, RSS = {held(pid)}; {alice_predicts(port, token)}")
-        time.sleep(args.hold)
-        print(
-            f"  after {args.hold:.0f} s: {still_open(sockets)} still open, fds, RSS = {held(pid)}; "
-            f"{alice_predicts(port, token)}"
-        )
-        for s in sockets:
-            s.close()
-        time.sleep(1)
+        def idle_flood(target: int, count: int, *, preface: bool, what: str) -> None:
+            sockets = open_idle(target, count, preface=preface)
+            time.sleep(1)
+            print(f"{len(sockets)} {what}: fds, RSS = {held(pid)}; {alice_predicts(port, token)}")
+            time.sleep(args.hold)
+            print(
+                f"  after {args.hold:.0f} s: {still_open(sockets)} still open, fds, RSS = {held(pid)}; "
+                f"{alice_predicts(port, token)}"
+            )
+            for s in sockets:
+                s.close()
+            time.sleep(1)
 
-        sockets = open_idle(port, args.silent_tls, preface=False)
-        time.sleep(1)
-        print(f"{len(sockets)} silent main-port connections: fds, RSS = {held(pid)}; {alice_predicts(port, token)}")
-        time.sleep(args.hold)
-        print(
-            f"  after {args.hold:.0f} s: {still_open(sockets)} still open, fds, RSS = {held(pid)}; "
-            f"{alice_predicts(port, token)}"
-        )
-        for s in sockets:
-            s.close()
-        time.sleep(1)
+        idle_flood(probe, args.idle, preface=True, what="idle probe connections")
+        idle_flood(port, args.silent_tls, preface=False, what="silent main-port connections")
 
         async def watches(target: int, where: str, tls: bool) -> None:
             before = held(pid)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -320,16 +321,18 @@ class CallBoundary:
             # A certificate blocked for its token-less refusals is refused before a token is verified, unless the
             # call carries a verdict still remembered for it: many principals may share one certificate (a proxy
             # with unbound tokens), and one of them must not lock the others out.
-            if (
-                refusals is not None
-                and authenticator.remembered(peer, _metadata_values(metadata, "authorization")) is None
-            ):
+            authorization = _metadata_values(metadata, "authorization")
+            remembered = authenticator.remembered(peer, authorization)
+            if refusals is not None and remembered is None:
                 refusals.check(caller_key(call))
             with (
                 metrics.AUTH_SECONDS.time() if self._metered else _UNMETERED,
                 tracing.span(call, "gateway.authenticate"),
             ):
-                await self._authenticate(authenticator, call, peer, metadata)
+                if remembered is not None:  # the verdict of an earlier call that still holds: no second lookup
+                    call.principal = remembered
+                else:
+                    await self._authenticate(authenticator, call, peer, authorization)
         elif self._closing:
             raise UnavailableError("the gateway is shutting down", reason="shutting down")
         header = _request_id_header(metadata)
@@ -344,11 +347,10 @@ class CallBoundary:
 
     @staticmethod
     async def _authenticate(
-        authenticator: Authenticator, call: CallContext, peer: PeerCertificate | None, metadata: Sequence[Any]
+        authenticator: Authenticator, call: CallContext, peer: PeerCertificate | None, authorization: Sequence[str]
     ) -> None:
         """The bearer token, bound to the certificate ``peer`` (taken by ``_identify``): the caller's principal, or
         AuthenticationError."""
-        authorization = _metadata_values(metadata, "authorization")
         try:
             call.principal = authenticator.authenticate(peer, authorization)
         except UnknownKidError:
@@ -361,10 +363,14 @@ class CallBoundary:
 
     @staticmethod
     async def _within(
-        waited: Awaitable[Any], timeout_s: float, what: str, *, expired_error: GatewayError | None = None
+        waited: Awaitable[Any],
+        timeout_s: float,
+        what: str,
+        *,
+        expired_error: Callable[[], GatewayError] | None = None,
     ) -> Any:
-        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what`` (or
-        ``expired_error``). Nested bounds each raise their own: the one whose timer cancelled the task.
+        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what`` (or the error
+        ``expired_error`` makes). Nested bounds each raise their own: the one whose timer cancelled the task.
 
         What ``asyncio.timeout`` does, with one timer handle and no context manager: the same rule (only the
         cancellation this timer caused becomes the timeout, any other stays a cancellation) at about half the cost
@@ -380,7 +386,7 @@ class CallBoundary:
             result = await waited
         except asyncio.CancelledError:
             if expired and task.uncancel() <= cancelling:
-                raise expired_error or _not_received(what, timeout_s) from None
+                raise (expired_error() if expired_error else _not_received(what, timeout_s)) from None
             raise
         finally:
             timer.cancel()
@@ -474,14 +480,14 @@ class CallBoundary:
         self._check_size(len(out), what="response")
         return out
 
-    def _time_cap(self, *, stream: bool) -> tuple[float, DeadlineExceededError]:
-        """How long a call (or a stream) may last, and the error past it, which names the setting."""
+    def _time_cap(self, *, stream: bool) -> tuple[float, Callable[[], DeadlineExceededError]]:
+        """How long a call (or a stream) may last, and what makes the error past it, which names the setting
+        (made only when a cap fires: not one exception per call)."""
         if stream:
             cap_s, key, reason = self._limits.max_stream_s, "limits.max_stream_s", "stream time limit"
         else:
             cap_s, key, reason = self._limits.max_call_s, "limits.max_call_s", "call time limit"
-        message = f"the call ran past the server's limit of {cap_s:g} s ({key})"
-        return cap_s, DeadlineExceededError(message, reason=reason)
+        return cap_s, functools.partial(_past_cap, cap_s, key, reason)
 
     async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncGenerator[bytes, None]:
         self._enter()
@@ -510,7 +516,7 @@ class CallBoundary:
                 while True:
                     left_s = ends - loop.time()
                     if left_s <= 0:
-                        raise cap
+                        raise cap()
                     try:
                         message = await self._within(anext(behavior), left_s, "reply", expired_error=cap)
                     except StopAsyncIteration:
@@ -568,6 +574,10 @@ class CallBoundary:
 
 
 _UNKNOWN_METHOD = "/unknown/method"
+
+
+def _past_cap(cap_s: float, key: str, reason: str) -> DeadlineExceededError:
+    return DeadlineExceededError(f"the call ran past the server's limit of {cap_s:g} s ({key})", reason=reason)
 
 
 def _identify(
