@@ -214,14 +214,18 @@ def run_steps(steps: Generator[None, None, T]) -> T:
             return done.value  # type: ignore[no-any-return]
 
 
-def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
-    """A gateway.v1 tensor as a numpy array of its declared datatype and shape."""
+def wire_of(tensor: pb.Tensor) -> WireTensor:
+    """A gateway.v1 tensor as it came, nothing read from its values yet."""
     row = BY_ENUM.get(tensor.datatype)
     if row is None:
         raise InvalidArgumentError(f"input '{shown(tensor.name)}': unknown or unspecified datatype {tensor.datatype}")
-    wire = wire_tensor(
-        tensor.name, row, tensor.shape, raw=tensor.raw_data or None, contents=tensor.contents, raw_field="raw_data"
-    )
+    raw = tensor.raw_data or None
+    return wire_tensor(tensor.name, row, tensor.shape, raw=raw, contents=tensor.contents, raw_field="raw_data")
+
+
+def decode(tensor: pb.Tensor, *, max_elements: int) -> np.ndarray:
+    """A gateway.v1 tensor as a numpy array of its declared datatype and shape."""
+    wire = wire_of(tensor)
     check(wire, max_elements=max_elements, max_bytes_elements=max_elements)
     return decode_checked(wire)
 

@@ -33,7 +33,7 @@ def to_infer_request(request: pb.PredictRequest) -> InferRequest:
         for tensor in request.inputs[: bounds.inputs + 1]:
             if tensor.name in inputs:
                 raise InvalidArgumentError(f"input '{shown(tensor.name)}' appears twice")
-            inputs[tensor.name] = _wire(tensor)
+            inputs[tensor.name] = tensors.wire_of(tensor)
         flat = None
         if request.input_data:
             flat = tensors.WireTensor(
@@ -44,14 +44,6 @@ def to_infer_request(request: pb.PredictRequest) -> InferRequest:
     return InferRequest(
         model=request.model_name, version=request.model_version or None, read=read, id=request.id or None
     )
-
-
-def _wire(tensor: pb.Tensor) -> tensors.WireTensor:
-    row = tensors.BY_ENUM.get(tensor.datatype)
-    if row is None:
-        raise InvalidArgumentError(f"input '{shown(tensor.name)}': unknown or unspecified datatype {tensor.datatype}")
-    raw = tensor.raw_data or None
-    return tensors.wire_tensor(tensor.name, row, tensor.shape, raw=raw, contents=tensor.contents, raw_field="raw_data")
 
 
 def to_response(request: pb.PredictRequest, result: InferResult) -> pb.PredictResponse:
