@@ -261,3 +261,30 @@ def test_an_allowed_callers_large_typed_tensor_is_decoded_a_slice_at_a_time(gw):
     assert max(waits.predicts) < ALLOWED_BOUND_S, waits.summary()
     assert max(waits.checks) < ALLOWED_BOUND_S, waits.summary()
     assert max(waits.loop_lag) < ALLOWED_BOUND_S, waits.summary()
+
+
+def test_a_bytes_input_over_models_max_bytes_elements_is_refused_and_recorded(start_gateway):
+    """An allowed caller's BYTES tensor past models.max_bytes_elements: INVALID_ARGUMENT before any element is
+    read, recorded with the decision that let it that far."""
+    gw = start_gateway(overrides={"models.max_bytes_elements": 4})
+    request = oip.ModelInferRequest(
+        model_name="labels",
+        id="too-many-texts",
+        inputs=[oip.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[5])],
+        raw_input_contents=[one_byte_elements(5)],
+    )
+    with gw.channel() as channel:
+        client = oip_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.ModelInfer(request, metadata=auth(gw.token()), timeout=TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than 4 elements" in refused.value.details()
+        texts = [b"a", b"b", b"c", b"d"]  # at the limit: served
+        at_limit = oip.ModelInferRequest(
+            model_name="labels",
+            inputs=[oip.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[4])],
+            raw_input_contents=[b"".join(len(t).to_bytes(4, "little") + t for t in texts)],
+        )
+        assert client.ModelInfer(at_limit, metadata=auth(gw.token()), timeout=TIMEOUT).model_name == "labels"
+    (record,) = [r for r in gw.audit_records() if r["method"].endswith("/ModelInfer") and r["code"] != "OK"]
+    assert (record["code"], record["decision"], record["model"]) == ("INVALID_ARGUMENT", "allow", "labels")
