@@ -905,7 +905,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="this trail (its active file, or a folder of trails) has no checkpoint: verify it without one, and say "
         "so in its summary (repeatable); without it, a trail whose checkpoint is missing fails",
     )
-    verify.add_argument("--json", action="store_true", help="print the report as JSON: verdict, per-chain summaries")
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON: verdict, per-chain summaries, and the model digests (model_digests: "
+        "{model: {version: [digest]}}) seen in the verified records, per chain and in all",
+    )
     verify.set_defaults(run=_cmd_audit_verify)
     return parser
 
