@@ -39,8 +39,10 @@ from gateway.auth import (
 from gateway.auth.principal import identity_spelling_problem
 from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
+from gateway.identifiers import NAME
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
+from gateway.models.routing import VersionRouting
 from gateway.models.signature import DEFAULT_MAX_VERSION_BYTES, SignaturePolicy, SignatureTrust
 from gateway.models.signature import MODES as SIGNATURE_MODES
 
@@ -127,6 +129,8 @@ class ModelSettings:
     signatures: str = "off"
     signatures_by_model: Mapping[str, str] = field(default_factory=dict)
     signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+    # Per model: a pinned default version and a canary share for requests that name no version (docs/versions.md).
+    versions: Mapping[str, VersionRouting] = field(default_factory=dict)
     # Each load copies the version folder privately (verified and loaded from the copy): at most this many bytes.
     max_version_bytes: int = DEFAULT_MAX_VERSION_BYTES
 
@@ -687,6 +691,7 @@ def validate(settings: Settings) -> None:
     _validate_connection_limits(settings)
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
+    _validate_versions(settings.models.versions)
     if settings.models.max_version_bytes < 1:
         raise ConfigError("models.max_version_bytes: must be at least 1")
     _validate_signatures(settings.models)
@@ -698,6 +703,27 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_versions(versions: Mapping[str, VersionRouting]) -> None:
+    """Model names, positive versions, a canary other than the default and a share between 0 and 100."""
+    for model, routing in versions.items():
+        key = f"models.versions.{model}"
+        if not NAME.allows(model):
+            raise ConfigError(f"{key}: not a model name (a letter or digit, then letters, digits, '_', '.', '-')")
+        if routing.default is None and routing.canary is None:
+            raise ConfigError(f"{key}: give default (a version) or canary ({{version, percent}}), or leave it out")
+        if routing.default is not None and routing.default < 1:
+            raise ConfigError(f"{key}.default: must be a version (a positive integer)")
+        canary = routing.canary
+        if canary is None:
+            continue
+        if canary.version < 1:
+            raise ConfigError(f"{key}.canary.version: required: the canary's version (a positive integer)")
+        if canary.version == routing.default:
+            raise ConfigError(f"{key}.canary.version: {canary.version} is the default itself; name another version")
+        if not 0 <= canary.percent <= 100:
+            raise ConfigError(f"{key}.canary.percent: required: the share of requests naming no version, 0 to 100")
 
 
 def _validate_signatures(models: ModelSettings) -> None:

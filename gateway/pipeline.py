@@ -71,6 +71,12 @@ class InferResult:
 
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
+_RUNS = (Action.PREDICT, Action.STREAM)
+
+
+def _version_of(resolved: ModelVersion | NotFoundError, requested: str | None) -> str | None:
+    """The version a policy judges: the one that would run, else the one asked for."""
+    return str(resolved.version) if isinstance(resolved, ModelVersion) else requested
 
 
 class Pipeline:
@@ -105,19 +111,28 @@ class Pipeline:
             NAME.check(requested, "model_version")
         call.model, call.requested_version, call.action = model, requested, action.value
         resolved: ModelVersion | NotFoundError
+        # Only calls that run a model take part in a canary (metadata describes the default); the request id
+        # keeps a request, and a stream's messages, on one version.
+        key = call.request_id if action in _RUNS else None
+        reason, fallback = None, None
         try:
-            resolved = self.models.resolve(model, _parse_version(model, requested))
+            resolved, reason, fallback = self.models.route(model, _parse_version(model, requested), key=key)
         except NotFoundError as exc:
             resolved = exc
-        if isinstance(resolved, ModelVersion):
-            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
-            call.model_digest = resolved.digest
-        policy_version = call.version or requested
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, policy_version, action)
+            decision = self._decide(call.principal, model, _version_of(resolved, requested), action)
+            if not decision.allowed and fallback is not None:
+                # A canary never turns an allowed call into a denied one: a caller who may not use the canary
+                # version gets the version it would have had without the canary, if the policy allows that.
+                (resolved, reason), denied = fallback, decision
+                decision = self._decide(call.principal, model, str(resolved.version), action)
+                decision = decision if decision.allowed else denied
             call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
             if span is not None:
                 span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
+        if isinstance(resolved, ModelVersion):
+            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
+            call.model_digest, call.version_reason = resolved.digest, reason.value if reason else None
         if not decision.allowed:
             raise PermissionDeniedError(reason=decision.reason)
         if isinstance(resolved, NotFoundError):
