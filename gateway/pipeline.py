@@ -133,6 +133,7 @@ class Pipeline:
         if isinstance(resolved, ModelVersion):
             call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
             call.model_digest, call.version_reason = resolved.digest, reason.value if reason else None
+            call.execution_provider = resolved.provider
         if not decision.allowed:
             raise PermissionDeniedError(reason=decision.reason)
         if isinstance(resolved, NotFoundError):
