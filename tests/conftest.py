@@ -164,6 +164,19 @@ class RunningGateway:
         return [json.loads(line) for line in complete if line.strip()]
 
 
+# Prometheus' promtool, as `make setup` installs it (scripts/get_promtool.sh).
+PROMTOOL = ROOT / ".tools" / "prometheus" / "promtool"
+PROMETHEUS_RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """promtool's path, or a skip that says how to get it."""
+    if not PROMTOOL.is_file():
+        pytest.skip(f"promtool is not installed at {PROMTOOL}: `make promtool` (scripts/get_promtool.sh) installs it")
+    return PROMTOOL
+
+
 @pytest.fixture
 def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
     from gateway.config import certs_dir_overrides, load_settings
