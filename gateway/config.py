@@ -41,8 +41,8 @@ from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
+from gateway.models.signature import DEFAULT_MAX_VERSION_BYTES, SignaturePolicy, SignatureTrust
 from gateway.models.signature import MODES as SIGNATURE_MODES
-from gateway.models.signature import SignaturePolicy, SignatureTrust
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
@@ -127,6 +127,8 @@ class ModelSettings:
     signatures: str = "off"
     signatures_by_model: Mapping[str, str] = field(default_factory=dict)
     signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+    # Each load copies the version folder privately (verified and loaded from the copy): at most this many bytes.
+    max_version_bytes: int = DEFAULT_MAX_VERSION_BYTES
 
     @property
     def signature_policy(self) -> SignaturePolicy:
@@ -685,6 +687,8 @@ def validate(settings: Settings) -> None:
     _validate_connection_limits(settings)
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
+    if settings.models.max_version_bytes < 1:
+        raise ConfigError("models.max_version_bytes: must be at least 1")
     _validate_signatures(settings.models)
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
@@ -714,6 +718,14 @@ def _validate_signatures(models: ModelSettings) -> None:
         )
     if len(kinds) > 1:
         raise ConfigError(f"models.signature_trust.{kinds[1]}: set together with {kinds[0]}; give exactly one")
+    if trust.certificate_chain is not None and not trust.signer_identities:
+        raise ConfigError(
+            "models.signature_trust.signer_identities: required with certificate_chain: the signer identities "
+            "allowed in model-signing certificates (e.g. spiffe://example.org/model-signer/release, "
+            "email:release@example.org); the CA's word alone would let any certificate it issued sign models"
+        )
+    if trust.signer_identities and trust.certificate_chain is None:
+        raise ConfigError("models.signature_trust.signer_identities: only with certificate_chain")
     if (trust.sigstore_identity is None) != (trust.sigstore_issuer is None):
         raise ConfigError("models.signature_trust.sigstore_issuer: sigstore_identity and sigstore_issuer go together")
     if importlib.util.find_spec("model_signing") is None:

@@ -161,10 +161,13 @@ class ModelRepository:
         poll_interval_s: float,
         strict: bool = False,
         signatures: SignaturePolicy | None = None,
+        max_version_bytes: int = signature.DEFAULT_MAX_VERSION_BYTES,
     ) -> None:
         """``strict``: a version that fails to load at start is a startup error instead of being left out.
-        ``signatures``: which models' versions must carry a valid signature (default: none)."""
+        ``signatures``: which models' versions must carry a valid signature (default: none).
+        ``max_version_bytes``: the most a version folder may hold (each load copies it: signature.staged)."""
         self.root = Path(root)
+        self._max_version_bytes = max_version_bytes
         self._options = options
         self._signatures = signatures or SignaturePolicy()
         self._placement = placement
@@ -257,7 +260,7 @@ class ModelRepository:
         """Copy the version folder privately, verify the copy (per the model's mode), name its bytes, load it."""
         mode = self._signatures.mode_for(name)
         try:
-            with signature.staged(path.parent) as copy:
+            with signature.staged(path.parent, max_bytes=self._max_version_bytes) as copy:
                 signed = False
                 if mode != "off":
                     try:

@@ -197,6 +197,14 @@ def test_the_probe_listener_may_use_an_address_other_machines_can_reach(tmp_path
         ("models: {batching: {mlp: {max_queue_delay_us: 2000000}}}\n", r"max_queue_delay_us: at most 1000000"),
         ("models: {batching: {mlp: {max_batch: 8}}}\n", r"models\.batching\.mlp\.max_batch: unknown key"),
         ("models: {batching: [mlp]}\n", r"models\.batching: expected a mapping of names"),
+        (
+            "models: {signatures: required, signature_trust: {certificate_chain: ca.pem}}\n",
+            r"models\.signature_trust\.signer_identities: required with certificate_chain",
+        ),
+        (
+            "models: {signatures: warn, signature_trust: {public_key: k.pem, signer_identities: [cn:x]}}\n",
+            r"models\.signature_trust\.signer_identities: only with certificate_chain",
+        ),
         ("tls: 3\n", r"tls: expected a mapping"),
         ("- a\n- b\n", r"expected a mapping at the top level"),
         ("a: [\n", r"invalid YAML"),
