@@ -100,6 +100,7 @@ class BackendClient:
         self._in_flight = 0
         self._poller: asyncio.Task[None] | None = None
         self._was_up: bool | None = None
+        self._index_failure: str | None = None  # the code RepositoryIndex last failed with (logged once)
 
     @property
     def up(self) -> bool:
@@ -196,8 +197,12 @@ class BackendClient:
         """The routed models' signatures: the explicit names, and the repository index's names that match a
         pattern. A model whose metadata cannot be read or served is left out, its reason logged once."""
         names = dict(self.settings.models)
-        if self.settings.model_patterns:
-            names.update(await self._discover(address, timeout, metadata))
+        index = await self._index(address, timeout, metadata)  # names and versions, where the backend lists them
+        names.update(
+            (name, name)
+            for name in index
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.model_patterns)
+        )
         found: dict[str, RemoteModel] = {}
         reasons: dict[str, str] = {}
         for gateway_name, remote in names.items():
@@ -205,7 +210,7 @@ class BackendClient:
                 answer = await address.stub.ModelMetadata(
                     pb.ModelMetadataRequest(name=remote), timeout=timeout, metadata=metadata
                 )
-                found[gateway_name] = self._remote_model(gateway_name, remote, answer)
+                found[gateway_name] = self._remote_model(gateway_name, remote, answer, index.get(remote, ""))
             except grpc.aio.AioRpcError as exc:
                 reasons[gateway_name] = f"ModelMetadata: {exc.code().name}"
             except ValueError as exc:
@@ -227,24 +232,26 @@ class BackendClient:
         self._described = reasons
         return found
 
-    async def _discover(self, address: _Address, timeout: float, metadata: list[tuple[str, str]]) -> dict[str, str]:
+    async def _index(self, address: _Address, timeout: float, metadata: list[tuple[str, str]]) -> dict[str, str]:
+        """The backend's ready models and their versions (RepositoryIndex; MLServer says "State.READY"); empty where
+        it does not serve the method (KServe)."""
         try:
             index = await address.stub.RepositoryIndex(
                 pb.RepositoryIndexRequest(ready=True), timeout=timeout, metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
-            if self._described.get("") != exc.code().name:
+            if self.settings.model_patterns and self._index_failure != exc.code().name:
                 log.warning("backend_discovery_failed", backend=self.name, code=exc.code().name)
+            self._index_failure = exc.code().name
             return {}
+        self._index_failure = None
         return {
-            entry.name: entry.name
+            entry.name: entry.version
             for entry in index.models
-            if NAME.allows(entry.name)
-            and entry.state in ("", "READY")
-            and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in self.settings.model_patterns)
+            if NAME.allows(entry.name) and entry.state.rpartition(".")[2] in ("", "READY")
         }
 
-    def _remote_model(self, name: str, remote: str, answer: pb.ModelMetadataResponse) -> RemoteModel:
+    def _remote_model(self, name: str, remote: str, answer: pb.ModelMetadataResponse, listed: str) -> RemoteModel:
         def specs(entries: Sequence[pb.ModelMetadataResponse.TensorMetadata], kind: str) -> tuple[TensorSpec, ...]:
             found = []
             for entry in entries:
@@ -253,7 +260,7 @@ class BackendClient:
                 found.append(TensorSpec(entry.name, entry.datatype, tuple(d if d >= 0 else -1 for d in entry.shape)))
             return tuple(found)
 
-        version = answer.versions[-1] if answer.versions else ""
+        version = answer.versions[-1] if answer.versions else listed
         if version and not NAME.allows(version):
             raise ValueError(f"version {shown(version)!r} is not a well-formed name")
         return RemoteModel(
