@@ -160,7 +160,13 @@ def start_module_gateway(
 
     started: list[RunningGateway] = []
 
-    def start(*, models: Path | None = None, policy: str = BACKEND_POLICY, overrides: dict[str, Any]) -> RunningGateway:
+    def start(
+        *,
+        models: Path | None = None,
+        policy: str = BACKEND_POLICY,
+        overrides: dict[str, Any],
+        pki: Pki = pki,
+    ) -> RunningGateway:
         directory = tmp_path_factory.mktemp("gateway")
         (directory / "policies").mkdir()
         (directory / "policies" / "test.yaml").write_text(policy)
