@@ -15,6 +15,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 NODE_DIRS := tests/interop/node tests/interop/oidc
 NODE_STAMPS := $(addsuffix /node_modules/.package-lock.json,$(NODE_DIRS))
+PERF_ANALYZER := .tools/perf-analyzer
 # uv uses the machine's Python (never downloads one) and keeps the project's environment in .venv.
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
@@ -24,9 +25,9 @@ export UV_NO_PROGRESS := 1
 FULL_ENV := --extra server --extra signing --extra otel --group dev
 DEMO_ENV := --no-default-groups --extra server --extra signing --group demo
 
-.PHONY: setup node-deps side-venvs demo test test-latest test-cryptography serve lint proto certs models bench lock sbom audit-deps clean
+.PHONY: setup node-deps side-venvs perf-analyzer demo test test-latest test-cryptography serve lint proto certs models bench lock sbom audit-deps clean
 
-setup: $(STAMP) node-deps side-venvs
+setup: $(STAMP) node-deps side-venvs perf-analyzer
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
@@ -52,6 +53,13 @@ node-deps:
 
 %/node_modules/.package-lock.json: %/package.json %/package-lock.json
 	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix $*
+
+# Triton's perf_analyzer binary (pinned, hash-checked), for the stock-client tests; where it cannot run, the
+# script leaves a note saying why and those tests skip with it.
+perf-analyzer: $(PERF_ANALYZER)/.installed
+$(PERF_ANALYZER)/.installed: scripts/install_perf_analyzer.sh requirements/perf-analyzer.txt
+	PYTHON=$(PYTHON) scripts/install_perf_analyzer.sh $(PERF_ANALYZER)
+	touch $@
 
 # The real third-party servers the backend tests run as subprocesses (MLServer, KServe's ModelServer), each in its
 # own venv from its hash-pinned requirements/NAME.txt (compiled by `make lock` from NAME.in): never in .venv.

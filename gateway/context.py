@@ -54,6 +54,7 @@ class CallContext:
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
+    version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     action: str | None = None
     decision: str | None = None
     rule: str | None = None
@@ -92,6 +93,7 @@ class CallContext:
             requested_version=None,
             version=None,
             model_digest=None,
+            version_reason=None,
             action=None,
             decision=None,
             rule=None,
@@ -132,6 +134,7 @@ class CallContext:
             "requested_version": self.requested_version,
             "version": self.version,
             "model_digest": self.model_digest,
+            "version_reason": self.version_reason,
             "action": self.action,
             "decision": self.decision,
             "rule": self.rule,

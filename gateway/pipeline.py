@@ -82,8 +82,19 @@ class Listed:
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
 _NO_ROUTES = Routes((), {}, ())
+_RUNS = (Action.PREDICT, Action.STREAM)
 
 Served = ModelVersion | RemoteModel  # a model run here, or one routed to a remote backend (gateway.backends)
+
+
+def _version_of(resolved: Served | GatewayError, requested: str | None) -> str | None:
+    """The version a policy judges: the one that would run (a routed model's: the backend's), else the one asked
+    for."""
+    if isinstance(resolved, ModelVersion):
+        return str(resolved.version)
+    if isinstance(resolved, RemoteModel):
+        return requested or resolved.version or None
+    return requested
 
 
 class Pipeline:
@@ -113,18 +124,13 @@ class Pipeline:
             return Decision(allowed=False, rule_id=None)
         return self._policies.current.evaluate(principal, model=model, version=version, action=action)
 
-    def _resolve(self, model: str, requested: str | None) -> tuple[Served | GatewayError, Backend | None]:
-        """The model to serve, or why not, and the backend it is routed to (explicit routes first, then the local
-        repository, then names a backend's patterns found). Only what is cached: nothing is sent anywhere."""
+    def _backend_for(self, model: str) -> Backend | None:
+        """The backend a model is routed to: explicit routes first, then the local repository, then the names a
+        backend's patterns found. Only what is cached is read: nothing is sent anywhere."""
         backend = self.routes.explicit(model)
         if backend is None and self.models.info(model) is None:
             backend = self.routes.discovered(model)
-        if backend is not None:
-            return backend.model(model), backend
-        try:
-            return self.models.resolve(model, _parse_version(model, requested)), None
-        except NotFoundError as exc:
-            return exc, None
+        return backend
 
     def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> Served:
         """Check the names, resolve (so the decision is about the version that will run), decide, then report.
@@ -134,20 +140,36 @@ class Pipeline:
         if requested is not None:
             NAME.check(requested, "model_version")
         call.model, call.requested_version, call.action = model, requested, action.value
-        resolved, backend = self._resolve(model, requested)
-        if isinstance(resolved, ModelVersion):
-            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
-            call.model_digest = resolved.digest
-        elif isinstance(resolved, RemoteModel):
-            call.version = requested or resolved.version or None
+        resolved: Served | GatewayError
+        reason, fallback = None, None
+        backend = self._backend_for(model)
         if backend is not None:
-            call.backend = Exchange(backend.name).record()  # routed; nothing sent (yet)
-        policy_version = call.version or requested
+            resolved = backend.model(model)  # as last described: nothing is sent before the decision
+            call.backend = Exchange(backend.name).record()
+        else:
+            # Only calls that run a model take part in a canary (metadata describes the default); the request id
+            # keeps a request, and a stream's messages, on one version.
+            key = call.request_id if action in _RUNS else None
+            try:
+                resolved, reason, fallback = self.models.route(model, _parse_version(model, requested), key=key)
+            except NotFoundError as exc:
+                resolved = exc
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, policy_version, action)
+            decision = self._decide(call.principal, model, _version_of(resolved, requested), action)
+            if not decision.allowed and fallback is not None:
+                # A canary never turns an allowed call into a denied one: a caller who may not use the canary
+                # version gets the version it would have had without the canary, if the policy allows that.
+                (resolved, reason), denied = fallback, decision
+                decision = self._decide(call.principal, model, str(resolved.version), action)
+                decision = decision if decision.allowed else denied
             call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
             if span is not None:
                 span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
+        if isinstance(resolved, ModelVersion):
+            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
+            call.model_digest, call.version_reason = resolved.digest, reason.value if reason else None
+        elif isinstance(resolved, RemoteModel):
+            call.version = _version_of(resolved, requested)
         if not decision.allowed:
             raise PermissionDeniedError(reason=decision.reason)
         if isinstance(resolved, GatewayError):
