@@ -126,6 +126,20 @@ MODEL_SIGNATURE_FAILURES = Counter(
     "gateway_model_signature_failures", "Model versions whose signature did not verify, by mode", ["model", "mode"]
 )
 BATCH_SIZE = Histogram("gateway_batch_size", "Requests per dynamic batch", ["model"], buckets=_COUNT_BUCKETS)
+# Remote backends (docs/backends.md), labelled by the backend names of the configuration.
+BACKEND_CALLS = Counter("gateway_backend_calls", "Calls sent to a backend, by its status code", ["backend", "code"])
+BACKEND_SECONDS = Histogram(
+    "gateway_backend_call_duration_seconds", "One call to a backend", ["backend"], buckets=LATENCY_BUCKETS
+)
+BACKEND_IN_FLIGHT = Gauge(
+    "gateway_backend_calls_in_flight", "Calls open to a backend", ["backend"], multiprocess_mode="livesum"
+)
+BACKEND_UP = Gauge(
+    "gateway_backend_up",
+    "1 while the backend answered ready at its last poll",
+    ["backend"],
+    multiprocess_mode="livemin",
+)
 # Security posture. Expiry times take the minimum over workers: an alert fires while any worker still has the old.
 NOT_AFTER = Gauge(
     "gateway_certificate_not_after_timestamp_seconds",
