@@ -65,6 +65,7 @@ class CallContext:
     message_index: int | None = None
     messages: int | None = None
     model_ran: bool = False  # a refusal before the run is safe for the client to retry
+    backend: dict[str, Any] | None = None  # a routed model's exchange with its backend (backends.route.Exchange)
     recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
     max_reply_bytes: int | None = None  # streams: the largest reply the call boundary lets through
     trace: CallTrace | None = None  # with tracing on: the call's span, shared by its stream messages
@@ -104,6 +105,7 @@ class CallContext:
             message_index=index,
             messages=None,
             model_ran=False,
+            backend=None,
         )
 
     def describe_inputs(self, inputs: Mapping[str, WireTensor]) -> None:
@@ -147,6 +149,8 @@ class CallContext:
             "bytes_out": self.bytes_out,
             "trace_id": self.trace.trace_id if self.trace else None,
         }
+        if self.backend is not None:
+            record["backend"] = self.backend
         if self.message_index is not None:
             record["message_index"] = self.message_index
         if self.messages is not None:

@@ -18,8 +18,9 @@ from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.api import parameters
 from gateway.api.streaming import answer_in_order, echoed_id
+from gateway.backends.route import RemoteModel
 from gateway.context import CallContext, current_call
-from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, UnavailableError
 from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
@@ -182,7 +183,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """As Triton answers: a model or version that is not loaded is not ready (for a caller who may see it)."""
         try:
             self._pipeline.signature(current_call.get(), request.name, request.version or None)
-        except NotFoundError:
+        except (NotFoundError, UnavailableError):  # UNAVAILABLE: a routed model whose backend is down
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -194,7 +195,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(v) for v in versions],
-            platform=PLATFORM,
+            platform=model.platform if isinstance(model, RemoteModel) else PLATFORM,
             inputs=_tensor_metadata(model.inputs),
             outputs=_tensor_metadata(model.outputs),
         )
@@ -202,8 +203,12 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        """Triton's model configuration, as far as the gateway knows it."""
-        model = self._pipeline.signature(current_call.get(), request.name, request.version or None)
+        """Triton's model configuration, as far as the gateway knows it (a routed model's: its backend's, where the
+        backend serves ModelConfig)."""
+        call = current_call.get()
+        model = self._pipeline.signature(call, request.name, request.version or None)
+        if isinstance(model, RemoteModel):
+            return pb.ModelConfigResponse(config=await self._pipeline.model_config(call, model))
         return pb.ModelConfigResponse(config=to_model_config(model))
 
     async def RepositoryIndex(
@@ -217,7 +222,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=str(v), state="READY")
                 for m in models
-                for v in m.versions
+                for v in m.versions or ("",)  # a routed model whose backend names no version
             ]
         )
 
