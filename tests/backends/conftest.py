@@ -166,6 +166,7 @@ def start_module_gateway(
         policy: str = BACKEND_POLICY,
         overrides: dict[str, Any],
         pki: Pki = pki,
+        tracing: Any = None,
     ) -> RunningGateway:
         directory = tmp_path_factory.mktemp("gateway")
         (directory / "policies").mkdir()
@@ -181,7 +182,7 @@ def start_module_gateway(
             "shutdown_drain_s": 0.0,
             **overrides,
         }
-        gateway = Gateway(load_settings(None, settings))
+        gateway = Gateway(load_settings(None, settings), tracing=tracing)
         running = RunningGateway(gateway, gateway.start(), pki, audit_path, directory / "policies")
         started.append(running)
         return running

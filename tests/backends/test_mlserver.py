@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,10 @@ CALLER_RPCS = ("ModelInfer", "ModelStreamInfer", "ModelConfig")
 def gw(start_module_gateway, mlserver, tmp_path_factory):
     return start_module_gateway(
         models=empty_repository(tmp_path_factory),
-        overrides={"backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})}},
+        overrides={
+            "backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})},
+            "metrics.listen": "127.0.0.1:0",
+        },
     )
 
 
@@ -207,3 +211,13 @@ def test_inputs_are_checked_against_the_backends_metadata_before_anything_is_sen
     assert caller_calls(mlserver) == before
     record = gw.audit_records()[-1]
     assert (record["code"], record["decision"], record["backend"]["address"]) == ("INVALID_ARGUMENT", "allow", None)
+
+
+def test_backend_metrics_count_calls_latency_and_health_by_backend(gw):
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics", timeout=TIMEOUT) as answer:
+        text = answer.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+    assert samples['gateway_backend_calls_total{backend="mlserver",code="OK"}'] > 0
+    assert samples['gateway_backend_call_duration_seconds_count{backend="mlserver"}'] > 0
+    assert samples['gateway_backend_calls_in_flight{backend="mlserver"}'] == 0
+    assert samples['gateway_backend_up{backend="mlserver"}'] == 1
