@@ -4,11 +4,7 @@ own, byte for byte; every call leaves one truthful record naming the backend."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,8 +14,8 @@ import gateway
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2 as oip
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.backends.conftest import OipServer, empty_repository, plaintext_backend
-from tests.conftest import ROOT
+from tests.backends.conftest import empty_repository, plaintext_backend, triton
+from tests.backends.servers import OipServer
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
 
 X = np.random.default_rng(23).random((2, 784), dtype=np.float32)
@@ -54,33 +50,6 @@ def direct(mlserver: OipServer, request: oip.ModelInferRequest) -> oip.ModelInfe
 def caller_calls(mlserver: OipServer) -> dict[str, int]:
     calls = mlserver.calls()
     return {rpc: calls[rpc] for rpc in CALLER_RPCS}
-
-
-def triton(gw, tmp_path: Path, steps: list[dict], *, client: str | None = "alice", target: str | None = None):
-    """Stock tritonclient in its own process (tests/interop/triton_client.py): through the gateway with ``client``'s
-    certificate and token, or, with ``target``, straight to a plaintext backend."""
-    if target is not None:
-        job = {"target": target, "steps": steps}
-    else:
-        pki = gw.pki
-        job = {
-            "target": gw.target,
-            "ca": str(pki.path("ca.crt")),
-            "cert": str(pki.path(f"{client}.crt")),
-            "key": str(pki.path(f"{client}.key")),
-            "token": gw.token(client, bind=client),
-            "steps": steps,
-        }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(job))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests/interop/triton_client.py"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 INFER = {
