@@ -119,7 +119,7 @@ class Pipeline:
             if span is not None:
                 span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
         if not decision.allowed:
-            raise PermissionDeniedError(reason=decision.reason)
+            raise PermissionDeniedError(_denied(action, model, requested), reason=decision.reason)
         if isinstance(resolved, NotFoundError):
             raise resolved
         return resolved
@@ -204,6 +204,13 @@ async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
             return done.value, pauses
         pauses += 1
         await asyncio.sleep(0)
+
+
+def _denied(action: Action, model: str, requested: str | None) -> str:
+    """What a denied caller is told: only what it asked for, the same whether or not the model (or version) exists
+    and whichever rule decided, so that a refusal tells nothing about the repository or the policy."""
+    version = "" if requested is None else f" version '{requested}'"
+    return f"no rule lets you '{action.value}' on model '{model}'{version} (it may not exist)"
 
 
 def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:

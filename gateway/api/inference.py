@@ -13,7 +13,7 @@ from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.context import CallContext, current_call
-from gateway.errors import GatewayError, InvalidArgumentError
+from gateway.errors import GatewayError, InvalidArgumentError, sent_message
 from gateway.identifiers import shown
 from gateway.models.runtime import TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
@@ -94,7 +94,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         def refuse(request: pb.PredictRequest, error: GatewayError) -> pb.PredictStreamResponse:
             code = grpc.StatusCode[error.code].value[0]
             return pb.PredictStreamResponse(
-                error=pb.StreamError(code=code, message=error.message), id=echoed_id(request.id)
+                error=pb.StreamError(code=code, message=sent_message(error, stream.request_id)),
+                id=echoed_id(request.id),
             )
 
         async for reply in answer_in_order(stream, requests, answer, refuse):

@@ -18,7 +18,7 @@ from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.context import CallContext, current_call
-from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, sent_message
 from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
@@ -206,12 +206,14 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
             return pb.ModelStreamInferResponse(infer_response=to_response(request, result))
 
+        stream = current_call.get()
+
         def refuse(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
             # Triton's form: the error as text (the status name first, so clients can tell causes apart).
             return pb.ModelStreamInferResponse(
-                error_message=f"{error.code}: {error.message}",
+                error_message=f"{error.code}: {sent_message(error, stream.request_id)}",
                 infer_response=pb.ModelInferResponse(id=echoed_id(request.id)),
             )
 
-        async for reply in answer_in_order(current_call.get(), requests, answer, refuse):
+        async for reply in answer_in_order(stream, requests, answer, refuse):
             yield reply

@@ -84,7 +84,7 @@ def test_counters_move_by_exactly_the_calls_allowed_and_refused(metered):
     oip_live = "/inference.GRPCInferenceService/ServerLive"
     assert delta(calls, method=oip_live, model="-", version="-", code="OK") == 1
     refusals = "gateway_refusals_total"
-    assert delta(refusals, reason="token", detail="no authorization header") == refused
+    assert delta(refusals, reason="token", detail="missing token") == refused
     assert delta(refusals, reason="policy_deny", detail="default_deny") == 1
     assert delta("gateway_call_duration_seconds_count", method=PREDICT) == allowed + refused + 1
     assert delta("gateway_authentication_duration_seconds_count") == allowed + refused + 2
