@@ -59,9 +59,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+EXIT_CODES_HELP = (
+    "exit codes: 0 ok; 1 the operation failed (refused, invalid, tampered, unreachable, not serving); 2 usage or "
+    "configuration error; 130 interrupted"
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("epilog", EXIT_CODES_HELP)
         # A flag is spelt out, never a prefix: `--client-secret S` must not read S as --client-secret-file's path
         # and then quote it in the error.
         kwargs.setdefault("allow_abbrev", False)
@@ -537,7 +544,7 @@ def _connect(args: argparse.Namespace) -> Any:
 
 def _connection_values(args: argparse.Namespace) -> dict[str, Any]:
     """Each connection setting from its flag, else its GATEWAY_* variable."""
-    return {name: getattr(args, name) or os.environ.get(env) for name, env, _ in _CONNECTION}
+    return {name: getattr(args, name, None) or os.environ.get(env) for name, env, _ in _CONNECTION}
 
 
 def _check_client_environment(environ: Mapping[str, str]) -> None:
@@ -829,6 +836,69 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
     return _run_client(args, metadata)
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # see _connect
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        _check_client_environment(os.environ)
+        channel = _health_channel(args)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _fail(f"{args.target_used}: {_health_failure(exc, plaintext=args.plaintext)}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+def _health_channel(args: argparse.Namespace) -> Any:
+    """A channel to the main port (mutual TLS, no token: health needs none) or, with --plaintext, the probe port."""
+    import grpc
+
+    from gateway.client import ca_material, check_target, identity_material
+
+    values = _connection_values(args)
+    target = values["target"]
+    if not target:
+        raise _UsageError(f"missing {_spelt('target')}")
+    try:
+        check_target(target)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    args.target_used = target
+    if args.plaintext:
+        return grpc.insecure_channel(target)
+    missing = [_spelt(n) for n in ("ca", "cert", "key") if not values[n]]
+    if missing:
+        raise _UsageError(f"missing {', '.join(missing)} (or --plaintext, for the probe port health.listen)")
+    try:
+        ca = ca_material(values["ca"])
+        cert, key = identity_material(cert=values["cert"], key=values["key"])
+    except OSError as exc:
+        raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    name = values["server_name"]
+    options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)] if name else []
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert), options=options)
+
+
+def _health_failure(exc: Any, *, plaintext: bool) -> str:
+    """Why a health check got no status, in one line that says what to change."""
+    from gateway.client import handshake_problem
+
+    details = exc.details() or exc.code().name
+    if plaintext and details.lower().endswith("socket closed"):
+        return "this port speaks TLS (the main port?): leave out --plaintext and give --ca, --cert and --key"
+    problem = None if plaintext else handshake_problem(details)
+    return f"TLS handshake failed: {problem}" if problem else f"{exc.code().name}: {details}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gateway`` argument parser."""
     parser = _Parser(prog="gateway", description="Secure, authenticated gRPC inference gateway for ONNX models.")
@@ -928,6 +998,20 @@ def build_parser() -> argparse.ArgumentParser:
     metadata.add_argument("--version")
     _add_connection_flags(metadata)
     metadata.set_defaults(run=_cmd_metadata)
+
+    health = commands.add_parser(
+        "health",
+        help="ask a gateway whether it is ready; prints SERVING or NOT_SERVING",
+        description="Ask grpc.health.v1.Health/Check for the overall status: on the main port over mutual TLS "
+        "(a client certificate, no token), or on the probe port (health.listen) in plaintext with --plaintext. "
+        "Prints the status.",
+    )
+    for name in ("target", "ca", "cert", "key", "server_name"):
+        flag, env, text = next((f"--{n.replace('_', '-')}", e, t) for n, e, t in _CONNECTION if n == name)
+        health.add_argument(flag, dest=name, help=f"{text} [env {env}]")
+    health.add_argument("--plaintext", action="store_true", help="the plaintext probe port (health.listen)")
+    health.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for the answer")
+    health.set_defaults(run=_cmd_health)
 
     model = commands.add_parser("model", help="model signing (OpenSSF model signing; docs/model-signing.md)")
     model_commands = model.add_subparsers(dest="model_command", required=True)

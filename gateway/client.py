@@ -365,11 +365,9 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
             # grpc reports a failing metadata plugin as UNAVAILABLE ("Getting metadata from plugin failed with
             # error: ..."), yet nothing was sent: this client's credentials failed, and a retry cannot help.
             return AuthenticationError(details[details.index(_PROVIDER_FAILURE) :])
-        if _is_handshake_failure(details):
-            return TLSHandshakeError(
-                "TLS handshake failed: check that the server certificate chains to the given CA and matches "
-                f"the target name, and that the client certificate is valid ({details})"
-            )
+        problem = handshake_problem(details)
+        if problem is not None:
+            return TLSHandshakeError(f"TLS handshake failed: {problem} ({details})")
     return _refusal(code.name, details, request_id)
 
 
@@ -388,20 +386,50 @@ def _server_answered(exc: grpc.RpcError) -> bool:
     return bool(exc.initial_metadata()) or bool(exc.trailing_metadata())  # type: ignore[attr-defined]
 
 
-# grpc reports a failed handshake only in the status details: a CA that does not sign the server's
-# certificate ("Tls handshake failed ... CERTIFICATE_VERIFY_FAILED"), or a name the certificate does not
-# carry ("Custom verification check failed ... Hostname Verification Check failed").
-_HANDSHAKE_MARKERS = ("handshake", "ssl", "certificate", "verification check failed")
-
 # How grpc's details begin when it never had a connection to send the request on: its load balancer's
 # "failed to connect to all addresses; last error: ... Connection refused" (also unreachable, connect timeout),
 # and name resolution failures ("errors resolving ...", older grpc "DNS resolution failed ...").
 _CONNECT_FAILURES = ("failed to connect to all addresses", "errors resolving", "dns resolution failed")
 
+# grpc reports a failed handshake only in the status details (BoringSSL's reason names), one line per side that
+# can be wrong, each saying what to change. The first that matches wins.
+_HANDSHAKE_PROBLEMS = (
+    (
+        ("wrong_version_number", "first record does not look like a tls handshake"),
+        "this port does not speak TLS: give the gateway's main port (the probe port, health.listen, is plaintext)",
+    ),
+    (
+        ("certificate_verify_failed",),
+        "the server's certificate does not chain to the CA given (ca=, --ca): give the CA that signed the "
+        "gateway's certificate (certs/clients/NAME/ca.crt)",
+    ),
+    (
+        ("hostname verification", "verification check failed"),
+        "the server's certificate does not carry the target's name: connect by a name it carries, or give "
+        "server_name= (--server-name)",
+    ),
+    (
+        ("handshake", "ssl", "certificate"),
+        "check that the server's certificate chains to the CA given and carries the target's name",
+    ),
+)
+# The server closed a new connection before any call: with TLS 1.3 a server refuses the client's certificate after
+# the client has finished its side, so the client sees its socket closed, not an alert it can name.
+_REFUSED_CLIENT_CERTIFICATE = (
+    "the server closed the connection at the handshake: it refused the client certificate (cert=, --cert): not "
+    "signed by a CA the gateway trusts (tls.client_ca), expired, revoked, or not for client authentication"
+)
 
-def _is_handshake_failure(details: str) -> bool:
+
+def handshake_problem(details: str) -> str | None:
+    """What to change, when a call failed in the TLS handshake (None: it did not)."""
     lowered = details.lower()
-    return any(marker in lowered for marker in _HANDSHAKE_MARKERS)
+    for markers, problem in _HANDSHAKE_PROBLEMS:
+        if any(marker in lowered for marker in markers):
+            return problem
+    if lowered.startswith(_CONNECT_FAILURES[0]) and lowered.endswith("socket closed"):
+        return _REFUSED_CLIENT_CERTIFICATE
+    return None
 
 
 def _retryable(exc: grpc.RpcError, error: GatewayError, *, lost_connections: bool) -> bool:
@@ -533,12 +561,13 @@ def _stream_result(reply: pb.PredictStreamResponse, request_id: str, *, raise_er
 # ---------------------------------------------------------------------------------------------------- clients
 
 
-def _check_target(target: str) -> None:
+def check_target(target: str) -> None:
     """A URL is no grpc target: grpc would try to resolve "https" as a host name and say only that it failed."""
     scheme, sep, rest = target.partition("://")
     if sep and scheme.lower() in ("http", "https", "grpc", "grpcs"):
         raise ValueError(
-            f"target {target!r}: give HOST:PORT without a scheme ({rest.rstrip('/')!r}): the client always uses TLS"
+            f"target {target!r}: give HOST:PORT without a scheme ({rest.rstrip('/')!r}): TLS is set by the client, "
+            "not the target"
         )
 
 
@@ -562,7 +591,7 @@ class _ClientBase:
     ) -> None:
         if load_balancing not in LOAD_BALANCING_POLICIES:
             raise ValueError(f"load_balancing {load_balancing!r}: expected one of {', '.join(LOAD_BALANCING_POLICIES)}")
-        _check_target(target)
+        check_target(target)
         if "," in target and not server_name:
             raise ValueError(
                 f"target {target!r} has several addresses: pass server_name, the name their certificate carries"

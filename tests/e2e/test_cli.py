@@ -270,7 +270,7 @@ def test_a_target_with_a_url_scheme_says_to_give_host_and_port(gw, scheme):
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == (
         f"error: target '{scheme}://{gw.target}/': give HOST:PORT without a scheme ('{gw.target}'): "
-        "the client always uses TLS\n"
+        "TLS is set by the client, not the target\n"
     )
 
 
