@@ -54,6 +54,8 @@ class CallContext:
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
+    execution_provider: str | None = None  # the resolved version's ONNX Runtime provider (docs/providers.md)
+    version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     action: str | None = None
     decision: str | None = None
     rule: str | None = None
@@ -63,6 +65,7 @@ class CallContext:
     message_index: int | None = None
     messages: int | None = None
     model_ran: bool = False  # a refusal before the run is safe for the client to retry
+    backend: dict[str, Any] | None = None  # a routed model's exchange with its backend (backends.route.Exchange)
     recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
     max_reply_bytes: int | None = None  # streams: the largest reply the call boundary lets through
     trace: CallTrace | None = None  # with tracing on: the call's span, shared by its stream messages
@@ -91,6 +94,8 @@ class CallContext:
             requested_version=None,
             version=None,
             model_digest=None,
+            version_reason=None,
+            execution_provider=None,
             action=None,
             decision=None,
             rule=None,
@@ -100,6 +105,7 @@ class CallContext:
             message_index=index,
             messages=None,
             model_ran=False,
+            backend=None,
         )
 
     def describe_inputs(self, inputs: Mapping[str, WireTensor]) -> None:
@@ -130,6 +136,8 @@ class CallContext:
             "requested_version": self.requested_version,
             "version": self.version,
             "model_digest": self.model_digest,
+            "version_reason": self.version_reason,
+            "execution_provider": self.execution_provider,
             "action": self.action,
             "decision": self.decision,
             "rule": self.rule,
@@ -141,6 +149,8 @@ class CallContext:
             "bytes_out": self.bytes_out,
             "trace_id": self.trace.trace_id if self.trace else None,
         }
+        if self.backend is not None:
+            record["backend"] = self.backend
         if self.message_index is not None:
             record["message_index"] = self.message_index
         if self.messages is not None:

@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from gateway import tensors, tracing
 from gateway.auth.principal import Principal
+from gateway.backends.route import Backend, Exchange, RemoteModel, Routes
 from gateway.context import CallContext
-from gateway.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from gateway.identifiers import ID, NAME, shown
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
 from gateway.models.runtime import ModelVersion
@@ -65,12 +66,35 @@ class InferResult:
     version that ran."""
 
     model: str
-    version: int
+    version: int | str  # a routed model's version is its backend's text
     outputs: dict[str, np.ndarray]
     raw: dict[str, tuple[tensors.DataType, bytes]]
 
 
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A model as a listing shows it: the versions the caller may see and the default, if they may use it."""
+
+    name: str
+    versions: tuple[int | str, ...]  # a routed model's version is its backend's text
+    default_version: int | str | None
+
+
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
+_NO_ROUTES = Routes((), {}, ())
+_RUNS = (Action.PREDICT, Action.STREAM)
+
+Served = ModelVersion | RemoteModel  # a model run here, or one routed to a remote backend (gateway.backends)
+
+
+def _version_of(resolved: Served | GatewayError, requested: str | None) -> str | None:
+    """The version a policy judges: the one that would run (a routed model's: the backend's), else the one asked
+    for."""
+    if isinstance(resolved, ModelVersion):
+        return str(resolved.version)
+    if isinstance(resolved, RemoteModel):
+        return requested or resolved.version or None
+    return requested
 
 
 class Pipeline:
@@ -82,10 +106,13 @@ class Pipeline:
         models: ModelRepository,
         policies: PolicyStore | None,
         before_run: Callable[[], None] = lambda: None,
+        routes: Routes = _NO_ROUTES,
     ) -> None:
         """``policies=None`` is the dev_no_auth mode (everything allowed); ``before_run`` may refuse a run
-        (the audit sink's health check: no model runs while its record could not be written)."""
+        (the audit sink's health check: no model runs while its record could not be written); ``routes``: the
+        models served by remote backends (gateway.backends), through this same path."""
         self.models = models
+        self.routes = routes
         self._policies = policies
         self._before_run = before_run
         self.sliced_decodes = 0  # decodes that took more than one step: for tests and measurements
@@ -97,30 +124,56 @@ class Pipeline:
             return Decision(allowed=False, rule_id=None)
         return self._policies.current.evaluate(principal, model=model, version=version, action=action)
 
-    def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> ModelVersion:
+    def _backend_for(self, model: str) -> Backend | None:
+        """The backend a model is routed to: explicit routes first, then the local repository, then the names a
+        backend's patterns found. Only what is cached is read: nothing is sent anywhere."""
+        backend = self.routes.explicit(model)
+        if backend is None and self.models.info(model) is None:
+            backend = self.routes.discovered(model)
+        return backend
+
+    def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> Served:
         """Check the names, resolve (so the decision is about the version that will run), decide, then report.
-        Fields are named as both protocols name them (gateway.v1 and the Open Inference Protocol)."""
+        Fields are named as both protocols name them (gateway.v1 and the Open Inference Protocol). A routed
+        model is decided on the gateway's name and the backend's version, before anything is sent to it."""
         NAME.check(model, "model_name")
         if requested is not None:
             NAME.check(requested, "model_version")
         call.model, call.requested_version, call.action = model, requested, action.value
-        resolved: ModelVersion | NotFoundError
-        try:
-            resolved = self.models.resolve(model, _parse_version(model, requested))
-        except NotFoundError as exc:
-            resolved = exc
-        if isinstance(resolved, ModelVersion):
-            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
-            call.model_digest = resolved.digest
-        policy_version = call.version or requested
+        resolved: Served | GatewayError
+        reason, fallback = None, None
+        backend = self._backend_for(model)
+        if backend is not None:
+            resolved = backend.model(model)  # as last described: nothing is sent before the decision
+            call.backend = Exchange(backend.name).record()
+        else:
+            # Only calls that run a model take part in a canary (metadata describes the default); the request id
+            # keeps a request, and a stream's messages, on one version.
+            key = call.request_id if action in _RUNS else None
+            try:
+                resolved, reason, fallback = self.models.route(model, _parse_version(model, requested), key=key)
+            except NotFoundError as exc:
+                resolved = exc
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, policy_version, action)
+            decision = self._decide(call.principal, model, _version_of(resolved, requested), action)
+            if not decision.allowed and fallback is not None:
+                # A canary never turns an allowed call into a denied one: a caller who may not use the canary
+                # version gets the version it would have had without the canary, if the policy allows that.
+                (resolved, reason), denied = fallback, decision
+                decision = self._decide(call.principal, model, str(resolved.version), action)
+                decision = decision if decision.allowed else denied
             call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
             if span is not None:
                 span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
+        if isinstance(resolved, ModelVersion):
+            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
+            call.model_digest, call.version_reason = resolved.digest, reason.value if reason else None
+            call.execution_provider = resolved.provider
+        elif isinstance(resolved, RemoteModel):
+            call.version = _version_of(resolved, requested)
         if not decision.allowed:
             raise PermissionDeniedError(_denied(action, model, requested), reason=decision.reason)
-        if isinstance(resolved, NotFoundError):
+        if isinstance(resolved, GatewayError):
             raise resolved
         return resolved
 
@@ -133,15 +186,9 @@ class Pipeline:
             ID.check(request.id, "id")
         model = self._authorize(call, request.model, request.version, action)
         body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
-        for name in body.inputs:
-            if name:  # "" is the unnamed tensor
-                ID.check(name, "input name")
-        wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
-        for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
-            tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
-        call.describe_inputs(wire)
-        model.validate(wire)
-        _check_outputs(model, body.outputs)
+        wire = _checked_inputs(call, model, body)
+        if isinstance(model, RemoteModel):
+            return await self._predict_remote(call, request, model, wire, body.outputs)
         inputs = await self._decode(wire)
         self._before_run()
         call.model_ran = True
@@ -151,6 +198,53 @@ class Pipeline:
             outputs = {name: outputs[name] for name in body.outputs}
         raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
         return InferResult(request.model, model.version, outputs, raw)
+
+    async def _predict_remote(
+        self,
+        call: CallContext,
+        request: InferRequest,
+        model: RemoteModel,
+        wire: Mapping[str, tensors.WireTensor],
+        outputs: tuple[str, ...] | None,
+    ) -> InferResult:
+        """Send the checked inputs, raw as they came, to the model's backend; its exchange goes into the record
+        whatever the outcome (a cancelled caller cancels the backend call with this task)."""
+        backend = self.routes.backend(model.backend)
+        self._before_run()
+        exchange = Exchange(backend.name)
+        attributes = {"gateway.backend": backend.name, "gateway.model": model.name}
+        try:
+            with tracing.span(call, "gateway.backend", attributes) as span:
+                answer = await backend.infer(
+                    model,
+                    wire,
+                    version=request.version,
+                    outputs=outputs,
+                    request_id=call.request_id,
+                    headers=tracing.propagation_headers(span),
+                    exchange=exchange,
+                )
+        finally:
+            call.backend = exchange.record()
+            call.model_ran = exchange.sent  # a refusal before anything was sent is safe to retry
+            if exchange.version:
+                call.version = exchange.version
+        return InferResult(
+            request.model,
+            exchange.version or model.version,
+            {name: output.array for name, output in answer.items()},
+            {name: (output.row, output.raw) for name, output in answer.items()},
+        )
+
+    async def model_config(self, call: CallContext, model: RemoteModel) -> Any:
+        """A routed model's configuration as its backend gives it (inference.ModelConfig), for a caller already
+        allowed its metadata (``signature``)."""
+        backend = self.routes.backend(model.backend)
+        exchange = Exchange(backend.name)
+        try:
+            return await backend.config(model, request_id=call.request_id, exchange=exchange)
+        finally:
+            call.backend = exchange.record()
 
     async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
         """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
@@ -162,29 +256,35 @@ class Pipeline:
             self.sliced_decodes += pauses > 0
         return inputs
 
-    def signature(self, call: CallContext, model: str, version: str | None) -> ModelVersion:
+    def signature(self, call: CallContext, model: str, version: str | None) -> Served:
         """The loaded version the caller may read metadata of (its signature and configuration)."""
         return self._authorize(call, model, version, Action.METADATA)
 
-    def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[ModelVersion, list[int]]:
+    def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[Served, list[int | str]]:
         """The signature of one version, and the versions of the model the caller may read metadata of."""
         resolved = self.signature(call, model, version)
+        if isinstance(resolved, RemoteModel):
+            return resolved, [resolved.version] if resolved.version else []
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
-        return resolved, versions
+        return resolved, list(versions)
 
-    def list_models(self, call: CallContext) -> list[ModelInfo]:
+    def list_models(self, call: CallContext) -> list[Listed]:
         """The models, and their versions, the caller may list."""
         call.action, call.decision = Action.LIST.value, "allow"
-        visible = []
+        visible: list[Listed] = []
         with tracing.span(call, "gateway.authorize", {"gateway.action": Action.LIST.value}):
             for info in self.models.models():
                 versions = self._visible_versions(call.principal, info, Action.LIST)
                 if versions:
                     # The default is shown only when the caller may use it: a request without a version gets it.
                     default = info.default_version if info.default_version in versions else None
-                    visible.append(ModelInfo(info.name, tuple(versions), default))
-        return visible
+                    visible.append(Listed(info.name, tuple(versions), default))
+            for remote in self.routes.models():
+                version = remote.version or None
+                if self._decide(call.principal, remote.name, version, Action.LIST).allowed:
+                    visible.append(Listed(remote.name, (version,) if version else (), version))
+        return sorted(visible, key=lambda info: info.name)
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
@@ -213,7 +313,22 @@ def _denied(action: Action, model: str, requested: str | None) -> str:
     return f"no rule lets you '{action.value}' on model '{model}'{version} (it may not exist)"
 
 
-def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
+def _checked_inputs(call: CallContext, model: Served, body: InferBody) -> dict[str, tensors.WireTensor]:
+    """The body's inputs named, held to the limits and checked against the model's signature, outputs asked for
+    known: all that needs no decode. Their names, datatypes and shapes go into the record."""
+    for name in body.inputs:
+        if name:  # "" is the unnamed tensor
+            ID.check(name, "input name")
+    wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
+    for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
+        tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
+    call.describe_inputs(wire)
+    model.validate(wire)
+    _check_outputs(model, body.outputs)
+    return wire
+
+
+def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
     """The simple form's flat FP32 values as the model's one input, shaped by its signature."""
     if flat.values is not None:  # bounded before the shape is worked out (a count past every limit is no shape)
         tensors.element_count((len(flat.values),), name="input_data", max_elements=model.max_elements)
@@ -221,7 +336,7 @@ def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tens
     return {name: replace(flat, shape=shape)}
 
 
-def _check_outputs(model: ModelVersion, requested: tuple[str, ...] | None) -> None:
+def _check_outputs(model: Served, requested: tuple[str, ...] | None) -> None:
     known = {spec.name for spec in model.outputs}
     for name in requested or ():
         if ID.check(name, "output name") not in known:

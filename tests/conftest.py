@@ -4,6 +4,7 @@ scripts/make_demo_models.py, tokens made by the project's issuer, and gateways s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -164,8 +165,23 @@ class RunningGateway:
         return [json.loads(line) for line in complete if line.strip()]
 
 
-@pytest.fixture
-def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+# Prometheus' promtool, as `make setup` installs it (scripts/get_promtool.sh).
+PROMTOOL = ROOT / ".tools" / "prometheus" / "promtool"
+PROMETHEUS_RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """promtool's path, or a skip that says how to get it."""
+    if not PROMTOOL.is_file():
+        pytest.skip(f"promtool is not installed at {PROMTOOL}: `make promtool` (scripts/get_promtool.sh) installs it")
+    return PROMTOOL
+
+
+@contextlib.contextmanager
+def _gateways(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    """Start gateways in-process (each with its own policy folder and audit trail under ``tmp_path``), stop them
+    all at the end."""
     from gateway.config import certs_dir_overrides, load_settings
     from gateway.server import Gateway
 
@@ -200,9 +216,26 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
         started.append(running)
         return running
 
-    yield start
-    for running in started:
-        running.gateway.stop(0.5)
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.gateway.stop(0.5)
+
+
+@pytest.fixture
+def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    with _gateways(pki, demo_models, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_gateway_module(
+    pki: Pki, demo_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningGateway]]:
+    """As ``start_gateway``, for gateways shared by the tests of one module (stopped after its last test)."""
+    with _gateways(pki, demo_models, tmp_path_factory.mktemp("gateways")) as start:
+        yield start
 
 
 # The top-level modules of the server extra: an SDK-only install (`pip install gateway`) has none of them.
