@@ -775,10 +775,10 @@ def _token_hint(args: argparse.Namespace, reason: str) -> str | None:
         return f"the token expired{when}: issue a new one with `{issue}`, or ask your identity provider"
     if reason == reasons.BOUND_TO_ANOTHER_CERTIFICATE:
         return f"the token is bound to another certificate than --cert {cert}: issue one with `{issue}`"
-    if reason == reasons.WRONG_AUDIENCE:
-        return f"the token's aud is {claims.get('aud')!r}: issue one for the gateway's auth.audience (--aud)"
-    if reason == reasons.WRONG_ISSUER:
-        return f"the token's iss is {claims.get('iss')!r}: the gateway trusts another issuer (auth.issuer)"
+    if reason == reasons.WRONG_AUDIENCE and "aud" in claims:
+        return f"the token's aud is {claims['aud']!r}: issue one for the gateway's auth.audience (--aud)"
+    if reason == reasons.WRONG_ISSUER and "iss" in claims:
+        return f"the token's iss is {claims['iss']!r}: the gateway trusts another issuer (auth.issuer)"
     if reason in (reasons.UNKNOWN_KEY_ID, reasons.BAD_SIGNATURE):
         return "sign tokens with a key in the gateway's key set: `gateway token issue --key` with its signing key"
     return None
