@@ -15,6 +15,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 NODE_DIRS := tests/interop/node tests/interop/oidc
 NODE_STAMPS := $(addsuffix /node_modules/.package-lock.json,$(NODE_DIRS))
+PERF_ANALYZER := .tools/perf-analyzer
 # uv uses the machine's Python (never downloads one) and keeps the project's environment in .venv.
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
@@ -24,9 +25,9 @@ export UV_NO_PROGRESS := 1
 FULL_ENV := --extra server --extra signing --extra otel --group dev
 DEMO_ENV := --no-default-groups --extra server --extra signing --group demo
 
-.PHONY: setup node-deps demo test test-latest test-cryptography serve lint proto certs models bench lock sbom audit-deps clean
+.PHONY: setup node-deps side-venvs perf-analyzer demo test test-latest test-cryptography serve lint proto certs models bench lock sbom audit-deps clean
 
-setup: $(STAMP) node-deps
+setup: $(STAMP) node-deps side-venvs perf-analyzer
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
@@ -52,6 +53,24 @@ node-deps:
 
 %/node_modules/.package-lock.json: %/package.json %/package-lock.json
 	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix $*
+
+# Triton's perf_analyzer binary (pinned, hash-checked), for the stock-client tests; where it cannot run, the
+# script leaves a note saying why and those tests skip with it.
+perf-analyzer: $(PERF_ANALYZER)/.installed
+$(PERF_ANALYZER)/.installed: scripts/install_perf_analyzer.sh requirements/perf-analyzer.txt
+	PYTHON=$(PYTHON) scripts/install_perf_analyzer.sh $(PERF_ANALYZER)
+	touch $@
+
+# The real third-party servers the backend tests run as subprocesses (MLServer, KServe's ModelServer), each in its
+# own venv from its hash-pinned requirements/NAME.txt (compiled by `make lock` from NAME.in): never in .venv.
+SIDE_VENVS := mlserver kserve
+side-venvs: $(foreach name,$(SIDE_VENVS),.venv-$(name)/.installed)
+
+.venv-%/.installed: requirements/%.txt | $(UV)
+	rm -rf .venv-$*
+	$(UV) venv --quiet .venv-$*
+	VIRTUAL_ENV=.venv-$* $(UV) pip install --quiet --require-hashes --no-deps -r requirements/$*.txt
+	touch $@
 
 certs: certs/signing/ca.crt
 certs/signing/ca.crt: scripts/gen_certs.sh | $(DEMO_STAMP)
@@ -110,6 +129,10 @@ lock: | $(UV)
 		--extra signing --extra otel -o requirements/server-otel.txt
 	$(UV) export --quiet --locked --format requirements.txt --no-emit-project --only-group sbom \
 		-o requirements/sbom.txt
+	for name in $(SIDE_VENVS); do \
+		$(UV) pip compile --quiet $(LOCK_FLAGS) --universal --python-version 3.11 --generate-hashes \
+			requirements/$$name.in -o requirements/$$name.txt || exit 1; \
+	done
 
 # A CycloneDX SBOM of the locked server environment, made as the image makes its own: the server's hash-checked
 # requirements and the project's wheel installed into a scratch venv, then cyclonedx-py reads what is installed.
@@ -142,4 +165,4 @@ bench: setup certs models
 
 clean:
 	find certs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
-	rm -rf $(VENV) $(LATEST_VENV) .tools $(addsuffix /node_modules,$(NODE_DIRS)) models var
+	rm -rf $(VENV) $(LATEST_VENV) $(addprefix .venv-,$(SIDE_VENVS)) .tools $(addsuffix /node_modules,$(NODE_DIRS)) models var

@@ -4,6 +4,7 @@ scripts/make_demo_models.py, tokens made by the project's issuer, and gateways s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -164,8 +165,10 @@ class RunningGateway:
         return [json.loads(line) for line in complete if line.strip()]
 
 
-@pytest.fixture
-def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+@contextlib.contextmanager
+def _gateways(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    """Start gateways in-process (each with its own policy folder and audit trail under ``tmp_path``), stop them
+    all at the end."""
     from gateway.config import certs_dir_overrides, load_settings
     from gateway.server import Gateway
 
@@ -200,9 +203,26 @@ def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Calla
         started.append(running)
         return running
 
-    yield start
-    for running in started:
-        running.gateway.stop(0.5)
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.gateway.stop(0.5)
+
+
+@pytest.fixture
+def start_gateway(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
+    with _gateways(pki, demo_models, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_gateway_module(
+    pki: Pki, demo_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningGateway]]:
+    """As ``start_gateway``, for gateways shared by the tests of one module (stopped after its last test)."""
+    with _gateways(pki, demo_models, tmp_path_factory.mktemp("gateways")) as start:
+        yield start
 
 
 # The top-level modules of the server extra: an SDK-only install (`pip install gateway`) has none of them.

@@ -16,6 +16,7 @@ import grpc
 from gateway import package_version, tensors
 from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.api import parameters
 from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.context import Answered, Call, Outcome, carried, current_call
 from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
@@ -34,7 +35,11 @@ _CONFIG_DATATYPES = {row.name: f"TYPE_{'STRING' if row.name == 'BYTES' else row.
 
 def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     """A ModelInferRequest's header fields, and how to read the rest: inputs from ``raw_input_contents`` (one
-    entry per input) or typed contents. The pipeline reads it only for an authorized caller."""
+    entry per input) or typed contents. The pipeline reads it only for an authorized caller.
+
+    Parameters (gateway.api.parameters): ``binary_data_size`` must be the length of the input's raw contents;
+    ``binary_data_output`` and ``binary_data`` are accepted and change nothing (gRPC outputs are always raw, the
+    binary form); ``triton_enable_empty_final_response`` marks stream replies final (see ``ModelStreamInfer``)."""
 
     def read(bounds: Bounds) -> InferBody:
         raw = request.raw_input_contents
@@ -43,13 +48,18 @@ def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
                 f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input, "
                 "in order"
             )
-        _refuse_parameters(request.parameters, "the request")
+        parameters.request_parameters(values(request.parameters))
         inputs: dict[str, tensors.WireTensor] = {}
         for index, tensor in enumerate(request.inputs[: bounds.inputs + 1]):
             name = shown(tensor.name)
             if tensor.name in inputs:
                 raise InvalidArgumentError(f"input '{name}' appears twice")
-            _refuse_parameters(tensor.parameters, f"input '{name}'", allowed=("content_type",))
+            size = parameters.input_binary_size(values(tensor.parameters), name=name)
+            if size is not None and (not raw or size != len(raw[index])):
+                held = f"{len(raw[index])} bytes in raw_input_contents" if raw else "no raw_input_contents"
+                raise InvalidArgumentError(
+                    f"input '{name}': parameter 'binary_data_size' says {size} bytes, the request has {held}"
+                )
             row = tensors.BY_NAME.get(tensor.datatype)
             if row is None:
                 raise InvalidArgumentError(
@@ -66,7 +76,7 @@ def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
         outputs = request.outputs[: bounds.outputs + 1]
         requested = [output.name for output in outputs]
         for output in outputs:
-            _refuse_parameters(output.parameters, f"output '{shown(output.name)}'")
+            parameters.output_binary(values(output.parameters), name=shown(output.name))
         if len(set(requested)) != len(requested):
             raise InvalidArgumentError("an output is requested twice")
         return InferBody(inputs=inputs, outputs=tuple(requested) or None)
@@ -76,11 +86,25 @@ def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def _refuse_parameters(parameters: Mapping[str, object], where: str, *, allowed: tuple[str, ...] = ()) -> None:
-    """Parameters change what a server does; one the gateway would silently ignore is refused instead."""
-    unknown = sorted(key for key in parameters if key not in allowed)
-    if unknown:
-        raise InvalidArgumentError(f"{where}: parameter '{shown(unknown[0])}' is not supported by this gateway")
+def values(message_parameters: Mapping[str, pb.InferParameter]) -> dict[str, parameters.Value]:
+    """Protobuf parameters as plain values (the member set is the type); one without a value is refused."""
+    plain: dict[str, parameters.Value] = {}
+    for key, parameter in message_parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidArgumentError(f"parameter '{shown(key)}' has no value")
+        plain[key] = getattr(parameter, choice)
+    return plain
+
+
+def _asks_final_flag(request: pb.ModelInferRequest) -> bool:
+    flag = request.parameters.get(parameters.FINAL_RESPONSE_FLAG)
+    return flag is not None and flag.WhichOneof("parameter_choice") == "bool_param" and flag.bool_param
+
+
+def _mark_final(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
+    response.parameters[parameters.FINAL_RESPONSE].bool_param = True
+    return response
 
 
 def to_response(request: pb.ModelInferRequest, result: InferResult) -> pb.ModelInferResponse:
@@ -191,18 +215,27 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Answered]:
-        """One response per request, in order; a failing request gets ``error_message`` and the stream goes on."""
+        """One response per request, in order; a failing request gets ``error_message`` and the stream goes on.
+
+        A request with ``triton_enable_empty_final_response`` true gets its response marked
+        ``triton_final_response: true`` (Triton's decoupled-stream flag): every request has exactly one response,
+        so it is always the final one and no empty response ever follows."""
 
         async def answer(call: Call, request: pb.ModelInferRequest) -> tuple[pb.ModelStreamInferResponse, Outcome]:
             infer_request = to_infer_request(request)
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
-            return pb.ModelStreamInferResponse(infer_response=to_response(request, result)), result.outcome
+            response = to_response(request, result)
+            reply = pb.ModelStreamInferResponse(
+                infer_response=_mark_final(response) if _asks_final_flag(request) else response
+            )
+            return reply, result.outcome
 
         def refuse(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
             # Triton's form: the error as text (the status name first, so clients can tell causes apart).
+            response = pb.ModelInferResponse(id=echoed_id(request.id))
             return pb.ModelStreamInferResponse(
                 error_message=f"{error.code}: {error.message}",
-                infer_response=pb.ModelInferResponse(id=echoed_id(request.id)),
+                infer_response=_mark_final(response) if _asks_final_flag(request) else response,
             )
 
         async for reply in answer_in_order(current_call.get(), requests, answer, refuse):

@@ -146,6 +146,19 @@ def _with_parameter(request: pb.ModelInferRequest) -> None:
     request.parameters["priority"].uint64_param = 3
 
 
+def _with_parameters(**values) -> object:
+    """A mutation setting request (``request__KEY``), first-input (``input__KEY``) or output parameters."""
+
+    def mutate(request: pb.ModelInferRequest) -> None:
+        for path, value in values.items():
+            where, key = path.split("__")
+            target = {"request": request, "input": request.inputs[0]}.get(where) or request.outputs.add(name="label")
+            member = {bool: "bool_param", int: "int64_param", str: "string_param"}[type(value)]
+            setattr(target.parameters[key], member, value)
+
+    return mutate
+
+
 def _as_fp64(request: pb.ModelInferRequest) -> None:
     request.inputs[0].datatype = "FP64"
     request.raw_input_contents[0] = np.zeros(64, np.float64).tobytes()
@@ -167,6 +180,16 @@ BAD_INFERS = {
     "wrong shape": (lambda r: r.inputs[0].shape.__setitem__(1, 32), "shape"),
     "unknown output": (lambda r: r.outputs.add(name="logits"), "has no output 'logits'"),
     "request parameter": (_with_parameter, "parameter 'priority' is not supported"),
+    "final flag not a bool": (
+        _with_parameters(request__triton_enable_empty_final_response="false"),
+        "parameter 'triton_enable_empty_final_response' must be a boolean",
+    ),
+    "binary size off": (
+        _with_parameters(input__binary_data_size=255),
+        "'binary_data_size' says 255 bytes, the request has 256 bytes",
+    ),
+    "classification": (_with_parameters(output__classification=3), "output 'label': parameter 'classification'"),
+    "shared memory": (_with_parameters(input__shared_memory_region="r"), "parameter 'shared_memory_region'"),
     "missing model name": (lambda r: setattr(r, "model_name", ""), "model_name is required"),
 }
 
@@ -182,6 +205,40 @@ def test_malformed_infer_requests_are_invalid_argument_and_audited(gw, client, c
     assert message in error.details()
     record = last_record(gw, "ModelInfer")
     assert record["code"] == "INVALID_ARGUMENT"
+
+
+def test_the_parameters_stock_clients_always_send_are_accepted_with_their_meaning(gw, client, demo_models):
+    """perf_analyzer's triton_enable_empty_final_response (false), the KServe SDK's binary_data_size (the raw
+    length) and tritonclient.http's binary_data_output / binary_data (gRPC answers are raw, the binary form)."""
+    stub, md = client
+    x = np.random.default_rng(3).random((2, 64), dtype=np.float32)
+    request = raw_request("digits", {"input": ("FP32", x)})
+    _with_parameters(
+        request__triton_enable_empty_final_response=False,
+        request__binary_data_output=True,
+        input__binary_data_size=x.nbytes,
+        input__content_type="np",
+        output__binary_data=False,
+    )(request)
+    response = stub.ModelInfer(request, metadata=md, timeout=TIMEOUT)
+    label, _ = reference(demo_models, "digits", 1, {"input": x})
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.int64), label)
+    assert "triton_final_response" not in response.parameters
+    assert last_record(gw, "ModelInfer")["code"] == "OK"
+
+
+def test_stream_replies_say_they_are_final_when_asked(gw, client):
+    stub, md = client
+    asked = raw_request("digits", {"input": ("FP32", np.zeros((1, 64), np.float32))}, id="a")
+    asked.parameters["triton_enable_empty_final_response"].bool_param = True
+    failing = raw_request("digits", {"input": ("FP64", np.zeros((1, 64), np.float64))}, id="b")
+    failing.parameters["triton_enable_empty_final_response"].bool_param = True
+    plain = raw_request("digits", {"input": ("FP32", np.zeros((1, 64), np.float32))}, id="c")
+    replies = list(stub.ModelStreamInfer(iter([asked, failing, plain]), metadata=md, timeout=TIMEOUT))
+    assert [r.infer_response.id for r in replies] == ["a", "b", "c"]  # one reply each: no empty final ones
+    assert [bool(r.error_message) for r in replies] == [False, True, False]
+    final = [r.infer_response.parameters.get("triton_final_response") for r in replies]
+    assert [f is not None and f.bool_param for f in final] == [True, True, False]
 
 
 def test_a_caller_without_permission_learns_nothing_about_models(gw, bob):

@@ -81,3 +81,21 @@ def test_the_image_requirements_are_the_current_export_of_the_lock(path):
     committed = [line for line in (ROOT / path).read_text().splitlines() if not line.startswith("#")]
     assert committed == exported, f"{path} is stale: run make lock LOCK_FLAGS="
     assert all("--hash=sha256:" in block for block in (ROOT / path).read_text().split("==")[1:])
+
+
+@pytest.mark.parametrize("name", ["mlserver", "kserve"])
+def test_each_side_venv_requirement_is_pinned_with_hashes_by_its_compiled_file(name):
+    """requirements/NAME.txt (make lock) pins what NAME.in asks for, every pin hash-checked: a hand edit of the .in
+    that was not recompiled fails here rather than installing something else."""
+    compiled = (ROOT / "requirements" / f"{name}.txt").read_text()
+    pins: dict[str, set[str]] = {}
+    for block in compiled.replace("\\\n", " ").splitlines():
+        if block and not block.startswith((" ", "#")):
+            requirement = Requirement(block.split(" --hash")[0].split(";")[0].strip())
+            assert "--hash=sha256:" in block, block
+            pins.setdefault(canonicalize_name(requirement.name), set()).add(str(requirement.specifier)[2:])
+    for line in (ROOT / "requirements" / f"{name}.in").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            wanted = Requirement(line)
+            versions = pins.get(canonicalize_name(wanted.name), set())
+            assert versions and all(wanted.specifier.contains(v) for v in versions), (line, versions)

@@ -1,0 +1,75 @@
+"""Triton's Performance Analyzer (the real perf_analyzer 2.60 binary, unmodified) against the gateway over mutual
+TLS with a bearer token: it must run its measurement with no request refused, on ModelInfer and ModelStreamInfer.
+
+It sends ``triton_enable_empty_final_response`` on every request and calls ModelMetadata, ModelConfig and
+ServerMetadata first. Installed by ``make setup`` (scripts/install_perf_analyzer.sh); where its binary cannot run,
+the tests skip with the installer's reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+INSTALL = ROOT / ".tools/perf-analyzer"
+RUN = INSTALL / "run"
+
+
+def _binary() -> str:
+    if (INSTALL / "unavailable").exists():
+        pytest.skip(f"perf_analyzer cannot run here: {(INSTALL / 'unavailable').read_text().strip()}")
+    if not RUN.exists():
+        pytest.fail("perf_analyzer is not installed: run `make setup` (scripts/install_perf_analyzer.sh)")
+    return str(RUN)
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway_module):
+    return start_gateway_module()
+
+
+def perf_analyzer(gw, *args: str, client: str = "alice") -> subprocess.CompletedProcess[str]:
+    """One short measurement (40 requests, 2 in flight) of the digits model over gRPC."""
+    pki = gw.pki
+    token = gw.token(client, bind=client)
+    command = [
+        _binary(),
+        *("-m", "digits", "-i", "grpc", "-u", gw.target),
+        *("--ssl-grpc-use-ssl", "true", "--ssl-grpc-root-certifications-file", str(pki.path("ca.crt"))),
+        *("--ssl-grpc-private-key-file", str(pki.path(f"{client}.key"))),
+        *("--ssl-grpc-certificate-chain-file", str(pki.path(f"{client}.crt"))),
+        *("-H", f"authorization:Bearer {token}", "--shape", "input:1,64", "--concurrency-range", "2:2"),
+        *("--request-count", "40"),
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.parametrize(("args", "method"), [((), "ModelInfer"), (("--streaming",), "ModelStreamInfer")])
+def test_perf_analyzer_measures_over_grpc_with_every_request_served(gw, args, method):
+    before = len(gw.audit_records())
+    done = perf_analyzer(gw, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Throughput:" in done.stdout and "infer/sec" in done.stdout
+    records = gw.audit_records()[before:]
+    # perf_analyzer ends its streams by cancelling them (one per request in flight): each stream's own record says
+    # CANCELLED, every message's record OK.
+    codes = collections.Counter(
+        (r["method"].rsplit("/", 1)[1], r["code"])
+        for r in records
+        if not (r["event"] == "stream" and r["code"] == "CANCELLED")
+    )
+    assert {code for (_, code) in codes} == {"OK"}, codes
+    assert codes[("ModelConfig", "OK")] >= 1 and codes[(method, "OK")] >= 40
+    assert {r["sub"] for r in records} == {"alice"}
+
+
+def test_perf_analyzer_refused_by_policy_reports_the_denial(gw):
+    done = perf_analyzer(gw, client="bob")  # bob may read digits' metadata, not predict
+    assert done.returncode != 0
+    assert "PERMISSION_DENIED" in done.stdout + done.stderr or "permission denied" in done.stdout + done.stderr
+    assert gw.audit_records()[-1]["code"] == "PERMISSION_DENIED"
