@@ -8,6 +8,10 @@ whatever their size (issue 27). A caller who may not act on a model gets PERMISS
 model exists (DESIGN.md: a refused caller learns nothing). Before anything else, every identifier of the header
 is checked against its grammar (gateway.identifiers), and the input names as soon as they are read, so no malformed
 one reaches a record, whoever the caller and whatever the decision.
+
+Facts in, outcome out: each step takes the call's frozen facts (gateway.context.Call) and returns what it learned
+(an Outcome: model, versions, decision, inputs as declared, whether the model ran) with its result; an exception
+raised once the decision is made carries the outcome so far (``context.carry``). Nothing here records.
 """
 
 from __future__ import annotations
