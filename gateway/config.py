@@ -39,10 +39,12 @@ from gateway.auth import (
 from gateway.auth.principal import identity_spelling_problem
 from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
+from gateway.identifiers import NAME
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
+from gateway.models.routing import VersionRouting
+from gateway.models.signature import DEFAULT_MAX_VERSION_BYTES, SignaturePolicy, SignatureTrust
 from gateway.models.signature import MODES as SIGNATURE_MODES
-from gateway.models.signature import SignaturePolicy, SignatureTrust
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
@@ -127,6 +129,10 @@ class ModelSettings:
     signatures: str = "off"
     signatures_by_model: Mapping[str, str] = field(default_factory=dict)
     signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+    # Per model: a pinned default version and a canary share for requests that name no version (docs/versions.md).
+    versions: Mapping[str, VersionRouting] = field(default_factory=dict)
+    # Each load copies the version folder privately (verified and loaded from the copy): at most this many bytes.
+    max_version_bytes: int = DEFAULT_MAX_VERSION_BYTES
 
     @property
     def signature_policy(self) -> SignaturePolicy:
@@ -685,6 +691,9 @@ def validate(settings: Settings) -> None:
     _validate_connection_limits(settings)
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
+    _validate_versions(settings.models.versions)
+    if settings.models.max_version_bytes < 1:
+        raise ConfigError("models.max_version_bytes: must be at least 1")
     _validate_signatures(settings.models)
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
@@ -694,6 +703,27 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_versions(versions: Mapping[str, VersionRouting]) -> None:
+    """Model names, positive versions, a canary other than the default and a share between 0 and 100."""
+    for model, routing in versions.items():
+        key = f"models.versions.{model}"
+        if not NAME.allows(model):
+            raise ConfigError(f"{key}: not a model name (a letter or digit, then letters, digits, '_', '.', '-')")
+        if routing.default is None and routing.canary is None:
+            raise ConfigError(f"{key}: give default (a version) or canary ({{version, percent}}), or leave it out")
+        if routing.default is not None and routing.default < 1:
+            raise ConfigError(f"{key}.default: must be a version (a positive integer)")
+        canary = routing.canary
+        if canary is None:
+            continue
+        if canary.version < 1:
+            raise ConfigError(f"{key}.canary.version: required: the canary's version (a positive integer)")
+        if canary.version == routing.default:
+            raise ConfigError(f"{key}.canary.version: {canary.version} is the default itself; name another version")
+        if not 0 <= canary.percent <= 100:
+            raise ConfigError(f"{key}.canary.percent: required: the share of requests naming no version, 0 to 100")
 
 
 def _validate_signatures(models: ModelSettings) -> None:
@@ -714,6 +744,14 @@ def _validate_signatures(models: ModelSettings) -> None:
         )
     if len(kinds) > 1:
         raise ConfigError(f"models.signature_trust.{kinds[1]}: set together with {kinds[0]}; give exactly one")
+    if trust.certificate_chain is not None and not trust.signer_identities:
+        raise ConfigError(
+            "models.signature_trust.signer_identities: required with certificate_chain: the signer identities "
+            "allowed in model-signing certificates (e.g. spiffe://example.org/model-signer/release, "
+            "email:release@example.org); the CA's word alone would let any certificate it issued sign models"
+        )
+    if trust.signer_identities and trust.certificate_chain is None:
+        raise ConfigError("models.signature_trust.signer_identities: only with certificate_chain")
     if (trust.sigstore_identity is None) != (trust.sigstore_issuer is None):
         raise ConfigError("models.signature_trust.sigstore_issuer: sigstore_identity and sigstore_issuer go together")
     if importlib.util.find_spec("model_signing") is None:

@@ -108,6 +108,7 @@ class Outcome:
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
+    version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     decision: str | None = None
     rule: str | None = None
     inputs: tuple[Mapping[str, Any], ...] = ()
@@ -121,6 +122,7 @@ class Outcome:
             self.requested_version,
             self.version,
             self.model_digest,
+            self.version_reason,
             self.decision,
             self.rule,
             inputs,

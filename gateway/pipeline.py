@@ -77,6 +77,14 @@ class InferResult:
 
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
+_RUNS = (Action.PREDICT, Action.STREAM)
+
+
+def _version_of(resolved: ModelVersion | NotFoundError, requested: str | None) -> str | None:
+    """The version a policy judges: the one that would run, else the one asked for."""
+    return str(resolved.version) if isinstance(resolved, ModelVersion) else requested
+
+
 _LISTED = Outcome(action=Action.LIST.value, decision="allow")  # a listing shows what the caller may see: no refusal
 
 
@@ -112,19 +120,29 @@ class Pipeline:
         if requested is not None:
             NAME.check(requested, "model_version")
         resolved: ModelVersion | NotFoundError
+        # Only calls that run a model take part in a canary (metadata describes the default); the request id
+        # keeps a request, and a stream's messages, on one version.
+        key = call.request_id if action in _RUNS else None
+        reason, fallback = None, None
         try:
-            resolved = self.models.resolve(model, _parse_version(model, requested))
+            resolved, reason, fallback = self.models.route(model, _parse_version(model, requested), key=key)
         except NotFoundError as exc:
             resolved = exc
-        version = digest = None
-        if isinstance(resolved, ModelVersion):
-            version, digest = str(resolved.version), resolved.digest  # recorded even when denied: what was judged
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, version or requested, action)
+            decision = self._decide(call.principal, model, _version_of(resolved, requested), action)
+            if not decision.allowed and fallback is not None:
+                # A canary never turns an allowed call into a denied one: a caller who may not use the canary
+                # version gets the version it would have had without the canary, if the policy allows that.
+                (resolved, reason), denied = fallback, decision
+                decision = self._decide(call.principal, model, str(resolved.version), action)
+                decision = decision if decision.allowed else denied
             verdict = "allow" if decision.allowed else "deny"
             if span is not None:
                 span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})
-        outcome = Outcome(action.value, model, requested, version, digest, verdict, decision.rule_id)
+        version = digest = why = None
+        if isinstance(resolved, ModelVersion):  # recorded even when denied: the version the policy judged
+            version, digest, why = str(resolved.version), resolved.digest, reason.value if reason else None
+        outcome = Outcome(action.value, model, requested, version, digest, why, verdict, decision.rule_id)
         if not decision.allowed:
             refusal: GatewayError = PermissionDeniedError(reason=decision.reason)
         elif isinstance(resolved, NotFoundError):

@@ -223,6 +223,8 @@ class Gateway:
             poll_interval_s=models.poll_interval_s,
             strict=models.strict,
             signatures=models.signature_policy,
+            max_version_bytes=models.max_version_bytes,
+            routing=models.versions,
         )
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)
         self.policies = (

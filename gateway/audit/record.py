@@ -56,6 +56,7 @@ def build(
         "requested_version": outcome.requested_version,
         "version": outcome.version,
         "model_digest": outcome.model_digest,
+        "version_reason": outcome.version_reason,
         "action": outcome.action,
         "decision": outcome.decision,
         "rule": outcome.rule,
