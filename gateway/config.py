@@ -13,6 +13,7 @@ variable is an error, except the client commands' own (``gateway/cli.py`` passes
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib.util
 import ipaddress
 import math
@@ -227,6 +228,35 @@ class HealthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """A remote Open Inference Protocol gRPC server (MLServer, KServe, Triton, another gateway) that serves some
+    models for the gateway, behind its boundary, policies and audit trail (docs/backends.md)."""
+
+    addresses: tuple[str, ...] = ()  # HOST:PORT, one or more: calls go round robin over those that are up
+    # Mutual TLS by default: the backend's CA, and the gateway's own client certificate and key towards it.
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # the name the backend's certificate must carry, when not the address's host
+    # A bearer token the gateway sends as its own (a backend that is another gateway wants one bound to ``cert``).
+    # The caller's token is never forwarded: it is bound to the caller's certificate (RFC 8705), not the gateway's.
+    token_file: Path | None = None
+    # Plaintext, only where every address is loopback (a sidecar in the same pod): logged at WARNING on every start.
+    plaintext: bool = False
+    deadline_s: float = 30.0  # each call to the backend
+    max_in_flight: int = 64  # calls open at once; past it, RESOURCE_EXHAUSTED without sending
+    max_message_bytes: int = 64 * MIB  # each way; a larger answer is refused (RESOURCE_EXHAUSTED)
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    health_interval_s: float = 5.0  # ServerReady, metadata of the routed models, RepositoryIndex for patterns
+    required: bool = False  # the gateway is not ready while this backend is down
+    # Gateway model name -> the backend's model name; and globs of names served under the same name, found in the
+    # backend's RepositoryIndex at each health poll.
+    models: Mapping[str, str] = field(default_factory=dict)
+    model_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every option of ``gateway serve``."""
 
@@ -246,6 +276,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    # Remote Open Inference Protocol servers by name, and the models they serve (docs/backends.md).
+    backends: Mapping[str, BackendSettings] = field(default_factory=dict)
     # Development only, each logged at WARNING on every start.
     dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
     dev_no_auth: bool = False  # no token, no policy: every call is allowed; only on a loopback address
@@ -695,6 +727,7 @@ def validate(settings: Settings) -> None:
     if settings.models.max_version_bytes < 1:
         raise ConfigError("models.max_version_bytes: must be at least 1")
     _validate_signatures(settings.models)
+    _validate_backends(settings)
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
     if unknown:  # "none" among them: an unsigned token is never acceptable (RFC 8725 3.1)
@@ -703,6 +736,58 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_backends(settings: Settings) -> None:
+    """Addresses, transport and bounds of each backend, and model names routed to one backend only (a name both
+    local and remote is refused at start, by gateway.backends, once the repository is loaded)."""
+    routed: dict[str, str] = {}
+    for name, backend in settings.backends.items():
+        key = f"backends.{name}"
+        if not NAME.allows(name):
+            raise ConfigError(f"{key}: a backend name is made of {NAME.summary}")
+        if not backend.addresses:
+            raise ConfigError(f"{key}.addresses: at least one HOST:PORT")
+        for address in backend.addresses:
+            host, _ = _split_listen(address, f"{key}.addresses")
+            if backend.plaintext and not _is_loopback(host):
+                raise ConfigError(
+                    f"{key}.plaintext: only for loopback addresses (a sidecar in the same pod), not {address!r}; "
+                    "use mutual TLS (ca, cert, key)"
+                )
+        if backend.plaintext:
+            for material in ("ca", "cert", "key", "server_name"):
+                if getattr(backend, material) is not None:
+                    raise ConfigError(f"{key}.{material}: set, but {key}.plaintext is true")
+        else:
+            for material in ("ca", "cert", "key"):
+                if getattr(backend, material) is None:
+                    raise ConfigError(
+                        f"{key}.{material}: required for mutual TLS to the backend (or {key}.plaintext: true, for "
+                        "a loopback address)"
+                    )
+        for field_name in ("deadline_s", "health_interval_s", "keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(backend, field_name) <= 0:
+                raise ConfigError(f"{key}.{field_name}: must be more than 0")
+        if backend.max_in_flight < 1:
+            raise ConfigError(f"{key}.max_in_flight: must be at least 1")
+        if not 1 <= backend.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ConfigError(f"{key}.max_message_bytes: between 1 and {MAX_MESSAGE_BYTES}")
+        if not backend.models and not backend.model_patterns:
+            raise ConfigError(f"{key}.models: name the models it serves (or model_patterns)")
+        for model, remote in backend.models.items():
+            if not NAME.allows(model) or not NAME.allows(remote):
+                raise ConfigError(f"{key}.models.{model}: model names are made of {NAME.summary}")
+            if model in routed:
+                raise ConfigError(f"{key}.models.{model}: already routed to backends.{routed[model]}")
+            routed[model] = name
+    patterns = [(name, p) for name, backend in settings.backends.items() for p in backend.model_patterns]
+    for name, pattern in patterns:
+        for model, owner in routed.items():
+            if owner != name and fnmatch.fnmatchcase(model, pattern):
+                raise ConfigError(
+                    f"backends.{name}.model_patterns: {pattern!r} also matches {model!r}, routed to backends.{owner}"
+                )
 
 
 def _validate_versions(versions: Mapping[str, VersionRouting]) -> None:

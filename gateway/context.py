@@ -111,6 +111,7 @@ class Outcome:
     version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     decision: str | None = None
     rule: str | None = None
+    backend: Mapping[str, Any] | None = None  # a routed model's exchange with its backend (backends.route.Exchange)
     inputs: tuple[Mapping[str, Any], ...] = ()
     model_ran: bool = False
 
@@ -125,6 +126,7 @@ class Outcome:
             self.version_reason,
             self.decision,
             self.rule,
+            self.backend,
             inputs,
             model_ran,
         )

@@ -75,6 +75,18 @@ MODEL_SIGNATURE_FAILURES = Counter(
 BATCH_SIZE = Histogram(
     "gateway_batch_size", "Requests per dynamic batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 )
+# Remote backends (docs/backends.md), labelled by the backend names of the configuration.
+BACKEND_CALLS = Counter("gateway_backend_calls", "Calls sent to a backend, by its status code", ["backend", "code"])
+BACKEND_SECONDS = Histogram("gateway_backend_call_duration_seconds", "One call to a backend", ["backend"])
+BACKEND_IN_FLIGHT = Gauge(
+    "gateway_backend_calls_in_flight", "Calls open to a backend", ["backend"], multiprocess_mode="livesum"
+)
+BACKEND_UP = Gauge(
+    "gateway_backend_up",
+    "1 while the backend answered ready at its last poll",
+    ["backend"],
+    multiprocess_mode="livemin",
+)
 # Security posture. Expiry times take the minimum over workers: an alert fires while any worker still has the old.
 NOT_AFTER = Gauge(
     "gateway_certificate_not_after_timestamp_seconds",

@@ -38,6 +38,7 @@ from gateway.auth.certs import CrlStore, check_validity, inspect_peer
 from gateway.auth.keys import KeyStore
 from gateway.auth.remote_keys import RemoteKeyStore
 from gateway.auth.verifier import TokenVerifier
+from gateway.backends.fleet import Fleet
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import AuthSettings, ConfigError, Settings, listen_error, read_secret
 from gateway.errors import AuthenticationError, UnavailableError
@@ -261,7 +262,15 @@ class Gateway:
             tracing=self.tracing,
             metered=metered,
         )
-        self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
+        self.backends = Fleet(
+            settings.backends,
+            max_elements=models.max_elements,
+            max_bytes_elements=models.max_bytes_elements,
+            metered=metered,
+        )
+        self.pipeline = Pipeline(
+            models=self.models, policies=self.policies, before_run=self._audit_gate, routes=self.backends.routes
+        )
         self.health = HealthServicer(self.ready, max_watches=limits.max_watch_streams)
         self.probe_health = HealthServicer(self.ready, max_watches=0)
         self._server: grpc.aio.Server | None = None
@@ -354,6 +363,7 @@ class Gateway:
         self._warn_dev_options()
         self._check_descriptor_budget(raise_open_files_limit())
         self.models.load_all()
+        self.backends.check_local(lambda name: self.models.info(name) is not None)
         loop = self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
         self._loop_thread.start()
@@ -362,12 +372,14 @@ class Gateway:
             if self.settings.health.listen is not None:
                 self._probe, self.probe_port = self._on_loop(self._bind_probe(self.settings.health.listen))
             self._listen_for_metrics()
+            self._on_loop(self.backends.start())  # one health poll each: a backend down does not stop the start
             self._open_audit()
             self._on_loop(self._serve(self._server, self._probe))
         except BaseException:
             for server in (self._server, self._probe):
                 if server is not None:
                     self._on_loop(server.stop(0))
+            self._on_loop(self.backends.close())
             self._server = self._probe = None
             if self.metrics is not None:
                 self.metrics.stop()
@@ -475,6 +487,8 @@ class Gateway:
             log.error("gateway_stop_timed_out", waited_s=bound, detail="the grpc server did not stop in time")
         for component in reversed(self._reloadable().values()):
             component.stop()
+        with contextlib.suppress(TimeoutError):  # a backend channel that will not close holds no record back
+            self._on_loop(self.backends.close(), _STOP_MARGIN_S)
         if self.metrics is not None:
             self.metrics.stop()
         self.placement.close()
@@ -500,12 +514,14 @@ class Gateway:
         log.info("gateway_reloaded", changed=changed)
 
     def ready(self) -> bool:
-        """Serving inference now: started, not draining, audit trail writable, at least one model loaded. The one
-        definition: health (both ports) and ServerReady answer with it. The key set needs no check: a JWKS
-        without keys is refused at start and on every reload, so one is always present."""
+        """Serving inference now: started, not draining, audit trail writable, at least one model loaded or a
+        backend configured, every ``required`` backend up. The one definition: health (both ports) and
+        ServerReady answer with it. The key set needs no check: a JWKS without keys is refused at start and on
+        every reload, so one is always present."""
         audit_ok = self.audit.healthy or self.settings.dev_audit_fail_open
         started = self._server is not None and not self._draining
-        return started and audit_ok and bool(self.models.models())
+        serving = bool(self.models.models()) or bool(self.settings.backends)
+        return started and audit_ok and serving and self.backends.ready()
 
     async def _shutdown(self, server: grpc.aio.Server, grace_s: float) -> None:
         # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop
