@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import platform
 import resource
 import signal
 import ssl
@@ -26,6 +27,7 @@ import structlog
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from gateway import package_version
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway._pb.inference import grpc_service_pb2 as oip_pb
@@ -45,7 +47,7 @@ from gateway.errors import AuthenticationError, UnavailableError
 from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
 from gateway.limits import Admission, RefusalLimit
-from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry
+from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry, start_counting
 from gateway.metrics import recording as metrics_recording
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository
@@ -186,6 +188,18 @@ def metrics_limits(settings: Settings) -> ListenerLimits:
     )
 
 
+def _versions() -> dict[str, str]:
+    """The versions ``gateway_build_info`` carries: the gateway's and those of what runs the calls."""
+    import onnxruntime
+
+    return {
+        "version": package_version(),
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def _tracing(settings: Settings) -> Tracing:
     if not settings.tracing.enabled:
         return Tracing(None)
@@ -206,7 +220,7 @@ class Gateway:
         self.tracing = tracing or _tracing(settings)
         self.port: int | None = None
         self._stopped = threading.Event()
-        metered = metrics_recording(settings.metrics.listen)
+        metered = self._metered = metrics_recording(settings.metrics.listen)
         models = settings.models
         self.placement = Placement(threads=models.run_threads, inline_max_s=models.inline_max_ms / 1000)
         self.models = ModelRepository(
@@ -429,6 +443,9 @@ class Gateway:
         # gives the overall status only (gateway.health says why).
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
+        if self._metered:
+            methods = [f"/{service}/{name}" for service, handlers in collector.services.items() for name in handlers]
+            start_counting(methods=methods, versions=_versions())
         listen = self.settings.listen
         try:
             if self.credentials is None:

@@ -188,6 +188,7 @@ class ModelRepository:
         self._published: set[str] = set()  # the models whose loaded versions the metrics last showed
         self._ignored: dict[str, str] = {}  # as last logged: each entry is logged once, not on every poll
         self._write_lock = threading.Lock()
+        self._failures = metrics.RELOAD_FAILURES.labels(store="models")  # at 0 from the start
         self._watcher = Watcher(
             name="models", fingerprint=lambda: scan(self.root), on_change=self.rescan, interval_s=poll_interval_s
         )
@@ -222,6 +223,7 @@ class ModelRepository:
             loaded = dict(self._snapshot.loaded)
             failed = {ident: f for ident, f in self._snapshot.failed.items() if ident in listing.versions}
             changed = len(failed) != len(self._snapshot.failed)
+            refused = False
             for ident in [ident for ident in loaded if ident not in listing.versions]:
                 del loaded[ident]
                 changed = True
@@ -234,12 +236,15 @@ class ModelRepository:
                 outcome = self._load(ident, path, key, strict=strict, still_serving=existing is not None)
                 if isinstance(outcome, LoadFailure):
                     failed[ident] = outcome
+                    refused = True
                     continue
                 failed.pop(ident, None)
                 loaded[ident] = _Loaded(outcome, key)
                 self._log_loaded(outcome, reloaded=existing is not None)
             if changed:
                 self._publish(loaded, failed)
+            if changed and not refused:  # the store's last success: a scan whose every change loaded
+                metrics.LAST_RELOAD.labels(store="models").set_to_current_time()
 
     def _load(
         self, ident: tuple[str, int], path: Path, key: FileKey, *, strict: bool, still_serving: bool
@@ -252,6 +257,7 @@ class ModelRepository:
             if strict:
                 raise
             metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
+            self._failures.inc()
             log.error(
                 "model_load_failed",
                 model=name,
@@ -327,7 +333,6 @@ class ModelRepository:
         for name, vs in versions.items():
             metrics.MODEL_VERSIONS.labels(model=name).set(len(vs))
         self._published = set(versions)
-        metrics.LAST_RELOAD.labels(store="models").set_to_current_time()
 
     def _info(self, name: str, versions: tuple[int, ...]) -> ModelInfo:
         route = routes.choose(name, versions, self._routing.get(name), key=None)
