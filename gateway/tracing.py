@@ -5,7 +5,7 @@ One span per call, continuing the caller's W3C ``traceparent`` (a malformed one 
 children for authentication, authorization, the model run and the audit commit. The children name the call span
 as their parent explicitly (``CallTrace.context``) instead of making spans current: a stream's handler yields
 between its steps, and nothing here must depend on which task resumes it. A call without tracing has
-``CallContext.trace`` None, and every hook is then one attribute check.
+``Call.trace`` None, and every hook is then one attribute check.
 
 Attributes carry no token, no tensor value and no caller text that the pipeline's grammar has not checked
 (gateway/identifiers.py): model names and versions only once checked, request ids only when well-formed.
@@ -14,6 +14,8 @@ Attributes carry no token, no tensor value and no caller text that the pipeline'
 from __future__ import annotations
 
 import contextlib
+import os
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +25,7 @@ import grpc
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.context import CallContext
+    from gateway.context import Call
 
 # The W3C trace-context headers a call may carry (https://www.w3.org/TR/trace-context/).
 _HEADERS = ("traceparent", "tracestate")
@@ -44,9 +46,11 @@ class CallTrace:
 class Tracing:
     """Starts call spans; ``Tracing(None)`` is tracing off."""
 
-    def __init__(self, provider: Any | None) -> None:
-        """``provider``: an opentelemetry TracerProvider, or None for no tracing."""
+    def __init__(self, provider: Any | None, *, destination: Mapping[str, str | bool] | None = None) -> None:
+        """``provider``: an opentelemetry TracerProvider, or None for no tracing; ``destination``: where its spans
+        go, for the start-up log line."""
         self._provider = provider
+        self.destination = destination
         self._tracer = provider.get_tracer("gateway") if provider is not None else None
 
     def start_call(self, method: str, metadata: Sequence[tuple[str, Any]], request_id: str) -> CallTrace | None:
@@ -89,7 +93,29 @@ def from_environment() -> Tracing:
         resource = resource.merge(Resource({SERVICE_NAME: "gateway"}))
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return Tracing(provider)
+    service = str(resource.attributes.get(SERVICE_NAME))
+    return Tracing(provider, destination=export_destination(os.environ, service_name=service))
+
+
+def export_destination(environ: Mapping[str, str], *, service_name: str) -> dict[str, str | bool]:
+    """Where ``from_environment``'s spans go, as the OTLP exporter reads the same variables (for the start-up log
+    line; never the headers, which carry credentials, nor a user and password in the URL)."""
+    endpoint = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "http://localhost:4317"
+    )
+    parsed = urllib.parse.urlsplit(endpoint)
+    if parsed.username is not None or parsed.password is not None:
+        endpoint = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+    insecure = environ.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") or environ.get("OTEL_EXPORTER_OTLP_INSECURE")
+    return {
+        "exporter": "otlp-grpc",
+        "endpoint": endpoint,
+        "tls": not (insecure.lower() == "true" if insecure is not None else parsed.scheme == "http"),
+        "service_name": service_name,
+        "sampler": environ.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on",
+    }
 
 
 def _trace_headers(metadata: Sequence[tuple[str, Any]]) -> dict[str, str]:
@@ -105,7 +131,7 @@ _NO_SPAN = contextlib.nullcontext()
 
 
 def span(
-    call: CallContext, name: str, attributes: Mapping[str, str | int] | None = None
+    call: Call, name: str, attributes: Mapping[str, str | int] | None = None
 ) -> contextlib.AbstractContextManager[Any]:
     """A child span of ``call``'s span around the block (None without tracing); an exception leaving the block
     marks it as an error, by its gRPC code or its class name (never its message). Without tracing, one shared
@@ -117,9 +143,7 @@ def span(
 
 
 @contextlib.contextmanager
-def _child_span(
-    call: CallContext, trace: CallTrace, name: str, attributes: Mapping[str, str | int] | None
-) -> Iterator[Any]:
+def _child_span(call: Call, trace: CallTrace, name: str, attributes: Mapping[str, str | int] | None) -> Iterator[Any]:
     from opentelemetry.trace import Status, StatusCode
 
     attributes = dict(attributes or {})
@@ -148,13 +172,13 @@ def propagation_headers(span: Any) -> tuple[tuple[str, str], ...]:
     return tuple(carrier.items())
 
 
-def note_outcome(call: CallContext, code: str) -> None:
+def note_outcome(call: Call, code: str) -> None:
     """The gRPC code just recorded for ``call`` (or one of its stream messages)."""
     if call.trace is not None:
         call.trace.code = code
 
 
-def end_call(call: CallContext) -> None:
+def end_call(call: Call) -> None:
     """End ``call``'s span with the code of its last record."""
     trace = call.trace
     if trace is None:
