@@ -54,6 +54,7 @@ class CallContext:
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
+    execution_provider: str | None = None  # the resolved version's ONNX Runtime provider (docs/providers.md)
     version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     action: str | None = None
     decision: str | None = None
@@ -94,6 +95,7 @@ class CallContext:
             version=None,
             model_digest=None,
             version_reason=None,
+            execution_provider=None,
             action=None,
             decision=None,
             rule=None,
@@ -135,6 +137,7 @@ class CallContext:
             "version": self.version,
             "model_digest": self.model_digest,
             "version_reason": self.version_reason,
+            "execution_provider": self.execution_provider,
             "action": self.action,
             "decision": self.decision,
             "rule": self.rule,

@@ -168,6 +168,7 @@ class Pipeline:
         if isinstance(resolved, ModelVersion):
             call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
             call.model_digest, call.version_reason = resolved.digest, reason.value if reason else None
+            call.execution_provider = resolved.provider
         elif isinstance(resolved, RemoteModel):
             call.version = _version_of(resolved, requested)
         if not decision.allowed:

@@ -203,6 +203,10 @@ def test_one_scrape_counts_the_calls_of_both_workers(pki, demo_models, tmp_path)
         process.kill()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert value(samples, "gateway_calls_total", method=PREDICT, model="mlp", version="2", code="OK") == calls
+    # The workers share the supervisor's stderr: each of their lines says which one it is, the supervisor's none.
+    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")]
+    assert sorted(line.get("worker") for line in lines if line["event"] == "gateway_started") == [0, 1]
+    assert all("worker" not in line for line in lines if line["event"] in ("workers_started", "workers_stopped"))
     report = verify_files([tmp_path / "audit"], hmac_key=pki.read("audit-hmac.key").strip())
     assert all(chain.last_seq > 0 for chain in report.chains) and len(report.chains) == 2  # both workers served
     assert value(samples, "gateway_audit_sink_up") == 1

@@ -399,3 +399,30 @@ def test_tracing_on_without_opentelemetry_is_a_startup_error_naming_the_extra(pk
     assert json.loads(out)["error"] == (
         "tracing.enabled: OpenTelemetry is not installed (no module 'opentelemetry'); pip install 'gateway[otel]'"
     )
+
+
+def test_a_start_line_says_where_the_spans_go(start_gateway, monkeypatch):
+    from structlog.testing import capture_logs
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://user:secret@collector.example:4317")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "gateway-eu")
+    with capture_logs() as logs:
+        start_gateway(overrides={"tracing.enabled": True})
+    (line,) = [entry for entry in logs if entry["event"] == "tracing_enabled"]
+    assert line == {
+        "event": "tracing_enabled",
+        "log_level": "info",
+        "exporter": "otlp-grpc",
+        "endpoint": "https://collector.example:4317",  # no user or password
+        "tls": True,
+        "service_name": "gateway-eu",
+        "sampler": "parentbased_always_on",
+    }
+
+
+def test_no_tracing_line_when_tracing_is_off(start_gateway):
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        start_gateway()
+    assert "tracing_enabled" not in [entry["event"] for entry in logs]
