@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.context import CallContext
+from gateway.context import Outcome
 from gateway.errors import (
     AuthenticationError,
     InvalidArgumentError,
@@ -15,25 +15,26 @@ from gateway.errors import (
 from gateway.metrics import refusal_labels
 
 
-def _call(rule: str | None = None) -> CallContext:
-    call = CallContext(request_id="r", method="/m", peer="p")
-    call.rule = rule
-    return call
+def _call(rule: str | None = None) -> Outcome:
+    return Outcome(rule=rule)
 
 
 @pytest.mark.parametrize(
     ("reason", "labels"),
     [
-        ("no client certificate", ("certificate", "-")),
-        ("client certificate revoked", ("certificate", "-")),
-        ("expired", ("token", "expired")),
-        ("missing claim sub", ("token", "missing claim")),
-        ("malformed claim groups", ("token", "malformed claim")),
-        # The algorithm comes from the token's header: the caller's text, never a label value.
-        ("algorithm x-invented-by-caller not allowed", ("token", "algorithm not allowed")),
-        ("algorithm none", ("token", "algorithm none")),
-        ("duplicate member in token header", ("token", "other")),
-        ("anything new", ("token", "other")),
+        ("no client certificate", ("certificate", "no client certificate")),
+        ("client certificate revoked", ("certificate", "client certificate revoked")),
+        (
+            "no CRL for the certificate chain: issuer of intermediate CA CN=x",
+            ("certificate", "no CRL for the certificate chain"),
+        ),
+        ("token expired", ("token", "token expired")),
+        ("missing claim: sub", ("token", "missing claim")),
+        ("malformed claim: groups", ("token", "malformed claim")),
+        # The algorithm comes from the token's header: a detail, never a label value.
+        ("algorithm not allowed: x-invented-by-caller", ("token", "algorithm not allowed")),
+        ("malformed token: duplicate member in its header", ("token", "malformed token")),
+        ("anything new", ("token", "invalid token")),
     ],
 )
 def test_authentication_refusals_have_bounded_labels(reason, labels):
@@ -45,7 +46,7 @@ def test_policy_denials_are_labelled_by_rule_id_or_default_deny():
         "policy_deny",
         "deny-suspended",
     )
-    assert refusal_labels(PermissionDeniedError(reason="x"), _call()) == ("policy_deny", "default_deny")
+    assert refusal_labels(PermissionDeniedError(reason="x"), _call()) == ("policy_deny", "default deny")
 
 
 def test_limits_and_other_codes_have_fixed_labels():
@@ -107,3 +108,12 @@ def test_workers_open_no_metrics_listener_of_their_own(tmp_path):
 
     settings = _settings(tmp_path, "metrics: {listen: '127.0.0.1:9464', tls: true}\n")
     assert for_worker(settings, 1).metrics.listen is None
+
+
+def test_a_default_deny_is_spelt_alike_in_the_record_the_metric_and_policy_check():
+    from gateway.policy import Decision
+
+    decision = Decision(allowed=False, rule_id=None)
+    reason, detail = refusal_labels(PermissionDeniedError(reason=decision.reason), _call())
+    assert (reason, detail) == ("policy_deny", decision.reason)  # the audit record's and the log's reason
+    assert detail in decision.explain()  # what `gateway policy check` prints
