@@ -258,7 +258,7 @@ class BackendSettings:
     token_file: Path | None = None
     # Plaintext, only where every address is loopback (a sidecar in the same pod): logged at WARNING on every start.
     plaintext: bool = False
-    deadline_s: float = 30.0  # each call to the backend
+    deadline_s: float = 30.0  # each call to the backend (at most limits.max_call_s)
     max_in_flight: int = 64  # calls open at once; past it, RESOURCE_EXHAUSTED without sending
     max_message_bytes: int = 64 * MIB  # each way; a larger answer is refused (RESOURCE_EXHAUSTED)
     keepalive_time_s: float = 60.0

@@ -350,6 +350,7 @@ def test_an_unknown_version_matches_every_deny_naming_versions_and_no_allow_nami
     assert decide(policies, version="1").rule_id == "deny-v1"
     assert decide(policies, version="2").rule_id == "allow-all"
     assert decide(policies, version=None).rule_id == "deny-v1"
+    (tmp_path / "v2").mkdir()
     only_v2 = load_one(tmp_path / "v2", rules_file(rule("allow-v2", versions="[2]")))
     assert not decide(only_v2, version=None).allowed
 
