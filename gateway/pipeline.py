@@ -8,21 +8,28 @@ whatever their size (issue 27). A caller who may not act on a model gets PERMISS
 model exists (DESIGN.md: a refused caller learns nothing). Before anything else, every identifier of the header
 is checked against its grammar (gateway.identifiers), and the input names as soon as they are read, so no malformed
 one reaches a record, whoever the caller and whatever the decision.
+
+Facts in, outcome out: each step takes the call's frozen facts (gateway.context.Call) and returns what it learned
+(an Outcome: model, versions, decision, backend exchange, inputs as declared, whether the model ran) with its
+result; an exception raised once the decision is made carries the outcome so far (``context.carry``). Nothing
+here records.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from dataclasses import replace as replaced
 from typing import Any, TypeVar
 
 import numpy as np
 
 from gateway import tensors, tracing
+from gateway.audit.record import describe_inputs
 from gateway.auth.principal import Principal
 from gateway.backends.route import Backend, Exchange, RemoteModel, Routes
-from gateway.context import CallContext
+from gateway.context import Call, Outcome, carried, carry
 from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from gateway.identifiers import ID, NAME, shown
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
@@ -63,12 +70,13 @@ class InferRequest:
 @dataclass(frozen=True, slots=True)
 class InferResult:
     """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), and the
-    version that ran."""
+    version that ran, and the call's outcome for its record."""
 
     model: str
     version: int | str  # a routed model's version is its backend's text
     outputs: dict[str, np.ndarray]
     raw: dict[str, tuple[tensors.DataType, bytes]]
+    outcome: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,7 @@ class Listed:
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
 _NO_ROUTES = Routes((), {}, ())
+_LISTED = Outcome(action=Action.LIST.value, decision="allow")  # a listing shows what the caller may see: no refusal
 _RUNS = (Action.PREDICT, Action.STREAM)
 
 Served = ModelVersion | RemoteModel  # a model run here, or one routed to a remote backend (gateway.backends)
@@ -132,20 +141,20 @@ class Pipeline:
             backend = self.routes.discovered(model)
         return backend
 
-    def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> Served:
-        """Check the names, resolve (so the decision is about the version that will run), decide, then report.
-        Fields are named as both protocols name them (gateway.v1 and the Open Inference Protocol). A routed
-        model is decided on the gateway's name and the backend's version, before anything is sent to it."""
+    def _authorize(self, call: Call, model: str, requested: str | None, action: Action) -> tuple[Served, Outcome]:
+        """Check the names, resolve (so the decision is about the version that will run), decide, then report:
+        the model allowed and the outcome so far, or the refusal carrying it. Fields are named as both protocols
+        name them (gateway.v1 and the Open Inference Protocol). A routed model is decided on the gateway's name and
+        the backend's version, before anything is sent to it."""
         NAME.check(model, "model_name")
         if requested is not None:
             NAME.check(requested, "model_version")
-        call.model, call.requested_version, call.action = model, requested, action.value
         resolved: Served | GatewayError
-        reason, fallback = None, None
+        reason, fallback, exchanged = None, None, None
         backend = self._backend_for(model)
         if backend is not None:
             resolved = backend.model(model)  # as last described: nothing is sent before the decision
-            call.backend = Exchange(backend.name).record()
+            exchanged = Exchange(backend.name).record()
         else:
             # Only calls that run a model take part in a canary (metadata describes the default); the request id
             # keeps a request, and a stream's messages, on one version.
@@ -162,53 +171,78 @@ class Pipeline:
                 (resolved, reason), denied = fallback, decision
                 decision = self._decide(call.principal, model, str(resolved.version), action)
                 decision = decision if decision.allowed else denied
-            call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
+            verdict = "allow" if decision.allowed else "deny"
             if span is not None:
-                span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
-        if isinstance(resolved, ModelVersion):
-            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
-            call.model_digest, call.version_reason = resolved.digest, reason.value if reason else None
-            call.execution_provider = resolved.provider
+                span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})
+        version = digest = provider = why = None
+        if isinstance(resolved, ModelVersion):  # recorded even when denied: the version the policy judged
+            version, digest, provider = str(resolved.version), resolved.digest, resolved.provider
+            why = reason.value if reason else None
         elif isinstance(resolved, RemoteModel):
-            call.version = _version_of(resolved, requested)
+            version = _version_of(resolved, requested)
+        outcome = Outcome(
+            action=action.value,
+            model=model,
+            requested_version=requested,
+            version=version,
+            model_digest=digest,
+            execution_provider=provider,
+            version_reason=why,
+            decision=verdict,
+            rule=decision.rule_id,
+            backend=exchanged,
+        )
         if not decision.allowed:
-            raise PermissionDeniedError(reason=decision.reason)
-        if isinstance(resolved, GatewayError):
-            raise resolved
-        return resolved
+            refusal: GatewayError = PermissionDeniedError(reason=decision.reason)
+        elif isinstance(resolved, GatewayError):
+            refusal = resolved
+        else:
+            return resolved, outcome
+        carry(refusal, outcome)
+        raise refusal
 
-    async def predict(
-        self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT
-    ) -> InferResult:
+    async def predict(self, call: Call, request: InferRequest, *, action: Action = Action.PREDICT) -> InferResult:
         """Run one inference for an authorized caller: decided on the header, then the body read and checked
-        against the model's signature and limits, then decoded (a step at a time), run, and encoded."""
+        against the model's signature and limits, then decoded (a step at a time), run, and encoded. The result
+        carries the outcome; an exception raised once the decision is made carries what was learned so far."""
         if request.id is not None:
             ID.check(request.id, "id")
-        model = self._authorize(call, request.model, request.version, action)
-        body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
-        wire = _checked_inputs(call, model, body)
-        if isinstance(model, RemoteModel):
-            return await self._predict_remote(call, request, model, wire, body.outputs)
-        inputs = await self._decode(wire)
-        self._before_run()
-        call.model_ran = True
-        with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
-            outputs = await model.run(inputs)
-        if body.outputs is not None:
-            outputs = {name: outputs[name] for name in body.outputs}
-        raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
-        return InferResult(request.model, model.version, outputs, raw)
+        model, decided = self._authorize(call, request.model, request.version, action)
+        described: tuple[dict[str, Any], ...] = ()
+        ran = False
+        try:
+            body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
+            wire = _named_inputs(model, body)
+            described = describe_inputs(wire)
+            model.validate(wire)
+            _check_outputs(model, body.outputs)
+            if isinstance(model, RemoteModel):
+                return await self._predict_remote(call, request, model, wire, body.outputs, decided, described)
+            inputs = await self._decode(wire)
+            self._before_run()
+            ran = True
+            with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
+                outputs = await model.run(inputs)
+            if body.outputs is not None:
+                outputs = {name: outputs[name] for name in body.outputs}
+            raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
+        except BaseException as exc:  # cancellations too: their record says what ran
+            carry(exc, carried(exc, decided.finished(described, model_ran=ran)))
+            raise
+        return InferResult(request.model, model.version, outputs, raw, decided.finished(described, model_ran=True))
 
     async def _predict_remote(
         self,
-        call: CallContext,
+        call: Call,
         request: InferRequest,
         model: RemoteModel,
         wire: Mapping[str, tensors.WireTensor],
         outputs: tuple[str, ...] | None,
+        decided: Outcome,
+        described: tuple[dict[str, Any], ...],
     ) -> InferResult:
-        """Send the checked inputs, raw as they came, to the model's backend; its exchange goes into the record
-        whatever the outcome (a cancelled caller cancels the backend call with this task)."""
+        """Send the checked inputs, raw as they came, to the model's backend; its exchange goes into the outcome
+        whatever happens (a cancelled caller cancels the backend call with this task)."""
         backend = self.routes.backend(model.backend)
         self._before_run()
         exchange = Exchange(backend.name)
@@ -224,27 +258,28 @@ class Pipeline:
                     headers=tracing.propagation_headers(span),
                     exchange=exchange,
                 )
-        finally:
-            call.backend = exchange.record()
-            call.model_ran = exchange.sent  # a refusal before anything was sent is safe to retry
-            if exchange.version:
-                call.version = exchange.version
+        except BaseException as exc:
+            carry(exc, _exchanged(decided, exchange, described))
+            raise
         return InferResult(
             request.model,
             exchange.version or model.version,
             {name: output.array for name, output in answer.items()},
             {name: (output.row, output.raw) for name, output in answer.items()},
+            _exchanged(decided, exchange, described),
         )
 
-    async def model_config(self, call: CallContext, model: RemoteModel) -> Any:
+    async def model_config(self, call: Call, model: RemoteModel, decided: Outcome) -> tuple[Any, Outcome]:
         """A routed model's configuration as its backend gives it (inference.ModelConfig), for a caller already
-        allowed its metadata (``signature``)."""
+        allowed its metadata (``signature``, whose outcome is ``decided``), and the outcome with the exchange."""
         backend = self.routes.backend(model.backend)
         exchange = Exchange(backend.name)
         try:
-            return await backend.config(model, request_id=call.request_id, exchange=exchange)
-        finally:
-            call.backend = exchange.record()
+            config = await backend.config(model, request_id=call.request_id, exchange=exchange)
+        except BaseException as exc:
+            carry(exc, replaced(decided, backend=exchange.record()))
+            raise
+        return config, replaced(decided, backend=exchange.record())
 
     async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
         """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
@@ -256,22 +291,21 @@ class Pipeline:
             self.sliced_decodes += pauses > 0
         return inputs
 
-    def signature(self, call: CallContext, model: str, version: str | None) -> Served:
-        """The loaded version the caller may read metadata of (its signature and configuration)."""
+    def signature(self, call: Call, model: str, version: str | None) -> tuple[Served, Outcome]:
+        """The loaded version the caller may read metadata of (its signature and configuration), and the outcome."""
         return self._authorize(call, model, version, Action.METADATA)
 
-    def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[Served, list[int | str]]:
-        """The signature of one version, and the versions of the model the caller may read metadata of."""
-        resolved = self.signature(call, model, version)
+    def metadata(self, call: Call, model: str, version: str | None) -> tuple[Served, list[int | str], Outcome]:
+        """The signature of one version, the versions of the model the caller may read metadata of, the outcome."""
+        resolved, outcome = self.signature(call, model, version)
         if isinstance(resolved, RemoteModel):
-            return resolved, [resolved.version] if resolved.version else []
+            return resolved, [resolved.version] if resolved.version else [], outcome
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
-        return resolved, list(versions)
+        return resolved, list(versions), outcome
 
-    def list_models(self, call: CallContext) -> list[Listed]:
-        """The models, and their versions, the caller may list."""
-        call.action, call.decision = Action.LIST.value, "allow"
+    def list_models(self, call: Call) -> tuple[list[Listed], Outcome]:
+        """The models, and their versions, the caller may list, and the outcome."""
         visible: list[Listed] = []
         with tracing.span(call, "gateway.authorize", {"gateway.action": Action.LIST.value}):
             for info in self.models.models():
@@ -284,7 +318,7 @@ class Pipeline:
                 version = remote.version or None
                 if self._decide(call.principal, remote.name, version, Action.LIST).allowed:
                     visible.append(Listed(remote.name, (version,) if version else (), version))
-        return sorted(visible, key=lambda info: info.name)
+        return sorted(visible, key=lambda info: info.name), _LISTED
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
@@ -306,19 +340,27 @@ async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
         await asyncio.sleep(0)
 
 
-def _checked_inputs(call: CallContext, model: Served, body: InferBody) -> dict[str, tensors.WireTensor]:
-    """The body's inputs named, held to the limits and checked against the model's signature, outputs asked for
-    known: all that needs no decode. Their names, datatypes and shapes go into the record."""
+def _named_inputs(model: Served, body: InferBody) -> dict[str, tensors.WireTensor]:
+    """The body's inputs named and held to the limits: sizes, limits and lengths agree, nothing decoded yet."""
     for name in body.inputs:
         if name:  # "" is the unnamed tensor
             ID.check(name, "input name")
     wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
-    for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
+    for tensor in wire.values():
         tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
-    call.describe_inputs(wire)
-    model.validate(wire)
-    _check_outputs(model, body.outputs)
     return wire
+
+
+def _exchanged(decided: Outcome, exchange: Exchange, described: tuple[dict[str, Any], ...]) -> Outcome:
+    """The outcome of a routed call: its backend exchange, the version that answered, and whether anything was sent
+    (a refusal before that is safe to retry)."""
+    return replaced(
+        decided,
+        version=exchange.version or decided.version,
+        backend=exchange.record(),
+        inputs=described,
+        model_ran=exchange.sent,
+    )
 
 
 def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
@@ -326,7 +368,7 @@ def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.Wi
     if flat.values is not None:  # bounded before the shape is worked out (a count past every limit is no shape)
         tensors.element_count((len(flat.values),), name="input_data", max_elements=model.max_elements)
     name, shape = model.flat_input(len(flat.values or ()))
-    return {name: replace(flat, shape=shape)}
+    return {name: replaced(flat, shape=shape)}
 
 
 def _check_outputs(model: Served, requested: tuple[str, ...] | None) -> None:
