@@ -237,10 +237,10 @@ def test_a_caller_that_asks_not_to_be_sampled_is_not_traced_but_its_record_carri
 
 def test_a_call_whose_record_cannot_be_written_is_traced_unavailable(traced):
     audit = traced.gateway.audit
-    saved = os.dup(audit._fd)
+    saved = os.dup(audit._file.fd)
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        os.dup2(full, audit._fd)  # the trail's own descriptor now fails with ENOSPC, as on a full disk
+        os.dup2(full, audit._file.fd)  # the trail's own descriptor now fails with ENOSPC, as on a full disk
         with traced.channel() as channel:
             error = rpc_error(
                 lambda: stub(channel).Predict(
@@ -250,7 +250,7 @@ def test_a_call_whose_record_cannot_be_written_is_traced_unavailable(traced):
                 )
             )
     finally:
-        os.dup2(saved, audit._fd)
+        os.dup2(saved, audit._file.fd)
         os.close(saved)
         os.close(full)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
