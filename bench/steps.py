@@ -142,7 +142,7 @@ _STEPS: dict[str, tuple[str, ...]] = {
         "gateway.boundary:CallBoundary._leave",
     ),
     "grpc context calls (metadata, peer, auth_context, trailer, read)": (),
-    "call entry: metadata, request id, CallContext (_begin)": ("gateway.boundary:CallBoundary._begin",),
+    "call entry: metadata, request id, Call (_begin)": ("gateway.boundary:CallBoundary._begin",),
     "structlog contextvars bind/unbind": (
         "structlog.contextvars:bind_contextvars",
         "structlog.contextvars:unbind_contextvars",
@@ -189,7 +189,7 @@ _STEPS: dict[str, tuple[str, ...]] = {
         "gateway.models.runtime:ModelVersion.reshape_flat",
         "gateway.models.runtime:ModelVersion.name_inputs",
         "gateway.models.runtime:ModelVersion.validate",
-        "gateway.context:CallContext.describe_inputs",
+        "gateway.pipeline:describe_inputs",
         "gateway.pipeline:_check_outputs",
     ),
     "placement (run, inline decision, cost average)": (
@@ -202,9 +202,10 @@ _STEPS: dict[str, tuple[str, ...]] = {
     "exit: _finish, recorder own code": (
         "gateway.boundary:CallBoundary._finish",
         "gateway.boundary:Recorder.record",
+        "gateway.boundary:Recorder.record_call",
         "gateway.boundary:Recorder._observe",
     ),
-    "audit: record dict (call.audit_record)": ("gateway.context:CallContext.audit_record",),
+    "audit: record dict (audit.record.build)": ("gateway.boundary:build_record",),
     "audit: structlog chain (copy, timestamp)": ("gateway.audit.writer:_AuditChain.submit",),
     "audit: append (group, future)": ("gateway.audit.writer:AuditLog.append",),
     "audit: seal (canonical JSON, HMAC)": ("gateway.audit.writer:seal",),

@@ -1,9 +1,12 @@
 """The call boundary: one wrapper around every audited handler, on the event loop, in the order a call needs.
 
-Per call: build the call context; authenticate (certificate, then bearer token) and admit it against the limits,
-all BEFORE its message is read, so an unauthenticated or over-limit caller is refused at once and holds
-nothing; read the message(s) with a bounded wait; check size and decode; run the handler; turn exceptions into
-statuses; commit the audit record; only then let the response leave.
+Per call: take the call's facts (request id, peer, certificate, then the principal: one frozen ``Call``);
+authenticate (certificate, then bearer token) and admit it against the limits, all BEFORE its message is read, so
+an unauthenticated or over-limit caller is refused at once and holds nothing; read the message(s) with a bounded
+wait; check size and decode; run the handler, which returns its outcome with its response (or raises an error
+carrying it); turn exceptions into statuses; build and commit the audit record (the boundary alone records: a
+stream's handler yields each message's outcome with its reply, committed here before that reply leaves); only
+then let the response leave.
 
 Every method is served as a client-streaming one with raw bytes in and out (the wire format of a unary request
 is that of a one-message client stream): grpc would otherwise read a unary request before any of our code runs,
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -27,10 +31,22 @@ import structlog
 
 from gateway import metrics, tracing
 from gateway.audit import AuditLog
+from gateway.audit.record import build as build_record
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import PeerCertificate
+from gateway.auth.principal import Principal
 from gateway.auth.verifier import UnknownKidError
-from gateway.context import CallContext, check_size, current_call, new_request_id
+from gateway.context import (
+    NO_OUTCOME,
+    Answered,
+    Call,
+    MessageOutcome,
+    Outcome,
+    carried,
+    check_size,
+    current_call,
+    new_request_id,
+)
 from gateway.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -77,6 +93,27 @@ class _Method:
     response_streaming: bool
 
 
+class _CallState:
+    """What the boundary tracks of one call while it runs, written by the boundary alone (no other module sees it):
+    the call's facts as far as known, the outcome its handler returned, the sizes, the stream messages recorded,
+    the capacity it holds."""
+
+    __slots__ = ("bytes_in", "bytes_out", "call", "messages", "outcome", "slots")
+
+    def __init__(self, call: Call, *, stream: bool) -> None:
+        self.call = call
+        self.outcome = NO_OUTCOME
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.messages: int | None = 0 if stream else None  # a stream's count of its messages' records
+        self.slots: list[Slot] = []
+
+    def release(self) -> None:
+        """Give back the capacity the call held."""
+        for slot in self.slots:
+            slot.release()
+
+
 class Recorder:
     """Writes the audit record of a call or stream message, and logs refusals (reason never sent to callers)."""
 
@@ -88,7 +125,17 @@ class Recorder:
         self.refusals = refusals
         self.methods: frozenset[str] = frozenset()  # the methods served: any other name is no metric label
 
-    async def record(self, call: CallContext, error: GatewayError | None) -> None:
+    async def record(
+        self,
+        call: Call,
+        outcome: Outcome,
+        error: GatewayError | None,
+        *,
+        event: str = "call",
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        messages: int | None = None,
+    ) -> None:
         """Commit the record, then count the call in the metrics (with the audit failure, when that is how the
         call ends); raises UnavailableError when the sink is down (the call must then fail)."""
         if error is not None:
@@ -100,40 +147,85 @@ class Recorder:
                 log.warning(
                     "caller_blocked",
                     request_id=call.request_id,
-                    cert_identity=call.cert_identity,
+                    cert_identity=call.certificate.identity if call.certificate else None,
                     sub=call.principal.subject if call.principal else None,
                 )
         code, reason = ("OK", None) if error is None else (error.code, error.reason)
         tracing.note_outcome(call, code)  # before the commit: a call whose record is lost still ended so
+        entry = build_record(
+            call,
+            outcome,
+            event=event,
+            code=code,
+            reason=reason,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            messages=messages,
+        )
         try:
             timer = metrics.AUDIT_COMMIT_SECONDS.time() if self._metered else _UNMETERED
             with timer, tracing.span(call, "gateway.audit.commit"):
-                await self._audit.append(call.audit_record(code=code, reason=reason))
+                await self._audit.append(entry)
         except GatewayError as exc:
-            self._observe(call, exc)
+            self._observe(call, outcome, event, exc)
             raise
-        self._observe(call, error)
+        self._observe(call, outcome, event, error)
 
-    def _observe(self, call: CallContext, error: GatewayError | None) -> None:
-        if self._metered and call.event != "stream_message":  # a stream is counted once, as a call
+    def _observe(self, call: Call, outcome: Outcome, event: str, error: GatewayError | None) -> None:
+        if self._metered and event != "stream_message":  # a stream is counted once, as a call
             method = call.method if call.method in self.methods else metrics.NONE
-            metrics.observe_call(call, error, method=method)
+            metrics.observe_call(method=method, started=call.started, outcome=outcome, error=error)
 
-    async def record_quietly(self, call: CallContext, error: GatewayError) -> None:
+    async def record_quietly(self, state: _CallState, error: GatewayError) -> None:
         """Record where no status can be sent any more (the client is gone)."""
         try:
-            await self.record(call, error)
+            await self.record_call(state, error)
         except GatewayError:
-            log.error("audit_record_lost", request_id=call.request_id, method=call.method)
+            log.error("audit_record_lost", request_id=state.call.request_id, method=state.call.method)
+
+    async def record_call(self, state: _CallState, error: GatewayError | None) -> None:
+        """The record of the call itself (a unary call's, or a stream's closing one)."""
+        await self.record(
+            state.call,
+            state.outcome,
+            error,
+            event="call" if state.messages is None else "stream",
+            bytes_in=state.bytes_in,
+            bytes_out=state.bytes_out,
+            messages=state.messages,
+        )
+
+    async def record_message(self, state: _CallState, message: MessageOutcome) -> None:
+        """The record of one stream message, counted in its stream's once committed. The stream takes the message's
+        action and whether it ran first: a stream whose record of a message that ran is lost is not safe to retry."""
+        state.outcome = _joined(state.outcome, message.outcome)
+        await self.record(
+            message.call,
+            message.outcome,
+            message.error,
+            event="stream_message",
+            bytes_in=message.bytes_in,
+            bytes_out=message.bytes_out,
+        )
+        state.messages = (state.messages or 0) + 1
 
 
-def caller_key(call: CallContext) -> CallerKey | None:
+def _joined(stream: Outcome, message: Outcome) -> Outcome:
+    """A stream's outcome with one more message's: the action its messages took, and whether any ran the model."""
+    action = message.action or stream.action
+    ran = stream.model_ran or message.model_ran
+    if action == stream.action and ran == stream.model_ran:
+        return stream
+    return Outcome(action=action, model_ran=ran)
+
+
+def caller_key(call: Call) -> CallerKey | None:
     """Whom the call's refusals count against: its principal once known, else its certificate (None: neither)."""
     principal = call.principal
     if principal is not None:
         return ("principal", principal.issuer, principal.subject)
-    if call.cert_sha256 is not None:
-        return ("certificate", call.cert_sha256)
+    if call.certificate is not None:
+        return ("certificate", call.certificate.sha256_hex)
     return None
 
 
@@ -154,7 +246,7 @@ def _decode(deserialize: Callable[[bytes], Any], raw: bytes, *, index: int | Non
         raise InvalidArgumentError(f"{where} is not a valid protobuf message") from None
 
 
-def _unexpected(exc: BaseException, call: CallContext) -> InternalError:
+def _unexpected(exc: BaseException, call: Call) -> InternalError:
     log.error("call_failed_unexpectedly", request_id=call.request_id, method=call.method, exc_info=exc)
     return InternalError(reason=f"unexpected {type(exc).__name__}")
 
@@ -184,6 +276,7 @@ class CallBoundary:
         self._authenticator = authenticator
         self._admission = admission
         self._limits = limits
+        self._max_reply_bytes = limits.max_message_bytes
         self._active = 0  # handlers running, from their first step to their record: shutdown waits for them
         self._idle = asyncio.Event()
         self._idle.set()
@@ -263,18 +356,16 @@ class CallBoundary:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
             self._enter()
             # An unknown method's name is the caller's choice, up to the metadata limit: recorded as shown.
-            call, metadata = self._begin(shown(name), context, traced_as=_UNKNOWN_METHOD)
-            error: GatewayError = UnimplementedError(reason=f"unknown method {call.method}")
-            slots: list[Slot] = []
+            state, metadata = self._begin(shown(name), context, stream=False, traced_as=_UNKNOWN_METHOD)
+            error: GatewayError = UnimplementedError(reason=f"unknown method {state.call.method}")
             try:
                 try:
-                    await self._admit(call, context, metadata, stream=False, slots=slots)
+                    await self._admit(state, context, metadata, stream=False)
                 except GatewayError as exc:
                     error = exc
-                await self._finish(call, error, context)
+                await self._finish(state, error, context)
             finally:
-                for slot in slots:
-                    slot.release()
+                state.release()
                 self._leave()
 
         return grpc.stream_unary_rpc_method_handler(refuse)
@@ -282,31 +373,28 @@ class CallBoundary:
     # ------------------------------------------------------------------------------------------------ per call
 
     def _begin(
-        self, method: str, context: grpc.aio.ServicerContext, *, traced_as: str | None = None
-    ) -> tuple[CallContext, Sequence[Any]]:
-        """The call's context, and its metadata (read once). A malformed ``x-request-id`` is replaced here and
-        refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc could not send).
-        ``traced_as``: the name its span gets instead of ``method`` (which an unknown method's caller chose)."""
+        self, method: str, context: grpc.aio.ServicerContext, *, stream: bool, traced_as: str | None = None
+    ) -> tuple[_CallState, Sequence[Any]]:
+        """The call's facts known at its entry, and its metadata (read once). A malformed ``x-request-id`` is
+        replaced here and refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc
+        could not send). ``traced_as``: the name its span gets instead of ``method`` (which an unknown method's
+        caller chose)."""
         metadata = context.invocation_metadata() or ()
         header = _request_id_header(metadata)
         request_id = header if header is not None and ID.allows(header) else new_request_id()
-        call = CallContext(request_id=request_id, method=method, peer=context.peer())
-        call.trace = self._tracing.start_call(traced_as or method, metadata, request_id)
-        current_call.set(call)
+        trace = self._tracing.start_call(traced_as or method, metadata, request_id)
+        call = Call(
+            request_id, method, context.peer(), time.perf_counter(), trace, max_reply_bytes=self._max_reply_bytes
+        )
         structlog.contextvars.bind_contextvars(request_id=request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
-        return call, metadata
+        return _CallState(call, stream=stream), metadata
 
     async def _admit(
-        self,
-        call: CallContext,
-        context: grpc.aio.ServicerContext,
-        metadata: Sequence[Any],
-        *,
-        stream: bool,
-        slots: list[Slot],
+        self, state: _CallState, context: grpc.aio.ServicerContext, metadata: Sequence[Any], *, stream: bool
     ) -> None:
-        """Authenticate, then take the principal's and the server's capacity (appended to ``slots``).
+        """Authenticate, then take the principal's and the server's capacity (into ``state.slots``); the call's
+        facts in ``state`` gain its certificate, then its principal.
 
         The certificate's identity is taken first, whatever follows: it costs one cached lookup, and with it every
         record names its peer, those of the drain's refusals (issue 27 item 8) and of a blocked caller included. A
@@ -315,51 +403,52 @@ class CallBoundary:
         authenticator = self._authenticator
         refusals = self.recorder.refusals
         if authenticator is not None:
-            peer = _identify(authenticator, call, context)
+            pems = context.auth_context().get("x509_pem_cert")
+            peer = authenticator.inspect(pems[0] if pems else None)  # AuthenticationError: unfit for a client
+            if peer is not None:
+                state.call = state.call.identified(peer)
             if self._closing:
                 raise UnavailableError("the gateway is shutting down", reason="shutting down")
             # A certificate blocked for its token-less refusals is refused before a token is verified, unless the
             # call carries a verdict still remembered for it: many principals may share one certificate (a proxy
             # with unbound tokens), and one of them must not lock the others out.
             authorization = _metadata_values(metadata, "authorization")
-            remembered = authenticator.remembered(peer, authorization)
-            if refusals is not None and remembered is None:
-                refusals.check(caller_key(call))
+            principal = authenticator.remembered(peer, authorization)
+            if refusals is not None and principal is None:
+                refusals.check(caller_key(state.call))
             with (
                 metrics.AUTH_SECONDS.time() if self._metered else _UNMETERED,
-                tracing.span(call, "gateway.authenticate"),
+                tracing.span(state.call, "gateway.authenticate"),
             ):
-                if remembered is not None:  # the verdict of an earlier call that still holds: no second lookup
-                    call.principal = remembered
-                else:
-                    await self._authenticate(authenticator, call, peer, authorization)
+                if principal is None:  # else the verdict of an earlier call still holds: no second lookup
+                    principal = await self._authenticate(authenticator, peer, authorization)
+            state.call = state.call.admitted(principal)
         elif self._closing:
             raise UnavailableError("the gateway is shutting down", reason="shutting down")
         header = _request_id_header(metadata)
         if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
             ID.check(header, "x-request-id header")
-        principal = call.principal
+        principal = state.call.principal
         if principal is not None:
             if refusals is not None:
-                refusals.check(caller_key(call))
-            slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
-        slots.append(self._admission.admit_call())
+                refusals.check(caller_key(state.call))
+            state.slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
+        state.slots.append(self._admission.admit_call())
 
     @staticmethod
     async def _authenticate(
-        authenticator: Authenticator, call: CallContext, peer: PeerCertificate | None, authorization: Sequence[str]
-    ) -> None:
-        """The bearer token, bound to the certificate ``peer`` (taken by ``_identify``): the caller's principal, or
-        AuthenticationError."""
+        authenticator: Authenticator, peer: PeerCertificate | None, authorization: Sequence[str]
+    ) -> Principal:
+        """The bearer token, bound to the certificate ``peer``: the caller's principal, or AuthenticationError."""
         try:
-            call.principal = authenticator.authenticate(peer, authorization)
+            return authenticator.authenticate(peer, authorization)
         except UnknownKidError:
             # The issuer may have rotated its keys: wait, bounded, for the one shared and rate-limited refetch
             # (in its own thread: the loop keeps serving), then verify once more. Still unknown: refused.
             refresh = authenticator.refresh_keys()
             if refresh is None or not await _finished(refresh, _KEY_REFRESH_WAIT_S):
                 raise
-            call.principal = authenticator.authenticate(peer, authorization)
+            return authenticator.authenticate(peer, authorization)
 
     @staticmethod
     async def _within(
@@ -397,7 +486,7 @@ class CallBoundary:
     def _check_size(self, size: int, *, what: str = "message") -> None:
         check_size(size, self._limits.max_message_bytes, what=what)
 
-    async def _request(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
+    async def _request(self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext) -> Any:
         """The one request of a unary method, read with a bounded wait, then the end of the request: nothing may
         follow it, and that is known before the handler runs (a refused call runs no model, issue 27 item 10)."""
         raw = await self._within(context.read(), self._limits.message_timeout_s, "request message")
@@ -410,7 +499,7 @@ class CallBoundary:
                 "no request message, or one over the size limit",
                 reason="no request message (none sent, or over grpc's size limit)",
             )
-        call.bytes_in = len(raw)
+        state.bytes_in = len(raw)
         self._check_size(len(raw))
         # The client sends its half-close with the message (or right after it): this costs no round trip.
         following = await self._within(context.read(), self._limits.message_timeout_s, "end of the request")
@@ -418,7 +507,7 @@ class CallBoundary:
             raise InvalidArgumentError("a unary method takes exactly one request message")
         return _decode(method.deserialize, raw)
 
-    async def _requests(self, method: _Method, call: CallContext, context: grpc.aio.ServicerContext) -> Any:
+    async def _requests(self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext) -> Any:
         """The messages of a stream, each waited for at most the idle timeout; RESOURCE_EXHAUSTED at the first one
         that comes while its caller is blocked for its refusals."""
         refusals = self.recorder.refusals
@@ -433,50 +522,47 @@ class CallBoundary:
                 if _deadline_passed(context):
                     raise _deadline_exceeded()
                 return
-            call.bytes_in += len(raw)
+            state.bytes_in += len(raw)
             self._check_size(len(raw))
             if refusals is not None:  # ended at its next message once its caller is blocked (issue 27 item 9)
-                refusals.check(caller_key(call))
+                refusals.check(caller_key(state.call))
             yield _decode(method.deserialize, raw, index=index)
             index += 1
 
     async def _serve_unary(self, method: _Method, context: grpc.aio.ServicerContext) -> bytes | None:
         self._enter()
-        call, metadata = self._begin(method.name, context)
-        slots: list[Slot] = []
+        state, metadata = self._begin(method.name, context, stream=False)
         try:
             error: GatewayError | None = None
             out = None
             try:
                 cap_s, cap = self._time_cap(stream=method.request_streaming)
-                served = self._serve_call(method, call, context, metadata, slots)
+                served = self._serve_call(method, state, context, metadata)
                 out = await self._within(served, cap_s, "response", expired_error=cap)
             except BaseException as exc:
-                error = await self._failed(call, context, exc)
-            await self._finish(call, error, context)
+                state.outcome = carried(exc, state.outcome)
+                error = await self._failed(state, context, exc)
+            await self._finish(state, error, context)
             return out
         finally:
-            for slot in slots:
-                slot.release()
+            state.release()
             self._leave()
 
     async def _serve_call(
-        self,
-        method: _Method,
-        call: CallContext,
-        context: grpc.aio.ServicerContext,
-        metadata: Sequence[Any],
-        slots: list[Slot],
+        self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext, metadata: Sequence[Any]
     ) -> bytes:
         """A call with a unary response, from admission to its encoded answer."""
-        await self._admit(call, context, metadata, stream=method.request_streaming, slots=slots)
+        await self._admit(state, context, metadata, stream=method.request_streaming)
+        current_call.set(state.call)
         if method.request_streaming:
-            request = self._requests(method, call, context)
+            request = self._requests(method, state, context)
         else:
-            request = await self._request(method, call, context)
+            request = await self._request(method, state, context)
         response = await method.behavior(request, context)
+        if type(response) is Answered:
+            state.outcome, response = response.outcome, response.reply  # type: ignore[assignment]
         out: bytes = method.serialize(response)
-        call.bytes_out = len(out)
+        state.bytes_out = len(out)
         self._check_size(len(out), what="response")
         return out
 
@@ -491,10 +577,7 @@ class CallBoundary:
 
     async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncGenerator[bytes, None]:
         self._enter()
-        call, metadata = self._begin(method.name, context)
-        call.event = "stream"
-        call.recorder, call.messages, call.max_reply_bytes = self.recorder, 0, self._limits.max_message_bytes
-        slots: list[Slot] = []
+        state, metadata = self._begin(method.name, context, stream=True)
         try:
             error: GatewayError | None = None
             try:
@@ -503,13 +586,14 @@ class CallBoundary:
                 loop = asyncio.get_running_loop()
                 cap_s, cap = self._time_cap(stream=True)
                 ends = loop.time() + cap_s
-                admitted = self._admit(call, context, metadata, stream=True, slots=slots)
+                admitted = self._admit(state, context, metadata, stream=True)
                 await self._within(admitted, cap_s, "admission", expired_error=cap)
+                current_call.set(state.call)
                 if method.request_streaming:
-                    request = self._requests(method, call, context)
+                    request = self._requests(method, state, context)
                 else:
                     request = await self._within(
-                        self._request(method, call, context), ends - loop.time(), "request", expired_error=cap
+                        self._request(method, state, context), ends - loop.time(), "request", expired_error=cap
                     )
                 replies = 0
                 behavior = aiter(method.behavior(request, context))
@@ -518,46 +602,46 @@ class CallBoundary:
                     if left_s <= 0:
                         raise cap()
                     try:
-                        message = await self._within(anext(behavior), left_s, "reply", expired_error=cap)
+                        reply = await self._within(anext(behavior), left_s, "reply", expired_error=cap)
                     except StopAsyncIteration:
                         break
-                    out = method.serialize(message)
+                    answered = reply.outcome if type(reply) is Answered else None
+                    out = method.serialize(reply.reply if answered is not None else reply)
                     self._check_size(len(out), what="response")
-                    call.bytes_out += len(out)
+                    state.bytes_out += len(out)
+                    if not isinstance(answered, MessageOutcome):
+                        # A library's handler (reflection) says nothing of its replies: none leaves unrecorded.
+                        answered = MessageOutcome(state.call.for_message(replies), NO_OUTCOME, None, 0, len(out))
+                    await self.recorder.record_message(state, answered)
                     replies += 1
-                    if (call.messages or 0) < replies:
-                        # A library's handler (reflection) records nothing of its own: no reply leaves unrecorded.
-                        reply = call.for_message(replies - 1, bytes_in=0)
-                        reply.bytes_out = len(out)
-                        await call.record_message(reply, None)
                     yield out
             except BaseException as exc:
-                error = await self._failed(call, context, exc)
-            await self._finish(call, error, context)
+                error = await self._failed(state, context, exc)
+            await self._finish(state, error, context)
         finally:
-            for slot in slots:
-                slot.release()
+            state.release()
             self._leave()
 
-    async def _failed(self, call: CallContext, context: grpc.aio.ServicerContext, exc: BaseException) -> GatewayError:
+    async def _failed(self, state: _CallState, context: grpc.aio.ServicerContext, exc: BaseException) -> GatewayError:
         """The error to answer ``exc`` with; a call already ended under its handler (cancelled, deadline, client
         gone, or aborted by a library's handler) is recorded here and ``exc`` raised again."""
         if isinstance(exc, GatewayError):
             return exc
         if isinstance(exc, asyncio.CancelledError | GeneratorExit | grpc.aio.AbortError):
             ended = _aborted(context) if isinstance(exc, grpc.aio.AbortError) else _ended_early(context)
-            await self.recorder.record_quietly(call, ended)
-            tracing.end_call(call)
+            await self.recorder.record_quietly(state, ended)
+            tracing.end_call(state.call)
             raise exc
         if isinstance(exc, Exception):
-            return _unexpected(exc, call)
+            return _unexpected(exc, state.call)
         raise exc  # KeyboardInterrupt, SystemExit: not a call's failure
 
-    async def _finish(self, call: CallContext, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
+    async def _finish(self, state: _CallState, error: GatewayError | None, context: grpc.aio.ServicerContext) -> None:
         """Record the outcome and end the call's span, then fail the call if it failed or its record could not be
         written."""
+        call = state.call
         try:
-            await self.recorder.record(call, error)
+            await self.recorder.record_call(state, error)
         except GatewayError as exc:
             log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
             error = exc
@@ -565,7 +649,7 @@ class CallBoundary:
         tracing.end_call(call)
         if error is None:
             return
-        if isinstance(error, UnavailableError) and not call.model_ran:
+        if isinstance(error, UnavailableError) and not state.outcome.model_ran:
             context.set_trailing_metadata((("x-request-id", call.request_id), ("x-retry-safe", "true")))
         message = error.message
         if isinstance(error, InternalError):
@@ -578,18 +662,6 @@ _UNKNOWN_METHOD = "/unknown/method"
 
 def _past_cap(cap_s: float, key: str, reason: str) -> DeadlineExceededError:
     return DeadlineExceededError(f"the call ran past the server's limit of {cap_s:g} s ({key})", reason=reason)
-
-
-def _identify(
-    authenticator: Authenticator, call: CallContext, context: grpc.aio.ServicerContext
-) -> PeerCertificate | None:
-    """The client certificate (its parse is cached per certificate), its identity noted in ``call``;
-    AuthenticationError when it is unfit for a client."""
-    pems = context.auth_context().get("x509_pem_cert")
-    peer = authenticator.inspect(pems[0] if pems else None)
-    if peer is not None:
-        call.cert_identity, call.cert_sha256 = peer.identity, peer.sha256_hex
-    return peer
 
 
 async def _finished(work: Future[None], timeout_s: float) -> bool:

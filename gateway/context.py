@@ -1,7 +1,9 @@
-"""Per-call state: request id, peer, identity, principal and the audit fields filled as the call progresses.
+"""Per-call values: the facts known at a call's entry (``Call``, frozen) and what the pipeline learned (``Outcome``).
 
-Named ``call`` everywhere (``context`` is grpc's ServicerContext). Set by the call boundary, reachable
-through ``current_call`` by code that is not handed it explicitly.
+Facts flow down, outcomes flow back: the call boundary makes the ``Call`` and alone records; the pipeline returns
+the ``Outcome`` with its result, or lets the exception it raises carry it (``carry``/``carried``); a stream loop
+yields each message's ``MessageOutcome`` with its reply. ``audit/record.py`` turns them into the record. Named
+``call`` everywhere (``context`` is grpc's ServicerContext). Imports no grpc: every transport shares these.
 """
 
 from __future__ import annotations
@@ -9,15 +11,15 @@ from __future__ import annotations
 import contextvars
 import secrets
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from gateway.auth.principal import Principal
-from gateway.errors import ResourceExhaustedError
-from gateway.tensors import WireTensor
+from gateway.errors import GatewayError, ResourceExhaustedError
 
 if TYPE_CHECKING:
+    from gateway.auth.certs import PeerCertificate
+    from gateway.auth.principal import Principal
     from gateway.tracing import CallTrace
 
 
@@ -32,120 +34,137 @@ def check_size(size: int, limit: int, *, what: str) -> None:
         raise ResourceExhaustedError(f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large")
 
 
-class Recorder(Protocol):
-    """Commits the audit record of a call or of one stream message (raises UnavailableError when it cannot)."""
-
-    async def record(self, call: CallContext, error: Any) -> None: ...
-
-
-@dataclass(slots=True)
-class CallContext:
-    """Everything the gateway knows about one call (or one message of a stream)."""
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What the gateway knows of one call at its entry (or of one message of a stream): who, how, since when."""
 
     request_id: str
     method: str
     peer: str
-    started: float = field(default_factory=time.perf_counter)
-    event: str = "call"
-    cert_identity: str | None = None
-    cert_sha256: str | None = None
-    principal: Principal | None = None
+    started: float  # time.perf_counter() at entry: the record's latency is measured from here
+    trace: CallTrace | None = None  # with tracing on: the call's span, shared by its stream messages
+    certificate: PeerCertificate | None = None  # the client's certificate, once inspected
+    principal: Principal | None = None  # the authenticated caller, once admitted
+    message_index: int | None = None  # a stream message's place in its stream
+    max_reply_bytes: int | None = None  # the largest reply the boundary lets through (a stream checks each)
+
+    def identified(self, certificate: PeerCertificate | None) -> Call:
+        """This call with its client certificate known."""
+        return Call(
+            self.request_id,
+            self.method,
+            self.peer,
+            self.started,
+            self.trace,
+            certificate,
+            self.principal,
+            self.message_index,
+            self.max_reply_bytes,
+        )
+
+    def admitted(self, principal: Principal | None) -> Call:
+        """This call with its caller authenticated."""
+        return Call(
+            self.request_id,
+            self.method,
+            self.peer,
+            self.started,
+            self.trace,
+            self.certificate,
+            principal,
+            self.message_index,
+            self.max_reply_bytes,
+        )
+
+    def for_message(self, index: int) -> Call:
+        """One message of this stream: the same caller, its own place and clock."""
+        return Call(
+            self.request_id,
+            self.method,
+            self.peer,
+            time.perf_counter(),
+            self.trace,
+            self.certificate,
+            self.principal,
+            index,
+            self.max_reply_bytes,
+        )
+
+    def check_reply(self, size: int) -> None:
+        """RESOURCE_EXHAUSTED for a stream reply the boundary would not let through: checked before the reply's
+        outcome is yielded, so that its record says what the client gets (an in-band refusal, not the reply)."""
+        if self.max_reply_bytes is not None:
+            check_size(size, self.max_reply_bytes, what="response")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the pipeline learned of a call: the model and version it is about, the policy's decision, the inputs
+    as declared (audit/record.py's ``describe_inputs``), and whether the model ran (a refusal before the run is
+    safe for the client to retry)."""
+
+    action: str | None = None
     model: str | None = None
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
-    action: str | None = None
     decision: str | None = None
     rule: str | None = None
-    inputs: list[dict[str, Any]] | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    message_index: int | None = None
-    messages: int | None = None
-    model_ran: bool = False  # a refusal before the run is safe for the client to retry
-    recorder: Recorder | None = None  # streams: records each message's outcome before its reply leaves
-    max_reply_bytes: int | None = None  # streams: the largest reply the call boundary lets through
-    trace: CallTrace | None = None  # with tracing on: the call's span, shared by its stream messages
+    inputs: tuple[Mapping[str, Any], ...] = ()
+    model_ran: bool = False
 
-    async def record_message(self, message: CallContext, error: Any) -> None:
-        """Commit the record of one stream message (made by ``for_message``) through the stream's recorder, and
-        count it in ``messages``."""
-        if self.recorder is None:
-            raise RuntimeError("stream call has no recorder")
-        await self.recorder.record(message, error)
-        self.messages = (self.messages or 0) + 1
-
-    def check_reply(self, size: int) -> None:
-        """RESOURCE_EXHAUSTED for a stream reply the boundary would not let through: checked before the reply's
-        record, so that the record says what the client gets (an in-band refusal, not the reply)."""
-        if self.max_reply_bytes is not None:
-            check_size(size, self.max_reply_bytes, what="response")
-
-    def for_message(self, index: int, *, bytes_in: int) -> CallContext:
-        """A child context for one message of a stream: same caller, its own audit fields and clock."""
-        return replace(
-            self,
-            event="stream_message",
-            started=time.perf_counter(),
-            model=None,
-            requested_version=None,
-            version=None,
-            model_digest=None,
-            action=None,
-            decision=None,
-            rule=None,
-            inputs=None,
-            bytes_in=bytes_in,
-            bytes_out=0,
-            message_index=index,
-            messages=None,
-            model_ran=False,
+    def finished(self, inputs: tuple[Mapping[str, Any], ...], *, model_ran: bool) -> Outcome:
+        """This outcome with what was learned after the decision."""
+        return Outcome(
+            self.action,
+            self.model,
+            self.requested_version,
+            self.version,
+            self.model_digest,
+            self.decision,
+            self.rule,
+            inputs,
+            model_ran,
         )
 
-    def describe_inputs(self, inputs: Mapping[str, WireTensor]) -> None:
-        """Record names, datatypes and shapes of the inputs as declared (never their values; read before any is
-        decoded, so a refusal for what the values hold still says which inputs it was about)."""
-        self.inputs = [
-            {"name": name, "datatype": tensor.datatype, "shape": list(tensor.shape)} for name, tensor in inputs.items()
-        ]
 
-    def audit_record(self, *, code: str, reason: str | None) -> dict[str, Any]:
-        """The audit record for this call; ``ts`` and the chain fields are added by the audit log."""
-        principal = self.principal
-        groups: Sequence[str] = sorted(principal.groups) if principal else []
-        scopes: Sequence[str] = sorted(principal.scopes) if principal else []
-        record: dict[str, Any] = {
-            "event": self.event,
-            "request_id": self.request_id,
-            "method": self.method,
-            "peer": self.peer,
-            "cert_identity": self.cert_identity,
-            "cert_sha256": self.cert_sha256,
-            "sub": principal.subject if principal else None,
-            "iss": principal.issuer if principal else None,
-            "jti": principal.token_id if principal else None,
-            "groups": groups,
-            "scopes": scopes,
-            "model": self.model,
-            "requested_version": self.requested_version,
-            "version": self.version,
-            "model_digest": self.model_digest,
-            "action": self.action,
-            "decision": self.decision,
-            "rule": self.rule,
-            "code": code,
-            "reason": reason,
-            "latency_ms": round((time.perf_counter() - self.started) * 1000.0, 3),
-            "inputs": self.inputs or [],
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "trace_id": self.trace.trace_id if self.trace else None,
-        }
-        if self.message_index is not None:
-            record["message_index"] = self.message_index
-        if self.messages is not None:
-            record["messages"] = self.messages
-        return record
+NO_OUTCOME = Outcome()
 
 
-current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("current_call")
+@dataclass(frozen=True, slots=True)
+class MessageOutcome:
+    """One answered stream message, as its stream loop yields it to the boundary with its reply."""
+
+    call: Call  # the message's own (``Call.for_message``)
+    outcome: Outcome
+    error: GatewayError | None  # what the reply refuses in-band; None: answered
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A handler's reply with the outcome the boundary records for it: a unary method's response (``outcome``
+    an Outcome), or one reply of a stream (a MessageOutcome)."""
+
+    reply: Any
+    outcome: Outcome | MessageOutcome
+
+
+_CARRIED = "gateway_outcome"
+
+
+def carry(exc: BaseException, outcome: Outcome) -> None:
+    """Let ``exc``, raised once a step had learned ``outcome``, take it up to the boundary that records it."""
+    setattr(exc, _CARRIED, outcome)
+
+
+def carried(exc: BaseException, default: Outcome = NO_OUTCOME) -> Outcome:
+    """The outcome ``exc`` carries; ``default`` when it carries none (raised before anything was learned)."""
+    outcome: Outcome = getattr(exc, _CARRIED, default)
+    return outcome
+
+
+# The generated servicers are called with (request, context) only: the boundary hands each its call's facts here.
+# Read-only below the boundary; nothing flows back through it.
+current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("current_call")

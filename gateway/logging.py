@@ -1,6 +1,6 @@
 """Operational log configuration (structlog): JSON in production, console in development, secrets redacted.
 
-This is never the audit trail; the audit log has its own structlog chain in ``gateway.audit``.
+This is never the audit trail, which ``gateway.audit`` writes itself.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from gateway.config import ConfigError
 from gateway.errors import AuthenticationError, GatewayError, PermissionDeniedError, ResourceExhaustedError
 
 if TYPE_CHECKING:
-    from gateway.context import CallContext
+    from gateway.context import Outcome
 
 log = structlog.get_logger(__name__)
 
@@ -151,7 +151,7 @@ def _token_detail(reason: str) -> str:
     return reason if reason in _TOKEN_DETAILS else "other"
 
 
-def refusal_labels(error: GatewayError, call: CallContext) -> tuple[str, str]:
+def refusal_labels(error: GatewayError, outcome: Outcome) -> tuple[str, str]:
     """(reason class, detail) of a refusal, both from fixed sets or the operator's policy rule ids."""
     reason = error.reason
     if isinstance(error, AuthenticationError):
@@ -159,7 +159,7 @@ def refusal_labels(error: GatewayError, call: CallContext) -> tuple[str, str]:
             return "certificate", NONE
         return "token", _token_detail(reason)
     if isinstance(error, PermissionDeniedError):
-        return "policy_deny", call.rule or "default_deny"
+        return "policy_deny", outcome.rule or "default_deny"
     if isinstance(error, ResourceExhaustedError):
         return "limit", reason if reason in _LIMIT_DETAILS else "other"
     return error.code.lower(), NONE
@@ -172,17 +172,18 @@ def recording(listen: str | None) -> bool:
     return listen is not None or MULTIPROCESS_DIR_ENV in os.environ
 
 
-def observe_call(call: CallContext, error: GatewayError | None, *, method: str) -> None:
-    """Count one finished call; ``method`` is the method's name when the gateway serves it, else NONE.
+def observe_call(*, method: str, started: float, outcome: Outcome, error: GatewayError | None) -> None:
+    """Count one finished call (``started``: its perf_counter at entry); ``method`` is the method's name when the
+    gateway serves it, else NONE.
 
     The model and version are labels only once the version resolved, which proves the model exists."""
-    resolved = call.version is not None and call.model is not None
-    model = call.model if resolved and call.model is not None else NONE
-    version = call.version if resolved and call.version is not None else NONE
+    resolved = outcome.version is not None and outcome.model is not None
+    model = outcome.model if resolved and outcome.model is not None else NONE
+    version = outcome.version if resolved and outcome.version is not None else NONE
     _calls(method, model, version, "OK" if error is None else error.code).inc()
-    _call_seconds(method).observe(time.perf_counter() - call.started)
+    _call_seconds(method).observe(time.perf_counter() - started)
     if error is not None:
-        REFUSALS.labels(*refusal_labels(error, call)).inc()
+        REFUSALS.labels(*refusal_labels(error, outcome)).inc()
 
 
 # Every call looks up its series: prometheus_client's labels() checks and joins the values each time, a cost on

@@ -8,6 +8,10 @@ whatever their size (issue 27). A caller who may not act on a model gets PERMISS
 model exists (DESIGN.md: a refused caller learns nothing). Before anything else, every identifier of the header
 is checked against its grammar (gateway.identifiers), and the input names as soon as they are read, so no malformed
 one reaches a record, whoever the caller and whatever the decision.
+
+Facts in, outcome out: each step takes the call's frozen facts (gateway.context.Call) and returns what it learned
+(an Outcome: model, versions, decision, inputs as declared, whether the model ran) with its result; an exception
+raised once the decision is made carries the outcome so far (``context.carry``). Nothing here records.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from gateway import tensors, tracing
+from gateway.audit.record import describe_inputs
 from gateway.auth.principal import Principal
-from gateway.context import CallContext
-from gateway.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from gateway.context import Call, Outcome, carry
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from gateway.identifiers import ID, NAME, shown
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
 from gateway.models.runtime import ModelVersion
@@ -61,16 +66,18 @@ class InferRequest:
 
 @dataclass(frozen=True, slots=True)
 class InferResult:
-    """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), and the
-    version that ran."""
+    """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), the
+    version that ran, and the call's outcome for its record."""
 
     model: str
     version: int
     outputs: dict[str, np.ndarray]
     raw: dict[str, tuple[tensors.DataType, bytes]]
+    outcome: Outcome
 
 
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
+_LISTED = Outcome(action=Action.LIST.value, decision="allow")  # a listing shows what the caller may see: no refusal
 
 
 class Pipeline:
@@ -97,60 +104,68 @@ class Pipeline:
             return Decision(allowed=False, rule_id=None)
         return self._policies.current.evaluate(principal, model=model, version=version, action=action)
 
-    def _authorize(self, call: CallContext, model: str, requested: str | None, action: Action) -> ModelVersion:
-        """Check the names, resolve (so the decision is about the version that will run), decide, then report.
-        Fields are named as both protocols name them (gateway.v1 and the Open Inference Protocol)."""
+    def _authorize(self, call: Call, model: str, requested: str | None, action: Action) -> tuple[ModelVersion, Outcome]:
+        """Check the names, resolve (so the decision is about the version that will run), decide, then report:
+        the version allowed and the outcome so far, or the refusal carrying it. Fields are named as both protocols
+        name them (gateway.v1 and the Open Inference Protocol)."""
         NAME.check(model, "model_name")
         if requested is not None:
             NAME.check(requested, "model_version")
-        call.model, call.requested_version, call.action = model, requested, action.value
         resolved: ModelVersion | NotFoundError
         try:
             resolved = self.models.resolve(model, _parse_version(model, requested))
         except NotFoundError as exc:
             resolved = exc
+        version = digest = None
         if isinstance(resolved, ModelVersion):
-            call.version = str(resolved.version)  # recorded even when denied: the version the policy judged
-            call.model_digest = resolved.digest
-        policy_version = call.version or requested
+            version, digest = str(resolved.version), resolved.digest  # recorded even when denied: what was judged
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, policy_version, action)
-            call.decision, call.rule = ("allow" if decision.allowed else "deny"), decision.rule_id
+            decision = self._decide(call.principal, model, version or requested, action)
+            verdict = "allow" if decision.allowed else "deny"
             if span is not None:
-                span.set_attributes({"gateway.decision": call.decision, "gateway.rule": decision.rule_id or ""})
+                span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})
+        outcome = Outcome(action.value, model, requested, version, digest, verdict, decision.rule_id)
         if not decision.allowed:
-            raise PermissionDeniedError(reason=decision.reason)
-        if isinstance(resolved, NotFoundError):
-            raise resolved
-        return resolved
+            refusal: GatewayError = PermissionDeniedError(reason=decision.reason)
+        elif isinstance(resolved, NotFoundError):
+            refusal = resolved
+        else:
+            return resolved, outcome
+        carry(refusal, outcome)
+        raise refusal
 
-    async def predict(
-        self, call: CallContext, request: InferRequest, *, action: Action = Action.PREDICT
-    ) -> InferResult:
+    async def predict(self, call: Call, request: InferRequest, *, action: Action = Action.PREDICT) -> InferResult:
         """Run one inference for an authorized caller: decided on the header, then the body read and checked
-        against the model's signature and limits, then decoded (a step at a time), run, and encoded."""
+        against the model's signature and limits, then decoded (a step at a time), run, and encoded. The result
+        carries the outcome; an exception raised once the decision is made carries what was learned so far."""
         if request.id is not None:
             ID.check(request.id, "id")
-        model = self._authorize(call, request.model, request.version, action)
-        body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
-        for name in body.inputs:
-            if name:  # "" is the unnamed tensor
-                ID.check(name, "input name")
-        wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
-        for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
-            tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
-        call.describe_inputs(wire)
-        model.validate(wire)
-        _check_outputs(model, body.outputs)
-        inputs = await self._decode(wire)
-        self._before_run()
-        call.model_ran = True
-        with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
-            outputs = await model.run(inputs)
-        if body.outputs is not None:
-            outputs = {name: outputs[name] for name in body.outputs}
-        raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
-        return InferResult(request.model, model.version, outputs, raw)
+        model, decided = self._authorize(call, request.model, request.version, action)
+        described: tuple[dict[str, Any], ...] = ()
+        ran = False
+        try:
+            body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
+            for name in body.inputs:
+                if name:  # "" is the unnamed tensor
+                    ID.check(name, "input name")
+            wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
+            for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
+                tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
+            described = describe_inputs(wire)
+            model.validate(wire)
+            _check_outputs(model, body.outputs)
+            inputs = await self._decode(wire)
+            self._before_run()
+            ran = True
+            with tracing.span(call, "gateway.infer", {"gateway.model": model.name, "gateway.version": model.version}):
+                outputs = await model.run(inputs)
+            if body.outputs is not None:
+                outputs = {name: outputs[name] for name in body.outputs}
+            raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
+        except BaseException as exc:  # cancellations too: their record says what ran
+            carry(exc, decided.finished(described, model_ran=ran))
+            raise
+        return InferResult(request.model, model.version, outputs, raw, decided.finished(described, model_ran=True))
 
     async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
         """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
@@ -162,20 +177,19 @@ class Pipeline:
             self.sliced_decodes += pauses > 0
         return inputs
 
-    def signature(self, call: CallContext, model: str, version: str | None) -> ModelVersion:
-        """The loaded version the caller may read metadata of (its signature and configuration)."""
+    def signature(self, call: Call, model: str, version: str | None) -> tuple[ModelVersion, Outcome]:
+        """The loaded version the caller may read metadata of (its signature and configuration), and the outcome."""
         return self._authorize(call, model, version, Action.METADATA)
 
-    def metadata(self, call: CallContext, model: str, version: str | None) -> tuple[ModelVersion, list[int]]:
-        """The signature of one version, and the versions of the model the caller may read metadata of."""
-        resolved = self.signature(call, model, version)
+    def metadata(self, call: Call, model: str, version: str | None) -> tuple[ModelVersion, list[int], Outcome]:
+        """The signature of one version, the versions of the model the caller may read metadata of, the outcome."""
+        resolved, outcome = self.signature(call, model, version)
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
-        return resolved, versions
+        return resolved, versions, outcome
 
-    def list_models(self, call: CallContext) -> list[ModelInfo]:
-        """The models, and their versions, the caller may list."""
-        call.action, call.decision = Action.LIST.value, "allow"
+    def list_models(self, call: Call) -> tuple[list[ModelInfo], Outcome]:
+        """The models, and their versions, the caller may list, and the outcome."""
         visible = []
         with tracing.span(call, "gateway.authorize", {"gateway.action": Action.LIST.value}):
             for info in self.models.models():
@@ -184,7 +198,7 @@ class Pipeline:
                     # The default is shown only when the caller may use it: a request without a version gets it.
                     default = info.default_version if info.default_version in versions else None
                     visible.append(ModelInfo(info.name, tuple(versions), default))
-        return visible
+        return visible, _LISTED
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]

@@ -5,7 +5,7 @@ One span per call, continuing the caller's W3C ``traceparent`` (a malformed one 
 children for authentication, authorization, the model run and the audit commit. The children name the call span
 as their parent explicitly (``CallTrace.context``) instead of making spans current: a stream's handler yields
 between its steps, and nothing here must depend on which task resumes it. A call without tracing has
-``CallContext.trace`` None, and every hook is then one attribute check.
+``Call.trace`` None, and every hook is then one attribute check.
 
 Attributes carry no token, no tensor value and no caller text that the pipeline's grammar has not checked
 (gateway/identifiers.py): model names and versions only once checked, request ids only when well-formed.
@@ -23,7 +23,7 @@ import grpc
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.context import CallContext
+    from gateway.context import Call
 
 # The W3C trace-context headers a call may carry (https://www.w3.org/TR/trace-context/).
 _HEADERS = ("traceparent", "tracestate")
@@ -105,7 +105,7 @@ _NO_SPAN = contextlib.nullcontext()
 
 
 def span(
-    call: CallContext, name: str, attributes: Mapping[str, str | int] | None = None
+    call: Call, name: str, attributes: Mapping[str, str | int] | None = None
 ) -> contextlib.AbstractContextManager[Any]:
     """A child span of ``call``'s span around the block (None without tracing); an exception leaving the block
     marks it as an error, by its gRPC code or its class name (never its message). Without tracing, one shared
@@ -117,9 +117,7 @@ def span(
 
 
 @contextlib.contextmanager
-def _child_span(
-    call: CallContext, trace: CallTrace, name: str, attributes: Mapping[str, str | int] | None
-) -> Iterator[Any]:
+def _child_span(call: Call, trace: CallTrace, name: str, attributes: Mapping[str, str | int] | None) -> Iterator[Any]:
     from opentelemetry.trace import Status, StatusCode
 
     attributes = dict(attributes or {})
@@ -135,13 +133,13 @@ def _child_span(
         child.end()
 
 
-def note_outcome(call: CallContext, code: str) -> None:
+def note_outcome(call: Call, code: str) -> None:
     """The gRPC code just recorded for ``call`` (or one of its stream messages)."""
     if call.trace is not None:
         call.trace.code = code
 
 
-def end_call(call: CallContext) -> None:
+def end_call(call: Call) -> None:
     """End ``call``'s span with the code of its last record."""
     trace = call.trace
     if trace is None:

@@ -1,4 +1,7 @@
-"""The gateway.v1 InferenceService: convert protobuf to an InferRequest, call the pipeline, convert back."""
+"""The gateway.v1 InferenceService: convert protobuf to an InferRequest, call the pipeline, convert back.
+
+Each method returns its response with the pipeline's outcome (``Answered``), for the call boundary to record.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.api.streaming import answer_in_order, echoed_id
-from gateway.context import CallContext, current_call
+from gateway.context import Answered, Call, Outcome, current_call
 from gateway.errors import GatewayError, InvalidArgumentError
 from gateway.identifiers import shown
 from gateway.models.runtime import TensorSpec
@@ -73,23 +76,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
 
-    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> Answered:
         """One inference."""
-        call = current_call.get()
-        result = await self._pipeline.predict(call, to_infer_request(request))
-        return to_response(request, result)
+        result = await self._pipeline.predict(current_call.get(), to_infer_request(request))
+        return Answered(to_response(request, result), result.outcome)
 
     async def PredictStream(
         self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.PredictStreamResponse]:
+    ) -> AsyncIterator[Answered]:
         """One response per request, in order; a failing message gets its error in-band and its own record."""
-        stream = current_call.get()
-        stream.action = Action.STREAM.value
 
-        async def answer(call: CallContext, request: pb.PredictRequest) -> pb.PredictStreamResponse:
+        async def answer(call: Call, request: pb.PredictRequest) -> tuple[pb.PredictStreamResponse, Outcome]:
             infer_request = to_infer_request(request)
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
-            return pb.PredictStreamResponse(response=to_response(request, result), id=request.id)
+            return pb.PredictStreamResponse(response=to_response(request, result), id=request.id), result.outcome
 
         def refuse(request: pb.PredictRequest, error: GatewayError) -> pb.PredictStreamResponse:
             code = grpc.StatusCode[error.code].value[0]
@@ -97,15 +97,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 error=pb.StreamError(code=code, message=error.message), id=echoed_id(request.id)
             )
 
-        async for reply in answer_in_order(stream, requests, answer, refuse):
+        async for reply in answer_in_order(current_call.get(), requests, answer, refuse):
             yield reply
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Answered:
         """The models the caller may list."""
-        models = self._pipeline.list_models(current_call.get())
-        return pb.ListModelsResponse(
+        models, outcome = self._pipeline.list_models(current_call.get())
+        response = pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
                     name=m.name,
@@ -115,13 +113,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 for m in models
             ]
         )
+        return Answered(response, outcome)
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetModelMetadataResponse:
+    ) -> Answered:
         """Signature of one model version."""
-        model, versions = self._pipeline.metadata(current_call.get(), request.model_name, request.model_version or None)
-        return pb.GetModelMetadataResponse(
+        call = current_call.get()
+        model, versions, outcome = self._pipeline.metadata(call, request.model_name, request.model_version or None)
+        response = pb.GetModelMetadataResponse(
             name=model.name,
             version=str(model.version),
             versions=[str(v) for v in versions],
@@ -129,3 +129,4 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             outputs=_specs(model.outputs),
             model_digest=model.digest or "",
         )
+        return Answered(response, outcome)

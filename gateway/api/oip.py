@@ -18,7 +18,7 @@ from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.api import parameters
 from gateway.api.streaming import answer_in_order, echoed_id
-from gateway.context import CallContext, current_call
+from gateway.context import Answered, Call, Outcome, carried, current_call
 from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
 from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
@@ -168,74 +168,67 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The gateway's name, version and the protocol extensions it serves."""
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(), extensions=EXTENSIONS)
 
-    async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Answered:
         """As Triton answers: a model or version that is not loaded is not ready (for a caller who may see it)."""
         try:
-            self._pipeline.signature(current_call.get(), request.name, request.version or None)
-        except NotFoundError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+            _, outcome = self._pipeline.signature(current_call.get(), request.name, request.version or None)
+        except NotFoundError as exc:
+            return Answered(pb.ModelReadyResponse(ready=False), carried(exc))
+        return Answered(pb.ModelReadyResponse(ready=True), outcome)
 
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Answered:
         """Signature of one model version; ``versions`` lists those the caller may read metadata of."""
-        model, versions = self._pipeline.metadata(current_call.get(), request.name, request.version or None)
-        return pb.ModelMetadataResponse(
+        model, versions, outcome = self._pipeline.metadata(current_call.get(), request.name, request.version or None)
+        response = pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(v) for v in versions],
             platform=PLATFORM,
             inputs=_tensor_metadata(model.inputs),
             outputs=_tensor_metadata(model.outputs),
         )
+        return Answered(response, outcome)
 
-    async def ModelConfig(
-        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Answered:
         """Triton's model configuration, as far as the gateway knows it."""
-        model = self._pipeline.signature(current_call.get(), request.name, request.version or None)
-        return pb.ModelConfigResponse(config=to_model_config(model))
+        model, outcome = self._pipeline.signature(current_call.get(), request.name, request.version or None)
+        return Answered(pb.ModelConfigResponse(config=to_model_config(model)), outcome)
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Answered:
         """One entry per model version the caller may list; every listed version is loaded, so READY."""
         if request.repository_name:
             raise InvalidArgumentError("this gateway serves one repository: leave repository_name empty")
-        models = self._pipeline.list_models(current_call.get())
-        return pb.RepositoryIndexResponse(
+        models, outcome = self._pipeline.list_models(current_call.get())
+        response = pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=str(v), state="READY")
                 for m in models
                 for v in m.versions
             ]
         )
+        return Answered(response, outcome)
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Answered:
         """One inference."""
         result = await self._pipeline.predict(current_call.get(), to_infer_request(request))
-        return to_response(request, result)
+        return Answered(to_response(request, result), result.outcome)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[Answered]:
         """One response per request, in order; a failing request gets ``error_message`` and the stream goes on.
 
         A request with ``triton_enable_empty_final_response`` true gets its response marked
         ``triton_final_response: true`` (Triton's decoupled-stream flag): every request has exactly one response,
         so it is always the final one and no empty response ever follows."""
 
-        async def answer(call: CallContext, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def answer(call: Call, request: pb.ModelInferRequest) -> tuple[pb.ModelStreamInferResponse, Outcome]:
             infer_request = to_infer_request(request)
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
             response = to_response(request, result)
-            return pb.ModelStreamInferResponse(
+            reply = pb.ModelStreamInferResponse(
                 infer_response=_mark_final(response) if _asks_final_flag(request) else response
             )
+            return reply, result.outcome
 
         def refuse(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
             # Triton's form: the error as text (the status name first, so clients can tell causes apart).

@@ -1,4 +1,5 @@
-"""Request streams of every protocol: each message answered in order, its error in-band, its own audit record."""
+"""Request streams of every protocol: each message answered in order, its error in-band, its outcome yielded with
+its reply for the call boundary to record."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import TypeVar
 
 import structlog
 
-from gateway.context import CallContext
+from gateway.context import NO_OUTCOME, Answered, Call, MessageOutcome, Outcome, carried
 from gateway.errors import GatewayError, InternalError
 from gateway.identifiers import ID
 
@@ -18,37 +19,36 @@ Reply = TypeVar("Reply")
 
 
 async def answer_in_order(
-    stream: CallContext,
+    stream: Call,
     requests: AsyncIterator[Request],
-    answer: Callable[[CallContext, Request], Awaitable[Reply]],
+    answer: Callable[[Call, Request], Awaitable[tuple[Reply, Outcome]]],
     refuse: Callable[[Request, GatewayError], Reply],
-) -> AsyncIterator[Reply]:
-    """One reply per request, in order. A failing message gets ``refuse``'s reply and the stream goes on.
+) -> AsyncIterator[Answered]:
+    """One reply per request, in order, each with its message's outcome. A failing message gets ``refuse``'s
+    reply and the stream goes on.
 
-    Each message runs under a child of the stream's context and is recorded before its reply leaves: if the
-    record cannot be written, the stream ends UNAVAILABLE (the recorder raises) and that reply is never sent. A
-    reply over the size limit is refused in-band (RESOURCE_EXHAUSTED) before its record, so the record says what
-    the client gets.
+    Each message runs as its own call (``Call.for_message``); the boundary commits its record before the reply
+    leaves, and if that record cannot be written the stream ends UNAVAILABLE and that reply is never sent. A
+    reply over the size limit is refused in-band (RESOURCE_EXHAUSTED) before its outcome is yielded, so that the
+    record says what the client gets.
     """
     index = 0
     async for request in requests:
-        call = stream.for_message(index, bytes_in=_size(request))
+        call = stream.for_message(index)
         error: GatewayError | None = None
+        outcome = NO_OUTCOME
         try:
-            reply = await answer(call, request)
+            reply, outcome = await answer(call, request)
             stream.check_reply(_size(reply))
         except GatewayError as exc:
-            error = exc
-        except Exception:
+            error, outcome = exc, carried(exc, outcome)
+        except Exception as exc:
             log.exception("stream_message_failed", request_id=stream.request_id, message_index=index)
-            error = InternalError(reason="unexpected error")
+            error, outcome = InternalError(reason="unexpected error"), carried(exc, outcome)
         if error is not None:
             reply = refuse(request, error)
-        call.bytes_out = _size(reply)
-        stream.model_ran = stream.model_ran or call.model_ran
-        await stream.record_message(call, error)
+        yield Answered(reply, MessageOutcome(call, outcome, error, _size(request), _size(reply)))
         index += 1
-        yield reply
 
 
 def echoed_id(message_id: str) -> str:

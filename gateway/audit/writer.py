@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -126,24 +126,11 @@ class _Head:
     file: str
 
 
-class _AuditChain(structlog.BoundLoggerBase):
-    """structlog wrapper class of the audit chain: runs the processors and hands back the finished event."""
-
-    def submit(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """The record after the audit processors (a fresh dict; the caller's is left alone)."""
-        # _process_event copies the record into a fresh event dict; the caller's mapping is never changed.
-        args, _ = self._process_event("submit", None, record if type(record) is dict else dict(record))
-        return args[0]  # type: ignore[no-any-return]
-
-
-class _NoSink:
-    """The chain's wrapped logger: never called, since ``_AuditChain.submit`` keeps the event for the writer."""
-
-
-def _hand_back(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> tuple[tuple[MutableMapping[str, Any]], dict[str, Any]]:
-    return (event_dict,), {}
+def _stamped(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A fresh copy of ``record`` (the caller's mapping is left alone) with ``ts``, the moment it was submitted."""
+    event = dict(record)
+    event["ts"] = utc_now()
+    return event
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -256,12 +243,6 @@ class AuditLog:
             ),
             self._digest,
         )
-        self._chain: _AuditChain = structlog.wrap_logger(
-            _NoSink(),
-            processors=[structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"), _hand_back],
-            wrapper_class=_AuditChain,
-            context_class=dict,
-        ).bind()
 
         # Caller side: ``_lock`` guards the pending group, the state and the committer role; the writer thread
         # waits on ``_wakeup`` until it is handed the role.
@@ -490,7 +471,7 @@ class AuditLog:
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record; return once it is committed, else raise UnavailableError (fail closed)."""
         try:
-            event = self._chain.submit(record)
+            event = _stamped(record)
         except Exception as exc:
             raise InternalError(reason=f"audit record not serializable: {type(exc).__name__}") from exc
         waiter = threading.Lock()
@@ -537,7 +518,7 @@ class AuditLog:
         Every record appended during one loop turn is committed by one callback at the end of that turn.
         """
         try:
-            event = self._chain.submit(record)
+            event = _stamped(record)
         except Exception as exc:
             raise InternalError(reason=f"audit record not serializable: {type(exc).__name__}") from exc
         if self._state != "open":

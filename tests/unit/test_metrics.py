@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.context import CallContext
+from gateway.context import Outcome
 from gateway.errors import (
     AuthenticationError,
     InvalidArgumentError,
@@ -15,10 +15,8 @@ from gateway.errors import (
 from gateway.metrics import refusal_labels
 
 
-def _call(rule: str | None = None) -> CallContext:
-    call = CallContext(request_id="r", method="/m", peer="p")
-    call.rule = rule
-    return call
+def _call(rule: str | None = None) -> Outcome:
+    return Outcome(rule=rule)
 
 
 @pytest.mark.parametrize(
