@@ -27,11 +27,17 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.api import rest as codec
+from gateway.api.rest import Answer, RestEndpoints, RestRequest
+from gateway.boundary import CallBoundary
 from gateway.config import HttpSettings, listen_error
+from gateway.context import Answered, Call
+from gateway.errors import GatewayError, InternalError, ResourceExhaustedError, UnimplementedError
 
 log = structlog.get_logger(__name__)
 
 JSON = "application/json"
+SERVER = "gateway"  # instead of aiohttp's default, which names its version and Python's
 _ACCEPT_BACKLOG = 512
 _CHUNK = 256 * 1024
 
@@ -105,7 +111,7 @@ class _Server(web.Server):
         super().connection_made(handler, transport)
         self.ended[handler] = asyncio.get_running_loop().create_future()
 
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None) -> None:
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         ended = self.ended.get(handler)
         if ended is not None and not ended.done():
@@ -129,15 +135,8 @@ class RestListener:
         self._context = context
         self._handshake_timeout_s = handshake_timeout_s
         self._reuse_port = reuse_port
-        self._server = _Server(
-            handle,
-            # Request line and each header field bounded (431/400 from aiohttp's parser past them); a connection
-            # must send a full request head within idle_timeout_s of its start or its last answer.
-            max_line_size=settings.max_header_bytes,
-            max_field_size=settings.max_header_bytes,
-            keepalive_timeout=settings.idle_timeout_s,
-            access_log=None,
-        )
+        self._handle = handle
+        self._server: _Server | None = None  # made on the loop, by start
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -166,13 +165,25 @@ class RestListener:
 
     def start(self) -> None:
         """Start accepting (on the running loop)."""
+        settings = self._settings
+        self._server = _Server(
+            self._handle,
+            # Request line and each header field bounded (431/400 from aiohttp's parser past them); a connection
+            # must send a full request head within idle_timeout_s of its start or its last answer.
+            max_line_size=settings.max_header_bytes,
+            max_field_size=settings.max_header_bytes,
+            keepalive_timeout=settings.idle_timeout_s,
+            access_log=None,
+        )
         self._accepting = asyncio.get_running_loop().create_task(self._accept(), name="rest-accept")
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._socket is not None
+        listening = self._socket
+        if listening is None:
+            raise RuntimeError("the REST listener is not bound")
         while True:
-            connection, _ = await loop.sock_accept(self._socket)
+            connection, _ = await loop.sock_accept(listening)
             if len(self._connections) >= self._settings.max_connections:
                 self.refused_connections += 1
                 connection.close()
@@ -184,9 +195,12 @@ class RestListener:
     async def _serve(self, connection: socket.socket) -> None:
         """One connection, from its handshake (bounded) to its end; its slot is held all that time."""
         loop = asyncio.get_running_loop()
+        server = self._server
+        if server is None:
+            raise RuntimeError("the REST listener is not started")
         try:
             _, handler = await loop.connect_accepted_socket(
-                self._server,
+                server,
                 connection,
                 ssl=self._context(),
                 ssl_handshake_timeout=self._handshake_timeout_s,
@@ -194,12 +208,12 @@ class RestListener:
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             connection.close()  # no certificate, a wrong one, or too slow: the handshake failed
             return
-        ended = self._server.ended.get(handler)  # type: ignore[call-overload]
+        ended = server.ended.get(handler)  # type: ignore[call-overload]
         if ended is not None:
             try:
                 await ended
             finally:
-                self._server.ended.pop(handler, None)  # type: ignore[call-overload]
+                server.ended.pop(handler, None)  # type: ignore[call-overload]
 
     async def stop(self, timeout_s: float) -> None:
         """Stop accepting, then close the connections (an answer in progress gets ``timeout_s`` to finish)."""
@@ -209,7 +223,8 @@ class RestListener:
                 await self._accepting
         if self._socket is not None:
             self._socket.close()
-        await self._server.shutdown(timeout_s)
+        if self._server is not None:
+            await self._server.shutdown(timeout_s)
         for task in list(self._connections):
             task.cancel()
 
@@ -249,7 +264,7 @@ def refusal(error: GatewayError, *, request_id: str, retry_safe: bool, token_sen
     message = error.message
     if isinstance(error, InternalError):
         message = f"internal error (request id {request_id})"
-    headers = {"x-request-id": request_id}
+    headers = {"x-request-id": request_id, "Server": SERVER}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"' if token_sent else 'Bearer realm="gateway"'
     elif status == 429 or (status == 503 and retry_safe):
@@ -284,7 +299,10 @@ class RestService:
         if route is not None and not route.audited:
             state = route.handler == "live" or self._ready()
             return web.Response(
-                status=200 if state else 503, text=codec.dumps({route.handler: state}), content_type=JSON
+                status=200 if state else 503,
+                text=codec.dumps({route.handler: state}),
+                content_type=JSON,
+                headers={"Server": SERVER},
             )
         endpoint: Callable[..., Awaitable[Answered]]
         if route is None:
@@ -313,11 +331,11 @@ class RestService:
                 retry_safe=served.retry_safe,
                 token_sent="Authorization" in request.headers,
             )
-            if not served.body_read:  # what is left of the body would be read as the next request
+            if not served.body_read and request.can_read_body:  # the rest would be read as the next request
                 response.force_close()
             return response
         reply: Answer = served.reply
-        headers = {"x-request-id": request_id}
+        headers = {"x-request-id": request_id, "Server": SERVER}
         if reply.header_length is not None:
             headers["Inference-Header-Content-Length"] = str(reply.header_length)
         return web.Response(body=reply.body, content_type=reply.content_type, headers=headers)

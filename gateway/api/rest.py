@@ -20,7 +20,7 @@ from typing import Any
 from gateway import package_version, tensors
 from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway.api import oip, parameters
-from gateway.context import CallContext
+from gateway.context import NO_OUTCOME, Answered, Call
 from gateway.errors import InvalidArgumentError
 from gateway.identifiers import ID, shown
 from gateway.models.runtime import ModelVersion, TensorSpec
@@ -303,49 +303,51 @@ class RestEndpoints:
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
 
-    async def server_metadata(self, call: CallContext, names: Mapping[str, str], request: RestRequest) -> Answer:
+    async def server_metadata(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """GET /v2: the gateway's name, version and the protocol extensions it serves."""
-        return _json({"name": oip.SERVER_NAME, "version": package_version(), "extensions": list(oip.EXTENSIONS)})
+        document = {"name": oip.SERVER_NAME, "version": package_version(), "extensions": list(oip.EXTENSIONS)}
+        return Answered(_json(document), NO_OUTCOME)
 
-    async def model_metadata(self, call: CallContext, names: Mapping[str, str], request: RestRequest) -> Answer:
+    async def model_metadata(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """GET /v2/models/{model}[/versions/{version}]: the version's signature, the versions the caller may read."""
-        model, versions = self._pipeline.metadata(call, names["model"], names.get("version"))
-        return _json(
-            {
+        model, versions, outcome = self._pipeline.metadata(call, names["model"], names.get("version"))
+        document = {
                 "name": model.name,
                 "versions": [str(v) for v in versions],
                 "platform": oip.PLATFORM,
                 "inputs": _tensor_metadata(model.inputs),
                 "outputs": _tensor_metadata(model.outputs),
-            }
-        )
+        }
+        return Answered(_json(document), outcome)
 
-    async def model_ready(self, call: CallContext, names: Mapping[str, str], request: RestRequest) -> Answer:
+    async def model_ready(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """GET .../ready: 200 when loaded; a model or version that is not is 404 (for a caller who may see it)."""
-        model = self._pipeline.signature(call, names["model"], names.get("version"))
-        return _json({"name": model.name, "ready": True})
+        model, outcome = self._pipeline.signature(call, names["model"], names.get("version"))
+        return Answered(_json({"name": model.name, "ready": True}), outcome)
 
-    async def model_config(self, call: CallContext, names: Mapping[str, str], request: RestRequest) -> Answer:
+    async def model_config(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """GET .../config (Triton): the model configuration, as far as the gateway knows it."""
-        return _json(model_config(self._pipeline.signature(call, names["model"], names.get("version"))))
+        model, outcome = self._pipeline.signature(call, names["model"], names.get("version"))
+        return Answered(_json(model_config(model)), outcome)
 
-    async def repository_index(self, call: CallContext, names: Mapping[str, str], request: RestRequest) -> Answer:
+    async def repository_index(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """POST /v2/repository/index (Triton): each version the caller may list; every listed one is loaded."""
         if request.body.strip():
             options = parse_json(request.body)
             _refuse_unknown_keys(options, ("ready",), "the request")
-        models = self._pipeline.list_models(call)
-        return _json([{"name": m.name, "version": str(v), "state": "READY"} for m in models for v in m.versions])
+        models, outcome = self._pipeline.list_models(call)
+        index = [{"name": m.name, "version": str(v), "state": "READY"} for m in models for v in m.versions]
+        return Answered(_json(index), outcome)
 
-    async def infer(self, call: CallContext, names: Mapping[str, str], request: RestRequest) -> Answer:
+    async def infer(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """POST .../infer: one inference, JSON or binary tensors in and out."""
         infer = JsonInferRequest(names["model"], names.get("version"), request.body, request.header_length)
         result = await self._pipeline.predict(call, infer.request)
         assert infer.parts is not None  # noqa: S101 (read ran, or predict raised)
         body, header_length = encode_response(infer.id, result, binary_outputs(infer.parts.document, result))
         if header_length is None:
-            return Answer(body)
-        return Answer(body, "application/octet-stream", header_length)
+            return Answered(Answer(body), result.outcome)
+        return Answered(Answer(body, "application/octet-stream", header_length), result.outcome)
 
 
 @dataclass(frozen=True, slots=True)
