@@ -395,9 +395,7 @@ class CallBoundary:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         return _CallState(call, stream=stream)
 
-    async def _admit(
-        self, state: _CallState, metadata: Sequence[Any], *, peer_pem: bytes | None, stream: bool
-    ) -> None:
+    async def _admit(self, state: _CallState, metadata: Sequence[Any], *, peer_pem: bytes | None, stream: bool) -> None:
         """Authenticate, then take the principal's and the server's capacity (into ``state.slots``); the call's
         facts in ``state`` gain its certificate, then its principal.
 

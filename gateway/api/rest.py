@@ -204,9 +204,7 @@ def _requested_outputs(document: Mapping[str, Any], bounds: Bounds) -> list[str]
 
 def _parameters(item: Mapping[str, Any], where: str) -> dict[str, parameters.Value]:
     given = item.get("parameters", {})
-    if not isinstance(given, dict) or not all(
-        isinstance(value, bool | int | float | str) for value in given.values()
-    ):
+    if not isinstance(given, dict) or not all(isinstance(value, bool | int | float | str) for value in given.values()):
         raise InvalidArgumentError(f"{where}: parameters must be an object of booleans, numbers and strings")
     return given
 
@@ -276,9 +274,7 @@ def model_config(model: ModelVersion) -> dict[str, Any]:
         "backend": config.backend,
         "max_batch_size": config.max_batch_size,
         "input": [{"name": i.name, "data_type": _TYPE_NAME(i.data_type), "dims": list(i.dims)} for i in config.input],
-        "output": [
-            {"name": o.name, "data_type": _TYPE_NAME(o.data_type), "dims": list(o.dims)} for o in config.output
-        ],
+        "output": [{"name": o.name, "data_type": _TYPE_NAME(o.data_type), "dims": list(o.dims)} for o in config.output],
         "parameters": {key: {"string_value": value.string_value} for key, value in config.parameters.items()},
     }
 
@@ -312,11 +308,11 @@ class RestEndpoints:
         """GET /v2/models/{model}[/versions/{version}]: the version's signature, the versions the caller may read."""
         model, versions, outcome = self._pipeline.metadata(call, names["model"], names.get("version"))
         document = {
-                "name": model.name,
-                "versions": [str(v) for v in versions],
-                "platform": oip.PLATFORM,
-                "inputs": _tensor_metadata(model.inputs),
-                "outputs": _tensor_metadata(model.outputs),
+            "name": model.name,
+            "versions": [str(v) for v in versions],
+            "platform": oip.PLATFORM,
+            "inputs": _tensor_metadata(model.inputs),
+            "outputs": _tensor_metadata(model.outputs),
         }
         return Answered(_json(document), outcome)
 
