@@ -25,9 +25,9 @@ export UV_NO_PROGRESS := 1
 FULL_ENV := --extra server --extra signing --extra otel --group dev
 DEMO_ENV := --no-default-groups --extra server --extra signing --group demo
 
-.PHONY: setup node-deps side-venvs perf-analyzer demo test test-latest test-cryptography serve lint proto certs models bench lock sbom audit-deps clean
+.PHONY: setup node-deps side-venvs perf-analyzer promtool demo test test-latest test-cryptography serve lint proto certs models bench lock sbom audit-deps clean
 
-setup: $(STAMP) node-deps side-venvs perf-analyzer
+setup: $(STAMP) node-deps side-venvs perf-analyzer promtool
 
 $(UV): requirements/uv.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
@@ -53,6 +53,11 @@ node-deps:
 
 %/node_modules/.package-lock.json: %/package.json %/package-lock.json
 	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix $*
+
+# Prometheus' promtool (Debian's package, pinned by version and sha256) for the tests that check the metrics
+# exposition and the alert rules of deploy/prometheus/; skipped, with a message, where it cannot be had.
+promtool:
+	@scripts/get_promtool.sh .tools/prometheus
 
 # Triton's perf_analyzer binary (pinned, hash-checked), for the stock-client tests; where it cannot run, the
 # script leaves a note saying why and those tests skip with it.

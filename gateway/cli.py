@@ -444,9 +444,12 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
     trust = signature.SignatureTrust(
         public_key=Path(args.public_key) if args.public_key else None,
         certificate_chain=Path(args.certificate_chain) if args.certificate_chain else None,
+        signer_identities=tuple(args.signer_identity or ()),
     )
     if len(trust.kinds()) != 1:
         return _fail("give exactly one of --public-key and --certificate-chain", EXIT_USAGE)
+    if (trust.certificate_chain is None) == bool(trust.signer_identities):
+        return _fail("--signer-identity goes with --certificate-chain (at least one), and only with it", EXIT_USAGE)
     try:
         folders = _version_folders(args.paths)
     except _UsageError as exc:
@@ -885,6 +888,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--public-key", help="trusted EC public key (PEM), e.g. certs/server/model-signing.pub"
     )
     check_signature.add_argument("--certificate-chain", help="trusted CA chain (PEM) of model-signing certificates")
+    check_signature.add_argument(
+        "--signer-identity",
+        action="append",
+        metavar="NAME",
+        help="with --certificate-chain: an identity the signing certificate may name (repeatable), as "
+        "models.signature_trust.signer_identities spells it",
+    )
     check_signature.set_defaults(run=_cmd_model_verify)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
@@ -905,7 +915,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="this trail (its active file, or a folder of trails) has no checkpoint: verify it without one, and say "
         "so in its summary (repeatable); without it, a trail whose checkpoint is missing fails",
     )
-    verify.add_argument("--json", action="store_true", help="print the report as JSON: verdict, per-chain summaries")
+    verify.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON: verdict, per-chain summaries, and the model digests (model_digests: "
+        "{model: {version: [digest]}}) seen in the verified records, per chain and in all",
+    )
     verify.set_defaults(run=_cmd_audit_verify)
     return parser
 

@@ -13,6 +13,7 @@ variable is an error, except the client commands' own (``gateway/cli.py`` passes
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib.util
 import ipaddress
 import math
@@ -39,10 +40,12 @@ from gateway.auth import (
 from gateway.auth.principal import identity_spelling_problem
 from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
+from gateway.identifiers import NAME
 from gateway.limits import PrincipalLimits
 from gateway.models.batching import BatchingOptions
+from gateway.models.routing import VersionRouting
+from gateway.models.signature import DEFAULT_MAX_VERSION_BYTES, SignaturePolicy, SignatureTrust
 from gateway.models.signature import MODES as SIGNATURE_MODES
-from gateway.models.signature import SignaturePolicy, SignatureTrust
 
 DEFAULT_CONFIG = Path("gateway.yaml")
 MIB = 1024 * 1024
@@ -127,6 +130,10 @@ class ModelSettings:
     signatures: str = "off"
     signatures_by_model: Mapping[str, str] = field(default_factory=dict)
     signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+    # Per model: a pinned default version and a canary share for requests that name no version (docs/versions.md).
+    versions: Mapping[str, VersionRouting] = field(default_factory=dict)
+    # Each load copies the version folder privately (verified and loaded from the copy): at most this many bytes.
+    max_version_bytes: int = DEFAULT_MAX_VERSION_BYTES
 
     @property
     def signature_policy(self) -> SignaturePolicy:
@@ -236,6 +243,35 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """A remote Open Inference Protocol gRPC server (MLServer, KServe, Triton, another gateway) that serves some
+    models for the gateway, behind its boundary, policies and audit trail (docs/backends.md)."""
+
+    addresses: tuple[str, ...] = ()  # HOST:PORT, one or more: calls go round robin over those that are up
+    # Mutual TLS by default: the backend's CA, and the gateway's own client certificate and key towards it.
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # the name the backend's certificate must carry, when not the address's host
+    # A bearer token the gateway sends as its own (a backend that is another gateway wants one bound to ``cert``).
+    # The caller's token is never forwarded: it is bound to the caller's certificate (RFC 8705), not the gateway's.
+    token_file: Path | None = None
+    # Plaintext, only where every address is loopback (a sidecar in the same pod): logged at WARNING on every start.
+    plaintext: bool = False
+    deadline_s: float = 30.0  # each call to the backend
+    max_in_flight: int = 64  # calls open at once; past it, RESOURCE_EXHAUSTED without sending
+    max_message_bytes: int = 64 * MIB  # each way; a larger answer is refused (RESOURCE_EXHAUSTED)
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    health_interval_s: float = 5.0  # ServerReady, metadata of the routed models, RepositoryIndex for patterns
+    required: bool = False  # the gateway is not ready while this backend is down
+    # Gateway model name -> the backend's model name; and globs of names served under the same name, found in the
+    # backend's RepositoryIndex at each health poll.
+    models: Mapping[str, str] = field(default_factory=dict)
+    model_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every option of ``gateway serve``."""
 
@@ -256,6 +292,8 @@ class Settings:
     tracing: TracingSettings = field(default_factory=TracingSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    # Remote Open Inference Protocol servers by name, and the models they serve (docs/backends.md).
+    backends: Mapping[str, BackendSettings] = field(default_factory=dict)
     # Development only, each logged at WARNING on every start.
     dev_insecure_transport: bool = False  # plaintext, and only on a loopback address
     dev_no_auth: bool = False  # no token, no policy: every call is allowed; only on a loopback address
@@ -702,7 +740,11 @@ def validate(settings: Settings) -> None:
     _validate_connection_limits(settings)
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
+    _validate_versions(settings.models.versions)
+    if settings.models.max_version_bytes < 1:
+        raise ConfigError("models.max_version_bytes: must be at least 1")
     _validate_signatures(settings.models)
+    _validate_backends(settings)
     algorithms = set(settings.auth.algorithms)
     unknown = algorithms - SUPPORTED_ALGORITHMS
     if unknown:  # "none" among them: an unsigned token is never acceptable (RFC 8725 3.1)
@@ -711,6 +753,79 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_backends(settings: Settings) -> None:
+    """Addresses, transport and bounds of each backend, and model names routed to one backend only (a name both
+    local and remote is refused at start, by gateway.backends, once the repository is loaded)."""
+    routed: dict[str, str] = {}
+    for name, backend in settings.backends.items():
+        key = f"backends.{name}"
+        if not NAME.allows(name):
+            raise ConfigError(f"{key}: a backend name is made of {NAME.summary}")
+        if not backend.addresses:
+            raise ConfigError(f"{key}.addresses: at least one HOST:PORT")
+        for address in backend.addresses:
+            host, _ = _split_listen(address, f"{key}.addresses")
+            if backend.plaintext and not _is_loopback(host):
+                raise ConfigError(
+                    f"{key}.plaintext: only for loopback addresses (a sidecar in the same pod), not {address!r}; "
+                    "use mutual TLS (ca, cert, key)"
+                )
+        if backend.plaintext:
+            for material in ("ca", "cert", "key", "server_name"):
+                if getattr(backend, material) is not None:
+                    raise ConfigError(f"{key}.{material}: set, but {key}.plaintext is true")
+        else:
+            for material in ("ca", "cert", "key"):
+                if getattr(backend, material) is None:
+                    raise ConfigError(
+                        f"{key}.{material}: required for mutual TLS to the backend (or {key}.plaintext: true, for "
+                        "a loopback address)"
+                    )
+        for field_name in ("deadline_s", "health_interval_s", "keepalive_time_s", "keepalive_timeout_s"):
+            if getattr(backend, field_name) <= 0:
+                raise ConfigError(f"{key}.{field_name}: must be more than 0")
+        if backend.max_in_flight < 1:
+            raise ConfigError(f"{key}.max_in_flight: must be at least 1")
+        if not 1 <= backend.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ConfigError(f"{key}.max_message_bytes: between 1 and {MAX_MESSAGE_BYTES}")
+        if not backend.models and not backend.model_patterns:
+            raise ConfigError(f"{key}.models: name the models it serves (or model_patterns)")
+        for model, remote in backend.models.items():
+            if not NAME.allows(model) or not NAME.allows(remote):
+                raise ConfigError(f"{key}.models.{model}: model names are made of {NAME.summary}")
+            if model in routed:
+                raise ConfigError(f"{key}.models.{model}: already routed to backends.{routed[model]}")
+            routed[model] = name
+    patterns = [(name, p) for name, backend in settings.backends.items() for p in backend.model_patterns]
+    for name, pattern in patterns:
+        for model, owner in routed.items():
+            if owner != name and fnmatch.fnmatchcase(model, pattern):
+                raise ConfigError(
+                    f"backends.{name}.model_patterns: {pattern!r} also matches {model!r}, routed to backends.{owner}"
+                )
+
+
+def _validate_versions(versions: Mapping[str, VersionRouting]) -> None:
+    """Model names, positive versions, a canary other than the default and a share between 0 and 100."""
+    for model, routing in versions.items():
+        key = f"models.versions.{model}"
+        if not NAME.allows(model):
+            raise ConfigError(f"{key}: not a model name (a letter or digit, then letters, digits, '_', '.', '-')")
+        if routing.default is None and routing.canary is None:
+            raise ConfigError(f"{key}: give default (a version) or canary ({{version, percent}}), or leave it out")
+        if routing.default is not None and routing.default < 1:
+            raise ConfigError(f"{key}.default: must be a version (a positive integer)")
+        canary = routing.canary
+        if canary is None:
+            continue
+        if canary.version < 1:
+            raise ConfigError(f"{key}.canary.version: required: the canary's version (a positive integer)")
+        if canary.version == routing.default:
+            raise ConfigError(f"{key}.canary.version: {canary.version} is the default itself; name another version")
+        if not 0 <= canary.percent <= 100:
+            raise ConfigError(f"{key}.canary.percent: required: the share of requests naming no version, 0 to 100")
 
 
 def _validate_signatures(models: ModelSettings) -> None:
@@ -731,6 +846,14 @@ def _validate_signatures(models: ModelSettings) -> None:
         )
     if len(kinds) > 1:
         raise ConfigError(f"models.signature_trust.{kinds[1]}: set together with {kinds[0]}; give exactly one")
+    if trust.certificate_chain is not None and not trust.signer_identities:
+        raise ConfigError(
+            "models.signature_trust.signer_identities: required with certificate_chain: the signer identities "
+            "allowed in model-signing certificates (e.g. spiffe://example.org/model-signer/release, "
+            "email:release@example.org); the CA's word alone would let any certificate it issued sign models"
+        )
+    if trust.signer_identities and trust.certificate_chain is None:
+        raise ConfigError("models.signature_trust.signer_identities: only with certificate_chain")
     if (trust.sigstore_identity is None) != (trust.sigstore_issuer is None):
         raise ConfigError("models.signature_trust.sigstore_issuer: sigstore_identity and sigstore_issuer go together")
     if importlib.util.find_spec("model_signing") is None:

@@ -108,8 +108,10 @@ class Outcome:
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
+    version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     decision: str | None = None
     rule: str | None = None
+    backend: Mapping[str, Any] | None = None  # a routed model's exchange with its backend (backends.route.Exchange)
     inputs: tuple[Mapping[str, Any], ...] = ()
     model_ran: bool = False
 
@@ -121,8 +123,10 @@ class Outcome:
             self.requested_version,
             self.version,
             self.model_digest,
+            self.version_reason,
             self.decision,
             self.rule,
+            self.backend,
             inputs,
             model_ran,
         )

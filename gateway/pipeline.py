@@ -10,15 +10,17 @@ is checked against its grammar (gateway.identifiers), and the input names as soo
 one reaches a record, whoever the caller and whatever the decision.
 
 Facts in, outcome out: each step takes the call's frozen facts (gateway.context.Call) and returns what it learned
-(an Outcome: model, versions, decision, inputs as declared, whether the model ran) with its result; an exception
-raised once the decision is made carries the outcome so far (``context.carry``). Nothing here records.
+(an Outcome: model, versions, decision, backend exchange, inputs as declared, whether the model ran) with its
+result; an exception raised once the decision is made carries the outcome so far (``context.carry``). Nothing
+here records.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from dataclasses import replace as replaced
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,7 +28,8 @@ import numpy as np
 from gateway import tensors, tracing
 from gateway.audit.record import describe_inputs
 from gateway.auth.principal import Principal
-from gateway.context import Call, Outcome, carry
+from gateway.backends.route import Backend, Exchange, RemoteModel, Routes
+from gateway.context import Call, Outcome, carried, carry
 from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, PermissionDeniedError
 from gateway.identifiers import ID, NAME, shown
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
@@ -66,18 +69,41 @@ class InferRequest:
 
 @dataclass(frozen=True, slots=True)
 class InferResult:
-    """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), the
+    """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), and the
     version that ran, and the call's outcome for its record."""
 
     model: str
-    version: int
+    version: int | str  # a routed model's version is its backend's text
     outputs: dict[str, np.ndarray]
     raw: dict[str, tuple[tensors.DataType, bytes]]
     outcome: Outcome
 
 
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A model as a listing shows it: the versions the caller may see and the default, if they may use it."""
+
+    name: str
+    versions: tuple[int | str, ...]  # a routed model's version is its backend's text
+    default_version: int | str | None
+
+
 _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
+_NO_ROUTES = Routes((), {}, ())
 _LISTED = Outcome(action=Action.LIST.value, decision="allow")  # a listing shows what the caller may see: no refusal
+_RUNS = (Action.PREDICT, Action.STREAM)
+
+Served = ModelVersion | RemoteModel  # a model run here, or one routed to a remote backend (gateway.backends)
+
+
+def _version_of(resolved: Served | GatewayError, requested: str | None) -> str | None:
+    """The version a policy judges: the one that would run (a routed model's: the backend's), else the one asked
+    for."""
+    if isinstance(resolved, ModelVersion):
+        return str(resolved.version)
+    if isinstance(resolved, RemoteModel):
+        return requested or resolved.version or None
+    return requested
 
 
 class Pipeline:
@@ -89,10 +115,13 @@ class Pipeline:
         models: ModelRepository,
         policies: PolicyStore | None,
         before_run: Callable[[], None] = lambda: None,
+        routes: Routes = _NO_ROUTES,
     ) -> None:
         """``policies=None`` is the dev_no_auth mode (everything allowed); ``before_run`` may refuse a run
-        (the audit sink's health check: no model runs while its record could not be written)."""
+        (the audit sink's health check: no model runs while its record could not be written); ``routes``: the
+        models served by remote backends (gateway.backends), through this same path."""
         self.models = models
+        self.routes = routes
         self._policies = policies
         self._before_run = before_run
         self.sliced_decodes = 0  # decodes that took more than one step: for tests and measurements
@@ -104,30 +133,56 @@ class Pipeline:
             return Decision(allowed=False, rule_id=None)
         return self._policies.current.evaluate(principal, model=model, version=version, action=action)
 
-    def _authorize(self, call: Call, model: str, requested: str | None, action: Action) -> tuple[ModelVersion, Outcome]:
+    def _backend_for(self, model: str) -> Backend | None:
+        """The backend a model is routed to: explicit routes first, then the local repository, then the names a
+        backend's patterns found. Only what is cached is read: nothing is sent anywhere."""
+        backend = self.routes.explicit(model)
+        if backend is None and self.models.info(model) is None:
+            backend = self.routes.discovered(model)
+        return backend
+
+    def _authorize(self, call: Call, model: str, requested: str | None, action: Action) -> tuple[Served, Outcome]:
         """Check the names, resolve (so the decision is about the version that will run), decide, then report:
-        the version allowed and the outcome so far, or the refusal carrying it. Fields are named as both protocols
-        name them (gateway.v1 and the Open Inference Protocol)."""
+        the model allowed and the outcome so far, or the refusal carrying it. Fields are named as both protocols
+        name them (gateway.v1 and the Open Inference Protocol). A routed model is decided on the gateway's name and
+        the backend's version, before anything is sent to it."""
         NAME.check(model, "model_name")
         if requested is not None:
             NAME.check(requested, "model_version")
-        resolved: ModelVersion | NotFoundError
-        try:
-            resolved = self.models.resolve(model, _parse_version(model, requested))
-        except NotFoundError as exc:
-            resolved = exc
-        version = digest = None
-        if isinstance(resolved, ModelVersion):
-            version, digest = str(resolved.version), resolved.digest  # recorded even when denied: what was judged
+        resolved: Served | GatewayError
+        reason, fallback, exchanged = None, None, None
+        backend = self._backend_for(model)
+        if backend is not None:
+            resolved = backend.model(model)  # as last described: nothing is sent before the decision
+            exchanged = Exchange(backend.name).record()
+        else:
+            # Only calls that run a model take part in a canary (metadata describes the default); the request id
+            # keeps a request, and a stream's messages, on one version.
+            key = call.request_id if action in _RUNS else None
+            try:
+                resolved, reason, fallback = self.models.route(model, _parse_version(model, requested), key=key)
+            except NotFoundError as exc:
+                resolved = exc
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, version or requested, action)
+            decision = self._decide(call.principal, model, _version_of(resolved, requested), action)
+            if not decision.allowed and fallback is not None:
+                # A canary never turns an allowed call into a denied one: a caller who may not use the canary
+                # version gets the version it would have had without the canary, if the policy allows that.
+                (resolved, reason), denied = fallback, decision
+                decision = self._decide(call.principal, model, str(resolved.version), action)
+                decision = decision if decision.allowed else denied
             verdict = "allow" if decision.allowed else "deny"
             if span is not None:
                 span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})
-        outcome = Outcome(action.value, model, requested, version, digest, verdict, decision.rule_id)
+        version = digest = why = None
+        if isinstance(resolved, ModelVersion):  # recorded even when denied: the version the policy judged
+            version, digest, why = str(resolved.version), resolved.digest, reason.value if reason else None
+        elif isinstance(resolved, RemoteModel):
+            version = _version_of(resolved, requested)
+        outcome = Outcome(action.value, model, requested, version, digest, why, verdict, decision.rule_id, exchanged)
         if not decision.allowed:
             refusal: GatewayError = PermissionDeniedError(reason=decision.reason)
-        elif isinstance(resolved, NotFoundError):
+        elif isinstance(resolved, GatewayError):
             refusal = resolved
         else:
             return resolved, outcome
@@ -145,15 +200,12 @@ class Pipeline:
         ran = False
         try:
             body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
-            for name in body.inputs:
-                if name:  # "" is the unnamed tensor
-                    ID.check(name, "input name")
-            wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
-            for tensor in wire.values():  # sizes, limits and lengths agree: nothing decoded yet
-                tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
+            wire = _named_inputs(model, body)
             described = describe_inputs(wire)
             model.validate(wire)
             _check_outputs(model, body.outputs)
+            if isinstance(model, RemoteModel):
+                return await self._predict_remote(call, request, model, wire, body.outputs, decided, described)
             inputs = await self._decode(wire)
             self._before_run()
             ran = True
@@ -163,9 +215,59 @@ class Pipeline:
                 outputs = {name: outputs[name] for name in body.outputs}
             raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
         except BaseException as exc:  # cancellations too: their record says what ran
-            carry(exc, decided.finished(described, model_ran=ran))
+            carry(exc, carried(exc, decided.finished(described, model_ran=ran)))
             raise
         return InferResult(request.model, model.version, outputs, raw, decided.finished(described, model_ran=True))
+
+    async def _predict_remote(
+        self,
+        call: Call,
+        request: InferRequest,
+        model: RemoteModel,
+        wire: Mapping[str, tensors.WireTensor],
+        outputs: tuple[str, ...] | None,
+        decided: Outcome,
+        described: tuple[dict[str, Any], ...],
+    ) -> InferResult:
+        """Send the checked inputs, raw as they came, to the model's backend; its exchange goes into the outcome
+        whatever happens (a cancelled caller cancels the backend call with this task)."""
+        backend = self.routes.backend(model.backend)
+        self._before_run()
+        exchange = Exchange(backend.name)
+        attributes = {"gateway.backend": backend.name, "gateway.model": model.name}
+        try:
+            with tracing.span(call, "gateway.backend", attributes) as span:
+                answer = await backend.infer(
+                    model,
+                    wire,
+                    version=request.version,
+                    outputs=outputs,
+                    request_id=call.request_id,
+                    headers=tracing.propagation_headers(span),
+                    exchange=exchange,
+                )
+        except BaseException as exc:
+            carry(exc, _exchanged(decided, exchange, described))
+            raise
+        return InferResult(
+            request.model,
+            exchange.version or model.version,
+            {name: output.array for name, output in answer.items()},
+            {name: (output.row, output.raw) for name, output in answer.items()},
+            _exchanged(decided, exchange, described),
+        )
+
+    async def model_config(self, call: Call, model: RemoteModel, decided: Outcome) -> tuple[Any, Outcome]:
+        """A routed model's configuration as its backend gives it (inference.ModelConfig), for a caller already
+        allowed its metadata (``signature``, whose outcome is ``decided``), and the outcome with the exchange."""
+        backend = self.routes.backend(model.backend)
+        exchange = Exchange(backend.name)
+        try:
+            config = await backend.config(model, request_id=call.request_id, exchange=exchange)
+        except BaseException as exc:
+            carry(exc, replaced(decided, backend=exchange.record()))
+            raise
+        return config, replaced(decided, backend=exchange.record())
 
     async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
         """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
@@ -177,28 +279,34 @@ class Pipeline:
             self.sliced_decodes += pauses > 0
         return inputs
 
-    def signature(self, call: Call, model: str, version: str | None) -> tuple[ModelVersion, Outcome]:
+    def signature(self, call: Call, model: str, version: str | None) -> tuple[Served, Outcome]:
         """The loaded version the caller may read metadata of (its signature and configuration), and the outcome."""
         return self._authorize(call, model, version, Action.METADATA)
 
-    def metadata(self, call: Call, model: str, version: str | None) -> tuple[ModelVersion, list[int], Outcome]:
+    def metadata(self, call: Call, model: str, version: str | None) -> tuple[Served, list[int | str], Outcome]:
         """The signature of one version, the versions of the model the caller may read metadata of, the outcome."""
         resolved, outcome = self.signature(call, model, version)
+        if isinstance(resolved, RemoteModel):
+            return resolved, [resolved.version] if resolved.version else [], outcome
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
-        return resolved, versions, outcome
+        return resolved, list(versions), outcome
 
-    def list_models(self, call: Call) -> tuple[list[ModelInfo], Outcome]:
+    def list_models(self, call: Call) -> tuple[list[Listed], Outcome]:
         """The models, and their versions, the caller may list, and the outcome."""
-        visible = []
+        visible: list[Listed] = []
         with tracing.span(call, "gateway.authorize", {"gateway.action": Action.LIST.value}):
             for info in self.models.models():
                 versions = self._visible_versions(call.principal, info, Action.LIST)
                 if versions:
                     # The default is shown only when the caller may use it: a request without a version gets it.
                     default = info.default_version if info.default_version in versions else None
-                    visible.append(ModelInfo(info.name, tuple(versions), default))
-        return visible, _LISTED
+                    visible.append(Listed(info.name, tuple(versions), default))
+            for remote in self.routes.models():
+                version = remote.version or None
+                if self._decide(call.principal, remote.name, version, Action.LIST).allowed:
+                    visible.append(Listed(remote.name, (version,) if version else (), version))
+        return sorted(visible, key=lambda info: info.name), _LISTED
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
@@ -220,15 +328,38 @@ async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
         await asyncio.sleep(0)
 
 
-def _flat_input(model: ModelVersion, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
+def _named_inputs(model: Served, body: InferBody) -> dict[str, tensors.WireTensor]:
+    """The body's inputs named and held to the limits: sizes, limits and lengths agree, nothing decoded yet."""
+    for name in body.inputs:
+        if name:  # "" is the unnamed tensor
+            ID.check(name, "input name")
+    wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
+    for tensor in wire.values():
+        tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
+    return wire
+
+
+def _exchanged(decided: Outcome, exchange: Exchange, described: tuple[dict[str, Any], ...]) -> Outcome:
+    """The outcome of a routed call: its backend exchange, the version that answered, and whether anything was sent
+    (a refusal before that is safe to retry)."""
+    return replaced(
+        decided,
+        version=exchange.version or decided.version,
+        backend=exchange.record(),
+        inputs=described,
+        model_ran=exchange.sent,
+    )
+
+
+def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
     """The simple form's flat FP32 values as the model's one input, shaped by its signature."""
     if flat.values is not None:  # bounded before the shape is worked out (a count past every limit is no shape)
         tensors.element_count((len(flat.values),), name="input_data", max_elements=model.max_elements)
     name, shape = model.flat_input(len(flat.values or ()))
-    return {name: replace(flat, shape=shape)}
+    return {name: replaced(flat, shape=shape)}
 
 
-def _check_outputs(model: ModelVersion, requested: tuple[str, ...] | None) -> None:
+def _check_outputs(model: Served, requested: tuple[str, ...] | None) -> None:
     known = {spec.name for spec in model.outputs}
     for name in requested or ():
         if ID.check(name, "output name") not in known:

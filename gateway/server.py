@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import platform
 import resource
 import signal
 import ssl
@@ -26,6 +27,7 @@ import structlog
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from gateway import package_version
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway._pb.inference import grpc_service_pb2 as oip_pb
@@ -39,13 +41,14 @@ from gateway.auth.certs import CrlStore, check_validity, inspect_peer
 from gateway.auth.keys import KeyStore
 from gateway.auth.remote_keys import RemoteKeyStore
 from gateway.auth.verifier import TokenVerifier
+from gateway.backends.fleet import Fleet
 from gateway.boundary import CallBoundary, HandlerCollector, MessageLimits, Recorder
 from gateway.config import AuthSettings, ConfigError, Settings, listen_error, read_secret
 from gateway.errors import AuthenticationError, UnavailableError
 from gateway.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from gateway.health import HealthServicer
 from gateway.limits import Admission, RefusalLimit
-from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry
+from gateway.metrics import ListenerLimits, MetricsListener, MetricsTls, registry, start_counting
 from gateway.metrics import recording as metrics_recording
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository
@@ -188,6 +191,18 @@ def metrics_limits(settings: Settings) -> ListenerLimits:
     )
 
 
+def _versions() -> dict[str, str]:
+    """The versions ``gateway_build_info`` carries: the gateway's and those of what runs the calls."""
+    import onnxruntime
+
+    return {
+        "version": package_version(),
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def _tracing(settings: Settings) -> Tracing:
     if not settings.tracing.enabled:
         return Tracing(None)
@@ -208,7 +223,7 @@ class Gateway:
         self.tracing = tracing or _tracing(settings)
         self.port: int | None = None
         self._stopped = threading.Event()
-        metered = metrics_recording(settings.metrics.listen)
+        metered = self._metered = metrics_recording(settings.metrics.listen)
         models = settings.models
         self.placement = Placement(threads=models.run_threads, inline_max_s=models.inline_max_ms / 1000)
         self.models = ModelRepository(
@@ -226,6 +241,8 @@ class Gateway:
             poll_interval_s=models.poll_interval_s,
             strict=models.strict,
             signatures=models.signature_policy,
+            max_version_bytes=models.max_version_bytes,
+            routing=models.versions,
         )
         self.credentials = None if settings.dev_insecure_transport else ServerCredentials(settings.tls)
         self.policies = (
@@ -262,7 +279,15 @@ class Gateway:
             tracing=self.tracing,
             metered=metered,
         )
-        self.pipeline = Pipeline(models=self.models, policies=self.policies, before_run=self._audit_gate)
+        self.backends = Fleet(
+            settings.backends,
+            max_elements=models.max_elements,
+            max_bytes_elements=models.max_bytes_elements,
+            metered=metered,
+        )
+        self.pipeline = Pipeline(
+            models=self.models, policies=self.policies, before_run=self._audit_gate, routes=self.backends.routes
+        )
         self.health = HealthServicer(self.ready, max_watches=limits.max_watch_streams)
         self.probe_health = HealthServicer(self.ready, max_watches=0)
         self._server: grpc.aio.Server | None = None
@@ -378,6 +403,7 @@ class Gateway:
         self._warn_dev_options()
         self._check_descriptor_budget(raise_open_files_limit())
         self.models.load_all()
+        self.backends.check_local(lambda name: self.models.info(name) is not None)
         loop = self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
         self._loop_thread.start()
@@ -389,6 +415,7 @@ class Gateway:
                 self.http_port = self.rest.bind()
                 self.boundary.recorder.methods |= REST_METHOD_NAMES  # each a metric label, as gRPC's methods
             self._listen_for_metrics()
+            self._on_loop(self.backends.start())  # one health poll each: a backend down does not stop the start
             self._open_audit()
             self._on_loop(self._serve(self._server, self._probe))
         except BaseException:
@@ -397,6 +424,7 @@ class Gateway:
                     self._on_loop(server.stop(0))
             if self.rest is not None:
                 self._on_loop(self.rest.stop(0))
+            self._on_loop(self.backends.close())
             self._server = self._probe = None
             if self.metrics is not None:
                 self.metrics.stop()
@@ -447,6 +475,9 @@ class Gateway:
         # gives the overall status only (gateway.health says why).
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
+        if self._metered:
+            methods = [f"/{service}/{name}" for service, handlers in collector.services.items() for name in handlers]
+            start_counting(methods=methods, versions=_versions())
         listen = self.settings.listen
         try:
             if self.credentials is None:
@@ -506,6 +537,8 @@ class Gateway:
             log.error("gateway_stop_timed_out", waited_s=bound, detail="the grpc server did not stop in time")
         for component in reversed(self._reloadable().values()):
             component.stop()
+        with contextlib.suppress(TimeoutError):  # a backend channel that will not close holds no record back
+            self._on_loop(self.backends.close(), _STOP_MARGIN_S)
         if self.metrics is not None:
             self.metrics.stop()
         self.placement.close()
@@ -531,12 +564,14 @@ class Gateway:
         log.info("gateway_reloaded", changed=changed)
 
     def ready(self) -> bool:
-        """Serving inference now: started, not draining, audit trail writable, at least one model loaded. The one
-        definition: health (both ports) and ServerReady answer with it. The key set needs no check: a JWKS
-        without keys is refused at start and on every reload, so one is always present."""
+        """Serving inference now: started, not draining, audit trail writable, at least one model loaded or a
+        backend configured, every ``required`` backend up. The one definition: health (both ports) and
+        ServerReady answer with it. The key set needs no check: a JWKS without keys is refused at start and on
+        every reload, so one is always present."""
         audit_ok = self.audit.healthy or self.settings.dev_audit_fail_open
         started = self._server is not None and not self._draining
-        return started and audit_ok and bool(self.models.models())
+        serving = bool(self.models.models()) or bool(self.settings.backends)
+        return started and audit_ok and serving and self.backends.ready()
 
     async def _shutdown(self, server: grpc.aio.Server, grace_s: float) -> None:
         # Draining: health says NOT_SERVING while calls are still accepted, so that balancers checking health stop

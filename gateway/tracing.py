@@ -133,6 +133,19 @@ def _child_span(call: Call, trace: CallTrace, name: str, attributes: Mapping[str
         child.end()
 
 
+def propagation_headers(span: Any) -> tuple[tuple[str, str], ...]:
+    """The W3C trace-context headers that make ``span`` (from ``span()``; None without tracing) the parent of what
+    the callee does: passed on to a remote backend."""
+    if span is None:
+        return ()
+    from opentelemetry.trace import set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, context=set_span_in_context(span))
+    return tuple(carrier.items())
+
+
 def note_outcome(call: Call, code: str) -> None:
     """The gRPC code just recorded for ``call`` (or one of its stream messages)."""
     if call.trace is not None:

@@ -134,6 +134,7 @@ class ReloadingStore(Generic[T]):
         # Fingerprint before loading: a file replaced in between is then seen as a change and loaded again.
         self._watcher = Watcher(name=name, fingerprint=fingerprint, on_change=self._reload, interval_s=interval_s)
         self._loaded = metrics.LAST_RELOAD.labels(store=name)
+        self._failures = metrics.RELOAD_FAILURES.labels(store=name)  # at 0 from the start: see metrics.start_counting
         self._current = load(None)
         self._loaded.set_to_current_time()
 
@@ -159,6 +160,7 @@ class ReloadingStore(Generic[T]):
         try:
             new = self._load(old)
         except self._refused as exc:
+            self._failures.inc()
             log.error(self._failed, **self._failed_fields(old), error=str(exc))
             return
         # One attribute store: a reader sees the old value or the new one, never a mix.

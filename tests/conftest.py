@@ -165,6 +165,19 @@ class RunningGateway:
         return [json.loads(line) for line in complete if line.strip()]
 
 
+# Prometheus' promtool, as `make setup` installs it (scripts/get_promtool.sh).
+PROMTOOL = ROOT / ".tools" / "prometheus" / "promtool"
+PROMETHEUS_RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """promtool's path, or a skip that says how to get it."""
+    if not PROMTOOL.is_file():
+        pytest.skip(f"promtool is not installed at {PROMTOOL}: `make promtool` (scripts/get_promtool.sh) installs it")
+    return PROMTOOL
+
+
 @contextlib.contextmanager
 def _gateways(pki: Pki, demo_models: Path, tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
     """Start gateways in-process (each with its own policy folder and audit trail under ``tmp_path``), stop them

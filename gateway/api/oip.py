@@ -18,8 +18,9 @@ from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.api import parameters
 from gateway.api.streaming import answer_in_order, echoed_id
+from gateway.backends.route import RemoteModel
 from gateway.context import Answered, Call, Outcome, carried, current_call
-from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, UnavailableError
 from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
@@ -172,7 +173,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """As Triton answers: a model or version that is not loaded is not ready (for a caller who may see it)."""
         try:
             _, outcome = self._pipeline.signature(current_call.get(), request.name, request.version or None)
-        except NotFoundError as exc:
+        except (NotFoundError, UnavailableError) as exc:  # UNAVAILABLE: a routed model whose backend is down
             return Answered(pb.ModelReadyResponse(ready=False), carried(exc))
         return Answered(pb.ModelReadyResponse(ready=True), outcome)
 
@@ -182,15 +183,20 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(v) for v in versions],
-            platform=PLATFORM,
+            platform=model.platform if isinstance(model, RemoteModel) else PLATFORM,
             inputs=_tensor_metadata(model.inputs),
             outputs=_tensor_metadata(model.outputs),
         )
         return Answered(response, outcome)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> Answered:
-        """Triton's model configuration, as far as the gateway knows it."""
-        model, outcome = self._pipeline.signature(current_call.get(), request.name, request.version or None)
+        """Triton's model configuration, as far as the gateway knows it (a routed model's: its backend's, where the
+        backend serves ModelConfig)."""
+        call = current_call.get()
+        model, outcome = self._pipeline.signature(call, request.name, request.version or None)
+        if isinstance(model, RemoteModel):
+            config, outcome = await self._pipeline.model_config(call, model, outcome)
+            return Answered(pb.ModelConfigResponse(config=config), outcome)
         return Answered(pb.ModelConfigResponse(config=to_model_config(model)), outcome)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> Answered:
@@ -202,7 +208,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=str(v), state="READY")
                 for m in models
-                for v in m.versions
+                for v in m.versions or ("",)  # a routed model whose backend names no version
             ]
         )
         return Answered(response, outcome)

@@ -20,10 +20,11 @@ from typing import Any
 from gateway import package_version, tensors
 from gateway._pb.inference import grpc_service_pb2 as pb
 from gateway.api import oip, parameters
+from gateway.backends.route import RemoteModel
 from gateway.context import NO_OUTCOME, Answered, Call
 from gateway.errors import InvalidArgumentError
 from gateway.identifiers import ID, shown
-from gateway.models.runtime import ModelVersion, TensorSpec
+from gateway.models.runtime import TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
 
 _TYPE_NAME = pb.DataType.Name
@@ -265,9 +266,8 @@ def _tensor_metadata(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
-def model_config(model: ModelVersion) -> dict[str, Any]:
-    """Triton's model configuration as JSON (GET .../config), the same facts as the gRPC ModelConfig."""
-    config = oip.to_model_config(model)
+def config_json(config: pb.ModelConfig) -> dict[str, Any]:
+    """Triton's model configuration as JSON (GET .../config): the fields the gRPC ModelConfig carries."""
     return {
         "name": config.name,
         "platform": config.platform,
@@ -317,14 +317,19 @@ class RestEndpoints:
         return Answered(_json(document), outcome)
 
     async def model_ready(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
-        """GET .../ready: 200 when loaded; a model or version that is not is 404 (for a caller who may see it)."""
+        """GET .../ready: 200 when loaded; a model or version that is not is 404 (for a caller who may see it), a
+        routed model whose backend is down 503."""
         model, outcome = self._pipeline.signature(call, names["model"], names.get("version"))
         return Answered(_json({"name": model.name, "ready": True}), outcome)
 
     async def model_config(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """GET .../config (Triton): the model configuration, as far as the gateway knows it."""
         model, outcome = self._pipeline.signature(call, names["model"], names.get("version"))
-        return Answered(_json(model_config(model)), outcome)
+        if isinstance(model, RemoteModel):  # a routed model's: its backend's, where the backend serves ModelConfig
+            config, outcome = await self._pipeline.model_config(call, model, outcome)
+        else:
+            config = oip.to_model_config(model)
+        return Answered(_json(config_json(config)), outcome)
 
     async def repository_index(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:
         """POST /v2/repository/index (Triton): each version the caller may list; every listed one is loaded."""
@@ -332,7 +337,11 @@ class RestEndpoints:
             options = parse_json(request.body)
             _refuse_unknown_keys(options, ("ready",), "the request")
         models, outcome = self._pipeline.list_models(call)
-        index = [{"name": m.name, "version": str(v), "state": "READY"} for m in models for v in m.versions]
+        index = [
+            {"name": m.name, "version": str(v), "state": "READY"}
+            for m in models
+            for v in m.versions or ("",)  # a routed model whose backend names no version
+        ]
         return Answered(_json(index), outcome)
 
     async def infer(self, call: Call, names: Mapping[str, str], request: RestRequest) -> Answered:

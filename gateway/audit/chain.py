@@ -237,6 +237,7 @@ class Link:
     prev: str
     hash: str
     ts: str | None = None  # when it was written, as the record says (a summary shows it; nothing checks it)
+    ran: tuple[str, str, str] | None = None  # model, version and model_digest of a record that names the bytes
 
 
 def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
@@ -255,7 +256,7 @@ def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
     if not (isinstance(prev, str) and _HEX64.fullmatch(prev)):
         return None, "missing or malformed prev field"
     ts = record.get("ts")
-    link = Link(chain=chain, seq=seq, prev=prev, hash=stored, ts=ts if isinstance(ts, str) else None)
+    link = Link(chain=chain, seq=seq, prev=prev, hash=stored, ts=ts if isinstance(ts, str) else None, ran=_ran(record))
     body = encode_canonical(record).encode("utf-8")
     # Byte equality with the canonical form rejects edits that leave the parsed values alone (duplicate keys,
     # reordered keys, whitespace, escapes): a reader must see exactly what was hashed.
@@ -264,6 +265,11 @@ def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
     if not hmac.compare_digest(digest(body), stored):
         return link, HASH_MISMATCH
     return link, None
+
+
+def _ran(record: dict[str, Any]) -> tuple[str, str, str] | None:
+    fields = (record.get("model"), record.get("version"), record.get("model_digest"))
+    return fields if all(isinstance(value, str) for value in fields) else None  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def build(
         "requested_version": outcome.requested_version,
         "version": outcome.version,
         "model_digest": outcome.model_digest,
+        "version_reason": outcome.version_reason,
         "action": outcome.action,
         "decision": outcome.decision,
         "rule": outcome.rule,
@@ -67,6 +68,8 @@ def build(
         "bytes_out": bytes_out,
         "trace_id": trace.trace_id if trace is not None else None,
     }
+    if outcome.backend is not None:
+        record["backend"] = outcome.backend
     if call.message_index is not None:
         record["message_index"] = call.message_index
     if messages is not None:

@@ -68,6 +68,8 @@ class ChainSummary:
     last_ts: str | None = None
     error: Finding | None = None
     no_checkpoint: bool = False  # the caller said this trail has no checkpoint: its tail is unverified
+    # (model, version, model_digest) of every verified record that ran a model: which bytes answered in this trail
+    model_digests: frozenset[tuple[str, str, str]] = frozenset()
 
     @property
     def ok(self) -> bool:
@@ -101,6 +103,7 @@ class ChainSummary:
             "last_ts": self.last_ts,
             "checkpoint_seq": self.checkpoint_seq,
             "no_checkpoint": self.no_checkpoint,
+            "model_digests": digests_by_model(self.model_digests),
         }
 
 
@@ -136,13 +139,24 @@ class VerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form (``gateway audit verify --json``): the verdict, the chains, notes and failures."""
+        seen = {ran for chain in self.chains for ran in chain.model_digests}
         return {
             "ok": self.ok,
             "records": self.records,
+            "model_digests": digests_by_model(seen),
             "chains": [chain.as_dict() for chain in self.chains],
             "notes": list(self.notes),
             "errors": [str(error) for error in self.errors],
         }
+
+
+def digests_by_model(seen: Iterable[tuple[str, str, str]]) -> dict[str, dict[str, list[str]]]:
+    """``{model: {version: [digest, ...]}}``, sorted: the bytes each version was served from (more than one digest
+    for a version means its files changed while the trail was written)."""
+    nested: dict[str, dict[str, list[str]]] = {}
+    for model, version, digest in sorted(seen):
+        nested.setdefault(model, {}).setdefault(version, []).append(digest)
+    return nested
 
 
 @dataclass(slots=True)
@@ -168,6 +182,7 @@ class _Walk:
     first_ts: str | None = None
     last_ts: str | None = None
     torn: str | None = None  # where the active file ends in an incomplete line
+    ran: set[tuple[str, str, str]] = field(default_factory=set)
 
     def feed(self, path: Path, *, newest: bool) -> Finding | None:
         """Check every line of one file; the first failure, or None. ``newest``: the trail's active file, whose
@@ -219,6 +234,8 @@ class _Walk:
         self.last_seq, self.last_hash, self.last_ts = link.seq, link.hash, link.ts
         self.first_ts = self.first_ts if self.records else link.ts
         self.records += 1
+        if link.ran is not None:
+            self.ran.add(link.ran)
         if link.seq in self.wanted:
             self.hashes[link.seq] = link.hash
         return None
@@ -426,6 +443,7 @@ def _verify_trail(
         trail=_trail_name(key, files, points),
         first_ts=walk.first_ts,
         last_ts=walk.last_ts,
+        model_digests=frozenset(walk.ran),
     )
     return summary, failure, point_errors
 

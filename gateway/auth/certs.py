@@ -423,7 +423,8 @@ class CrlStore:
             if crl.next_update is not None and crl.next_update < datetime.now(UTC):
                 log.warning("crl_stale", path=str(self._crl_path), next_update=crl.next_update.isoformat())
         updates = [crl.next_update for crl in new.lists.values() if crl.next_update is not None]
-        metrics.set_timestamp(metrics.CRL_NEXT_UPDATE, min(updates) if updates else None)
+        if updates:
+            metrics.crl_next_update().set(min(updates).timestamp())
         return new
 
 

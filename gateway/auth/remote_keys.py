@@ -32,6 +32,10 @@ MAX_DOCUMENT_BYTES = MAX_JWKS_BYTES
 _DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 
 
+# FetchError.kind: the reason label of gateway_jwks_fetch_failures_total, each at 0 from the start.
+FETCH_FAILURE_KINDS = ("connect", "tls", "timeout", "redirect", "status", "too_large", "invalid", "url")
+
+
 class FetchError(Exception):
     """A fetch that gave no usable document: ``kind`` is a fixed label (the metric's), the message says why."""
 
@@ -153,6 +157,9 @@ class RemoteKeyStore:
         self._thread: threading.Thread | None = None
         self._digest = b""
         setting = "auth.discovery" if url is None else "auth.jwks_url"
+        for kind in FETCH_FAILURE_KINDS:
+            metrics.JWKS_FETCH_FAILURES.labels(reason=kind)
+        metrics.RELOAD_FAILURES.labels(store="jwks")
         try:
             self.url = url if url is not None else discover_jwks_uri(issuer, self._fetcher)
             self._current = self._load(self._fetcher.get(self.url), version=0)
@@ -272,9 +279,10 @@ class RemoteKeyStore:
 
     @staticmethod
     def _succeeded() -> None:
-        metrics.JWKS_LAST_SUCCESS.set_to_current_time()
+        metrics.jwks_last_success().set_to_current_time()
 
     def _failed(self, kind: str, reason: str) -> None:
         # The reason names the URL and what was wrong (a kid at most): never key material.
         metrics.JWKS_FETCH_FAILURES.labels(reason=kind).inc()
+        metrics.RELOAD_FAILURES.labels(store="jwks").inc()
         log.error("jwks_fetch_failed", url=self.url, reason=reason)

@@ -28,8 +28,10 @@ import structlog
 from gateway import metrics
 from gateway.errors import NotFoundError
 from gateway.identifiers import NAME, shown
+from gateway.models import routing as routes
 from gateway.models import signature
 from gateway.models.placement import Placement
+from gateway.models.routing import Reason, Route, VersionRouting
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
 from gateway.models.signature import SignatureError, SignaturePolicy
 from gateway.watcher import Watcher
@@ -46,11 +48,15 @@ FileKey = tuple[tuple[str, int, int, int], ...]
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """A model's name, its loaded versions (ascending) and the default (highest) version."""
+    """A model's name, its loaded versions (ascending) and the version a request naming none gets (the pinned
+    default or the highest; None when its pinned default is not loaded)."""
 
     name: str
     versions: tuple[int, ...]
     default_version: int | None
+
+
+Routed = tuple[ModelVersion, Reason]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +167,19 @@ class ModelRepository:
         poll_interval_s: float,
         strict: bool = False,
         signatures: SignaturePolicy | None = None,
+        max_version_bytes: int = signature.DEFAULT_MAX_VERSION_BYTES,
+        routing: Mapping[str, VersionRouting] | None = None,
+        share: routes.Share = routes.request_share,
     ) -> None:
         """``strict``: a version that fails to load at start is a startup error instead of being left out.
-        ``signatures``: which models' versions must carry a valid signature (default: none)."""
+        ``signatures``: which models' versions must carry a valid signature (default: none).
+        ``max_version_bytes``: the most a version folder may hold (each load copies it: signature.staged).
+        ``routing``: pinned defaults and canaries by model (routing.py); ``share`` places a request in a canary."""
         self.root = Path(root)
+        self._max_version_bytes = max_version_bytes
+        self._routing = dict(routing or {})
+        self._share = share
+        self._routing_problems: dict[str, tuple[str, str]] = {}  # as last logged
         self._options = options
         self._signatures = signatures or SignaturePolicy()
         self._placement = placement
@@ -173,6 +188,7 @@ class ModelRepository:
         self._published: set[str] = set()  # the models whose loaded versions the metrics last showed
         self._ignored: dict[str, str] = {}  # as last logged: each entry is logged once, not on every poll
         self._write_lock = threading.Lock()
+        self._failures = metrics.RELOAD_FAILURES.labels(store="models")  # at 0 from the start
         self._watcher = Watcher(
             name="models", fingerprint=lambda: scan(self.root), on_change=self.rescan, interval_s=poll_interval_s
         )
@@ -207,6 +223,7 @@ class ModelRepository:
             loaded = dict(self._snapshot.loaded)
             failed = {ident: f for ident, f in self._snapshot.failed.items() if ident in listing.versions}
             changed = len(failed) != len(self._snapshot.failed)
+            refused = False
             for ident in [ident for ident in loaded if ident not in listing.versions]:
                 del loaded[ident]
                 changed = True
@@ -219,12 +236,15 @@ class ModelRepository:
                 outcome = self._load(ident, path, key, strict=strict, still_serving=existing is not None)
                 if isinstance(outcome, LoadFailure):
                     failed[ident] = outcome
+                    refused = True
                     continue
                 failed.pop(ident, None)
                 loaded[ident] = _Loaded(outcome, key)
                 self._log_loaded(outcome, reloaded=existing is not None)
             if changed:
                 self._publish(loaded, failed)
+            if changed and not refused:  # the store's last success: a scan whose every change loaded
+                metrics.LAST_RELOAD.labels(store="models").set_to_current_time()
 
     def _load(
         self, ident: tuple[str, int], path: Path, key: FileKey, *, strict: bool, still_serving: bool
@@ -237,6 +257,7 @@ class ModelRepository:
             if strict:
                 raise
             metrics.MODEL_LOAD_FAILURES.labels(model=name).inc()
+            self._failures.inc()
             log.error(
                 "model_load_failed",
                 model=name,
@@ -251,7 +272,7 @@ class ModelRepository:
         """Copy the version folder privately, verify the copy (per the model's mode), name its bytes, load it."""
         mode = self._signatures.mode_for(name)
         try:
-            with signature.staged(path.parent) as copy:
+            with signature.staged(path.parent, max_bytes=self._max_version_bytes) as copy:
                 signed = False
                 if mode != "off":
                     try:
@@ -304,14 +325,29 @@ class ModelRepository:
         versions: dict[str, list[int]] = {}
         for name, version in loaded:
             versions.setdefault(name, []).append(version)
-        index = {name: ModelInfo(name, tuple(sorted(vs)), max(vs)) for name, vs in sorted(versions.items())}
+        index = {name: self._info(name, tuple(sorted(vs))) for name, vs in sorted(versions.items())}
+        self._log_routing({name: info.versions for name, info in index.items()})
         self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index), MappingProxyType(failed))
         for name in self._published - versions.keys():  # removed: 0, as every worker's file can say it
             metrics.MODEL_VERSIONS.labels(model=name).set(0)
         for name, vs in versions.items():
             metrics.MODEL_VERSIONS.labels(model=name).set(len(vs))
         self._published = set(versions)
-        metrics.LAST_RELOAD.labels(store="models").set_to_current_time()
+
+    def _info(self, name: str, versions: tuple[int, ...]) -> ModelInfo:
+        route = routes.choose(name, versions, self._routing.get(name), key=None)
+        return ModelInfo(name, versions, route.version if route else None)
+
+    def _log_routing(self, loaded: Mapping[str, tuple[int, ...]]) -> None:
+        found = routes.problems(self._routing, loaded)
+        for model, (event, detail) in found.items():
+            if self._routing_problems.get(model) != (event, detail):
+                (log.error if event == "model_pinned_version_missing" else log.warning)(
+                    event, model=model, loaded=list(loaded.get(model, ())), detail=detail
+                )
+        for model in self._routing_problems.keys() - found.keys():
+            log.info("model_version_routing_restored", model=model, loaded=list(loaded.get(model, ())))
+        self._routing_problems = found
 
     @staticmethod
     def _log_loaded(model: ModelVersion, *, reloaded: bool = False) -> None:
@@ -338,13 +374,28 @@ class ModelRepository:
         return self._snapshot.index.get(name)
 
     def resolve(self, name: str, version: int | None) -> ModelVersion:
-        """The loaded model version to run; NOT_FOUND for an unknown model or version."""
+        """The loaded model version to run (a request naming none gets the default, never the canary); NOT_FOUND
+        for an unknown model or version."""
+        return self.route(name, version, key=None)[0]
+
+    def route(self, name: str, version: int | None, *, key: str | None) -> tuple[ModelVersion, Reason, Routed | None]:
+        """The loaded version to run, why (routing.Reason), and what serves instead when the caller may not use a
+        canary; ``key`` (the request id) places a request that names no version in or out of the model's canary.
+        NOT_FOUND for an unknown model or version, or a pinned default that is not loaded."""
         snapshot = self._snapshot
         info = snapshot.index.get(name)
         if info is None:
             raise NotFoundError(f"model '{shown(name)}' not found")
-        wanted = info.default_version if version is None else version
-        loaded = snapshot.loaded.get((name, wanted)) if wanted is not None else None
+        chosen = (
+            Route(version, Reason.REQUESTED)
+            if version is not None
+            else routes.choose(name, info.versions, self._routing.get(name), key=key, share=self._share)
+        )
+        if chosen is None:
+            raise NotFoundError(f"model '{shown(name)}' has no default version loaded")
+        loaded = snapshot.loaded.get((name, chosen.version))
         if loaded is None:
             raise NotFoundError(f"model '{shown(name)}' has no version {version}")
-        return loaded.model
+        base = chosen.fallback
+        fallback = snapshot.loaded.get((name, base.version)) if base is not None else None
+        return loaded.model, chosen.reason, (fallback.model, base.reason) if fallback and base else None

@@ -14,10 +14,11 @@ import onnxruntime as ort
 import structlog
 
 from gateway import metrics, tensors
-from gateway.errors import InternalError, InvalidArgumentError, StartupError
-from gateway.identifiers import shown
+from gateway.errors import InternalError, StartupError
+from gateway.models import schema
 from gateway.models.batching import Batcher, BatchingOptions
 from gateway.models.placement import Placement, RunCost
+from gateway.models.schema import TensorSpec
 
 log = structlog.get_logger(__name__)
 
@@ -38,15 +39,6 @@ class ModelLoadError(StartupError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """Name, datatype (API name, e.g. "FP32") and shape (-1 for a dynamic dim) of one input or output."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +112,6 @@ class ModelVersion:
         self._seq_map_outputs = frozenset(
             arg.name for arg in self._session.get_outputs() if is_sequence_of_maps(arg.type)
         )
-        self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
         self._run_seconds: Any = (
             metrics.MODEL_RUN_SECONDS.labels(model=self.name, version=str(self.version)) if options.metered else None
@@ -163,55 +154,16 @@ class ModelVersion:
         return f"{self.name}:{self.version}"
 
     def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
-        """An unnamed single tensor is the model's only input (so clients need no metadata round-trip)."""
-        if len(inputs) == 1 and "" in inputs and len(self.inputs) == 1:
-            return {self.inputs[0].name: inputs[""]}
-        return inputs
+        """An unnamed single tensor is the model's only input (schema.name_inputs)."""
+        return schema.name_inputs(self.inputs, inputs)
 
     def validate(self, inputs: Mapping[str, tensors.WireTensor]) -> None:
-        """Refuse inputs whose names, datatypes or shapes do not match the signature, before any is decoded, with a
-        message safe to return to the caller."""
-        for name in inputs:
-            if name not in self._inputs_by_name:
-                expected = ", ".join(self._inputs_by_name)
-                raise InvalidArgumentError(f"unknown input '{shown(name)}' (model inputs: {expected})")
-        for spec in self.inputs:
-            tensor = inputs.get(spec.name)
-            if tensor is None:
-                raise InvalidArgumentError(f"missing input '{spec.name}'")
-            if tensor.datatype != spec.datatype:
-                raise InvalidArgumentError(
-                    f"input '{spec.name}': datatype {tensor.datatype}, model expects {spec.datatype}"
-                )
-            if len(tensor.shape) != len(spec.shape):
-                raise InvalidArgumentError(
-                    f"input '{spec.name}': rank {len(tensor.shape)}, model expects shape {list(spec.shape)}"
-                )
-            for got, want in zip(tensor.shape, spec.shape, strict=True):
-                if want != -1 and got != want:
-                    raise InvalidArgumentError(
-                        f"input '{spec.name}': shape {list(tensor.shape)}, model expects {list(spec.shape)}"
-                    )
+        """Refuse inputs that do not match the signature, before any is decoded (schema.validate)."""
+        schema.validate(self.inputs, inputs)
 
     def flat_input(self, size: int) -> tuple[str, tuple[int, ...]]:
-        """The name and shape that ``size`` simple-form flat FP32 values take in a one-input model, inferring its
-        one dynamic dim."""
-        if len(self.inputs) != 1 or self.inputs[0].datatype != "FP32":
-            raise InvalidArgumentError("input_data is only for models with exactly one FP32 input")
-        spec = self.inputs[0]
-        known = 1
-        for dim in spec.shape:
-            known *= dim if dim != -1 else 1
-        dynamic = spec.shape.count(-1)
-        if dynamic > 1:
-            raise InvalidArgumentError(
-                f"input '{spec.name}' has {dynamic} dynamic dimensions; send a typed tensor instead of input_data"
-            )
-        if known == 0 or size % known or (dynamic == 0 and size != known):
-            raise InvalidArgumentError(
-                f"input_data has {size} values, which do not fill input '{spec.name}' {list(spec.shape)}"
-            )
-        return spec.name, tuple(size // known if dim == -1 else dim for dim in spec.shape)
+        """The name and shape of ``size`` simple-form flat FP32 values (schema.flat_input)."""
+        return schema.flat_input(self.inputs, size)
 
     async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (batched with concurrent requests when configured); validated inputs only."""

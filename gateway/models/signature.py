@@ -9,18 +9,25 @@ version gets the same function of its files, so one digest names one set of byte
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cryptography import x509
+
 SIGNATURE_FILE = "model.sig"
 MODES = ("off", "warn", "required")
+DEFAULT_MAX_VERSION_BYTES = 4 << 30  # models.max_version_bytes: the most one load copies (staged)
 _EXTRA_HINT = "pip install 'gateway[signing]'"
 
 
@@ -34,11 +41,14 @@ class SignatureError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SignatureTrust:
-    """Whom a signature must come from: one of an EC public key (PEM), a CA certificate chain (PEM; offline), or a
-    Sigstore identity and OIDC issuer (needs Sigstore's public services at every verification)."""
+    """Whom a signature must come from: one of an EC public key (PEM), a CA certificate chain (PEM; offline) with
+    the signer identities allowed in its certificates, or a Sigstore identity and OIDC issuer (needs Sigstore's
+    public services at every verification)."""
 
     public_key: Path | None = None
     certificate_chain: Path | None = None
+    # With certificate_chain: the signing certificate must name one of these (signer_names' spelling).
+    signer_identities: tuple[str, ...] = ()
     sigstore_identity: str | None = None
     sigstore_issuer: str | None = None
 
@@ -88,7 +98,8 @@ def _hashing_config() -> Any:
 
 def verify(folder: Path, trust: SignatureTrust) -> None:
     """Check ``folder``'s files against the manifest signed in ``folder/model.sig`` by a trusted signer; raise
-    SignatureError naming why not (missing, tampered, added or removed file, untrusted signer)."""
+    SignatureError naming why not (missing, tampered, added or removed file, untrusted or expired signer, signer
+    identity not allowed)."""
     library = _library()
     signature = folder / SIGNATURE_FILE
     if not signature.is_file():
@@ -110,6 +121,54 @@ def verify(folder: Path, trust: SignatureTrust) -> None:
         config.verify(folder, signature)
     except Exception as exc:  # the library raises ValueError, OSError and its dependencies' own classes
         raise SignatureError(_short(exc)) from None
+    if trust.certificate_chain is not None:
+        check_signer(signing_certificate(signature), trust.signer_identities, now=datetime.now(UTC))
+
+
+def signing_certificate(signature: Path) -> x509.Certificate:
+    """The signing certificate (the first of the bundle's chain) of a certificate signature the library verified."""
+    try:
+        bundle = json.loads(signature.read_bytes())
+        raw = bundle["verificationMaterial"]["x509CertificateChain"]["certificates"][0]["rawBytes"]
+        return x509.load_der_x509_certificate(base64.b64decode(raw, validate=True))
+    except (OSError, ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        raise SignatureError(
+            "the signature holds no signing certificate (signed with a key, not a certificate?)"
+        ) from None
+
+
+def signer_names(certificate: x509.Certificate) -> list[str]:
+    """Every name a signing certificate gives its holder, typed as the gateway spells identities: URI SANs as they
+    are (``spiffe://...``), ``email:...``, ``dns:...``, and ``cn:...`` for the subject's common names."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    names: list[str] = list(san.get_values_for_type(x509.UniformResourceIdentifier)) if san else []
+    if san is not None:
+        names += [f"email:{email}" for email in san.get_values_for_type(x509.RFC822Name)]
+        names += [f"dns:{dns.lower()}" for dns in san.get_values_for_type(x509.DNSName)]
+    names += [f"cn:{cn.value!s}" for cn in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return names
+
+
+def check_signer(certificate: x509.Certificate, allowed: tuple[str, ...], *, now: datetime) -> None:
+    """Refuse a signing certificate that names no allowed identity, or is outside its validity now.
+
+    The library checks the chain as of the certificate's own start (the Sigstore model, where a transparency log
+    proves the signing time); an offline certificate signature carries no trusted time, so the only time its
+    validity can be checked at is the load's: a version whose signing certificate expired stops loading, as an
+    untimestamped code signature does. Re-sign before a signing certificate expires."""
+    names = signer_names(certificate)
+    if not any(name in allowed for name in names):
+        shown_names = ", ".join(names[:4]) or "no name"
+        raise SignatureError(f"signer {shown_names} is not one of models.signature_trust.signer_identities")
+    if now > certificate.not_valid_after_utc:
+        raise SignatureError(f"the signing certificate expired at {certificate.not_valid_after_utc.isoformat()}")
+    if now < certificate.not_valid_before_utc:
+        raise SignatureError(
+            f"the signing certificate is not valid before {certificate.not_valid_before_utc.isoformat()}"
+        )
 
 
 # What the library leaves out of a manifest besides the signature (hashing.Config's ignore_git_paths).
@@ -163,22 +222,48 @@ def sign(folder: Path, *, private_key: Path, certificate: Path | None = None, ch
 
 
 @contextmanager
-def staged(folder: Path) -> Iterator[Path]:
+def staged(folder: Path, *, max_bytes: int) -> Iterator[Path]:
     """A private copy of a version folder (mode 0700, in TMPDIR), removed on exit.
 
     What is verified, hashed and handed to ONNX Runtime is this copy, which nobody else can write: a file swapped
     in the repository between the check and the load cannot reach the runtime. A symbolic link to a regular file
     is copied as that file (and checked like any file); a link to a folder and a special file (device, FIFO,
     socket) are refused before anything is read: whoever writes the repository must not make every load read
-    /dev/zero or the whole filesystem."""
-    _refuse_unstageable(folder)
+    /dev/zero or the whole filesystem. The copy holds at most ``max_bytes`` (models.max_version_bytes): a larger
+    folder is refused before the copy, and a file that grows while it is copied stops the copy at the budget."""
+    _refuse_unstageable(folder, max_bytes)
+    budget = _Budget(max_bytes)
     with tempfile.TemporaryDirectory(prefix="gateway-model-") as tmp:
         copy = Path(tmp) / "version"
-        shutil.copytree(folder, copy)
+        shutil.copytree(folder, copy, copy_function=budget.copy)
         yield copy
 
 
-def _refuse_unstageable(folder: Path) -> None:
+def _over_budget(size: int, max_bytes: int) -> SignatureError:
+    return SignatureError(
+        f"the version's files hold {size} bytes or more, over models.max_version_bytes ({max_bytes}): "
+        "raise it to serve this version (each load copies it into TMPDIR)"
+    )
+
+
+class _Budget:
+    """Copies files while the bytes copied stay within a budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.left = max_bytes
+
+    def copy(self, source: str, target: str) -> None:
+        with open(source, "rb") as reader, open(target, "wb") as writer:
+            while chunk := reader.read(min(_CHUNK, self.left + 1)):
+                self.left -= len(chunk)
+                if self.left < 0:
+                    raise _over_budget(self.max_bytes + 1, self.max_bytes)
+                writer.write(chunk)
+
+
+def _refuse_unstageable(folder: Path, max_bytes: int) -> None:
+    size = 0
     for root, dirs, files in os.walk(folder):
         for name in (*dirs, *files):
             path = Path(root) / name
@@ -186,6 +271,10 @@ def _refuse_unstageable(folder: Path) -> None:
                 raise SignatureError(f"{path.relative_to(folder)}: a symbolic link to something not a regular file")
             if not path.is_symlink() and not (path.is_dir() or path.is_file()):
                 raise SignatureError(f"{path.relative_to(folder)}: not a regular file or folder")
+            if path.is_file():
+                size += path.stat().st_size
+    if size > max_bytes:
+        raise _over_budget(size, max_bytes)
 
 
 def _short(exc: BaseException) -> str:

@@ -91,6 +91,7 @@ def test_allowed_call_record_field_by_field(gw):
         "model": "mlp",
         "requested_version": None,
         "version": "2",
+        "version_reason": "default",
         "action": "predict",
         "decision": "allow",
         "rule": "alice-all",

@@ -120,3 +120,25 @@ def test_no_checkpoint_naming_a_path_that_does_not_exist_is_a_usage_error(
 ) -> None:
     result = verify(tmp_path / "audit", "--hmac-key", tmp_path / "audit-hmac.key", "--no-checkpoint", tmp_path / "x")
     assert result.returncode == 2 and "x: no such file or directory" in result.stderr
+
+
+def test_json_summaries_list_the_model_digests_seen_per_model_and_version(tmp_path: Path) -> None:
+    """An auditor's index from the trail to the exact bytes: every (model, version, digest) of a verified record,
+    per chain and in all; records that ran no model (refusals, listings) add nothing."""
+    old, new, iris = "sha256:" + "a" * 64, "sha256:" + "b" * 64, "sha256:" + "c" * 64
+    served = [("mlp", "2", old), ("mlp", "2", new), ("mlp", "1", old), ("mlp", "2", new)]
+    for pod, calls in (("gateway-0", served), ("gateway-1", [("iris", "1", iris)])):
+        path = tmp_path / "audit" / pod / "audit.log"
+        path.parent.mkdir(parents=True)
+        with AuditLog(path, chain_id=pod, hmac_key=KEY) as audit:
+            for model, version, digest in calls:
+                audit.write({"event": "call", "model": model, "version": version, "model_digest": digest})
+            audit.write({"event": "call", "model": "mlp", "version": None, "model_digest": None, "code": "NOT_FOUND"})
+    (tmp_path / "audit-hmac.key").write_bytes(KEY)
+
+    result = verify(tmp_path / "audit", "--hmac-key", tmp_path / "audit-hmac.key", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = report(result)
+    assert data["model_digests"] == {"iris": {"1": [iris]}, "mlp": {"1": [old], "2": [old, new]}}
+    chains = {chain["chain"]: chain["model_digests"] for chain in data["chains"]}
+    assert chains == {"gateway-0": {"mlp": {"1": [old], "2": [old, new]}}, "gateway-1": {"iris": {"1": [iris]}}}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +15,7 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway._pb.inference import grpc_service_pb2 as oip_pb
@@ -31,7 +34,11 @@ Samples = Counter[tuple[str, frozenset[tuple[str, str]]]]
 def scrape(url: str, context: ssl.SSLContext | None = None) -> Samples:
     """Every sample of one scrape, by name and labels."""
     with urllib.request.urlopen(url, timeout=TIMEOUT, context=context) as response:  # noqa: S310 (our own URL)
-        text = response.read().decode()
+        return scrape_text(response.read().decode())
+
+
+def scrape_text(text: str) -> Samples:
+    """Every sample of an exposition, by name and labels."""
     samples: Samples = Counter()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -355,3 +362,160 @@ def test_a_peer_trickling_bytes_is_closed_at_the_connection_deadline(start_gatew
     finally:
         trickler.close()
     assert closed_after is not None, "the trickling peer held its connection for 20 s"
+
+
+def _scrape_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:  # noqa: S310 (our own URL)
+        return str(response.read().decode())
+
+
+LATENCY_HISTOGRAMS = (
+    "gateway_call_duration_seconds",
+    "gateway_authentication_duration_seconds",
+    "gateway_model_run_duration_seconds",
+    "gateway_audit_commit_duration_seconds",
+)
+
+
+def test_latency_histograms_resolve_calls_from_100_microseconds(metered):
+    gw, url = metered
+    with gw.channel("alice") as alice:
+        stub(alice).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT)
+    samples = scrape(url)
+    for name in LATENCY_HISTOGRAMS:
+        bounds = sorted({float(dict(labels)["le"]) for labels in series(samples, f"{name}_bucket")})
+        assert bounds[0] == 0.0001, name
+        # a p50 and a p99 of calls taking about a millisecond fall in different buckets
+        assert len([b for b in bounds if b <= 0.005]) >= 8, (name, bounds)
+
+
+def test_promtool_accepts_the_exposition(metered, promtool):
+    gw, url = metered
+    with gw.channel("alice") as alice:
+        stub(alice).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT)
+        rpc_error(lambda: stub(alice).Predict(predict_request("mlp", {"input": X}), timeout=TIMEOUT))
+    text = _scrape_text(url)
+    result = subprocess.run(
+        [str(promtool), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and not result.stdout + result.stderr, result.stdout + result.stderr
+    assert "_created" not in text
+
+
+def test_a_refused_reload_is_counted_per_store_and_the_last_success_kept(start_gateway, model_repo):
+    gw = start_gateway(overrides={**METRICS, "models.repository": model_repo})
+    url = f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics"
+    before = scrape(url)
+    (gw.policy_dir / "broken.yaml").write_text("rules:\n  - id: x\n    effect: maybe\n")
+    assert gw.gateway.policies is not None and gw.gateway.policies.reload_now()
+    (model_repo / "mlp" / "3").mkdir()
+    (model_repo / "mlp" / "3" / "model.onnx").write_bytes(b"not a model")
+    assert gw.gateway.models.reload_now()
+    after = scrape(url)
+    for store in ("policies", "models"):
+        failures, last = "gateway_reload_failures_total", "gateway_last_reload_timestamp_seconds"
+        assert value(after, failures, store=store) - value(before, failures, store=store) == 1, store
+        assert value(after, last, store=store) == value(before, last, store=store), store
+    jwks = {"store": "jwks"}
+    assert value(after, "gateway_reload_failures_total", **jwks) == value(
+        before, "gateway_reload_failures_total", **jwks
+    )
+
+
+def test_a_healthy_gateway_without_a_crl_exports_no_gauge_an_alert_misreads(pki_copy, demo_models, tmp_path, promtool):
+    """The demo's set-up (a JWKS file) without tls.crl: no CRL or key-fetch gauge, and no shipped alert fires
+    over its real exposition (timestamps read relative to the scrape). A fresh process: nothing counted yet."""
+    from gateway import package_version
+
+    (pki_copy.server_dir / "crl.pem").unlink()
+    process = serve(
+        [*serve_args(pki_copy, demo_models, tmp_path, 0)], tmp_path, env={"GATEWAY_METRICS__LISTEN": "127.0.0.1:0"}
+    )
+    try:
+        port = _logged(tmp_path / "serve.log", "metrics_listening")["port"]
+        _logged(tmp_path / "serve.log", "gateway_started")
+        text = _scrape_text(f"http://127.0.0.1:{port}/metrics")
+        scraped_at = time.time()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert "gateway_crl_next_update_timestamp_seconds " not in text
+    assert "gateway_jwks_last_success_timestamp_seconds " not in text
+    samples = scrape_text(text)
+    assert series(samples, "gateway_reload_failures_total") == {
+        frozenset({"store": store}.items()) for store in ("jwks", "policies", "server-tls", "models")
+    }
+    # Before the first call, the series rates are taken over exist at 0 (a series born at its first increment
+    # hides that burst from rate()); and the versions serving.
+    assert value(samples, "gateway_calls_total", method=PREDICT, model="-", version="-", code="UNAUTHENTICATED") == 0
+    for reason, detail in [("token", "expired"), ("certificate", "-"), ("policy_deny", "default_deny")]:
+        assert frozenset({"reason": reason, "detail": detail}.items()) in series(samples, "gateway_refusals_total")
+    assert sum(v for (name, _), v in samples.items() if name in ("gateway_calls_total", "gateway_refusals_total")) == 0
+    (build,) = series(samples, "gateway_build_info")
+    assert dict(build)["version"] == package_version() and value(samples, "gateway_build_info", **dict(build)) == 1
+    fired = _alerts_over(promtool, text, scraped_at, tmp_path)
+    assert fired.returncode == 0, fired.stdout + fired.stderr
+
+
+def _logged(path, event: str, timeout_s: float = 60) -> dict:
+    """The first JSON line of ``event`` in a child gateway's log, waited for."""
+    found: list[dict] = []
+
+    def seen() -> bool:
+        for line in path.read_text().splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == event:
+                found.append(json.loads(line))
+                return True
+        return False
+
+    wait_until(seen, timeout_s=timeout_s, interval_s=0.2)
+    return found[0]
+
+
+def _alerts_over(promtool, exposition: str, scraped_at: float, tmp_path) -> subprocess.CompletedProcess[str]:
+    """``promtool test rules`` expecting no alert of the shipped rules over ``exposition`` held for two hours; a
+    ``*_timestamp_seconds`` value is moved so that the scrape's moment is the test's 2h."""
+    from tests.conftest import PROMETHEUS_RULES
+
+    now = 7200
+    series = []
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if not sample.name.startswith("gateway_"):
+                continue
+            labels = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(sample.labels.items()))
+            number = sample.value - scraped_at + now if sample.name.endswith("_timestamp_seconds") else sample.value
+            series.append({"series": f"{sample.name}{{{labels}}}", "values": f"{number:.6f}x130"})
+    groups = yaml.safe_load(PROMETHEUS_RULES.read_text())["groups"]
+    quiet = [
+        {"eval_time": f"{now}s", "alertname": rule["alert"], "exp_alerts": []}
+        for group in groups
+        for rule in group["rules"]
+    ]
+    test = {
+        "rule_files": [str(PROMETHEUS_RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": quiet}],
+    }
+    path = tmp_path / "scraped.test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    return subprocess.run(
+        [str(promtool), "test", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_every_metric_the_dashboard_and_the_alerts_read_is_exported(metered):
+    """A renamed metric breaks the shipped Grafana dashboard and alert rules silently: each name they read must be in
+    a real scrape (the key-fetch gauge aside: this gateway reads a JWKS file)."""
+    import re
+
+    from tests.conftest import PROMETHEUS_RULES, ROOT
+
+    gw, url = metered
+    with gw.channel("alice") as alice:
+        stub(alice).Predict(predict_request("mlp", {"input": X}), metadata=auth(gw.token()), timeout=TIMEOUT)
+    exported = {name for name, _labels in scrape(url)}
+    dashboard = (ROOT / "deploy" / "grafana" / "gateway.json").read_text()
+    read = set(re.findall(r"\bgateway_[a-z_]+", dashboard + PROMETHEUS_RULES.read_text()))
+    missing = read - exported - {"gateway_jwks_last_success_timestamp_seconds"}
+    assert read and not missing, missing

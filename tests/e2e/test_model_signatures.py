@@ -13,11 +13,16 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -270,3 +275,130 @@ def test_model_sign_and_verify_commands_wrap_the_library_with_the_sets_keys(demo
     tampered = verify(pki.server_dir / "model-signing.pub")
     assert tampered.returncode == 1
     assert "OK " in tampered.stdout and "FAILED " in tampered.stdout and "Hash mismatch" in tampered.stdout
+
+
+# Certificate trust: a model-signing CA and its signing certificates, made with the cryptography library (the
+# project's gen_certs.sh makes no model-signing certificates: key trust is what the demo uses).
+SIGNER = "spiffe://gateway.local/model-signer/release"
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def signing_ca(tmp_path_factory) -> dict[str, Path]:
+    """A CA and three signing certificates: the release signer, the same signer expired, another identity."""
+    folder = tmp_path_factory.mktemp("model-signing-ca")
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("model-signing CA"))
+        .issuer_name(_name("model-signing CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=30))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )  # keyCertSign, cRLSign
+        .sign(ca_key, hashes.SHA256())
+    )
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    made = {"ca": folder / "ca.crt"}
+    for label, identity, start, end in (
+        ("release", SIGNER, now - timedelta(days=1), now + timedelta(days=1)),
+        ("expired", SIGNER, now - timedelta(days=10), now - timedelta(days=2)),
+        ("stranger", "spiffe://gateway.local/model-signer/intern", now - timedelta(days=1), now + timedelta(days=1)),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(label))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=False)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            )  # digitalSignature
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        (folder / f"{label}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        made[label] = folder / f"{label}.crt"
+        made[f"{label}.key"] = _write_key(key, folder / f"{label}.key")
+    return made
+
+
+def cert_sign(folder: Path, ca: dict[str, Path], signer: str) -> None:
+    signature.sign(folder, private_key=ca[f"{signer}.key"], certificate=ca[signer], chain=ca["ca"])
+
+
+def certificate_trust(ca: dict[str, Path]) -> dict:
+    return {
+        "models.signatures": "required",
+        "models.signature_trust.certificate_chain": ca["ca"],
+        "models.signature_trust.signer_identities": [SIGNER],
+    }
+
+
+@pytest.mark.parametrize(
+    ("signer", "reason"),
+    [
+        ("expired", "the signing certificate expired at"),
+        ("stranger", "signer spiffe://gateway.local/model-signer/intern, cn:stranger is not one of"),
+    ],
+)
+def test_an_expired_or_wrong_identity_signing_certificate_is_refused_at_start_and_on_reload(
+    signer, reason, start_gateway, demo_models, tmp_path, signing_ca
+):
+    root = tmp_path / "cert-signed"
+    for version, by in (("1", "release"), ("2", signer)):
+        shutil.copytree(demo_models / "mlp" / version, root / "mlp" / version)
+        cert_sign(root / "mlp" / version, signing_ca, by)
+    with capture_logs() as logs:
+        gw = start_gateway(models=root, overrides=certificate_trust(signing_ca))
+    (refused,) = refusals(logs, 2)
+    assert reason in refused["reason"], refused
+    assert gw.gateway.models.info("mlp").versions == (1,)
+    assert predict(gw).model_version == "1"
+
+    # On reload: version 3 by the same signer is refused; one by the allowed, valid signer is served.
+    shutil.copytree(demo_models / "mlp" / "2", root / "mlp" / "3")
+    cert_sign(root / "mlp" / "3", signing_ca, signer)
+    with capture_logs() as logs:
+        assert gw.gateway.models.reload_now()
+    (refused,) = refusals(logs, 3)
+    assert reason in refused["reason"] and refused["still_serving"] is False
+    assert predict(gw).model_version == "1"
+    assert gw.audit_records()[-1]["model_digest"] == auditor_digest(root / "mlp" / "1")
+
+    cert_sign(root / "mlp" / "3", signing_ca, "release")
+    assert gw.gateway.models.reload_now()
+    assert gw.gateway.models.info("mlp").versions == (1, 3)
+    assert predict(gw).model_version == "3"
+
+
+def test_model_verify_checks_the_signer_identities(demo_models, tmp_path, signing_ca):
+    folder = tmp_path / "mlp" / "1"
+    shutil.copytree(demo_models / "mlp" / "1", folder)
+    cert_sign(folder, signing_ca, "stranger")
+    command = [sys.executable, "-m", "gateway", "model", "verify", folder, "--certificate-chain", signing_ca["ca"]]
+    refused = subprocess.run([*command, "--signer-identity", SIGNER], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "is not one of" in refused.stdout
+    allowed = [*command, "--signer-identity", "spiffe://gateway.local/model-signer/intern"]
+    assert subprocess.run(allowed, capture_output=True, text=True, timeout=60).returncode == 0
+    unbound = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert unbound.returncode == 2 and "--signer-identity" in unbound.stderr

@@ -1042,11 +1042,11 @@ def test_two_trails_claiming_one_chain_id_fail_and_are_not_merged(tmp_path: Path
 def test_verify_report_as_json_has_the_verdict_and_a_summary_per_chain(tmp_path: Path) -> None:
     replica_trails(tmp_path, {"pod-a": "pod-a"})
     data = json.loads(json.dumps(verify_files([tmp_path], hmac_key=KEY).as_dict()))
-    assert set(data) == {"ok", "records", "chains", "notes", "errors"} and data["ok"] is True
+    assert set(data) == {"ok", "records", "model_digests", "chains", "notes", "errors"} and data["ok"] is True
     (chain,) = data["chains"]
     assert set(chain) == {
         "chain", "ok", "error", "trail", "files", "records", "first_seq", "last_seq", "first_ts", "last_ts",
-        "checkpoint_seq", "no_checkpoint",
+        "checkpoint_seq", "no_checkpoint", "model_digests",
     }  # fmt: skip
     assert (chain["chain"], chain["ok"], chain["error"], chain["records"]) == ("pod-a", True, None, 5)
 

@@ -197,6 +197,33 @@ def test_the_probe_listener_may_use_an_address_other_machines_can_reach(tmp_path
         ("models: {batching: {mlp: {max_queue_delay_us: 2000000}}}\n", r"max_queue_delay_us: at most 1000000"),
         ("models: {batching: {mlp: {max_batch: 8}}}\n", r"models\.batching\.mlp\.max_batch: unknown key"),
         ("models: {batching: [mlp]}\n", r"models\.batching: expected a mapping of names"),
+        (
+            "models: {signatures: required, signature_trust: {certificate_chain: ca.pem}}\n",
+            r"models\.signature_trust\.signer_identities: required with certificate_chain",
+        ),
+        (
+            "models: {signatures: warn, signature_trust: {public_key: k.pem, signer_identities: [cn:x]}}\n",
+            r"models\.signature_trust\.signer_identities: only with certificate_chain",
+        ),
+        ("models: {versions: {mlp: {}}}\n", r"models\.versions\.mlp: give default \(a version\) or canary"),
+        ("models: {versions: {mlp: {default: 0}}}\n", r"models\.versions\.mlp\.default: must be a version"),
+        ("models: {versions: {mlp: {default: v1}}}\n", r"models\.versions\.mlp\.default: expected a non-negative"),
+        ("models: {versions: {mlp: {pinned: 1}}}\n", r"models\.versions\.mlp\.pinned: unknown key"),
+        ("models: {versions: {'m/x': {default: 1}}}\n", r"models\.versions\.m/x: not a model name"),
+        ("models: {versions: {mlp: {canary: {percent: 5}}}}\n", r"models\.versions\.mlp\.canary\.version: required"),
+        ("models: {versions: {mlp: {canary: {version: 2}}}}\n", r"models\.versions\.mlp\.canary\.percent: required"),
+        (
+            "models: {versions: {mlp: {canary: {version: 2, percent: 101}}}}\n",
+            r"models\.versions\.mlp\.canary\.percent: required: the share of requests naming no version, 0 to 100",
+        ),
+        (
+            "models: {versions: {mlp: {default: 2, canary: {version: 2, percent: 5}}}}\n",
+            r"models\.versions\.mlp\.canary\.version: 2 is the default itself",
+        ),
+        (
+            "models: {versions: {mlp: {canary: {version: 2, share: 5}}}}\n",
+            r"models\.versions\.mlp\.canary\.share: unknown key",
+        ),
         ("tls: 3\n", r"tls: expected a mapping"),
         ("- a\n- b\n", r"expected a mapping at the top level"),
         ("a: [\n", r"invalid YAML"),

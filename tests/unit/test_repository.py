@@ -5,11 +5,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from gateway.errors import NotFoundError
+from gateway.models import signature
 from gateway.models.placement import Placement
 from gateway.models.repository import ModelRepository, scan
 from gateway.models.runtime import ModelLoadError, RuntimeOptions
@@ -21,8 +23,10 @@ Make = Callable[..., ModelRepository]
 def make_repository() -> Iterator[Make]:
     placement = Placement(threads=1, inline_max_s=0.001)
 
-    def make(root: Path, *, strict: bool = False) -> ModelRepository:
-        return ModelRepository(root, options=RuntimeOptions(), placement=placement, poll_interval_s=0, strict=strict)
+    def make(root: Path, *, strict: bool = False, **more: Any) -> ModelRepository:
+        return ModelRepository(
+            root, options=RuntimeOptions(), placement=placement, poll_interval_s=0, strict=strict, **more
+        )
 
     yield make
     placement.close()
@@ -180,3 +184,24 @@ def test_a_link_to_a_regular_file_is_loaded_as_that_file(make_repository, model_
     repository = make_repository(model_repo)
     repository.load_all()
     assert repository.resolve("mlp", 3).version == 3
+
+
+def test_a_version_folder_over_the_byte_budget_is_refused_naming_the_setting(make_repository, model_repo):
+    """Each load copies the folder into TMPDIR: models.max_version_bytes bounds that copy."""
+    size = (model_repo / "mlp" / "1" / "model.onnx").stat().st_size
+    (model_repo / "mlp" / "2" / "weights.bin").write_bytes(b"\0" * 4096)
+    repository = make_repository(model_repo, max_version_bytes=size + 1024)
+    with capture_logs() as logs:
+        repository.load_all()
+    (failed,) = [e for e in events(logs, "model_load_failed") if e["model"] == "mlp"]
+    assert failed["version"] == 2 and "over models.max_version_bytes" in failed["reason"], failed
+    assert repository.resolve("mlp", None).version == 1
+
+
+def test_a_file_growing_while_it_is_copied_stops_the_copy_at_the_budget(tmp_path):
+    source = tmp_path / "grown"
+    source.write_bytes(b"x" * 100)  # as if it grew past the budget after the folder was measured
+    budget = signature._Budget(64)
+    with pytest.raises(signature.SignatureError, match=r"over models\.max_version_bytes"):
+        budget.copy(str(source), str(tmp_path / "copy"))
+    assert (tmp_path / "copy").stat().st_size <= 64

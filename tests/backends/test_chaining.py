@@ -1,0 +1,89 @@
+"""Another gateway as the backend (edge gateway -> cluster gateway) over mutual TLS: the edge calls with its own
+certificate and its own token, never the caller's; each gateway decides and records, and the two records share the
+request id."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import gateway
+from tests.backends.conftest import empty_repository
+from tests.conftest import ROOT, Pki, run_script
+from tests.e2e.helpers import TIMEOUT
+
+X = np.random.default_rng(11).random((3, 784), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def edge_pki(pki, tmp_path_factory) -> Pki:
+    """The session PKI and one more client, ``edge``: the edge gateway's identity towards the cluster gateway."""
+    directory = tmp_path_factory.mktemp("edge-pki") / "pki"
+    shutil.copytree(pki.dir, directory)
+    run_script(ROOT / "scripts/gen_certs.sh", "--client", "edge", directory)
+    return Pki(directory)
+
+
+@pytest.fixture(scope="module")
+def gateways(start_module_gateway, edge_pki, tmp_path_factory):
+    cluster = start_module_gateway(pki=edge_pki, overrides={})
+    token_file = tmp_path_factory.mktemp("edge-token") / "token"
+    token_file.write_text(cluster.token("edge", bind="edge") + "\n")
+    backend = {
+        "addresses": [cluster.target],
+        "ca": str(edge_pki.path("ca.crt")),
+        "cert": str(edge_pki.path("edge.crt")),
+        "key": str(edge_pki.path("edge.key")),
+        "token_file": str(token_file),
+        "models": {"mlp": "mlp"},
+        "health_interval_s": 0.2,
+    }
+    edge = start_module_gateway(
+        pki=edge_pki, models=empty_repository(tmp_path_factory), overrides={"backends": {"cluster": backend}}
+    )
+    return edge, cluster
+
+
+def client(gw, name: str) -> gateway.Client:
+    pki = gw.pki
+    return gateway.Client(
+        gw.target,
+        ca=pki.path("ca.crt"),
+        cert=pki.path(f"{name}.crt"),
+        key=pki.path(f"{name}.key"),
+        token=gw.token(name, bind=name),
+    )
+
+
+def test_alice_through_the_edge_runs_the_clusters_model_as_the_edge(gateways, demo_models):
+    edge, cluster = gateways
+    with client(edge, "alice") as alice:
+        result = alice.predict("mlp", {"input": X}, timeout=TIMEOUT)
+    session = ort.InferenceSession(str(demo_models / "mlp" / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(result.outputs["output"], session.run(None, {"input": X})[0], rtol=1e-6)
+    assert result.version == "2"
+    at_edge = edge.audit_records()[-1]
+    at_cluster = [r for r in cluster.audit_records() if r["request_id"] == at_edge["request_id"]]
+    assert (at_edge["sub"], at_edge["code"], at_edge["backend"]["code"]) == ("alice", "OK", "OK")
+    assert at_edge["backend"]["address"] == cluster.target
+    [record] = at_cluster
+    assert (record["sub"], record["cert_identity"], record["code"]) == (
+        "edge",
+        "spiffe://gateway.local/client/edge",
+        "OK",
+    )
+
+
+def test_bob_is_refused_at_the_edge_and_the_cluster_sees_nothing(gateways):
+    edge, cluster = gateways
+    cluster_records = len(cluster.audit_records())
+    with client(edge, "bob") as bob, pytest.raises(gateway.PermissionDeniedError):
+        bob.predict("mlp", {"input": X}, timeout=TIMEOUT)
+    # The edge's health poll (ServerReady, ModelMetadata, RepositoryIndex) goes on: nothing else reaches the cluster.
+    polls = {"ServerReady", "ModelMetadata", "RepositoryIndex"}
+    seen = [r["method"].rsplit("/", 1)[1] for r in cluster.audit_records()[cluster_records:]]
+    assert [method for method in seen if method not in polls] == []
+    assert edge.audit_records()[-1]["code"] == "PERMISSION_DENIED"

@@ -1,0 +1,209 @@
+"""A real MLServer as the gateway's backend: every RPC of both APIs for a routed model goes through the gateway's
+boundary, authentication and policy first; a refused caller causes no backend traffic; the answers are MLServer's
+own, byte for byte; every call leaves one truthful record naming the backend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+import gateway
+from gateway._pb.gateway.v1 import gateway_pb2 as pb
+from gateway._pb.inference import grpc_service_pb2 as oip
+from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
+from tests.backends.conftest import OipServer, empty_repository, plaintext_backend
+from tests.conftest import ROOT
+from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
+
+X = np.random.default_rng(23).random((2, 784), dtype=np.float32)
+# The backend's RPCs a caller's call can cause (the health poll's ServerReady, ModelMetadata and RepositoryIndex
+# are the gateway's own).
+CALLER_RPCS = ("ModelInfer", "ModelStreamInfer", "ModelConfig")
+
+
+@pytest.fixture(scope="module")
+def gw(start_module_gateway, mlserver, tmp_path_factory):
+    return start_module_gateway(
+        models=empty_repository(tmp_path_factory),
+        overrides={"backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})}},
+    )
+
+
+def oip_request(inputs: np.ndarray = X, **fields) -> oip.ModelInferRequest:
+    request = oip.ModelInferRequest(model_name="mlp", **fields)
+    request.inputs.add(name="input", datatype="FP32", shape=inputs.shape)
+    request.raw_input_contents.append(inputs.tobytes())
+    return request
+
+
+def direct(mlserver: OipServer, request: oip.ModelInferRequest) -> oip.ModelInferResponse:
+    with grpc.insecure_channel(mlserver.target) as channel:
+        return oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT)
+
+
+def caller_calls(mlserver: OipServer) -> dict[str, int]:
+    calls = mlserver.calls()
+    return {rpc: calls[rpc] for rpc in CALLER_RPCS}
+
+
+def triton(gw, tmp_path: Path, steps: list[dict], *, client: str | None = "alice", target: str | None = None):
+    """Stock tritonclient in its own process (tests/interop/triton_client.py): through the gateway with ``client``'s
+    certificate and token, or, with ``target``, straight to a plaintext backend."""
+    if target is not None:
+        job = {"target": target, "steps": steps}
+    else:
+        pki = gw.pki
+        job = {
+            "target": gw.target,
+            "ca": str(pki.path("ca.crt")),
+            "cert": str(pki.path(f"{client}.crt")),
+            "key": str(pki.path(f"{client}.key")),
+            "token": gw.token(client, bind=client),
+            "steps": steps,
+        }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests/interop/triton_client.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+INFER = {
+    "op": "infer",
+    "args": {
+        "model": "mlp",
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "numpy": "float32", "shape": [2, 784], "data": X.ravel().tolist()}
+        ],
+    },
+}
+
+
+def test_tritonclient_gets_mlservers_answer_through_the_gateway_and_bob_is_refused_unseen(gw, mlserver, tmp_path):
+    [through] = triton(gw, tmp_path, [INFER])
+    [straight] = triton(gw, tmp_path, [INFER], target=mlserver.target)
+    assert through["ok"]["outputs"] == straight["ok"]["outputs"]
+    assert through["ok"]["model_version"] == "2"
+    before = caller_calls(mlserver)
+    [refused] = triton(gw, tmp_path, [INFER], client="bob")
+    assert refused["error"]["status"] == "StatusCode.PERMISSION_DENIED"
+    assert caller_calls(mlserver) == before
+    allowed, denied = [r for r in gw.audit_records() if r["method"].endswith("/ModelInfer")][-2:]
+    assert (allowed["sub"], allowed["code"], allowed["decision"], allowed["version"]) == ("alice", "OK", "allow", "2")
+    assert allowed["backend"]["name"] == "mlserver" and allowed["backend"]["address"] == mlserver.target
+    assert allowed["backend"]["code"] == "OK" and allowed["backend"]["latency_ms"] > 0
+    assert (denied["sub"], denied["code"], denied["decision"]) == ("bob", "PERMISSION_DENIED", "deny")
+    assert denied["backend"] == {"name": "mlserver", "address": None, "code": None, "latency_ms": None}
+
+
+def test_oip_answers_equal_mlservers_raw_bytes(gw, mlserver):
+    token = gw.token()
+    with gw.channel() as channel:
+        answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            oip_request(id="r-7"), metadata=auth(token), timeout=TIMEOUT
+        )
+    expected = direct(mlserver, oip_request())
+    assert answer.raw_output_contents == expected.raw_output_contents
+    assert [(o.name, o.datatype, list(o.shape)) for o in answer.outputs] == [("output", "FP32", [2, 10])]
+    assert (answer.model_name, answer.model_version, answer.id) == ("mlp", "2", "r-7")
+
+
+def test_sdk_predict_metadata_and_listing_of_a_routed_model(gw, mlserver):
+    pki = gw.pki
+    with gateway.Client(
+        gw.target, ca=pki.path("ca.crt"), cert=pki.path("alice.crt"), key=pki.path("alice.key"), token=gw.token()
+    ) as client:
+        result = client.predict("mlp", {"input": X}, timeout=TIMEOUT)
+        metadata = client.metadata("mlp", timeout=TIMEOUT)
+        listed = {m.name: m for m in client.list_models(timeout=TIMEOUT)}
+        streamed = list(client.predict_stream([{"input": X}, {"input": X[:1]}], model="mlp", timeout=TIMEOUT))
+    expected = np.frombuffer(direct(mlserver, oip_request()).raw_output_contents[0], np.float32).reshape(2, 10)
+    np.testing.assert_array_equal(result.outputs["output"], expected)
+    assert result.version == "2"
+    assert [(s.name, s.datatype, s.shape) for s in metadata.inputs] == [("input", "FP32", (-1, 784))]
+    assert listed["mlp"].versions == ("2",)
+    np.testing.assert_array_equal(streamed[0].outputs["output"], expected)
+    np.testing.assert_array_equal(streamed[1].outputs["output"], expected[:1])
+    messages = [r for r in gw.audit_records() if r["event"] == "stream_message"][-2:]
+    assert [(m["message_index"], m["code"], m["backend"]["code"]) for m in messages] == [
+        (0, "OK", "OK"),
+        (1, "OK", "OK"),
+    ]
+
+
+def test_oip_metadata_ready_config_and_index_of_a_routed_model(gw, mlserver):
+    token = gw.token()
+    with gw.channel() as channel:
+        client = oip_grpc.GRPCInferenceServiceStub(channel)
+        metadata = client.ModelMetadata(oip.ModelMetadataRequest(name="mlp"), metadata=auth(token), timeout=TIMEOUT)
+        ready = client.ModelReady(oip.ModelReadyRequest(name="mlp"), metadata=auth(token), timeout=TIMEOUT)
+        index = client.RepositoryIndex(oip.RepositoryIndexRequest(), metadata=auth(token), timeout=TIMEOUT)
+        before = caller_calls(mlserver)
+        config = rpc_error(
+            lambda: client.ModelConfig(oip.ModelConfigRequest(name="mlp"), metadata=auth(token), timeout=TIMEOUT)
+        )
+    assert (metadata.name, list(metadata.versions), [i.name for i in metadata.inputs]) == ("mlp", ["2"], ["input"])
+    assert ready.ready
+    assert [(m.name, m.version, m.state) for m in index.models] == [("mlp", "2", "READY")]
+    # MLServer has no ModelConfig: asked (the caller may read metadata), it answers UNIMPLEMENTED, told as such.
+    assert config.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caller_calls(mlserver)["ModelConfig"] == before["ModelConfig"] + 1
+    record = gw.audit_records()[-1]
+    assert (record["code"], record["backend"]["code"]) == ("UNIMPLEMENTED", "UNIMPLEMENTED")
+
+
+def test_every_rpc_refused_for_bob_sends_nothing_and_tells_nothing(gw, mlserver):
+    token = gw.token("bob", bind="bob")
+    before, recorded = caller_calls(mlserver), len(gw.audit_records())
+    with gw.channel("bob") as channel:
+        client = oip_grpc.GRPCInferenceServiceStub(channel)
+        v1 = stub(channel)
+        md = auth(token)
+        refusals = [
+            rpc_error(lambda: client.ModelInfer(oip_request(), metadata=md, timeout=TIMEOUT)),
+            rpc_error(lambda: client.ModelMetadata(oip.ModelMetadataRequest(name="mlp"), metadata=md, timeout=TIMEOUT)),
+            rpc_error(lambda: client.ModelReady(oip.ModelReadyRequest(name="mlp"), metadata=md, timeout=TIMEOUT)),
+            rpc_error(lambda: client.ModelConfig(oip.ModelConfigRequest(name="mlp"), metadata=md, timeout=TIMEOUT)),
+            rpc_error(lambda: v1.Predict(predict_request("mlp", {"input": X}), metadata=md, timeout=TIMEOUT)),
+            rpc_error(
+                lambda: v1.GetModelMetadata(pb.GetModelMetadataRequest(model_name="mlp"), metadata=md, timeout=TIMEOUT)
+            ),
+        ]
+        streamed = list(client.ModelStreamInfer(iter([oip_request()]), metadata=md, timeout=TIMEOUT))
+        v1_streamed = list(v1.PredictStream(iter([predict_request("mlp", {"input": X})]), metadata=md, timeout=TIMEOUT))
+        index = client.RepositoryIndex(oip.RepositoryIndexRequest(), metadata=md, timeout=TIMEOUT)
+        listed = v1.ListModels(pb.ListModelsRequest(), metadata=md, timeout=TIMEOUT)
+    assert {e.code() for e in refusals} == {grpc.StatusCode.PERMISSION_DENIED}
+    assert {e.details() for e in refusals} == {"permission denied"}  # what a local model's refusal says
+    assert streamed[0].error_message.startswith("PERMISSION_DENIED")
+    assert v1_streamed[0].error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "mlp" not in {m.name for m in index.models} | {m.name for m in listed.models}
+    assert caller_calls(mlserver) == before
+    denied = [r for r in gw.audit_records()[recorded:] if r["decision"] == "deny"]
+    assert len(denied) == 8 and all(r["sub"] == "bob" and r["backend"]["address"] is None for r in denied)
+
+
+def test_inputs_are_checked_against_the_backends_metadata_before_anything_is_sent(gw, mlserver):
+    token = gw.token()
+    before = caller_calls(mlserver)
+    with gw.channel() as channel:
+        error = rpc_error(
+            lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                oip_request(np.zeros((1, 783), np.float32)), metadata=auth(token), timeout=TIMEOUT
+            )
+        )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "784" in error.details()
+    assert caller_calls(mlserver) == before
+    record = gw.audit_records()[-1]
+    assert (record["code"], record["decision"], record["backend"]["address"]) == ("INVALID_ARGUMENT", "allow", None)
