@@ -92,6 +92,7 @@ def _default_of(key: str) -> Any:
 # `gateway serve` flags that set one setting each: flag -> (settings key, type, metavar, help).
 _SERVE_FLAGS: dict[str, tuple[str, type, str | None, str]] = {
     "--listen": ("listen", str, "HOST:PORT", "address to serve on"),
+    "--http-listen": ("http.listen", str, "HOST:PORT", "also serve the REST binding (HTTPS) there"),
     "--models": ("models.repository", Path, "DIR", "model repository folder"),
     "--policies": ("policies.directory", Path, "DIR", "policy folder"),
     "--audit-log": ("audit.path", Path, "FILE", "audit trail file"),

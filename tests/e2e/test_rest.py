@@ -306,3 +306,22 @@ def test_connections_past_the_cap_are_closed_at_accept(gw):
     while curl(gw, "/v2/health/live", token=None).status != 200 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert curl(gw, "/v2/health/live", token=None).status == 200
+
+
+def test_rest_answers_the_same_outputs_as_grpc_model_infer(gw):
+    from gateway._pb.inference import grpc_service_pb2 as oip_pb
+    from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
+    from tests.e2e.helpers import TIMEOUT, auth
+
+    request = oip_pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=X.shape)
+    request.raw_input_contents.append(X.tobytes())
+    with gw.channel() as channel:
+        reply = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=auth(gw.token()), timeout=TIMEOUT
+        )
+    over_grpc = np.frombuffer(reply.raw_output_contents[0], np.float32)
+    (output,) = curl(gw, INFER.format(model="mlp"), "-d", infer_json()).json()["outputs"]
+    np.testing.assert_array_equal(
+        np.array(output["data"], np.float32), over_grpc
+    )  # bit for bit: JSON floats round-trip
