@@ -39,6 +39,7 @@ _JSON_TYPES = {
     "BYTES": frozenset({str}),
 }
 _MAX_NESTING = tensors.MAX_RANK
+_REQUEST_FIELDS = ("id", "inputs", "outputs", "parameters", "model_name", "model_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,11 @@ class JsonInferRequest:
     def _read(self, bounds: Bounds) -> InferBody:
         parts = self.parts = split_body(self._body, self._header_length)
         document = parts.document
-        _refuse_unknown_keys(document, ("id", "inputs", "outputs", "parameters"), "the request")
+        _refuse_unknown_keys(document, _REQUEST_FIELDS, "the request")
+        # KServe's SDK repeats the path's model (and version) in the body: accepted when they agree with the path.
+        for field, from_path in (("model_name", self.request.model), ("model_version", self.request.version)):
+            if field in document and document[field] not in (from_path, *(("",) if from_path is None else ())):
+                raise InvalidArgumentError(f"{field} in the body differs from the path's")
         request_id = document.get("id")
         if request_id is not None:
             if not isinstance(request_id, str):

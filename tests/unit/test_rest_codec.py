@@ -114,6 +114,8 @@ def test_binary_inputs_take_their_bytes_of_the_section_in_order():
         ),
         ({"inputs": "x"}, b"", "inputs must be a list"),
         ({"id": 7, "inputs": []}, b"", "id must be a string"),
+        ({"model_name": "other", "inputs": []}, b"", "model_name in the body differs from the path's"),
+        ({"model_name": "m", "model_version": "3", "inputs": []}, b"", "model_version in the body differs"),
         (
             {"inputs": [], "outputs": [{"name": "y", "parameters": {"classification": 2}}]},
             b"",
@@ -139,6 +141,11 @@ def test_malformed_bodies_are_invalid_argument_naming_the_fault(document, binary
 def test_a_body_that_is_no_json_object_is_refused(body, header, message):
     with pytest.raises(InvalidArgumentError, match=message):
         split_body(body, header)
+
+
+def test_the_model_named_again_in_the_body_is_accepted_when_it_agrees_with_the_path():
+    infer, body = read({"model_name": "m", "model_version": "", "inputs": []})
+    assert body.inputs == {}
 
 
 def test_nothing_is_parsed_before_the_pipeline_reads():
