@@ -144,7 +144,7 @@ def test_a_body_that_is_no_json_object_is_refused(body, header, message):
 
 
 def test_the_model_named_again_in_the_body_is_accepted_when_it_agrees_with_the_path():
-    infer, body = read({"model_name": "m", "model_version": "", "inputs": []})
+    _, body = read({"model_name": "m", "model_version": "", "inputs": []})
     assert body.inputs == {}
 
 
