@@ -105,9 +105,9 @@ class JsonInferRequest:
             if field in document and document[field] not in (from_path, *(("",) if from_path is None else ())):
                 raise InvalidArgumentError(f"{field} in the body differs from the path's")
         request_id = document.get("id")
-        if request_id is not None:
-            if not isinstance(request_id, str):
-                raise InvalidArgumentError("id must be a string")
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidArgumentError("id must be a string")
+        if request_id:  # "" is no id, as on gRPC (perf_analyzer sends it)
             ID.check(request_id, "id")
         parameters.request_parameters(_parameters(document, "the request"))
         inputs_json = _list(document.get("inputs"), "inputs", required=True)
