@@ -325,3 +325,23 @@ def test_rest_answers_the_same_outputs_as_grpc_model_infer(gw):
     np.testing.assert_array_equal(
         np.array(output["data"], np.float32), over_grpc
     )  # bit for bit: JSON floats round-trip
+
+
+def test_a_blocked_caller_gets_429_with_retry_after_and_a_draining_gateway_503(start_gateway):
+    running = start_gateway(overrides={"http.listen": "127.0.0.1:0", "limits.per_principal.max_refusals": 2})
+    for _ in range(2):  # two refusals counted against alice: she is blocked
+        assert curl(running, "/v2/models/no-such-model").status == 404
+    blocked = curl(running, "/v2/models/mlp")
+    assert blocked.status == 429 and blocked.headers["retry-after"] == "1"
+    assert "too many refused requests" in blocked.json()["error"]
+    assert running.audit_records()[-1]["code"] == "RESOURCE_EXHAUSTED"
+    running.gateway.boundary.close()  # what the shutdown does once its drain has passed
+    draining = curl(running, "/v2", client="bob")
+    assert draining.status == 503 and draining.headers["x-retry-safe"] == "true"
+    assert draining.json() == {"error": "the gateway is shutting down"}
+    record = running.audit_records()[-1]
+    assert (record["method"], record["code"], record["cert_identity"].rsplit("/", 1)[1]) == (
+        "GET /v2",
+        "UNAVAILABLE",
+        "bob",
+    )
