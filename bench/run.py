@@ -3,9 +3,11 @@
     python -m bench [--quick] [--reps 3] [--window 3] [--warmup 1] [--in-flight 1,4,16,64] [--out bench/results]
 
 Targets: (a) ONNX Runtime in-process, (b) tutorial server, (c) tutorial server + mTLS + tuned ORT (the
-transport floor), (d) gateway dev mode, (e) gateway fully secured, (f) (e) over PredictStream. Extras (not with
---quick): each step of the secure path switched off or on at 16 in flight, dynamic batching at 64 in flight,
-request size from 1 KiB to 4 MiB, and memory per loaded model version. Loopback only; every run is bounded.
+transport floor), (d) gateway dev mode, (e) gateway fully secured, (f) (e) over PredictStream. Remote backends
+(``--targets m,g-m``, not in the default sweep): (m) MLServer alone, (g-m) the secured gateway routing to it, the
+gateway hop's cost (docs/backends.md). Extras (not with --quick): each step of the secure path switched off or on
+at 16 in flight, dynamic batching at 64 in flight, request size from 1 KiB to 4 MiB, and memory per loaded model
+version. Loopback only; every run is bounded.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Target:
 
     key: str
     label: str
-    kind: str  # "ort" (in-process), "tutorial" or "gateway"
+    kind: str  # "ort" (in-process), "tutorial", "gateway" or "mlserver" (.venv-mlserver: tests/backends/servers.py)
     # "flat" (tutorial repeated float), "tensor" (raw bytes), "oip" (ModelInfer, raw) or "rest" (the REST
     # binding, tritonclient.http's default binary form)
     form: str = "tensor"
@@ -62,6 +64,7 @@ class Target:
     tuned: bool = False  # tutorial server: one intra-op thread per session
     config: dict[str, Any] = field(default_factory=dict)  # gateway.yaml overlay
     shares: str | None = None  # measured on another target's server (PredictStream on (e))
+    backend: str | None = None  # a gateway routing the model to this target's server (backends.bench, plaintext)
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
     rest_port: int = 0  # a secure gateway's http.listen port
@@ -135,6 +138,14 @@ TARGETS: dict[str, dict[str, Any]] = {
         **SECURE_GATEWAY,
         "form": "rest",
         "shares": "e",
+    },
+    "m": {"label": "(m) MLServer alone (ModelInfer, plaintext loopback)", "kind": "mlserver", "form": "oip"},
+    "g-m": {
+        "label": "(g-m) gateway, fully secured, routing to (m) MLServer",
+        **SECURE_GATEWAY,
+        "form": "oip",
+        "backend": "m",
+        "config": {"limits": {"per_principal": {"max_in_flight": 256, "max_streams": 256}}},
     },
     "e-pool": {
         "label": "(e) with every model run on the run pool (models.inline_max_ms: 0)",
@@ -216,6 +227,15 @@ def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: 
             shared = servers[target.shares]
             target.port, target.process, target.rest_port = shared.port, shared.process, shared.rest_port
             continue
+        if target.kind == "mlserver":  # binds its own port and reports it
+            from tests.backends.servers import OipServer, mlserver_folder
+
+            folder = workdir / f"mlserver-{target.key}"
+            folder.mkdir()
+            server = OipServer("mlserver", mlserver_folder(folder, models)).start()
+            target.port, target.process = server.port or 0, server.process
+            servers[target.key] = target
+            continue
         target.port = free_port()
         if target.kind == "gateway" and target.secure:  # every secure gateway also serves REST, for (e-rest)
             target.rest_port = free_port()
@@ -234,8 +254,15 @@ def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: 
             command += ["--tuned"] if target.tuned else []
         else:
             config = workdir / f"gateway-{target.key}.yaml"
-            config.write_text(yaml.safe_dump({"log_level": "warning", **target.config}))
-            command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--models", str(models)]
+            settings = {"log_level": "warning", **target.config}
+            served = models
+            if target.backend is not None:  # every model routed: an empty repository of its own
+                backend = {"addresses": [f"127.0.0.1:{servers[target.backend].port}"], "plaintext": True}
+                settings["backends"] = {"bench": {**backend, "models": {"mlp": "mlp"}}}
+                served = workdir / f"no-models-{target.key}"
+                served.mkdir()
+            config.write_text(yaml.safe_dump(settings))
+            command = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--models", str(served)]
             command += ["--listen", f"127.0.0.1:{target.port}", "--policies", str(policies)]
             command += ["--audit-log", str(workdir / f"audit-{target.key}" / "audit.log")]
             dev = ["--dev", "insecure_transport", "--dev", "no_auth"]

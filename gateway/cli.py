@@ -759,6 +759,7 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
             "inputs": specs(meta.inputs),
             "outputs": specs(meta.outputs),
             "model_digest": meta.model_digest,
+            "execution_provider": meta.execution_provider,
         }
 
     return _run_client(args, metadata)

@@ -71,6 +71,7 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     model_digest: str | None = None  # "sha256:<hex>" of the version's files, as the gateway loaded them
+    execution_provider: str | None = None  # the ONNX Runtime provider its session runs on ("CPU", "CUDA"...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +323,7 @@ def parse_metadata(response: pb.GetModelMetadataResponse) -> ModelMetadata:
         tuple(_spec(s) for s in response.inputs),
         tuple(_spec(s) for s in response.outputs),
         response.model_digest or None,
+        response.execution_provider or None,
     )
 
 

@@ -42,7 +42,9 @@ from gateway.document import DocumentError, did_you_mean, loads_json, read_yaml
 from gateway.errors import StartupError
 from gateway.identifiers import NAME
 from gateway.limits import PrincipalLimits
+from gateway.models import providers as execution_providers
 from gateway.models.batching import BatchingOptions
+from gateway.models.providers import ProviderSettings
 from gateway.models.routing import VersionRouting
 from gateway.models.signature import DEFAULT_MAX_VERSION_BYTES, SignaturePolicy, SignatureTrust
 from gateway.models.signature import MODES as SIGNATURE_MODES
@@ -130,10 +132,23 @@ class ModelSettings:
     signatures: str = "off"
     signatures_by_model: Mapping[str, str] = field(default_factory=dict)
     signature_trust: SignatureTrust = field(default_factory=SignatureTrust)
+    # ONNX Runtime execution providers, tried in this order (docs/providers.md): CUDA, TensorRT, OpenVINO, CPU...
+    providers: tuple[str, ...] = ("CPU",)
+    providers_by_model: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # by provider: {CUDA: {...}}
+    # False: a listed provider this ONNX Runtime lacks stops the start; true: it is skipped, with a log line.
+    provider_fallback: bool = False
     # Per model: a pinned default version and a canary share for requests that name no version (docs/versions.md).
     versions: Mapping[str, VersionRouting] = field(default_factory=dict)
     # Each load copies the version folder privately (verified and loaded from the copy): at most this many bytes.
     max_version_bytes: int = DEFAULT_MAX_VERSION_BYTES
+
+    @property
+    def provider_settings(self) -> ProviderSettings:
+        """The execution providers each model's sessions ask for."""
+        return ProviderSettings(
+            self.providers, dict(self.providers_by_model), dict(self.provider_options), self.provider_fallback
+        )
 
     @property
     def signature_policy(self) -> SignaturePolicy:
@@ -367,6 +382,12 @@ def _convert(value: Any, annotation: Any, key: str, base: Path) -> Any:
             raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
         return float(value)
     if annotation is str:
+        if (
+            key.startswith("models.provider_options.")
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        ):
+            value = str(value)  # ONNX Runtime takes every provider option as text: device_id: 0 means "0"
         if value is False and ("off" in CHOICES.get(key, ()) or key.startswith("models.signatures_by_model.")):
             value = "off"  # YAML 1.1 reads a bare `off` as false: `signatures: off` means the word
         if not isinstance(value, str) or not value:
@@ -741,6 +762,7 @@ def validate(settings: Settings) -> None:
     if settings.models.run_threads < 1:
         raise ConfigError("models.run_threads: must be at least 1")
     _validate_versions(settings.models.versions)
+    _validate_providers(settings.models)
     if settings.models.max_version_bytes < 1:
         raise ConfigError("models.max_version_bytes: must be at least 1")
     _validate_signatures(settings.models)
@@ -753,6 +775,44 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"auth.algorithms: {sorted(algorithms & HMAC_ALGORITHMS)} need auth.hmac_secret_file")
     if settings.auth.hmac_secret_file is not None and not algorithms & HMAC_ALGORITHMS:
         raise ConfigError("auth.hmac_secret_file: set, but auth.algorithms lists no HS256, HS384 or HS512")
+
+
+def _validate_providers(models: ModelSettings) -> None:
+    """Known provider names, each once per list; then, unless every model asks for CPU only, the installed ONNX
+    Runtime must offer them (or provider_fallback skips those it lacks)."""
+    known = execution_providers.NAMES
+    lists = {"models.providers": models.providers}
+    lists.update({f"models.providers_by_model.{name}": names for name, names in models.providers_by_model.items()})
+    for key, names in lists.items():
+        if not names:
+            raise ConfigError(f"{key}: list at least one provider ({', '.join(known)})")
+        for index, name in enumerate(names):
+            if name not in known:
+                raise ConfigError(f"{key}: unknown provider {name!r}{_provider_hint(name)} (known: {', '.join(known)})")
+            if name in names[:index]:
+                raise ConfigError(f"{key}: {name} is listed twice")
+    for name in models.provider_options:
+        if name not in known:
+            raise ConfigError(f"models.provider_options.{name}: unknown provider{_provider_hint(name)}")
+    if all(names == ("CPU",) for names in lists.values()):
+        return
+    import onnxruntime  # only here: reading settings otherwise needs no ONNX Runtime
+
+    available = onnxruntime.get_available_providers()
+    settings = models.provider_settings
+    for model in ("", *models.providers_by_model):
+        try:
+            execution_providers.plan(settings, model, available)
+        except execution_providers.ProviderError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _provider_hint(name: str) -> str:
+    """ONNX Runtime's own name, or a name in another case, points to the short name; else the closest one."""
+    exact = execution_providers.SHORT.get(name) or next(
+        (known for known in execution_providers.NAMES if known.lower() == name.lower()), None
+    )
+    return f" (did you mean {exact!r}?)" if exact else did_you_mean(name, execution_providers.NAMES)
 
 
 def _validate_backends(settings: Settings) -> None:

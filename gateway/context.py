@@ -108,6 +108,7 @@ class Outcome:
     requested_version: str | None = None
     version: str | None = None
     model_digest: str | None = None  # the resolved version's bytes (docs/model-signing.md)
+    execution_provider: str | None = None  # the resolved version's ONNX Runtime provider (docs/providers.md)
     version_reason: str | None = None  # why that version: requested, default, pinned, canary (docs/versions.md)
     decision: str | None = None
     rule: str | None = None
@@ -123,6 +124,7 @@ class Outcome:
             self.requested_version,
             self.version,
             self.model_digest,
+            self.execution_provider,
             self.version_reason,
             self.decision,
             self.rule,

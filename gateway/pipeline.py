@@ -174,12 +174,24 @@ class Pipeline:
             verdict = "allow" if decision.allowed else "deny"
             if span is not None:
                 span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})
-        version = digest = why = None
+        version = digest = provider = why = None
         if isinstance(resolved, ModelVersion):  # recorded even when denied: the version the policy judged
-            version, digest, why = str(resolved.version), resolved.digest, reason.value if reason else None
+            version, digest, provider = str(resolved.version), resolved.digest, resolved.provider
+            why = reason.value if reason else None
         elif isinstance(resolved, RemoteModel):
             version = _version_of(resolved, requested)
-        outcome = Outcome(action.value, model, requested, version, digest, why, verdict, decision.rule_id, exchanged)
+        outcome = Outcome(
+            action=action.value,
+            model=model,
+            requested_version=requested,
+            version=version,
+            model_digest=digest,
+            execution_provider=provider,
+            version_reason=why,
+            decision=verdict,
+            rule=decision.rule_id,
+            backend=exchanged,
+        )
         if not decision.allowed:
             refusal: GatewayError = PermissionDeniedError(reason=decision.reason)
         elif isinstance(resolved, GatewayError):

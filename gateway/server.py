@@ -236,6 +236,7 @@ class Gateway:
                 max_bytes_elements=models.max_bytes_elements,
                 batching=models.batching,
                 metered=metered,
+                providers=models.provider_settings,
             ),
             placement=self.placement,
             poll_interval_s=models.poll_interval_s,

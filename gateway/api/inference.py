@@ -128,5 +128,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             inputs=_specs(model.inputs),
             outputs=_specs(model.outputs),
             model_digest=model.digest or "",
+            execution_provider=model.provider or "",
         )
         return Answered(response, outcome)

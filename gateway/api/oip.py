@@ -139,8 +139,16 @@ def to_model_config(model: ModelVersion) -> pb.ModelConfig:
             pb.ModelOutput(name=s.name, data_type=_CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
             for s in model.outputs
         ],
-        parameters={"model_digest": pb.ModelParameter(string_value=model.digest)} if model.digest else {},
+        parameters=_parameters(model),
     )
+
+
+def _parameters(model: ModelVersion) -> dict[str, pb.ModelParameter]:
+    """Triton's free-form model parameters: the loaded bytes' digest and the execution provider."""
+    found = {"execution_provider": model.provider}
+    if model.digest:
+        found["model_digest"] = model.digest
+    return {name: pb.ModelParameter(string_value=value) for name, value in found.items()}
 
 
 class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -57,6 +57,7 @@ def build(
         "version": outcome.version,
         "model_digest": outcome.model_digest,
         "version_reason": outcome.version_reason,
+        "execution_provider": outcome.execution_provider,
         "action": outcome.action,
         "decision": outcome.decision,
         "rule": outcome.rule,

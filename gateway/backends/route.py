@@ -31,6 +31,7 @@ class RemoteModel:
     max_bytes_elements: int
     digest: None = None
     batcher: None = None
+    provider: None = None  # no ONNX Runtime provider: the backend runs it
 
     def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
         """An unnamed single tensor is the model's only input (schema.name_inputs)."""

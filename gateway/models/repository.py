@@ -358,6 +358,7 @@ class ModelRepository:
             path=str(model.path),
             digest=model.digest,
             signed=model.signed,
+            provider=model.provider,
         )
         weakref.finalize(model, log.info, "model_version_unloaded", model=model.name, version=model.version)
 

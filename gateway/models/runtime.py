@@ -15,9 +15,10 @@ import structlog
 
 from gateway import metrics, tensors
 from gateway.errors import InternalError, StartupError
-from gateway.models import schema
+from gateway.models import providers, schema
 from gateway.models.batching import Batcher, BatchingOptions
 from gateway.models.placement import Placement, RunCost
+from gateway.models.providers import ProviderSettings
 from gateway.models.schema import TensorSpec
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,7 @@ class RuntimeOptions:
     max_bytes_elements: int = 1024 * 1024  # BYTES tensors: each element becomes a Python str
     batching: Mapping[str, BatchingOptions] = field(default_factory=dict)  # by model name; absent = off
     metered: bool = True  # time each run in the metrics (off where nothing serves them: metrics.recording)
+    providers: ProviderSettings = field(default_factory=ProviderSettings)
 
 
 _UNMETERED = contextlib.nullcontext()
@@ -101,12 +103,7 @@ class ModelVersion:
         self.signed = signed
         self.max_elements = options.max_elements
         self.max_bytes_elements = options.max_bytes_elements
-        try:
-            self._session = ort.InferenceSession(
-                str(load_from or path), sess_options=_session_options(options), providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # ORT raises several pybind classes; all mean "this file cannot be served"
-            raise ModelLoadError(path, f"onnxruntime cannot load it: {_short(exc)}") from None
+        self._session = self._open(load_from or path, options)
         self.inputs = tuple(self._spec(arg, "input") for arg in self._session.get_inputs())
         self.outputs = tuple(self._spec(arg, "output") for arg in self._session.get_outputs())
         self._seq_map_outputs = frozenset(
@@ -119,6 +116,44 @@ class ModelVersion:
         self.batcher = self._make_batcher(options.batching.get(name))
         self._placement = placement
         self.cost = RunCost()
+
+    def _open(self, source: Path, options: RuntimeOptions) -> ort.InferenceSession:
+        """The session, on the first provider of the model's list that this ONNX Runtime offers and starts;
+        ``provider`` says which it got (read back from the session: ONNX Runtime may fall back by itself)."""
+        try:
+            plan = providers.plan(options.providers, self.name, ort.get_available_providers())
+        except providers.ProviderError as exc:
+            raise ModelLoadError(self.path, str(exc)) from None
+        if plan.unavailable:
+            log.warning(
+                "model_providers_unavailable",
+                model=self.label,
+                unavailable=list(plan.unavailable),
+                using=[providers.short_name(name) for name in plan.providers],
+                setting="models.provider_fallback",
+            )
+        try:
+            session = ort.InferenceSession(
+                str(source),
+                sess_options=_session_options(options),
+                providers=list(plan.providers),
+                provider_options=list(plan.options),
+            )
+        except Exception as exc:  # ORT raises several pybind classes; all mean "this file cannot be served"
+            raise ModelLoadError(self.path, f"onnxruntime cannot load it: {_short(exc)}") from None
+        asked, got = plan.providers[0], session.get_providers()[0]
+        self.provider = providers.short_name(got)
+        if got != asked:
+            if not options.providers.fallback:
+                raise ModelLoadError(
+                    self.path,
+                    f"ONNX Runtime could not start {providers.short_name(asked)} for it (it ran on {self.provider}); "
+                    "set models.provider_fallback: true to accept the next provider",
+                )
+            log.warning(
+                "model_provider_fell_back", model=self.label, asked=providers.short_name(asked), using=self.provider
+            )
+        return session
 
     def _spec(self, arg: Any, kind: str) -> TensorSpec:
         row = tensors.BY_ONNX.get(arg.type)

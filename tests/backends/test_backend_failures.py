@@ -14,6 +14,7 @@ import pytest
 
 from gateway._pb.inference import grpc_service_pb2 as oip
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
+from gateway.config import ConfigError
 from tests.backends.conftest import empty_repository, plaintext_backend
 from tests.conftest import wait_until
 from tests.e2e.helpers import TIMEOUT, auth, rpc_error, trailer
@@ -76,6 +77,11 @@ def test_a_required_backend_down_keeps_the_gateway_unready(start_module_gateway,
         )
     assert not ready.ready
     gw.gateway.stop(0.5)
+
+
+def test_a_model_both_local_and_routed_is_a_configuration_error(start_module_gateway, mlserver):
+    with pytest.raises(ConfigError, match=r"backends\.mlserver\.models\.mlp: also served from models\.repository"):
+        start_module_gateway(overrides={"backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})}})
 
 
 def test_a_slow_backend_is_cut_at_its_deadline_and_the_backend_call_cancelled(gw, mlserver):

@@ -9,8 +9,12 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import gateway
+from gateway.tracing import Tracing
 from tests.backends.conftest import empty_repository
 from tests.conftest import ROOT, Pki, run_script
 from tests.e2e.helpers import TIMEOUT
@@ -27,9 +31,17 @@ def edge_pki(pki, tmp_path_factory) -> Pki:
     return Pki(directory)
 
 
+def traced() -> tuple[Tracing, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Tracing(provider), exporter
+
+
 @pytest.fixture(scope="module")
 def gateways(start_module_gateway, edge_pki, tmp_path_factory):
-    cluster = start_module_gateway(pki=edge_pki, overrides={})
+    (edge_tracing, edge_spans), (cluster_tracing, cluster_spans) = traced(), traced()
+    cluster = start_module_gateway(pki=edge_pki, overrides={}, tracing=cluster_tracing)
     token_file = tmp_path_factory.mktemp("edge-token") / "token"
     token_file.write_text(cluster.token("edge", bind="edge") + "\n")
     backend = {
@@ -42,8 +54,12 @@ def gateways(start_module_gateway, edge_pki, tmp_path_factory):
         "health_interval_s": 0.2,
     }
     edge = start_module_gateway(
-        pki=edge_pki, models=empty_repository(tmp_path_factory), overrides={"backends": {"cluster": backend}}
+        pki=edge_pki,
+        models=empty_repository(tmp_path_factory),
+        overrides={"backends": {"cluster": backend}},
+        tracing=edge_tracing,
     )
+    edge.extra["spans"], cluster.extra["spans"] = edge_spans, cluster_spans
     return edge, cluster
 
 
@@ -75,6 +91,12 @@ def test_alice_through_the_edge_runs_the_clusters_model_as_the_edge(gateways, de
         "spiffe://gateway.local/client/edge",
         "OK",
     )
+    # One trace: the cluster's call span is a child of the edge's gateway.backend span (W3C traceparent).
+    assert record["trace_id"] == at_edge["trace_id"] is not None
+    [hop] = [s for s in edge.extra["spans"].get_finished_spans() if s.name == "gateway.backend"]
+    [served] = [s for s in cluster.extra["spans"].get_finished_spans() if s.name.endswith("/ModelInfer")]
+    assert served.parent.span_id == hop.context.span_id
+    assert hop.attributes["gateway.backend"] == "cluster"
 
 
 def test_bob_is_refused_at_the_edge_and_the_cluster_sees_nothing(gateways):

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import gateway
-from tests.backends.conftest import empty_repository, plaintext_backend
-from tests.backends.test_mlserver import triton
+from tests.backends.conftest import empty_repository, plaintext_backend, triton
 from tests.e2e.helpers import TIMEOUT
 
 VALUES = [1.5, -2.0, 3.25]

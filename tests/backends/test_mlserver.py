@@ -4,10 +4,7 @@ own, byte for byte; every call leaves one truthful record naming the backend."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+import urllib.request
 
 import grpc
 import numpy as np
@@ -17,8 +14,8 @@ import gateway
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.inference import grpc_service_pb2 as oip
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
-from tests.backends.conftest import OipServer, empty_repository, plaintext_backend
-from tests.conftest import ROOT
+from tests.backends.conftest import empty_repository, plaintext_backend, triton
+from tests.backends.servers import OipServer
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
 
 X = np.random.default_rng(23).random((2, 784), dtype=np.float32)
@@ -31,7 +28,10 @@ CALLER_RPCS = ("ModelInfer", "ModelStreamInfer", "ModelConfig")
 def gw(start_module_gateway, mlserver, tmp_path_factory):
     return start_module_gateway(
         models=empty_repository(tmp_path_factory),
-        overrides={"backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})}},
+        overrides={
+            "backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})},
+            "metrics.listen": "127.0.0.1:0",
+        },
     )
 
 
@@ -50,33 +50,6 @@ def direct(mlserver: OipServer, request: oip.ModelInferRequest) -> oip.ModelInfe
 def caller_calls(mlserver: OipServer) -> dict[str, int]:
     calls = mlserver.calls()
     return {rpc: calls[rpc] for rpc in CALLER_RPCS}
-
-
-def triton(gw, tmp_path: Path, steps: list[dict], *, client: str | None = "alice", target: str | None = None):
-    """Stock tritonclient in its own process (tests/interop/triton_client.py): through the gateway with ``client``'s
-    certificate and token, or, with ``target``, straight to a plaintext backend."""
-    if target is not None:
-        job = {"target": target, "steps": steps}
-    else:
-        pki = gw.pki
-        job = {
-            "target": gw.target,
-            "ca": str(pki.path("ca.crt")),
-            "cert": str(pki.path(f"{client}.crt")),
-            "key": str(pki.path(f"{client}.key")),
-            "token": gw.token(client, bind=client),
-            "steps": steps,
-        }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(job))
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests/interop/triton_client.py"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 INFER = {
@@ -207,3 +180,13 @@ def test_inputs_are_checked_against_the_backends_metadata_before_anything_is_sen
     assert caller_calls(mlserver) == before
     record = gw.audit_records()[-1]
     assert (record["code"], record["decision"], record["backend"]["address"]) == ("INVALID_ARGUMENT", "allow", None)
+
+
+def test_backend_metrics_count_calls_latency_and_health_by_backend(gw):
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics", timeout=TIMEOUT) as answer:
+        text = answer.read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+    assert samples['gateway_backend_calls_total{backend="mlserver",code="OK"}'] > 0
+    assert samples['gateway_backend_call_duration_seconds_count{backend="mlserver"}'] > 0
+    assert samples['gateway_backend_calls_in_flight{backend="mlserver"}'] == 0
+    assert samples['gateway_backend_up{backend="mlserver"}'] == 1

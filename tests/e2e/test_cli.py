@@ -133,6 +133,7 @@ def test_metadata_prints_the_signature(gw):
         "versions": ["1", "2"],
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 784]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+        "execution_provider": "CPU",
     }
     assert ok(run("metadata", "--model", "mlp", "--version", "1", env=client_env(gw)))["version"] == "1"
 

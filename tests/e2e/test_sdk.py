@@ -311,6 +311,7 @@ def test_metadata_describes_the_signature_with_dynamic_dims(gw, demo_models):
         inputs=(gateway.TensorSpec("input", "FP32", (-1, 784)),),
         outputs=(gateway.TensorSpec("output", "FP32", (-1, 10)),),
         model_digest=signature.digest(demo_models / "mlp" / "2"),  # the bytes that version 2 is
+        execution_provider="CPU",
     )
     assert first.version == "1"
     assert first.model_digest == signature.digest(demo_models / "mlp" / "1") != default.model_digest
