@@ -345,3 +345,23 @@ def test_a_blocked_caller_gets_429_with_retry_after_and_a_draining_gateway_503(s
         "UNAVAILABLE",
         "bob",
     )
+
+
+def test_the_rest_port_serves_a_rotated_server_certificate_without_restart(start_gateway, pki_copy):
+    from cryptography import x509
+
+    from tests.conftest import ROOT, run_script, wait_until
+
+    running = start_gateway(use_pki=pki_copy, overrides={"http.listen": "127.0.0.1:0", "tls.reload_interval_s": 0.05})
+
+    def serial() -> int:
+        with tls_socket(running) as s:
+            return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
+
+    first = serial()
+    with tls_socket(running) as kept:  # a connection opened before the rotation keeps its certificate and works
+        run_script(ROOT / "scripts/gen_certs.sh", "--server", pki_copy.dir)
+        wait_until(lambda: serial() != first)
+        kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    assert curl(running, "/v2").status == 200  # a new connection, on the rotated certificate
