@@ -186,6 +186,7 @@ class RestListener:
             connection, _ = await loop.sock_accept(listening)
             if len(self._connections) >= self._settings.max_connections:
                 self.refused_connections += 1
+                log.debug("rest_connection_refused", reason="http.max_connections")
                 connection.close()
                 continue
             task = loop.create_task(self._serve(connection))
@@ -205,8 +206,9 @@ class RestListener:
                 ssl=self._context(),
                 ssl_handshake_timeout=self._handshake_timeout_s,
             )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
-            connection.close()  # no certificate, a wrong one, or too slow: the handshake failed
+        except Exception as exc:  # no certificate, a wrong one, plaintext, too slow: the handshake failed
+            log.debug("rest_handshake_failed", error=type(exc).__name__)
+            connection.close()
             return
         ended = server.ended.get(handler)  # type: ignore[call-overload]
         if ended is not None:
