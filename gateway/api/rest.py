@@ -56,7 +56,7 @@ def split_body(body: bytes, header_length: str | None) -> InferBodyParts:
     if header_length is None:
         size = len(body)
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise InvalidArgumentError(
                 f"Inference-Header-Content-Length must be a byte count within the body's {len(body)} bytes"
             )

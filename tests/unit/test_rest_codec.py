@@ -136,6 +136,7 @@ def test_malformed_bodies_are_invalid_argument_naming_the_fault(document, binary
         (b"\xff", None, "not UTF-8"),
         (b"{}", "9", "within the body"),
         (b"{}", "-1", "byte count"),
+        (b"{}", "\u00b2", "byte count"),
     ],
 )
 def test_a_body_that_is_no_json_object_is_refused(body, header, message):
