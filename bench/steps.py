@@ -206,13 +206,17 @@ _STEPS: dict[str, tuple[str, ...]] = {
         "gateway.boundary:Recorder._observe",
     ),
     "audit: record dict (audit.record.build)": ("gateway.boundary:build_record",),
-    "audit: structlog chain (copy, timestamp)": ("gateway.audit.writer:_AuditChain.submit",),
-    "audit: append (group, future)": ("gateway.audit.writer:AuditLog.append",),
+    "audit: copy, timestamp": ("gateway.audit.writer:_stamped",),
+    "audit: append (group, future)": (
+        "gateway.audit.writer:AuditLog.append",
+        "gateway.audit.commit:GroupCommit.append",
+    ),
     "audit: seal (canonical JSON, HMAC)": ("gateway.audit.writer:seal",),
     "audit: commit (chain, os.write, stat, wake)": (
-        "gateway.audit.writer:AuditLog._commit_turn",
-        "gateway.audit.writer:AuditLog._lead",
-        "gateway.audit.writer:AuditLog._commit_and_release",
+        "gateway.audit.commit:GroupCommit._commit_turn",
+        "gateway.audit.commit:GroupCommit._lead",
+        "gateway.audit.commit:GroupCommit._commit_and_release",
+        "gateway.audit.writer:AuditLog._commit_group",
         "gateway.audit.writer:AuditLog._commit",
     ),
     "metrics (Prometheus)": (

@@ -103,6 +103,10 @@ _SERVE_FLAGS: dict[str, tuple[str, type, str | None, str]] = {
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # grpc core writes its own lines to stderr in its own text format, not through Python's logging: at its default
+    # verbosity a line for every failed TLS handshake, between the JSON lines. Errors only, before grpc loads
+    # (docs/operations.md#logs); GRPC_VERBOSITY, when set, still wins, and the workers inherit it.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     import structlog
 
     from gateway import logging as oplog
@@ -129,7 +133,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         check_listen(settings)
     except ConfigError as exc:  # the checks after load_settings name the variable that gave a key, too
         return _fail(attributed(str(exc), None, overrides, environment), EXIT_USAGE)
-    oplog.configure(fmt=settings.log_format, level=settings.log_level)
+    oplog.configure(fmt=settings.log_format, level=settings.log_level, worker=args.worker_index)
     source = {"path": str(config.resolve())} if config else {"path": None, "detail": "no config file: defaults"}
     structlog.get_logger("gateway.cli").info(
         "config_loaded", **source, environment=sorted(environment), flags=sorted(overrides)

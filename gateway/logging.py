@@ -5,6 +5,7 @@ This is never the audit trail, which ``gateway.audit`` writes itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -29,9 +30,12 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
-def configure(*, fmt: str = "json", level: str = "info", stream: Any = None) -> None:
+def configure(*, fmt: str = "json", level: str = "info", stream: Any = None, worker: int | None = None) -> None:
     """Configure the process-wide operational logger (stderr by default), and send the standard library's
-    logging (grpcio's Python side, asyncio, other libraries) through the same processors to the same stream."""
+    logging (grpcio's Python side, asyncio, other libraries) through the same processors to the same stream.
+
+    ``worker``: the index of this worker of several (``workers: N``), carried by every line as ``worker``: the
+    workers share the supervisor's stderr."""
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -41,6 +45,8 @@ def configure(*, fmt: str = "json", level: str = "info", stream: Any = None) -> 
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if worker is not None:
+        shared.append(functools.partial(_add_worker, index=worker))
     output = stream or sys.stderr
     structlog.configure(
         processors=[
@@ -55,6 +61,13 @@ def configure(*, fmt: str = "json", level: str = "info", stream: Any = None) -> 
         cache_logger_on_first_use=False,
     )
     _bridge_stdlib(shared=shared, renderer=renderer, level=level, stream=output)
+
+
+def _add_worker(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any], *, index: int
+) -> MutableMapping[str, Any]:
+    event_dict["worker"] = index
+    return event_dict
 
 
 def _bridge_stdlib(*, shared: list[Any], renderer: Any, level: str, stream: Any) -> None:

@@ -243,7 +243,7 @@ def refusal_labels(error: GatewayError, outcome: Outcome) -> tuple[str, str]:
             return "certificate", NONE
         return "token", _token_detail(reason)
     if isinstance(error, PermissionDeniedError):
-        return "policy_deny", outcome.rule or "default_deny"
+        return "policy_deny", outcome.rule or "default deny"
     if isinstance(error, ResourceExhaustedError):
         return "limit", reason if reason in _LIMIT_DETAILS else "other"
     return error.code.lower(), NONE
@@ -254,7 +254,7 @@ def refusal_series() -> Iterator[tuple[str, str]]:
     yield "certificate", NONE
     for detail in (*sorted(_TOKEN_DETAILS), "other"):
         yield "token", detail
-    yield "policy_deny", "default_deny"
+    yield "policy_deny", "default deny"
     for detail in (*sorted(_LIMIT_DETAILS), "other"):
         yield "limit", detail
     classed = {AuthenticationError.code, PermissionDeniedError.code, ResourceExhaustedError.code}

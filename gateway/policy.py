@@ -91,9 +91,9 @@ class Decision:
         return "default deny" if self.rule_id is None else f"rule {self.rule_id}"
 
     def explain(self) -> str:
-        """One line for people: ``allow by rule X``, ``deny by rule Y`` or ``deny (no rule allows)``."""
+        """One line for people: ``allow by rule X``, ``deny by rule Y`` or ``deny (default deny: no rule allows)``."""
         if self.rule_id is None:
-            return "deny (no rule allows)"
+            return "deny (default deny: no rule allows)"
         return f"{'allow' if self.allowed else 'deny'} by rule {self.rule_id}"
 
 

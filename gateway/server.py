@@ -207,11 +207,13 @@ def _tracing(settings: Settings) -> Tracing:
     if not settings.tracing.enabled:
         return Tracing(None)
     try:
-        return from_environment()
+        tracing = from_environment()
     except ModuleNotFoundError as exc:
         raise ConfigError(
             f"tracing.enabled: OpenTelemetry is not installed (no module {exc.name!r}); pip install 'gateway[otel]'"
         ) from None
+    log.info("tracing_enabled", **(tracing.destination or {}))
+    return tracing
 
 
 class Gateway:
@@ -368,6 +370,13 @@ class Gateway:
         for name in ("dev_insecure_transport", "dev_no_auth", "dev_audit_fail_open"):
             if getattr(self.settings, name):
                 log.warning("dev_option_enabled", option=name, detail="development only: never in production")
+        if self.settings.audit.hmac_key_file is None:
+            log.warning(
+                "audit_trail_unkeyed",
+                path=str(self.settings.audit.path),
+                detail="the hash chain proves order, not origin: whoever can write the file can rewrite it and "
+                "recompute the chain; set audit.hmac_key_file (docs/audit.md)",
+            )
 
     def _check_descriptor_budget(self, soft_limit: int) -> None:
         """Warn when the listeners' connection caps together could use up the descriptor limit: then a flood on

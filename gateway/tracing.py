@@ -14,6 +14,8 @@ Attributes carry no token, no tensor value and no caller text that the pipeline'
 from __future__ import annotations
 
 import contextlib
+import os
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,9 +47,11 @@ class CallTrace:
 class Tracing:
     """Starts call spans; ``Tracing(None)`` is tracing off."""
 
-    def __init__(self, provider: Any | None) -> None:
-        """``provider``: an opentelemetry TracerProvider, or None for no tracing."""
+    def __init__(self, provider: Any | None, *, destination: Mapping[str, str | bool] | None = None) -> None:
+        """``provider``: an opentelemetry TracerProvider, or None for no tracing; ``destination``: where its spans
+        go, for the start-up log line."""
         self._provider = provider
+        self.destination = destination
         self._tracer = provider.get_tracer("gateway") if provider is not None else None
 
     def start_call(self, method: str, metadata: Sequence[tuple[str, Any]], request_id: str) -> CallTrace | None:
@@ -91,7 +95,29 @@ def from_environment() -> Tracing:
         resource = resource.merge(Resource({SERVICE_NAME: "gateway"}))
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return Tracing(provider)
+    service = str(resource.attributes.get(SERVICE_NAME))
+    return Tracing(provider, destination=export_destination(os.environ, service_name=service))
+
+
+def export_destination(environ: Mapping[str, str], *, service_name: str) -> dict[str, str | bool]:
+    """Where ``from_environment``'s spans go, as the OTLP exporter reads the same variables (for the start-up log
+    line; never the headers, which carry credentials, nor a user and password in the URL)."""
+    endpoint = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "http://localhost:4317"
+    )
+    parsed = urllib.parse.urlsplit(endpoint)
+    if parsed.username is not None or parsed.password is not None:
+        endpoint = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+    insecure = environ.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") or environ.get("OTEL_EXPORTER_OTLP_INSECURE")
+    return {
+        "exporter": "otlp-grpc",
+        "endpoint": endpoint,
+        "tls": not (insecure.lower() == "true" if insecure is not None else parsed.scheme == "http"),
+        "service_name": service_name,
+        "sampler": environ.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on",
+    }
 
 
 def _trace_headers(metadata: Sequence[tuple[str, Any]]) -> dict[str, str]:

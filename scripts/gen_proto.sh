@@ -8,10 +8,11 @@ out=${1:-gateway/_pb}
 mkdir -p "$out"
 "$PYTHON" -m grpc_tools.protoc -I proto \
     --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
-    proto/gateway/v1/gateway.proto proto/inference/grpc_service.proto
+    proto/gateway/v1/gateway.proto proto/inference/grpc_service.proto proto/triton/model_config.proto
 # protoc writes imports relative to -I proto (`from gateway.v1 import gateway_pb2`); inside our package the
 # modules live under gateway._pb, so rewrite those imports to be package-relative.
 sed -i 's/^from gateway\.v1 import gateway_pb2 as/from . import gateway_pb2 as/' "$out/gateway/v1/gateway_pb2_grpc.py"
 sed -i 's/^from inference import grpc_service_pb2 as/from . import grpc_service_pb2 as/' \
     "$out/inference/grpc_service_pb2_grpc.py"
-touch "$out/__init__.py" "$out/gateway/__init__.py" "$out/gateway/v1/__init__.py" "$out/inference/__init__.py"
+touch "$out/__init__.py" "$out/gateway/__init__.py" "$out/gateway/v1/__init__.py" "$out/inference/__init__.py" \
+    "$out/triton/__init__.py"

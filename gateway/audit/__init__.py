@@ -1,5 +1,9 @@
 """Tamper-evident audit trail: hash-chained JSON lines, a group-commit writer, checkpoints and verification.
 
+One job per module: ``record`` (the record's shape, from a call's facts and outcome), ``chain`` (format, hash,
+sealing), ``commit`` (groups and the committer), ``active`` (the active file: resume, recovery, rotation),
+``checkpoint``, ``writer`` (AuditLog, joining them), ``verifier``.
+
 The trail is the gateway's second log stream, separate from operational logs; its format, durability and threat
 model are in docs/audit.md.
 """

@@ -224,6 +224,16 @@ def parse_strict(text: str | bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The last committed record of a chain: what the next record chains to, and what a checkpoint may vouch for
+    (``file``: the file that holds it)."""
+
+    seq: int
+    hash: str
+    file: str
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Records as read back.
 

@@ -162,7 +162,7 @@ class BackendClient:
 
     async def poll(self) -> None:
         """ServerReady on every address, then the routed models' metadata from one that is up."""
-        timeout = min(_POLL_TIMEOUT_S, self.settings.health_interval_s, self.settings.deadline_s)
+        timeout = min(_POLL_TIMEOUT_S, self.settings.deadline_s)
         metadata = self._metadata()
         answers = await asyncio.gather(
             *(self._ready(address, timeout, metadata) for address in self._addresses), return_exceptions=False
@@ -198,6 +198,8 @@ class BackendClient:
         pattern. A model whose metadata cannot be read or served is left out, its reason logged once."""
         names = dict(self.settings.models)
         index = await self._index(address, timeout, metadata)  # names and versions, where the backend lists them
+        if index is None:  # not answered this time: what the last index said stands (no flapping on one timeout)
+            index = {model.remote_name: model.version for model in self._models.values()}
         names.update(
             (name, name)
             for name in index
@@ -212,7 +214,11 @@ class BackendClient:
                 )
                 found[gateway_name] = self._remote_model(gateway_name, remote, answer, index.get(remote, ""))
             except grpc.aio.AioRpcError as exc:
-                reasons[gateway_name] = f"ModelMetadata: {exc.code().name}"
+                previous = self._models.get(gateway_name)
+                if previous is not None and exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    found[gateway_name] = previous  # one slow answer does not take a model out: the last stands
+                else:
+                    reasons[gateway_name] = f"ModelMetadata: {exc.code().name}"
             except ValueError as exc:
                 reasons[gateway_name] = str(exc)
         for gateway_name, reason in reasons.items():
@@ -232,9 +238,9 @@ class BackendClient:
         self._described = reasons
         return found
 
-    async def _index(self, address: _Address, timeout: float, metadata: list[tuple[str, str]]) -> dict[str, str]:
+    async def _index(self, address: _Address, timeout: float, metadata: list[tuple[str, str]]) -> dict[str, str] | None:
         """The backend's ready models and their versions (RepositoryIndex; MLServer says "State.READY"); empty where
-        it does not serve the method (KServe)."""
+        it does not serve the method (KServe), None where it did not answer."""
         try:
             index = await address.stub.RepositoryIndex(
                 pb.RepositoryIndexRequest(ready=True), timeout=timeout, metadata=metadata
@@ -243,7 +249,7 @@ class BackendClient:
             if self.settings.model_patterns and self._index_failure != exc.code().name:
                 log.warning("backend_discovery_failed", backend=self.name, code=exc.code().name)
             self._index_failure = exc.code().name
-            return {}
+            return {} if exc.code() is grpc.StatusCode.UNIMPLEMENTED else None
         self._index_failure = None
         return {
             entry.name: entry.version

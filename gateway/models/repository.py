@@ -19,7 +19,7 @@ import re
 import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -29,7 +29,7 @@ from gateway import metrics
 from gateway.errors import NotFoundError
 from gateway.identifiers import NAME, shown
 from gateway.models import routing as routes
-from gateway.models import signature
+from gateway.models import signature, triton_config
 from gateway.models.placement import Placement
 from gateway.models.routing import Reason, Route, VersionRouting
 from gateway.models.runtime import ModelLoadError, ModelVersion, RuntimeOptions
@@ -85,10 +85,12 @@ class _Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """What a scan found: each version's model file with its key, and each entry that is no version, with why."""
+    """What a scan found: each version's model file with its key, each entry that is no version, with why, and
+    each model's Triton config.pbtxt as read."""
 
     versions: dict[tuple[str, int], tuple[Path, FileKey]]
     ignored: dict[str, str]
+    configs: dict[str, triton_config.TritonConfig] = field(default_factory=dict)
 
 
 def parse_version(text: str) -> int | None:
@@ -120,18 +122,24 @@ def _scan_model(model: os.DirEntry[str], listing: Listing) -> None:
     except OSError as exc:  # removed since the root was listed, or unreadable
         listing.ignored[model.path] = f"cannot list it: {exc.strerror}"
         return
+    config = triton_config.read(Path(model.path))
+    if config is not None:
+        listing.configs[model.name] = config
+    filename = triton_config.model_file(config, MODEL_FILE)
     for entry in entries:
+        if entry.name == triton_config.CONFIG_FILE and entry.is_file():
+            continue
         if not entry.is_dir():
-            listing.ignored[entry.path] = f"a file where only version folders belong (<version>/{MODEL_FILE})"
+            listing.ignored[entry.path] = f"a file where only version folders belong (<version>/{filename})"
         elif (version := parse_version(entry.name)) is None:
             listing.ignored[entry.path] = "not a version (a positive integer without leading zeros)"
         else:
-            path = Path(entry.path) / MODEL_FILE
+            path = Path(entry.path) / filename
             try:
                 path.stat()
                 key = _folder_key(entry.path)
             except OSError as exc:
-                listing.ignored[entry.path] = f"{MODEL_FILE}: {exc.strerror}"
+                listing.ignored[entry.path] = f"{filename}: {exc.strerror}"
                 continue
             listing.versions[(model.name, version)] = (path, key)
 
@@ -187,6 +195,7 @@ class ModelRepository:
         self._snapshot = _Snapshot(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
         self._published: set[str] = set()  # the models whose loaded versions the metrics last showed
         self._ignored: dict[str, str] = {}  # as last logged: each entry is logged once, not on every poll
+        self._configs: dict[str, triton_config.TritonConfig] = {}  # as last logged
         self._write_lock = threading.Lock()
         self._failures = metrics.RELOAD_FAILURES.labels(store="models")  # at 0 from the start
         self._watcher = Watcher(
@@ -220,6 +229,7 @@ class ModelRepository:
     def _apply(self, listing: Listing, *, strict: bool) -> None:
         with self._write_lock:
             self._log_ignored(listing.ignored)
+            self._log_configs(listing.configs)
             loaded = dict(self._snapshot.loaded)
             failed = {ident: f for ident, f in self._snapshot.failed.items() if ident in listing.versions}
             changed = len(failed) != len(self._snapshot.failed)
@@ -230,7 +240,9 @@ class ModelRepository:
                 log.info("model_version_removed", model=ident[0], version=ident[1])
             for ident, (path, key) in listing.versions.items():
                 existing, tried = loaded.get(ident), failed.get(ident)
-                if (existing and existing.key == key) or (tried and tried.key == key):
+                if (existing and (existing.key, existing.model.path) == (key, path)) or (
+                    tried and (tried.key, tried.path) == (key, path)
+                ):
                     continue  # unchanged since it last loaded or failed: a broken file is tried (and logged) once
                 changed = True
                 outcome = self._load(ident, path, key, strict=strict, still_serving=existing is not None)
@@ -292,7 +304,7 @@ class ModelRepository:
                     path=path,
                     options=self._options,
                     placement=self._placement,
-                    load_from=copy / MODEL_FILE,
+                    load_from=copy / path.name,
                     digest=digest,
                     signed=signed,
                 )
@@ -314,6 +326,30 @@ class ModelRepository:
             action="refused" if refused else "served",
             still_serving=still_serving and refused,
         )
+
+    def _log_configs(self, configs: dict[str, triton_config.TritonConfig]) -> None:
+        """Each model's config.pbtxt, once per change: what is honoured, what is not and where it lives instead."""
+        for model, config in configs.items():
+            if self._configs.get(model) == config:
+                continue
+            if config.error is not None:
+                log.warning(
+                    "model_config_pbtxt_invalid",
+                    model=model,
+                    reason=config.error,
+                    detail=f"not used: each version loads {MODEL_FILE}",
+                )
+                continue
+            log.info(
+                "model_config_pbtxt_read",
+                model=model,
+                honoured=list(config.honoured),
+                ignored=dict(config.ignored),
+                model_file=triton_config.model_file(config, MODEL_FILE),
+            )
+            for warning in config.warnings:
+                log.warning("model_config_pbtxt_mismatch", model=model, detail=warning)
+        self._configs = configs
 
     def _log_ignored(self, ignored: dict[str, str]) -> None:
         for path, reason in ignored.items():

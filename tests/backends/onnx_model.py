@@ -1,5 +1,5 @@
 """MLServer model classes for the backend tests, loaded by MLServer in .venv-mlserver: the demo models through ONNX
-Runtime, and two test models (a slow one, one whose answer is as large as asked)."""
+Runtime (the MLP, and a text model), and two test models (a slow one, one whose answer is as large as asked)."""
 
 import asyncio
 import os
@@ -7,9 +7,22 @@ import os
 import numpy as np
 import onnxruntime as ort
 from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.codecs import NumpyCodec, StringCodec
+from mlserver.types import InferenceRequest, InferenceResponse, RequestInput, ResponseOutput
 from mlserver.utils import get_model_uri
+
+
+def _decode(tensor: RequestInput) -> np.ndarray:
+    """An input as ONNX Runtime takes it: BYTES elements as str (StringCodec), which its string tensors take."""
+    if tensor.datatype == "BYTES":
+        return np.array(StringCodec.decode_input(tensor), dtype=object).reshape(tensor.shape)
+    return NumpyCodec.decode_input(tensor)
+
+
+def _encode(name: str, array: np.ndarray) -> ResponseOutput:
+    if array.dtype == object:
+        return StringCodec.encode_output(name, [str(v) for v in array.ravel()])
+    return NumpyCodec.encode_output(name, array)
 
 
 class OnnxModel(MLModel):
@@ -21,14 +34,12 @@ class OnnxModel(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        feeds = {tensor.name: NumpyCodec.decode_input(tensor) for tensor in payload.inputs}
+        feeds = {tensor.name: _decode(tensor) for tensor in payload.inputs}
         results = self._session.run(self._outputs, feeds)
         return InferenceResponse(
             model_name=self.name,
             model_version=self.version,
-            outputs=[
-                NumpyCodec.encode_output(name, result) for name, result in zip(self._outputs, results, strict=True)
-            ],
+            outputs=[_encode(name, result) for name, result in zip(self._outputs, results, strict=True)],
         )
 
 

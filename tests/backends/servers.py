@@ -107,7 +107,7 @@ class OipServer:
 
 
 def mlserver_folder(directory: Path, demo_models: Path) -> Path:
-    """MLServer's repository: the demo MLP through the ONNX Runtime model class, and the test models of
+    """MLServer's repository: the demo MLP and text model through the ONNX Runtime model class, and the test models of
     tests/backends/onnx_model.py (slow, expand)."""
     shutil.copy(HERE / "onnx_model.py", directory / "onnx_model.py")
     (directory / "settings.json").write_text(
@@ -115,6 +115,7 @@ def mlserver_folder(directory: Path, demo_models: Path) -> Path:
     )
     models = {
         "mlp": ("onnx_model.OnnxModel", demo_models / "mlp" / "2" / "model.onnx", "2", "input", "FP32", [-1, 784]),
+        "labels": ("onnx_model.OnnxModel", demo_models / "labels" / "1" / "model.onnx", "1", "text", "BYTES", [-1]),
         "slow": ("onnx_model.Sleep", None, "1", "seconds", "FP32", [1]),
         "expand": ("onnx_model.Expand", None, "1", "n", "INT64", [1]),
     }

@@ -29,7 +29,11 @@ def gw(start_module_gateway, mlserver, tmp_path_factory):
     return start_module_gateway(
         models=empty_repository(tmp_path_factory),
         overrides={
-            "backends": {"mlserver": plaintext_backend(mlserver, {"mlp": "mlp"})},
+            "backends": {
+                "mlserver": plaintext_backend(mlserver, {"mlp": "mlp", "labels": "labels"}),
+                # The same server again, its models found in its RepositoryIndex by pattern.
+                "discovered": plaintext_backend(mlserver, {}, model_patterns=["exp*"]),
+            },
             "metrics.listen": "127.0.0.1:0",
         },
     )
@@ -128,7 +132,8 @@ def test_oip_metadata_ready_config_and_index_of_a_routed_model(gw, mlserver):
         )
     assert (metadata.name, list(metadata.versions), [i.name for i in metadata.inputs]) == ("mlp", ["2"], ["input"])
     assert ready.ready
-    assert [(m.name, m.version, m.state) for m in index.models] == [("mlp", "2", "READY")]
+    listed = [(m.name, m.version, m.state) for m in index.models]
+    assert listed == [("expand", "1", "READY"), ("labels", "1", "READY"), ("mlp", "2", "READY")]
     # MLServer has no ModelConfig: asked (the caller may read metadata), it answers UNIMPLEMENTED, told as such.
     assert config.code() == grpc.StatusCode.UNIMPLEMENTED
     assert caller_calls(mlserver)["ModelConfig"] == before["ModelConfig"] + 1
@@ -190,3 +195,32 @@ def test_backend_metrics_count_calls_latency_and_health_by_backend(gw):
     assert samples['gateway_backend_call_duration_seconds_count{backend="mlserver"}'] > 0
     assert samples['gateway_backend_calls_in_flight{backend="mlserver"}'] == 0
     assert samples['gateway_backend_up{backend="mlserver"}'] == 1
+
+
+def test_a_text_model_on_mlserver_gets_bytes_through_as_they_came(gw, mlserver):
+    words = np.array(["bird", "Wörld", ""], dtype=object)
+    raw = b"".join(len(w.encode()).to_bytes(4, "little") + w.encode() for w in words)
+    request = oip.ModelInferRequest(model_name="labels")
+    request.inputs.add(name="text", datatype="BYTES", shape=[3])
+    request.raw_input_contents.append(raw)
+    with gw.channel() as channel:
+        answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=auth(gw.token()), timeout=TIMEOUT
+        )
+    expected = direct(mlserver, request)
+    assert [(o.name, o.datatype) for o in answer.outputs] == [("ids", "INT64"), ("echo", "BYTES")]
+    assert answer.raw_output_contents == expected.raw_output_contents
+    assert answer.raw_output_contents[1] == raw  # the echo output: the caller's words, back as they went
+
+
+def test_models_found_by_pattern_in_the_backends_repository_index_are_routed(gw):
+    request = oip.ModelInferRequest(model_name="expand")
+    request.inputs.add(name="n", datatype="INT64", shape=[1])
+    request.raw_input_contents.append(np.array([3], np.int64).tobytes())
+    with gw.channel() as channel:
+        answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, metadata=auth(gw.token()), timeout=TIMEOUT
+        )
+    assert np.frombuffer(answer.raw_output_contents[0], np.float32).tolist() == [0.0, 0.0, 0.0]
+    record = gw.audit_records()[-1]
+    assert (record["model"], record["version"], record["backend"]["name"]) == ("expand", "1", "discovered")

@@ -341,7 +341,7 @@ def test_no_token_or_tensor_value_reaches_the_audit_trail_or_the_logs(gw, capfd)
 def _point_at_dev_full(audit) -> None:
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        os.dup2(full, audit._fd)  # the trail's own descriptor now fails with ENOSPC, as on a full disk
+        os.dup2(full, audit._file.fd)  # the trail's own descriptor now fails with ENOSPC, as on a full disk
     finally:
         os.close(full)
 

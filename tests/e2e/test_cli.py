@@ -694,12 +694,15 @@ def test_policy_check_prints_the_allowing_rule(policy_dir):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--action", "predict", "--claims", '{"sub": "alice"}', "--cert-identity", ALICE_ID], "deny (no rule allows)"),
+        (
+            ["--action", "predict", "--claims", '{"sub": "alice"}', "--cert-identity", ALICE_ID],
+            "deny (default deny: no rule allows)",
+        ),
         (
             ["--action", "stream", "--claims", '{"sub": "alice"}', "--cert-identity", ALICE_ID, "--bound"],
-            "deny (no rule allows)",
+            "deny (default deny: no rule allows)",
         ),
-        (["--action", "predict", "--claims", '{"sub": "bob"}', "--bound"], "deny (no rule allows)"),
+        (["--action", "predict", "--claims", '{"sub": "bob"}', "--bound"], "deny (default deny: no rule allows)"),
         (
             [
                 "--action",
@@ -733,7 +736,7 @@ def test_policy_check_reads_groups_at_a_dotted_path_as_the_gateway_does(policy_d
 def test_policy_check_takes_a_cert_identity_spelled_with_its_type(policy_dir):
     alice = ["--action", "predict", "--claims", '{"sub": "alice"}', "--bound"]
     as_cn = check(policy_dir, *alice, "--cert-identity", f"cn:{ALICE_ID}")  # a CN reading like alice's URI SAN
-    assert (as_cn.returncode, as_cn.stdout.strip()) == (1, "deny (no rule allows)")
+    assert (as_cn.returncode, as_cn.stdout.strip()) == (1, "deny (default deny: no rule allows)")
     usage_error(check(policy_dir, *alice, "--cert-identity", "alice"), "--cert-identity: must start with spiffe://")
 
 
@@ -785,7 +788,7 @@ def test_policy_check_reads_the_configured_claim_names(policy_dir):
     denied = check(policy_dir, *alice, "--claims", roles, "--groups-claim", "roles")
     assert (denied.returncode, denied.stdout.strip()) == (1, "deny by rule deny-suspended")
     reader = ["--action", "metadata", "--claims", '{"sub": "carol", "perms": "models.read"}']
-    assert check(policy_dir, *reader).stdout.strip() == "deny (no rule allows)"
+    assert check(policy_dir, *reader).stdout.strip() == "deny (default deny: no rule allows)"
     allowed = check(policy_dir, *reader, "--scopes-claim", "perms")
     assert (allowed.returncode, allowed.stdout.strip()) == (0, "allow by rule readers")
     # As the verifier does, "scope" and then "scp" are read when the configured claim is absent.
@@ -814,10 +817,14 @@ def test_policy_check_with_models_judges_the_default_version_as_the_gateway_does
     assert (printed["version"], gw.audit_records()[-1]["rule"]) == ("2", "alice-mlp-v2")  # the gateway agrees
 
     unversioned = run(*args, "--model", "mlp")
-    assert (unversioned.returncode, unversioned.stdout.strip()) == (1, "deny (no rule allows)")
+    assert (unversioned.returncode, unversioned.stdout.strip()) == (1, "deny (default deny: no rule allows)")
     assert 'judged for "no version"' in unversioned.stderr and "--models" in unversioned.stderr
     explicit = run(*args, "--model", "mlp", "--version", "1", "--models", demo_models)
-    assert (explicit.returncode, explicit.stdout.strip(), explicit.stderr) == (1, "deny (no rule allows)", "")
+    assert (explicit.returncode, explicit.stdout.strip(), explicit.stderr) == (
+        1,
+        "deny (default deny: no rule allows)",
+        "",
+    )
     missing = run(*args, "--model", "no-such-model", "--models", demo_models)
     assert missing.returncode == 1 and "no model no-such-model" in missing.stderr
     usage_error(run(*args, "--model", "mlp", "--models", demo_models / "nope"), "is not a directory")

@@ -92,7 +92,7 @@ def test_counters_move_by_exactly_the_calls_allowed_and_refused(metered):
     assert delta(calls, method=oip_live, model="-", version="-", code="OK") == 1
     refusals = "gateway_refusals_total"
     assert delta(refusals, reason="token", detail="no authorization header") == refused
-    assert delta(refusals, reason="policy_deny", detail="default_deny") == 1
+    assert delta(refusals, reason="policy_deny", detail="default deny") == 1
     assert delta("gateway_call_duration_seconds_count", method=PREDICT) == allowed + refused + 1
     assert delta("gateway_authentication_duration_seconds_count") == allowed + refused + 2
     assert delta("gateway_model_run_duration_seconds_count", model="mlp", version="2") == allowed
@@ -203,6 +203,10 @@ def test_one_scrape_counts_the_calls_of_both_workers(pki, demo_models, tmp_path)
         process.kill()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert value(samples, "gateway_calls_total", method=PREDICT, model="mlp", version="2", code="OK") == calls
+    # The workers share the supervisor's stderr: each of their lines says which one it is, the supervisor's none.
+    lines = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")]
+    assert sorted(line.get("worker") for line in lines if line["event"] == "gateway_started") == [0, 1]
+    assert all("worker" not in line for line in lines if line["event"] in ("workers_started", "workers_stopped"))
     report = verify_files([tmp_path / "audit"], hmac_key=pki.read("audit-hmac.key").strip())
     assert all(chain.last_seq > 0 for chain in report.chains) and len(report.chains) == 2  # both workers served
     assert value(samples, "gateway_audit_sink_up") == 1
@@ -448,7 +452,7 @@ def test_a_healthy_gateway_without_a_crl_exports_no_gauge_an_alert_misreads(pki_
     # Before the first call, the series rates are taken over exist at 0 (a series born at its first increment
     # hides that burst from rate()); and the versions serving.
     assert value(samples, "gateway_calls_total", method=PREDICT, model="-", version="-", code="UNAUTHENTICATED") == 0
-    for reason, detail in [("token", "expired"), ("certificate", "-"), ("policy_deny", "default_deny")]:
+    for reason, detail in [("token", "expired"), ("certificate", "-"), ("policy_deny", "default deny")]:
         assert frozenset({"reason": reason, "detail": detail}.items()) in series(samples, "gateway_refusals_total")
     assert sum(v for (name, _), v in samples.items() if name in ("gateway_calls_total", "gateway_refusals_total")) == 0
     (build,) = series(samples, "gateway_build_info")

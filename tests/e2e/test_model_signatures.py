@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 
@@ -204,6 +205,52 @@ def test_a_version_rewritten_unsigned_keeps_serving_its_last_good_load(start_gat
     assert ("mlp", 2) in gw.gateway.models.failures()
     assert predict(gw).model_version == "2"
     assert gw.audit_records()[-1]["model_digest"] == good  # what ran: the last good load, not the file on disk
+
+
+def test_calls_during_a_swap_are_recorded_with_the_bytes_that_answered_them(start_gateway, mlp_repo, demo_models, pki):
+    """Version 2 is replaced by other, validly signed bytes, then rewritten tampered, while a client calls without
+    pause: every record names version 2's old or new digest (or version 1's, if a poll saw the folder between
+    remove and rename), and once the new bytes answer, the old never do again; the tampered rewrite changes
+    nothing."""
+    key = pki.dir / "signing" / "model-signing.key"
+    gw = start_gateway(models=mlp_repo, overrides=required(pki))
+    old, v1 = auditor_digest(mlp_repo / "mlp" / "2"), auditor_digest(mlp_repo / "mlp" / "1")
+    staging = mlp_repo / "mlp" / ".2-new"
+    shutil.copytree(demo_models / "mlp" / "1", staging)
+    (staging / "notes.txt").write_text("version 2, retrained")
+    sign(staging, key)
+    new = auditor_digest(staging)
+    stop, failed = threading.Event(), []
+
+    def caller() -> None:
+        with gw.channel("alice") as channel:
+            client, metadata = stub(channel), auth(gw.token())
+            while not stop.is_set():
+                try:
+                    client.Predict(predict_request("mlp", {"input": X}), metadata=metadata, timeout=TIMEOUT)
+                except grpc.RpcError as exc:
+                    failed.append(exc.code())
+
+    assert predict(gw).model_version == "2"
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        shutil.rmtree(mlp_repo / "mlp" / "2")
+        staging.rename(mlp_repo / "mlp" / "2")
+        gw.gateway.models.reload_now()
+        assert predict(gw).model_version == "2"
+        tamper_byte(mlp_repo / "mlp" / "2", key)
+        gw.gateway.models.reload_now()
+        assert predict(gw).model_version == "2"
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert failed == []
+    served = [(r["version"], r["model_digest"]) for r in gw.audit_records() if r["method"].endswith("/Predict")]
+    assert set(served) <= {("2", old), ("2", new), ("1", v1)}
+    first_new = served.index(("2", new))
+    assert ("2", old) not in served[first_new:]
+    assert served[-1] == ("2", new)  # the tampered rewrite was refused: the new load still answers
 
 
 def test_warn_mode_serves_an_unverified_version_and_counts_it(start_gateway, mlp_repo, pki):

@@ -43,7 +43,7 @@ def break_audit_sink(gw) -> None:
     audit = gw.gateway.audit
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        os.dup2(full, audit._fd)
+        os.dup2(full, audit._file.fd)
     finally:
         os.close(full)
     directory = gw.audit_path.parent

@@ -237,10 +237,10 @@ def test_a_caller_that_asks_not_to_be_sampled_is_not_traced_but_its_record_carri
 
 def test_a_call_whose_record_cannot_be_written_is_traced_unavailable(traced):
     audit = traced.gateway.audit
-    saved = os.dup(audit._fd)
+    saved = os.dup(audit._file.fd)
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        os.dup2(full, audit._fd)  # the trail's own descriptor now fails with ENOSPC, as on a full disk
+        os.dup2(full, audit._file.fd)  # the trail's own descriptor now fails with ENOSPC, as on a full disk
         with traced.channel() as channel:
             error = rpc_error(
                 lambda: stub(channel).Predict(
@@ -250,7 +250,7 @@ def test_a_call_whose_record_cannot_be_written_is_traced_unavailable(traced):
                 )
             )
     finally:
-        os.dup2(saved, audit._fd)
+        os.dup2(saved, audit._file.fd)
         os.close(saved)
         os.close(full)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -427,3 +427,30 @@ def test_rest_requests_continue_the_callers_trace_with_the_same_steps(start_gate
     assert format_span_id(call.parent.span_id) == PARENT_ID
     assert {s.name for s in spans if s is not call} == CALL_STEPS
     assert record_of(gw, "traced-rest")["trace_id"] == TRACE_ID
+
+
+def test_a_start_line_says_where_the_spans_go(start_gateway, monkeypatch):
+    from structlog.testing import capture_logs
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://user:secret@collector.example:4317")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "gateway-eu")
+    with capture_logs() as logs:
+        start_gateway(overrides={"tracing.enabled": True})
+    (line,) = [entry for entry in logs if entry["event"] == "tracing_enabled"]
+    assert line == {
+        "event": "tracing_enabled",
+        "log_level": "info",
+        "exporter": "otlp-grpc",
+        "endpoint": "https://collector.example:4317",  # no user or password
+        "tls": True,
+        "service_name": "gateway-eu",
+        "sampler": "parentbased_always_on",
+    }
+
+
+def test_no_tracing_line_when_tracing_is_off(start_gateway):
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        start_gateway()
+    assert "tracing_enabled" not in [entry["event"] for entry in logs]

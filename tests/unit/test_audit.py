@@ -739,7 +739,7 @@ async def test_a_cancelled_caller_does_not_stop_its_group(log_path: Path) -> Non
         with audit._io_lock:  # the writer thread holds the group at its checkpoint step until the cancel is in
             tasks = [asyncio.create_task(audit.append(record(i))) for i in range(3)]
             await asyncio.sleep(0.05)  # all three appended, their group handed to the writer thread
-            assert audit._committer == "writer"
+            assert audit._groups._committer == "writer"
             tasks[1].cancel()
             await asyncio.sleep(0)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -787,7 +787,7 @@ def test_close_flushes_everything_and_later_writes_are_refused(log_path: Path) -
 def _point_at_dev_full(audit: AuditLog) -> None:
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        os.dup2(full, audit._fd)  # the log's own descriptor now reports ENOSPC
+        os.dup2(full, audit._file.fd)  # the log's own descriptor now reports ENOSPC
     finally:
         os.close(full)
 
@@ -878,7 +878,7 @@ def test_write_times_out_when_the_sink_hangs(log_path: Path) -> None:
         with audit._io_lock:
             first = threading.Thread(target=audit.write, args=(record(1),))
             first.start()
-            wait_until(lambda: audit._committer == "leader")
+            wait_until(lambda: audit._groups._committer == "leader")
             with pytest.raises(UnavailableError) as timed_out:
                 audit.write(record(2))
         first.join(timeout=10)

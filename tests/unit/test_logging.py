@@ -64,3 +64,15 @@ def test_the_log_level_applies_to_library_records(output):
     logging.getLogger("grpc").info("chatty")
     logging.getLogger("grpc").warning("worth saying")
     assert [line["event"] for line in lines(output)] == ["worth saying"]
+
+
+def test_a_workers_lines_carry_its_index_its_libraries_lines_too(output):
+    configure(fmt="json", level="info", stream=output, worker=3)
+    structlog.get_logger("gateway.test").info("model_ran")
+    logging.getLogger("grpc._cython.cygrpc").warning("peer went away")
+    assert [(line["event"], line["worker"]) for line in lines(output)] == [("model_ran", 3), ("peer went away", 3)]
+
+
+def test_a_single_process_lines_carry_no_worker(output):
+    structlog.get_logger("gateway.test").info("model_ran")
+    assert "worker" not in lines(output)[0]

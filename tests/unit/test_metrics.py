@@ -43,7 +43,7 @@ def test_policy_denials_are_labelled_by_rule_id_or_default_deny():
         "policy_deny",
         "deny-suspended",
     )
-    assert refusal_labels(PermissionDeniedError(reason="x"), _call()) == ("policy_deny", "default_deny")
+    assert refusal_labels(PermissionDeniedError(reason="x"), _call()) == ("policy_deny", "default deny")
 
 
 def test_limits_and_other_codes_have_fixed_labels():
@@ -105,3 +105,12 @@ def test_workers_open_no_metrics_listener_of_their_own(tmp_path):
 
     settings = _settings(tmp_path, "metrics: {listen: '127.0.0.1:9464', tls: true}\n")
     assert for_worker(settings, 1).metrics.listen is None
+
+
+def test_a_default_deny_is_spelt_alike_in_the_record_the_metric_and_policy_check():
+    from gateway.policy import Decision
+
+    decision = Decision(allowed=False, rule_id=None)
+    reason, detail = refusal_labels(PermissionDeniedError(reason=decision.reason), _call())
+    assert (reason, detail) == ("policy_deny", decision.reason)  # the audit record's and the log's reason
+    assert detail in decision.explain()  # what `gateway policy check` prints

@@ -106,7 +106,7 @@ def test_decision_reason_and_explanation_name_the_rule() -> None:
     assert Decision(allowed=True, rule_id="r1").explain() == "allow by rule r1"
     assert Decision(allowed=False, rule_id="d1").explain() == "deny by rule d1"
     assert Decision(allowed=False, rule_id=None).reason == "default deny"
-    assert Decision(allowed=False, rule_id=None).explain() == "deny (no rule allows)"
+    assert Decision(allowed=False, rule_id=None).explain() == "deny (default deny: no rule allows)"
 
 
 def test_allow_decision_without_a_rule_is_refused() -> None:
