@@ -35,6 +35,7 @@ from gateway.audit.record import build as build_record
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import PeerCertificate
 from gateway.auth.principal import Principal
+from gateway.auth.reasons import www_authenticate
 from gateway.auth.verifier import UnknownKidError
 from gateway.context import (
     NO_OUTCOME,
@@ -48,6 +49,7 @@ from gateway.context import (
     new_request_id,
 )
 from gateway.errors import (
+    AuthenticationError,
     CancelledError,
     DeadlineExceededError,
     GatewayError,
@@ -57,6 +59,7 @@ from gateway.errors import (
     UnavailableError,
     UnimplementedError,
     error_for_code,
+    sent_message,
 )
 from gateway.identifiers import ID, shown
 from gateway.limits import Admission, CallerKey, RefusalLimit, Slot
@@ -645,12 +648,15 @@ class CallBoundary:
         error = await self._record_end(state, error)
         if error is None:
             return
+        trailers = [("x-request-id", call.request_id)]
         if _retry_safe(state, error):
-            context.set_trailing_metadata((("x-request-id", call.request_id), ("x-retry-safe", "true")))
-        message = error.message
-        if isinstance(error, InternalError):
-            message = f"internal error (request id {call.request_id})"
-        await context.abort(_status(error), message)
+            trailers.append(("x-retry-safe", "true"))
+        challenge = www_authenticate(error.reason) if isinstance(error, AuthenticationError) else None
+        if challenge is not None:  # RFC 6750 3: what is wrong with the token, as an HTTP resource server says it
+            trailers.append(("www-authenticate", challenge))
+        if len(trailers) > 1:
+            context.set_trailing_metadata(tuple(trailers))
+        await context.abort(_status(error), sent_message(error, call.request_id))
 
     async def _record_end(self, state: _CallState, error: GatewayError | None) -> GatewayError | None:
         """Commit the call's record and end its span; the error to answer with (the audit sink's, when the record

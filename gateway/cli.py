@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,9 +59,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+EXIT_CODES_HELP = (
+    "exit codes: 0 ok; 1 the operation failed (refused, invalid, tampered, unreachable, not serving); 2 usage or "
+    "configuration error; 130 interrupted"
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("epilog", EXIT_CODES_HELP)
         # A flag is spelt out, never a prefix: `--client-secret S` must not read S as --client-secret-file's path
         # and then quote it in the error.
         kwargs.setdefault("allow_abbrev", False)
@@ -330,7 +337,7 @@ def _cmd_policy_check(args: argparse.Namespace) -> int:
     except AuthenticationError as exc:
         return _fail(f"--claims: {exc.reason}: the gateway refuses such a token", EXIT_USAGE)
     if not isinstance(subject, str):
-        return _fail("--claims: malformed claim sub: the gateway refuses such a token", EXIT_USAGE)
+        return _fail("--claims: malformed claim: sub: the gateway refuses such a token", EXIT_USAGE)
     identity_problem = identity_spelling_problem(args.cert_identity) if args.cert_identity else None
     if identity_problem is not None:
         return _fail(f"--cert-identity: {identity_problem}", EXIT_USAGE)
@@ -500,7 +507,7 @@ CLIENT_VARIABLES = frozenset(env for _, env, _ in _CONNECTION)
 def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     for name, env, help_text in _CONNECTION:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{help_text} [env {env}]")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    parser.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds the call may take")
 
 
 def _connect(args: argparse.Namespace) -> Any:
@@ -510,17 +517,23 @@ def _connect(args: argparse.Namespace) -> Any:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from gateway.client import Client
 
-    values = {name: getattr(args, name) or os.environ.get(env) for name, env, _ in _CONNECTION}
+    _check_client_environment(os.environ)
+    values = _connection_values(args)
     target, ca, cert, key = (values[name] for name in ("target", "ca", "cert", "key"))
     if not (target and ca and cert and key):
-        missing = [f"--{n}" for n in ("target", "ca", "cert", "key") if not values[n]]
-        raise _UsageError(f"missing {', '.join(missing)} (or the GATEWAY_* environment variables)")
+        missing = [_spelt(n) for n in ("target", "ca", "cert", "key") if not values[n]]
+        raise _UsageError(f"missing {', '.join(missing)}")
     if "," in target and not values["server_name"]:  # the SDK says so too, but in its own argument's name
         raise _UsageError(
             f"--target {target} has several addresses: give --server-name (GATEWAY_SERVER_NAME), "
             "the name their certificate carries"
         )
     token = _token(args, values)
+    if token is None:  # the gateway would refuse the call: say so here, naming every way to give one
+        raise _UsageError(
+            "no token: give --token-file FILE (GATEWAY_TOKEN_FILE), --token TOKEN (GATEWAY_TOKEN) or "
+            "--token-url URL (GATEWAY_TOKEN_URL); `gateway token issue` makes one"
+        )
     try:
         return Client(
             target,
@@ -535,6 +548,24 @@ def _connect(args: argparse.Namespace) -> Any:
         raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
     except ValueError as exc:  # TLS material the SDK refused: not PEM, or a key that is not the certificate's
         raise _UsageError(str(exc)) from None
+
+
+def _connection_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Each connection setting from its flag, else its GATEWAY_* variable."""
+    return {name: getattr(args, name, None) or os.environ.get(env) for name, env, _ in _CONNECTION}
+
+
+def _check_client_environment(environ: Mapping[str, str]) -> None:
+    """A GATEWAY_* variable that no command reads is a usage error with the closest name, as ``serve`` says it: a
+    misspelt GATEWAY_TOKEN_FILE would otherwise leave the command without its token."""
+    from gateway.config import ENV_PREFIX, environment_variable, setting_types
+
+    known = CLIENT_VARIABLES | {environment_variable(key) for key in setting_types()}
+    unknown = [name for name in sorted(environ) if name.startswith(ENV_PREFIX) and name not in known]
+    if unknown:
+        named = ", ".join(name + did_you_mean(name, CLIENT_VARIABLES | known, ENV_PREFIX) for name in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise _UsageError(f"{named}: unknown environment variable{plural} (gateway predict --help lists them)")
 
 
 def _token(args: argparse.Namespace, values: dict[str, Any]) -> Any:
@@ -713,7 +744,7 @@ def _array_json(array: Any) -> dict[str, Any]:
 
 
 def _run_client(args: argparse.Namespace, operation: Any) -> int:
-    from gateway.errors import GatewayError
+    from gateway.errors import AuthenticationError, GatewayError
 
     try:
         with _connect(args) as client:
@@ -721,8 +752,53 @@ def _run_client(args: argparse.Namespace, operation: Any) -> int:
     except _UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except GatewayError as exc:
-        return _fail(str(exc))
+        code = _fail(str(exc))
+        hint = _token_hint(args, exc.reason) if isinstance(exc, AuthenticationError) else None
+        if hint is not None:
+            print(f"hint: {hint}", file=sys.stderr)
+        return code
     return EXIT_OK
+
+
+_ISSUE = "gateway token issue --key certs/signing/jwt-signing.key --sub NAME --bind-cert {cert} > NAME.jwt"
+
+
+def _token_hint(args: argparse.Namespace, reason: str) -> str | None:
+    """What to do about a refused token, from what the client knows of its own token (read, not verified)."""
+    from datetime import UTC, datetime
+
+    from gateway.auth import reasons
+    from gateway.client import unverified_claims
+
+    values = _connection_values(args)
+    cert = values["cert"] or "CERT"
+    claims = unverified_claims(_token_text(values)) or {}
+    issue = _ISSUE.format(cert=cert)
+    if reason == reasons.EXPIRED:
+        exp = claims.get("exp")
+        when = f" at {datetime.fromtimestamp(exp, UTC):%Y-%m-%dT%H:%M:%SZ}" if isinstance(exp, int | float) else ""
+        return f"the token expired{when}: issue a new one with `{issue}`, or ask your identity provider"
+    if reason == reasons.BOUND_TO_ANOTHER_CERTIFICATE:
+        return f"the token is bound to another certificate than --cert {cert}: issue one with `{issue}`"
+    if reason == reasons.WRONG_AUDIENCE and "aud" in claims:
+        return f"the token's aud is {claims['aud']!r}: issue one for the gateway's auth.audience (--aud)"
+    if reason == reasons.WRONG_ISSUER and "iss" in claims:
+        return f"the token's iss is {claims['iss']!r}: the gateway trusts another issuer (auth.issuer)"
+    if reason in (reasons.UNKNOWN_KEY_ID, reasons.BAD_SIGNATURE):
+        return "sign tokens with a key in the gateway's key set: `gateway token issue --key` with its signing key"
+    return None
+
+
+def _token_text(values: dict[str, Any]) -> str:
+    """The token a client command sends, when it is a string or a file (a token endpoint's is not known here)."""
+    if values["token"]:
+        return str(values["token"])
+    if values["token_file"]:
+        try:
+            return Path(values["token_file"]).read_text().strip()
+        except OSError:
+            return ""
+    return ""
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -767,6 +843,69 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
         }
 
     return _run_client(args, metadata)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # see _connect
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        _check_client_environment(os.environ)
+        channel = _health_channel(args)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    with channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            return _fail(f"{args.target_used}: {_health_failure(exc, plaintext=args.plaintext)}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+def _health_channel(args: argparse.Namespace) -> Any:
+    """A channel to the main port (mutual TLS, no token: health needs none) or, with --plaintext, the probe port."""
+    import grpc
+
+    from gateway.client import ca_material, check_target, identity_material
+
+    values = _connection_values(args)
+    target = values["target"]
+    if not target:
+        raise _UsageError(f"missing {_spelt('target')}")
+    try:
+        check_target(target)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    args.target_used = target
+    if args.plaintext:
+        return grpc.insecure_channel(target)
+    missing = [_spelt(n) for n in ("ca", "cert", "key") if not values[n]]
+    if missing:
+        raise _UsageError(f"missing {', '.join(missing)} (or --plaintext, for the probe port health.listen)")
+    try:
+        ca = ca_material(values["ca"])
+        cert, key = identity_material(cert=values["cert"], key=values["key"])
+    except OSError as exc:
+        raise _UsageError(f"{exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    name = values["server_name"]
+    options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)] if name else []
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert), options=options)
+
+
+def _health_failure(exc: Any, *, plaintext: bool) -> str:
+    """Why a health check got no status, in one line that says what to change."""
+    from gateway.client import handshake_problem
+
+    details = exc.details() or exc.code().name
+    if plaintext and details.lower().endswith("socket closed"):
+        return "this port speaks TLS (the main port?): leave out --plaintext and give --ca, --cert and --key"
+    problem = None if plaintext else handshake_problem(details)
+    return f"TLS handshake failed: {problem}" if problem else f"{exc.code().name}: {details}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -869,6 +1008,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_flags(metadata)
     metadata.set_defaults(run=_cmd_metadata)
 
+    health = commands.add_parser(
+        "health",
+        help="ask a gateway whether it is ready; prints SERVING or NOT_SERVING",
+        description="Ask grpc.health.v1.Health/Check for the overall status: on the main port over mutual TLS "
+        "(a client certificate, no token), or on the probe port (health.listen) in plaintext with --plaintext. "
+        "Prints the status.",
+    )
+    for name in ("target", "ca", "cert", "key", "server_name"):
+        flag, env, text = next((f"--{n.replace('_', '-')}", e, t) for n, e, t in _CONNECTION if n == name)
+        health.add_argument(flag, dest=name, help=f"{text} [env {env}]")
+    health.add_argument("--plaintext", action="store_true", help="the plaintext probe port (health.listen)")
+    health.add_argument("--timeout", type=_positive_seconds, default=5.0, help="seconds to wait for the answer")
+    health.set_defaults(run=_cmd_health)
+
     model = commands.add_parser("model", help="model signing (OpenSSF model signing; docs/model-signing.md)")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     sign = model_commands.add_parser(
@@ -929,6 +1082,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(run=_cmd_audit_verify)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds over zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds over 0")
+    return value
 
 
 def _seconds(text: str) -> int:

@@ -31,7 +31,15 @@ from cryptography.hazmat.primitives import serialization
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.errors import AuthenticationError, GatewayError, TLSHandshakeError, UnavailableError, error_for_code
+from gateway.auth.reasons import reason_of_message
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    TLSHandshakeError,
+    UnavailableError,
+    error_for_code,
+    split_sent_message,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit
 # gRPC's client-side load balancing over the addresses a target resolves to: the first that connects, or each
@@ -165,16 +173,26 @@ class RefreshingToken(TokenProvider):
             return self._token
 
 
-def _unverified_expiry(token: str) -> float:
-    """A JWT's ``exp`` (0 if it has none), read without verifying anything: only to schedule a refresh, the
-    server verifies the token. The payload is the second base64url part of the compact form (RFC 7515 7.1)."""
+def unverified_claims(token: str) -> dict[str, Any] | None:
+    """A JWT's claims read without verifying anything (None when it is no JWT in compact form): for what a client
+    may know of its own token (when it expires, whom it is for), never for a decision: the server verifies it.
+    The payload is the second base64url part of the compact form (RFC 7515 7.1)."""
     parts = token.split(".")
     if len(parts) != 3:
-        raise ValueError("not a JWT in compact form")
+        return None
     payload = parts[1]
-    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    if not isinstance(claims, dict):
-        raise ValueError("the JWT payload is not a JSON object")
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except ValueError:  # binascii.Error, JSONDecodeError, UnicodeDecodeError
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _unverified_expiry(token: str) -> float:
+    """A JWT's ``exp`` (0 if it has none), read without verifying anything: only to schedule a refresh."""
+    claims = unverified_claims(token)
+    if claims is None:
+        raise ValueError("not a JWT in compact form with a JSON object as payload")
     expiry = claims.get("exp", 0)
     if isinstance(expiry, bool) or not isinstance(expiry, int | float):
         raise ValueError("the JWT's exp is not a number")
@@ -349,12 +367,20 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayError:
             # grpc reports a failing metadata plugin as UNAVAILABLE ("Getting metadata from plugin failed with
             # error: ..."), yet nothing was sent: this client's credentials failed, and a retry cannot help.
             return AuthenticationError(details[details.index(_PROVIDER_FAILURE) :])
-        if _is_handshake_failure(details):
-            return TLSHandshakeError(
-                "TLS handshake failed: check that the server certificate chains to the given CA and matches "
-                f"the target name, and that the client certificate is valid ({details})"
-            )
-    return error_for_code(code.name, details, request_id=request_id)
+        problem = handshake_problem(details)
+        if problem is not None:
+            return TLSHandshakeError(f"TLS handshake failed: {problem} ({details})")
+    return _refusal(code.name, details, request_id)
+
+
+def _refusal(code: str, details: str, request_id: str | None) -> GatewayError:
+    """The typed error for a status the gateway sent: its message without the ending that names the request id
+    (kept in ``request_id``) and, for UNAUTHENTICATED, the vocabulary's term as ``reason`` ("token expired")."""
+    message, sent_id = split_sent_message(details)
+    error = error_for_code(code, message, request_id=request_id or sent_id)
+    if isinstance(error, AuthenticationError):
+        error.reason = reason_of_message(message) or message
+    return error
 
 
 def _server_answered(exc: grpc.RpcError) -> bool:
@@ -362,20 +388,50 @@ def _server_answered(exc: grpc.RpcError) -> bool:
     return bool(exc.initial_metadata()) or bool(exc.trailing_metadata())  # type: ignore[attr-defined]
 
 
-# grpc reports a failed handshake only in the status details: a CA that does not sign the server's
-# certificate ("Tls handshake failed ... CERTIFICATE_VERIFY_FAILED"), or a name the certificate does not
-# carry ("Custom verification check failed ... Hostname Verification Check failed").
-_HANDSHAKE_MARKERS = ("handshake", "ssl", "certificate", "verification check failed")
-
 # How grpc's details begin when it never had a connection to send the request on: its load balancer's
 # "failed to connect to all addresses; last error: ... Connection refused" (also unreachable, connect timeout),
 # and name resolution failures ("errors resolving ...", older grpc "DNS resolution failed ...").
 _CONNECT_FAILURES = ("failed to connect to all addresses", "errors resolving", "dns resolution failed")
 
+# grpc reports a failed handshake only in the status details (BoringSSL's reason names), one line per side that
+# can be wrong, each saying what to change. The first that matches wins.
+_HANDSHAKE_PROBLEMS = (
+    (
+        ("wrong_version_number", "first record does not look like a tls handshake"),
+        "this port does not speak TLS: give the gateway's main port (the probe port, health.listen, is plaintext)",
+    ),
+    (
+        ("certificate_verify_failed",),
+        "the server's certificate does not chain to the CA given (ca=, --ca): give the CA that signed the "
+        "gateway's certificate (certs/clients/NAME/ca.crt)",
+    ),
+    (
+        ("hostname verification", "verification check failed"),
+        "the server's certificate does not carry the target's name: connect by a name it carries, or give "
+        "server_name= (--server-name)",
+    ),
+    (
+        ("handshake", "ssl", "certificate"),
+        "check that the server's certificate chains to the CA given and carries the target's name",
+    ),
+)
+# The server closed a new connection before any call: with TLS 1.3 a server refuses the client's certificate after
+# the client has finished its side, so the client sees its socket closed, not an alert it can name.
+_REFUSED_CLIENT_CERTIFICATE = (
+    "the server closed the connection at the handshake: it refused the client certificate (cert=, --cert): not "
+    "signed by a CA the gateway trusts (tls.client_ca), expired, revoked, or not for client authentication"
+)
 
-def _is_handshake_failure(details: str) -> bool:
+
+def handshake_problem(details: str) -> str | None:
+    """What to change, when a call failed in the TLS handshake (None: it did not)."""
     lowered = details.lower()
-    return any(marker in lowered for marker in _HANDSHAKE_MARKERS)
+    for markers, problem in _HANDSHAKE_PROBLEMS:
+        if any(marker in lowered for marker in markers):
+            return problem
+    if lowered.startswith(_CONNECT_FAILURES[0]) and lowered.endswith("socket closed"):
+        return _REFUSED_CLIENT_CERTIFICATE
+    return None
 
 
 def _retryable(exc: grpc.RpcError, error: GatewayError, *, lost_connections: bool) -> bool:
@@ -498,13 +554,23 @@ def _stream_result(reply: pb.PredictStreamResponse, request_id: str, *, raise_er
     if not reply.HasField("error"):
         return parse_response(reply.response, request_id)
     code = _CODE_NAMES.get(reply.error.code, "UNKNOWN")
-    error = error_for_code(code, reply.error.message, request_id=request_id)
+    error = _refusal(code, reply.error.message, request_id)
     if raise_errors:
         raise error
     return PredictResult("", "", {}, request_id, reply.id, error)
 
 
 # ---------------------------------------------------------------------------------------------------- clients
+
+
+def check_target(target: str) -> None:
+    """A URL is no grpc target: grpc would try to resolve "https" as a host name and say only that it failed."""
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https", "grpc", "grpcs"):
+        raise ValueError(
+            f"target {target!r}: give HOST:PORT without a scheme ({rest.rstrip('/')!r}): TLS is set by the client, "
+            "not the target"
+        )
 
 
 class _ClientBase:
@@ -527,6 +593,7 @@ class _ClientBase:
     ) -> None:
         if load_balancing not in LOAD_BALANCING_POLICIES:
             raise ValueError(f"load_balancing {load_balancing!r}: expected one of {', '.join(LOAD_BALANCING_POLICIES)}")
+        check_target(target)
         if "," in target and not server_name:
             raise ValueError(
                 f"target {target!r} has several addresses: pass server_name, the name their certificate carries"

@@ -332,7 +332,11 @@ CHOICES = {
 def _split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not host or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{key}: {listen!r} is not HOST:PORT")
+        example = listen.strip() if listen.strip().isdigit() else "8081"
+        raise ConfigError(
+            f"{key}: {listen!r} is not HOST:PORT: write 127.0.0.1:{example} (this machine only) or "
+            f"0.0.0.0:{example} (every interface)"
+        )
     return host.strip("[]"), int(port)
 
 
@@ -434,6 +438,12 @@ def certs_dir_overrides(directory: Path) -> dict[str, Any]:
         raise ConfigError(
             f"--certs: {directory} holds the whole set; give the gateway its own: --certs {directory}/server"
         )
+    if not (directory / "server.crt").exists():
+        kind = _certs_folder_kind(directory)
+        if kind is not None:
+            server = next((d for d in (directory.parent, directory.parent.parent) if (d / "server").is_dir()), None)
+            where = f"--certs {server / 'server'}" if server is not None else "the server folder gen_certs.sh wrote"
+            raise ConfigError(f"--certs: {directory} is {kind}; give the gateway's own folder: {where}")
     for name in ("ca.key", "jwt-signing.key", "model-signing.key"):
         if (directory / name).exists():
             raise ConfigError(
@@ -451,6 +461,15 @@ def certs_dir_overrides(directory: Path) -> dict[str, Any]:
     if (directory / "audit-hmac.key").exists():
         overrides["audit.hmac_key_file"] = directory / "audit-hmac.key"
     return overrides
+
+
+def _certs_folder_kind(directory: Path) -> str | None:
+    """What a folder of scripts/gen_certs.sh that is not the server's is for, or None."""
+    if (directory / "jwt-signing.key").exists() or (directory / "ca.key").exists():
+        return "the signing folder (the CA and the token signing key, for gateway token issue --key)"
+    if (directory / f"{directory.name}.crt").exists() and (directory / f"{directory.name}.key").exists():
+        return f"the client folder of {directory.name} (for the client commands' --ca, --cert and --key)"
+    return None
 
 
 def default_config_file() -> Path | None:

@@ -1,10 +1,11 @@
 """Domain errors: one tree shared by the server, the pipeline and the SDK, and the errors that stop a start.
 
 Each GatewayError carries the gRPC status code name it maps to and a message that is safe to show a caller (at
-most MAX_MESSAGE_CHARS). The precise internal reason (expired token, the rule id that denied, ...) travels in
-``reason`` and goes to the audit record and the operational log only, never to the caller. This module imports
-nothing from grpc so that policy, tokens, models and audit stay transport-free; the boundary turns ``code`` into a
-status.
+most MAX_MESSAGE_CHARS). The precise internal reason (the claim that is malformed, the rule id that denied, ...)
+travels in ``reason`` and goes to the audit record and the operational log only; of an AuthenticationError's reason
+the caller learns its term (gateway/auth/reasons.py). A refused call's status message ends with its request id and
+where its operator finds the rest (``sent_message``). This module imports nothing from grpc so that policy, tokens,
+models and audit stay transport-free; the boundary turns ``code`` into a status.
 
 StartupError is a second, separate tree: the errors that stop the gateway from starting. They never reach a caller;
 each is defined next to the code that raises it, and ``gateway serve`` prints it and exits with the code shown.
@@ -33,6 +34,8 @@ each is defined next to the code that raises it, and ``gateway serve`` prints it
 
 from __future__ import annotations
 
+from gateway.auth import reasons
+
 
 class StartupError(Exception):
     """An error that stops the gateway from starting; the CLI reports it and exits 2 (1 for models and audit)."""
@@ -56,16 +59,24 @@ class GatewayError(Exception):
         super().__init__(self.message)
 
     def __str__(self) -> str:
-        if self.request_id:
-            return f"{self.message} (code {self.code}, request id {self.request_id})"
+        if self.request_id:  # a refusal the gateway sent: its operator finds the rest under that id
+            return f"{self.message} (code {self.code}, request id {self.request_id}; {LOG_POINTER})"
         return self.message
 
 
 class AuthenticationError(GatewayError):
-    """No valid credentials: missing, malformed, expired or unbound token, or a refused certificate."""
+    """No valid credentials: missing, malformed, expired or unbound token, or a refused certificate.
+
+    Raised with a ``reason`` from the vocabulary (gateway/auth/reasons.py), its message is the reason's term and
+    what to do. In the SDK, ``reason`` is the term the gateway sent (``token expired``), or the message itself."""
 
     code = "UNAUTHENTICATED"
     default_message = "unauthenticated"
+
+    def __init__(self, message: str | None = None, *, reason: str | None = None, request_id: str | None = None) -> None:
+        if message is None and reason is not None:
+            message = reasons.client_message(reason)
+        super().__init__(message, reason=reason, request_id=request_id)
 
 
 class PermissionDeniedError(GatewayError):
@@ -151,6 +162,26 @@ ERRORS_BY_CODE: dict[str, type[GatewayError]] = {
         InternalError,
     )
 }
+
+
+# Where the operator finds why a call was refused: the boundary logs every refusal as call_refused with the request id.
+LOG_POINTER = "see call_refused in the gateway's log"
+
+
+def sent_message(error: GatewayError, request_id: str) -> str:
+    """The status message of a refused call: what the caller may know, its request id, and the log line that says
+    the rest (within MAX_MESSAGE_CHARS: a long message is cut, never its ending)."""
+    message = "internal error" if isinstance(error, InternalError) else error.message
+    ending = f" (request id {request_id}; {LOG_POINTER})"
+    return message[: MAX_MESSAGE_CHARS - len(ending)] + ending
+
+
+def split_sent_message(details: str) -> tuple[str, str | None]:
+    """``sent_message`` read back (by the SDK): the message without its ending, and the request id it names."""
+    head, marker, tail = details.rpartition(" (request id ")
+    if not marker or not tail.endswith(f"; {LOG_POINTER})"):
+        return details, None
+    return head, tail[: -len(f"; {LOG_POINTER})")]
 
 
 def error_for_code(code: str, message: str, *, request_id: str | None = None) -> GatewayError:

@@ -38,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+from gateway.auth import reasons
 from gateway.config import ConfigError
 from gateway.errors import (
     ERRORS_BY_CODE,
@@ -186,36 +187,6 @@ def jwks_last_success() -> Gauge:
     )
 
 
-# Reasons the verifier and authenticator give for a bad token (gateway/auth): anything else is "other".
-_TOKEN_DETAILS = frozenset(
-    {
-        "no authorization header",
-        "several authorization headers",
-        "authorization header too large",
-        "authorization scheme is not Bearer",
-        "malformed bearer token",
-        "malformed token",
-        "token too large",
-        "token bound to another certificate",
-        "algorithm none",
-        "unsupported critical header",
-        "unexpected token type",
-        "missing kid",
-        "unknown kid",
-        "expired",
-        "not yet valid",
-        "token lifetime over the maximum",
-        "wrong issuer",
-        "wrong audience",
-        "bad signature",
-        "algorithm not allowed",
-        "unusable key",
-        "missing claim",
-        "malformed claim",
-        "unsupported confirmation method",
-        "invalid token",
-    }
-)
 _LIMIT_DETAILS = frozenset(
     {
         "concurrent call limit",
@@ -225,23 +196,14 @@ _LIMIT_DETAILS = frozenset(
         "response too large",
     }
 )
-_CERTIFICATE_PREFIXES = ("no client certificate", "client certificate", "ambiguous identity", "no CRL")
-
-
-def _token_detail(reason: str) -> str:
-    for prefix in ("missing claim", "malformed claim", "algorithm"):  # these name a claim or an algorithm
-        if reason.startswith(prefix) and reason != "algorithm none":
-            reason = "algorithm not allowed" if prefix == "algorithm" else prefix
-    return reason if reason in _TOKEN_DETAILS else "other"
 
 
 def refusal_labels(error: GatewayError, outcome: Outcome) -> tuple[str, str]:
     """(reason class, detail) of a refusal, both from fixed sets or the operator's policy rule ids."""
     reason = error.reason
-    if isinstance(error, AuthenticationError):
-        if reason.startswith(_CERTIFICATE_PREFIXES):
-            return "certificate", NONE
-        return "token", _token_detail(reason)
+    if isinstance(error, AuthenticationError):  # the vocabulary's term: one spelling in logs, labels, messages
+        term = reasons.TERMS[reasons.term_of(reason)]
+        return ("token" if term.error else "certificate"), term.term
     if isinstance(error, PermissionDeniedError):
         return "policy_deny", outcome.rule or "default deny"
     if isinstance(error, ResourceExhaustedError):
@@ -251,9 +213,8 @@ def refusal_labels(error: GatewayError, outcome: Outcome) -> tuple[str, str]:
 
 def refusal_series() -> Iterator[tuple[str, str]]:
     """Every (reason class, detail) a refusal is counted under, but the ids of the operator's deny rules."""
-    yield "certificate", NONE
-    for detail in (*sorted(_TOKEN_DETAILS), "other"):
-        yield "token", detail
+    for term in reasons.TERMS.values():  # the vocabulary of authentication refusals (gateway/auth/reasons.py)
+        yield ("token" if term.error else "certificate"), term.term
     yield "policy_deny", "default deny"
     for detail in (*sorted(_LIMIT_DETAILS), "other"):
         yield "limit", detail

@@ -193,7 +193,7 @@ class Pipeline:
             backend=exchanged,
         )
         if not decision.allowed:
-            refusal: GatewayError = PermissionDeniedError(reason=decision.reason)
+            refusal: GatewayError = PermissionDeniedError(_denied(action, model, requested), reason=decision.reason)
         elif isinstance(resolved, GatewayError):
             refusal = resolved
         else:
@@ -338,6 +338,13 @@ async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
             return done.value, pauses
         pauses += 1
         await asyncio.sleep(0)
+
+
+def _denied(action: Action, model: str, requested: str | None) -> str:
+    """What a denied caller is told: only what it asked for, the same whether or not the model (or version) exists
+    and whichever rule decided, so that a refusal tells nothing about the repository or the policy."""
+    version = "" if requested is None else f" version '{requested}'"
+    return f"no rule lets you '{action.value}' on model '{model}'{version} (it may not exist)"
 
 
 def _named_inputs(model: Served, body: InferBody) -> dict[str, tensors.WireTensor]:

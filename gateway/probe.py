@@ -21,10 +21,28 @@ def check(address: str, timeout: float) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds over 0")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.probe", description=__doc__.splitlines()[0])
-    parser.add_argument("address", nargs="?", default="127.0.0.1:8081", help="health.listen (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.probe",
+        description="Ask the gateway's plaintext probe listener (health.listen) whether the gateway is ready: "
+        "grpc.health.v1.Health/Check, the question kubelet's gRPC probe asks. For container health checks "
+        "(docker run --health-cmd); `gateway health` asks the main port too.",
+        epilog="exit codes: 0 SERVING; 1 NOT_SERVING or no answer (the reason on stderr); 2 usage error",
+    )
+    parser.add_argument(
+        "address", nargs="?", default="127.0.0.1:8081", help="HOST:PORT of health.listen (default %(default)s)"
+    )
+    parser.add_argument("--timeout", type=_seconds, default=2.0, help="seconds to wait (default %(default)s)")
     args = parser.parse_args(argv)
     status = check(args.address, args.timeout)
     if status == "SERVING":

@@ -29,10 +29,11 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.api import rest as codec
 from gateway.api.rest import Answer, RestEndpoints, RestRequest
+from gateway.auth.reasons import www_authenticate
 from gateway.boundary import CallBoundary
 from gateway.config import HttpSettings, listen_error
 from gateway.context import Answered, Call
-from gateway.errors import GatewayError, InternalError, ResourceExhaustedError, UnimplementedError
+from gateway.errors import GatewayError, ResourceExhaustedError, UnimplementedError, sent_message
 
 log = structlog.get_logger(__name__)
 
@@ -258,24 +259,22 @@ def http_status(error: GatewayError) -> int:
     return _STATUS_BY_REASON.get(error.reason, _STATUS.get(error.code, 500))
 
 
-def refusal(error: GatewayError, *, request_id: str, retry_safe: bool, token_sent: bool) -> web.Response:
-    """The answer to a refused call: ``{"error": message}`` (never an internal detail), its status, and the headers
-    a client acts on: ``WWW-Authenticate`` for 401 (RFC 6750 section 3: ``invalid_token`` when a token was sent and
-    refused), ``Retry-After`` for 429 and for 503 when the call is safe to retry."""
+def refusal(error: GatewayError, *, request_id: str, retry_safe: bool) -> web.Response:
+    """The answer to a refused call: ``{"error": message}`` (what the caller may know, its request id, never an
+    internal detail: the gRPC status message), its status, and the headers a client acts on: ``WWW-Authenticate``
+    for 401 (RFC 6750 section 3, the same challenge gRPC sends in its trailer), ``Retry-After`` for 429 and for 503
+    when the call is safe to retry."""
     status = http_status(error)
-    message = error.message
-    if isinstance(error, InternalError):
-        message = f"internal error (request id {request_id})"
     headers = {"x-request-id": request_id, "Server": SERVER}
     if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"' if token_sent else 'Bearer realm="gateway"'
+        # A refused certificate has no token error to tell; RFC 7235 still wants a challenge with every 401.
+        headers["WWW-Authenticate"] = www_authenticate(error.reason) or 'Bearer realm="gateway"'
     elif status == 429 or (status == 503 and retry_safe):
         headers["Retry-After"] = "1"
     if status == 503 and retry_safe:
         headers["x-retry-safe"] = "true"
-    return web.Response(
-        status=status, text=codec.dumps({"error": message}), content_type="application/json", headers=headers
-    )
+    body = codec.dumps({"error": sent_message(error, request_id)})
+    return web.Response(status=status, text=body, content_type=JSON, headers=headers)
 
 
 class RestService:
@@ -327,12 +326,7 @@ class RestService:
         )
         request_id = served.call.request_id
         if served.error is not None:
-            response = refusal(
-                served.error,
-                request_id=request_id,
-                retry_safe=served.retry_safe,
-                token_sent="Authorization" in request.headers,
-            )
+            response = refusal(served.error, request_id=request_id, retry_safe=served.retry_safe)
             if not served.body_read and request.can_read_body:  # the rest would be read as the next request
                 response.force_close()
             return response

@@ -16,7 +16,7 @@ from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.context import Answered, Call, Outcome, current_call
-from gateway.errors import GatewayError, InvalidArgumentError
+from gateway.errors import GatewayError, InvalidArgumentError, sent_message
 from gateway.identifiers import shown
 from gateway.models.runtime import TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
@@ -91,13 +91,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             result = await self._pipeline.predict(call, infer_request, action=Action.STREAM)
             return pb.PredictStreamResponse(response=to_response(request, result), id=request.id), result.outcome
 
+        stream = current_call.get()
+
         def refuse(request: pb.PredictRequest, error: GatewayError) -> pb.PredictStreamResponse:
             code = grpc.StatusCode[error.code].value[0]
             return pb.PredictStreamResponse(
-                error=pb.StreamError(code=code, message=error.message), id=echoed_id(request.id)
+                error=pb.StreamError(code=code, message=sent_message(error, stream.request_id)),
+                id=echoed_id(request.id),
             )
 
-        async for reply in answer_in_order(current_call.get(), requests, answer, refuse):
+        async for reply in answer_in_order(stream, requests, answer, refuse):
             yield reply
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Answered:

@@ -20,7 +20,7 @@ from gateway.api import parameters
 from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.backends.route import RemoteModel
 from gateway.context import Answered, Call, Outcome, carried, current_call
-from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, UnavailableError
+from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, UnavailableError, sent_message
 from gateway.identifiers import shown
 from gateway.models.runtime import ModelVersion, TensorSpec
 from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipeline
@@ -244,13 +244,15 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             return reply, result.outcome
 
+        stream = current_call.get()
+
         def refuse(request: pb.ModelInferRequest, error: GatewayError) -> pb.ModelStreamInferResponse:
             # Triton's form: the error as text (the status name first, so clients can tell causes apart).
             response = pb.ModelInferResponse(id=echoed_id(request.id))
             return pb.ModelStreamInferResponse(
-                error_message=f"{error.code}: {error.message}",
+                error_message=f"{error.code}: {sent_message(error, stream.request_id)}",
                 infer_response=_mark_final(response) if _asks_final_flag(request) else response,
             )
 
-        async for reply in answer_in_order(current_call.get(), requests, answer, refuse):
+        async for reply in answer_in_order(stream, requests, answer, refuse):
             yield reply

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from gateway.auth import reasons
 from gateway.auth.certs import CrlSet, CrlStore, PeerCertificate, check_validity, inspect_peer
 from gateway.auth.principal import Principal
 from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier
@@ -42,18 +43,18 @@ class _Admitted:
 def bearer_token(values: Sequence[str]) -> str:
     """The token from exactly one ``authorization: Bearer <jwt>`` header (RFC 6750 section 2.1)."""
     if not values:
-        raise AuthenticationError(reason="no authorization header")
+        raise AuthenticationError(reason=reasons.NO_TOKEN)
     if len(values) > 1:
-        raise AuthenticationError(reason="several authorization headers")
+        raise AuthenticationError(reason=reasons.SEVERAL_HEADERS)
     value = values[0]
     if len(value) > MAX_TOKEN_BYTES:
-        raise AuthenticationError(reason="authorization header too large")
+        raise AuthenticationError(reason=reasons.HEADER_TOO_LARGE)
     scheme, _, token = value.partition(" ")
     # RFC 9110 11.1: the scheme is a case-insensitive token.
     if scheme.lower() != "bearer":
-        raise AuthenticationError(reason="authorization scheme is not Bearer")
+        raise AuthenticationError(reason=reasons.NOT_BEARER)
     if not _B64TOKEN.fullmatch(token):
-        raise AuthenticationError(reason="malformed bearer token")
+        raise AuthenticationError(reason=reasons.MALFORMED_HEADER)
     return token
 
 
@@ -138,7 +139,7 @@ class Authenticator:
             if self._crl is not None:
                 self._crl.check(peer)
         elif self._require_certificate:
-            raise AuthenticationError(reason="no client certificate")
+            raise AuthenticationError(reason=reasons.NO_CERTIFICATE)
         token = self._verifier.verify(bearer_token(authorization), cert_x5t=peer.x5t_s256 if peer else None)
         principal = Principal(
             cert_identity=peer.identity if peer else "",

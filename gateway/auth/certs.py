@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import metrics
+from gateway.auth import reasons
 from gateway.auth.principal import CN_IDENTITY_PREFIX, DNS_IDENTITY_PREFIX, URI_IDENTITY_PREFIX
 from gateway.errors import AuthenticationError, StartupError
 from gateway.watcher import ReloadingStore, file_fingerprint
@@ -82,7 +83,7 @@ def _inspect(pem: bytes) -> PeerCertificate | str:
     except AuthenticationError as exc:
         return exc.reason
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
-        return "client certificate does not parse"
+        return reasons.detailed(reasons.CERTIFICATE_UNFIT, "does not parse")
     digest = cert.fingerprint(hashes.SHA256())
     return PeerCertificate(
         identity=identity,
@@ -106,7 +107,7 @@ def _check_client_usage(cert: x509.Certificate) -> None:
     """Refuse a leaf unfit for a TLS client (see ``_leaf_problem``)."""
     problem = _leaf_problem(cert, "client")
     if problem is not None:
-        raise AuthenticationError(reason=f"client certificate {problem}")
+        raise AuthenticationError(reason=reasons.detailed(reasons.CERTIFICATE_UNFIT, problem))
 
 
 def _leaf_problem(cert: x509.Certificate, role: Literal["client", "server"]) -> str | None:
@@ -140,26 +141,26 @@ def _identity(cert: x509.Certificate) -> str:
     uris = [u for u in uri_sans if u.startswith(URI_IDENTITY_PREFIX)]
     dns = san.get_values_for_type(x509.DNSName) if san is not None else []
     if len(uris) > 1:
-        raise AuthenticationError(reason="ambiguous identity: several SPIFFE URI SANs")
+        raise AuthenticationError(reason=reasons.detailed(reasons.NO_IDENTITY, "several SPIFFE URI SANs"))
     if uris:
         identity = uris[0]
         if len(identity) > _SPIFFE_MAX_LENGTH or not _is_spiffe_id(identity):
-            raise AuthenticationError(reason="client certificate SPIFFE ID is malformed")
+            raise AuthenticationError(reason=reasons.detailed(reasons.NO_IDENTITY, "malformed SPIFFE ID"))
         return identity
     if len(dns) > 1:
-        raise AuthenticationError(reason="ambiguous identity: several DNS SANs")
+        raise AuthenticationError(reason=reasons.detailed(reasons.NO_IDENTITY, "several DNS SANs"))
     if dns:
         # A wildcard names many hosts, never one client.
         if "*" in dns[0]:
-            raise AuthenticationError(reason="client certificate DNS SAN is a wildcard")
+            raise AuthenticationError(reason=reasons.detailed(reasons.NO_IDENTITY, "wildcard DNS SAN"))
         # DNS names compare case-insensitively (RFC 4343).
         return DNS_IDENTITY_PREFIX + _checked(dns[0].lower().rstrip("."))
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) > 1:
-        raise AuthenticationError(reason="ambiguous identity: several CNs")
+        raise AuthenticationError(reason=reasons.detailed(reasons.NO_IDENTITY, "several CNs"))
     if cns:
         return CN_IDENTITY_PREFIX + _checked(str(cns[0].value))
-    raise AuthenticationError(reason="client certificate has no identity")
+    raise AuthenticationError(reason=reasons.NO_IDENTITY)
 
 
 def _is_spiffe_id(uri: str) -> bool:
@@ -171,18 +172,18 @@ def _is_spiffe_id(uri: str) -> bool:
 
 def _checked(identity: str) -> str:
     if not identity:
-        raise AuthenticationError(reason="client certificate has no identity")
+        raise AuthenticationError(reason=reasons.NO_IDENTITY)
     if not identity.isprintable():
-        raise AuthenticationError(reason="client certificate identity has unprintable characters")
+        raise AuthenticationError(reason=reasons.detailed(reasons.NO_IDENTITY, "unprintable characters"))
     return identity
 
 
 def check_validity(peer: PeerCertificate, now: datetime) -> None:
     """Refuse a certificate outside its validity period at ``now`` (aware); both bounds inclusive (RFC 5280 4.1.2.5)."""
     if now > peer.not_after:
-        raise AuthenticationError(reason="client certificate expired")
+        raise AuthenticationError(reason=reasons.CERTIFICATE_EXPIRED)
     if now < peer.not_before:
-        raise AuthenticationError(reason="client certificate not yet valid")
+        raise AuthenticationError(reason=reasons.CERTIFICATE_NOT_YET_VALID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,16 +269,16 @@ def _judge_intermediates(
         if subject in verdicts:
             return verdicts[subject]
         if depth > _MAX_CA_DEPTH:
-            return "client CA chain too long, or looping"
+            return reasons.detailed(reasons.NO_CRL, "client CA chain too long, or looping")
         reason = None
         for ca in by_subject.get(subject, ()):
             if ca.issuer == ca.subject:
                 continue  # a root: the trust anchor itself, which no CRL speaks for
             crl = lists.get(ca.issuer)
             if crl is None:
-                reason = f"no CRL for the issuer of intermediate CA {ca.subject.rfc4514_string()}"
+                reason = reasons.detailed(reasons.NO_CRL, f"issuer of intermediate CA {ca.subject.rfc4514_string()}")
             elif crl.is_revoked(ca.serial_number):
-                reason = "intermediate CA certificate revoked"
+                reason = reasons.CA_REVOKED
             else:
                 reason = judge(ca.issuer, depth + 1)
             if reason is not None:
@@ -386,9 +387,9 @@ class CrlStore:
         # Serial numbers are unique per issuer only (RFC 5280 4.1.2.2): another issuer's serial proves nothing.
         crl = crls.for_issuer(peer.issuer)
         if crl is None:
-            raise AuthenticationError(reason="no CRL for the client certificate's issuer")
+            raise AuthenticationError(reason=reasons.detailed(reasons.NO_CRL, "the client certificate's issuer"))
         if crl.is_revoked(peer.serial):
-            raise AuthenticationError(reason="client certificate revoked")
+            raise AuthenticationError(reason=reasons.CERTIFICATE_REVOKED)
         reason = crls.intermediates.get(peer.issuer)
         if reason is not None:
             raise AuthenticationError(reason=reason)

@@ -26,7 +26,14 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from jwt.utils import base64url_decode, is_pem_format, is_ssh_key
 
-from gateway.auth import DEFAULT_ALGORITHMS, HMAC_ALGORITHMS, HMAC_KEY_BYTES, MAX_TOKEN_BYTES, SUPPORTED_ALGORITHMS
+from gateway.auth import (
+    DEFAULT_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    HMAC_KEY_BYTES,
+    MAX_TOKEN_BYTES,
+    SUPPORTED_ALGORITHMS,
+    reasons,
+)
 from gateway.auth.keys import KeySet, KeySource, TokenConfigError
 from gateway.document import DocumentError, DuplicateMemberError, loads_json
 from gateway.errors import AuthenticationError
@@ -65,24 +72,24 @@ class _Verified:
 
 # Every pyjwt exception the verifier can see, most specific first, to the short reason for audit and logs.
 _REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (jwt.ExpiredSignatureError, "expired"),
-    (jwt.ImmatureSignatureError, "not yet valid"),
-    (jwt.InvalidAudienceError, "wrong audience"),
-    (jwt.InvalidIssuerError, "wrong issuer"),
-    (jwt.InvalidIssuedAtError, "malformed claim iat"),
-    (jwt.exceptions.InvalidSubjectError, "malformed claim sub"),
-    (jwt.exceptions.InvalidJTIError, "malformed claim jti"),
-    (jwt.InvalidSignatureError, "bad signature"),
-    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
-    (jwt.InvalidKeyError, "unusable key"),
-    (jwt.DecodeError, "malformed token"),
+    (jwt.ExpiredSignatureError, reasons.EXPIRED),
+    (jwt.ImmatureSignatureError, reasons.NOT_YET_VALID),
+    (jwt.InvalidAudienceError, reasons.WRONG_AUDIENCE),
+    (jwt.InvalidIssuerError, reasons.WRONG_ISSUER),
+    (jwt.InvalidIssuedAtError, reasons.detailed(reasons.MALFORMED_CLAIM, "iat")),
+    (jwt.exceptions.InvalidSubjectError, reasons.detailed(reasons.MALFORMED_CLAIM, "sub")),
+    (jwt.exceptions.InvalidJTIError, reasons.detailed(reasons.MALFORMED_CLAIM, "jti")),
+    (jwt.InvalidSignatureError, reasons.BAD_SIGNATURE),
+    (jwt.InvalidAlgorithmError, reasons.ALGORITHM_NOT_ALLOWED),
+    (jwt.InvalidKeyError, reasons.UNUSABLE_KEY),
+    (jwt.DecodeError, reasons.MALFORMED_TOKEN),
 )
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"missing claim {exc.claim}"  # the claim name is one of ours, never token text
-    return next((reason for cls, reason in _REASONS if isinstance(exc, cls)), "invalid token")
+        return reasons.detailed(reasons.MISSING_CLAIM, exc.claim)  # the claim name is one of ours, not token text
+    return next((reason for cls, reason in _REASONS if isinstance(exc, cls)), reasons.INVALID)
 
 
 class UnknownKidError(AuthenticationError):
@@ -99,7 +106,7 @@ def _string_list(value: Any, claim: str) -> frozenset[str]:
         return frozenset()
     if isinstance(value, list) and all(isinstance(item, str) and item for item in value):
         return frozenset(value)
-    _refuse(f"malformed claim {claim}")
+    _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, claim))
 
 
 def _scope_values(value: Any, claim: str) -> frozenset[str]:
@@ -107,7 +114,7 @@ def _scope_values(value: Any, claim: str) -> frozenset[str]:
     if isinstance(value, str):
         return frozenset(value.split())
     if claim == "scope" and value is not None:
-        _refuse("malformed claim scope")
+        _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, "scope"))
     return _string_list(value, claim)
 
 
@@ -123,7 +130,7 @@ def _claim_at(claims: Mapping[str, Any], name: str) -> Any:
     value: Any = claims
     for part in name.split("."):
         if not isinstance(value, Mapping):
-            _refuse(f"malformed claim {name}")
+            _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, name))
         if part not in value:
             return None
         value = value[part]
@@ -151,13 +158,13 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
         return None
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        _refuse(f"malformed claim {name}")
+        _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, name))
     try:
         number = float(value)  # a JSON integer can be too large for a float
     except OverflowError:
-        _refuse(f"malformed claim {name}")
+        _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, name))
     if not math.isfinite(number):
-        _refuse(f"malformed claim {name}")
+        _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, name))
     return number
 
 
@@ -265,11 +272,11 @@ class TokenVerifier:
         """The verified token (``bound`` when its cnf names this connection's certificate), or AuthenticationError."""
         # Size and shape first, before any parsing or hashing (RFC 7515 7.1 compact serialization).
         if not isinstance(token, str) or not token.isascii():
-            _refuse("malformed token")
+            _refuse(reasons.MALFORMED_TOKEN)
         if len(token) > MAX_TOKEN_BYTES:
-            _refuse("token too large")
+            _refuse(reasons.TOKEN_TOO_LARGE)
         if not _COMPACT_JWS.fullmatch(token):
-            _refuse("malformed token")
+            _refuse(reasons.MALFORMED_TOKEN)
         # The cache is keyed by a digest: the token itself is never kept, so a memory dump holds no credentials.
         digest = hashlib.sha256(token.encode("ascii")).digest()
         keyset = self._keys.current  # one read: a concurrent reload swaps the whole set
@@ -318,7 +325,7 @@ class TokenVerifier:
         if entry.x5t is None:
             return entry.token
         if cert_x5t is None or not hmac.compare_digest(entry.x5t.encode(), cert_x5t.encode()):
-            _refuse("token bound to another certificate")
+            _refuse(reasons.BOUND_TO_ANOTHER_CERTIFICATE)
         return entry.token
 
     def _verify(self, token: str, keyset: KeySet) -> _Verified:
@@ -347,53 +354,52 @@ class TokenVerifier:
         """The key and algorithm for this header; embedded jwk/jku/x5u/x5c headers are never read."""
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
-            _refuse("malformed token")
+            _refuse(reasons.MALFORMED_TOKEN)
         if algorithm.lower() == "none":  # RFC 8725 3.1
-            _refuse("algorithm none")
+            _refuse(reasons.detailed(reasons.ALGORITHM_NOT_ALLOWED, "none"))
         if algorithm not in self._algorithms:
             # The name goes into the reason only when it is a known one: the header is attacker text.
-            _refuse(
-                f"algorithm {algorithm} not allowed" if algorithm in SUPPORTED_ALGORITHMS else "algorithm not allowed"
-            )
+            known = algorithm in SUPPORTED_ALGORITHMS
+            _refuse(reasons.detailed(reasons.ALGORITHM_NOT_ALLOWED, algorithm if known else "unknown"))
         if "crit" in header:  # RFC 7515 4.1.11: the gateway understands no extension, so any critical one fails
-            _refuse("unsupported critical header")
+            _refuse(reasons.detailed(reasons.UNSUPPORTED_HEADER, "crit"))
         typ = header.get("typ")
         if typ is not None and (not isinstance(typ, str) or typ.lower() not in _TOKEN_TYPES):
-            _refuse("unexpected token type")
+            _refuse(reasons.detailed(reasons.UNSUPPORTED_HEADER, "typ"))
         if algorithm in HMAC_ALGORITHMS:
             # Only reachable with a configured secret, and only that secret: never a JWKS key (CVE-2022-29217).
             return self._hmac_secret, algorithm
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
-            _refuse("missing kid")
+            _refuse(reasons.NO_KEY_ID)
         key = keyset.keys.get(kid)
         if key is None:
-            raise UnknownKidError(reason="unknown kid")
+            raise UnknownKidError(reason=reasons.UNKNOWN_KEY_ID)
         if algorithm not in key.algorithms:  # pinned per key: alg confusion across key types is impossible
-            _refuse(f"algorithm {algorithm} not allowed for this key")
+            _refuse(reasons.detailed(reasons.ALGORITHM_NOT_ALLOWED, f"{algorithm} for this key"))
         return key.key, algorithm
 
     def _claims(self, claims: Mapping[str, Any]) -> _Verified:
         now = self._clock()
         exp, nbf, iat = (_numeric_date(claims, name) for name in ("exp", "nbf", "iat"))
         if exp is None:
-            _refuse("missing claim exp")
+            _refuse(reasons.detailed(reasons.MISSING_CLAIM, "exp"))
         if exp <= now - self._leeway:  # RFC 7519 4.1.4, with pyjwt's comparison
-            _refuse("expired")
+            _refuse(reasons.EXPIRED)
         if (nbf is not None and nbf > now + self._leeway) or (iat is not None and iat > now + self._leeway):
-            _refuse("not yet valid")  # RFC 7519 4.1.5; a future iat is refused as pyjwt does
+            _refuse(reasons.NOT_YET_VALID)  # RFC 7519 4.1.5; a future iat is refused as pyjwt does
         if exp - (now if iat is None else iat) > self._max_lifetime:
-            _refuse("token lifetime over the maximum")
+            _refuse(reasons.LIFETIME_TOO_LONG)
         subject, issuer, jti = claims.get("sub"), claims.get("iss"), claims.get("jti")
         if subject is None:
-            _refuse("missing claim sub")
+            _refuse(reasons.detailed(reasons.MISSING_CLAIM, "sub"))
         if not isinstance(subject, str) or not subject:
-            _refuse("malformed claim sub")
+            _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, "sub"))
         # pyjwt compared iss already; exact equality again guards against a regression like CVE-2024-53861.
         if issuer != self._issuer:
-            _refuse("wrong issuer")
+            _refuse(reasons.WRONG_ISSUER)
         if jti is not None and (not isinstance(jti, str) or not jti):
-            _refuse("malformed claim jti")
+            _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, "jti"))
         groups, scopes = groups_and_scopes(claims, groups_claim=self._groups_claim, scopes_claim=self._scopes_claim)
         x5t = _confirmation(claims)
         return _Verified(VerifiedToken(subject, self._issuer, jti, groups, scopes, exp, bound=x5t is not None), x5t)
@@ -410,11 +416,12 @@ def _json_object(segment: str, part: str) -> dict[str, Any]:
     try:
         value = loads_json(base64url_decode(segment))
     except DuplicateMemberError:
-        _refuse(f"duplicate member in token {part}")  # the member's name is attacker text: not in the reason
+        # The member's name is attacker text: not in the reason.
+        _refuse(reasons.detailed(reasons.MALFORMED_TOKEN, f"duplicate member in its {part}"))
     except (DocumentError, ValueError):  # base64 (binascii.Error) errors are ValueErrors
-        _refuse("malformed token")
+        _refuse(reasons.MALFORMED_TOKEN)
     if not isinstance(value, dict):
-        _refuse("malformed token")
+        _refuse(reasons.MALFORMED_TOKEN)
     return value
 
 
@@ -424,10 +431,10 @@ def _confirmation(claims: Mapping[str, Any]) -> str | None:
         return None
     cnf = claims["cnf"]
     if not isinstance(cnf, dict):
-        _refuse("malformed claim cnf")
+        _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, "cnf"))
     if set(cnf) != {"x5t#S256"}:  # jkt (DPoP), jwk, jku...: a binding we cannot check must not be ignored
-        _refuse("unsupported confirmation method")
+        _refuse(reasons.UNSUPPORTED_CONFIRMATION)
     x5t = cnf["x5t#S256"]
     if not isinstance(x5t, str) or not _X5T_S256.fullmatch(x5t):
-        _refuse("malformed claim cnf")
+        _refuse(reasons.detailed(reasons.MALFORMED_CLAIM, "cnf"))
     return x5t

@@ -167,7 +167,9 @@ def test_refused_and_failed_calls_leave_one_record_each(gw, case, code, fields):
         assert record[key] == value, key
     if case == "internal":
         # The caller gets no internals, only the request id; the audit record keeps the cause.
-        assert outcome.details() == f"internal error (request id {record['request_id']})"
+        assert outcome.details() == (
+            f"internal error (request id {record['request_id']}; see call_refused in the gateway's log)"
+        )
         assert record["reason"].startswith("onnxruntime failed on reshape3:1")
 
 
@@ -189,7 +191,7 @@ def test_unauthenticated_callers_are_refused_before_their_message_is_decoded_or_
     # Neither the message's shape nor which methods exist is told to a caller without a token.
     assert garbage.code() == unknown.code() == grpc.StatusCode.UNAUTHENTICATED
     *_, first, second = gw.audit_records()
-    assert (first["method"], first["code"], first["reason"]) == (METHOD, "UNAUTHENTICATED", "no authorization header")
+    assert (first["method"], first["code"], first["reason"]) == (METHOD, "UNAUTHENTICATED", "missing token")
     assert (second["method"], second["code"]) == ("/gateway.v1.Nope/Nothing", "UNAUTHENTICATED")
     assert first["bytes_in"] == 0  # refused before its message was even read
 

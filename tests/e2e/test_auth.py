@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
+from gateway.auth import reasons
 from tests.conftest import ROOT, Pki, run_script, wait_until
-from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
+from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub, trailer
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -41,10 +42,19 @@ def refused(gw, token, *, code=UNAUTHENTICATED, metadata=None, **kwargs):
     md = (*(metadata if metadata is not None else auth(token)), ("x-request-id", request_id))
     exc = rpc_error(lambda: predict(gw, token, metadata=md, **kwargs))
     assert exc.code() == code, exc.details()
-    # The caller learns nothing precise; the reason goes to the audit record only.
-    assert exc.details() == ("unauthenticated" if code == UNAUTHENTICATED else "permission denied")
     (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
     assert record["code"] == code.name
+    # The caller learns the reason's term and what to do (never its detail), or what it asked for; the rest is in
+    # the audit record and the log line the message names.
+    ending = f" (request id {request_id}; see call_refused in the gateway's log)"
+    if code == UNAUTHENTICATED:
+        term = reasons.TERMS[reasons.term_of(record["reason"])]
+        assert exc.details() == f"{term.term}: {term.hint}{ending}"
+        challenge = f'Bearer realm="gateway", error="{term.error}", error_description="{term.term}"'
+        assert trailer(exc, "www-authenticate") == (challenge if term.error else None)
+    else:
+        model = kwargs.get("model", "mlp")
+        assert exc.details() == f"no rule lets you 'predict' on model '{model}' (it may not exist){ending}"
     return record
 
 
@@ -71,16 +81,16 @@ def test_bound_token_from_its_own_certificate_is_served_and_audited(gw):
 
 
 def test_no_token_is_unauthenticated(gw):
-    assert refused(gw, None)["reason"] == "no authorization header"
+    assert refused(gw, None)["reason"] == "missing token"
 
 
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
         ("Basic dXNlcjpwYXNz", "authorization scheme is not Bearer"),
-        ("Bearer", "malformed bearer token"),
-        ("Bearer ", "malformed bearer token"),
-        ("Bearer a b", "malformed bearer token"),
+        ("Bearer", "malformed authorization header"),
+        ("Bearer ", "malformed authorization header"),
+        ("Bearer a b", "malformed authorization header"),
         ("Bearer " + "a" * 9000, "authorization header too large"),
     ],
     ids=["basic", "no-token", "empty", "two-tokens", "oversized"],
@@ -94,7 +104,7 @@ def test_malformed_authorization_header_is_unauthenticated(gw, header, reason):
 def test_bearer_token_with_extra_spaces_is_unauthenticated(gw, spelling):
     # These reach the gateway as sent (tabs and newlines are refused by grpc itself); one spelling is accepted.
     record = refused(gw, None, metadata=(("authorization", spelling.format(gw.token())),))
-    assert record["reason"] == "malformed bearer token"
+    assert record["reason"] == "malformed authorization header"
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
@@ -143,11 +153,11 @@ def test_hs256_signed_with_the_public_key_is_unauthenticated(gw):
 @pytest.mark.parametrize(
     ("kwargs", "reason_fragment"),
     [
-        ({"ttl_s": 600, "now": time.time() - 3600}, "expired"),
+        ({"ttl_s": 600, "now": time.time() - 3600}, "token expired"),
         ({"iss": "https://evil.example"}, "issuer"),
         ({"aud": "someone-else"}, "audience"),
     ],
-    ids=["expired", "wrong-iss", "wrong-aud"],
+    ids=["token expired", "wrong-iss", "wrong-aud"],
 )
 def test_invalid_claims_are_unauthenticated(gw, kwargs, reason_fragment):
     record = refused(gw, gw.token(**kwargs))
@@ -160,7 +170,7 @@ def test_not_yet_valid_token_is_unauthenticated(gw):
 
 
 def test_unknown_kid_is_unauthenticated(gw):
-    assert "kid" in refused(gw, gw.token(kid="not-a-known-kid"))["reason"]
+    assert refused(gw, gw.token(kid="not-a-known-kid"))["reason"] == "unknown key id"
 
 
 def test_token_signed_by_another_key_is_unauthenticated(gw, other_pki):
@@ -199,10 +209,10 @@ def test_signed_token_repeating_a_claim_is_unauthenticated(gw):
     # {"sub": "bob", ..., "sub": "alice"}: pyjwt alone reads alice, whom the policy lets predict.
     twice = json.dumps(claims(gw, sub="bob"))[:-1] + ', "sub": "alice"}'
     record = refused(gw, signed_by_the_gateway_key(gw, header, twice))
-    assert (record["reason"], record["sub"]) == ("duplicate member in token claims", None)
+    assert (record["reason"], record["sub"]) == ("malformed token: duplicate member in its claims", None)
     twice_kid = header[:-1] + f', "kid": "{kid(gw)}"}}'
     record = refused(gw, signed_by_the_gateway_key(gw, twice_kid, json.dumps(claims(gw))))
-    assert record["reason"] == "duplicate member in token header"
+    assert record["reason"] == "malformed token: duplicate member in its header"
 
 
 def test_tampered_signature_is_unauthenticated(gw):

@@ -101,7 +101,7 @@ async def test_half_open_calls_without_a_token_are_refused_at_once_and_do_not_de
     records = records_for(gw, request_ids)
     assert len(records) == 64
     assert {(r["code"], r["reason"], r["bytes_in"], r["cert_identity"]) for r in records} == {
-        ("UNAUTHENTICATED", "no authorization header", 0, "spiffe://gateway.local/client/alice")
+        ("UNAUTHENTICATED", "missing token", 0, "spiffe://gateway.local/client/alice")
     }
     # Served alongside them, at about the speed they are served alone (the margin absorbs a loaded test machine;
     # before the async core these calls stalled until the half-open ones went away, past their 5 s deadline).
@@ -140,7 +140,10 @@ async def test_a_unary_method_refuses_a_second_request_message_without_running_t
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(call, TIMEOUT)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.value.details() == "a unary method takes exactly one request message"
+    assert (
+        refused.value.details()
+        == f"a unary method takes exactly one request message (request id {request_id}; see call_refused in the gateway's log)"
+    )
     (record,) = records_for(gw, {request_id})
     # The end of a unary request is read before its handler runs (issue 27 item 10): no model ran for a call
     # refused for its shape, and the record names no model, since the handler never read the request.
@@ -160,7 +163,10 @@ async def test_a_unary_call_closed_without_a_message_is_refused(gw):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await asyncio.wait_for(call, TIMEOUT)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # what grpc sends for one too large
-    assert refused.value.details() == "no request message, or one over the size limit"
+    assert (
+        refused.value.details()
+        == f"no request message, or one over the size limit (request id {request_id}; see call_refused in the gateway's log)"
+    )
     (record,) = records_for(gw, {request_id})
     assert (record["code"], record["reason"]) == (
         "RESOURCE_EXHAUSTED",

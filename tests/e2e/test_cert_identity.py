@@ -136,9 +136,9 @@ def test_a_cn_that_reads_like_a_uri_san_does_not_match_a_cert_rule(start_gateway
 @pytest.mark.parametrize(
     ("extensions", "reason"),
     [
-        ({"cert_sign": True}, "client certificate key usage allows signing certificates or CRLs"),
-        ({"crl_sign": True}, "client certificate key usage allows signing certificates or CRLs"),
-        ({"ca": True}, "client certificate is a CA certificate"),
+        ({"cert_sign": True}, "client certificate unfit: key usage allows signing certificates or CRLs"),
+        ({"crl_sign": True}, "client certificate unfit: key usage allows signing certificates or CRLs"),
+        ({"ca": True}, "client certificate unfit: is a CA certificate"),
     ],
     ids=["keyCertSign", "cRLSign", "basicConstraints-CA"],
 )

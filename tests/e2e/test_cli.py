@@ -74,7 +74,7 @@ def refused(gw, result: subprocess.CompletedProcess[str], code: str) -> dict:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert result.stdout == ""
     assert code in result.stderr and "error:" in result.stderr
-    request_id = result.stderr.rsplit("request id ", 1)[1].split(")")[0]
+    request_id = result.stderr.rsplit("request id ", 1)[1].split(";")[0]
     (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
     assert record["code"] == code
     return record
@@ -231,8 +231,48 @@ def test_token_file_from_the_environment_is_used(gw, tmp_path):
 
 
 def test_client_commands_ignore_the_servers_variables(gw):
-    env = {**client_env(gw), "GATEWAY_WORKERS": "x", "GATEWAY_NOT_A_SETTING": "1"}
+    env = {**client_env(gw), "GATEWAY_WORKERS": "x", "GATEWAY_AUDIT__PATH": "/nowhere"}
     assert "mlp" in {m["name"] for m in ok(run("models", env=env))}
+
+
+def test_client_commands_refuse_an_unknown_variable_with_the_closest_name(gw):
+    env = {**client_env(gw), "GATEWAY_TOKN_FILE": "alice.jwt", "GATEWAY_NOT_A_SETTING": "1"}
+    result = run("models", env=env)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "error: GATEWAY_NOT_A_SETTING, GATEWAY_TOKN_FILE (did you mean 'GATEWAY_TOKEN_FILE'?): unknown environment "
+        "variables (gateway predict --help lists them)\n"
+    )
+
+
+def test_client_commands_refuse_to_send_without_a_token(gw):
+    env = {k: v for k, v in client_env(gw).items() if k != "GATEWAY_TOKEN"}
+    for command in (["models"], ["metadata", "--model", "mlp"], ["predict", "--model", "mlp", "--input", "[1]"]):
+        result = run(*command, env=env)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            "error: no token: give --token-file FILE (GATEWAY_TOKEN_FILE), --token TOKEN (GATEWAY_TOKEN) or "
+            "--token-url URL (GATEWAY_TOKEN_URL); `gateway token issue` makes one\n"
+        )
+    assert not [r for r in gw.audit_records() if r["code"] == "UNAUTHENTICATED"]  # nothing was sent
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_is_a_usage_error(gw, timeout):
+    result = run("models", "--timeout", timeout, env=client_env(gw))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert f"argument --timeout: {timeout!r} is not a number of seconds over 0" in result.stderr
+
+
+@pytest.mark.parametrize("scheme", ["https", "http", "grpc"])
+def test_a_target_with_a_url_scheme_says_to_give_host_and_port(gw, scheme):
+    env = {**client_env(gw), "GATEWAY_TARGET": f"{scheme}://{gw.target}/"}
+    result = run("models", env=env)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"error: target '{scheme}://{gw.target}/': give HOST:PORT without a scheme ('{gw.target}'): "
+        "TLS is set by the client, not the target\n"
+    )
 
 
 def test_token_issue_reads_the_auth_settings_serve_reads_from_gateway_variables(pki):
@@ -250,7 +290,11 @@ def test_token_issue_reads_the_auth_settings_serve_reads_from_gateway_variables(
 def test_permission_denied_exits_1_with_the_error_on_stderr(gw):
     result = run("predict", "--model", "mlp", "--input", "[0.5]", env=client_env(gw, "bob"))
     record = refused(gw, result, "PERMISSION_DENIED")
-    assert record["sub"] == "bob" and "permission denied" in result.stderr
+    assert record["sub"] == "bob"
+    assert result.stderr == (
+        "error: no rule lets you 'predict' on model 'mlp' (it may not exist) (code PERMISSION_DENIED, request id "
+        f"{record['request_id']}; see call_refused in the gateway's log)\n"
+    )
 
 
 def test_garbage_token_exits_1_unauthenticated(gw):
@@ -300,7 +344,10 @@ def test_missing_target_without_environment_exits_2(gw):
     env = client_env(gw)
     del env["GATEWAY_TARGET"]
     usage_error(run("models", env=env), "missing --target")
-    usage_error(run("predict", "--model", "mlp", "--input", "[1]"), "missing --target, --ca, --cert, --key")
+    usage_error(
+        run("predict", "--model", "mlp", "--input", "[1]"),
+        "missing --target (GATEWAY_TARGET), --ca (GATEWAY_CA), --cert (GATEWAY_CERT), --key (GATEWAY_KEY)",
+    )
 
 
 def test_both_token_and_token_file_exit_2(gw, tmp_path):
@@ -452,7 +499,7 @@ def test_version_prints_the_installed_version():
         ),
         (["serve"], ["--log-format {json,console}", "--log-level {debug,info,warning,error}", "default: info"]),
         (["token", "issue"], ["default: 3600, or auth.max_token_lifetime_s", "default: ./gateway.yaml"]),
-        (["models"], ["--timeout TIMEOUT seconds (default: 30.0)"]),
+        (["models"], ["--timeout TIMEOUT seconds the call may take (default: 30.0)"]),
         (["policy", "check"], ["(auth.groups_claim) (default: groups)"]),
     ],
     ids=["serve-config", "serve-logs", "token-issue", "client", "policy-check"],
@@ -631,7 +678,7 @@ def test_token_issue_without_a_key_set_to_check_says_so(pki, tmp_path):
             "wrong issuer: --iss https://gateway.local",
         ),
         ("audience: inference", ["--aud", "gateway"], "wrong audience: --aud gateway is not auth.audience (inference)"),
-        ("required_claims: [exp, iss, aud, sub, groups]", [], "missing claim groups: auth.required_claims"),
+        ("required_claims: [exp, iss, aud, sub, groups]", [], "missing claim: groups: auth.required_claims"),
     ],
     ids=["issuer", "audience", "required-claim"],
 )
@@ -729,7 +776,7 @@ def test_policy_check_reads_groups_at_a_dotted_path_as_the_gateway_does(policy_d
     assert (nested.returncode, nested.stdout.strip()) == (1, "deny by rule deny-suspended")
     usage_error(
         check(policy_dir, *alice, "--claims", '{"sub": "alice", "realm_access": ["suspended"]}'),
-        "--claims: malformed claim realm_access.roles: the gateway refuses such a token",
+        "--claims: malformed claim: realm_access.roles: the gateway refuses such a token",
     )
 
 
@@ -761,11 +808,11 @@ def test_policy_check_agrees_with_the_running_gateway(gw):
 @pytest.mark.parametrize(
     ("claims", "fragment"),
     [
-        ('{"sub": "alice", "groups": "suspended"}', "malformed claim groups"),
-        ('{"sub": "alice", "groups": [1]}', "malformed claim groups"),
-        ('{"sub": "alice", "groups": [""]}', "malformed claim groups"),
-        ('{"sub": "alice", "scope": ["predict"]}', "malformed claim scope"),
-        ('{"sub": 7}', "malformed claim sub"),
+        ('{"sub": "alice", "groups": "suspended"}', "malformed claim: groups"),
+        ('{"sub": "alice", "groups": [1]}', "malformed claim: groups"),
+        ('{"sub": "alice", "groups": [""]}', "malformed claim: groups"),
+        ('{"sub": "alice", "scope": ["predict"]}', "malformed claim: scope"),
+        ('{"sub": 7}', "malformed claim: sub"),
         ('{"sub": "bob", "sub": "alice"}', "duplicate member 'sub'"),
         ('{"sub": "alice", "cnf": {"x5t#S256": "a", "x5t#S256": "b"}}', "duplicate member 'x5t#S256'"),
     ],

@@ -115,7 +115,7 @@ def test_the_gateway_follows_the_providers_key_rotation_without_a_restart(gw, pr
     request_id = uuid.uuid4().hex
     with client(gw, "alice", old_token) as alice, pytest.raises(gateway.AuthenticationError):
         alice.predict("mlp", {"input": X}, request_id=request_id)
-    assert record_of(gw, request_id)["reason"] == "unknown kid"
+    assert record_of(gw, request_id)["reason"] == "unknown key id"
     with client(gw, "alice", token_source(provider, "alice")) as alice:
         assert alice.predict("mlp", {"input": X}).outputs["output"].shape == (1, 10)
 

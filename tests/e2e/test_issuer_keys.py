@@ -84,9 +84,13 @@ def test_a_token_whose_kid_stays_unknown_is_refused_and_audited(gw, key_server: 
     )
     request_id = uuid.uuid4().hex
     exc = rpc_error(lambda: predict(gw, token, request_id))
-    assert (exc.code().name, exc.details()) == ("UNAUTHENTICATED", "unauthenticated")
+    assert (exc.code().name, exc.details()) == (
+        "UNAUTHENTICATED",
+        "unknown key id: sign with a key in the gateway's key set (auth.jwks, auth.jwks_url) "
+        f"(request id {request_id}; see call_refused in the gateway's log)",
+    )
     (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
-    assert (record["code"], record["reason"]) == ("UNAUTHENTICATED", "unknown kid")
+    assert (record["code"], record["reason"]) == ("UNAUTHENTICATED", "unknown key id")
     assert key_server.count(JWKS_PATH) == 2  # one refetch before refusing
     rpc_error(lambda: predict(gw, token))
     assert key_server.count(JWKS_PATH) == 2  # and no other within auth.jwks_min_refresh_interval_s
@@ -130,4 +134,4 @@ def test_a_key_set_that_also_holds_an_encryption_key_is_served(start_gateway, ke
     exc = rpc_error(lambda: predict(gw, token, request_id))
     assert exc.code().name == "UNAUTHENTICATED"
     (record,) = [r for r in gw.audit_records() if r["request_id"] == request_id]
-    assert (record["code"], record["reason"]) == ("UNAUTHENTICATED", "unknown kid")
+    assert (record["code"], record["reason"]) == ("UNAUTHENTICATED", "unknown key id")

@@ -91,7 +91,7 @@ def test_counters_move_by_exactly_the_calls_allowed_and_refused(metered):
     oip_live = "/inference.GRPCInferenceService/ServerLive"
     assert delta(calls, method=oip_live, model="-", version="-", code="OK") == 1
     refusals = "gateway_refusals_total"
-    assert delta(refusals, reason="token", detail="no authorization header") == refused
+    assert delta(refusals, reason="token", detail="missing token") == refused
     assert delta(refusals, reason="policy_deny", detail="default deny") == 1
     assert delta("gateway_call_duration_seconds_count", method=PREDICT) == allowed + refused + 1
     assert delta("gateway_authentication_duration_seconds_count") == allowed + refused + 2
@@ -452,7 +452,11 @@ def test_a_healthy_gateway_without_a_crl_exports_no_gauge_an_alert_misreads(pki_
     # Before the first call, the series rates are taken over exist at 0 (a series born at its first increment
     # hides that burst from rate()); and the versions serving.
     assert value(samples, "gateway_calls_total", method=PREDICT, model="-", version="-", code="UNAUTHENTICATED") == 0
-    for reason, detail in [("token", "expired"), ("certificate", "-"), ("policy_deny", "default deny")]:
+    for reason, detail in [
+        ("token", "token expired"),
+        ("certificate", "client certificate revoked"),
+        ("policy_deny", "default deny"),
+    ]:
         assert frozenset({"reason": reason, "detail": detail}.items()) in series(samples, "gateway_refusals_total")
     assert sum(v for (name, _), v in samples.items() if name in ("gateway_calls_total", "gateway_refusals_total")) == 0
     (build,) = series(samples, "gateway_build_info")

@@ -51,7 +51,7 @@ def test_the_scheme_is_case_insensitive(scheme: str) -> None:
     ],
 )
 def test_anything_but_one_space_then_the_token_is_malformed(value: str) -> None:
-    assert refusal(value) == "malformed bearer token"
+    assert refusal(value) == "malformed authorization header"
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_another_scheme_is_refused(value: str) -> None:
 
 @pytest.mark.parametrize(
     ("values", "reason"),
-    [([], "no authorization header"), ([f"Bearer {TOKEN}"] * 2, "several authorization headers")],
+    [([], "missing token"), ([f"Bearer {TOKEN}"] * 2, "several authorization headers")],
     ids=["none", "two"],
 )
 def test_exactly_one_header_is_read(values: list[str], reason: str) -> None:

@@ -69,8 +69,10 @@ def test_an_error_in_a_flag_value_names_the_key_not_the_file(tmp_path):
     config = write(tmp_path, SECURE + "listen: 127.0.0.1:1\n")
     with pytest.raises(ConfigError) as raised:
         load_settings(config, {"listen": "nowhere"})
-    assert str(raised.value) == "listen: 'nowhere' is not HOST:PORT"
-    with pytest.raises(ConfigError, match=rf"^{config}: listen: 'also-nowhere' is not HOST:PORT$"):
+    assert str(raised.value) == (
+        "listen: 'nowhere' is not HOST:PORT: write 127.0.0.1:8081 (this machine only) or 0.0.0.0:8081 (every interface)"
+    )
+    with pytest.raises(ConfigError, match=rf"^{config}: listen: 'also-nowhere' is not HOST:PORT: write "):
         load_settings(write(tmp_path, SECURE + "listen: also-nowhere\n"))
 
 
@@ -310,6 +312,31 @@ def test_certs_dir_takes_the_server_folder_of_a_gen_certs_set(pki):
     overrides = certs_dir_overrides(pki.server_dir)
     assert overrides["tls.key"] == pki.path("server.key") and overrides["auth.jwks"] == pki.path("jwks.json")
     assert overrides["audit.hmac_key_file"] == pki.path("audit-hmac.key")
+
+
+def test_certs_given_the_signing_or_a_client_folder_names_the_server_folder(pki):
+    signing, alice = pki.dir / "signing", pki.dir / "clients" / "alice"
+    with pytest.raises(ConfigError) as raised:
+        certs_dir_overrides(signing)
+    assert str(raised.value) == (
+        f"--certs: {signing} is the signing folder (the CA and the token signing key, for gateway token issue "
+        f"--key); give the gateway's own folder: --certs {pki.dir / 'server'}"
+    )
+    with pytest.raises(ConfigError) as raised:
+        certs_dir_overrides(alice)
+    assert str(raised.value) == (
+        f"--certs: {alice} is the client folder of alice (for the client commands' --ca, --cert and --key); give "
+        f"the gateway's own folder: --certs {pki.dir / 'server'}"
+    )
+
+
+def test_a_port_alone_where_host_and_port_belong_says_how_to_write_it():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, {"health.listen": "8081"})
+    assert str(raised.value) == (
+        "health.listen: '8081' is not HOST:PORT: write 127.0.0.1:8081 (this machine only) or 0.0.0.0:8081 "
+        "(every interface)"
+    )
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])

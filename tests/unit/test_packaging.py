@@ -146,7 +146,7 @@ def test_client_commands_and_audit_verify_start_without_the_server_dependencies(
 def test_a_client_command_runs_without_the_server_dependencies(tmp_path):
     result = run(tmp_path, "-m", "gateway", "models", "--target", "localhost:1")
     assert result.returncode == 2
-    assert result.stderr == "error: missing --ca, --cert, --key (or the GATEWAY_* environment variables)\n"
+    assert result.stderr == "error: missing --ca (GATEWAY_CA), --cert (GATEWAY_CERT), --key (GATEWAY_KEY)\n"
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from structlog.testing import capture_logs
 
+from gateway.auth import reasons
 from gateway.auth.certs import (
     CertificateConfigError,
     CrlStore,
@@ -217,7 +218,9 @@ def write(path: Path, data: bytes) -> Path:
 def refusal(pem: bytes) -> str:
     with pytest.raises(AuthenticationError) as caught:
         inspect_peer(pem)
-    assert caught.value.message == "unauthenticated"
+    term = reasons.TERMS[reasons.term_of(caught.value.reason)]
+    assert term.term != reasons.INVALID, "a reason outside the vocabulary"
+    assert caught.value.message == f"{term.term}: {term.hint}"  # the term, never the detail
     return caught.value.reason
 
 
@@ -256,12 +259,12 @@ def test_ip_address_san_is_not_an_identity(ca: CertificateAuthority) -> None:
 
 def test_two_spiffe_uri_sans_are_refused_as_ambiguous(ca: CertificateAuthority) -> None:
     leaf = ca.issue(uris=[SPIFFE, "spiffe://gateway.local/client/bob"])
-    assert refusal(leaf.pem) == "ambiguous identity: several SPIFFE URI SANs"
+    assert refusal(leaf.pem) == "client certificate has no usable identity: several SPIFFE URI SANs"
 
 
 def test_two_dns_sans_without_a_uri_are_refused_as_ambiguous(ca: CertificateAuthority) -> None:
     leaf = ca.issue(dns=["alice.example.test", "bob.example.test"])
-    assert refusal(leaf.pem) == "ambiguous identity: several DNS SANs"
+    assert refusal(leaf.pem) == "client certificate has no usable identity: several DNS SANs"
 
 
 def test_one_spiffe_uri_settles_several_dns_sans(ca: CertificateAuthority) -> None:
@@ -274,7 +277,9 @@ def test_dns_identity_is_lowercased_without_the_trailing_dot(ca: CertificateAuth
 
 
 def test_wildcard_dns_san_is_refused_as_an_identity(ca: CertificateAuthority) -> None:
-    assert refusal(ca.issue(dns=["*.example.test"]).pem) == "client certificate DNS SAN is a wildcard"
+    assert (
+        refusal(ca.issue(dns=["*.example.test"]).pem) == "client certificate has no usable identity: wildcard DNS SAN"
+    )
 
 
 @pytest.mark.parametrize(
@@ -303,16 +308,16 @@ def test_wildcard_dns_san_is_refused_as_an_identity(ca: CertificateAuthority) ->
     ],
 )
 def test_malformed_spiffe_id_is_refused(ca: CertificateAuthority, uri: str) -> None:
-    assert refusal(ca.issue(uris=[uri]).pem) == "client certificate SPIFFE ID is malformed"
+    assert refusal(ca.issue(uris=[uri]).pem) == "client certificate has no usable identity: malformed SPIFFE ID"
 
 
 def test_two_cns_are_refused_as_ambiguous(ca: CertificateAuthority) -> None:
-    assert refusal(ca.issue(subject=cn("alice", "bob")).pem) == "ambiguous identity: several CNs"
+    assert refusal(ca.issue(subject=cn("alice", "bob")).pem) == "client certificate has no usable identity: several CNs"
 
 
 def test_certificate_without_identity_is_refused(ca: CertificateAuthority) -> None:
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gateway")])
-    assert refusal(ca.issue(subject=subject).pem) == "client certificate has no identity"
+    assert refusal(ca.issue(subject=subject).pem) == "client certificate has no usable identity"
 
 
 # Fitness for client authentication (RFC 5280)
@@ -320,12 +325,12 @@ def test_certificate_without_identity_is_refused(ca: CertificateAuthority) -> No
 
 def test_server_auth_only_eku_is_refused(ca: CertificateAuthority) -> None:
     leaf = ca.issue(uris=[SPIFFE], eku=[ExtendedKeyUsageOID.SERVER_AUTH])
-    assert refusal(leaf.pem) == "client certificate is not for client authentication (EKU)"
+    assert refusal(leaf.pem) == "client certificate unfit: is not for client authentication (EKU)"
 
 
 def test_any_extended_key_usage_does_not_stand_in_for_client_auth(ca: CertificateAuthority) -> None:
     leaf = ca.issue(uris=[SPIFFE], eku=[ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
-    assert refusal(leaf.pem) == "client certificate is not for client authentication (EKU)"
+    assert refusal(leaf.pem) == "client certificate unfit: is not for client authentication (EKU)"
 
 
 def test_eku_with_client_auth_among_others_is_accepted(ca: CertificateAuthority) -> None:
@@ -335,7 +340,7 @@ def test_eku_with_client_auth_among_others_is_accepted(ca: CertificateAuthority)
 
 def test_key_usage_without_digital_signature_is_refused(ca: CertificateAuthority) -> None:
     leaf = ca.issue(uris=[SPIFFE], usage=key_usage(encipherment=True))
-    assert refusal(leaf.pem) == "client certificate key usage lacks digitalSignature"
+    assert refusal(leaf.pem) == "client certificate unfit: key usage lacks digitalSignature"
 
 
 @pytest.mark.parametrize(
@@ -349,13 +354,13 @@ def test_key_usage_without_digital_signature_is_refused(ca: CertificateAuthority
 )
 def test_leaf_that_may_sign_certificates_or_crls_is_refused(ca: CertificateAuthority, usage: x509.KeyUsage) -> None:
     leaf = ca.issue(uris=[SPIFFE], usage=usage, ca=False)
-    assert refusal(leaf.pem) == "client certificate key usage allows signing certificates or CRLs"
+    assert refusal(leaf.pem) == "client certificate unfit: key usage allows signing certificates or CRLs"
 
 
 def test_ca_certificate_is_refused_as_a_client_even_with_client_auth(ca: CertificateAuthority) -> None:
     leaf = ca.issue(uris=[SPIFFE], eku=[ExtendedKeyUsageOID.CLIENT_AUTH], ca=True)
-    assert refusal(leaf.pem) == "client certificate is a CA certificate"
-    assert refusal(ca.pem) == "client certificate is a CA certificate"
+    assert refusal(leaf.pem) == "client certificate unfit: is a CA certificate"
+    assert refusal(ca.pem) == "client certificate unfit: is a CA certificate"
 
 
 def test_leaf_without_optional_extensions_is_accepted(ca: CertificateAuthority) -> None:
@@ -370,7 +375,7 @@ def test_leaf_without_optional_extensions_is_accepted(ca: CertificateAuthority) 
     ids=["empty", "text", "bad-base64-body"],
 )
 def test_unparseable_certificate_is_refused(pem: bytes) -> None:
-    assert refusal(pem) == "client certificate does not parse"
+    assert refusal(pem) == "client certificate unfit: does not parse"
 
 
 # What a peer certificate yields
@@ -385,7 +390,7 @@ def test_inspected_peer_is_cached_per_pem_content(ca: CertificateAuthority) -> N
 
 def test_refusal_is_repeated_for_the_same_pem(ca: CertificateAuthority) -> None:
     pem = ca.issue(uris=[SPIFFE], ca=True).pem
-    assert refusal(pem) == refusal(pem) == "client certificate is a CA certificate"
+    assert refusal(pem) == refusal(pem) == "client certificate unfit: is a CA certificate"
 
 
 def test_thumbprints_and_dates_come_from_the_der(ca: CertificateAuthority) -> None:
@@ -559,7 +564,7 @@ def test_crl_store_refuses_a_broken_crl_and_keeps_the_old_list(
     [event] = [e for e in logs if e["event"] == "crl_reload_failed"]
     assert event["log_level"] == "error"
     assert event["error"].startswith(f"{crl_path}: ")
-    with pytest.raises(AuthenticationError, match="unauthenticated"):
+    with pytest.raises(AuthenticationError, match="client certificate revoked"):
         store.check(peer)
 
 
@@ -577,7 +582,7 @@ def test_crl_store_refuses_a_certificate_from_an_issuer_the_crl_does_not_cover(
     store = CrlStore(write(tmp_path / "crl.pem", ca.crl()), ca_file, interval_s=0)
     with pytest.raises(AuthenticationError) as caught:
         store.check(inspect_peer(other_ca.issue(uris=[SPIFFE]).pem))
-    assert caught.value.reason == "no CRL for the client certificate's issuer"
+    assert caught.value.reason == "no CRL for the certificate chain: the client certificate's issuer"
 
 
 def test_crl_store_refuses_an_older_crl_number_and_keeps_the_newer_list(
@@ -592,7 +597,7 @@ def test_crl_store_refuses_an_older_crl_number_and_keeps_the_newer_list(
     assert store.current.lists[ca.cert.subject].number == 5
     [event] = [e for e in logs if e["event"] == "crl_reload_failed"]
     assert "older" in event["error"]
-    with pytest.raises(AuthenticationError, match="unauthenticated"):
+    with pytest.raises(AuthenticationError, match="client certificate revoked"):
         store.check(peer)
     write(crl_path, ca.crl([], number=6))
     assert store.reload_now() is True

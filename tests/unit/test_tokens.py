@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
+from gateway.auth import reasons
 from gateway.auth.issuer import issue_token
 from gateway.auth.keys import KeyStore, TokenConfigError, cert_thumbprint, jwk_kid, kid_from_jwks, load_jwks
 from gateway.auth.verifier import MAX_TOKEN_BYTES, TokenVerifier, UnknownKidError, VerifiedToken
@@ -160,11 +161,14 @@ def compact(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b
 
 
 def refused(verifier: TokenVerifier, jwt_text: str, *, cert_x5t: str | None = None) -> str:
-    """The reason for a refusal; checks the caller sees only "unauthenticated" and no part of the token leaks."""
+    """The reason for a refusal; checks the caller sees only the reason's term and its hint (never the detail) and
+    that no part of the token leaks."""
     with pytest.raises(AuthenticationError) as caught:
         verifier.verify(jwt_text, cert_x5t=cert_x5t)
     error = caught.value
-    assert (error.message, str(error), error.code) == ("unauthenticated", "unauthenticated", "UNAUTHENTICATED")
+    term = reasons.TERMS[reasons.term_of(error.reason)]
+    assert term.term != reasons.INVALID or error.reason == reasons.INVALID, "a reason outside the vocabulary"
+    assert (error.message, error.code) == (f"{term.term}: {term.hint}", "UNAUTHENTICATED")
     assert len(jwt_text) <= 8 or jwt_text not in error.reason
     assert not any(len(part) > 8 and part in error.reason for part in jwt_text.split("."))
     return error.reason
@@ -272,10 +276,10 @@ def test_configured_scopes_claim_is_read_before_the_other_form(
 @pytest.mark.parametrize(
     ("claims", "reason"),
     [
-        ({"scope": ["predict"]}, "malformed claim scope"),  # RFC 8693 4.2: scope is a string
-        ({"scope": 7}, "malformed claim scope"),
-        ({"scp": ["predict", 3]}, "malformed claim scp"),
-        ({"scp": {"predict": True}}, "malformed claim scp"),
+        ({"scope": ["predict"]}, "malformed claim: scope"),  # RFC 8693 4.2: scope is a string
+        ({"scope": 7}, "malformed claim: scope"),
+        ({"scp": ["predict", 3]}, "malformed claim: scp"),
+        ({"scp": {"predict": True}}, "malformed claim: scp"),
     ],
     ids=["scope-list", "scope-number", "scp-mixed", "scp-object"],
 )
@@ -297,7 +301,7 @@ def test_custom_groups_claim_is_read(make: Callable[..., TokenVerifier], rsa_key
 
 @pytest.mark.parametrize("groups", ["ml-team readers", 3, ["ok", 1], [""], {"a": 1}])
 def test_malformed_groups_are_refused(verifier: TokenVerifier, rsa_key: Key, groups: Any) -> None:
-    assert refused(verifier, token(rsa_key, payload(groups=groups))) == "malformed claim groups"
+    assert refused(verifier, token(rsa_key, payload(groups=groups))) == "malformed claim: groups"
 
 
 def test_groups_claim_may_be_a_dotted_path_into_nested_objects(
@@ -324,7 +328,9 @@ def test_a_dotted_path_meeting_an_unexpected_shape_is_refused(
 ) -> None:
     # Refused rather than read as no groups: a deny rule on a group must not be skipped over a shape change.
     verifier = make(groups_claim="realm_access.roles")
-    assert refused(verifier, token(rsa_key, payload(realm_access=realm_access))) == "malformed claim realm_access.roles"
+    assert (
+        refused(verifier, token(rsa_key, payload(realm_access=realm_access))) == "malformed claim: realm_access.roles"
+    )
 
 
 def test_a_claim_named_with_dots_is_read_before_a_dotted_path(make: Callable[..., TokenVerifier], rsa_key: Key) -> None:
@@ -341,7 +347,7 @@ def test_audience_list_without_ours_is_refused(verifier: TokenVerifier, rsa_key:
 def test_unknown_kid_is_an_unknown_kid_error_and_a_file_offers_no_refresh(verifier: TokenVerifier, rsa_key: Key):
     with pytest.raises(UnknownKidError) as raised:
         verifier.verify(token(rsa_key, kid="rotated-away"), cert_x5t=None)
-    assert (raised.value.reason, raised.value.code) == ("unknown kid", "UNAUTHENTICATED")
+    assert (raised.value.reason, raised.value.code) == ("unknown key id", "UNAUTHENTICATED")
     assert verifier.refresh_keys() is None
 
 
@@ -350,17 +356,20 @@ def test_unknown_kid_is_an_unknown_kid_error_and_a_file_offers_no_refresh(verifi
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
 def test_alg_none_is_refused_in_any_case(verifier: TokenVerifier, rsa_key: Key, alg: str) -> None:
-    assert refused(verifier, compact({"alg": alg, "kid": rsa_key.kid}, payload())) == "algorithm none"
+    assert refused(verifier, compact({"alg": alg, "kid": rsa_key.kid}, payload())) == "algorithm not allowed: none"
 
 
 def test_alg_none_with_a_valid_signature_appended_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
     signature = token(rsa_key).rsplit(".", 1)[1]
-    assert refused(verifier, compact({"alg": "none", "kid": rsa_key.kid}, payload()) + signature) == "algorithm none"
+    assert (
+        refused(verifier, compact({"alg": "none", "kid": rsa_key.kid}, payload()) + signature)
+        == "algorithm not allowed: none"
+    )
 
 
 def test_alg_none_token_made_by_pyjwt_without_a_kid_is_refused_as_alg_none(verifier: TokenVerifier) -> None:
     # alg is checked before kid: pyjwt's own unsigned token (no kid header) is refused for its algorithm.
-    assert refused(verifier, jwt.encode(payload(), None, algorithm="none")) == "algorithm none"
+    assert refused(verifier, jwt.encode(payload(), None, algorithm="none")) == "algorithm not allowed: none"
 
 
 def hs256_by_hand(header: dict[str, Any], claims: dict[str, Any], secret: bytes) -> str:
@@ -372,7 +381,7 @@ def hs256_by_hand(header: dict[str, Any], claims: dict[str, Any], secret: bytes)
 def test_hs256_signed_with_the_rsa_public_key_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
     # Key confusion, pyjwt advisories CVE-2017-11424 and CVE-2022-29217 (GHSA-ffqj-6fqr-9h24).
     forged = hs256_by_hand({"alg": "HS256", "typ": "JWT", "kid": rsa_key.kid}, payload(sub="admin"), rsa_key.public_pem)
-    assert refused(verifier, forged) == "algorithm HS256 not allowed"
+    assert refused(verifier, forged) == "algorithm not allowed: HS256"
 
 
 def test_hs256_with_an_rsa_kid_uses_only_the_configured_secret(
@@ -385,17 +394,20 @@ def test_hs256_with_an_rsa_kid_uses_only_the_configured_secret(
 
 
 def test_algorithm_of_another_key_type_is_refused_for_a_kid(verifier: TokenVerifier, rsa_key: Key, ec_key: Key) -> None:
-    assert refused(verifier, token(ec_key, kid=rsa_key.kid)) == "algorithm ES256 not allowed for this key"
+    assert refused(verifier, token(ec_key, kid=rsa_key.kid)) == "algorithm not allowed: ES256 for this key"
 
 
 def test_algorithm_outside_the_allowlist_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
     text = jwt.encode(payload(), rsa_key.private, algorithm="PS256", headers={"kid": rsa_key.kid})
-    assert refused(verifier, text) == "algorithm PS256 not allowed"
+    assert refused(verifier, text) == "algorithm not allowed: PS256"
 
 
 def test_unknown_algorithm_name_stays_out_of_the_reason(verifier: TokenVerifier, rsa_key: Key) -> None:
     alg = "X" + secrets.token_hex(20)
-    assert refused(verifier, compact({"alg": alg, "kid": rsa_key.kid}, payload(), b"sig")) == "algorithm not allowed"
+    assert (
+        refused(verifier, compact({"alg": alg, "kid": rsa_key.kid}, payload(), b"sig"))
+        == "algorithm not allowed: unknown"
+    )
 
 
 def test_embedded_jwk_header_is_never_used(verifier: TokenVerifier, rsa_key: Key, foreign_key: Key) -> None:
@@ -407,14 +419,14 @@ def test_embedded_jwk_header_is_never_used(verifier: TokenVerifier, rsa_key: Key
 @pytest.mark.parametrize("header", ["jku", "x5u"])
 def test_key_url_headers_are_never_fetched(verifier: TokenVerifier, foreign_key: Key, header: str) -> None:
     forged = token(foreign_key, **{header: "https://attacker.example/jwks.json"})
-    assert refused(verifier, forged) == "unknown kid"
+    assert refused(verifier, forged) == "unknown key id"
 
 
 def test_crit_header_is_refused(verifier: TokenVerifier, rsa_key: Key, decode_calls: list[str]) -> None:
     # RFC 7515 4.1.11; pyjwt GHSA-752w-5fwx-jx9f. Known-to-pyjwt (b64) or not, the gateway understands none.
     known = compact({"alg": "RS256", "kid": rsa_key.kid, "crit": ["b64"], "b64": True}, payload(), b"s" * 256)
-    assert refused(verifier, known) == "unsupported critical header"
-    assert refused(verifier, token(rsa_key, crit=["exp"])) == "unsupported critical header"
+    assert refused(verifier, known) == "unsupported token header: crit"
+    assert refused(verifier, token(rsa_key, crit=["exp"])) == "unsupported token header: crit"
     assert decode_calls == []
 
 
@@ -465,7 +477,7 @@ def test_signed_token_repeating_a_claim_at_any_depth_is_refused(
     # RFC 7519 4: a parser must refuse repeated claim names or keep the last; refusing means no two readers of
     # the token (the gateway, pyjwt, an auditor) can disagree about who it names. Refused before any signature work.
     text = signed(rsa_key, json.dumps({"alg": "RS256", "kid": rsa_key.kid}), claims_json(*members))
-    assert refused(verifier, text) == "duplicate member in token claims"
+    assert refused(verifier, text) == "malformed token: duplicate member in its claims"
     assert decode_calls == []
 
 
@@ -482,24 +494,24 @@ def test_signed_token_repeating_a_header_member_is_refused(
     verifier: TokenVerifier, rsa_key: Key, header_json: str, decode_calls: list[str]
 ) -> None:
     text = signed(rsa_key, header_json % {"kid": rsa_key.kid}, claims_json())
-    assert refused(verifier, text) == "duplicate member in token header"  # RFC 7515 4
+    assert refused(verifier, text) == "malformed token: duplicate member in its header"  # RFC 7515 4
     assert decode_calls == []
 
 
 def test_unexpected_token_type_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
     # RFC 8725 3.11: a DPoP proof or logout token signed by a trusted key is still not an access token.
-    assert refused(verifier, token(rsa_key, typ="dpop+jwt")) == "unexpected token type"
+    assert refused(verifier, token(rsa_key, typ="dpop+jwt")) == "unsupported token header: typ"
 
 
 # ------------------------------------------------------------------------------------------- keys and signatures
 
 
 def test_unknown_kid_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
-    assert refused(verifier, token(rsa_key, kid="retired-2019")) == "unknown kid"
+    assert refused(verifier, token(rsa_key, kid="retired-2019")) == "unknown key id"
 
 
 def test_missing_kid_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
-    assert refused(verifier, token(rsa_key, kid=OMIT)) == "missing kid"
+    assert refused(verifier, token(rsa_key, kid=OMIT)) == "missing key id"
 
 
 @pytest.mark.parametrize("key_name", ["rsa_key", "ec_key", "ed_key"])
@@ -583,7 +595,7 @@ def test_header_without_alg_is_refused_as_malformed(
 
 
 def test_expired_token_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
-    assert refused(verifier, token(rsa_key, payload(iat=T0 - 900, nbf=T0 - 900, exp=T0 - LEEWAY))) == "expired"
+    assert refused(verifier, token(rsa_key, payload(iat=T0 - 900, nbf=T0 - 900, exp=T0 - LEEWAY))) == "token expired"
 
 
 def test_expiry_within_the_leeway_is_accepted(verifier: TokenVerifier, rsa_key: Key) -> None:
@@ -592,7 +604,7 @@ def test_expiry_within_the_leeway_is_accepted(verifier: TokenVerifier, rsa_key: 
 
 
 def test_token_not_yet_valid_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
-    assert refused(verifier, token(rsa_key, payload(nbf=T0 + LEEWAY + 1))) == "not yet valid"
+    assert refused(verifier, token(rsa_key, payload(nbf=T0 + LEEWAY + 1))) == "token not yet valid"
 
 
 def test_nbf_within_the_leeway_is_accepted(verifier: TokenVerifier, rsa_key: Key) -> None:
@@ -600,7 +612,7 @@ def test_nbf_within_the_leeway_is_accepted(verifier: TokenVerifier, rsa_key: Key
 
 
 def test_token_issued_in_the_future_is_refused(verifier: TokenVerifier, rsa_key: Key) -> None:
-    assert refused(verifier, token(rsa_key, payload(iat=T0 + LEEWAY + 1, nbf=OMIT))) == "not yet valid"
+    assert refused(verifier, token(rsa_key, payload(iat=T0 + LEEWAY + 1, nbf=OMIT))) == "token not yet valid"
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
@@ -609,7 +621,7 @@ def test_time_claim_that_is_not_a_number_is_refused(
     verifier: TokenVerifier, rsa_key: Key, claim: str, value: Any
 ) -> None:
     reason = refused(verifier, token(rsa_key, payload(**{claim: value})))
-    assert reason == ("missing claim exp" if (claim, value) == ("exp", None) else f"malformed claim {claim}")
+    assert reason == ("missing claim: exp" if (claim, value) == ("exp", None) else f"malformed claim: {claim}")
 
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
@@ -656,17 +668,17 @@ def test_wrong_audience_is_refused(verifier: TokenVerifier, rsa_key: Key) -> Non
 
 @pytest.mark.parametrize("claim", ["exp", "iss", "aud", "sub"])
 def test_missing_required_claim_is_refused(verifier: TokenVerifier, rsa_key: Key, claim: str) -> None:
-    assert refused(verifier, token(rsa_key, payload(**{claim: OMIT}))) == f"missing claim {claim}"
+    assert refused(verifier, token(rsa_key, payload(**{claim: OMIT}))) == f"missing claim: {claim}"
 
 
 def test_exp_is_required_even_when_not_configured(make: Callable[..., TokenVerifier], rsa_key: Key) -> None:
     verifier = make(required_claims=("iss", "aud", "sub"))
-    assert refused(verifier, token(rsa_key, payload(exp=OMIT))) == "missing claim exp"
+    assert refused(verifier, token(rsa_key, payload(exp=OMIT))) == "missing claim: exp"
 
 
 @pytest.mark.parametrize(("claim", "value"), [("sub", 42), ("sub", ""), ("jti", 7), ("jti", "")])
 def test_malformed_sub_or_jti_is_refused(verifier: TokenVerifier, rsa_key: Key, claim: str, value: Any) -> None:
-    assert refused(verifier, token(rsa_key, payload(**{claim: value}))) == f"malformed claim {claim}"
+    assert refused(verifier, token(rsa_key, payload(**{claim: value}))) == f"malformed claim: {claim}"
 
 
 # ---------------------------------------------------------------------------------------- RFC 8705 binding
@@ -705,7 +717,7 @@ def test_confirmation_we_cannot_check_is_refused(verifier: TokenVerifier, rsa_ke
 )
 def test_malformed_cnf_is_refused(verifier: TokenVerifier, rsa_key: Key, cnf: Any) -> None:
     # The non-ASCII case used to reach hmac.compare_digest, which raises TypeError on such strings.
-    assert refused(verifier, token(rsa_key, payload(cnf=cnf)), cert_x5t="A" * 43) == "malformed claim cnf"
+    assert refused(verifier, token(rsa_key, payload(cnf=cnf)), cert_x5t="A" * 43) == "malformed claim: cnf"
 
 
 # ---------------------------------------------------------------------------------------------------- HMAC opt-in
@@ -713,7 +725,7 @@ def test_malformed_cnf_is_refused(verifier: TokenVerifier, rsa_key: Key, cnf: An
 
 def test_hs256_is_refused_when_no_secret_is_configured(verifier: TokenVerifier) -> None:
     assert refused(verifier, jwt.encode(payload(), shared_secret(), algorithm="HS256")) == (
-        "algorithm HS256 not allowed"
+        "algorithm not allowed: HS256"
     )
 
 
@@ -738,7 +750,7 @@ def test_only_the_listed_hmac_algorithms_are_accepted(make: Callable[..., TokenV
     verifier = make(hmac_secret=secret, algorithms=WITH_HS256)
     for algorithm in ("HS384", "HS512"):
         assert refused(verifier, jwt.encode(payload(), secret, algorithm=algorithm)) == (
-            f"algorithm {algorithm} not allowed"
+            f"algorithm not allowed: {algorithm}"
         )
 
 
@@ -793,7 +805,7 @@ def test_jwk_alg_member_pins_one_algorithm(tmp_path: Path, make: Callable[..., T
     assert load_jwks(path, allowed_algorithms=("RS256", "PS256")).keys[rsa_key.kid].algorithms == {"RS256"}
     verifier = make(jwks=path, algorithms=("RS256", "PS256"))
     ps256 = jwt.encode(payload(), rsa_key.private, algorithm="PS256", headers={"kid": rsa_key.kid})
-    assert refused(verifier, ps256) == "algorithm PS256 not allowed for this key"
+    assert refused(verifier, ps256) == "algorithm not allowed: PS256 for this key"
     assert verifier.verify(token(rsa_key), cert_x5t=None).subject == "alice"
 
 
@@ -953,7 +965,7 @@ def test_rotation_refuses_tokens_of_the_removed_key_at_once(
     path, store, verifier = rotating
     cached_old, fresh_old, new = token(rsa_key), token(rsa_key, payload(jti="t-2")), token(rsa_key_next)
     verifier.verify(cached_old, cert_x5t=None)
-    assert refused(verifier, new) == "unknown kid"
+    assert refused(verifier, new) == "unknown key id"
 
     write_json(path, {"keys": [rsa_key_next.jwk()]})
     with capture_logs() as logs:
@@ -961,8 +973,8 @@ def test_rotation_refuses_tokens_of_the_removed_key_at_once(
     [event] = [entry for entry in logs if entry["event"] == "jwks_reloaded"]
     assert (event["kids"], event["removed"], event["added"]) == ([rsa_key_next.kid], [rsa_key.kid], [rsa_key_next.kid])
     assert store.version == 1
-    assert refused(verifier, cached_old) == "unknown kid"  # was cached: the reload dropped it
-    assert refused(verifier, fresh_old) == "unknown kid"
+    assert refused(verifier, cached_old) == "unknown key id"  # was cached: the reload dropped it
+    assert refused(verifier, fresh_old) == "unknown key id"
     assert verifier.verify(new, cert_x5t=None).subject == "alice"
 
 
@@ -1021,7 +1033,7 @@ def test_cache_entry_is_never_used_past_exp(
     assert len(decode_calls) == 2
     assert verifier.cached_tokens == 0  # past exp: not cached again
     clock.now = T0 + 60 + LEEWAY
-    assert refused(verifier, text) == "expired"
+    assert refused(verifier, text) == "token expired"
 
 
 def test_cache_is_bounded_least_recently_used_first(
@@ -1150,7 +1162,7 @@ def test_issued_token_with_explicit_kid_and_extra_claims(verifier: TokenVerifier
     )
     assert jwt.get_unverified_header(text)["kid"] == "named"
     assert jwt.decode(text, options={"verify_signature": False})["tenant"] == "t1"
-    assert refused(verifier, text) == "unknown kid"
+    assert refused(verifier, text) == "unknown key id"
 
 
 @pytest.mark.parametrize(
