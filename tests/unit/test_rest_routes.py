@@ -3,9 +3,12 @@ errors, without a server."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gateway.errors import (
+    LOG_POINTER,
     AuthenticationError,
     DeadlineExceededError,
     InternalError,
@@ -82,13 +85,17 @@ def test_each_error_has_its_http_status(error, status):
 
 
 def test_a_refusal_carries_the_headers_a_client_acts_on_and_no_internal_detail():
-    unauthenticated = refusal(
-        AuthenticationError(reason="token expired"), request_id="r", retry_safe=False, token_sent=True
+    expired = refusal(
+        AuthenticationError("token expired: get a new token", reason="token expired"), request_id="r", retry_safe=False
     )
-    assert unauthenticated.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
-    assert unauthenticated.text == '{"error":"unauthenticated"}'
-    internal = refusal(InternalError(reason="unexpected KeyError"), request_id="r-1", retry_safe=False, token_sent=True)
-    assert internal.text == '{"error":"internal error (request id r-1)"}'
-    retry = refusal(UnavailableError(), request_id="r", retry_safe=True, token_sent=True)
+    assert (
+        expired.headers["WWW-Authenticate"]
+        == 'Bearer realm="gateway", error="invalid_token", error_description="token expired"'
+    )
+    revoked = refusal(AuthenticationError(reason="client certificate revoked"), request_id="r", retry_safe=False)
+    assert revoked.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'  # no token error to tell
+    internal = refusal(InternalError(reason="unexpected KeyError"), request_id="r-1", retry_safe=False)
+    assert json.loads(internal.text) == {"error": f"internal error (request id r-1; {LOG_POINTER})"}
+    retry = refusal(UnavailableError(), request_id="r", retry_safe=True)
     assert (retry.headers["Retry-After"], retry.headers["x-retry-safe"]) == ("1", "true")
-    assert "Retry-After" not in refusal(UnavailableError(), request_id="r", retry_safe=False, token_sent=True).headers
+    assert "Retry-After" not in refusal(UnavailableError(), request_id="r", retry_safe=False).headers
