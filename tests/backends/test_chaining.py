@@ -14,10 +14,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import gateway
+from gateway._pb.inference import grpc_service_pb2 as oip
+from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.tracing import Tracing
 from tests.backends.conftest import empty_repository
 from tests.conftest import ROOT, Pki, run_script
-from tests.e2e.helpers import TIMEOUT
+from tests.e2e.helpers import TIMEOUT, auth
 
 X = np.random.default_rng(11).random((3, 784), dtype=np.float32)
 
@@ -137,3 +139,14 @@ def test_a_routed_model_answers_over_the_edges_rest_binding_through_the_same_pat
         "OK",
     )
     assert [r["sub"] for r in cluster.audit_records() if r["request_id"] == at_edge["request_id"]] == ["edge"]
+
+
+def test_model_config_of_a_gateway_backend_is_its_own_renamed_to_the_edges_name(gateways):
+    edge, _ = gateways
+    with edge.channel() as channel:
+        config = oip_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            oip.ModelConfigRequest(name="mlp"), metadata=auth(edge.token()), timeout=TIMEOUT
+        )
+    assert (config.config.name, config.config.platform) == ("mlp", "onnxruntime_onnx")
+    assert [i.name for i in config.config.input] == ["input"]
+    assert edge.audit_records()[-1]["backend"]["code"] == "OK"
