@@ -1077,7 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print the report as JSON: verdict, per-chain summaries, and the model digests (model_digests: "
-        "{model: {version: [digest]}}) seen in the verified records, per chain and in all",
+        "{model: {version: [digest]}}) of the verified records of calls that ran a model, per chain and in all",
     )
     verify.set_defaults(run=_cmd_audit_verify)
     return parser

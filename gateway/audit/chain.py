@@ -247,7 +247,7 @@ class Link:
     prev: str
     hash: str
     ts: str | None = None  # when it was written, as the record says (a summary shows it; nothing checks it)
-    ran: tuple[str, str, str] | None = None  # model, version and model_digest of a record that names the bytes
+    ran: tuple[str, str, str] | None = None  # model, version and model_digest of a record whose call ran them
 
 
 def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
@@ -277,7 +277,14 @@ def check_line(raw: bytes, digest: Digester) -> tuple[Link | None, str | None]:
     return link, None
 
 
+_RUNS = frozenset({"predict", "stream"})  # the actions that run a model (gateway.policy.Action)
+
+
 def _ran(record: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(model, version, model_digest) of a record whose call ran that version and answered OK. A refusal (denied,
+    malformed inputs) or a metadata call names the version it resolved too, but no bytes answered it."""
+    if record.get("code") != "OK" or record.get("action") not in _RUNS:
+        return None
     fields = (record.get("model"), record.get("version"), record.get("model_digest"))
     return fields if all(isinstance(value, str) for value in fields) else None  # type: ignore[return-value]
 

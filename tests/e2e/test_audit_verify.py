@@ -9,10 +9,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 
+from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway.audit import AuditLog, checkpoint_path
 from tests.conftest import ROOT
+from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
 
 GATEWAY = ROOT / ".venv" / "bin" / "gateway"
 KEY = b"pod-audit-key-" + b"k" * 18
@@ -132,7 +136,8 @@ def test_json_summaries_list_the_model_digests_seen_per_model_and_version(tmp_pa
         path.parent.mkdir(parents=True)
         with AuditLog(path, chain_id=pod, hmac_key=KEY) as audit:
             for model, version, digest in calls:
-                audit.write({"event": "call", "model": model, "version": version, "model_digest": digest})
+                ran = {"model": model, "version": version, "model_digest": digest, "code": "OK"}
+                audit.write({"event": "call", "action": "predict", **ran})
             audit.write({"event": "call", "model": "mlp", "version": None, "model_digest": None, "code": "NOT_FOUND"})
     (tmp_path / "audit-hmac.key").write_bytes(KEY)
 
@@ -142,3 +147,52 @@ def test_json_summaries_list_the_model_digests_seen_per_model_and_version(tmp_pa
     assert data["model_digests"] == {"iris": {"1": [iris]}, "mlp": {"1": [old], "2": [old, new]}}
     chains = {chain["chain"]: chain["model_digests"] for chain in data["chains"]}
     assert chains == {"gateway-0": {"mlp": {"1": [old], "2": [old, new]}}, "gateway-1": {"iris": {"1": [iris]}}}
+
+
+ONLY_VERSION_2 = """
+rules:
+  - id: alice-mlp-2
+    effect: allow
+    principals: {subjects: [alice]}
+    models: [mlp]
+    versions: [2]
+    actions: [predict]
+  - id: alice-read
+    effect: allow
+    principals: {subjects: [alice]}
+    models: [mlp]
+    actions: [metadata]
+  - id: alice-iris
+    effect: allow
+    principals: {subjects: [alice]}
+    models: [iris]
+    actions: [predict]
+"""
+
+
+def test_model_digests_name_only_calls_that_ran_a_model_on_a_real_gateways_trail(start_gateway, tmp_path) -> None:
+    """A gateway's own trail: a denied call, a metadata call and a call refused for its inputs all record the
+    version they resolved and its digest, but only the call that ran is in ``model_digests``."""
+    gw = start_gateway(policy=ONLY_VERSION_2)
+    x = {"input": np.zeros((1, 784), np.float32)}
+    with gw.channel("alice") as channel:
+        client, md = stub(channel), auth(gw.token())
+        assert client.Predict(predict_request("mlp", x, "2"), metadata=md, timeout=TIMEOUT).model_version == "2"
+        denied = rpc_error(lambda: client.Predict(predict_request("mlp", x, "1"), metadata=md, timeout=TIMEOUT))
+        bad = rpc_error(lambda: client.Predict(predict_request("iris", x), metadata=md, timeout=TIMEOUT))
+        client.GetModelMetadata(
+            pb.GetModelMetadataRequest(model_name="mlp", model_version="1"), metadata=md, timeout=TIMEOUT
+        )
+    assert (denied.code(), bad.code()) == (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+    ran, *refused = [r for r in gw.audit_records() if r["model"]]
+    assert [(r["model"], r["version"], r["code"], r["action"]) for r in refused] == [
+        ("mlp", "1", "PERMISSION_DENIED", "predict"),
+        ("iris", "1", "INVALID_ARGUMENT", "predict"),
+        ("mlp", "1", "OK", "metadata"),
+    ]
+    assert all(r["model_digest"] not in (None, ran["model_digest"]) for r in refused)  # as real refusals have
+    gw.gateway.stop(0.5)  # the trail closed, its checkpoint written
+
+    result = verify(gw.audit_path, "--hmac-key", gw.pki.server_dir / "audit-hmac.key", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report(result)["model_digests"] == {"mlp": {"2": [ran["model_digest"]]}}
