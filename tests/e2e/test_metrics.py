@@ -388,7 +388,7 @@ def test_latency_histograms_resolve_calls_from_100_microseconds(metered):
     samples = scrape(url)
     for name in LATENCY_HISTOGRAMS:
         bounds = sorted({float(dict(labels)["le"]) for labels in series(samples, f"{name}_bucket")})
-        assert bounds[0] == 0.0001, name
+        assert bounds[0] <= 0.0001, name  # steps of ~50 us (a cached token check) are resolved too
         # a p50 and a p99 of calls taking about a millisecond fall in different buckets
         assert len([b for b in bounds if b <= 0.005]) >= 8, (name, bounds)
 
