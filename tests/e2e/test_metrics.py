@@ -537,3 +537,12 @@ def test_a_backends_call_counters_exist_at_zero_for_every_code_before_its_first_
     codes = {labels["code"] for labels in backend_series if labels["backend"] == "metrics-zero"}
     assert codes == {code.name for code in grpc.StatusCode}
     assert value(samples, "gateway_backend_calls_total", backend="metrics-zero", code="UNAVAILABLE") == 0
+
+
+def test_the_rest_routes_call_counters_exist_before_their_first_call(start_gateway):
+    from gateway.rest import METHOD_NAMES
+
+    gw = start_gateway(overrides={**METRICS, "http.listen": "127.0.0.1:0"})
+    samples = scrape(f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics")
+    calls = [dict(labels) for labels in series(samples, "gateway_calls_total")]
+    assert {labels["method"] for labels in calls if labels["code"] == "UNAUTHENTICATED"} >= METHOD_NAMES
