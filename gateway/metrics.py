@@ -55,6 +55,12 @@ log = structlog.get_logger(__name__)
 
 NONE = "-"  # the label value for "no model", "unknown method", "no detail"
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# grpc.StatusCode's names (this module imports no grpc: gateway/auth uses it): what a backend may answer.
+GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
 
 # No ``*_created`` series: a sample per series that dashboards and alerts never read, doubling what is scraped.
 disable_created_metrics()
@@ -223,17 +229,21 @@ def refusal_series() -> Iterator[tuple[str, str]]:
         yield code.lower(), NONE
 
 
-def start_counting(*, methods: Iterable[str], versions: Mapping[str, str]) -> None:
-    """Make the fixed series of the call and refusal counters at 0, and ``gateway_build_info``.
+def start_counting(*, methods: Iterable[str], versions: Mapping[str, str], backends: Iterable[str] = ()) -> None:
+    """Make the fixed series of the call, refusal and backend counters at 0, and ``gateway_build_info``.
 
     A series born at its first increment has no earlier sample, so ``rate()`` and ``increase()`` miss the first
     burst of a refusal class; these exist from the start. ``methods`` are the methods served: each with model
-    and version ``-`` and every status code (as go-grpc-prometheus's ``InitializeMetrics`` does)."""
+    and version ``-`` and every status code the gateway answers (as go-grpc-prometheus's ``InitializeMetrics``
+    does); ``backends`` the configured backends' names, each with every gRPC status code."""
     for method in (*methods, NONE):
         for code in ("OK", *ERRORS_BY_CODE):
             _calls(method, NONE, NONE, code)
     for reason, detail in refusal_series():
         REFUSALS.labels(reason=reason, detail=detail)
+    for backend in backends:
+        for code in GRPC_CODES:
+            BACKEND_CALLS.labels(backend=backend, code=code)
     BUILD_INFO.labels(**versions).set(1)
 
 

@@ -455,7 +455,7 @@ class Gateway:
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
         if self._metered:
             methods = [f"/{service}/{name}" for service, handlers in collector.services.items() for name in handlers]
-            start_counting(methods=methods, versions=_versions())
+            start_counting(methods=methods, versions=_versions(), backends=self.settings.backends)
         listen = self.settings.listen
         try:
             if self.credentials is None:

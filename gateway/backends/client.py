@@ -295,15 +295,13 @@ class BackendClient:
         """The models this backend serves for the gateway now."""
         return tuple(self._models.values())
 
-    def _pick(self, exchange: Exchange) -> _Address:
+    def _pick(self) -> _Address:
         """The next address that is up, round robin; UNAVAILABLE (nothing sent) when none is, RESOURCE_EXHAUSTED at
         the in-flight cap."""
         up = self._up
         if not up:
-            exchange.code = "UNAVAILABLE"
             raise UnavailableError("the model's backend is unavailable", reason=f"backend {self.name} down")
         if self._in_flight >= self.settings.max_in_flight:
-            exchange.code = "RESOURCE_EXHAUSTED"
             raise ResourceExhaustedError(
                 "the model's backend is at its limit of calls in flight", reason=f"backend {self.name} in-flight cap"
             )
@@ -311,7 +309,7 @@ class BackendClient:
 
     async def _call(self, exchange: Exchange, rpc: str, request: Any, metadata: list[tuple[str, str]]) -> Any:
         """One unary call through the next address, every outcome in ``exchange`` and the metrics."""
-        address = self._pick(exchange)
+        address = self._pick()
         exchange.address, exchange.sent = address.address, True
         self._in_flight += 1
         in_flight = metrics.BACKEND_IN_FLIGHT.labels(backend=self.name) if self._metered else None

@@ -49,8 +49,8 @@ class RemoteModel:
 @dataclass(slots=True)
 class Exchange:
     """One call to a backend, as the audit record tells it: filled in by the backend client as it goes, read by the
-    pipeline whatever the outcome. ``code`` is the backend's status, or the gateway's own when nothing was sent
-    (``address`` None); ``sent``: the request may have reached the backend (so a retry is not known to be safe)."""
+    pipeline whatever the outcome. ``address`` and ``code`` (the backend's status) stay None when nothing was sent;
+    ``sent``: the request may have reached the backend (so a retry is not known to be safe)."""
 
     backend: str
     address: str | None = None

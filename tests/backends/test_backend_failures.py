@@ -28,6 +28,7 @@ def gw(start_module_gateway, mlserver, tmp_path_factory):
         "mlserver": plaintext_backend(mlserver, {"mlp": "mlp", "slow-patient": "slow"}, deadline_s=10.0),
         "mlserver-hurried": plaintext_backend(mlserver, {"slow": "slow"}, deadline_s=0.5),
         "mlserver-small": plaintext_backend(mlserver, {"expand": "expand"}, max_message_bytes=4096),
+        "mlserver-narrow": plaintext_backend(mlserver, {"slow-narrow": "slow"}, max_in_flight=1),
         # Nothing listens on port 1: a backend down from the start.
         "nowhere": {"addresses": ["127.0.0.1:1"], "plaintext": True, "models": {"ghost": "mlp"}},
     }
@@ -103,6 +104,22 @@ def test_a_caller_that_goes_away_cancels_the_backend_call(gw, mlserver):
     record = last_record(gw, "slow-patient")
     # The record tells the caller's deadline; the backend's status, the call the gateway cancelled.
     assert (record["code"], record["backend"]["code"]) == ("DEADLINE_EXCEEDED", "CANCELLED")
+
+
+def test_a_call_past_the_backends_in_flight_cap_is_refused_with_nothing_sent(gw, mlserver):
+    infers = mlserver.calls()["ModelInfer"]
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(infer, gw, request("slow-narrow", "seconds", np.array([1.5], np.float32)))
+        wait_until(lambda: mlserver.calls()["ModelInfer"] == infers + 1)  # the first call is at the backend
+        error = rpc_error(lambda: infer(gw, request("slow-narrow", "seconds", np.array([0.0], np.float32))))
+        assert first.result(timeout=TIMEOUT).model_version == "1"
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert mlserver.calls()["ModelInfer"] == infers + 1
+    served, refused = sorted(
+        (r for r in gw.audit_records() if r["model"] == "slow-narrow"), key=lambda r: r["code"] != "OK"
+    )
+    assert (served["code"], served["backend"]["code"], refused["code"]) == ("OK", "OK", "RESOURCE_EXHAUSTED")
+    assert refused["backend"] == {"name": "mlserver-narrow", "address": None, "code": None, "latency_ms": None}
 
 
 def test_a_backend_answer_over_max_message_bytes_is_refused(gw):

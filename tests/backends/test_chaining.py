@@ -14,10 +14,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import gateway
+from gateway._pb.inference import grpc_service_pb2 as oip
+from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.tracing import Tracing
 from tests.backends.conftest import empty_repository
 from tests.conftest import ROOT, Pki, run_script
-from tests.e2e.helpers import TIMEOUT
+from tests.e2e.helpers import TIMEOUT, auth
 
 X = np.random.default_rng(11).random((3, 784), dtype=np.float32)
 
@@ -109,3 +111,14 @@ def test_bob_is_refused_at_the_edge_and_the_cluster_sees_nothing(gateways):
     seen = [r["method"].rsplit("/", 1)[1] for r in cluster.audit_records()[cluster_records:]]
     assert [method for method in seen if method not in polls] == []
     assert edge.audit_records()[-1]["code"] == "PERMISSION_DENIED"
+
+
+def test_model_config_of_a_gateway_backend_is_its_own_renamed_to_the_edges_name(gateways):
+    edge, _ = gateways
+    with edge.channel() as channel:
+        config = oip_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            oip.ModelConfigRequest(name="mlp"), metadata=auth(edge.token()), timeout=TIMEOUT
+        )
+    assert (config.config.name, config.config.platform) == ("mlp", "onnxruntime_onnx")
+    assert [i.name for i in config.config.input] == ["input"]
+    assert edge.audit_records()[-1]["backend"]["code"] == "OK"

@@ -229,3 +229,19 @@ def test_models_found_by_pattern_in_the_backends_repository_index_are_routed(gw)
     assert np.frombuffer(answer.raw_output_contents[0], np.float32).tolist() == [0.0, 0.0, 0.0]
     record = gw.audit_records()[-1]
     assert (record["model"], record["version"], record["backend"]["name"]) == ("expand", "1", "discovered")
+
+
+def test_a_model_stream_through_the_gateway_answers_each_message_as_mlserver_does(gw, mlserver):
+    requests = [oip_request(id="s-0"), oip_request(X[:1], id="s-1")]
+    with gw.channel() as channel:
+        answers = list(
+            oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                iter(requests), metadata=auth(gw.token()), timeout=TIMEOUT
+            )
+        )
+    assert [a.error_message for a in answers] == ["", ""]
+    assert [a.infer_response.id for a in answers] == ["s-0", "s-1"]
+    for answer, request in zip(answers, requests, strict=True):
+        assert answer.infer_response.raw_output_contents == direct(mlserver, request).raw_output_contents
+    messages = [r for r in gw.audit_records() if r["event"] == "stream_message"][-2:]
+    assert [(m["code"], m["backend"]["code"]) for m in messages] == [("OK", "OK"), ("OK", "OK")]

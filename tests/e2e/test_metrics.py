@@ -527,3 +527,13 @@ def test_every_metric_the_dashboard_and_the_alerts_read_is_exported(metered):
     read = set(re.findall(r"\bgateway_[a-z_]+", dashboard + PROMETHEUS_RULES.read_text()))
     missing = read - exported - {"gateway_jwks_last_success_timestamp_seconds"}
     assert read and not missing, missing
+
+
+def test_a_backends_call_counters_exist_at_zero_for_every_code_before_its_first_call(start_gateway):
+    backend = {"addresses": ["127.0.0.1:1"], "plaintext": True, "models": {"metrics-ghost": "mlp"}}  # nothing there
+    gw = start_gateway(overrides={**METRICS, "backends": {"metrics-zero": backend}})
+    samples = scrape(f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics")
+    backend_series = [dict(labels) for labels in series(samples, "gateway_backend_calls_total")]
+    codes = {labels["code"] for labels in backend_series if labels["backend"] == "metrics-zero"}
+    assert codes == {code.name for code in grpc.StatusCode}
+    assert value(samples, "gateway_backend_calls_total", backend="metrics-zero", code="UNAVAILABLE") == 0

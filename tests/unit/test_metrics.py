@@ -117,3 +117,11 @@ def test_a_default_deny_is_spelt_alike_in_the_record_the_metric_and_policy_check
     reason, detail = refusal_labels(PermissionDeniedError(reason=decision.reason), _call())
     assert (reason, detail) == ("policy_deny", decision.reason)  # the audit record's and the log's reason
     assert detail in decision.explain()  # what `gateway policy check` prints
+
+
+def test_the_backend_codes_are_grpcs_status_codes():
+    import grpc
+
+    from gateway.metrics import GRPC_CODES
+
+    assert tuple(code.name for code in grpc.StatusCode) == GRPC_CODES
