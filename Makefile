@@ -120,7 +120,8 @@ test-cryptography: certs models | $(UV)
 	done
 
 serve: $(DEMO_STAMP) certs models
-	$(GATEWAY) serve --certs certs/server --models models --policies policies --audit-log var/audit/audit.log
+	$(GATEWAY) serve --certs certs/server --models models --policies policies --audit-log var/audit/audit.log \
+		--http-listen 127.0.0.1:8443
 
 # Re-resolve uv.lock to the newest releases pyproject allows (LOCK_FLAGS= keeps the pins that still fit), and
 # the hash-checked requirement files made from it: the image's server set (with tracing: server-otel) and the

@@ -5,11 +5,14 @@ the measured window. Loopback only, bounded in time."""
 from __future__ import annotations
 
 import asyncio
+import json
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import grpc.aio
 import numpy as np
@@ -27,7 +30,9 @@ class LoadSpec:
 
     target: str
     model: str
-    form: str  # "flat" (tutorial repeated float), "tensor" (raw bytes) or "oip" (Open Inference Protocol, raw)
+    # "flat" (tutorial repeated float), "tensor" (raw bytes), "oip" (Open Inference Protocol, raw) or "rest" (its
+    # REST binding over HTTPS: JSON header and binary tensors, as tritonclient.http sends by default)
+    form: str
     mode: str  # "unary" or "stream"
     in_flight: int
     batch: int
@@ -101,7 +106,75 @@ async def _stream_worker(stub: Any, request: Any, metadata: Any, spec: LoadSpec,
     return errors
 
 
+def _rest_body(spec: LoadSpec) -> tuple[bytes, dict[str, str]]:
+    x = np.random.default_rng(0).random((spec.batch, spec.features), dtype=np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    if spec.token:
+        headers["Authorization"] = f"Bearer {spec.token}"
+    return header + x.tobytes(), headers
+
+
+async def _rest_worker(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    spec: LoadSpec,
+    latencies: list[float],
+) -> int:
+    errors = 0
+    while (now := time.time()) < spec.measure_until:
+        start = time.perf_counter()
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            if response.status != 200:
+                errors += 1
+                continue
+        if now >= spec.measure_from:
+            latencies.append(time.perf_counter() - start)
+    return errors
+
+
+async def _run_rest(spec: LoadSpec) -> tuple[list[float], int]:
+    """The REST binding: one aiohttp session (keep-alive connections) per connection asked for."""
+    if spec.certs is None:
+        raise ValueError("the REST binding is HTTPS only: give certs")
+    folder = Path(spec.certs) / "clients" / spec.client
+    context = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    context.load_cert_chain(folder / f"{spec.client}.crt", folder / f"{spec.client}.key")
+    sessions = max(1, min(spec.connections, spec.in_flight))
+    per_session = -(-spec.in_flight // sessions)
+    clients = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=per_session)) for _ in range(sessions)
+    ]
+    body, headers = _rest_body(spec)
+    url = f"https://{spec.target.replace('127.0.0.1', 'localhost')}/v2/models/{spec.model}/infer"
+    latencies: list[float] = []
+    try:
+        errors = await asyncio.gather(
+            *(_rest_worker(clients[i % sessions], url, body, headers, spec, latencies) for i in range(spec.in_flight))
+        )
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+    return latencies, sum(errors)
+
+
 async def _run(spec: LoadSpec) -> tuple[list[float], int]:
+    if spec.form == "rest":
+        return await _run_rest(spec)
     latencies: list[float] = []
     metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None
     request = _request(spec)

@@ -55,7 +55,9 @@ class Target:
     key: str
     label: str
     kind: str  # "ort" (in-process), "tutorial", "gateway" or "mlserver" (.venv-mlserver: tests/backends/servers.py)
-    form: str = "tensor"  # "flat" (tutorial repeated float), "tensor" (raw bytes) or "oip" (ModelInfer, raw)
+    # "flat" (tutorial repeated float), "tensor" (raw bytes), "oip" (ModelInfer, raw) or "rest" (the REST
+    # binding, tritonclient.http's default binary form)
+    form: str = "tensor"
     mode: str = "unary"  # or "stream"
     secure: bool = False
     token: bool = False
@@ -65,6 +67,7 @@ class Target:
     backend: str | None = None  # a gateway routing the model to this target's server (backends.bench, plaintext)
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
+    rest_port: int = 0  # a secure gateway's http.listen port
 
 
 @dataclass
@@ -130,6 +133,12 @@ TARGETS: dict[str, dict[str, Any]] = {
         "form": "oip",
         "shares": "e",
     },
+    "e-rest": {
+        "label": "(e) through the REST binding (HTTPS, binary tensors)",
+        **SECURE_GATEWAY,
+        "form": "rest",
+        "shares": "e",
+    },
     "m": {"label": "(m) MLServer alone (ModelInfer, plaintext loopback)", "kind": "mlserver", "form": "oip"},
     "g-m": {
         "label": "(g-m) gateway, fully secured, routing to (m) MLServer",
@@ -145,7 +154,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     },
 }
 SWEEP = "a,b,c,d,e,f"
-ABLATIONS = "e,e-oip,e-nocache,e-ortdefault,e-always,e-pool,e-w2,c"
+ABLATIONS = "e,e-oip,e-rest,e-nocache,e-ortdefault,e-always,e-pool,e-w2,c"
 BATCHING = "e,e-batch"
 SIZES_TARGETS = "c,e"
 SIZES = (1 << 10, 64 << 10, 1 << 20, 4 << 20)
@@ -216,7 +225,7 @@ def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: 
             continue
         if target.shares is not None and target.shares in servers:
             shared = servers[target.shares]
-            target.port, target.process = shared.port, shared.process
+            target.port, target.process, target.rest_port = shared.port, shared.process, shared.rest_port
             continue
         if target.kind == "mlserver":  # binds its own port and reports it
             from tests.backends.servers import OipServer, mlserver_folder
@@ -228,6 +237,9 @@ def start_targets(targets: list[Target], *, certs: Path, models: Path, workdir: 
             servers[target.key] = target
             continue
         target.port = free_port()
+        if target.kind == "gateway" and target.secure:  # every secure gateway also serves REST, for (e-rest)
+            target.rest_port = free_port()
+            target.config = {**target.config, "http": {"listen": f"127.0.0.1:{target.rest_port}"}}
         if target.kind == "tutorial":
             command = [
                 sys.executable,
@@ -365,7 +377,7 @@ def measure(
     per_client = [in_flight // clients + (1 if i < in_flight % clients else 0) for i in range(clients)]
     specs = [
         LoadSpec(
-            target=f"127.0.0.1:{target.port}",
+            target=f"127.0.0.1:{target.rest_port if target.form == 'rest' else target.port}",
             model=model,
             form=target.form,
             mode=target.mode,

@@ -363,7 +363,7 @@ class CallBoundary:
             error: GatewayError = UnimplementedError(reason=f"unknown method {state.call.method}")
             try:
                 try:
-                    await self._admit(state, context, metadata, stream=False)
+                    await self._admit(state, metadata, peer_pem=_peer_pem(context), stream=False)
                 except GatewayError as exc:
                     error = exc
                 await self._finish(state, error, context)
@@ -378,24 +378,27 @@ class CallBoundary:
     def _begin(
         self, method: str, context: grpc.aio.ServicerContext, *, stream: bool, traced_as: str | None = None
     ) -> tuple[_CallState, Sequence[Any]]:
-        """The call's facts known at its entry, and its metadata (read once). A malformed ``x-request-id`` is
-        replaced here and refused by ``_admit``: it must not reach the record, the logs or the trailer (which grpc
-        could not send). ``traced_as``: the name its span gets instead of ``method`` (which an unknown method's
-        caller chose)."""
+        """The call's facts known at its entry, and its metadata (read once); the request id also goes back in
+        the trailer. ``traced_as``: the name its span gets instead of ``method`` (which an unknown method's caller
+        chose)."""
         metadata = context.invocation_metadata() or ()
+        state = self._enter_call(method, peer=context.peer(), metadata=metadata, stream=stream, traced_as=traced_as)
+        context.set_trailing_metadata((("x-request-id", state.call.request_id),))
+        return state, metadata
+
+    def _enter_call(
+        self, method: str, *, peer: str, metadata: Sequence[Any], stream: bool, traced_as: str | None = None
+    ) -> _CallState:
+        """The call's facts known at its entry, whatever its transport. A malformed ``x-request-id`` is replaced
+        here and refused by ``_admit``: it must not reach the record, the logs or a response header."""
         header = _request_id_header(metadata)
         request_id = header if header is not None and ID.allows(header) else new_request_id()
         trace = self._tracing.start_call(traced_as or method, metadata, request_id)
-        call = Call(
-            request_id, method, context.peer(), time.perf_counter(), trace, max_reply_bytes=self._max_reply_bytes
-        )
+        call = Call(request_id, method, peer, time.perf_counter(), trace, max_reply_bytes=self._max_reply_bytes)
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        return _CallState(call, stream=stream), metadata
+        return _CallState(call, stream=stream)
 
-    async def _admit(
-        self, state: _CallState, context: grpc.aio.ServicerContext, metadata: Sequence[Any], *, stream: bool
-    ) -> None:
+    async def _admit(self, state: _CallState, metadata: Sequence[Any], *, peer_pem: bytes | None, stream: bool) -> None:
         """Authenticate, then take the principal's and the server's capacity (into ``state.slots``); the call's
         facts in ``state`` gain its certificate, then its principal.
 
@@ -406,8 +409,7 @@ class CallBoundary:
         authenticator = self._authenticator
         refusals = self.recorder.refusals
         if authenticator is not None:
-            pems = context.auth_context().get("x509_pem_cert")
-            peer = authenticator.inspect(pems[0] if pems else None)  # AuthenticationError: unfit for a client
+            peer = authenticator.inspect(peer_pem)  # AuthenticationError: unfit for a client
             if peer is not None:
                 state.call = state.call.identified(peer)
             if self._closing:
@@ -555,7 +557,7 @@ class CallBoundary:
         self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext, metadata: Sequence[Any]
     ) -> bytes:
         """A call with a unary response, from admission to its encoded answer."""
-        await self._admit(state, context, metadata, stream=method.request_streaming)
+        await self._admit(state, metadata, peer_pem=_peer_pem(context), stream=method.request_streaming)
         current_call.set(state.call)
         if method.request_streaming:
             request = self._requests(method, state, context)
@@ -589,7 +591,7 @@ class CallBoundary:
                 loop = asyncio.get_running_loop()
                 cap_s, cap = self._time_cap(stream=True)
                 ends = loop.time() + cap_s
-                admitted = self._admit(state, context, metadata, stream=True)
+                admitted = self._admit(state, metadata, peer_pem=_peer_pem(context), stream=True)
                 await self._within(admitted, cap_s, "admission", expired_error=cap)
                 current_call.set(state.call)
                 if method.request_streaming:
@@ -643,17 +645,11 @@ class CallBoundary:
         """Record the outcome and end the call's span, then fail the call if it failed or its record could not be
         written."""
         call = state.call
-        try:
-            await self.recorder.record_call(state, error)
-        except GatewayError as exc:
-            log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
-            error = exc
-            tracing.note_outcome(call, exc.code)
-        tracing.end_call(call)
+        error = await self._record_end(state, error)
         if error is None:
             return
         trailers = [("x-request-id", call.request_id)]
-        if isinstance(error, UnavailableError) and not state.outcome.model_ran:
+        if _retry_safe(state, error):
             trailers.append(("x-retry-safe", "true"))
         challenge = www_authenticate(error.reason) if isinstance(error, AuthenticationError) else None
         if challenge is not None:  # RFC 6750 3: what is wrong with the token, as an HTTP resource server says it
@@ -662,8 +658,110 @@ class CallBoundary:
             context.set_trailing_metadata(tuple(trailers))
         await context.abort(_status(error), sent_message(error, call.request_id))
 
+    async def _record_end(self, state: _CallState, error: GatewayError | None) -> GatewayError | None:
+        """Commit the call's record and end its span; the error to answer with (the audit sink's, when the record
+        could not be written)."""
+        call = state.call
+        try:
+            await self.recorder.record_call(state, error)
+        except GatewayError as exc:
+            log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
+            error = exc
+            tracing.note_outcome(call, exc.code)
+        tracing.end_call(call)
+        return error
+
+    # ------------------------------------------------------------------------------------- other transports
+
+    async def serve_request(
+        self,
+        method: str,
+        *,
+        peer: str,
+        peer_pem: bytes | None,
+        metadata: Sequence[tuple[str, str]],
+        read: Callable[[], Awaitable[bytes]],
+        answer: Callable[[Call, bytes], Awaitable[Answered]],
+        size: Callable[[Any], int],
+    ) -> Served:
+        """One call of a transport other than grpc (the REST binding), through the steps of a unary gRPC call:
+        its facts; authentication and admission before its body is read (``read``, waited for at most
+        ``limits.message_timeout_s``, then held to ``limits.max_message_bytes``); ``answer``, which returns its
+        reply (of ``size`` bytes) with the outcome; one record. The transport turns what it returns into its
+        answer (``metadata``: its headers, lower-cased names, for the token, the request id and traceparent)."""
+        self._enter()
+        state = self._enter_call(method, peer=peer, metadata=metadata, stream=False)
+        body_read = False
+
+        async def served() -> Any:
+            nonlocal body_read
+            await self._admit(state, metadata, peer_pem=peer_pem, stream=False)
+            current_call.set(state.call)
+            body = await self._within(read(), self._limits.message_timeout_s, "request body")
+            body_read = True
+            state.bytes_in = len(body)
+            self._check_size(len(body))
+            answered = await answer(state.call, body)
+            if isinstance(answered.outcome, Outcome):  # a unary answer's always is
+                state.outcome = answered.outcome
+            state.bytes_out = size(answered.reply)
+            self._check_size(state.bytes_out, what="response")
+            return answered.reply
+
+        try:
+            error: GatewayError | None = None
+            reply = None
+            try:
+                cap_s, cap = self._time_cap(stream=False)
+                reply = await self._within(served(), cap_s, "response", expired_error=cap)
+            except BaseException as exc:
+                state.outcome = carried(exc, state.outcome)
+                error = await self._refused(state, exc)
+            error = await self._record_end(state, error)
+            retry_safe = error is not None and _retry_safe(state, error)
+            return Served(state.call, reply, error, retry_safe=retry_safe, body_read=body_read)
+        finally:
+            state.release()
+            self._leave()
+
+    async def _refused(self, state: _CallState, exc: BaseException) -> GatewayError:
+        """The error to answer ``exc`` with, outside grpc; a cancelled call (its connection closed, or the
+        shutdown) is recorded here and ``exc`` raised again."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, asyncio.CancelledError):
+            await self.recorder.record_quietly(state, CancelledError(reason="connection closed before the answer"))
+            tracing.end_call(state.call)
+            raise exc
+        if isinstance(exc, Exception):
+            return _unexpected(exc, state.call)
+        raise exc
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """How a call of another transport ended (``CallBoundary.serve_request``): its facts, and its reply or the
+    error to answer with (recorded either way), whether retrying it is safe, whether its whole body was read."""
+
+    call: Call
+    reply: Any
+    error: GatewayError | None
+    retry_safe: bool
+    body_read: bool
+
+
+def _retry_safe(state: _CallState, error: GatewayError) -> bool:
+    """UNAVAILABLE before the model ran (draining, audit sink down): the client may send the call again."""
+    return isinstance(error, UnavailableError) and not state.outcome.model_ran
+
 
 _UNKNOWN_METHOD = "/unknown/method"
+
+
+def _peer_pem(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The client certificate grpc's handshake verified, as PEM."""
+    pems = context.auth_context().get("x509_pem_cert")
+    return pems[0] if pems else None
 
 
 def _past_cap(cap_s: float, key: str, reason: str) -> DeadlineExceededError:

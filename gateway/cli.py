@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # imported where used: a command loads only what it needs
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # The top-level modules of the server extra (pyproject.toml), which `pip install gateway` leaves out.
 SERVER_MODULES = frozenset(
-    {"grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml", "prometheus_client"}
+    {"grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml", "prometheus_client", "aiohttp"}
 )
 DEFAULT_TTL_S = 3600
 
@@ -99,6 +99,7 @@ def _default_of(key: str) -> Any:
 # `gateway serve` flags that set one setting each: flag -> (settings key, type, metavar, help).
 _SERVE_FLAGS: dict[str, tuple[str, type, str | None, str]] = {
     "--listen": ("listen", str, "HOST:PORT", "address to serve on"),
+    "--http-listen": ("http.listen", str, "HOST:PORT", "also serve the REST binding (HTTPS) there"),
     "--models": ("models.repository", Path, "DIR", "model repository folder"),
     "--policies": ("policies.directory", Path, "DIR", "policy folder"),
     "--audit-log": ("audit.path", Path, "FILE", "audit trail file"),

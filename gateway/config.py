@@ -243,6 +243,21 @@ class HealthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The Open Inference Protocol's REST binding (docs/rest.md): HTTPS with the main port's certificate, client CA
+    and CRL, a client certificate required; off unless ``listen`` is set. Bodies are held to
+    ``limits.max_message_bytes`` and read within ``limits.message_timeout_s``."""
+
+    listen: str | None = None  # HOST:PORT
+    max_connections: int = 1000  # open at once, TLS handshakes in progress included; past it closed at accept
+    # A connection must send a complete request head within this of its start or of its last answer (slow headers
+    # and idle keep-alive connections are closed).
+    idle_timeout_s: float = 10.0
+    # The longest request line or header field (the bearer token's 8 KiB fits); past it, 431 or 400 from aiohttp.
+    max_header_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class BackendSettings:
     """A remote Open Inference Protocol gRPC server (MLServer, KServe, Triton, another gateway) that serves some
     models for the gateway, behind its boundary, policies and audit trail (docs/backends.md)."""
@@ -291,6 +306,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     # Remote Open Inference Protocol servers by name, and the models they serve (docs/backends.md).
     backends: Mapping[str, BackendSettings] = field(default_factory=dict)
     # Development only, each logged at WARNING on every start.
@@ -673,11 +689,11 @@ def check_listen(settings: Settings) -> None:
     problem = _bind_problem(host, port, reuse_port=reuse_port)
     if problem is not None:
         raise listen_error(settings.listen, problem)
-    probe = settings.health.listen
-    if probe is not None:
-        problem = _bind_problem(*_split_listen(probe, "health.listen"), reuse_port=reuse_port)
-        if problem is not None:
-            raise listen_error(probe, problem, key="health.listen")
+    for key, other in (("health.listen", settings.health.listen), ("http.listen", settings.http.listen)):
+        if other is not None:
+            problem = _bind_problem(*_split_listen(other, key), reuse_port=reuse_port)
+            if problem is not None:
+                raise listen_error(other, problem, key=key)
 
 
 def _bind_problem(host: str, port: int, *, reuse_port: bool) -> str | None:
@@ -710,6 +726,7 @@ def validate(settings: Settings) -> None:
     if settings.workers > 1 and port == 0:
         raise ConfigError("workers: several workers share one port, so listen needs a fixed port, not 0")
     _validate_probe(settings)
+    _validate_http(settings)
     try:
         validate_chain_id(settings.audit.chain_id)
     except ValueError as exc:
@@ -985,6 +1002,35 @@ def _validate_connection_limits(settings: Settings) -> None:
         problem = identity_spelling_problem(identity)
         if problem is not None:
             raise ConfigError(f"metrics.allowed_identities: {identity!r} {problem}")
+
+
+def _validate_http(settings: Settings) -> None:
+    """The REST listener: HTTPS only, on a port of its own, with limits that fit."""
+    http = settings.http
+    if http.listen is None:
+        return
+    port = _split_listen(http.listen, "http.listen")[1]
+    if settings.dev_insecure_transport:
+        raise ConfigError(
+            "http.listen: HTTPS only, with tls.cert, tls.key and tls.client_ca (not dev_insecure_transport)"
+        )
+    if settings.workers > 1 and port == 0:
+        raise ConfigError("http.listen: several workers share one port, so it needs a fixed port, not 0")
+    others = {"listen": settings.host_port[1], "health.listen": None, "metrics.listen": None}
+    for key in ("health", "metrics"):
+        listen = getattr(settings, key).listen
+        others[f"{key}.listen"] = None if listen is None else _split_listen(listen, f"{key}.listen")[1]
+    for key, other in others.items():
+        if port != 0 and port == other:
+            raise ConfigError(f"http.listen: port {port} is already {key}'s; the REST binding needs its own")
+    if not 1 <= http.max_connections <= 2**31 - 1:
+        raise ConfigError(f"http.max_connections: must be between 1 and {2**31 - 1}")
+    if not 0 < http.idle_timeout_s <= _MAX_DURATION_S:
+        raise ConfigError(f"http.idle_timeout_s: must be more than 0 and at most {_MAX_DURATION_S:.0f}")
+    # Room for "Bearer " and the largest token the gateway verifies: a longer one is refused and audited by the
+    # gateway (401), not by the HTTP parser.
+    if not MAX_TOKEN_BYTES + 64 <= http.max_header_bytes <= 1024 * 1024:
+        raise ConfigError(f"http.max_header_bytes: between {MAX_TOKEN_BYTES + 64} and {1024 * 1024}")
 
 
 def _validate_probe(settings: Settings) -> None:

@@ -34,6 +34,7 @@ from gateway._pb.inference import grpc_service_pb2 as oip_pb
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.api.inference import InferenceServicer
 from gateway.api.oip import OpenInferenceServicer
+from gateway.api.rest import RestEndpoints
 from gateway.audit import AuditError, AuditLog, FsyncPolicy
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.certs import CrlStore, check_validity, inspect_peer
@@ -54,6 +55,8 @@ from gateway.models.repository import ModelRepository
 from gateway.models.runtime import RuntimeOptions
 from gateway.pipeline import Pipeline
 from gateway.policy import PolicyStore
+from gateway.rest import METHOD_NAMES as REST_METHOD_NAMES
+from gateway.rest import RestListener, RestService
 from gateway.tls import ServerCredentials
 from gateway.tracing import Tracing, from_environment
 
@@ -297,6 +300,27 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self.metrics: MetricsListener | None = None
+        self.rest = self._rest_listener()
+        self.http_port: int | None = None
+
+    def _rest_listener(self) -> RestListener | None:
+        """The REST binding's listener (``http.listen``), served by the same boundary and pipeline as gRPC."""
+        settings = self.settings
+        if settings.http.listen is None or self.credentials is None:  # config refuses http with dev transport
+            return None
+        service = RestService(
+            boundary=self.boundary,
+            endpoints=RestEndpoints(self.pipeline),
+            ready=self.ready,
+            max_body_bytes=settings.limits.max_message_bytes,
+        )
+        return RestListener(
+            settings.http,
+            context=self.credentials.ssl_context,
+            handle=service.handle,
+            handshake_timeout_s=settings.limits.handshake_timeout_s,
+            reuse_port=settings.workers > 1,
+        )
 
     def _authenticator(self) -> Authenticator:
         settings = self.settings
@@ -363,6 +387,8 @@ class Gateway:
             caps += settings.health.max_connections
         if settings.metrics.listen is not None:
             caps += settings.metrics.max_connections
+        if settings.http.listen is not None:
+            caps += settings.http.max_connections
         if caps + _DESCRIPTOR_MARGIN > soft_limit:
             log.warning(
                 "descriptor_budget_exceeded",
@@ -395,6 +421,9 @@ class Gateway:
             self._server, self.port = self._on_loop(self._bind())
             if self.settings.health.listen is not None:
                 self._probe, self.probe_port = self._on_loop(self._bind_probe(self.settings.health.listen))
+            if self.rest is not None:
+                self.http_port = self.rest.bind()
+                self.boundary.recorder.methods |= REST_METHOD_NAMES  # each a metric label, as gRPC's methods
             self._listen_for_metrics()
             self._on_loop(self.backends.start())  # one health poll each: a backend down does not stop the start
             self._open_audit()
@@ -403,6 +432,8 @@ class Gateway:
             for server in (self._server, self._probe):
                 if server is not None:
                     self._on_loop(server.stop(0))
+            if self.rest is not None:
+                self._on_loop(self.rest.stop(0))
             self._on_loop(self.backends.close())
             self._server = self._probe = None
             if self.metrics is not None:
@@ -419,6 +450,7 @@ class Gateway:
             port=self.port,
             mtls=self.credentials is not None,
             probe_port=self.probe_port,
+            http_port=self.http_port,
         )
         return self.port
 
@@ -491,11 +523,12 @@ class Gateway:
                 listen, "the address is in use or not one of this machine's", key="health.listen"
             ) from None
 
-    @staticmethod
-    async def _serve(server: grpc.aio.Server, probe: grpc.aio.Server | None) -> None:
+    async def _serve(self, server: grpc.aio.Server, probe: grpc.aio.Server | None) -> None:
         await server.start()
         if probe is not None:
             await probe.start()
+        if self.rest is not None:
+            self.rest.start()
 
     def stop(self, grace_s: float | None = None) -> None:
         """Drain, then refuse new calls while those in flight finish within the grace period, then close the
@@ -564,6 +597,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         until = loop.time() + grace_s
         await self.boundary.wait_delivered(grace_s, _ANSWER_FLUSH_S)
+        if self.rest is not None:
+            await self.rest.stop(max(0.0, until - loop.time()))
         await server.stop(max(0.0, until - loop.time()))
         if self._probe is not None:  # answering NOT_SERVING to the end
             await self._probe.stop(0)

@@ -41,6 +41,7 @@ class CallTrace:
     context: Any  # opentelemetry.context.Context holding ``span``: the parent of the call's other spans
     trace_id: str  # 32 lowercase hex digits, as W3C writes it
     code: str = "OK"
+    rpc: bool = True  # a gRPC call; False: a request of the REST binding
 
 
 class Tracing:
@@ -61,17 +62,18 @@ class Tracing:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         parent = TraceContextTextMapPropagator().extract(_trace_headers(metadata))
+        rpc = method.startswith("/")  # gRPC's /service/method; the REST binding's names are "VERB /route"
         full_name = method.lstrip("/")
-        service, _, name = full_name.rpartition("/")
-        attributes = {
-            "rpc.system": "grpc",
-            "rpc.service": service,
-            "rpc.method": name,
-            "gateway.request_id": request_id,
-        }
+        if rpc:
+            service, _, name = full_name.rpartition("/")
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        else:
+            verb, _, route = method.partition(" ")
+            attributes = {"http.request.method": verb, "http.route": route}
+        attributes["gateway.request_id"] = request_id
         span = self._tracer.start_span(full_name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
         trace_id = trace.format_trace_id(span.get_span_context().trace_id)
-        return CallTrace(self._tracer, span, trace.set_span_in_context(span), trace_id)
+        return CallTrace(self._tracer, span, trace.set_span_in_context(span), trace_id, rpc=rpc)
 
     def shutdown(self) -> None:
         """Export the spans still buffered and stop the provider (each gateway is given one of its own)."""
@@ -185,7 +187,9 @@ def end_call(call: Call) -> None:
         return
     from opentelemetry.trace import Status, StatusCode
 
-    trace.span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[trace.code].value[0])
+    # Both transports: the gRPC code (the REST binding's HTTP status is one per code, docs/rest.md).
+    key = "rpc.grpc.status_code" if trace.rpc else "gateway.status_code"
+    trace.span.set_attribute(key, grpc.StatusCode[trace.code].value[0])
     if trace.code != "OK":
         trace.span.set_status(Status(StatusCode.ERROR, trace.code))
     trace.span.end()

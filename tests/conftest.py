@@ -247,6 +247,7 @@ SERVER_ONLY_MODULES = (
     "structlog",
     "yaml",
     "prometheus_client",
+    "aiohttp",
 )
 
 _BLOCKER = """

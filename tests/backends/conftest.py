@@ -44,45 +44,21 @@ BACKEND_POLICY = (
 
 
 @pytest.fixture(scope="module")
-def start_module_gateway(
-    pki: Pki, demo_models: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., RunningGateway]]:
-    """Like conftest's start_gateway, for a module: ``overrides`` as settings keys (``backends`` a mapping)."""
-    from gateway.config import certs_dir_overrides, load_settings
-    from gateway.server import Gateway
-
-    started: list[RunningGateway] = []
+def start_module_gateway(start_gateway_module: Callable[..., RunningGateway]) -> Callable[..., RunningGateway]:
+    """conftest's start_gateway_module with the backend tests' policy; ``overrides`` as settings keys (``backends``
+    a mapping)."""
 
     def start(
         *,
         models: Path | None = None,
         policy: str = BACKEND_POLICY,
         overrides: dict[str, Any],
-        pki: Pki = pki,
+        pki: Pki | None = None,
         tracing: Any = None,
     ) -> RunningGateway:
-        directory = tmp_path_factory.mktemp("gateway")
-        (directory / "policies").mkdir()
-        (directory / "policies" / "test.yaml").write_text(policy)
-        audit_path = directory / "audit" / "audit.log"
-        settings: dict[str, Any] = {
-            **certs_dir_overrides(pki.server_dir),
-            "listen": "127.0.0.1:0",
-            "models.repository": models or demo_models,
-            "policies.directory": directory / "policies",
-            "audit.path": audit_path,
-            "shutdown_grace_s": 2.0,
-            "shutdown_drain_s": 0.0,
-            **overrides,
-        }
-        gateway = Gateway(load_settings(None, settings), tracing=tracing)
-        running = RunningGateway(gateway, gateway.start(), pki, audit_path, directory / "policies")
-        started.append(running)
-        return running
+        return start_gateway_module(models=models, policy=policy, overrides=overrides, use_pki=pki, tracing=tracing)
 
-    yield start
-    for running in started:
-        running.gateway.stop(0.5)
+    return start
 
 
 def plaintext_backend(server: OipServer, models: dict[str, str], **settings: Any) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def gateways(start_module_gateway, edge_pki, tmp_path_factory):
     edge = start_module_gateway(
         pki=edge_pki,
         models=empty_repository(tmp_path_factory),
-        overrides={"backends": {"cluster": backend}},
+        overrides={"backends": {"cluster": backend}, "http.listen": "127.0.0.1:0"},
         tracing=edge_tracing,
     )
     edge.extra["spans"], cluster.extra["spans"] = edge_spans, cluster_spans
@@ -111,6 +111,34 @@ def test_bob_is_refused_at_the_edge_and_the_cluster_sees_nothing(gateways):
     seen = [r["method"].rsplit("/", 1)[1] for r in cluster.audit_records()[cluster_records:]]
     assert [method for method in seen if method not in polls] == []
     assert edge.audit_records()[-1]["code"] == "PERMISSION_DENIED"
+
+
+def test_a_routed_model_answers_over_the_edges_rest_binding_through_the_same_path(gateways, demo_models):
+    import http.client
+    import json
+    import ssl
+
+    edge, cluster = gateways
+    context = ssl.create_default_context(cafile=str(edge.pki.path("ca.crt")))
+    context.load_cert_chain(edge.pki.path("alice.crt"), edge.pki.path("alice.key"))
+    connection = http.client.HTTPSConnection("localhost", edge.gateway.http_port, context=context, timeout=TIMEOUT)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 784], "data": X.ravel().tolist()}]}
+    headers = {"Authorization": f"Bearer {edge.token('alice')}", "Content-Type": "application/json"}
+    connection.request("POST", "/v2/models/mlp/infer", body=json.dumps(body), headers=headers)
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    assert response.status == 200, answer
+    session = ort.InferenceSession(str(demo_models / "mlp" / "2" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (output,) = answer["outputs"]
+    np.testing.assert_allclose(np.array(output["data"]).reshape(3, 10), session.run(None, {"input": X})[0], rtol=1e-5)
+    at_edge = edge.audit_records()[-1]
+    assert (at_edge["method"], at_edge["sub"], at_edge["backend"]["code"]) == (
+        "POST /v2/models/{model}/infer",
+        "alice",
+        "OK",
+    )
+    assert [r["sub"] for r in cluster.audit_records() if r["request_id"] == at_edge["request_id"]] == ["edge"]
 
 
 def test_model_config_of_a_gateway_backend_is_its_own_renamed_to_the_edges_name(gateways):

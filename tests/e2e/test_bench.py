@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quick_bench_measures_each_target_and_writes_its_reports(pki, demo_models, tmp_path):
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench", "--quick", "--targets", "a,b,e,f", "--certs", str(pki.dir)]
+    command = [sys.executable, "-m", "bench", "--quick", "--targets", "a,b,e,f,e-rest", "--certs", str(pki.dir)]
     command += ["--models", str(demo_models), "--out", str(out)]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
@@ -23,7 +23,8 @@ def test_quick_bench_measures_each_target_and_writes_its_reports(pki, demo_model
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     document = json.loads((out / "results.json").read_text())
     runs = document["results"]["sweep"]
-    assert {(r["target"], r["in_flight"]) for r in runs} == {(t, n) for t in "abef" for n in (1, 4)}
+    targets = ["a", "b", "e", "f", "e-rest"]
+    assert {(r["target"], r["in_flight"]) for r in runs} == {(t, n) for t in targets for n in (1, 4)}
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in runs)
     assert all(r["server_cpu_us_per_request"] > 0 for r in runs if r["target"] != "a")
     report = (out / "results.md").read_text()

@@ -401,6 +401,34 @@ def test_tracing_on_without_opentelemetry_is_a_startup_error_naming_the_extra(pk
     )
 
 
+def test_rest_requests_continue_the_callers_trace_with_the_same_steps(start_gateway):
+    import http.client
+    import json
+    import ssl
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    gw = start_gateway(tracing=Tracing(provider), overrides={"http.listen": "127.0.0.1:0"})
+    gw.extra["spans"] = exporter
+    context = ssl.create_default_context(cafile=str(gw.pki.path("ca.crt")))
+    context.load_cert_chain(gw.pki.path("alice.crt"), gw.pki.path("alice.key"))
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}]})
+    connection = http.client.HTTPSConnection("localhost", gw.gateway.http_port, context=context, timeout=TIMEOUT)
+    headers = {"Authorization": f"Bearer {gw.token()}", "traceparent": TRACEPARENT, "x-request-id": "traced-rest"}
+    connection.request("POST", "/v2/models/mlp/infer", body=body, headers=headers)
+    assert connection.getresponse().status == 200
+    connection.close()
+    spans = spans_of(gw, "traced-rest")
+    assert {format_trace_id(s.context.trace_id) for s in spans} == {TRACE_ID}
+    call = call_span(spans)
+    assert call.name == "POST /v2/models/{model}/infer"
+    assert call.attributes["http.route"] == "/v2/models/{model}/infer" and call.attributes["gateway.status_code"] == 0
+    assert format_span_id(call.parent.span_id) == PARENT_ID
+    assert {s.name for s in spans if s is not call} == CALL_STEPS
+    assert record_of(gw, "traced-rest")["trace_id"] == TRACE_ID
+
+
 def test_a_start_line_says_where_the_spans_go(start_gateway, monkeypatch):
     from structlog.testing import capture_logs
 

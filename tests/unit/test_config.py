@@ -545,3 +545,47 @@ def test_docs_name_every_variable():
     text = (Path(__file__).parents[2] / "docs" / "deploy.md").read_text()
     missing = [environment_variable(key) for key in setting_types() if f"`{environment_variable(key)}`" not in text]
     assert not missing, f"docs/deploy.md does not list {missing}: add a row to its table"
+
+
+def test_the_rest_listener_is_off_unless_set_and_its_settings_are_read(tmp_path):
+    assert load_settings(write(tmp_path, SECURE)).http.listen is None
+    settings = load_settings(
+        write(tmp_path, SECURE + "http: {listen: '0.0.0.0:8443', max_connections: 10, idle_timeout_s: 2}\n")
+    )
+    assert (settings.http.listen, settings.http.max_connections, settings.http.idle_timeout_s) == (
+        "0.0.0.0:8443",
+        10,
+        2.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"listen": "127.0.0.1:9000", "http.listen": "127.0.0.1:9000"}, "http.listen: port 9000 is already listen's"),
+        ({"http.listen": "127.0.0.1:0", "http.max_connections": 0}, "http.max_connections: must be between"),
+        ({"http.listen": "127.0.0.1:0", "http.idle_timeout_s": 0}, "http.idle_timeout_s: must be more than 0"),
+        ({"http.listen": "127.0.0.1:0", "http.max_header_bytes": 1024}, "http.max_header_bytes: between"),
+        ({"http.listen": "nonsense"}, "http.listen"),
+    ],
+)
+def test_bad_rest_settings_are_errors_naming_their_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(write(tmp_path, SECURE), overrides)
+
+
+def test_the_rest_listener_is_https_only(tmp_path):
+    with pytest.raises(ConfigError, match=r"^http.listen: HTTPS only"):
+        load_settings(
+            None, {"dev_insecure_transport": True, "auth.jwks": write(tmp_path, "{}"), "http.listen": "127.0.0.1:0"}
+        )
+
+
+def test_check_listen_refuses_a_rest_address_in_use_naming_its_key(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        rest = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = load_settings(write(tmp_path, SECURE), {"listen": "127.0.0.1:0", "http.listen": rest})
+        with pytest.raises(ConfigError, match=rf"^http.listen: cannot listen on {rest}: Address already in use; "):
+            check_listen(settings)

@@ -28,6 +28,7 @@ SERVER = {
     "onnxruntime",
     "pyyaml",
     "prometheus-client",
+    "aiohttp",
 }
 
 
