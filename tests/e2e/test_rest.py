@@ -374,3 +374,34 @@ def test_the_rest_port_serves_a_rotated_server_certificate_without_restart(start
         kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert kept.recv(65536).startswith(b"HTTP/1.1 200")
     assert curl(running, "/v2").status == 200  # a new connection, on the rotated certificate
+
+
+def test_rest_calls_are_counted_with_the_labels_grpc_calls_get(start_gateway):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    running = start_gateway(overrides={"http.listen": "127.0.0.1:0", "metrics.listen": "127.0.0.1:0"})
+    url = f"http://127.0.0.1:{running.gateway.metrics.port}/metrics"
+
+    def calls() -> dict[tuple[str, str, str], float]:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            families = text_string_to_metric_families(response.read().decode())
+            return {
+                (s.labels["method"], s.labels["model"], s.labels["code"]): s.value
+                for family in families
+                for s in family.samples
+                if s.name == "gateway_calls_total"
+            }
+
+    before = calls()
+    assert curl(running, INFER.format(model="mlp"), "-d", infer_json()).status == 200
+    assert curl(running, "/v2/models/mlp", client="bob").status == 403
+    assert curl(running, "/v2/no/such/path/like/this").status == 404  # a caller's path is never a label
+    after = calls()
+    moved = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert moved == {
+        ("POST /v2/models/{model}/infer", "mlp", "OK"): 1,
+        ("GET /v2/models/{model}", "mlp", "PERMISSION_DENIED"): 1,
+        ("HTTP (unknown path)", "-", "UNIMPLEMENTED"): 1,
+    }

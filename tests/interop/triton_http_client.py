@@ -3,7 +3,8 @@ port; print what it saw as JSON.
 
 Run as a subprocess by tests/e2e/test_rest_clients.py (gevent stays out of the process that runs the gateway).
 Usage: ``python triton_http_client.py JOB.json``; JOB holds the connection (``url`` HOST:PORT, ``ca``, ``cert``,
-``key``, ``token``) and ``steps``: ``{"client": "sync" | "aio", "op": NAME, "args": {...}}``; an ``infer`` step's
+``key``, ``token``) and ``steps``: ``{"client": "sync" | "aio", "op": NAME, "args": {...}, "connection": {...}}``
+(``connection``: the step's own ``cert``, ``key`` or ``token``); an ``infer`` step's
 ``binary`` (default true) says whether tensors go as binary data or JSON. Each result is ``{"ok": value}`` or
 ``{"error": {"status": "401", "message"}}``.
 """
@@ -100,6 +101,7 @@ async def run_aio(job: dict[str, Any], op: str, args: dict[str, Any]) -> Any:
 
 def run_step(job: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
     op, args = step["op"], step.get("args", {})
+    job = {**job, **step.get("connection", {})}  # a step's own certificate, key or token
     try:
         if step.get("client", "sync") == "aio":
             return {"ok": asyncio.run(run_aio(job, op, args))}
