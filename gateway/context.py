@@ -12,7 +12,7 @@ import contextvars
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError, ResourceExhaustedError
@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 def new_request_id() -> str:
     """A request id for a call whose caller sent none (or a malformed one)."""
     return secrets.token_hex(16)
+
+
+def new_route_key() -> str:
+    """A call's canary draw: random, so that no caller steers itself into or out of a canary by the request id
+    it sends, and clients reusing request ids do not skew the share (docs/versions.md)."""
+    return secrets.token_hex(8)
 
 
 def check_size(size: int, limit: int, *, what: str) -> None:
@@ -47,6 +53,7 @@ class Call:
     principal: Principal | None = None  # the authenticated caller, once admitted
     message_index: int | None = None  # a stream message's place in its stream
     max_reply_bytes: int | None = None  # the largest reply the boundary lets through (a stream checks each)
+    route_key: str = field(default_factory=new_route_key)  # places the call in or out of a canary; its messages too
 
     def identified(self, certificate: PeerCertificate | None) -> Call:
         """This call with its client certificate known."""
@@ -60,6 +67,7 @@ class Call:
             self.principal,
             self.message_index,
             self.max_reply_bytes,
+            self.route_key,
         )
 
     def admitted(self, principal: Principal | None) -> Call:
@@ -74,6 +82,7 @@ class Call:
             principal,
             self.message_index,
             self.max_reply_bytes,
+            self.route_key,
         )
 
     def for_message(self, index: int) -> Call:
@@ -88,6 +97,7 @@ class Call:
             self.principal,
             index,
             self.max_reply_bytes,
+            self.route_key,
         )
 
     def check_reply(self, size: int) -> None:

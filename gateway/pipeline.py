@@ -156,9 +156,9 @@ class Pipeline:
             resolved = backend.model(model)  # as last described: nothing is sent before the decision
             exchanged = Exchange(backend.name).record()
         else:
-            # Only calls that run a model take part in a canary (metadata describes the default); the request id
-            # keeps a request, and a stream's messages, on one version.
-            key = call.request_id if action in _RUNS else None
+            # Only calls that run a model take part in a canary (metadata describes the default); the call's own
+            # draw, not the caller's request id, keeps a call, and a stream's messages, on one version.
+            key = call.route_key if action in _RUNS else None
             try:
                 resolved, reason, fallback = self.models.route(model, _parse_version(model, requested), key=key)
             except NotFoundError as exc:
@@ -168,9 +168,11 @@ class Pipeline:
             if not decision.allowed and fallback is not None:
                 # A canary never turns an allowed call into a denied one: a caller who may not use the canary
                 # version gets the version it would have had without the canary, if the policy allows that.
-                (resolved, reason), denied = fallback, decision
-                decision = self._decide(call.principal, model, str(resolved.version), action)
-                decision = decision if decision.allowed else denied
+                # Denied both, the call is refused for the canary: its version, reason and rule, as one decision.
+                fallen_back, fallback_reason = fallback
+                allowed = self._decide(call.principal, model, str(fallen_back.version), action)
+                if allowed.allowed:
+                    resolved, reason, decision = fallen_back, fallback_reason, allowed
             verdict = "allow" if decision.allowed else "deny"
             if span is not None:
                 span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})

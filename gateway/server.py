@@ -487,6 +487,8 @@ class Gateway:
         server.add_generic_rpc_handlers((self.boundary.generic_handler(collector.services),))
         if self._metered:
             methods = [f"/{service}/{name}" for service, handlers in collector.services.items() for name in handlers]
+            if self.rest is not None:
+                methods += sorted(REST_METHOD_NAMES)
             start_counting(methods=methods, versions=_versions(), backends=self.settings.backends)
         listen = self.settings.listen
         try:

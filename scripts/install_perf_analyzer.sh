@@ -25,7 +25,8 @@ unavailable() {
 # pick the empty 0.1.0 placeholder instead).
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
     --only-binary=:all: --platform manylinux_2_38_x86_64 --require-hashes \
-    --target "$DIR/wheel" -r "$HERE/requirements/perf-analyzer.txt"
+    --target "$DIR/wheel" -r "$HERE/requirements/perf-analyzer.txt" ||
+    unavailable "the pinned perf-analyzer wheel could not be installed (no package index?)"
 BINARY="$DIR/wheel/perf_analyzer/bin/perf_analyzer"
 [[ -x "$BINARY" ]] || unavailable "the wheel holds no perf_analyzer binary"
 

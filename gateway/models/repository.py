@@ -417,8 +417,8 @@ class ModelRepository:
 
     def route(self, name: str, version: int | None, *, key: str | None) -> tuple[ModelVersion, Reason, Routed | None]:
         """The loaded version to run, why (routing.Reason), and what serves instead when the caller may not use a
-        canary; ``key`` (the request id) places a request that names no version in or out of the model's canary.
-        NOT_FOUND for an unknown model or version, or a pinned default that is not loaded."""
+        canary; ``key`` (the call's random draw, Call.route_key) places a request that names no version in or out
+        of the model's canary. NOT_FOUND for an unknown model or version, or a pinned default that is not loaded."""
         snapshot = self._snapshot
         info = snapshot.index.get(name)
         if info is None:

@@ -1,8 +1,9 @@
 """Which version serves a request that names none: the highest loaded, or a pinned default, with an optional canary
 that takes a fixed share of requests (``models.versions``; docs/versions.md).
 
-The canary's choice is a pure function of the model name and a sticky key (the request id): the same request id
-always lands on the same version, a stream's messages share one, and tests need no randomness.
+The canary's choice is a pure function of the model name and a sticky key: the gateway draws one per call
+(context.Call.route_key), never the caller's request id, so a stream's messages share one version while no caller
+chooses its own; tests pass their keys and need no randomness.
 """
 
 from __future__ import annotations

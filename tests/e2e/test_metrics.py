@@ -388,7 +388,7 @@ def test_latency_histograms_resolve_calls_from_100_microseconds(metered):
     samples = scrape(url)
     for name in LATENCY_HISTOGRAMS:
         bounds = sorted({float(dict(labels)["le"]) for labels in series(samples, f"{name}_bucket")})
-        assert bounds[0] == 0.0001, name
+        assert bounds[0] <= 0.0001, name  # steps of ~50 us (a cached token check) are resolved too
         # a p50 and a p99 of calls taking about a millisecond fall in different buckets
         assert len([b for b in bounds if b <= 0.005]) >= 8, (name, bounds)
 
@@ -537,3 +537,12 @@ def test_a_backends_call_counters_exist_at_zero_for_every_code_before_its_first_
     codes = {labels["code"] for labels in backend_series if labels["backend"] == "metrics-zero"}
     assert codes == {code.name for code in grpc.StatusCode}
     assert value(samples, "gateway_backend_calls_total", backend="metrics-zero", code="UNAVAILABLE") == 0
+
+
+def test_the_rest_routes_call_counters_exist_before_their_first_call(start_gateway):
+    from gateway.rest import METHOD_NAMES
+
+    gw = start_gateway(overrides={**METRICS, "http.listen": "127.0.0.1:0"})
+    samples = scrape(f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics")
+    calls = [dict(labels) for labels in series(samples, "gateway_calls_total")]
+    assert {labels["method"] for labels in calls if labels["code"] == "UNAUTHENTICATED"} >= METHOD_NAMES

@@ -11,12 +11,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
-from gateway.models.routing import request_share
 from tests.e2e.helpers import TIMEOUT, auth, predict_request, rpc_error, stub
 
 X = np.zeros((1, 784), np.float32)
 
-# bob may use mlp version 1 only: a canary must not turn his calls into refusals.
+# bob may use mlp version 1 only: a canary must not turn his calls into refusals. carol may use neither 1 nor 2.
 POLICY = """
 rules:
   - id: alice-all
@@ -30,6 +29,18 @@ rules:
     models: [mlp]
     versions: ["1"]
     actions: "*"
+  - id: carol-mlp-v3
+    effect: allow
+    principals: {subjects: [carol]}
+    models: [mlp]
+    versions: ["3"]
+    actions: "*"
+  - id: carol-not-mlp-v2
+    effect: deny
+    principals: {subjects: [carol]}
+    models: [mlp]
+    versions: ["2"]
+    actions: "*"
 """
 
 
@@ -37,16 +48,26 @@ def routed(percent: float) -> dict:
     return {"models.versions": {"mlp": {"default": 1, "canary": {"version": 2, "percent": percent}}}}
 
 
-def request_id(*, canary: bool) -> str:
-    """A request id the half-and-half canary below takes (or leaves): the choice is a function of the id."""
-    return next(f"r-{i}" for i in range(1000) if (request_share("mlp", f"r-{i}") < 50) == canary)
+# Calls made on a half-and-half canary until each version has served: the gateway draws each call's share at
+# random, and all of them landing on one side has a probability of 2 * 2**-CALLS.
+CALLS = 40
 
 
 def predict(gw, *, version: str = "", user: str = "alice", request_id: str = "r-1") -> pb.PredictResponse:
-    with gw.channel(user) as channel:
-        metadata = auth(gw.token(user, bind=user), ("x-request-id", request_id))
+    client = "bob" if user == "bob" else "alice"  # carol: alice's certificate, her own token
+    with gw.channel(client) as channel:
+        metadata = auth(gw.token(user, bind=client), ("x-request-id", request_id))
         request = predict_request("mlp", {"input": X}, version=version)
         return stub(channel).Predict(request, metadata=metadata, timeout=TIMEOUT)
+
+
+def served(gw, *, request_id: str) -> list[tuple[str, str, str]]:
+    """(version, version_reason, code) of CALLS unversioned calls on one channel, all with one request id."""
+    with gw.channel("alice") as channel:
+        metadata = auth(gw.token(), ("x-request-id", request_id))
+        for _ in range(CALLS):
+            stub(channel).Predict(predict_request("mlp", {"input": X}), metadata=metadata, timeout=TIMEOUT)
+    return [(r["version"], r["version_reason"], r["code"]) for r in gw.audit_records()[-CALLS:]]
 
 
 def last(gw) -> tuple[str, str, str]:
@@ -59,28 +80,58 @@ def gw(start_gateway_module):
     return start_gateway_module(policy=POLICY, overrides=routed(50))
 
 
+@pytest.fixture(scope="module")
+def all_canary(start_gateway_module):
+    """Every unversioned call taken by the canary: what the policies make of it is certain."""
+    return start_gateway_module(policy=POLICY, overrides=routed(100))
+
+
 def test_the_pinned_default_the_canary_and_an_explicit_version_are_recorded_with_why(gw):
-    outside, inside = request_id(canary=False), request_id(canary=True)
-    assert predict(gw, request_id=outside).model_version == "1"
-    assert last(gw) == ("1", "pinned", "OK")
-    assert predict(gw, request_id=inside).model_version == "2"
-    assert last(gw) == ("2", "canary", "OK")
-    assert predict(gw, request_id=inside).model_version == "2"  # the same id, the same version
-    assert predict(gw, version="2", request_id=outside).model_version == "2"
+    assert set(served(gw, request_id="r-1")) == {("1", "pinned", "OK"), ("2", "canary", "OK")}
+    assert predict(gw, version="2").model_version == "2"
     assert last(gw) == ("2", "requested", "OK")
     with gw.channel("alice") as channel:
         listed = stub(channel).ListModels(pb.ListModelsRequest(), metadata=auth(gw.token()), timeout=TIMEOUT)
     assert {m.name: m.default_version for m in listed.models}["mlp"] == "1"
 
 
-def test_a_caller_the_policy_keeps_off_the_canary_gets_the_default_not_a_refusal(gw):
+def test_the_callers_request_id_does_not_choose_the_canary(gw):
+    """The share is drawn by the gateway for each call: a caller resending one request id (or a client reusing a
+    constant one) lands on both sides of the split, as callers with fresh ids do."""
+    for request_id in ("r-1", "constant-id-of-a-naive-client"):
+        assert {version for version, _, _ in served(gw, request_id=request_id)} == {"1", "2"}
+
+
+def test_the_messages_of_one_stream_share_one_draw(gw):
+    """A stream is one call: its messages land on one version (drawn apart, all on one has odds 2 * 2**-CALLS)."""
+    with gw.channel("alice") as channel:
+        messages = iter([predict_request("mlp", {"input": X})] * CALLS)
+        replies = list(stub(channel).PredictStream(messages, metadata=auth(gw.token()), timeout=TIMEOUT))
+    assert len({reply.response.model_version for reply in replies}) == 1 and len(replies) == CALLS
+
+
+def test_a_caller_the_policy_keeps_off_the_canary_gets_the_default_not_a_refusal(all_canary):
     # bob may use version 1 only: in the canary's share he gets the pinned default.
-    assert predict(gw, user="bob", request_id=request_id(canary=True)).model_version == "1"
-    assert last(gw) == ("1", "pinned", "OK")
+    assert predict(all_canary, user="bob").model_version == "1"
+    assert last(all_canary) == ("1", "pinned", "OK")
     # Asking for version 2 by name is still refused to him, and recorded as such.
-    exc = rpc_error(lambda: predict(gw, user="bob", version="2"))
+    exc = rpc_error(lambda: predict(all_canary, user="bob", version="2"))
     assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert last(gw) == ("2", "requested", "PERMISSION_DENIED")
+    assert last(all_canary) == ("2", "requested", "PERMISSION_DENIED")
+
+
+def test_a_caller_kept_off_both_the_canary_and_the_default_is_refused_for_the_canary(all_canary):
+    """The record is one decision: the version the call was routed to (the canary), why, and the rule that denied
+    it; not the default's version beside the canary's rule."""
+    exc = rpc_error(lambda: predict(all_canary, user="carol"))
+    assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+    record = all_canary.audit_records()[-1]
+    assert (record["version"], record["version_reason"], record["decision"], record["rule"]) == (
+        "2",
+        "canary",
+        "deny",
+        "carol-not-mlp-v2",
+    )
 
 
 def test_a_pinned_version_that_disappears_refuses_unversioned_calls_until_it_is_back(start_gateway, model_repo):
