@@ -405,3 +405,19 @@ def test_rest_calls_are_counted_with_the_labels_grpc_calls_get(start_gateway):
         ("GET /v2/models/{model}", "mlp", "PERMISSION_DENIED"): 1,
         ("HTTP (unknown path)", "-", "UNIMPLEMENTED"): 1,
     }
+
+
+def test_a_client_that_expects_100_continue_gets_it_once_admitted_and_only_then(gw):
+    body = infer_json().encode()
+    head = (
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    with tls_socket(gw) as s:
+        s.sendall(f"{head}Authorization: Bearer {gw.token()}\r\n\r\n".encode())
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    with tls_socket(gw) as s:  # no token: refused at once, no invitation to send the body
+        s.sendall(f"{head}\r\n".encode())
+        assert s.recv(65536).startswith(b"HTTP/1.1 401")
