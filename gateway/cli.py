@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -747,6 +748,7 @@ def _run_client(args: argparse.Namespace, operation: Any) -> int:
     from gateway.errors import AuthenticationError, GatewayError
 
     try:
+        _warn_if_expired(args)
         with _connect(args) as client:
             print(json.dumps(operation(client), indent=2, allow_nan=False))
     except _UsageError as exc:
@@ -760,13 +762,27 @@ def _run_client(args: argparse.Namespace, operation: Any) -> int:
     return EXIT_OK
 
 
+def _warn_if_expired(args: argparse.Namespace) -> None:
+    """Before sending: a warning when the command's own token has visibly expired (read, not verified). It is
+    sent all the same: the gateway decides, with its clock and its leeway."""
+    from gateway.client import unverified_claims
+
+    exp = (unverified_claims(_token_text(_connection_values(args))) or {}).get("exp")
+    if isinstance(exp, int | float) and exp < time.time():
+        print(f"warning: the token expired at {_utc(exp)}: the gateway will refuse it", file=sys.stderr)
+
+
+def _utc(timestamp: float) -> str:
+    from datetime import UTC, datetime
+
+    return f"{datetime.fromtimestamp(timestamp, UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
 _ISSUE = "gateway token issue --key certs/signing/jwt-signing.key --sub NAME --bind-cert {cert} > NAME.jwt"
 
 
 def _token_hint(args: argparse.Namespace, reason: str) -> str | None:
     """What to do about a refused token, from what the client knows of its own token (read, not verified)."""
-    from datetime import UTC, datetime
-
     from gateway.auth import reasons
     from gateway.client import unverified_claims
 
@@ -776,7 +792,7 @@ def _token_hint(args: argparse.Namespace, reason: str) -> str | None:
     issue = _ISSUE.format(cert=cert)
     if reason == reasons.EXPIRED:
         exp = claims.get("exp")
-        when = f" at {datetime.fromtimestamp(exp, UTC):%Y-%m-%dT%H:%M:%SZ}" if isinstance(exp, int | float) else ""
+        when = f" at {_utc(exp)}" if isinstance(exp, int | float) else ""
         return f"the token expired{when}: issue a new one with `{issue}`, or ask your identity provider"
     if reason == reasons.BOUND_TO_ANOTHER_CERTIFICATE:
         return f"the token is bound to another certificate than --cert {cert}: issue one with `{issue}`"

@@ -124,10 +124,12 @@ def test_the_cli_says_when_the_token_expired_and_how_to_get_another(gw, tmp_path
     command += ["--token-file", str(tmp_path / "alice.jwt")]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert done.returncode == 1, done.stderr
-    error, hint = done.stderr.splitlines()
+    warning, error, hint = done.stderr.splitlines()
+    when = datetime.fromtimestamp(exp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Before sending: the CLI read its own token's exp (unverified) and warned; the gateway still decided.
+    assert warning == f"warning: the token expired at {when}: the gateway will refuse it"
     assert error.startswith("error: token expired: get a new token (gateway token issue, or your identity provider)")
     assert error.endswith(f"; {LOG})")
-    when = datetime.fromtimestamp(exp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert hint == (
         f"hint: the token expired at {when}: issue a new one with `gateway token issue --key "
         f"certs/signing/jwt-signing.key --sub NAME --bind-cert {pki.path('alice.crt')} > NAME.jwt`, "
