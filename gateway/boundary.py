@@ -146,7 +146,9 @@ class Recorder:
                 "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
             )
             # Counted before the commit is awaited: the other calls of the caller see its block the sooner.
-            if self.refusals is not None and self.refusals.note(caller_key(call), error.code):
+            # A backend's status (its reload window, a method it lacks) is not the caller's doing: not counted.
+            refusals = None if error.from_backend else self.refusals
+            if refusals is not None and refusals.note(caller_key(call), error.code):
                 log.warning(
                     "caller_blocked",
                     request_id=call.request_id,

@@ -374,7 +374,7 @@ def _judged_version(args: argparse.Namespace) -> str | None:
             _note(f"{args.model} has no version {args.version} in {args.models}: if allowed, the call gets NOT_FOUND")
         return str(args.version)
     if args.models is None:
-        _note('no --version or --models: judged for "no version", which rules with a versions list never match')
+        _note('no --version or --models: judged for "no version", which every deny rule with a versions list matches')
         return None
     if not versions:
         _note(f'no model {args.model} in {args.models}: judged for "no version" (if allowed, the call gets NOT_FOUND)')

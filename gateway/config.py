@@ -278,7 +278,7 @@ class BackendSettings:
     token_file: Path | None = None
     # Plaintext, only where every address is loopback (a sidecar in the same pod): logged at WARNING on every start.
     plaintext: bool = False
-    deadline_s: float = 30.0  # each call to the backend
+    deadline_s: float = 30.0  # each call to the backend (at most limits.max_call_s)
     max_in_flight: int = 64  # calls open at once; past it, RESOURCE_EXHAUSTED without sending
     max_message_bytes: int = 64 * MIB  # each way; a larger answer is refused (RESOURCE_EXHAUSTED)
     keepalive_time_s: float = 60.0
@@ -638,6 +638,9 @@ def check_paths(settings: Settings) -> None:
         trust = settings.models.signature_trust
         files["models.signature_trust.public_key"] = trust.public_key
         files["models.signature_trust.certificate_chain"] = trust.certificate_chain
+    for name, backend in settings.backends.items():
+        for material in ("ca", "cert", "key", "token_file"):
+            files[f"backends.{name}.{material}"] = getattr(backend, material)
     if settings.dev_insecure_transport:
         files = {key: path for key, path in files.items() if not key.startswith("tls.")}
     if settings.dev_no_auth:
@@ -872,8 +875,15 @@ def _validate_backends(settings: Settings) -> None:
                 raise ConfigError(f"{key}.{field_name}: must be more than 0")
         if backend.max_in_flight < 1:
             raise ConfigError(f"{key}.max_in_flight: must be at least 1")
-        if not 1 <= backend.max_message_bytes <= MAX_MESSAGE_BYTES:
-            raise ConfigError(f"{key}.max_message_bytes: between 1 and {MAX_MESSAGE_BYTES}")
+        if not 1 <= backend.max_message_bytes <= settings.limits.max_message_bytes:
+            # A larger answer could never be sent on: refused here rather than read, copied, then refused.
+            raise ConfigError(
+                f"{key}.max_message_bytes: between 1 and limits.max_message_bytes ({settings.limits.max_message_bytes})"
+            )
+        if backend.deadline_s > settings.limits.max_call_s:
+            raise ConfigError(
+                f"{key}.deadline_s: at most limits.max_call_s ({settings.limits.max_call_s:g}), which ends it"
+            )
         if not backend.models and not backend.model_patterns:
             raise ConfigError(f"{key}.models: name the models it serves (or model_patterns)")
         for model, remote in backend.models.items():

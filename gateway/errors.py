@@ -56,6 +56,7 @@ class GatewayError(Exception):
         self.message = (message or self.default_message)[:MAX_MESSAGE_CHARS]
         self.reason = reason or self.message
         self.request_id = request_id
+        self.from_backend = False  # a remote backend's status, not the caller's doing (gateway.backends)
         super().__init__(self.message)
 
     def __str__(self) -> str:

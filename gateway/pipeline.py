@@ -17,11 +17,10 @@ here records.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import replace as replaced
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -97,12 +96,14 @@ Served = ModelVersion | RemoteModel  # a model run here, or one routed to a remo
 
 
 def _version_of(resolved: Served | GatewayError, requested: str | None) -> str | None:
-    """The version a policy judges: the one that would run (a routed model's: the backend's), else the one asked
-    for."""
+    """The version a policy judges: the one that will run (a routed model's: the one the backend is asked to run,
+    None where it advertises none: an unknown version, which every deny rule naming versions matches), else the
+    one asked for."""
     if isinstance(resolved, ModelVersion):
         return str(resolved.version)
     if isinstance(resolved, RemoteModel):
-        return requested or resolved.version or None
+        version = resolved.resolve(requested)
+        return None if isinstance(version, NotFoundError) else version
     return requested
 
 
@@ -154,6 +155,9 @@ class Pipeline:
         backend = self._backend_for(model)
         if backend is not None:
             resolved = backend.model(model)  # as last described: nothing is sent before the decision
+            runs = resolved.resolve(requested) if isinstance(resolved, RemoteModel) else None
+            if isinstance(runs, NotFoundError):  # a version the backend does not advertise: it never sees it
+                resolved = runs
             exchanged = Exchange(backend.name).record()
         else:
             # Only calls that run a model take part in a canary (metadata describes the default); the call's own
@@ -227,7 +231,7 @@ class Pipeline:
                 outputs = await model.run(inputs)
             if body.outputs is not None:
                 outputs = {name: outputs[name] for name in body.outputs}
-            raw = {name: (await _in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
+            raw = {name: (await tensors.in_steps(tensors.encode_steps(array)))[0] for name, array in outputs.items()}
         except BaseException as exc:  # cancellations too: their record says what ran
             carry(exc, carried(exc, decided.finished(described, model_ran=ran)))
             raise
@@ -254,7 +258,7 @@ class Pipeline:
                 answer = await backend.infer(
                     model,
                     wire,
-                    version=request.version,
+                    version=_version_of(model, request.version),  # exactly the version the policy judged
                     outputs=outputs,
                     request_id=call.request_id,
                     headers=tracing.propagation_headers(span),
@@ -277,7 +281,8 @@ class Pipeline:
         backend = self.routes.backend(model.backend)
         exchange = Exchange(backend.name)
         try:
-            config = await backend.config(model, request_id=call.request_id, exchange=exchange)
+            version = _version_of(model, decided.requested_version)
+            config = await backend.config(model, version=version, request_id=call.request_id, exchange=exchange)
         except BaseException as exc:
             carry(exc, replaced(decided, backend=exchange.record()))
             raise
@@ -289,7 +294,7 @@ class Pipeline:
         steps rather than a thread, since most of the work holds the GIL (Python objects are made one by one)."""
         inputs: dict[str, np.ndarray] = {}
         for name, tensor in wire.items():
-            inputs[name], pauses = await _in_steps(tensors.decode_steps(tensor))
+            inputs[name], pauses = await tensors.in_steps(tensors.decode_steps(tensor))
             self.sliced_decodes += pauses > 0
         return inputs
 
@@ -301,7 +306,8 @@ class Pipeline:
         """The signature of one version, the versions of the model the caller may read metadata of, the outcome."""
         resolved, outcome = self.signature(call, model, version)
         if isinstance(resolved, RemoteModel):
-            return resolved, [resolved.version] if resolved.version else [], outcome
+            seen = [v for v in resolved.versions if self._decide(call.principal, model, v, Action.METADATA).allowed]
+            return resolved, list(seen), outcome
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
         return resolved, list(versions), outcome
@@ -317,29 +323,21 @@ class Pipeline:
                     default = info.default_version if info.default_version in versions else None
                     visible.append(Listed(info.name, tuple(versions), default))
             for remote in self.routes.models():
-                version = remote.version or None
-                if self._decide(call.principal, remote.name, version, Action.LIST).allowed:
-                    visible.append(Listed(remote.name, (version,) if version else (), version))
+                if self._backend_for(remote.name) is not self.routes.backend(remote.backend):
+                    continue  # a pattern's name also served locally: the local model is the one listed
+                if not remote.versions:  # an unknown version: listed where no rule naming versions denies it
+                    if self._decide(call.principal, remote.name, None, Action.LIST).allowed:
+                        visible.append(Listed(remote.name, (), None))
+                    continue
+                seen = tuple(
+                    v for v in remote.versions if self._decide(call.principal, remote.name, v, Action.LIST).allowed
+                )
+                if seen:
+                    visible.append(Listed(remote.name, seen, remote.version if remote.version in seen else None))
         return sorted(visible, key=lambda info: info.name), _LISTED
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
         return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
-
-
-T = TypeVar("T")
-
-
-async def _in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
-    """Run a generator of steps (gateway.tensors) to its end, the loop serving others between two steps; what it
-    returns, and how many pauses it took."""
-    pauses = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value, pauses
-        pauses += 1
-        await asyncio.sleep(0)
 
 
 def _denied(action: Action, model: str, requested: str | None) -> str:

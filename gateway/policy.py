@@ -164,10 +164,16 @@ class Rule:
     description: str = ""
 
     def matches(self, principal: Principal, *, model: str, version: str | None, action: Action) -> bool:
-        """Whether this rule applies; ``version`` is canonical decimal, or None when unknown."""
+        """Whether this rule applies; ``version`` is canonical decimal, or None when unknown. Fail closed: an
+        unknown version (a routed model whose backend reports none) matches every deny rule naming versions, and no
+        allow rule naming versions."""
+        if version is None:
+            versions_match = self.versions is None or self.effect is Effect.DENY
+        else:
+            versions_match = self.versions is None or version in self.versions
         return (
             (self.actions is None or action in self.actions)
-            and (self.versions is None or (version is not None and version in self.versions))
+            and versions_match
             and self.models.match(model)
             and (self.principals is None or self.principals.matches(principal))
         )

@@ -9,6 +9,7 @@ takes and gives (it would turn a ``bytes`` element into the text "b'...'"), so e
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -203,6 +204,19 @@ def decode_steps(tensor: WireTensor) -> Steps:
 def decode_checked(tensor: WireTensor) -> np.ndarray:
     """The values of a tensor that ``check`` passed, decoded in one go (every step of ``decode_steps``)."""
     return run_steps(decode_steps(tensor))
+
+
+async def in_steps(steps: Generator[None, None, T]) -> tuple[T, int]:
+    """Run ``steps`` to its end on the event loop, serving others between two steps (issue 27): what it returns,
+    and how many pauses it took."""
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value, pauses
+        pauses += 1
+        await asyncio.sleep(0)
 
 
 def run_steps(steps: Generator[None, None, T]) -> T:

@@ -55,7 +55,7 @@ def to_infer_request(request: pb.ModelInferRequest) -> InferRequest:
             name = shown(tensor.name)
             if tensor.name in inputs:
                 raise InvalidArgumentError(f"input '{name}' appears twice")
-            size = parameters.input_binary_size(values(tensor.parameters), name=name)
+            size = parameters.input_binary_size(values(tensor.parameters), name=name, datatype=tensor.datatype)
             if size is not None and (not raw or size != len(raw[index])):
                 held = f"{len(raw[index])} bytes in raw_input_contents" if raw else "no raw_input_contents"
                 raise InvalidArgumentError(
@@ -99,8 +99,12 @@ def values(message_parameters: Mapping[str, pb.InferParameter]) -> dict[str, par
 
 
 def _asks_final_flag(request: pb.ModelInferRequest) -> bool:
-    flag = request.parameters.get(parameters.FINAL_RESPONSE_FLAG)
-    return flag is not None and flag.WhichOneof("parameter_choice") == "bool_param" and flag.bool_param
+    """The request's ``triton_enable_empty_final_response``, read as ``read`` reads it; False where its parameters
+    are refused (the refusal's reply is then unmarked, as for a request without the flag)."""
+    try:
+        return parameters.request_parameters(values(request.parameters)).final_response_flag
+    except InvalidArgumentError:
+        return False
 
 
 def _mark_final(response: pb.ModelInferResponse) -> pb.ModelInferResponse:

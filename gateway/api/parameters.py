@@ -26,7 +26,10 @@ FINAL_RESPONSE = "triton_final_response"
 BINARY_OUTPUT = "binary_data_output"  # request: outputs not requested by name go as binary data (REST)
 BINARY_SIZE = "binary_data_size"  # input: its values are this many bytes of the binary section (REST) or raw field
 BINARY = "binary_data"  # requested output: as binary data (REST)
-CONTENT_TYPE = "content_type"  # input: KServe's codec hint ("str" for BYTES); the datatype already says it
+# input: KServe's and MLServer's codec hint. Only the one that means what the datatype already says is accepted:
+# "str" on BYTES, "np" on any other datatype. Any other ("base64", "datetime", "pd"...) would make a backend that
+# reads it (MLServer) decode the values otherwise than the gateway checked them.
+CONTENT_TYPE = "content_type"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +49,14 @@ def request_parameters(parameters: Mapping[str, Value]) -> RequestParameters:
     )
 
 
-def input_binary_size(parameters: Mapping[str, Value], *, name: str) -> int | None:
-    """An input's ``binary_data_size`` (None when absent); ``content_type`` is accepted as a string, any other
-    parameter refused. ``name`` as messages may show it."""
+def input_binary_size(parameters: Mapping[str, Value], *, name: str, datatype: str) -> int | None:
+    """An input's ``binary_data_size`` (None when absent); ``content_type`` is accepted only where it means what
+    ``datatype`` says, any other parameter refused. ``name`` as messages may show it."""
     where = f"input '{name}'"
     _refuse_unknown(parameters, where, (BINARY_SIZE, CONTENT_TYPE))
-    if CONTENT_TYPE in parameters and not isinstance(parameters[CONTENT_TYPE], str):
-        raise InvalidArgumentError(f"{where}: parameter '{CONTENT_TYPE}' must be a string")
+    meant = "str" if datatype == "BYTES" else "np"
+    if CONTENT_TYPE in parameters and parameters[CONTENT_TYPE] != meant:
+        raise InvalidArgumentError(f"{where}: parameter '{CONTENT_TYPE}' may only be '{meant}' on a {datatype} input")
     size = parameters.get(BINARY_SIZE)
     if size is None:
         return None

@@ -148,7 +148,7 @@ def _input(item: Any, binary: memoryview, offset: int) -> tuple[tensors.WireTens
         raise InvalidArgumentError(f"{where}: rank {len(shape)} is over the limit of {tensors.MAX_RANK}")
     if not all(type(dim) is int for dim in shape):
         raise InvalidArgumentError(f"{where}: shape must be a list of integers")
-    size = parameters.input_binary_size(_parameters(item, where), name=shown_name)
+    size = parameters.input_binary_size(_parameters(item, where), name=shown_name, datatype=row.name)
     if size is not None:
         if "data" in item:
             raise InvalidArgumentError(f"{where}: both binary_data_size and data are set; send the values once")

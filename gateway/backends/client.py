@@ -101,6 +101,7 @@ class BackendClient:
         self._poller: asyncio.Task[None] | None = None
         self._was_up: bool | None = None
         self._index_failure: str | None = None  # the code RepositoryIndex last failed with (logged once)
+        self._token: str | None = None  # token_file's content as the last poll read it
 
     @property
     def up(self) -> bool:
@@ -154,14 +155,25 @@ class BackendClient:
                 log.exception("backend_poll_failed", backend=self.name)
 
     def _metadata(self) -> list[tuple[str, str]]:
+        return [] if self._token is None else [("authorization", "Bearer " + self._token)]
+
+    async def _read_token(self) -> None:
+        """Read ``token_file`` off the event loop, at each poll: a token refreshed on disk (a sidecar, a cron job)
+        is sent within ``health_interval_s``, and no call waits on the disk. A file that cannot be read keeps the
+        last token (logged)."""
         token_file = self.settings.token_file
         if token_file is None:
-            return []
-        # Read at each use: a token refreshed on disk (a sidecar, a cron job) is picked up without a restart.
-        return [("authorization", "Bearer " + token_file.read_text().strip())]
+            return
+        try:
+            self._token = (await asyncio.to_thread(token_file.read_text)).strip()
+        except OSError as exc:
+            log.error(
+                "backend_token_unreadable", backend=self.name, key=f"backends.{self.name}.token_file", error=str(exc)
+            )
 
     async def poll(self) -> None:
         """ServerReady on every address, then the routed models' metadata from one that is up."""
+        await self._read_token()
         timeout = min(_POLL_TIMEOUT_S, self.settings.deadline_s)
         metadata = self._metadata()
         answers = await asyncio.gather(
@@ -200,10 +212,13 @@ class BackendClient:
         index = await self._index(address, timeout, metadata)  # names and versions, where the backend lists them
         if index is None:  # not answered this time: what the last index said stands (no flapping on one timeout)
             index = {model.remote_name: model.version for model in self._models.values()}
+        # Explicit routes win: a pattern never renames one, nor serves its remote model under a second name.
+        explicit = set(names) | set(names.values())
         names.update(
             (name, name)
             for name in index
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.model_patterns)
+            if name not in explicit
+            and any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.model_patterns)
         )
         found: dict[str, RemoteModel] = {}
         reasons: dict[str, str] = {}
@@ -233,6 +248,7 @@ class BackendClient:
                     model=gateway_name,
                     remote_model=model.remote_name,
                     version=model.version,
+                    versions=list(model.versions),
                     changed=previous is not None,
                 )
         self._described = reasons
@@ -261,19 +277,23 @@ class BackendClient:
         def specs(entries: Sequence[pb.ModelMetadataResponse.TensorMetadata], kind: str) -> tuple[TensorSpec, ...]:
             found = []
             for entry in entries:
+                if not ID.allows(entry.name):
+                    raise ValueError(f"{kind} {shown(entry.name)!r} is not a well-formed name")
                 if entry.datatype not in tensors.BY_NAME:
                     raise ValueError(f"{kind} {shown(entry.name)!r}: datatype {shown(entry.datatype)!r} not served")
                 found.append(TensorSpec(entry.name, entry.datatype, tuple(d if d >= 0 else -1 for d in entry.shape)))
             return tuple(found)
 
-        version = answer.versions[-1] if answer.versions else listed
-        if version and not NAME.allows(version):
-            raise ValueError(f"version {shown(version)!r} is not a well-formed name")
+        versions = tuple(answer.versions) or ((listed,) if listed else ())
+        for version in versions:
+            if not NAME.allows(version):
+                raise ValueError(f"version {shown(version)!r} is not a well-formed name")
         return RemoteModel(
             name=name,
             backend=self.name,
             remote_name=remote,
-            version=version,
+            version=_highest(versions),
+            versions=versions,
             platform=answer.platform,
             inputs=specs(answer.inputs, "input"),
             outputs=specs(answer.outputs, "output"),
@@ -308,7 +328,8 @@ class BackendClient:
         return up[next(self._turn) % len(up)]
 
     async def _call(self, exchange: Exchange, rpc: str, request: Any, metadata: list[tuple[str, str]]) -> Any:
-        """One unary call through the next address, every outcome in ``exchange`` and the metrics."""
+        """One unary call through the next address, every outcome in ``exchange`` and the metrics. A caller whose
+        own deadline passes first cancels it (grpc.aio cancels the backend call with the caller's task)."""
         address = self._pick()
         exchange.address, exchange.sent = address.address, True
         self._in_flight += 1
@@ -336,15 +357,22 @@ class BackendClient:
                 metrics.BACKEND_SECONDS.labels(backend=self.name).observe(elapsed)
 
     def _error(self, exc: grpc.aio.AioRpcError) -> GatewayError:
-        """What the caller is told of a backend's status: its class, never the backend's internals."""
+        """What the caller is told of a backend's status: its class, never the backend's internals (nor its
+        message: logged). Marked ``from_backend``: not counted against the caller's refusals (gateway.limits)."""
+        error = self._status_error(exc)
+        error.from_backend = True
+        return error
+
+    def _status_error(self, exc: grpc.aio.AioRpcError) -> GatewayError:
         code = exc.code()
         reason = f"backend {self.name}: {code.name}"
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceededError("the model's backend did not answer in time", reason=reason)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             return ResourceExhaustedError("the model's backend answer is too large, or it is busy", reason=reason)
-        if code is grpc.StatusCode.INVALID_ARGUMENT:  # about the caller's request: what it says helps them
-            return InvalidArgumentError(f"the model refused the request: {shown(exc.details() or '')}", reason=reason)
+        if code is grpc.StatusCode.INVALID_ARGUMENT:  # about the request; its text may name the backend's internals
+            log.info("backend_refused_request", backend=self.name, detail=shown(exc.details() or ""))
+            return InvalidArgumentError("the model's backend refused the request as invalid", reason=reason)
         if code is grpc.StatusCode.NOT_FOUND:
             return NotFoundError("the model or version was not found on its backend", reason=reason)
         if code is grpc.StatusCode.UNIMPLEMENTED:
@@ -367,25 +395,41 @@ class BackendClient:
         headers: Sequence[tuple[str, str]],
         exchange: Exchange,
     ) -> dict[str, RemoteOutput]:
-        """ModelInfer with the inputs' raw bytes as they came (typed contents are encoded raw once); the answer's
-        outputs checked against their shapes and the gateway's limits."""
+        """ModelInfer of exactly ``version`` (the one the policy judged; None where the backend advertises none),
+        with the inputs' raw bytes as they came (typed contents encoded raw, a step at a time); the answer's version
+        must be the one asked for, its outputs are checked against their shapes and the gateway's limits."""
         request = pb.ModelInferRequest(model_name=model.remote_name, model_version=version or "")
         for name, tensor in inputs.items():
             request.inputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
-            raw = tensor.raw if tensor.raw is not None else tensors.to_raw(tensors.decode_checked(tensor))[1]
+            if tensor.raw is not None:
+                raw = tensor.raw
+            else:
+                array, _ = await tensors.in_steps(tensors.decode_steps(tensor))
+                (_, raw), _ = await tensors.in_steps(tensors.encode_steps(array))
             request.raw_input_contents.append(raw)
         for name in outputs or ():
             request.outputs.add(name=name)
         metadata = [("x-request-id", request_id), *headers, *self._metadata()]
         answer = await self._call(exchange, "ModelInfer", request, metadata)
-        exchange.version = answer.model_version or None
+        answered = answer.model_version or version
+        if answered is not None and (answered != version or not NAME.allows(answered)):
+            # Fail closed: the policy judged ``version``; an answer from another one is not released.
+            log.error(
+                "backend_answer_version_mismatch",
+                backend=self.name,
+                model=model.name,
+                asked=version,
+                answered=shown(answer.model_version),
+            )
+            raise InternalError(reason=f"backend {self.name}: answered another version than asked")
+        exchange.version = answered
         try:
-            return self._outputs(answer)
+            return await self._outputs(answer)
         except InvalidArgumentError as exc:  # the backend's answer, not the caller's request, is malformed
             log.error("backend_answer_malformed", backend=self.name, model=model.name, detail=exc.message)
             raise InternalError(reason=f"backend {self.name}: malformed answer") from None
 
-    def _outputs(self, answer: pb.ModelInferResponse) -> dict[str, RemoteOutput]:
+    async def _outputs(self, answer: pb.ModelInferResponse) -> dict[str, RemoteOutput]:
         raw_outputs = answer.raw_output_contents
         if raw_outputs and len(raw_outputs) != len(answer.outputs):
             raise InvalidArgumentError("raw_output_contents does not match the outputs")
@@ -403,20 +447,39 @@ class BackendClient:
                 raw_field="raw_output_contents",
             )
             tensors.check(wire, max_elements=self._limits[0], max_bytes_elements=self._limits[1])
-            if row is tensors.BYTES or wire.raw is None:
-                array = tensors.decode_checked(wire)
-                raw = wire.raw if wire.raw is not None else tensors.to_raw(array)[1]
+            if row is tensors.BYTES or wire.raw is None:  # a step at a time: the loop serves others meanwhile
+                array, _ = await tensors.in_steps(tensors.decode_steps(wire))
+                raw = wire.raw if wire.raw is not None else (await tensors.in_steps(tensors.encode_steps(array)))[0][1]
             else:
                 raw = wire.raw
                 array = np.frombuffer(raw, dtype=row.dtype).reshape(wire.shape)
             found[output.name] = RemoteOutput(row, array, raw)
         return found
 
-    async def config(self, model: RemoteModel, *, request_id: str, exchange: Exchange) -> pb.ModelConfig:
-        """The backend's ModelConfig, renamed to the gateway's model name (UNIMPLEMENTED where the backend has none,
+    async def config(
+        self, model: RemoteModel, *, version: str | None, request_id: str, exchange: Exchange
+    ) -> pb.ModelConfig:
+        """The backend's ModelConfig of ``version``, reduced to what a caller allowed the model's metadata may
+        read (the signature's fields, as the gateway's own ModelConfig shows: never the backend's paths,
+        parameters or instance groups), under the gateway's model name (UNIMPLEMENTED where the backend has none,
         as MLServer and KServe)."""
-        request = pb.ModelConfigRequest(name=model.remote_name)
+        request = pb.ModelConfigRequest(name=model.remote_name, version=version or "")
         metadata = [("x-request-id", request_id), *self._metadata()]
         answer = await self._call(exchange, "ModelConfig", request, metadata)
-        answer.config.name = model.name
-        return answer.config
+        found = answer.config
+        shown_config = pb.ModelConfig(
+            name=model.name, platform=found.platform, backend=found.backend, max_batch_size=found.max_batch_size
+        )
+        shown_config.input.extend(found.input)
+        shown_config.output.extend(found.output)
+        return shown_config
+
+
+def _highest(versions: Sequence[str]) -> str:
+    """The version a call naming none runs: the highest number, or the last listed where one is not a number; ""
+    for none. The backend's own default (pinned, canary) is not known through the protocol."""
+    if not versions:
+        return ""
+    if all(v.isascii() and v.isdigit() for v in versions):
+        return max(versions, key=int)
+    return versions[-1]

@@ -46,8 +46,16 @@ class Fleet:
                     )
 
     async def start(self) -> None:
-        """Open every backend's channels and poll each once (a backend down does not stop the start)."""
-        await asyncio.gather(*(client.start() for client in self.clients))
+        """Open every backend's channels and poll each once (a backend down does not stop the start); a start that
+        fails cancels the others' before the error goes on."""
+        starts = [asyncio.ensure_future(client.start()) for client in self.clients]
+        try:
+            await asyncio.gather(*starts)
+        except BaseException:
+            for start in starts:
+                start.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            raise
 
     async def close(self) -> None:
         """Stop polling and close every channel."""

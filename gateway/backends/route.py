@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gateway import tensors
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, NotFoundError
 from gateway.models import schema
 from gateway.models.schema import TensorSpec
 
@@ -23,7 +23,8 @@ class RemoteModel:
     name: str
     backend: str
     remote_name: str
-    version: str  # the backend's version ("" when it names none)
+    version: str  # the version a call naming none runs: the highest the backend advertises ("" when it names none)
+    versions: tuple[str, ...]  # every version the backend advertises (ModelMetadata), in its order
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -32,6 +33,16 @@ class RemoteModel:
     digest: None = None
     batcher: None = None
     provider: None = None  # no ONNX Runtime provider: the backend runs it
+
+    def resolve(self, requested: str | None) -> str | NotFoundError | None:
+        """The version a call runs, named to the backend (docs/backends.md): the one asked for if the backend
+        advertises it, else the default; None for a backend that advertises no version (and is asked for none).
+        A version not advertised is NOT_FOUND here, before anything is sent: the backend never sees it."""
+        if requested is None:
+            return self.version or None
+        if requested in self.versions:
+            return requested
+        return NotFoundError(f"model '{self.name}' has no version '{requested}'")
 
     def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
         """An unnamed single tensor is the model's only input (schema.name_inputs)."""
@@ -101,8 +112,9 @@ class Backend(Protocol):
         """Run ``model`` on the backend with the checked ``inputs``; every outcome goes into ``exchange``."""
         ...
 
-    async def config(self, model: RemoteModel, *, request_id: str, exchange: Exchange) -> Any:
-        """The backend's ModelConfig for ``model`` (inference.ModelConfig), named as the gateway names it."""
+    async def config(self, model: RemoteModel, *, version: str | None, request_id: str, exchange: Exchange) -> Any:
+        """The backend's ModelConfig of ``model`` at ``version`` (inference.ModelConfig), reduced to its signature's
+        fields and named as the gateway names it."""
         ...
 
 

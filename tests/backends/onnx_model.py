@@ -68,3 +68,14 @@ class Expand(MLModel):
         return InferenceResponse(
             model_name=self.name, model_version=self.version, outputs=[NumpyCodec.encode_output("zeros", zeros)]
         )
+
+
+class OtherVersion(MLModel):
+    """Echoes its input, answering as version 7 whatever version it is: a backend that runs another version than
+    the one asked for."""
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        values = NumpyCodec.decode_input(payload.inputs[0])
+        return InferenceResponse(
+            model_name=self.name, model_version="7", outputs=[NumpyCodec.encode_output("x", values)]
+        )

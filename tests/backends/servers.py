@@ -108,7 +108,7 @@ class OipServer:
 
 def mlserver_folder(directory: Path, demo_models: Path) -> Path:
     """MLServer's repository: the demo MLP and text model through the ONNX Runtime model class, and the test models of
-    tests/backends/onnx_model.py (slow, expand)."""
+    tests/backends/onnx_model.py (slow, expand, liar)."""
     shutil.copy(HERE / "onnx_model.py", directory / "onnx_model.py")
     (directory / "settings.json").write_text(
         '{"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "metrics_port": 0, "parallel_workers": 0}'
@@ -118,6 +118,7 @@ def mlserver_folder(directory: Path, demo_models: Path) -> Path:
         "labels": ("onnx_model.OnnxModel", demo_models / "labels" / "1" / "model.onnx", "1", "text", "BYTES", [-1]),
         "slow": ("onnx_model.Sleep", None, "1", "seconds", "FP32", [1]),
         "expand": ("onnx_model.Expand", None, "1", "n", "INT64", [1]),
+        "liar": ("onnx_model.OtherVersion", None, "1", "x", "FP32", [1]),
     }
     for name, (implementation, source, version, input_name, datatype, shape) in models.items():
         folder = directory / name

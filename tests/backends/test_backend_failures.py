@@ -1,5 +1,6 @@
-"""A backend that is down, slow, too talkative, cut off by its caller, killed under load and restarted: every call
-ends (none hangs), with the code its record names, and the record says what the backend did."""
+"""A backend that is down, slow, too talkative, at its in-flight cap, answering another version than asked, cut off
+by its caller, killed under load and restarted: every call ends (none hangs), with the code its record names, and
+the record says what the backend did. A backend's own refusals are not counted against the caller."""
 
 from __future__ import annotations
 
@@ -25,14 +26,18 @@ X = np.random.default_rng(5).random((1, 784), dtype=np.float32)
 @pytest.fixture(scope="module")
 def gw(start_module_gateway, mlserver, tmp_path_factory):
     backends = {
-        "mlserver": plaintext_backend(mlserver, {"mlp": "mlp", "slow-patient": "slow"}, deadline_s=10.0),
+        "mlserver": plaintext_backend(
+            mlserver, {"mlp": "mlp", "slow-patient": "slow", "liar": "liar"}, deadline_s=30.0
+        ),
         "mlserver-hurried": plaintext_backend(mlserver, {"slow": "slow"}, deadline_s=0.5),
         "mlserver-small": plaintext_backend(mlserver, {"expand": "expand"}, max_message_bytes=4096),
         "mlserver-narrow": plaintext_backend(mlserver, {"slow-narrow": "slow"}, max_in_flight=1),
         # Nothing listens on port 1: a backend down from the start.
         "nowhere": {"addresses": ["127.0.0.1:1"], "plaintext": True, "models": {"ghost": "mlp"}},
     }
-    return start_module_gateway(models=empty_repository(tmp_path_factory), overrides={"backends": backends})
+    # Three refusals of one caller in 10 s block it: a backend's refusals must not count.
+    overrides = {"backends": backends, "limits.per_principal.max_refusals": 3}
+    return start_module_gateway(models=empty_repository(tmp_path_factory), overrides=overrides)
 
 
 def request(model: str, name: str, array: np.ndarray) -> oip.ModelInferRequest:
@@ -48,6 +53,13 @@ def infer(gw, message: oip.ModelInferRequest, *, timeout: float = TIMEOUT, reque
         return oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
             message, metadata=auth(gw.token(), *extra), timeout=timeout
         )
+
+
+def infer_later(gw, channel, message: oip.ModelInferRequest, request_id: str) -> grpc.Future:
+    """A call left open (a grpc future on ``channel``): cancel it, or read how it ended."""
+    return oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(
+        message, metadata=auth(gw.token(), ("x-request-id", request_id)), timeout=60
+    )
 
 
 def last_record(gw, model: str) -> dict:
@@ -131,8 +143,32 @@ def test_a_backend_answer_over_max_message_bytes_is_refused(gw):
     assert (record["code"], record["backend"]["code"]) == ("RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED")
 
 
+def test_an_answer_from_another_version_than_asked_is_not_released(gw, mlserver):
+    """The backend's model "liar" advertises version 1 and answers as version 7: the policy judged 1."""
+    error = rpc_error(lambda: infer(gw, request("liar", "x", np.array([1.5], np.float32))))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    record = last_record(gw, "liar")
+    assert (record["code"], record["version"], record["backend"]["code"]) == ("INTERNAL", "1", "OK")
+    assert trailer(error, "x-retry-safe") is None
+
+
+def test_a_backends_own_refusals_do_not_block_the_caller(gw):
+    """MLServer has no ModelConfig (UNIMPLEMENTED): past limits.per_principal.max_refusals (3) of them, the caller is
+    still served, as a backend's reload window (NOT_FOUND) would leave it."""
+    md = auth(gw.token())
+    with gw.channel() as channel:
+        client = oip_grpc.GRPCInferenceServiceStub(channel)
+        codes = [
+            rpc_error(lambda: client.ModelConfig(oip.ModelConfigRequest(name="mlp"), metadata=md, timeout=TIMEOUT))
+            for _ in range(4)
+        ]
+    assert [e.code() for e in codes] == [grpc.StatusCode.UNIMPLEMENTED] * 4
+    assert infer(gw, request("mlp", "input", X)).model_version == "2"
+
+
 def test_a_backend_killed_under_load_hangs_no_call_loses_no_record_and_recovers_when_restarted(gw, mlserver):
     outcomes: dict[str, str] = {}
+    retry_safe: dict[str, str | None] = {}
     stop = threading.Event()
 
     def caller() -> None:
@@ -143,8 +179,13 @@ def test_a_backend_killed_under_load_hangs_no_call_loses_no_record_and_recovers_
                 outcomes[request_id] = "OK"
             except grpc.RpcError as exc:
                 outcomes[request_id] = exc.code().name
+                retry_safe[request_id] = trailer(exc, "x-retry-safe")
 
-    with ThreadPoolExecutor(4) as pool:
+    infers = mlserver.calls()["ModelInfer"]
+    with gw.channel() as channel, ThreadPoolExecutor(4) as pool:
+        # One call surely at the backend when it dies: it was sent, so it is not said to be safe to retry.
+        sent = infer_later(gw, channel, request("slow-patient", "seconds", np.array([30.0], np.float32)), "sent")
+        wait_until(lambda: mlserver.calls()["ModelInfer"] == infers + 1)
         callers = [pool.submit(caller) for _ in range(4)]
         wait_until(lambda: list(outcomes.values()).count("OK") >= 8, timeout_s=30)
         mlserver.kill()
@@ -152,6 +193,11 @@ def test_a_backend_killed_under_load_hangs_no_call_loses_no_record_and_recovers_
         stop.set()
         for future in callers:
             future.result(timeout=30)  # every call ended: none hangs
+        cut = sent.exception(timeout=30)
+    assert cut.code() == grpc.StatusCode.UNAVAILABLE and trailer(cut, "x-retry-safe") is None
+    wait_until(lambda: any(r["request_id"] == "sent" for r in gw.audit_records()))
+    [cut_record] = [r for r in gw.audit_records() if r["request_id"] == "sent"]
+    assert (cut_record["code"], cut_record["backend"]["address"]) == ("UNAVAILABLE", mlserver.target)
     assert set(outcomes.values()) <= {"OK", "UNAVAILABLE"}
     records = {r["request_id"]: r for r in gw.audit_records() if r["model"] == "mlp"}
     for request_id, code in outcomes.items():
@@ -159,6 +205,8 @@ def test_a_backend_killed_under_load_hangs_no_call_loses_no_record_and_recovers_
         assert record["code"] == code, record
         if code != "OK":
             assert record["backend"]["code"] != "OK", record
+            # Safe to retry exactly when nothing was sent.
+            assert (retry_safe[request_id] == "true") == (record["backend"]["address"] is None), record
     mlserver.start()
     end = time.monotonic() + 30
     while True:

@@ -1,6 +1,7 @@
 """Another gateway as the backend (edge gateway -> cluster gateway) over mutual TLS: the edge calls with its own
 certificate and its own token, never the caller's; each gateway decides and records, and the two records share the
-request id."""
+request id. The version the edge's policy judged is the version the cluster runs, whatever the cluster's own
+default; a backend whose certificate does not verify is down, and nothing reaches it."""
 
 from __future__ import annotations
 
@@ -17,9 +18,21 @@ import gateway
 from gateway._pb.inference import grpc_service_pb2 as oip
 from gateway._pb.inference import grpc_service_pb2_grpc as oip_grpc
 from gateway.tracing import Tracing
-from tests.backends.conftest import empty_repository
+from tests.backends.conftest import BACKEND_POLICY, empty_repository
 from tests.conftest import ROOT, Pki, run_script
 from tests.e2e.helpers import TIMEOUT, auth
+
+EDGE_POLICY = (
+    BACKEND_POLICY
+    + """
+  - id: alice-not-v1
+    effect: deny
+    principals: {subjects: [alice]}
+    models: [mlp]
+    versions: [1]
+    actions: "*"
+"""
+)
 
 X = np.random.default_rng(11).random((3, 784), dtype=np.float32)
 
@@ -43,7 +56,10 @@ def traced() -> tuple[Tracing, InMemorySpanExporter]:
 @pytest.fixture(scope="module")
 def gateways(start_module_gateway, edge_pki, tmp_path_factory):
     (edge_tracing, edge_spans), (cluster_tracing, cluster_spans) = traced(), traced()
-    cluster = start_module_gateway(pki=edge_pki, overrides={}, tracing=cluster_tracing)
+    # The cluster pins mlp 1 as its default: the edge, which judged 2 (the highest the cluster advertises), asks for 2.
+    cluster = start_module_gateway(
+        pki=edge_pki, overrides={"models.versions": {"mlp": {"default": 1}}}, tracing=cluster_tracing
+    )
     token_file = tmp_path_factory.mktemp("edge-token") / "token"
     token_file.write_text(cluster.token("edge", bind="edge") + "\n")
     backend = {
@@ -55,10 +71,22 @@ def gateways(start_module_gateway, edge_pki, tmp_path_factory):
         "models": {"mlp": "mlp"},
         "health_interval_s": 0.2,
     }
+    # The same cluster, with a certificate name it does not carry, and with a CA that did not sign it.
+    misnamed = {**backend, "server_name": "nobody.invalid", "models": {"mlp-misnamed": "mlp"}, "health_interval_s": 1}
+    wrong_ca = {
+        **backend,
+        "ca": str(edge_pki.path("edge.crt")),
+        "models": {"mlp-wrong-ca": "mlp"},
+        "health_interval_s": 1,
+    }
     edge = start_module_gateway(
         pki=edge_pki,
         models=empty_repository(tmp_path_factory),
-        overrides={"backends": {"cluster": backend}, "http.listen": "127.0.0.1:0"},
+        policy=EDGE_POLICY,
+        overrides={
+            "backends": {"cluster": backend, "cluster-misnamed": misnamed, "cluster-wrong-ca": wrong_ca},
+            "http.listen": "127.0.0.1:0",
+        },
         tracing=edge_tracing,
     )
     edge.extra["spans"], cluster.extra["spans"] = edge_spans, cluster_spans
@@ -86,6 +114,9 @@ def test_alice_through_the_edge_runs_the_clusters_model_as_the_edge(gateways, de
     at_edge = edge.audit_records()[-1]
     at_cluster = [r for r in cluster.audit_records() if r["request_id"] == at_edge["request_id"]]
     assert (at_edge["sub"], at_edge["code"], at_edge["backend"]["code"]) == ("alice", "OK", "OK")
+    # The edge judged 2 and asked the cluster for 2 (not the cluster's pinned default, 1): one version throughout.
+    assert (at_edge["requested_version"], at_edge["version"]) == (None, "2")
+    assert (at_cluster[0]["requested_version"], at_cluster[0]["version"]) == ("2", "2")
     assert at_edge["backend"]["address"] == cluster.target
     [record] = at_cluster
     assert (record["sub"], record["cert_identity"], record["code"]) == (
@@ -150,3 +181,26 @@ def test_model_config_of_a_gateway_backend_is_its_own_renamed_to_the_edges_name(
     assert (config.config.name, config.config.platform) == ("mlp", "onnxruntime_onnx")
     assert [i.name for i in config.config.input] == ["input"]
     assert edge.audit_records()[-1]["backend"]["code"] == "OK"
+
+
+def test_a_version_the_edge_denies_never_reaches_the_cluster(gateways):
+    edge, cluster = gateways
+    cluster_records = len(cluster.audit_records())
+    with client(edge, "alice") as alice, pytest.raises(gateway.PermissionDeniedError):
+        alice.predict("mlp", {"input": X}, version="1", timeout=TIMEOUT)
+    record = edge.audit_records()[-1]
+    assert (record["version"], record["rule"], record["backend"]["address"]) == ("1", "alice-not-v1", None)
+    polls = {"ServerReady", "ModelMetadata", "RepositoryIndex"}
+    seen = [r["method"].rsplit("/", 1)[1] for r in cluster.audit_records()[cluster_records:]]
+    assert [method for method in seen if method not in polls] == []
+
+
+@pytest.mark.parametrize("model", ["mlp-misnamed", "mlp-wrong-ca"])
+def test_a_backend_whose_certificate_does_not_verify_is_down_and_reaches_nothing(gateways, model):
+    edge, cluster = gateways
+    with client(edge, "alice") as alice, pytest.raises(gateway.UnavailableError):
+        alice.predict(model, {"input": X}, timeout=TIMEOUT)
+    record = edge.audit_records()[-1]
+    assert (record["model"], record["code"], record["backend"]["address"]) == (model, "UNAVAILABLE", None)
+    # No handshake completed, so no call of that backend's reached the cluster: none carries its request id.
+    assert not [r for r in cluster.audit_records() if r["request_id"] == record["request_id"]]

@@ -245,3 +245,74 @@ def test_a_model_stream_through_the_gateway_answers_each_message_as_mlserver_doe
         assert answer.infer_response.raw_output_contents == direct(mlserver, request).raw_output_contents
     messages = [r for r in gw.audit_records() if r["event"] == "stream_message"][-2:]
     assert [(m["code"], m["backend"]["code"]) for m in messages] == [("OK", "OK"), ("OK", "OK")]
+
+
+def test_a_version_the_backend_does_not_advertise_is_not_found_unsent_and_makes_no_metric_label(gw, mlserver):
+    """MLServer advertises mlp version 2 only: version 1 (or any text) is NOT_FOUND at the gateway, for calls,
+    metadata, readiness and configuration alike, nothing sent; the caller's text never becomes a metric label."""
+    token, before = gw.token(), caller_calls(mlserver)
+    md = auth(token)
+    with gw.channel() as channel:
+        client = oip_grpc.GRPCInferenceServiceStub(channel)
+        refusals = [
+            rpc_error(lambda: client.ModelInfer(oip_request(model_version="zz-9"), metadata=md, timeout=TIMEOUT)),
+            rpc_error(lambda: client.ModelInfer(oip_request(model_version="1"), metadata=md, timeout=TIMEOUT)),
+            rpc_error(
+                lambda: client.ModelMetadata(
+                    oip.ModelMetadataRequest(name="mlp", version="1"), metadata=md, timeout=TIMEOUT
+                )
+            ),
+            rpc_error(
+                lambda: client.ModelConfig(
+                    oip.ModelConfigRequest(name="mlp", version="1"), metadata=md, timeout=TIMEOUT
+                )
+            ),
+        ]
+        ready = client.ModelReady(oip.ModelReadyRequest(name="mlp", version="1"), metadata=md, timeout=TIMEOUT)
+        asked = client.ModelInfer(oip_request(model_version="2"), metadata=md, timeout=TIMEOUT)
+    assert [e.code() for e in refusals] == [grpc.StatusCode.NOT_FOUND] * 4
+    assert not ready.ready
+    assert asked.model_version == "2"
+    assert caller_calls(mlserver) == {**before, "ModelInfer": before["ModelInfer"] + 1}
+    refused = [r for r in gw.audit_records() if r["requested_version"] == "zz-9"][-1]
+    assert (refused["code"], refused["version"], refused["backend"]["address"]) == ("NOT_FOUND", None, None)
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.gateway.metrics.port}/metrics", timeout=TIMEOUT) as answer:
+        text = answer.read().decode()
+    labelled = {
+        line.split("{", 1)[1].split("}", 1)[0] for line in text.splitlines() if line.startswith("gateway_calls_total{")
+    }
+    assert not [labels for labels in labelled if "zz-9" in labels]
+    assert any('model="mlp"' in labels and 'version="2"' in labels for labels in labelled)
+
+
+def test_a_codec_hint_that_would_change_the_backends_decoding_is_refused_unsent(gw, mlserver):
+    """MLServer decodes by content_type: "base64" (or "str" on FP32) would make it read the values otherwise than
+    the gateway checked them."""
+    token, before = gw.token(), caller_calls(mlserver)
+    request = oip_request()
+    request.inputs[0].parameters["content_type"].string_param = "base64"
+    with gw.channel() as channel:
+        error = rpc_error(
+            lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=auth(token), timeout=TIMEOUT
+            )
+        )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "content_type" in error.details()
+    assert caller_calls(mlserver) == before
+
+
+def test_an_explicit_route_wins_over_a_pattern_of_its_backend(start_module_gateway, mlserver, tmp_path_factory):
+    """``models: {expand: mlp, ...}`` with ``model_patterns: ["exp*", "ml*"]``: the backend's own "expand" does not
+    replace the explicit route, and the explicit route's remote model "mlp" is not served under a second name."""
+    backend = plaintext_backend(mlserver, {"expand": "mlp", "sleeper": "slow"}, model_patterns=["exp*", "ml*"])
+    edge = start_module_gateway(models=empty_repository(tmp_path_factory), overrides={"backends": {"m": backend}})
+    pki = edge.pki
+    with gateway.Client(
+        edge.target, ca=pki.path("ca.crt"), cert=pki.path("alice.crt"), key=pki.path("alice.key"), token=edge.token()
+    ) as client:
+        metadata = client.metadata("expand", timeout=TIMEOUT)
+        listed = sorted(m.name for m in client.list_models(timeout=TIMEOUT))
+        with pytest.raises(gateway.NotFoundError):
+            client.metadata("mlp", timeout=TIMEOUT)
+    assert [spec.name for spec in metadata.inputs] == ["input"]  # mlp's signature, not expand's ("n")
+    assert listed == ["expand", "sleeper"]

@@ -39,6 +39,9 @@ def test_a_backend_over_mutual_tls_and_one_over_loopback_plaintext(tmp_path):
         ({**MTLS, "deadline_s": 0}, r"backends\.b\.deadline_s: must be more than 0"),
         ({**MTLS, "max_in_flight": 0}, r"backends\.b\.max_in_flight: must be at least 1"),
         ({**MTLS, "max_message_bytes": 2**31}, r"backends\.b\.max_message_bytes: between 1 and"),
+        # An answer the gateway could not send on, a deadline past the call's own limit.
+        ({**MTLS, "max_message_bytes": 64 * 2**20 + 1}, r"backends\.b\.max_message_bytes: between 1 and limits\."),
+        ({**MTLS, "deadline_s": 61}, r"backends\.b\.deadline_s: at most limits\.max_call_s \(60\)"),
         ({**MTLS, "models": {}}, r"backends\.b\.models: name the models it serves"),
         ({**MTLS, "models": {"a b": "x"}}, r"backends\.b\.models\.a b: model names are made of"),
         ({**MTLS, "modles": {}}, r"backends\.b\.modles: unknown key \(did you mean 'models'\?\)"),
@@ -64,3 +67,26 @@ def test_backends_from_the_environment_are_a_json_object():
         None, {"tls.cert": "s.crt", "tls.key": "s.key", "tls.client_ca": "c", "auth.jwks": "j"}, found
     )
     assert loaded.backends["sidecar"].addresses == ("127.0.0.1:8081",) and loaded.backends["sidecar"].plaintext
+
+
+def test_a_missing_backend_file_is_a_config_error_naming_its_key(tmp_path):
+    """check_paths, as at start (exit 2), rather than a traceback when the channel is made."""
+    from gateway.config import check_paths
+
+    for name in ("s.crt", "s.key", "ca.crt", "jwks.json", "gw.crt", "gw.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "gateway.yaml"
+    backend = {**MTLS, "token_file": "token"}
+    path.write_text(
+        SECURE
+        + "models: {repository: models}\npolicies: {directory: policies}\nbackends: "
+        + json.dumps({"b": backend})
+    )
+    with pytest.raises(ConfigError, match=r"backends\.b\.token_file: .*token is not a readable file"):
+        check_paths(load_settings(path))
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "gw.key").unlink()
+    with pytest.raises(ConfigError, match=r"backends\.b\.key: .*gw\.key is not a readable file"):
+        check_paths(load_settings(path))

@@ -3,6 +3,7 @@ and a routed model's inputs checked against the backend's signature."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ MODEL = RemoteModel(
     backend="mlserver",
     remote_name="mlp-onnx",
     version="2",
+    versions=("1", "2"),
     platform="",
     inputs=(TensorSpec("input", "FP32", (-1, 4)),),
     outputs=(TensorSpec("output", "FP32", (-1, 2)),),
@@ -62,6 +64,13 @@ def test_a_routed_models_inputs_are_checked_against_the_backends_signature():
     assert MODEL.name_inputs({"": good}) == {"input": good}
     with pytest.raises(InvalidArgumentError, match=r"input 'input': shape \[2, 5\], model expects \[-1, 4\]"):
         MODEL.validate({"input": tensors.WireTensor("input", row, (2, 5), b"\0" * 40, None)})
+
+
+def test_a_routed_model_runs_an_advertised_version_only():
+    assert MODEL.resolve(None) == "2" and MODEL.resolve("1") == "1"
+    assert isinstance(MODEL.resolve("3"), NotFoundError)
+    unversioned = dataclasses.replace(MODEL, version="", versions=())
+    assert unversioned.resolve(None) is None and isinstance(unversioned.resolve("1"), NotFoundError)
 
 
 def test_an_exchange_with_nothing_sent_records_no_address_and_no_code():

@@ -30,15 +30,20 @@ def test_request_parameters_that_would_change_the_answer_or_have_the_wrong_type_
 
 
 def test_input_binary_size_and_content_type():
-    assert parameters.input_binary_size({}, name="x") is None
-    assert parameters.input_binary_size({"binary_data_size": 16, "content_type": "str"}, name="x") == 16
+    assert parameters.input_binary_size({}, name="x", datatype="BYTES") is None
+    assert (
+        parameters.input_binary_size({"binary_data_size": 16, "content_type": "str"}, name="x", datatype="BYTES") == 16
+    )
+    assert parameters.input_binary_size({"content_type": "np"}, name="x", datatype="FP32") is None
     for bad in (-1, True, "16", 1.5):
         with pytest.raises(InvalidArgumentError, match="non-negative integer"):
-            parameters.input_binary_size({"binary_data_size": bad}, name="x")
-    with pytest.raises(InvalidArgumentError, match="'content_type' must be a string"):
-        parameters.input_binary_size({"content_type": 3}, name="x")
+            parameters.input_binary_size({"binary_data_size": bad}, name="x", datatype="FP32")
+    # A codec hint that would make a backend (MLServer) decode the values otherwise than the gateway checked them.
+    for datatype, hint in (("BYTES", "base64"), ("BYTES", "np"), ("FP32", "str"), ("INT64", "datetime"), ("FP32", 3)):
+        with pytest.raises(InvalidArgumentError, match="'content_type' may only be"):
+            parameters.input_binary_size({"content_type": hint}, name="x", datatype=datatype)
     with pytest.raises(InvalidArgumentError, match="input 'x': parameter 'shared_memory_region'"):
-        parameters.input_binary_size({"shared_memory_region": "r"}, name="x")
+        parameters.input_binary_size({"shared_memory_region": "r"}, name="x", datatype="FP32")
 
 
 def test_output_binary_flag_and_refused_output_parameters():

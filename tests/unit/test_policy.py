@@ -344,10 +344,15 @@ def test_versions_compare_as_numbers_not_strings(tmp_path: Path) -> None:
     assert decide(policies, version="002").allowed
 
 
-def test_deny_with_a_version_list_does_not_cover_an_unknown_version(tmp_path: Path) -> None:
+def test_an_unknown_version_matches_every_deny_naming_versions_and_no_allow_naming_them(tmp_path: Path) -> None:
+    """Fail closed: a routed model whose backend reports no version cannot satisfy a version-conditioned rule."""
     policies = load_one(tmp_path, rules_file(rule("allow-all"), rule("deny-v1", effect="deny", versions="[1]")))
     assert decide(policies, version="1").rule_id == "deny-v1"
-    assert decide(policies, version=None).rule_id == "allow-all"
+    assert decide(policies, version="2").rule_id == "allow-all"
+    assert decide(policies, version=None).rule_id == "deny-v1"
+    (tmp_path / "v2").mkdir()
+    only_v2 = load_one(tmp_path / "v2", rules_file(rule("allow-v2", versions="[2]")))
+    assert not decide(only_v2, version=None).allowed
 
 
 def test_action_list_matches_only_listed_actions(tmp_path: Path) -> None:
