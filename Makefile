@@ -62,9 +62,9 @@ promtool:
 # Triton's perf_analyzer binary (pinned, hash-checked), for the stock-client tests; where it cannot run, the
 # script leaves a note saying why and those tests skip with it.
 perf-analyzer: $(PERF_ANALYZER)/.installed
-$(PERF_ANALYZER)/.installed: scripts/install_perf_analyzer.sh requirements/perf-analyzer.txt
+$(PERF_ANALYZER)/.installed: scripts/install_perf_analyzer.sh scripts/fetch_deb.sh requirements/perf-analyzer.txt
 	PYTHON=$(PYTHON) scripts/install_perf_analyzer.sh $(PERF_ANALYZER)
-	touch $@
+	[ -f $(PERF_ANALYZER)/unavailable ] || touch $@  # not installed: the next make tries again
 
 # The real third-party servers the backend tests run as subprocesses (MLServer, KServe's ModelServer), each in its
 # own venv from its hash-pinned requirements/NAME.txt (compiled by `make lock` from NAME.in): never in .venv.

@@ -463,6 +463,10 @@ def _cmd_model_verify(args: argparse.Namespace) -> int:
         return _fail("give exactly one of --public-key and --certificate-chain", EXIT_USAGE)
     if (trust.certificate_chain is None) == bool(trust.signer_identities):
         return _fail("--signer-identity goes with --certificate-chain (at least one), and only with it", EXIT_USAGE)
+    for identity in trust.signer_identities:
+        problem = signature.signer_spelling_problem(identity)
+        if problem is not None:
+            return _fail(f"--signer-identity: {identity!r} {problem}", EXIT_USAGE)
     try:
         folders = _version_folders(args.paths)
     except _UsageError as exc:

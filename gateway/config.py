@@ -46,7 +46,12 @@ from gateway.models import providers as execution_providers
 from gateway.models.batching import BatchingOptions
 from gateway.models.providers import ProviderSettings
 from gateway.models.routing import VersionRouting
-from gateway.models.signature import DEFAULT_MAX_VERSION_BYTES, SignaturePolicy, SignatureTrust
+from gateway.models.signature import (
+    DEFAULT_MAX_VERSION_BYTES,
+    SignaturePolicy,
+    SignatureTrust,
+    signer_spelling_problem,
+)
 from gateway.models.signature import MODES as SIGNATURE_MODES
 
 DEFAULT_CONFIG = Path("gateway.yaml")
@@ -943,6 +948,10 @@ def _validate_signatures(models: ModelSettings) -> None:
         )
     if trust.signer_identities and trust.certificate_chain is None:
         raise ConfigError("models.signature_trust.signer_identities: only with certificate_chain")
+    for identity in trust.signer_identities:
+        problem = signer_spelling_problem(identity)
+        if problem is not None:
+            raise ConfigError(f"models.signature_trust.signer_identities: {identity!r} {problem}")
     if (trust.sigstore_identity is None) != (trust.sigstore_issuer is None):
         raise ConfigError("models.signature_trust.sigstore_issuer: sigstore_identity and sigstore_issuer go together")
     if importlib.util.find_spec("model_signing") is None:

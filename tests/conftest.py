@@ -174,7 +174,9 @@ PROMETHEUS_RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 def promtool() -> Path:
     """promtool's path, or a skip that says how to get it."""
     if not PROMTOOL.is_file():
-        pytest.skip(f"promtool is not installed at {PROMTOOL}: `make promtool` (scripts/get_promtool.sh) installs it")
+        note = PROMTOOL.parent / "unavailable"
+        why = f" ({note.read_text().strip()})" if note.is_file() else ""
+        pytest.skip(f"promtool is not installed at {PROMTOOL}{why}: `make promtool` (scripts/get_promtool.sh)")
     return PROMTOOL
 
 

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -122,7 +123,9 @@ def verify(folder: Path, trust: SignatureTrust) -> None:
     except Exception as exc:  # the library raises ValueError, OSError and its dependencies' own classes
         raise SignatureError(_short(exc)) from None
     if trust.certificate_chain is not None:
-        check_signer(signing_certificate(signature), trust.signer_identities, now=datetime.now(UTC))
+        now = datetime.now(UTC)
+        check_signer(signing_certificate(signature), trust.signer_identities, now=now)
+        check_chain(signature, trust.certificate_chain, now=now)
 
 
 def signing_certificate(signature: Path) -> x509.Certificate:
@@ -135,6 +138,31 @@ def signing_certificate(signature: Path) -> x509.Certificate:
         raise SignatureError(
             "the signature holds no signing certificate (signed with a key, not a certificate?)"
         ) from None
+
+
+def check_chain(signature: Path, trust_chain: Path, *, now: datetime) -> None:
+    """Refuse a signature whose chain (its intermediates, the CA) is not valid ``now``: the library verified it as
+    of the signing certificate's start only (``check_signer`` says why that is not enough offline). Verified again
+    by the same means as the library's (pyOpenSSL's X509StoreContext), at the load's time."""
+    from OpenSSL import crypto
+
+    try:
+        bundle = json.loads(signature.read_bytes())
+        chain = bundle["verificationMaterial"]["x509CertificateChain"]["certificates"]
+        certificates = [x509.load_der_x509_certificate(base64.b64decode(c["rawBytes"], validate=True)) for c in chain]
+        anchors = x509.load_pem_x509_certificates(trust_chain.read_bytes())
+    except (OSError, ValueError, KeyError, IndexError, TypeError, binascii.Error) as exc:
+        raise SignatureError(f"cannot read the certificate chain: {_short(exc)}") from None
+    store = crypto.X509Store()
+    for anchor in anchors:
+        store.add_cert(crypto.X509.from_cryptography(anchor))
+    store.set_time(now)
+    leaf, *intermediates = (crypto.X509.from_cryptography(certificate) for certificate in certificates)
+    try:
+        crypto.X509StoreContext(store, leaf, intermediates).verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        subject = exc.certificate.to_cryptography().subject.rfc4514_string()
+        raise SignatureError(f"the certificate chain is not valid now: {exc} ({subject})") from None
 
 
 def signer_names(certificate: x509.Certificate) -> list[str]:
@@ -150,6 +178,28 @@ def signer_names(certificate: x509.Certificate) -> list[str]:
         names += [f"dns:{dns.lower()}" for dns in san.get_values_for_type(x509.DNSName)]
     names += [f"cn:{cn.value!s}" for cn in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
     return names
+
+
+_URI_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://")  # RFC 3986's scheme, as URI SANs of signers are written
+
+
+def signer_spelling_problem(text: str) -> str | None:
+    """Why ``text``, an allowed signer identity, can never equal a name ``signer_names`` gives; else None."""
+    if text != text.strip() or not text:
+        return "has blank space around it (or is empty)"
+    for prefix in ("email:", "dns:", "cn:"):
+        if text.startswith(prefix):
+            if text == prefix:
+                return f"names nothing after {prefix!r}"
+            if prefix == "email:" and "@" not in text:
+                return "is not an email address after 'email:'"
+            if prefix == "dns:" and text != text.lower():
+                return "a DNS name is compared in lowercase (RFC 4343)"
+            return None
+    if _URI_SCHEME.match(text):
+        return None
+    hint = f" (write email:{text})" if "@" in text and ":" not in text else ""
+    return f"must be a URI SAN (spiffe://..., https://...), email:, dns: or cn:{hint}"
 
 
 def check_signer(certificate: x509.Certificate, allowed: tuple[str, ...], *, now: datetime) -> None:

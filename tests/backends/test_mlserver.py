@@ -5,6 +5,7 @@ own, byte for byte; every call leaves one truthful record naming the backend."""
 from __future__ import annotations
 
 import re
+import shutil
 import urllib.request
 
 import grpc
@@ -301,11 +302,16 @@ def test_a_codec_hint_that_would_change_the_backends_decoding_is_refused_unsent(
     assert caller_calls(mlserver) == before
 
 
-def test_an_explicit_route_wins_over_a_pattern_of_its_backend(start_module_gateway, mlserver, tmp_path_factory):
-    """``models: {expand: mlp, ...}`` with ``model_patterns: ["exp*", "ml*"]``: the backend's own "expand" does not
-    replace the explicit route, and the explicit route's remote model "mlp" is not served under a second name."""
-    backend = plaintext_backend(mlserver, {"expand": "mlp", "sleeper": "slow"}, model_patterns=["exp*", "ml*"])
-    edge = start_module_gateway(models=empty_repository(tmp_path_factory), overrides={"backends": {"m": backend}})
+def test_an_explicit_route_wins_over_a_pattern_of_its_backend(
+    start_module_gateway, mlserver, tmp_path_factory, demo_models
+):
+    """``models: {expand: mlp, ...}`` with ``model_patterns: ["exp*", "ml*", "lab*"]``: the backend's own "expand"
+    does not replace the explicit route, the explicit route's remote model "mlp" is not served under a second name,
+    and "labels", found by a pattern but also in the local repository, is the local model, listed once."""
+    backend = plaintext_backend(mlserver, {"expand": "mlp", "sleeper": "slow"}, model_patterns=["exp*", "ml*", "lab*"])
+    only_labels = tmp_path_factory.mktemp("labels-only")
+    shutil.copytree(demo_models / "labels", only_labels / "labels")
+    edge = start_module_gateway(models=only_labels, overrides={"backends": {"m": backend}})
     pki = edge.pki
     with gateway.Client(
         edge.target, ca=pki.path("ca.crt"), cert=pki.path("alice.crt"), key=pki.path("alice.key"), token=edge.token()
@@ -315,4 +321,4 @@ def test_an_explicit_route_wins_over_a_pattern_of_its_backend(start_module_gatew
         with pytest.raises(gateway.NotFoundError):
             client.metadata("mlp", timeout=TIMEOUT)
     assert [spec.name for spec in metadata.inputs] == ["input"]  # mlp's signature, not expand's ("n")
-    assert listed == ["expand", "sleeper"]
+    assert listed == ["expand", "labels", "sleeper"]

@@ -449,3 +449,64 @@ def test_model_verify_checks_the_signer_identities(demo_models, tmp_path, signin
     assert subprocess.run(allowed, capture_output=True, text=True, timeout=60).returncode == 0
     unbound = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert unbound.returncode == 2 and "--signer-identity" in unbound.stderr
+    misspelt = [*command, "--signer-identity", "release@example.org"]  # email: left out: it could never match
+    refused = subprocess.run(misspelt, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "(write email:release@example.org)" in refused.stderr
+
+
+def _issue(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    days: tuple[int, int],
+    ca: bool,
+) -> x509.Certificate:
+    """A certificate for ``subject`` valid from ``days[0]`` to ``days[1]`` days from now, issued by ``issuer``
+    (None: self-signed): a CA, or a signer named SIGNER."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer[0].subject if issuer else _name(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + timedelta(days=days[0]))
+        .not_valid_after(now + timedelta(days=days[1]))
+    )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)  # keyCertSign, cRLSign
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SIGNER)]), False)
+        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)  # digitalSignature
+    return builder.add_extension(usage, critical=True).sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+@pytest.mark.parametrize("intermediate_expired", [False, True])
+def test_an_intermediate_certificate_expired_at_the_load_is_refused(demo_models, tmp_path, intermediate_expired):
+    """The library checks the chain as of the signing certificate's start (when this intermediate was valid); the
+    gateway checks it at the load too, as it does the signing certificate."""
+    ca_key, middle_key, signer_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _issue("model-signing root", ca_key, None, days=(-30, 30), ca=True)
+    middle = _issue(
+        "model-signing intermediate", middle_key, (ca, ca_key), days=(-10, -1 if intermediate_expired else 10), ca=True
+    )
+    signer = _issue("release", signer_key, (middle, middle_key), days=(-5, 5), ca=False)
+    pem = {name: tmp_path / f"{name}.pem" for name in ("ca", "middle", "signer")}
+    for name, cert in (("ca", ca), ("middle", middle), ("signer", signer)):
+        pem[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    folder = tmp_path / "mlp" / "1"
+    shutil.copytree(demo_models / "mlp" / "1", folder)
+    key = _write_key(signer_key, tmp_path / "signer.key")
+    signature.sign(folder, private_key=key, certificate=pem["signer"], chain=pem["middle"])
+    trust = signature.SignatureTrust(certificate_chain=pem["ca"], signer_identities=(SIGNER,))
+    if not intermediate_expired:
+        signature.verify(folder, trust)  # the same chain, valid now: served
+        return
+    with pytest.raises(signature.SignatureError) as refused:
+        signature.verify(folder, trust)
+    assert (
+        refused.value.reason
+        == "the certificate chain is not valid now: certificate has expired (CN=model-signing intermediate)"
+    )

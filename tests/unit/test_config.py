@@ -207,6 +207,26 @@ def test_the_probe_listener_may_use_an_address_other_machines_can_reach(tmp_path
             "models: {signatures: warn, signature_trust: {public_key: k.pem, signer_identities: [cn:x]}}\n",
             r"models\.signature_trust\.signer_identities: only with certificate_chain",
         ),
+        (
+            "models: {signatures: warn, signature_trust: {certificate_chain: ca.pem, signer_identities: "
+            "[spiffe://x/y, release@example.org]}}\n",
+            r"models\.signature_trust\.signer_identities: 'release@example\.org' must be a URI SAN .*"
+            r"\(write email:release@example\.org\)",
+        ),
+        (
+            "models: {signatures: warn, signature_trust: {certificate_chain: ca.pem, signer_identities: "
+            "[dns:Signer.Example.org]}}\n",
+            r"models\.signature_trust\.signer_identities: 'dns:Signer\.Example\.org' a DNS name is compared in low",
+        ),
+        (
+            "models: {signatures: warn, signature_trust: {certificate_chain: ca.pem, signer_identities: ['cn:']}}\n",
+            r"models\.signature_trust\.signer_identities: 'cn:' names nothing after 'cn:'",
+        ),
+        (
+            "models: {signatures: warn, signature_trust: {certificate_chain: ca.pem, signer_identities: "
+            "[' email:a@b']}}\n",
+            r"models\.signature_trust\.signer_identities: ' email:a@b' has blank space around it",
+        ),
         ("models: {versions: {mlp: {}}}\n", r"models\.versions\.mlp: give default \(a version\) or canary"),
         ("models: {versions: {mlp: {default: 0}}}\n", r"models\.versions\.mlp\.default: must be a version"),
         ("models: {versions: {mlp: {default: v1}}}\n", r"models\.versions\.mlp\.default: expected a non-negative"),
