@@ -421,3 +421,44 @@ def test_a_client_that_expects_100_continue_gets_it_once_admitted_and_only_then(
     with tls_socket(gw) as s:  # no token: refused at once, no invitation to send the body
         s.sendall(f"{head}\r\n".encode())
         assert s.recv(65536).startswith(b"HTTP/1.1 401")
+
+
+def test_a_call_past_limits_max_call_s_is_504_and_audited(start_gateway):
+    # The body's wait alone (limits.message_timeout_s, 30 s) would hold it longer: the call's own cap ends it.
+    running = start_gateway(
+        overrides={"http.listen": "127.0.0.1:0", "limits.max_call_s": 1.0, "limits.message_timeout_s": 30.0}
+    )
+    started = time.monotonic()
+    with tls_socket(running) as s:
+        s.sendall(
+            f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {running.token()}\r\n"
+            "x-request-id: held-rest\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
+        reply = s.recv(65536).decode()
+    assert reply.startswith("HTTP/1.1 504"), reply
+    assert "limits.max_call_s" in reply
+    assert time.monotonic() - started < 20  # the server's cap, not the socket's timeout
+    (record,) = [r for r in running.audit_records() if r["request_id"] == "held-rest"]
+    assert (record["method"], record["code"], record["reason"]) == (
+        "POST /v2/models/{model}/infer",
+        "DEADLINE_EXCEEDED",
+        "call time limit",
+    )
+
+
+def test_a_revoked_client_certificate_is_401_with_a_bare_challenge_and_audited(start_gateway, pki_copy):
+    from tests.conftest import ROOT, run_script, wait_until
+
+    running = start_gateway(use_pki=pki_copy, overrides={"http.listen": "127.0.0.1:0", "tls.reload_interval_s": 0.05})
+    assert curl(running, "/v2/models/mlp").status == 200
+    run_script(ROOT / "scripts/gen_certs.sh", "--revoke", "alice", pki_copy.dir)
+    wait_until(lambda: curl(running, "/v2/models/mlp").status == 401)
+    refused = curl(running, "/v2/models/mlp")
+    assert "revoked" in refused.json()["error"]
+    # A 401 carries a challenge (RFC 7235 4.1), here without an error code: the certificate, not the token, was
+    # refused (RFC 6750 3.1).
+    assert refused.headers["www-authenticate"] == 'Bearer realm="gateway"'
+    record = last_record(running)
+    assert (record["code"], record["method"]) == ("UNAUTHENTICATED", "GET /v2/models/{model}")
+    assert "revoked" in record["reason"]
+    assert curl(running, "/v2/models/mlp", client="bob").status == 403  # bob's certificate still authenticates
