@@ -57,7 +57,9 @@ def configure(*, fmt: str = "json", level: str = "info", stream: Any = None, wor
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=output),
+        # One write per line (WriteLogger: message and newline together; print() makes two on an unbuffered
+        # stderr), so the lines of workers sharing the supervisor's stderr never run into each other.
+        logger_factory=structlog.WriteLoggerFactory(file=output),
         cache_logger_on_first_use=False,
     )
     _bridge_stdlib(shared=shared, renderer=renderer, level=level, stream=output)

@@ -76,3 +76,29 @@ def test_a_workers_lines_carry_its_index_its_libraries_lines_too(output):
 def test_a_single_process_lines_carry_no_worker(output):
     structlog.get_logger("gateway.test").info("model_ran")
     assert "worker" not in lines(output)[0]
+
+
+class _Writes:
+    """A stream that keeps each write call apart, as an unbuffered stderr hands each to the kernel."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_every_line_is_one_write_so_workers_sharing_stderr_never_interleave(output):
+    # print() writes the message and its newline apart: two workers' lines then ran into each other mid-line.
+    stream = _Writes()
+    configure(fmt="json", level="info", stream=stream, worker=1)  # the fixture puts the logging back afterwards
+    structlog.get_logger("gateway.test").info("gateway_started", port=1)
+    logging.getLogger("grpc.test").warning("a library line")
+    assert len(stream.calls) == 2
+    for call in stream.calls:
+        assert call.endswith("\n") and call.count("\n") == 1
+        assert json.loads(call)["worker"] == 1
