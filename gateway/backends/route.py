@@ -16,7 +16,7 @@ from gateway.models.schema import TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
-class RemoteModel:
+class RemoteModel(schema.InputChecks):
     """A routed model: its gateway name, the backend's name and signature for it, as the last health poll read them
     (ModelMetadata). ``digest`` and ``batcher`` are None: the gateway holds neither for a model it does not run."""
 
@@ -43,18 +43,6 @@ class RemoteModel:
         if requested in self.versions:
             return requested
         return NotFoundError(f"model '{self.name}' has no version '{requested}'")
-
-    def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
-        """An unnamed single tensor is the model's only input (schema.name_inputs)."""
-        return schema.name_inputs(self.inputs, inputs)
-
-    def validate(self, inputs: Mapping[str, tensors.WireTensor]) -> None:
-        """Refuse inputs that do not match the backend's signature before anything is sent (schema.validate)."""
-        schema.validate(self.inputs, inputs)
-
-    def flat_input(self, size: int) -> tuple[str, tuple[int, ...]]:
-        """The name and shape of ``size`` simple-form flat FP32 values (schema.flat_input)."""
-        return schema.flat_input(self.inputs, size)
 
 
 @dataclass(slots=True)

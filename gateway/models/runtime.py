@@ -78,7 +78,7 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return so
 
 
-class ModelVersion:
+class ModelVersion(schema.InputChecks):
     """An immutable, thread-safe loaded model version; ORT sessions may be run from many threads at once."""
 
     def __init__(
@@ -187,18 +187,6 @@ class ModelVersion:
     def label(self) -> str:
         """``name:version`` for logs."""
         return f"{self.name}:{self.version}"
-
-    def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
-        """An unnamed single tensor is the model's only input (schema.name_inputs)."""
-        return schema.name_inputs(self.inputs, inputs)
-
-    def validate(self, inputs: Mapping[str, tensors.WireTensor]) -> None:
-        """Refuse inputs that do not match the signature, before any is decoded (schema.validate)."""
-        schema.validate(self.inputs, inputs)
-
-    def flat_input(self, size: int) -> tuple[str, tuple[int, ...]]:
-        """The name and shape of ``size`` simple-form flat FP32 values (schema.flat_input)."""
-        return schema.flat_input(self.inputs, size)
 
     async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (batched with concurrent requests when configured); validated inputs only."""

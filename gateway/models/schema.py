@@ -72,3 +72,23 @@ def flat_input(specs: tuple[TensorSpec, ...], size: int) -> tuple[str, tuple[int
             f"input_data has {size} values, which do not fill input '{spec.name}' {list(spec.shape)}"
         )
     return spec.name, tuple(size // known if dim == -1 else dim for dim in spec.shape)
+
+
+class InputChecks:
+    """The checks above, for a model whose signature's inputs are ``self.inputs``: one set of methods for a local
+    version (models.runtime) and a routed model (backends.route)."""
+
+    __slots__ = ()
+    inputs: tuple[TensorSpec, ...]
+
+    def name_inputs(self, inputs: dict[str, tensors.WireTensor]) -> dict[str, tensors.WireTensor]:
+        """An unnamed single tensor is the model's only input (``name_inputs``)."""
+        return name_inputs(self.inputs, inputs)
+
+    def validate(self, inputs: Mapping[str, tensors.WireTensor]) -> None:
+        """Refuse inputs that do not match the signature, before any is decoded or sent on (``validate``)."""
+        validate(self.inputs, inputs)
+
+    def flat_input(self, size: int) -> tuple[str, tuple[int, ...]]:
+        """The name and shape of ``size`` simple-form flat FP32 values (``flat_input``)."""
+        return flat_input(self.inputs, size)
