@@ -14,6 +14,7 @@ import structlog
 from gateway import tensors
 from gateway._pb.gateway.v1 import gateway_pb2 as pb
 from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.api.packed import PackedFloats
 from gateway.api.streaming import answer_in_order, echoed_id
 from gateway.context import Answered, Call, Outcome, current_call
 from gateway.errors import GatewayError, InvalidArgumentError, sent_message
@@ -23,6 +24,8 @@ from gateway.pipeline import Bounds, InferBody, InferRequest, InferResult, Pipel
 from gateway.policy import Action
 
 log = structlog.get_logger(__name__)
+
+_INPUT_DATA = PackedFloats(pb.PredictRequest, "input_data")  # the simple form's values, as the raw forms carry them
 
 
 def to_infer_request(request: pb.PredictRequest) -> InferRequest:
@@ -40,7 +43,7 @@ def to_infer_request(request: pb.PredictRequest) -> InferRequest:
         flat = None
         if request.input_data:
             flat = tensors.WireTensor(
-                "input_data", tensors.BY_NAME["FP32"], (), None, request.input_data, values_field="input_data"
+                "input_data", tensors.BY_NAME["FP32"], (), _INPUT_DATA(request), None, raw_field="input_data"
             )
         return InferBody(inputs=inputs, flat=flat)
 
