@@ -30,14 +30,17 @@ def test_values_equal_protobufs_own_reading_bit_for_bit():
     assert _values(raw).tobytes() == np.array(request.input_data, dtype="<f4").tobytes()
 
 
+def _packed_record(values: list[float]) -> bytes:
+    return struct.pack("<BB", (FIELD << 3) | 2, 4 * len(values)) + struct.pack(f"<{len(values)}f", *values)
+
+
 def test_unpacked_and_split_encodings_read_as_one_array():
     # Parsers must accept a repeated float as separate fixed32 records and as several packed records: a client
     # library may send either. Both are read back as the one array protobuf parsed.
     values = [1.5, -2.0, 3.25, 4.0]
     unpacked = b"".join(struct.pack("<B", (FIELD << 3) | 5) + struct.pack("<f", v) for v in values)
-    chunk = lambda vs: struct.pack("<BB", (FIELD << 3) | 2, 4 * len(vs)) + struct.pack(f"<{len(vs)}f", *vs)
-    split = chunk(values[:1]) + chunk(values[1:])
-    for wire in (unpacked, split, chunk(values[:2]) + unpacked[10:]):
+    split = _packed_record(values[:1]) + _packed_record(values[1:])
+    for wire in (unpacked, split, _packed_record(values[:2]) + unpacked[10:]):
         request = pb.PredictRequest.FromString(wire)
         assert list(request.input_data) == values
         assert _values(INPUT_DATA(request)).tolist() == values
