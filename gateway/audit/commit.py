@@ -89,7 +89,7 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._group = Group()
-        self._turn: Group | None = None  # the loop turn's records, committed by a callback at the end of the turn
+        self._turn: Group | None = None  # the loop turn's records, committed by its first caller at the end of it
         self._handoff: deque[Group] = deque()  # loop groups for the writer thread (fsync always, or busy)
         self._committer: Committer | None = None  # who commits now: a caller with its own record, or the thread
         self._state = "new"  # new -> open -> closing -> closed (-> open again)
@@ -166,19 +166,26 @@ class GroupCommit:
 
     async def append(self, event: dict[str, Any]) -> str | None:
         """On the event loop: queue ``event`` into this loop turn's group and wait until it is handled, as
-        ``write``. Every record appended during one loop turn is committed by one callback at the end of it."""
+        ``write``. Every record appended during one loop turn is committed at the end of it, as one group."""
         if self._state != "open":
             raise UnavailableError(reason="audit log is not open")
         loop = asyncio.get_running_loop()
         group = self._turn
+        first = group is None
         if group is None:
             group = self._turn = Group(loop=loop, loop_thread=threading.get_ident())
-            loop.call_soon(self._commit_turn, group)
         index = len(group.records)
         group.records.append(event)
         future: asyncio.Future[str | None] = loop.create_future()
         group.futures.append(future)
-        refusal = await future
+        if first:
+            # The turn's first caller commits its group once the rest of the turn has run (every caller in it has
+            # joined), in its own next step: a callback would cost it one more loop turn to be woken.
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._commit_turn(group)  # cancelled or not: the turn's other callers wait on this group
+        refusal = await future  # done already, unless the group went to the writer thread
         if refusal is None and index in group.failed:
             raise InternalError(reason=group.failed[index])
         return refusal

@@ -224,7 +224,7 @@ class AuditLog:
     async def append(self, record: Mapping[str, Any]) -> None:
         """On the event loop: append one record, return once it is committed, else raise UnavailableError.
 
-        Every record appended during one loop turn is committed by one callback at the end of that turn.
+        Every record appended during one loop turn is committed at the end of that turn, as one group.
         """
         try:
             event = _stamped(record)

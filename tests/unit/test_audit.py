@@ -11,8 +11,10 @@ import itertools
 import json
 import os
 import random
+import re
 import threading
 from collections.abc import Iterator, MutableMapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from gateway.audit import (
     worker_chain_id,
     worker_path,
 )
-from gateway.audit.chain import MAX_RECORD_BYTES, encode_canonical, parse_rotated
+from gateway.audit.chain import MAX_RECORD_BYTES, encode_canonical, parse_rotated, utc_now, utc_stamp
 from gateway.errors import InternalError, UnavailableError
 from tests.conftest import wait_until
 
@@ -127,6 +129,22 @@ def test_caller_record_is_left_unchanged_and_reserved_hash_is_dropped(log_path: 
     (written,) = read_records(log_path)
     assert written["seq"] == 1 and written["hash"] != "forged"
     assert verify_files([log_path]).ok
+
+
+def test_timestamps_are_utc_iso_8601_to_the_microsecond_as_datetime_writes_them() -> None:
+    second = 1_765_000_000 * 10**9
+    rng = random.Random(7)
+    moments = [0, second, second + 999, second + 1_000, second + 999_999_999, second + 10**9]
+    moments += [rng.randrange(0, 4 * 10**18) for _ in range(2000)]  # in random order: the cached second changes
+    for ns in moments:
+        written = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)).isoformat()
+        assert utc_stamp(ns) == written.replace("+00:00", "Z")
+    stamps = [utc_now() for _ in range(2000)]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp) for stamp in stamps)
+    moments_read = [datetime.fromisoformat(stamp) for stamp in stamps]
+    assert moments_read == sorted(moments_read)  # in order (the clock is not stepped back during a test)
+    assert moments_read[0].utcoffset() == timedelta(0)
+    assert abs(moments_read[-1] - datetime.now(UTC)) < timedelta(minutes=1)  # the current time, not a cached one
 
 
 def test_non_finite_floats_become_strings_and_the_file_is_strict_json(log_path: Path) -> None:
@@ -745,6 +763,20 @@ async def test_a_cancelled_caller_does_not_stop_its_group(log_path: Path) -> Non
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert outcomes[0] is None and outcomes[2] is None and isinstance(outcomes[1], asyncio.CancelledError)
     assert len(read_records(log_path)) == 3  # committed: a cancelled caller's record is still in the trail
+
+
+@pytest.mark.parametrize("policy", ["none", "always"])
+async def test_a_cancelled_first_caller_still_commits_its_turns_group(log_path: Path, policy: str) -> None:
+    # The turn's first caller commits its group: cancelled while the rest of the turn runs, it must commit anyway.
+    with AuditLog(log_path, fsync=policy) as audit:  # type: ignore[arg-type]
+        tasks = [asyncio.create_task(audit.append(record(i))) for i in range(3)]
+        await asyncio.sleep(0)  # all three have appended; the first waits for the rest of the turn
+        tasks[0].cancel()
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        stats = audit.stats()
+    assert isinstance(outcomes[0], asyncio.CancelledError) and outcomes[1:] == [None, None]
+    assert stats.groups_written == 1
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-0", "req-1", "req-2"]
 
 
 @pytest.mark.parametrize("policy", ["none", "always"])
