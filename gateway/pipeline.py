@@ -382,8 +382,10 @@ def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.Wi
 
 
 def _check_outputs(model: Served, requested: tuple[str, ...] | None) -> None:
+    if not requested:
+        return
     known = {spec.name for spec in model.outputs}
-    for name in requested or ():
+    for name in requested:
         if ID.check(name, "output name") not in known:
             raise InvalidArgumentError(
                 f"model '{shown(model.name)}' has no output '{shown(name)}' (outputs: {', '.join(sorted(known))})"
