@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--certs", type=Path, default=ROOT / "certs", help="a gen_certs.sh folder (default certs/)")
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default models/)")
     args = parser.parse_args(argv)
+    from gateway import logging as oplog
+
+    oplog.configure(fmt="json", level="warning")  # the start and stop lines would bury the figure
     figures = measure(args)
     print(
         f"loop-thread CPU per call, {args.in_flight} in flight, {args.form} form: "
