@@ -101,10 +101,11 @@ class _CallState:
     the call's facts as far as known, the outcome its handler returned, the sizes, the stream messages recorded,
     the capacity it holds."""
 
-    __slots__ = ("bytes_in", "bytes_out", "call", "messages", "outcome", "slots")
+    __slots__ = ("bytes_in", "bytes_out", "call", "messages", "outcome", "request_id_header", "slots")
 
-    def __init__(self, call: Call, *, stream: bool) -> None:
+    def __init__(self, call: Call, *, stream: bool, request_id_header: str | None) -> None:
         self.call = call
+        self.request_id_header = request_id_header  # the caller's x-request-id, checked once the caller is known
         self.outcome = NO_OUTCOME
         self.bytes_in = 0
         self.bytes_out = 0
@@ -282,6 +283,10 @@ class CallBoundary:
         self._admission = admission
         self._limits = limits
         self._max_reply_bytes = limits.max_message_bytes
+        # What a call (or a stream) past its time cap is refused with, naming the setting: made only when a cap
+        # fires, not one exception per call.
+        self._call_cap = functools.partial(_past_cap, limits.max_call_s, "limits.max_call_s", "call time limit")
+        self._stream_cap = functools.partial(_past_cap, limits.max_stream_s, "limits.max_stream_s", "stream time limit")
         self._active = 0  # handlers running, from their first step to their record: shutdown waits for them
         self._idle = asyncio.Event()
         self._idle.set()
@@ -398,7 +403,7 @@ class CallBoundary:
         trace = self._tracing.start_call(traced_as or method, metadata, request_id)
         call = Call(request_id, method, peer, time.perf_counter(), trace, max_reply_bytes=self._max_reply_bytes)
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        return _CallState(call, stream=stream)
+        return _CallState(call, stream=stream, request_id_header=header)
 
     async def _admit(self, state: _CallState, metadata: Sequence[Any], *, peer_pem: bytes | None, stream: bool) -> None:
         """Authenticate, then take the principal's and the server's capacity (into ``state.slots``); the call's
@@ -432,9 +437,8 @@ class CallBoundary:
             state.call = state.call.admitted(principal)
         elif self._closing:
             raise UnavailableError("the gateway is shutting down", reason="shutting down")
-        header = _request_id_header(metadata)
-        if header is not None:  # checked once the caller is known: a caller without a token learns nothing more
-            ID.check(header, "x-request-id header")
+        if state.request_id_header is not None:  # checked once the caller is known: a caller without a token
+            ID.check(state.request_id_header, "x-request-id header")  # learns nothing more
         principal = state.call.principal
         if principal is not None:
             if refusals is not None:
@@ -494,9 +498,24 @@ class CallBoundary:
         check_size(size, self._limits.max_message_bytes, what=what)
 
     async def _request(self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext) -> Any:
-        """The one request of a unary method, read with a bounded wait, then the end of the request: nothing may
-        follow it, and that is known before the handler runs (a refused call runs no model, issue 27 item 10)."""
-        raw = await self._within(context.read(), self._limits.message_timeout_s, "request message")
+        """The one request of a unary method, then the end of the request: nothing may follow it, and that is known
+        before the handler runs (a refused call runs no model, issue 27 item 10). Both reads within one bound of
+        ``limits.message_timeout_s`` (a timer each cost more than the rest of the read), whose error names the
+        read it was waiting for."""
+        timeout_s = self._limits.message_timeout_s
+        waiting_for = ["request message"]
+        raw = await self._within(
+            self._read_request(state, context, waiting_for),
+            timeout_s,
+            "request",
+            expired_error=lambda: _not_received(waiting_for[0], timeout_s),
+        )
+        return _decode(method.deserialize, raw)
+
+    async def _read_request(
+        self, state: _CallState, context: grpc.aio.ServicerContext, waiting_for: list[str]
+    ) -> bytes:
+        raw = await context.read()
         if raw is grpc.aio.EOF:
             if _deadline_passed(context):  # grpc ends the request stream when the deadline passes
                 raise _deadline_exceeded()
@@ -509,10 +528,10 @@ class CallBoundary:
         state.bytes_in = len(raw)
         self._check_size(len(raw))
         # The client sends its half-close with the message (or right after it): this costs no round trip.
-        following = await self._within(context.read(), self._limits.message_timeout_s, "end of the request")
-        if following is not grpc.aio.EOF:
+        waiting_for[0] = "end of the request"
+        if await context.read() is not grpc.aio.EOF:
             raise InvalidArgumentError("a unary method takes exactly one request message")
-        return _decode(method.deserialize, raw)
+        return raw  # type: ignore[no-any-return]
 
     async def _requests(self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext) -> Any:
         """The messages of a stream, each waited for at most the idle timeout; RESOURCE_EXHAUSTED at the first one
@@ -574,13 +593,10 @@ class CallBoundary:
         return out
 
     def _time_cap(self, *, stream: bool) -> tuple[float, Callable[[], DeadlineExceededError]]:
-        """How long a call (or a stream) may last, and what makes the error past it, which names the setting
-        (made only when a cap fires: not one exception per call)."""
+        """How long a call (or a stream) may last, and what makes the error past it."""
         if stream:
-            cap_s, key, reason = self._limits.max_stream_s, "limits.max_stream_s", "stream time limit"
-        else:
-            cap_s, key, reason = self._limits.max_call_s, "limits.max_call_s", "call time limit"
-        return cap_s, functools.partial(_past_cap, cap_s, key, reason)
+            return self._limits.max_stream_s, self._stream_cap
+        return self._limits.max_call_s, self._call_cap
 
     async def _serve_stream(self, method: _Method, context: grpc.aio.ServicerContext) -> AsyncGenerator[bytes, None]:
         self._enter()

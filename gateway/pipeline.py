@@ -376,12 +376,16 @@ def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.Wi
     # Bounded before the shape is worked out: a count past every limit is no shape.
     tensors.element_count((size,), name="input_data", max_elements=model.max_elements)
     name, shape = model.flat_input(size)
-    return {name: replaced(flat, shape=shape)}
+    return {
+        name: tensors.WireTensor(flat.name, flat.row, shape, flat.raw, flat.values, flat.raw_field, flat.values_field)
+    }
 
 
 def _check_outputs(model: Served, requested: tuple[str, ...] | None) -> None:
+    if not requested:
+        return
     known = {spec.name for spec in model.outputs}
-    for name in requested or ():
+    for name in requested:
         if ID.check(name, "output name") not in known:
             raise InvalidArgumentError(
                 f"model '{shown(model.name)}' has no output '{shown(name)}' (outputs: {', '.join(sorted(known))})"

@@ -10,6 +10,7 @@ takes and gives (it would turn a ``bytes`` element into the text "b'...'"), so e
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def decode_steps(tensor: WireTensor) -> Steps:
     millisecond of work, and the generator's return value is the array of its datatype and shape. The event loop
     serves other calls between steps (gateway.pipeline); a small tensor takes one step."""
     name, row, shape = shown(tensor.name), tensor.row, tensor.shape
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # bounded by check(): no overflow to guard against
     if row is BYTES:
         if tensor.raw is not None:
             texts = yield from _split_texts(tensor.raw, count, name, tensor.raw_field)
