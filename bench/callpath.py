@@ -22,16 +22,15 @@ import asyncio
 import cProfile
 import pstats
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import yaml
 
-from bench.run import ALLOW_ALICE, ROOT, issue_token
+from bench.profile import started_gateway
+from bench.run import ROOT, issue_token
 
 PREDICT = "/gateway.v1.InferenceService/Predict"
 
@@ -80,59 +79,43 @@ def measure(args: argparse.Namespace) -> list[float]:
     """Loop-thread CPU us per call, one figure per repetition (and the profile, if asked, printed)."""
     from gateway._pb.gateway.v1 import gateway_pb2_grpc as pb_grpc
     from gateway.boundary import HandlerCollector
-    from gateway.config import certs_dir_overrides, load_settings
-    from gateway.server import Gateway, InferenceServicer
+    from gateway.server import InferenceServicer
 
     certs = args.certs
-    with tempfile.TemporaryDirectory(prefix="gateway-callpath-") as tmp:
-        policies = Path(tmp) / "policies"
-        policies.mkdir()
-        (policies / "bench.yaml").write_text(yaml.safe_dump(ALLOW_ALICE))
-        overrides = {
-            **certs_dir_overrides(certs / "server"),
-            "listen": "127.0.0.1:0",
-            "models.repository": args.models,
-            "policies.directory": policies,
-            "audit.path": Path(tmp) / "audit" / "audit.log",
-        }
-        gateway = Gateway(load_settings(None, overrides))
-        gateway.start()
-        try:
-            collector = HandlerCollector()
-            pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway.pipeline), collector)
-            handler = gateway.boundary.generic_handler(collector.services).service(_Details()).stream_unary
-            metadata = (("authorization", f"Bearer {issue_token(certs)}"), ("user-agent", "grpc-python"))
-            pem = (certs / "clients" / "alice" / "alice.crt").read_bytes()
-            request = _request(args.form)
+    with started_gateway(certs, args.models) as gateway:
+        collector = HandlerCollector()
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(gateway.pipeline), collector)
+        handler = gateway.boundary.generic_handler(collector.services).service(_Details()).stream_unary
+        metadata = (("authorization", f"Bearer {issue_token(certs)}"), ("user-agent", "grpc-python"))
+        pem = (certs / "clients" / "alice" / "alice.crt").read_bytes()
+        request = _request(args.form)
 
-            async def calls(count: int) -> None:
-                for _ in range(count):
-                    if not await handler(None, _Context(metadata, pem, request)):
-                        raise RuntimeError("an empty answer")
+        async def calls(count: int) -> None:
+            for _ in range(count):
+                if not await handler(None, _Context(metadata, pem, request)):
+                    raise RuntimeError("an empty answer")
 
-            async def run(count: int) -> float:
-                per_task = max(1, count // args.in_flight)
-                started = time.thread_time()
-                await asyncio.gather(*(calls(per_task) for _ in range(args.in_flight)))
-                return (time.thread_time() - started) / (per_task * args.in_flight) * 1e6
+        async def run(count: int) -> float:
+            per_task = max(1, count // args.in_flight)
+            started = time.thread_time()
+            await asyncio.gather(*(calls(per_task) for _ in range(args.in_flight)))
+            return (time.thread_time() - started) / (per_task * args.in_flight) * 1e6
 
-            async def session() -> list[float]:
-                await run(min(args.calls, 500))  # warm-up: the verdict remembered, ORT's first runs
-                figures = [await run(args.calls) for _ in range(args.reps)]
-                if args.profile:
-                    profile = cProfile.Profile()
-                    profile.enable()
-                    await run(args.calls)
-                    profile.disable()
-                    pstats.Stats(profile).sort_stats(args.profile).print_stats(40)
-                return figures
+        async def session() -> list[float]:
+            await run(min(args.calls, 500))  # warm-up: the verdict remembered, ORT's first runs
+            figures = [await run(args.calls) for _ in range(args.reps)]
+            if args.profile:
+                profile = cProfile.Profile()
+                profile.enable()
+                await run(args.calls)
+                profile.disable()
+                pstats.Stats(profile).sort_stats(args.profile).print_stats(40)
+            return figures
 
-            loop = gateway._loop  # the handler must run on the gateway's own loop
-            if loop is None:
-                raise RuntimeError("the gateway has no event loop")
-            return asyncio.run_coroutine_threadsafe(session(), loop).result()
-        finally:
-            gateway.stop(1.0)
+        loop = gateway._loop  # the handler must run on the gateway's own loop
+        if loop is None:
+            raise RuntimeError("the gateway has no event loop")
+        return asyncio.run_coroutine_threadsafe(session(), loop).result()
 
 
 class _Details:

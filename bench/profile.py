@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,14 @@ def measure(
 @contextmanager
 def serving(certs: Path, models: Path) -> Iterator[tuple[int, str]]:
     """The fully secured gateway started in this process on a loopback port: yields (port, token)."""
+    with started_gateway(certs, models) as gateway:
+        yield gateway.port, issue_token(certs)
+
+
+@contextmanager
+def started_gateway(certs: Path, models: Path) -> Iterator[Any]:
+    """The fully secured gateway (a gen_certs.sh folder's server credentials, a policy letting alice do anything,
+    an audit trail in a temp dir) started in this process on a loopback port, stopped after the block."""
     import yaml
 
     from gateway.config import certs_dir_overrides, load_settings
@@ -133,9 +142,9 @@ def serving(certs: Path, models: Path) -> Iterator[tuple[int, str]]:
             "audit.path": Path(tmp) / "audit" / "audit.log",
         }
         gateway = Gateway(load_settings(None, overrides))
-        port = gateway.start()
+        gateway.start()
         try:
-            yield port, issue_token(certs)
+            yield gateway
         finally:
             gateway.stop(1.0)
 
