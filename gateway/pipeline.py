@@ -371,8 +371,9 @@ def _exchanged(decided: Outcome, exchange: Exchange, described: tuple[dict[str, 
 
 
 def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
-    """The simple form's flat FP32 values (raw, or typed) as the model's one input, shaped by its signature."""
-    size = len(flat.values) if flat.values is not None else len(flat.raw or b"") // flat.row.dtype.itemsize
+    """The simple form's flat FP32 values (their raw bytes, gateway.api.packed) as the model's one input, shaped by
+    its signature."""
+    size = len(flat.raw or b"") // flat.row.dtype.itemsize
     # Bounded before the shape is worked out: a count past every limit is no shape.
     tensors.element_count((size,), name="input_data", max_elements=model.max_elements)
     name, shape = model.flat_input(size)
