@@ -165,7 +165,7 @@ _STEPS: dict[str, tuple[str, ...]] = {
     "bounded reads (_request, _within/asyncio.timeout, end of request)": (
         "gateway.boundary:CallBoundary._request",
         "gateway.boundary:CallBoundary._within",
-        "gateway.boundary:CallBoundary._end_of_request",
+        "gateway.boundary:CallBoundary._read_request",
     ),
     "size checks": ("gateway.boundary:CallBoundary._check_size",),
     "decode: protobuf parse": ("gateway.boundary:_decode",),
@@ -186,7 +186,7 @@ _STEPS: dict[str, tuple[str, ...]] = {
         "gateway.policy:PolicySet.evaluate",
     ),
     "validation (reshape, validate, describe inputs, outputs)": (
-        "gateway.models.runtime:ModelVersion.reshape_flat",
+        "gateway.pipeline:_flat_input",
         "gateway.models.runtime:ModelVersion.name_inputs",
         "gateway.models.runtime:ModelVersion.validate",
         "gateway.pipeline:describe_inputs",
@@ -238,9 +238,24 @@ _STEPS: dict[str, tuple[str, ...]] = {
 _CALIBRATION = "(calibration)"
 
 
-def _wrap(label: str, owner: Any, attribute: str) -> tuple[Any, str, Any] | None:
-    if not hasattr(owner, attribute):
-        return None  # a step that is gone from the code path (renamed or removed): nothing to charge
+def step_targets() -> Iterator[tuple[str, Any, str]]:
+    """(label, owner, attribute) of every step of ``_STEPS``; AttributeError naming one the code no longer has (a
+    renamed step would otherwise drop out of the table unnoticed)."""
+    import importlib
+
+    for label, targets in _STEPS.items():
+        for target in targets:
+            module_name, _, path = target.partition(":")
+            *owner_path, attribute = path.split(".")
+            owner: Any = importlib.import_module(module_name)
+            for part in owner_path:
+                owner = getattr(owner, part)
+            if not hasattr(owner, attribute):
+                raise AttributeError(f"bench.steps: {target} ({label!r}) is not in the code any more")
+            yield label, owner, attribute
+
+
+def _wrap(label: str, owner: Any, attribute: str) -> tuple[Any, str, Any]:
     static = inspect.getattr_static(owner, attribute)
     function = static.__func__ if isinstance(static, staticmethod) else getattr(owner, attribute)
     if inspect.iscoroutinefunction(function):
@@ -255,21 +270,9 @@ def _wrap(label: str, owner: Any, attribute: str) -> tuple[Any, str, Any] | None
 def instrumented() -> Iterator[None]:
     """Every step of ``_STEPS`` wrapped (to be entered before the gateway is built), and the boundary's context
     calls and (de)serializers timed."""
-    import importlib
-
     import gateway.boundary as boundary
 
-    originals: list[tuple[Any, str, Any]] = []
-    for label, targets in _STEPS.items():
-        for target in targets:
-            module_name, _, path = target.partition(":")
-            *owner_path, attribute = path.split(".")
-            owner: Any = importlib.import_module(module_name)
-            for part in owner_path:
-                owner = getattr(owner, part)
-            wrapped = _wrap(label, owner, attribute)
-            if wrapped is not None:
-                originals.append(wrapped)
+    originals = [_wrap(label, owner, attribute) for label, owner, attribute in step_targets()]
     make_method = boundary._method
 
     def timed_method(name: str, handler: Any) -> Any:

@@ -42,3 +42,9 @@ def test_call_path_tool_drives_secured_calls_through_the_boundary(pki, demo_mode
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "loop-thread CPU per call, 4 in flight, flat form: median" in result.stdout
+
+
+def test_every_step_of_the_step_table_is_in_the_code():
+    from bench.steps import step_targets
+
+    assert len(list(step_targets())) > 30  # AttributeError names a step renamed or removed from the call path
