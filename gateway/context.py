@@ -57,44 +57,28 @@ class Call:
 
     def identified(self, certificate: PeerCertificate | None) -> Call:
         """This call with its client certificate known."""
-        return Call(
-            self.request_id,
-            self.method,
-            self.peer,
-            self.started,
-            self.trace,
-            certificate,
-            self.principal,
-            self.message_index,
-            self.max_reply_bytes,
-            self.route_key,
-        )
+        return self._with(self.started, certificate, self.principal, self.message_index)
 
     def admitted(self, principal: Principal | None) -> Call:
         """This call with its caller authenticated."""
-        return Call(
-            self.request_id,
-            self.method,
-            self.peer,
-            self.started,
-            self.trace,
-            self.certificate,
-            principal,
-            self.message_index,
-            self.max_reply_bytes,
-            self.route_key,
-        )
+        return self._with(self.started, self.certificate, principal, self.message_index)
 
     def for_message(self, index: int) -> Call:
         """One message of this stream: the same caller, its own place and clock."""
+        return self._with(time.perf_counter(), self.certificate, self.principal, index)
+
+    def _with(
+        self, started: float, certificate: PeerCertificate | None, principal: Principal | None, index: int | None
+    ) -> Call:
+        # Positional, not dataclasses.replace: this is on every call's path (replace costs several times as much).
         return Call(
             self.request_id,
             self.method,
             self.peer,
-            time.perf_counter(),
+            started,
             self.trace,
-            self.certificate,
-            self.principal,
+            certificate,
+            principal,
             index,
             self.max_reply_bytes,
             self.route_key,
