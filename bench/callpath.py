@@ -1,6 +1,7 @@
 """The gateway's own Python per secured Predict call, with grpc taken out: event-loop thread CPU us per call.
 
     python -m bench.callpath [--in-flight 1] [--calls 2000] [--reps 5] [--form flat|tensor] [--profile tottime]
+                             [--lines]
 
 The fully secured gateway starts in this process (mutual TLS credentials, token, policy, ONNX Runtime, audit trail,
 as bench.profile starts it), and its call boundary's Predict handler is driven on its event loop with a stand-in for
@@ -9,10 +10,12 @@ Everything the gateway does per call runs (entry, authentication from the rememb
 reads, decode, policy, validation, ORT, encode, the audit record committed to its file); grpc's own work does not.
 So the figure moves with the gateway's code alone and is steady to a few percent, where a load test's server CPU
 per call wanders by tens of microseconds: the tool for cutting the call path step by step (before and after, in
-turn, on one machine). ``--profile`` adds a cProfile listing (which roughly doubles every figure it shows).
+turn, on one machine). ``--profile`` adds a cProfile listing (which roughly doubles every figure it shows);
+``--lines`` counts the Python lines one call executes, by function (how much bytecode the path runs).
 
 Not a substitute for ../shared/perf/run.sh: in a real server, grpc's callbacks run between the steps and the same
-Python costs about 1.3-1.5x as much (caches); the harness is what the project is judged by.
+Python costs more (about 1.7x over issue 22's second pass: docs/design/call-path.md); the harness is what the
+project is judged by.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import pstats
 import statistics
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +116,31 @@ def measure(args: argparse.Namespace) -> list[float]:
                 await run(args.calls)
                 profile.disable()
                 pstats.Stats(profile).sort_stats(args.profile).print_stats(40)
+            if args.lines:
+                counts: Counter[str] = Counter()
+                sys.settrace(functools.partial(_count_lines, counts))
+                try:
+                    await run(args.calls)
+                finally:
+                    sys.settrace(None)
+                calls = max(1, args.calls // args.in_flight) * args.in_flight
+                print(f"Python lines executed per call: {sum(counts.values()) / calls:,.0f}; the most, by function:")
+                for where, count in counts.most_common(30):
+                    print(f"{count / calls:8.1f}  {where}")
             return figures
 
         loop = gateway._loop  # the handler must run on the gateway's own loop
         if loop is None:
             raise RuntimeError("the gateway has no event loop")
         return asyncio.run_coroutine_threadsafe(session(), loop).result()
+
+
+def _count_lines(counts: Counter[str], frame: Any, event: str, arg: Any) -> Any:
+    """A tracer counting each line event by its function (file name and function name)."""
+    if event == "line":
+        code = frame.f_code
+        counts[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+    return functools.partial(_count_lines, counts)
 
 
 class _Details:
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
     parser.add_argument("--form", choices=("flat", "tensor"), default="flat", help="request form (default flat)")
     parser.add_argument("--profile", choices=("tottime", "cumulative"), help="also print a cProfile listing")
+    parser.add_argument("--lines", action="store_true", help="also count the Python lines one call executes")
     parser.add_argument("--certs", type=Path, default=ROOT / "certs", help="a gen_certs.sh folder (default certs/)")
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default models/)")
     args = parser.parse_args(argv)

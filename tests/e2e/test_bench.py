@@ -35,13 +35,14 @@ def test_quick_bench_measures_each_target_and_writes_its_reports(pki, demo_model
 
 def test_call_path_tool_drives_secured_calls_through_the_boundary(pki, demo_models):
     # The stand-in context raises when a call is refused, so a figure means every call was answered.
-    command = [sys.executable, "-m", "bench.callpath", "--calls", "40", "--reps", "1", "--in-flight", "4"]
+    command = [sys.executable, "-m", "bench.callpath", "--calls", "40", "--reps", "1", "--in-flight", "4", "--lines"]
     command += ["--certs", str(pki.dir), "--models", str(demo_models)]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "loop-thread CPU per call, 4 in flight, flat form: median" in result.stdout
+    assert "Python lines executed per call:" in result.stdout and "pipeline.py:predict" in result.stdout
 
 
 def test_every_step_of_the_step_table_is_in_the_code():
