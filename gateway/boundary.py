@@ -29,6 +29,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from gateway import logging as oplog
 from gateway import metrics, tracing
 from gateway.audit import AuditLog
 from gateway.audit.record import build as build_record
@@ -323,8 +324,8 @@ class CallBoundary:
             metrics.IN_FLIGHT.inc()
 
     def _leave(self) -> None:
-        # The request id bound by _begin: cleared with the call, so no later line in this context claims it.
-        structlog.contextvars.unbind_contextvars("request_id")
+        # The request id set by _enter_call: cleared with the call, so no later line in this context claims it.
+        oplog.request_id.set(None)
         self._active -= 1
         if self._metered:
             metrics.IN_FLIGHT.dec()
@@ -402,7 +403,7 @@ class CallBoundary:
         request_id = header if header is not None and ID.allows(header) else new_request_id()
         trace = self._tracing.start_call(traced_as or method, metadata, request_id)
         call = Call(request_id, method, peer, time.perf_counter(), trace, max_reply_bytes=self._max_reply_bytes)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        oplog.request_id.set(request_id)
         return _CallState(call, stream=stream, request_id_header=header)
 
     async def _admit(self, state: _CallState, metadata: Sequence[Any], *, peer_pem: bytes | None, stream: bool) -> None:

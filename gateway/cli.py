@@ -45,7 +45,17 @@ if TYPE_CHECKING:  # imported where used: a command loads only what it needs
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # The top-level modules of the server extra (pyproject.toml), which `pip install gateway` leaves out.
 SERVER_MODULES = frozenset(
-    {"grpc_health", "grpc_reflection", "jwt", "onnxruntime", "structlog", "yaml", "prometheus_client", "aiohttp"}
+    {
+        "grpc_health",
+        "grpc_reflection",
+        "jwt",
+        "onnxruntime",
+        "structlog",
+        "yaml",
+        "prometheus_client",
+        "aiohttp",
+        "orjson",
+    }
 )
 DEFAULT_TTL_S = 3600
 

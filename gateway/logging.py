@@ -5,6 +5,7 @@ This is never the audit trail, which ``gateway.audit`` writes itself.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import re
@@ -18,6 +19,19 @@ import structlog
 _SECRET_KEY = re.compile(r"(token|authorization|password|secret|private|bearer|jwt)", re.IGNORECASE)
 # A JWT in free text: three base64url segments, the first starting like a JSON header ("eyJ").
 _JWT_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+
+# The request id of the call served in this context, set by the call boundary for the call's duration: every line
+# logged in it carries it, whoever logs it. One ContextVar set per call (structlog's bind/unbind_contextvars cost
+# several times as much on every call, and a call rarely logs).
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("gateway_request_id", default=None)
+
+
+def _add_request_id(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the call's request id, unless the line names one itself."""
+    current = request_id.get()
+    if current is not None:
+        event_dict.setdefault("request_id", current)
+    return event_dict
 
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -39,9 +53,10 @@ def configure(*, fmt: str = "json", level: str = "info", stream: Any = None, wor
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
-    # merge_contextvars first: a call's request id reaches every line logged in its context, whoever logs it.
+    # Context first: a call's request id reaches every line logged in its context, whoever logs it.
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        _add_request_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -250,6 +250,7 @@ SERVER_ONLY_MODULES = (
     "yaml",
     "prometheus_client",
     "aiohttp",
+    "orjson",
 )
 
 _BLOCKER = """

@@ -86,19 +86,20 @@ class Digester:
         return mac.hexdigest()
 
 
-def seal(record: dict[str, Any], digest: Digester) -> tuple[bytes, str]:
+def seal(record: dict[str, Any], digest: Digester, *, body: bytes | None = None) -> tuple[bytes, str]:
     """The record's line (canonical JSON with ``hash`` appended as the last key, newline included) and its hash.
 
     ``record`` must already carry ``chain``, ``seq`` and ``prev`` and no ``hash``. The hash covers the canonical
     JSON of everything else, which is the line itself minus the ``,"hash":"..."`` member. A record that is not
     strict JSON as it stands (NaN, a lone surrogate, a numpy scalar) is made so first, and one whose line would
     be longer than MAX_RECORD_BYTES is cut down (``bounded``); the common record is encoded once, with no
-    Python-level walk over its values.
+    Python-level walk over its values. ``body``: the record's canonical JSON, where the caller has it already.
     """
-    try:
-        body = encode_canonical(record).encode("utf-8")
-    except (ValueError, TypeError):
-        body = encode_canonical(make_strict(record)).encode("utf-8")
+    if body is None:
+        try:
+            body = encode_canonical(record).encode("utf-8")
+        except (ValueError, TypeError):
+            body = encode_canonical(make_strict(record)).encode("utf-8")
     if len(body) > _MAX_BODY_BYTES:
         body = encode_canonical(bounded(record, len(body))).encode("utf-8")
     mac = digest(body)

@@ -10,6 +10,7 @@ import logging
 import pytest
 import structlog
 
+from gateway import logging as oplog
 from gateway.logging import configure
 
 JWT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
@@ -33,13 +34,20 @@ def lines(stream: io.StringIO) -> list[dict]:
 
 
 def test_a_library_log_record_is_a_json_line_with_the_calls_request_id(output):
-    with structlog.contextvars.bound_contextvars(request_id="abc123"):
+    token = oplog.request_id.set("abc123")  # as the call boundary sets it for the call's duration
+    try:
         logging.getLogger("grpc._cython.cygrpc").warning("handshake failed: %s", "peer went away")
         structlog.get_logger("gateway.test").info("model_ran")
-    library, own = lines(output)
+        structlog.get_logger("gateway.test").info("named", request_id="other")  # a line's own id wins
+    finally:
+        oplog.request_id.reset(token)
+    structlog.get_logger("gateway.test").info("after_the_call")
+    library, own, named, after = lines(output)
     assert library["event"] == "handshake failed: peer went away"
     assert library["level"] == "warning" and library["logger"] == "grpc._cython.cygrpc"
     assert library["request_id"] == own["request_id"] == "abc123"
+    assert named["request_id"] == "other"
+    assert "request_id" not in after
     assert "timestamp" in library
 
 

@@ -29,6 +29,7 @@ SERVER = {
     "pyyaml",
     "prometheus-client",
     "aiohttp",
+    "orjson",
 }
 
 
