@@ -162,9 +162,9 @@ _STEPS: dict[str, tuple[str, ...]] = {
     "certificate: CRL check": ("gateway.auth.certs:CrlStore.check",),
     "token: bearer header parse": ("gateway.auth.authenticator:bearer_token",),
     "token: verify (cache hit, binding)": ("gateway.auth.verifier:TokenVerifier.verify",),
-    "bounded reads (_request, _within/asyncio.timeout, end of request)": (
+    "bounded reads (_request, Deadlines.within, end of request)": (
         "gateway.boundary:CallBoundary._request",
-        "gateway.boundary:CallBoundary._within",
+        "gateway.deadlines:Deadlines.within",
         "gateway.boundary:CallBoundary._read_request",
     ),
     "size checks": ("gateway.boundary:CallBoundary._check_size",),

@@ -49,6 +49,7 @@ from gateway.context import (
     current_call,
     new_request_id,
 )
+from gateway.deadlines import Deadlines
 from gateway.errors import (
     AuthenticationError,
     CancelledError,
@@ -288,6 +289,7 @@ class CallBoundary:
         # fires, not one exception per call.
         self._call_cap = functools.partial(_past_cap, limits.max_call_s, "limits.max_call_s", "call time limit")
         self._stream_cap = functools.partial(_past_cap, limits.max_stream_s, "limits.max_stream_s", "stream time limit")
+        self._deadlines = Deadlines(_not_received)  # every wait of a call bounded, without a timer each
         self._active = 0  # handlers running, from their first step to their record: shutdown waits for them
         self._idle = asyncio.Event()
         self._idle.set()
@@ -462,39 +464,6 @@ class CallBoundary:
                 raise
             return authenticator.authenticate(peer, authorization)
 
-    @staticmethod
-    async def _within(
-        waited: Awaitable[Any],
-        timeout_s: float,
-        what: str,
-        *,
-        expired_error: Callable[[], GatewayError] | None = None,
-    ) -> Any:
-        """``await waited`` for at most ``timeout_s``; past it, DEADLINE_EXCEEDED naming ``what`` (or the error
-        ``expired_error`` makes). Nested bounds each raise their own: the one whose timer cancelled the task.
-
-        What ``asyncio.timeout`` does, with one timer handle and no context manager: the same rule (only the
-        cancellation this timer caused becomes the timeout, any other stays a cancellation) at about half the cost
-        per read (docs/performance.md)."""
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("a bounded read outside a task")
-        loop = asyncio.get_running_loop()
-        cancelling = task.cancelling()
-        expired: list[bool] = []
-        timer = loop.call_at(loop.time() + timeout_s, _expire, task, expired)
-        try:
-            result = await waited
-        except asyncio.CancelledError:
-            if expired and task.uncancel() <= cancelling:
-                raise (expired_error() if expired_error else _not_received(what, timeout_s)) from None
-            raise
-        finally:
-            timer.cancel()
-        if expired:  # fired as the wait ended: its cancel request is withdrawn, as asyncio.timeout does
-            task.uncancel()
-        return result
-
     def _check_size(self, size: int, *, what: str = "message") -> None:
         check_size(size, self._limits.max_message_bytes, what=what)
 
@@ -505,7 +474,7 @@ class CallBoundary:
         read it was waiting for."""
         timeout_s = self._limits.message_timeout_s
         waiting_for = ["request message"]
-        raw = await self._within(
+        raw = await self._deadlines.within(
             self._read_request(state, context, waiting_for),
             timeout_s,
             "request",
@@ -540,7 +509,7 @@ class CallBoundary:
         refusals = self.recorder.refusals
         index = 0
         while True:
-            raw = await self._within(context.read(), self._limits.stream_idle_timeout_s, "stream message")
+            raw = await self._deadlines.within(context.read(), self._limits.stream_idle_timeout_s, "stream message")
             if raw is grpc.aio.EOF:
                 # grpcio reports a cancel (the client's, or its own for a message over its size limit) both as the
                 # end of the request stream and as a cancellation of this task, in two events that may come one
@@ -565,7 +534,7 @@ class CallBoundary:
             try:
                 cap_s, cap = self._time_cap(stream=method.request_streaming)
                 served = self._serve_call(method, state, context, metadata)
-                out = await self._within(served, cap_s, "response", expired_error=cap)
+                out = await self._deadlines.within(served, cap_s, "response", expired_error=cap)
             except BaseException as exc:
                 state.outcome = carried(exc, state.outcome)
                 error = await self._failed(state, context, exc)
@@ -611,12 +580,12 @@ class CallBoundary:
                 cap_s, cap = self._time_cap(stream=True)
                 ends = loop.time() + cap_s
                 admitted = self._admit(state, metadata, peer_pem=_peer_pem(context), stream=True)
-                await self._within(admitted, cap_s, "admission", expired_error=cap)
+                await self._deadlines.within(admitted, cap_s, "admission", expired_error=cap)
                 current_call.set(state.call)
                 if method.request_streaming:
                     request = self._requests(method, state, context)
                 else:
-                    request = await self._within(
+                    request = await self._deadlines.within(
                         self._request(method, state, context), ends - loop.time(), "request", expired_error=cap
                     )
                 replies = 0
@@ -626,7 +595,7 @@ class CallBoundary:
                     if left_s <= 0:
                         raise cap()
                     try:
-                        reply = await self._within(anext(behavior), left_s, "reply", expired_error=cap)
+                        reply = await self._deadlines.within(anext(behavior), left_s, "reply", expired_error=cap)
                     except StopAsyncIteration:
                         break
                     answered = reply.outcome if type(reply) is Answered else None
@@ -716,7 +685,7 @@ class CallBoundary:
             nonlocal body_read
             await self._admit(state, metadata, peer_pem=peer_pem, stream=False)
             current_call.set(state.call)
-            body = await self._within(read(), self._limits.message_timeout_s, "request body")
+            body = await self._deadlines.within(read(), self._limits.message_timeout_s, "request body")
             body_read = True
             state.bytes_in = len(body)
             self._check_size(len(body))
@@ -732,7 +701,7 @@ class CallBoundary:
             reply = None
             try:
                 cap_s, cap = self._time_cap(stream=False)
-                reply = await self._within(served(), cap_s, "response", expired_error=cap)
+                reply = await self._deadlines.within(served(), cap_s, "response", expired_error=cap)
             except BaseException as exc:
                 state.outcome = carried(exc, state.outcome)
                 error = await self._refused(state, exc)
@@ -792,11 +761,6 @@ async def _finished(work: Future[None], timeout_s: float) -> bool:
     other calls may be waiting for it too."""
     done, _ = await asyncio.wait({asyncio.wrap_future(work)}, timeout=timeout_s)
     return bool(done)
-
-
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
-    expired.append(True)
-    task.cancel()
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
