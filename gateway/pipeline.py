@@ -17,6 +17,7 @@ here records.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import replace as replaced
@@ -33,7 +34,7 @@ from gateway.errors import GatewayError, InvalidArgumentError, NotFoundError, Pe
 from gateway.identifiers import ID, NAME, shown
 from gateway.models.repository import ModelInfo, ModelRepository, parse_version
 from gateway.models.runtime import ModelVersion
-from gateway.policy import Action, Decision, PolicyStore
+from gateway.policy import Action, Decision, PolicySet, PolicyStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,19 @@ _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
 _NO_ROUTES = Routes((), {}, ())
 _LISTED = Outcome(action=Action.LIST.value, decision="allow")  # a listing shows what the caller may see: no refusal
 _RUNS = (Action.PREDICT, Action.STREAM)
+_ALLOWED_SIZE = 4096  # entries remembered at most (then forgotten all at once, as the policies' own cache)
+
+
+@dataclass(frozen=True, slots=True)
+class _Allowed:
+    """An allowed call's resolution and outcome, valid under ``policies`` and the models' ``generation``. The model
+    version is held weakly: an unloaded one is not kept alive by what was decided about it."""
+
+    policies: PolicySet | None
+    generation: int
+    served: weakref.ReferenceType[ModelVersion]
+    outcome: Outcome
+
 
 Served = ModelVersion | RemoteModel  # a model run here, or one routed to a remote backend (gateway.backends)
 
@@ -126,13 +140,22 @@ class Pipeline:
         self._policies = policies
         self._before_run = before_run
         self.sliced_decodes = 0  # decodes that took more than one step: for tests and measurements
+        # Calls allowed, by (principal, model, version asked for, action): the model version resolved and the
+        # outcome, while the policies and the loaded models are those they were decided with (_authorize).
+        self._allowed: dict[tuple[Principal | None, str, str | None, Action], _Allowed] = {}
 
-    def _decide(self, principal: Principal | None, model: str, version: str | None, action: Action) -> Decision:
+    def _policy_set(self) -> PolicySet | None:
+        """The policies to decide with now (None: the dev_no_auth mode); read once per decision."""
+        return self._policies.current if self._policies is not None else None
+
+    def _decide(
+        self, policies: PolicySet | None, principal: Principal | None, model: str, version: str | None, action: Action
+    ) -> Decision:
         if self._policies is None:
             return _DEV_ALLOW
-        if principal is None:  # unreachable behind the call boundary's authentication; fail closed regardless
+        if principal is None or policies is None:  # unreachable behind the call boundary's authentication
             return Decision(allowed=False, rule_id=None)
-        return self._policies.current.evaluate(principal, model=model, version=version, action=action)
+        return policies.evaluate(principal, model=model, version=version, action=action)
 
     def _backend_for(self, model: str) -> Backend | None:
         """The backend a model is routed to: explicit routes first, then the local repository, then the names a
@@ -150,9 +173,18 @@ class Pipeline:
         NAME.check(model, "model_name")
         if requested is not None:
             NAME.check(requested, "model_version")
+        backend = self._backend_for(model)
+        # Read once, before anything is decided: an entry made while either changes is never found again.
+        policies = self._policy_set()
+        generation = self.models.generation
+        asked = (call.principal, model, requested, action)
+        allowed = self._allowed.get(asked) if backend is None and call.trace is None else None
+        if allowed is not None and allowed.policies is policies and allowed.generation == generation:
+            served = allowed.served()
+            if served is not None:
+                return served, allowed.outcome
         resolved: Served | GatewayError
         reason, fallback, exchanged = None, None, None
-        backend = self._backend_for(model)
         if backend is not None:
             resolved = backend.model(model)  # as last described: nothing is sent before the decision
             runs = resolved.resolve(requested) if isinstance(resolved, RemoteModel) else None
@@ -168,15 +200,15 @@ class Pipeline:
             except NotFoundError as exc:
                 resolved = exc
         with tracing.span(call, "gateway.authorize", {"gateway.model": model, "gateway.action": action.value}) as span:
-            decision = self._decide(call.principal, model, _version_of(resolved, requested), action)
+            decision = self._decide(policies, call.principal, model, _version_of(resolved, requested), action)
             if not decision.allowed and fallback is not None:
                 # A canary never turns an allowed call into a denied one: a caller who may not use the canary
                 # version gets the version it would have had without the canary, if the policy allows that.
                 # Denied both, the call is refused for the canary: its version, reason and rule, as one decision.
                 fallen_back, fallback_reason = fallback
-                allowed = self._decide(call.principal, model, str(fallen_back.version), action)
-                if allowed.allowed:
-                    resolved, reason, decision = fallen_back, fallback_reason, allowed
+                instead = self._decide(policies, call.principal, model, str(fallen_back.version), action)
+                if instead.allowed:
+                    resolved, reason, decision = fallen_back, fallback_reason, instead
             verdict = "allow" if decision.allowed else "deny"
             if span is not None:
                 span.set_attributes({"gateway.decision": verdict, "gateway.rule": decision.rule_id or ""})
@@ -203,6 +235,17 @@ class Pipeline:
         elif isinstance(resolved, GatewayError):
             refusal = resolved
         else:
+            # Remembered where nothing but the names, the policies and the loaded models decided it: not for a
+            # call whose draw may place it (a canary), nor one traced (its span is made here), nor a backend's.
+            if (
+                isinstance(resolved, ModelVersion)
+                and backend is None
+                and call.trace is None
+                and (requested is not None or not self.models.drawn(model))
+            ):
+                if len(self._allowed) >= _ALLOWED_SIZE:
+                    self._allowed.clear()
+                self._allowed[asked] = _Allowed(policies, generation, weakref.ref(resolved), outcome)
             return resolved, outcome
         carry(refusal, outcome)
         raise refusal
@@ -306,7 +349,11 @@ class Pipeline:
         """The signature of one version, the versions of the model the caller may read metadata of, the outcome."""
         resolved, outcome = self.signature(call, model, version)
         if isinstance(resolved, RemoteModel):
-            seen = [v for v in resolved.versions if self._decide(call.principal, model, v, Action.METADATA).allowed]
+            seen = [
+                v
+                for v in resolved.versions
+                if self._decide(self._policy_set(), call.principal, model, v, Action.METADATA).allowed
+            ]
             return resolved, list(seen), outcome
         info = self.models.info(model)
         versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
@@ -326,18 +373,22 @@ class Pipeline:
                 if self._backend_for(remote.name) is not self.routes.backend(remote.backend):
                     continue  # a pattern's name also served locally: the local model is the one listed
                 if not remote.versions:  # an unknown version: listed where no rule naming versions denies it
-                    if self._decide(call.principal, remote.name, None, Action.LIST).allowed:
+                    if self._decide(self._policy_set(), call.principal, remote.name, None, Action.LIST).allowed:
                         visible.append(Listed(remote.name, (), None))
                     continue
                 seen = tuple(
-                    v for v in remote.versions if self._decide(call.principal, remote.name, v, Action.LIST).allowed
+                    v
+                    for v in remote.versions
+                    if self._decide(self._policy_set(), call.principal, remote.name, v, Action.LIST).allowed
                 )
                 if seen:
                     visible.append(Listed(remote.name, seen, remote.version if remote.version in seen else None))
         return sorted(visible, key=lambda info: info.name), _LISTED
 
     def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
-        return [v for v in info.versions if self._decide(principal, info.name, str(v), action).allowed]
+        return [
+            v for v in info.versions if self._decide(self._policy_set(), principal, info.name, str(v), action).allowed
+        ]
 
 
 def _denied(action: Action, model: str, requested: str | None) -> str:

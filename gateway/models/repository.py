@@ -81,6 +81,7 @@ class _Snapshot:
     loaded: Mapping[tuple[str, int], _Loaded]
     index: Mapping[str, ModelInfo]
     failed: Mapping[tuple[str, int], LoadFailure]
+    generation: int = 0  # one more at each publication
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +364,9 @@ class ModelRepository:
             versions.setdefault(name, []).append(version)
         index = {name: self._info(name, tuple(sorted(vs))) for name, vs in sorted(versions.items())}
         self._log_routing({name: info.versions for name, info in index.items()})
-        self._snapshot = _Snapshot(MappingProxyType(loaded), MappingProxyType(index), MappingProxyType(failed))
+        self._snapshot = _Snapshot(
+            MappingProxyType(loaded), MappingProxyType(index), MappingProxyType(failed), self._snapshot.generation + 1
+        )
         for name in self._published - versions.keys():  # removed: 0, as every worker's file can say it
             metrics.MODEL_VERSIONS.labels(model=name).set(0)
         for name, vs in versions.items():
@@ -405,6 +408,16 @@ class ModelRepository:
     def failures(self) -> Mapping[tuple[str, int], LoadFailure]:
         """Versions whose current file failed to load, and why; one that loaded before still serves that load."""
         return self._snapshot.failed
+
+    @property
+    def generation(self) -> int:
+        """Changes with every load or reload: what ``route`` answers may have changed with it."""
+        return self._snapshot.generation
+
+    def drawn(self, name: str) -> bool:
+        """Whether a request naming no version of ``name`` may be placed by its call's draw (a canary is set)."""
+        routing = self._routing.get(name)
+        return routing is not None and routing.canary is not None
 
     def info(self, name: str) -> ModelInfo | None:
         """One model's versions and default, or None when it does not exist."""

@@ -348,6 +348,23 @@ def test_policy_reload_while_clients_run(gw):
     assert load.failures == []
 
 
+def test_a_caller_allowed_many_times_is_refused_at_once_when_a_reload_denies_it(gw):
+    """The pipeline remembers what it allowed (pipeline._Allowed) only for the policies it decided with."""
+    alice = gw.token()
+    for _ in range(3):
+        assert predict(gw, alice)
+    (gw.policy_dir / "suspend-alice.yaml").write_text(
+        "rules:\n  - id: suspend-alice\n    effect: deny\n    principals: {subjects: [alice]}\n"
+        "    models: [mlp]\n    actions: [predict]\n"
+    )
+    gw.gateway.policies.reload_now()
+    record = refused(gw, alice, code=PERMISSION_DENIED)
+    assert record["decision"] == "deny" and record["rule"] == "suspend-alice"
+    (gw.policy_dir / "suspend-alice.yaml").unlink()
+    gw.gateway.policies.reload_now()
+    assert predict(gw, alice)
+
+
 def test_jwks_key_rotation_while_clients_run(start_gateway, pki_copy):
     from gateway.auth.issuer import issue_token
     from gateway.auth.keys import jwk_kid

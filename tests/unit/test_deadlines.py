@@ -25,7 +25,7 @@ def test_a_wait_past_its_bound_raises_the_error_naming_it_after_its_time_never_b
     async def main() -> float:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with pytest.raises(Expired, match="no request within 0.1 s"):
+        with pytest.raises(Expired, match=r"no request within 0\.1 s"):
             await bounds.within(asyncio.sleep(10), 0.1, "request")
         return loop.time() - started
 
