@@ -420,24 +420,24 @@ class CallBoundary:
         refusals = self.recorder.refusals
         if authenticator is not None:
             peer = authenticator.inspect(peer_pem)  # AuthenticationError: unfit for a client
-            if peer is not None:
-                state.call = state.call.identified(peer)
-            if self._closing:
-                raise UnavailableError("the gateway is shutting down", reason="shutting down")
-            # A certificate blocked for its token-less refusals is refused before a token is verified, unless the
-            # call carries a verdict still remembered for it: many principals may share one certificate (a proxy
-            # with unbound tokens), and one of them must not lock the others out.
             authorization = _metadata_values(metadata, "authorization")
-            principal = authenticator.remembered(peer, authorization)
-            if refusals is not None and principal is None:
-                refusals.check(caller_key(state.call))
+            principal = None if self._closing else authenticator.remembered(peer, authorization)
+            if principal is None:  # from here every refusal's record names the certificate
+                state.call = state.call.identified(peer)
+                if self._closing:
+                    raise UnavailableError("the gateway is shutting down", reason="shutting down")
+                # A certificate blocked for its token-less refusals is refused before a token is verified, unless
+                # the call carries a verdict still remembered for it: many principals may share one certificate (a
+                # proxy with unbound tokens), and one of them must not lock the others out.
+                if refusals is not None:
+                    refusals.check(caller_key(state.call))
             with (
                 metrics.AUTH_SECONDS.time() if self._metered else _UNMETERED,
                 tracing.span(state.call, "gateway.authenticate"),
             ):
                 if principal is None:  # else the verdict of an earlier call still holds: no second lookup
                     principal = await self._authenticate(authenticator, peer, authorization)
-            state.call = state.call.admitted(principal)
+            state.call = state.call.admitted(principal, peer)  # the certificate too, where a verdict was remembered
         elif self._closing:
             raise UnavailableError("the gateway is shutting down", reason="shutting down")
         if state.request_id_header is not None:  # checked once the caller is known: a caller without a token

@@ -59,9 +59,9 @@ class Call:
         """This call with its client certificate known."""
         return self._with(self.started, certificate, self.principal, self.message_index)
 
-    def admitted(self, principal: Principal | None) -> Call:
-        """This call with its caller authenticated."""
-        return self._with(self.started, self.certificate, principal, self.message_index)
+    def admitted(self, principal: Principal | None, certificate: PeerCertificate | None) -> Call:
+        """This call with its caller authenticated on ``certificate``."""
+        return self._with(self.started, certificate, principal, self.message_index)
 
     def for_message(self, index: int) -> Call:
         """One message of this stream: the same caller, its own place and clock."""
