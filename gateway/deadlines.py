@@ -65,8 +65,10 @@ class Deadlines:
             self._check = loop.call_at(loop.time() + self._resolution_s, self._expire_due, loop)
         try:
             result = await waited
-        except asyncio.CancelledError:
-            if wait.expired and task.uncancel() <= cancelling:
+        except BaseException as exc:
+            # Past its time, the bound's own cancel request is withdrawn whatever the wait raised (as
+            # asyncio.timeout does); the cancellation it caused becomes its error, any other stays as it is.
+            if wait.expired and task.uncancel() <= cancelling and isinstance(exc, asyncio.CancelledError):
                 raise (expired_error() if expired_error else self._expired_error(what, timeout_s)) from None
             raise
         finally:
@@ -78,14 +80,18 @@ class Deadlines:
     def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
         """Cancel each task whose earliest bound has passed (a later one of the same task, nested, waits for the
         next check: the earlier bound's error is the one raised); check again while any wait is bounded."""
+        if loop is not self._loop:  # a loop given up on (a stop that timed out) that ran on: not its waits
+            return
         now = loop.time()
-        due = sorted((wait for wait in self._waits if wait.deadline <= now), key=lambda wait: wait.deadline)
-        cancelled: set[asyncio.Task[Any]] = set()
-        for wait in due:
-            if wait.task in cancelled:
-                continue
-            cancelled.add(wait.task)
-            del self._waits[wait]
-            wait.expired = True
-            wait.task.cancel()
-        self._check = loop.call_at(now + self._resolution_s, self._expire_due, loop) if self._waits else None
+        try:
+            due = sorted((wait for wait in self._waits if wait.deadline <= now), key=lambda wait: wait.deadline)
+            cancelled: set[asyncio.Task[Any]] = set()
+            for wait in due:
+                if wait.task in cancelled:
+                    continue
+                cancelled.add(wait.task)
+                del self._waits[wait]
+                wait.expired = True
+                wait.task.cancel()
+        finally:  # whatever happened, the waits left are still checked
+            self._check = loop.call_at(now + self._resolution_s, self._expire_due, loop) if self._waits else None

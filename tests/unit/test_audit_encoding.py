@@ -10,14 +10,22 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from gateway.audit import AuditLog, verify_files
-from gateway.audit.chain import MAX_RECORD_BYTES, encode_canonical
-from gateway.audit.record import CallRecord
+from gateway.audit.chain import MAX_RECORD_BYTES, encode_canonical, utc_now
+from gateway.audit.record import CallRecord, build
 from gateway.audit.writer import _fast_canonical
+from gateway.auth.certs import PeerCertificate
+from gateway.auth.principal import Principal
+from gateway.context import Call, Outcome
+from gateway.tracing import CallTrace
 
 KEY = b"k" * 32
 _SURROGATES = range(0xD800, 0xE000)
@@ -100,3 +108,39 @@ def test_a_trail_of_every_character_verifies(tmp_path: Path, fsync: str) -> None
     assert [json.loads(line)["reason"] for line in lines] == pieces
     report = verify_files([path], hmac_key=KEY)
     assert report.ok, report.first_error
+
+
+def _values(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [item for key, inner in value.items() for item in (key, *_values(inner))]
+    if isinstance(value, list):
+        return [item for inner in value for item in _values(inner)]
+    return [value]
+
+
+def test_a_record_as_build_makes_it_holds_only_the_values_these_tests_hold_orjson_to() -> None:
+    """A tripwire: a field added to the record, or a new kind of value in one, must be checked here first (orjson
+    writes small floats, NaN, enums and dataclasses otherwise than the canonical form)."""
+    now = datetime.now(UTC)
+    peer = PeerCertificate("spiffe://example.org/alice", "ab" * 32, "x5t", now, now, 1, x509.Name([]))
+    principal = Principal("spiffe://example.org/alice", "ab" * 32, "alice", "https://issuer", "jti", frozenset("ba"))
+    trace = CallTrace(tracer=None, span=None, context=None, trace_id="0af7651916cd43dd8448eb211c80319c")
+    call = Call("r" * 32, "/gateway.v1.InferenceService/PredictStream", "ipv4:127.0.0.1:5", time.perf_counter(), trace)
+    call = call.admitted(principal, peer).for_message(3)
+    exchange = {"name": "b", "address": "127.0.0.1:1", "code": "OK", "latency_ms": round(0.0123456, 3)}
+    inputs = ({"name": "input", "datatype": "FP32", "shape": [1, 784]},)
+    outcome = Outcome("stream", "mlp", "2", "2", "d" * 64, "CPUExecutionProvider", "requested", "allow", "r", exchange)
+    outcome = outcome.finished(inputs, model_ran=True)
+    record = build(call, outcome, event="stream_message", code="OK", reason=None, bytes_in=1, bytes_out=2, messages=5)
+    assert type(record) is CallRecord
+    assert set(record) == {
+        "event", "request_id", "method", "peer", "cert_identity", "cert_sha256", "sub", "iss", "jti", "groups",
+        "scopes", "model", "requested_version", "version", "model_digest", "version_reason", "execution_provider",
+        "action", "decision", "rule", "code", "reason", "latency_ms", "inputs", "bytes_in", "bytes_out", "trace_id",
+        "backend", "message_index", "messages",
+    }  # fmt: skip
+    for value in _values(record):
+        kind = type(value)
+        assert kind in (str, int, bool, type(None)) or (kind is float and value >= 0 and value == round(value, 3))
+    record.update(ts=utc_now(), chain="main", seq=1, prev="0" * 64)
+    assert _fast_canonical(record) == encode_canonical(record).encode("utf-8")

@@ -128,3 +128,50 @@ def test_bounds_keep_working_on_a_new_event_loop() -> None:
 
     asyncio.run(main())
     asyncio.run(main())
+
+
+def test_a_bound_past_its_time_withdraws_its_cancel_request_whatever_the_wait_raised() -> None:
+    """A wait that turns the bound's cancellation into an error of its own: the task is not left cancelling."""
+    bounds = deadlines()
+
+    async def main() -> int:
+        async def converts() -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                raise ValueError("gave up") from None
+
+        with pytest.raises(ValueError, match="gave up"):
+            await bounds.within(converts(), 0.02, "request")
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    assert asyncio.run(main()) == 0
+
+
+def test_a_check_left_on_a_loop_given_up_on_does_nothing_on_the_new_ones_waits() -> None:
+    bounds = deadlines()
+
+    async def wait_there() -> None:
+        await bounds.within(asyncio.sleep(0.01), 5.0, "request")
+
+    old = asyncio.new_event_loop()
+    try:
+        old.run_until_complete(wait_there())  # leaves a check scheduled on the old loop, as a stop cut short would
+        stale_check = bounds._check
+        assert stale_check is not None
+
+        async def on_the_new_loop() -> None:
+            waiting = asyncio.create_task(bounds.within(asyncio.sleep(10), 0.05, "request"))
+            await asyncio.sleep(0)
+            new_check = bounds._check
+            assert new_check is not None and new_check is not stale_check
+            bounds._expire_due(old)  # the old loop's check, running late: neither its waits nor its schedule
+            assert bounds._check is new_check
+            with pytest.raises(Expired):
+                await waiting
+
+        asyncio.run(on_the_new_loop())
+    finally:
+        old.close()
