@@ -470,8 +470,7 @@ class CallBoundary:
     async def _request(self, method: _Method, state: _CallState, context: grpc.aio.ServicerContext) -> Any:
         """The one request of a unary method, then the end of the request: nothing may follow it, and that is known
         before the handler runs (a refused call runs no model, issue 27 item 10). Both reads within one bound of
-        ``limits.message_timeout_s`` (a timer each cost more than the rest of the read), whose error names the
-        read it was waiting for."""
+        ``limits.message_timeout_s``, whose error names the read it was waiting for."""
         timeout_s = self._limits.message_timeout_s
         waiting_for = ["request message"]
         raw = await self._deadlines.within(

@@ -145,15 +145,16 @@ class Pipeline:
         self._allowed: dict[tuple[Principal | None, str, str | None, Action], _Allowed] = {}
 
     def _policy_set(self) -> PolicySet | None:
-        """The policies to decide with now (None: the dev_no_auth mode); read once per decision."""
+        """The policies to decide with now (None: the dev_no_auth mode); read once per answer, so that one answer
+        is decided by one set whatever a reload does meanwhile."""
         return self._policies.current if self._policies is not None else None
 
     def _decide(
         self, policies: PolicySet | None, principal: Principal | None, model: str, version: str | None, action: Action
     ) -> Decision:
-        if self._policies is None:
+        if policies is None:  # the dev_no_auth mode
             return _DEV_ALLOW
-        if principal is None or policies is None:  # unreachable behind the call boundary's authentication
+        if principal is None:  # unreachable behind the call boundary's authentication; fail closed regardless
             return Decision(allowed=False, rule_id=None)
         return policies.evaluate(principal, model=model, version=version, action=action)
 
@@ -178,7 +179,9 @@ class Pipeline:
         policies = self._policy_set()
         generation = self.models.generation
         asked = (call.principal, model, requested, action)
-        allowed = self._allowed.get(asked) if backend is None and call.trace is None else None
+        # Only a local model's untraced call (a traced one makes its span here) is remembered, or looked up.
+        rememberable = backend is None and call.trace is None
+        allowed = self._allowed.get(asked) if rememberable else None
         if allowed is not None and allowed.policies is policies and allowed.generation == generation:
             served = allowed.served()
             if served is not None:
@@ -236,11 +239,10 @@ class Pipeline:
             refusal = resolved
         else:
             # Remembered where nothing but the names, the policies and the loaded models decided it: not for a
-            # call whose draw may place it (a canary), nor one traced (its span is made here), nor a backend's.
+            # call whose draw may place it (a canary).
             if (
-                isinstance(resolved, ModelVersion)
-                and backend is None
-                and call.trace is None
+                rememberable
+                and isinstance(resolved, ModelVersion)
                 and (requested is not None or not self.models.drawn(model))
             ):
                 if len(self._allowed) >= _ALLOWED_SIZE:
@@ -348,23 +350,27 @@ class Pipeline:
     def metadata(self, call: Call, model: str, version: str | None) -> tuple[Served, list[int | str], Outcome]:
         """The signature of one version, the versions of the model the caller may read metadata of, the outcome."""
         resolved, outcome = self.signature(call, model, version)
+        policies = self._policy_set()
         if isinstance(resolved, RemoteModel):
             seen = [
                 v
                 for v in resolved.versions
-                if self._decide(self._policy_set(), call.principal, model, v, Action.METADATA).allowed
+                if self._decide(policies, call.principal, model, v, Action.METADATA).allowed
             ]
             return resolved, list(seen), outcome
         info = self.models.info(model)
-        versions = self._visible_versions(call.principal, info, Action.METADATA) if info else [resolved.version]
+        versions = (
+            self._visible_versions(policies, call.principal, info, Action.METADATA) if info else [resolved.version]
+        )
         return resolved, list(versions), outcome
 
     def list_models(self, call: Call) -> tuple[list[Listed], Outcome]:
         """The models, and their versions, the caller may list, and the outcome."""
         visible: list[Listed] = []
+        policies = self._policy_set()
         with tracing.span(call, "gateway.authorize", {"gateway.action": Action.LIST.value}):
             for info in self.models.models():
-                versions = self._visible_versions(call.principal, info, Action.LIST)
+                versions = self._visible_versions(policies, call.principal, info, Action.LIST)
                 if versions:
                     # The default is shown only when the caller may use it: a request without a version gets it.
                     default = info.default_version if info.default_version in versions else None
@@ -373,22 +379,22 @@ class Pipeline:
                 if self._backend_for(remote.name) is not self.routes.backend(remote.backend):
                     continue  # a pattern's name also served locally: the local model is the one listed
                 if not remote.versions:  # an unknown version: listed where no rule naming versions denies it
-                    if self._decide(self._policy_set(), call.principal, remote.name, None, Action.LIST).allowed:
+                    if self._decide(policies, call.principal, remote.name, None, Action.LIST).allowed:
                         visible.append(Listed(remote.name, (), None))
                     continue
                 seen = tuple(
                     v
                     for v in remote.versions
-                    if self._decide(self._policy_set(), call.principal, remote.name, v, Action.LIST).allowed
+                    if self._decide(policies, call.principal, remote.name, v, Action.LIST).allowed
                 )
                 if seen:
                     visible.append(Listed(remote.name, seen, remote.version if remote.version in seen else None))
         return sorted(visible, key=lambda info: info.name), _LISTED
 
-    def _visible_versions(self, principal: Principal | None, info: ModelInfo, action: Action) -> list[int]:
-        return [
-            v for v in info.versions if self._decide(self._policy_set(), principal, info.name, str(v), action).allowed
-        ]
+    def _visible_versions(
+        self, policies: PolicySet | None, principal: Principal | None, info: ModelInfo, action: Action
+    ) -> list[int]:
+        return [v for v in info.versions if self._decide(policies, principal, info.name, str(v), action).allowed]
 
 
 def _denied(action: Action, model: str, requested: str | None) -> str:
