@@ -149,8 +149,7 @@ _STEPS: dict[str, tuple[str, ...]] = {
     ),
     "admission: _admit, limits, slot release": (
         "gateway.boundary:CallBoundary._admit",
-        "gateway.limits:Admission.admit_principal",
-        "gateway.limits:Admission.admit_call",
+        "gateway.limits:Admission.admit",
         "gateway.limits:Slot.release",
     ),
     "authenticate: own code (_authenticate, authenticate, Principal)": (
@@ -285,8 +284,8 @@ def instrumented() -> Iterator[None]:
 
     serve_unary = boundary.CallBoundary._serve_unary
 
-    async def with_timed_context(self: Any, method: Any, context: Any) -> Any:
-        return await serve_unary(self, method, _TimedContext(context))
+    async def with_timed_context(self: Any, method: Any, requests: Any, context: Any) -> Any:
+        return await serve_unary(self, method, requests, _TimedContext(context))
 
     boundary._method = timed_method  # type: ignore[assignment]
     boundary.CallBoundary._serve_unary = with_timed_context  # type: ignore[method-assign]

@@ -103,7 +103,7 @@ class _CallState:
     the call's facts as far as known, the outcome its handler returned, the sizes, the stream messages recorded,
     the capacity it holds."""
 
-    __slots__ = ("bytes_in", "bytes_out", "call", "messages", "outcome", "request_id_header", "slots")
+    __slots__ = ("bytes_in", "bytes_out", "call", "messages", "outcome", "request_id_header", "slot")
 
     def __init__(self, call: Call, *, stream: bool, request_id_header: str | None) -> None:
         self.call = call
@@ -112,12 +112,12 @@ class _CallState:
         self.bytes_in = 0
         self.bytes_out = 0
         self.messages: int | None = 0 if stream else None  # a stream's count of its messages' records
-        self.slots: list[Slot] = []
+        self.slot: Slot | None = None
 
     def release(self) -> None:
         """Give back the capacity the call held."""
-        for slot in self.slots:
-            slot.release()
+        if self.slot is not None:
+            self.slot.release()
 
 
 class Recorder:
@@ -171,8 +171,11 @@ class Recorder:
             messages=messages,
         )
         try:
-            timer = metrics.AUDIT_COMMIT_SECONDS.time() if self._metered else _UNMETERED
-            with timer, tracing.span(call, "gateway.audit.commit"):
+            if self._metered or call.trace is not None:
+                timer = metrics.AUDIT_COMMIT_SECONDS.time() if self._metered else _UNMETERED
+                with timer, tracing.span(call, "gateway.audit.commit"):
+                    await self._audit.append(entry)
+            else:  # neither timed nor traced: no context managers on every call's path
                 await self._audit.append(entry)
         except GatewayError as exc:
             self._observe(call, outcome, event, exc)
@@ -360,10 +363,7 @@ class CallBoundary:
 
             return grpc.stream_stream_rpc_method_handler(stream_response)
 
-        async def unary_response(requests: Any, context: grpc.aio.ServicerContext) -> bytes | None:
-            return await self._serve_unary(method, context)
-
-        return grpc.stream_unary_rpc_method_handler(unary_response)
+        return grpc.stream_unary_rpc_method_handler(functools.partial(self._serve_unary, method))
 
     def _unknown(self, name: str) -> grpc.RpcMethodHandler:
         async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
@@ -409,7 +409,7 @@ class CallBoundary:
         return _CallState(call, stream=stream, request_id_header=header)
 
     async def _admit(self, state: _CallState, metadata: Sequence[Any], *, peer_pem: bytes | None, stream: bool) -> None:
-        """Authenticate, then take the principal's and the server's capacity (into ``state.slots``); the call's
+        """Authenticate, then take the principal's and the server's capacity (``state.slot``); the call's
         facts in ``state`` gain its certificate, then its principal.
 
         The certificate's identity is taken first, whatever follows: it costs one cached lookup, and with it every
@@ -443,11 +443,11 @@ class CallBoundary:
         if state.request_id_header is not None:  # checked once the caller is known: a caller without a token
             ID.check(state.request_id_header, "x-request-id header")  # learns nothing more
         principal = state.call.principal
-        if principal is not None:
-            if refusals is not None:
-                refusals.check(caller_key(state.call))
-            state.slots.append(self._admission.admit_principal((principal.issuer, principal.subject), stream=stream))
-        state.slots.append(self._admission.admit_call())
+        if principal is not None and refusals is not None:
+            refusals.check(caller_key(state.call))
+        state.slot = self._admission.admit(
+            (principal.issuer, principal.subject) if principal is not None else None, stream=stream
+        )
 
     @staticmethod
     async def _authenticate(
@@ -524,7 +524,8 @@ class CallBoundary:
             yield _decode(method.deserialize, raw, index=index)
             index += 1
 
-    async def _serve_unary(self, method: _Method, context: grpc.aio.ServicerContext) -> bytes | None:
+    async def _serve_unary(self, method: _Method, _requests: Any, context: grpc.aio.ServicerContext) -> bytes | None:
+        """One call with a unary response (its messages are read from ``context``, not from ``_requests``)."""
         self._enter()
         state, metadata = self._begin(method.name, context, stream=False)
         try:

@@ -39,17 +39,18 @@ class PrincipalLimits:
 
 
 class Slot:
-    """One admitted call; ``release`` gives its capacity back (idempotent)."""
+    """One admitted call: its place among the server's calls and, where it has one, its principal's;
+    ``release`` gives them back (idempotent)."""
 
-    __slots__ = ("_admission", "_key", "_kind")
+    __slots__ = ("_admission", "_held")
 
-    def __init__(self, admission: Admission, key: PrincipalKey | None, kind: str | None) -> None:
-        self._admission, self._key, self._kind = admission, key, kind
+    def __init__(self, admission: Admission, held: tuple[PrincipalKey, str] | None) -> None:
+        self._admission, self._held = admission, held
 
     def release(self) -> None:
         """Give the capacity back; later calls do nothing."""
         if self._admission is not None:
-            self._admission._release(self._key, self._kind)
+            self._admission._release(self._held)
             self._admission = None  # type: ignore[assignment]
 
 
@@ -67,41 +68,38 @@ class Admission:
         """Calls admitted and not released: for metrics and tests."""
         return self._total
 
-    def admit_call(self) -> Slot:
-        """Admit one call to the server; RESOURCE_EXHAUSTED past ``limits.max_concurrent_rpcs``."""
+    def admit(self, principal: PrincipalKey | None, *, stream: bool) -> Slot:
+        """Admit one call of ``principal`` (issuer, subject; None: a call without one, the dev_no_auth mode):
+        RESOURCE_EXHAUSTED past the principal's limit, naming which, then past ``limits.max_concurrent_rpcs``."""
+        held = None
+        if principal is not None:
+            held = (principal, "streams" if stream else "in_flight")
+            count = self._held.get(held, 0)
+            limit = self._per_principal.max_streams if stream else self._per_principal.max_in_flight
+            if count >= limit:
+                name, what = ("max_streams", "open streams") if stream else ("max_in_flight", "calls in flight")
+                raise ResourceExhaustedError(
+                    f"caller is at its limit of {limit} {what} (limits.per_principal.{name}); retry later",
+                    reason=f"per-principal {held[1]} limit",
+                )
         if self._total >= self._max_total:
             raise ResourceExhaustedError(
                 "the server is at its limit of concurrent calls (limits.max_concurrent_rpcs); retry later",
                 reason="concurrent call limit",
             )
         self._total += 1
-        return Slot(self, None, None)
+        if held is not None:
+            self._held[held] = count + 1
+        return Slot(self, held)
 
-    def admit_principal(self, key: PrincipalKey, *, stream: bool) -> Slot:
-        """Admit one call of principal ``key`` (issuer, subject); RESOURCE_EXHAUSTED past its limit, naming which."""
-        kind, limit, name = (
-            ("streams", self._per_principal.max_streams, "limits.per_principal.max_streams")
-            if stream
-            else ("in_flight", self._per_principal.max_in_flight, "limits.per_principal.max_in_flight")
-        )
-        held = self._held.get((key, kind), 0)
-        if held >= limit:
-            what = "open streams" if stream else "calls in flight"
-            raise ResourceExhaustedError(
-                f"caller is at its limit of {limit} {what} ({name}); retry later", reason=f"per-principal {kind} limit"
-            )
-        self._held[(key, kind)] = held + 1
-        return Slot(self, key, kind)
-
-    def _release(self, key: PrincipalKey | None, kind: str | None) -> None:
-        if key is None or kind is None:
-            self._total -= 1
-            return
-        held = self._held[(key, kind)] - 1
-        if held:
-            self._held[(key, kind)] = held
-        else:
-            del self._held[(key, kind)]
+    def _release(self, held: tuple[PrincipalKey, str] | None) -> None:
+        self._total -= 1
+        if held is not None:
+            count = self._held[held] - 1
+            if count:
+                self._held[held] = count
+            else:
+                del self._held[held]
 
 
 class RefusalLimit:

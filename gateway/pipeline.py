@@ -43,7 +43,7 @@ class InferBody:
     is the unnamed tensor of a one-input model) or the simple flat FP32 form, and the outputs asked for."""
 
     inputs: dict[str, tensors.WireTensor]
-    flat: tensors.WireTensor | None = None
+    flat: bytes | None = None  # the simple form's FP32 values, little-endian (gateway.api.packed)
     outputs: tuple[str, ...] | None = None  # the outputs to answer with, in this order; None: all, in model order
 
 
@@ -92,6 +92,7 @@ _DEV_ALLOW = Decision(allowed=True, rule_id="dev_no_auth")
 _NO_ROUTES = Routes((), {}, ())
 _LISTED = Outcome(action=Action.LIST.value, decision="allow")  # a listing shows what the caller may see: no refusal
 _RUNS = (Action.PREDICT, Action.STREAM)
+_FP32 = tensors.BY_NAME["FP32"]
 _ALLOWED_SIZE = 4096  # entries remembered at most (then forgotten all at once, as the policies' own cache)
 
 
@@ -265,7 +266,8 @@ class Pipeline:
             body = request.read(Bounds(inputs=len(model.inputs), outputs=len(model.outputs)))
             wire = _named_inputs(model, body)
             described = describe_inputs(wire)
-            model.validate(wire)
+            if body.flat is None:  # the flat form's one input is shaped by the signature itself (_flat_input)
+                model.validate(wire)
             _check_outputs(model, body.outputs)
             if isinstance(model, RemoteModel):
                 return await self._predict_remote(call, request, model, wire, body.outputs, decided, described)
@@ -409,7 +411,9 @@ def _named_inputs(model: Served, body: InferBody) -> dict[str, tensors.WireTenso
     for name in body.inputs:
         if name:  # "" is the unnamed tensor
             ID.check(name, "input name")
-    wire = _flat_input(model, body.flat) if body.flat is not None else model.name_inputs(body.inputs)
+    if body.flat is not None:
+        return _flat_input(model, body.flat)
+    wire = model.name_inputs(body.inputs)
     for tensor in wire.values():
         tensors.check(tensor, max_elements=model.max_elements, max_bytes_elements=model.max_bytes_elements)
     return wire
@@ -427,16 +431,16 @@ def _exchanged(decided: Outcome, exchange: Exchange, described: tuple[dict[str, 
     )
 
 
-def _flat_input(model: Served, flat: tensors.WireTensor) -> dict[str, tensors.WireTensor]:
-    """The simple form's flat FP32 values (their raw bytes, gateway.api.packed) as the model's one input, shaped by
-    its signature."""
-    size = len(flat.raw or b"") // flat.row.dtype.itemsize
+def _flat_input(model: Served, flat: bytes) -> dict[str, tensors.WireTensor]:
+    """The simple form's flat FP32 values as the model's one input, shaped by its signature: checked against it and
+    the limits here, by construction (what ``tensors.check`` and ``validate`` check of other tensors)."""
+    size, rest = divmod(len(flat), _FP32.dtype.itemsize)
+    if rest:  # a packed repeated float never has one; refused rather than cut
+        raise InvalidArgumentError(f"input_data has {len(flat)} bytes, not a whole number of FP32 values")
     # Bounded before the shape is worked out: a count past every limit is no shape.
     tensors.element_count((size,), name="input_data", max_elements=model.max_elements)
     name, shape = model.flat_input(size)
-    return {
-        name: tensors.WireTensor(flat.name, flat.row, shape, flat.raw, flat.values, flat.raw_field, flat.values_field)
-    }
+    return {name: tensors.WireTensor("input_data", _FP32, shape, flat, None, raw_field="input_data")}
 
 
 def _check_outputs(model: Served, requested: tuple[str, ...] | None) -> None:

@@ -40,12 +40,7 @@ def to_infer_request(request: pb.PredictRequest) -> InferRequest:
             if tensor.name in inputs:
                 raise InvalidArgumentError(f"input '{shown(tensor.name)}' appears twice")
             inputs[tensor.name] = tensors.wire_of(tensor)
-        flat = None
-        if request.input_data:
-            flat = tensors.WireTensor(
-                "input_data", tensors.BY_NAME["FP32"], (), _INPUT_DATA(request), None, raw_field="input_data"
-            )
-        return InferBody(inputs=inputs, flat=flat)
+        return InferBody(inputs=inputs, flat=_INPUT_DATA(request) if request.input_data else None)
 
     return InferRequest(
         model=request.model_name, version=request.model_version or None, read=read, id=request.id or None

@@ -73,8 +73,9 @@ class _Failure:
 
 
 def _stamped(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A fresh copy of ``record`` (the caller's mapping is left alone) with ``ts``, the moment it was submitted."""
-    event = CallRecord(record) if type(record) is CallRecord else dict(record)
+    """``record`` with ``ts``, the moment it was submitted: a CallRecord (made by audit/record.py's ``build`` for
+    this one append) as it is, any other mapping copied first (the caller's is left alone)."""
+    event = record if isinstance(record, CallRecord) else dict(record)
     event["ts"] = utc_now()
     return event
 

@@ -3,6 +3,7 @@ refusals say what is wrong before any tensor is decoded or sent on."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,9 +54,10 @@ def validate(specs: tuple[TensorSpec, ...], inputs: Mapping[str, tensors.WireTen
                 )
 
 
+@functools.lru_cache(maxsize=1024)
 def flat_input(specs: tuple[TensorSpec, ...], size: int) -> tuple[str, tuple[int, ...]]:
     """The name and shape that ``size`` simple-form flat FP32 values take in a one-input model, inferring its one
-    dynamic dim."""
+    dynamic dim. Remembered per signature and size (each call of a client asks the same); refusals are not."""
     if len(specs) != 1 or specs[0].datatype != "FP32":
         raise InvalidArgumentError("input_data is only for models with exactly one FP32 input")
     spec = specs[0]
