@@ -1,7 +1,7 @@
 """The gateway's own Python per secured Predict call, with grpc taken out: event-loop thread CPU us per call.
 
     python -m bench.callpath [--in-flight 1] [--calls 2000] [--reps 5] [--form flat|tensor] [--profile tottime]
-                             [--lines]
+                             [--lines] [--without seal|write|stat|audit|ort|token|tracing ...]
 
 The fully secured gateway starts in this process (mutual TLS credentials, token, policy, ONNX Runtime, audit trail,
 as bench.profile starts it), and its call boundary's Predict handler is driven on its event loop with a stand-in for
@@ -12,6 +12,8 @@ So the figure moves with the gateway's code alone and is steady to a few percent
 per call wanders by tens of microseconds: the tool for cutting the call path step by step (before and after, in
 turn, on one machine). ``--profile`` adds a cProfile listing (which roughly doubles every figure it shows);
 ``--lines`` counts the Python lines one call executes, by function (how much bytecode the path runs).
+``--without PART`` takes a part out as ``bench.profile`` does in the real server (the audit's seal, write or stat,
+the whole audit write, ONNX Runtime...): run with and without it in turn, and the difference is what it costs.
 
 Not a substitute for ../shared/perf/run.sh: in a real server, grpc's callbacks run between the steps and the same
 Python costs more (about 1.7x over issue 22's second pass: docs/design/call-path.md); the harness is what the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import functools
 import pstats
@@ -35,7 +38,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.profile import started_gateway
+from bench.profile import started_gateway, variants
 from bench.run import ROOT, issue_token
 
 PREDICT = "/gateway.v1.InferenceService/Predict"
@@ -132,7 +135,11 @@ def measure(args: argparse.Namespace) -> list[float]:
         loop = gateway._loop  # the handler must run on the gateway's own loop
         if loop is None:
             raise RuntimeError("the gateway has no event loop")
-        return asyncio.run_coroutine_threadsafe(session(), loop).result()
+        parts = variants()
+        with contextlib.ExitStack() as taken_out:
+            for name in args.without or ():
+                taken_out.enter_context(parts[name][1]())
+            return asyncio.run_coroutine_threadsafe(session(), loop).result()
 
 
 def _count_lines(counts: Counter[str], frame: Any, event: str, arg: Any) -> Any:
@@ -155,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--form", choices=("flat", "tensor"), default="flat", help="request form (default flat)")
     parser.add_argument("--profile", choices=("tottime", "cumulative"), help="also print a cProfile listing")
     parser.add_argument("--lines", action="store_true", help="also count the Python lines one call executes")
+    parser.add_argument(
+        "--without",
+        action="append",
+        choices=sorted(variants()),
+        help="take this part out, as bench.profile does (repeatable): what it costs, by difference",
+    )
     parser.add_argument("--certs", type=Path, default=ROOT / "certs", help="a gen_certs.sh folder (default certs/)")
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository (default models/)")
     args = parser.parse_args(argv)
@@ -162,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     oplog.configure(fmt="json", level="warning")  # the start and stop lines would bury the figure
     figures = measure(args)
+    without = f", without {', '.join(args.without)}" if args.without else ""
     print(
-        f"loop-thread CPU per call, {args.in_flight} in flight, {args.form} form: "
+        f"loop-thread CPU per call, {args.in_flight} in flight, {args.form} form{without}: "
         f"median {statistics.median(figures):.1f} us ({', '.join(f'{f:.1f}' for f in figures)})"
     )
     return 0

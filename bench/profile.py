@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,12 @@ def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, original)
 
 
-def _variants() -> dict[str, Callable[[], object]]:
+BASELINE = "full (e)"
+
+
+def variants() -> dict[str, tuple[str, Callable[[], AbstractContextManager[Any]]]]:
+    """Each part of the work that can be taken out alone: short name -> (label, a context manager factory that
+    replaces it with a no-op while it is open). ``python -m bench.callpath --without NAME`` takes the same parts."""
     from gateway import tracing
     from gateway.audit import writer
     from gateway.audit.active import ActiveFile
@@ -53,18 +58,22 @@ def _variants() -> dict[str, Callable[[], object]]:
     output = {"output": np.zeros((1, 10), np.float32)}
     # No Prometheus variant: this gateway has no metrics.listen, so it records no per-call metrics at all.
     return {
-        "full (e)": nullcontext,
-        "without the audit write": lambda: _replaced(AuditLog, "append", _no_append),
+        "audit": ("without the audit write", lambda: _replaced(AuditLog, "append", _no_append)),
         # Parts of it, each taken out alone (the record still goes through the group commit):
-        "... its sealing (orjson's canonical JSON, HMAC)": lambda: _replaced(writer, "seal", _sealed_alike),
-        "... its os.write": lambda: _replaced(ActiveFile, "write", lambda self, data: None),
-        "... its file identity check (os.stat)": lambda: _replaced(ActiveFile, "check_identity", lambda self: None),
-        "without ONNX Runtime": lambda: _replaced(ModelVersion, "execute", lambda self, inputs: output),
-        "without the token check (cache hit)": lambda: _replaced(
-            TokenVerifier, "verify", _first_result(TokenVerifier.verify)
+        "seal": ("... its sealing (orjson's canonical JSON, HMAC)", lambda: _replaced(writer, "seal", _sealed_alike)),
+        "write": ("... its os.write", lambda: _replaced(ActiveFile, "write", lambda self, data: None)),
+        "stat": (
+            "... its file identity check (os.stat)",
+            lambda: _replaced(ActiveFile, "check_identity", lambda self: None),
         ),
-        "without tracing hooks (tracing off)": lambda: _replaced(
-            tracing, "span", lambda call, name, attributes=None: nullcontext()
+        "ort": ("without ONNX Runtime", lambda: _replaced(ModelVersion, "execute", lambda self, inputs: output)),
+        "token": (
+            "without the token check (cache hit)",
+            lambda: _replaced(TokenVerifier, "verify", _first_result(TokenVerifier.verify)),
+        ),
+        "tracing": (
+            "without tracing hooks (tracing off)",
+            lambda: _replaced(tracing, "span", lambda call, name, attributes=None: nullcontext()),
         ),
     }
 
@@ -183,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[tuple[float, float]]] = {}
     with client_pool() as pool, serving(args.certs, args.models) as (port, token):
         for _ in range(args.reps):
-            for name, replace in _variants().items():  # interleaved, as in bench.run
+            for name, replace in [(BASELINE, nullcontext), *variants().values()]:  # interleaved, as in bench.run
                 with replace():
                     results.setdefault(name, []).append(measure(port, args.certs, token, args.window, pool))
-    base = statistics.median(cpu for _, cpu in results["full (e)"])
+    base = statistics.median(cpu for _, cpu in results[BASELINE])
     print(
         f"server CPU per request, {IN_FLIGHT} in flight, medians of {args.reps} "
         f"({os.cpu_count()} CPUs, Python {sys.version.split()[0]})"
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| variant | req/s | server CPU us/req | the step costs |\n|---|---:|---:|---:|")
     for name, runs in results.items():
         rps, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
-        print(f"| {name} | {rps:,.0f} | {cpu:.0f} | {'' if name == 'full (e)' else f'{base - cpu:.0f} us'} |")
+        print(f"| {name} | {rps:,.0f} | {cpu:.0f} | {'' if name == BASELINE else f'{base - cpu:.0f} us'} |")
     return 0
 
 

@@ -284,8 +284,8 @@ def instrumented() -> Iterator[None]:
 
     serve_unary = boundary.CallBoundary._serve_unary
 
-    async def with_timed_context(self: Any, method: Any, requests: Any, context: Any) -> Any:
-        return await serve_unary(self, method, requests, _TimedContext(context))
+    async def with_timed_context(self: Any, method: Any, _requests: Any, context: Any) -> Any:
+        return await serve_unary(self, method, _requests, _TimedContext(context))
 
     boundary._method = timed_method  # type: ignore[assignment]
     boundary.CallBoundary._serve_unary = with_timed_context  # type: ignore[method-assign]

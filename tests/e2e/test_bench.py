@@ -45,6 +45,20 @@ def test_call_path_tool_drives_secured_calls_through_the_boundary(pki, demo_mode
     assert "Python lines executed per call:" in result.stdout and "pipeline.py:predict" in result.stdout
 
 
+def test_call_path_tool_takes_out_each_part_it_names(pki, demo_models):
+    from bench.profile import variants
+
+    parts = sorted(variants())
+    command = [sys.executable, "-m", "bench.callpath", "--calls", "20", "--reps", "1"]
+    command += [arg for part in parts for arg in ("--without", part)]  # every replacement still serves the call
+    command += ["--certs", str(pki.dir), "--models", str(demo_models)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]  # AttributeError: a part renamed
+    assert f"flat form, without {', '.join(parts)}: median" in result.stdout
+
+
 def test_every_step_of_the_step_table_is_in_the_code():
     from bench.steps import step_targets
 
