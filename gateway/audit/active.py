@@ -42,12 +42,14 @@ _DEFERRAL_LOG_INTERVAL_S = 10.0  # a rotation deferred for want of a descriptor 
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    view: bytes | memoryview = data  # a view only once a write falls short: nearly every group takes one write
     while view:
         written = os.write(fd, view)
         if written <= 0:  # regular files report a full disk as a short write, then ENOSPC
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]
+        if written == len(view):
+            return
+        view = memoryview(view)[written:]
 
 
 def _exclusive_lock(path: Path) -> int:
@@ -121,6 +123,7 @@ class ActiveFile:
         checkpoint: CheckpointFile,
     ) -> None:
         self.path = path
+        self._path_text = os.fspath(path)  # stat'ed once per group: no Path-to-str conversion each time
         self._fsync = fsync
         self._chain_id = chain_id
         self._digest = digest
@@ -276,7 +279,7 @@ class ActiveFile:
 
     def check_identity(self) -> None:
         """The file at ``path`` must still be the one written to: a removed or replaced file is a failure."""
-        st = os.stat(self.path)
+        st = os.stat(self._path_text)
         if (st.st_dev, st.st_ino) != self._identity:
             raise OSError(errno.ESTALE, "the audit log file was replaced")
 

@@ -124,6 +124,7 @@ class AuditLog:
         if batch_interval_s <= 0:
             raise ValueError("batch_interval_s must be positive")
         self.path = Path(path)
+        self._file_name = self.path.name  # the active file's, which every committed head names
         self.checkpoint_path = checkpoint_path(self.path)
         self.chain_id = validate_chain_id(chain_id)
         self.fsync: FsyncPolicy = fsync
@@ -352,7 +353,7 @@ class AuditLog:
             self._fail_group(group, op, exc)
             return False
         self._file.advance(len(data))
-        self._head = Head(seq, prev, self.path.name)
+        self._head = Head(seq, prev, self._file_name)
         self.records_written += len(lines)
         self.groups_written += 1
         if self._metered:

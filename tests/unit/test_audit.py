@@ -870,6 +870,50 @@ def test_partial_bytes_of_a_failed_group_are_truncated_on_recovery(log_path: Pat
     assert verify_files([log_path]).ok
 
 
+class _ShortWrites:
+    """``os`` as the audit's active file sees it, but each ``write`` takes at most ``limit`` bytes (0: none)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.calls = 0
+
+    def write(self, fd: int, data: Any) -> int:
+        self.calls += 1
+        return os.write(fd, bytes(data[: self.limit])) if self.limit else 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def test_a_group_written_in_short_writes_is_written_whole(log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.audit import active
+
+    short = _ShortWrites(limit=100)
+    with AuditLog(log_path, fsync="none") as audit:
+        monkeypatch.setattr(active, "os", short)
+        audit.write(record(1, pad="x" * 500))
+        monkeypatch.undo()
+        audit.write(record(2))
+    assert short.calls > 5  # the group took several writes, each continuing where the last stopped
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-1", "req-2"]
+    assert verify_files([log_path]).ok
+
+
+def test_a_write_that_takes_nothing_fails_closed_as_a_full_disk(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.audit import active
+
+    with AuditLog(log_path, fsync="none") as audit:
+        monkeypatch.setattr(active, "os", _ShortWrites(limit=0))
+        with pytest.raises(UnavailableError) as refused:
+            audit.write(record(1))
+        monkeypatch.undo()
+        assert "No space left on device" in str(refused.value.reason)
+        audit.write(record(2))  # recovered at the next group
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-2"]
+
+
 def test_moved_directory_fails_closed_although_the_descriptor_still_works(log_path: Path) -> None:
     with AuditLog(log_path, fsync="none") as audit:
         audit.write(record(1))
