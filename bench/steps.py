@@ -143,10 +143,6 @@ _STEPS: dict[str, tuple[str, ...]] = {
     ),
     "grpc context calls (metadata, peer, auth_context, trailer, read)": (),
     "call entry: metadata, request id, Call (_begin)": ("gateway.boundary:CallBoundary._begin",),
-    "structlog contextvars bind/unbind": (
-        "structlog.contextvars:bind_contextvars",
-        "structlog.contextvars:unbind_contextvars",
-    ),
     "admission: _admit, limits, slot release": (
         "gateway.boundary:CallBoundary._admit",
         "gateway.limits:Admission.admit",
