@@ -161,7 +161,7 @@ class AuditLog:
         # ``_io_lock`` orders the descriptor swaps (rotation, recovery, close) against the background fsync and
         # the checkpoint writes; the hot path (chaining, os.write) runs in one committer at a time and needs none.
         self._io_lock = threading.Lock()
-        self._head = Head(0, ZERO_HASH, self.path.name)
+        self._head = Head(0, ZERO_HASH, self._file_name)
         self._broken: _Failure | None = None
         self._failures = 0  # bumped under _io_lock by every failure: recovery clears only what it recovered from
         self._last_failure_log = 0.0
@@ -348,7 +348,7 @@ class AuditLog:
                 # a power loss could take away (which would make the next start refuse, wrongly).
                 op = "checkpoint"
                 with self._io_lock:
-                    self._checkpoint.vouch(Head(seq, prev, self.path.name))
+                    self._checkpoint.vouch(Head(seq, prev, self._file_name))
         except OSError as exc:
             self._fail_group(group, op, exc)
             return False
