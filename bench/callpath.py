@@ -1,7 +1,7 @@
 """The gateway's own Python per secured Predict call, with grpc taken out: event-loop thread CPU us per call.
 
     python -m bench.callpath [--in-flight 1] [--calls 2000] [--reps 5] [--form flat|tensor] [--profile tottime]
-                             [--lines] [--without seal|write|stat|audit|ort|token|tracing ...]
+                             [--lines] [--without seal|write|audit|ort|token|tracing ...]
 
 The fully secured gateway starts in this process (mutual TLS credentials, token, policy, ONNX Runtime, audit trail,
 as bench.profile starts it), and its call boundary's Predict handler is driven on its event loop with a stand-in for
@@ -12,7 +12,7 @@ So the figure moves with the gateway's code alone and is steady to a few percent
 per call wanders by tens of microseconds: the tool for cutting the call path step by step (before and after, in
 turn, on one machine). ``--profile`` adds a cProfile listing (which roughly doubles every figure it shows);
 ``--lines`` counts the Python lines one call executes, by function (how much bytecode the path runs).
-``--without PART`` takes a part out as ``bench.profile`` does in the real server (the audit's seal, write or stat,
+``--without PART`` takes a part out as ``bench.profile`` does in the real server (the audit's seal or write,
 the whole audit write, ONNX Runtime...): run with and without it in turn, and the difference is what it costs.
 
 Not a substitute for ../shared/perf/run.sh: in a real server, grpc's callbacks run between the steps and the same

@@ -62,10 +62,6 @@ def variants() -> dict[str, tuple[str, Callable[[], AbstractContextManager[Any]]
         # Parts of it, each taken out alone (the record still goes through the group commit):
         "seal": ("... its sealing (orjson's canonical JSON, HMAC)", lambda: _replaced(writer, "seal", _sealed_alike)),
         "write": ("... its os.write", lambda: _replaced(ActiveFile, "write", lambda self, data: None)),
-        "stat": (
-            "... its file identity check (os.stat)",
-            lambda: _replaced(ActiveFile, "check_identity", lambda self: None),
-        ),
         "ort": ("without ONNX Runtime", lambda: _replaced(ModelVersion, "execute", lambda self, inputs: output)),
         "token": (
             "without the token check (cache hit)",

@@ -341,11 +341,13 @@ class AuditLog:
                 op = "fsync"
                 with metrics.AUDIT_FSYNC_SECONDS.time():
                     self._file.sync()
-            op = "stat"
-            self._file.check_identity()
             if self.fsync != "batch":
-                # Under "batch" the syncer writes the checkpoint after each fsync, so it never vouches for records
-                # a power loss could take away (which would make the next start refuse, wrongly).
+                # Under "batch" the syncer does both after each fsync (``_sync_once``): it never vouches for
+                # records a power loss could take away (which would make the next start refuse, wrongly), and a
+                # file removed, replaced or moved is refused within the same window in which an acknowledged
+                # record may still be lost to a power loss (docs/audit.md, "Durability").
+                op = "stat"
+                self._file.check_identity()
                 op = "checkpoint"
                 with self._io_lock:
                     self._checkpoint.vouch(Head(seq, prev, self._file_name))
@@ -435,12 +437,15 @@ class AuditLog:
             head = self._head  # snapshot before the fsync: everything up to it is in the file already
             if self._broken is not None or head == self._checkpoint.head:
                 return
+            op = "fsync"
             try:
                 with metrics.AUDIT_FSYNC_SECONDS.time():
                     self._file.sync()
+                op = "stat"  # the file at the trail's path must still be the one written to (see _commit)
                 self._file.check_identity()
+                op = "checkpoint"
                 self._checkpoint.vouch(head)
                 return
             except OSError as exc:
-                failure = _Failure("fsync", str(exc), time.monotonic())
+                failure = _Failure(op, str(exc), time.monotonic())
         self._set_broken(failure)
