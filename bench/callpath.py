@@ -68,6 +68,9 @@ class _Context:
         return 60.0
 
     async def read(self) -> Any:
+        # grpc's read waits for the message's event, which the loop delivers in a later turn: so does this one
+        # (calls in flight then interleave as in a server instead of each running to its end in one step).
+        await asyncio.sleep(0)
         return self._messages.pop() if self._messages else grpc.aio.EOF
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:

@@ -141,9 +141,11 @@ class Recorder:
         bytes_in: int = 0,
         bytes_out: int = 0,
         messages: int | None = None,
+        alone: bool = False,
     ) -> None:
         """Commit the record, then count the call in the metrics (with the audit failure, when that is how the
-        call ends); raises UnavailableError when the sink is down (the call must then fail)."""
+        call ends); raises UnavailableError when the sink is down (the call must then fail). ``alone``: no other
+        call is in flight, so no other record can share its audit group: committed without waiting for one."""
         if error is not None:
             (log.error if isinstance(error, InternalError) else log.info)(
                 "call_refused", request_id=call.request_id, method=call.method, code=error.code, reason=error.reason
@@ -174,9 +176,9 @@ class Recorder:
             if self._metered or call.trace is not None:
                 timer = metrics.AUDIT_COMMIT_SECONDS.time() if self._metered else _UNMETERED
                 with timer, tracing.span(call, "gateway.audit.commit"):
-                    await self._audit.append(entry)
+                    await self._audit.append(entry, alone=alone)
             else:  # neither timed nor traced: no context managers on every call's path
-                await self._audit.append(entry)
+                await self._audit.append(entry, alone=alone)
         except GatewayError as exc:
             self._observe(call, outcome, event, exc)
             raise
@@ -194,7 +196,7 @@ class Recorder:
         except GatewayError:
             log.error("audit_record_lost", request_id=state.call.request_id, method=state.call.method)
 
-    async def record_call(self, state: _CallState, error: GatewayError | None) -> None:
+    async def record_call(self, state: _CallState, error: GatewayError | None, *, alone: bool = False) -> None:
         """The record of the call itself (a unary call's, or a stream's closing one)."""
         await self.record(
             state.call,
@@ -204,9 +206,10 @@ class Recorder:
             bytes_in=state.bytes_in,
             bytes_out=state.bytes_out,
             messages=state.messages,
+            alone=alone,
         )
 
-    async def record_message(self, state: _CallState, message: MessageOutcome) -> None:
+    async def record_message(self, state: _CallState, message: MessageOutcome, *, alone: bool = False) -> None:
         """The record of one stream message, counted in its stream's once committed. The stream takes the message's
         action and whether it ran first: a stream whose record of a message that ran is lost is not safe to retry."""
         state.outcome = _joined(state.outcome, message.outcome)
@@ -217,6 +220,7 @@ class Recorder:
             event="stream_message",
             bytes_in=message.bytes_in,
             bytes_out=message.bytes_out,
+            alone=alone,
         )
         state.messages = (state.messages or 0) + 1
 
@@ -605,7 +609,7 @@ class CallBoundary:
                     if not isinstance(answered, MessageOutcome):
                         # A library's handler (reflection) says nothing of its replies: none leaves unrecorded.
                         answered = MessageOutcome(state.call.for_message(replies), NO_OUTCOME, None, 0, len(out))
-                    await self.recorder.record_message(state, answered)
+                    await self.recorder.record_message(state, answered, alone=self._active == 1)
                     replies += 1
                     yield out
             except BaseException as exc:
@@ -651,7 +655,7 @@ class CallBoundary:
         could not be written)."""
         call = state.call
         try:
-            await self.recorder.record_call(state, error)
+            await self.recorder.record_call(state, error, alone=self._active == 1)
         except GatewayError as exc:
             log.error("call_refused_audit_unavailable", request_id=call.request_id, method=call.method)
             error = exc

@@ -164,9 +164,11 @@ class GroupCommit:
             raise InternalError(reason=group.failed[index])
         return None
 
-    async def append(self, event: dict[str, Any]) -> str | None:
+    async def append(self, event: dict[str, Any], *, alone: bool = False) -> str | None:
         """On the event loop: queue ``event`` into this loop turn's group and wait until it is handled, as
-        ``write``. Every record appended during one loop turn is committed at the end of it, as one group."""
+        ``write``. Every record appended during one loop turn is committed at the end of it, as one group;
+        ``alone``: the caller knows no other record can join this turn's group (nothing else is in flight), so its
+        group is committed at once, without waiting a loop turn for company that cannot come."""
         if self._state != "open":
             raise UnavailableError(reason="audit log is not open")
         loop = asyncio.get_running_loop()
@@ -182,7 +184,8 @@ class GroupCommit:
             # The turn's first caller commits its group once the rest of the turn has run (every caller in it has
             # joined), in its own next step: a callback would cost it one more loop turn to be woken.
             try:
-                await asyncio.sleep(0)
+                if not alone:
+                    await asyncio.sleep(0)
             finally:
                 self._commit_turn(group)  # cancelled or not: the turn's other callers wait on this group
         refusal = await future  # done already, unless the group went to the writer thread

@@ -238,16 +238,17 @@ class AuditLog:
         if refusal is not None:
             self._refuse(record, refusal)
 
-    async def append(self, record: Mapping[str, Any]) -> None:
+    async def append(self, record: Mapping[str, Any], *, alone: bool = False) -> None:
         """On the event loop: append one record, return once it is committed, else raise UnavailableError.
 
-        Every record appended during one loop turn is committed at the end of that turn, as one group.
+        Every record appended during one loop turn is committed at the end of that turn, as one group; ``alone``:
+        nothing else is in flight that could join it, so it is committed at once (``GroupCommit.append``).
         """
         try:
             event = _stamped(record)
         except Exception as exc:
             raise InternalError(reason=f"audit record not serializable: {type(exc).__name__}") from exc
-        refusal = await self._groups.append(event)
+        refusal = await self._groups.append(event, alone=alone)
         if refusal is not None:
             self._refuse(record, refusal)
 

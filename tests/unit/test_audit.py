@@ -733,6 +733,21 @@ async def test_records_of_one_loop_turn_are_committed_as_one_group(log_path: Pat
     assert verify_files([log_path]).ok
 
 
+@pytest.mark.parametrize("policy", ["none", "batch"])
+async def test_a_record_appended_alone_is_committed_without_waiting_a_loop_turn(log_path: Path, policy: str) -> None:
+    turns: list[int] = []
+    with AuditLog(log_path, fsync=policy) as audit:  # type: ignore[arg-type]
+        asyncio.get_running_loop().call_soon(turns.append, 1)  # runs once the loop turns
+        await audit.append(record(1), alone=True)
+        assert not turns  # committed, and its caller answered, within the caller's step
+        await audit.append(record(2))  # others may join this turn's group: it waits for the turn to end
+        assert turns == [1]
+        stats = audit.stats()
+    assert stats.groups_written == 2
+    assert [r["request_id"] for r in read_records(log_path)] == ["req-1", "req-2"]
+    assert verify_files([log_path]).ok
+
+
 async def test_loop_and_thread_writers_share_one_gapless_chain(log_path: Path) -> None:
     with AuditLog(log_path, fsync="batch") as audit:
 
