@@ -47,7 +47,8 @@ from gateway.context import (
     carried,
     check_size,
     current_call,
-    new_request_id,
+    new_request_id_and_route_key,
+    new_route_key,
 )
 from gateway.deadlines import Deadlines
 from gateway.errors import (
@@ -406,9 +407,14 @@ class CallBoundary:
         """The call's facts known at its entry, whatever its transport. A malformed ``x-request-id`` is replaced
         here and refused by ``_admit``: it must not reach the record, the logs or a response header."""
         header = _request_id_header(metadata)
-        request_id = header if header is not None and ID.allows(header) else new_request_id()
+        if header is not None and ID.allows(header):
+            request_id, route_key = header, new_route_key()
+        else:
+            request_id, route_key = new_request_id_and_route_key()
         trace = self._tracing.start_call(traced_as or method, metadata, request_id)
-        call = Call(request_id, method, peer, time.perf_counter(), trace, max_reply_bytes=self._max_reply_bytes)
+        call = Call(
+            request_id, method, peer, time.perf_counter(), route_key, trace, max_reply_bytes=self._max_reply_bytes
+        )
         oplog.request_id.set(request_id)
         return _CallState(call, stream=stream, request_id_header=header)
 

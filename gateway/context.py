@@ -4,6 +4,9 @@ Facts flow down, outcomes flow back: the call boundary makes the ``Call`` and al
 the ``Outcome`` with its result, or lets the exception it raises carry it (``carry``/``carried``); a stream loop
 yields each message's ``MessageOutcome`` with its reply. ``audit/record.py`` turns them into the record. Named
 ``call`` everywhere (``context`` is grpc's ServicerContext). Imports no grpc: every transport shares these.
+
+``Call`` and ``Outcome`` are named tuples, made a few times on every call's path: immutable as a frozen dataclass,
+made about four times faster (a frozen dataclass sets each field through ``object.__setattr__``).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import contextvars
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway.errors import GatewayError, ResourceExhaustedError
 
@@ -23,15 +26,16 @@ if TYPE_CHECKING:
     from gateway.tracing import CallTrace
 
 
-def new_request_id() -> str:
-    """A request id for a call whose caller sent none (or a malformed one)."""
-    return secrets.token_hex(16)
-
-
 def new_route_key() -> str:
     """A call's canary draw: random, so that no caller steers itself into or out of a canary by the request id
     it sends, and clients reusing request ids do not skew the share (docs/versions.md)."""
     return secrets.token_hex(8)
+
+
+def new_request_id_and_route_key() -> tuple[str, str]:
+    """A request id for a call whose caller sent none (or a malformed one), and its route key: one draw."""
+    drawn = secrets.token_hex(24)
+    return drawn[:32], drawn[32:]
 
 
 def check_size(size: int, limit: int, *, what: str) -> None:
@@ -40,20 +44,19 @@ def check_size(size: int, limit: int, *, what: str) -> None:
         raise ResourceExhaustedError(f"{what} of {size} bytes is over the limit of {limit}", reason=f"{what} too large")
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(NamedTuple):
     """What the gateway knows of one call at its entry (or of one message of a stream): who, how, since when."""
 
     request_id: str
     method: str
     peer: str
     started: float  # time.perf_counter() at entry: the record's latency is measured from here
+    route_key: str  # new_route_key(): places the call in or out of a canary; its messages too
     trace: CallTrace | None = None  # with tracing on: the call's span, shared by its stream messages
     certificate: PeerCertificate | None = None  # the client's certificate, once inspected
     principal: Principal | None = None  # the authenticated caller, once admitted
     message_index: int | None = None  # a stream message's place in its stream
     max_reply_bytes: int | None = None  # the largest reply the boundary lets through (a stream checks each)
-    route_key: str = field(default_factory=new_route_key)  # places the call in or out of a canary; its messages too
 
     def identified(self, certificate: PeerCertificate | None) -> Call:
         """This call with its client certificate known."""
@@ -70,18 +73,18 @@ class Call:
     def _with(
         self, started: float, certificate: PeerCertificate | None, principal: Principal | None, index: int | None
     ) -> Call:
-        # Positional, not dataclasses.replace: this is on every call's path (replace costs several times as much).
+        # Positional, not _replace: this is on every call's path (_replace costs several times as much).
         return Call(
             self.request_id,
             self.method,
             self.peer,
             started,
+            self.route_key,
             self.trace,
             certificate,
             principal,
             index,
             self.max_reply_bytes,
-            self.route_key,
         )
 
     def check_reply(self, size: int) -> None:
@@ -91,8 +94,7 @@ class Call:
             check_size(size, self.max_reply_bytes, what="response")
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What the pipeline learned of a call: the model and version it is about, the policy's decision, the inputs
     as declared (audit/record.py's ``describe_inputs``), and whether the model ran (a refusal before the run is
     safe for the client to retry)."""

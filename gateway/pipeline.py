@@ -20,7 +20,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from dataclasses import replace as replaced
 from typing import Any
 
 import numpy as np
@@ -331,9 +330,9 @@ class Pipeline:
             version = _version_of(model, decided.requested_version)
             config = await backend.config(model, version=version, request_id=call.request_id, exchange=exchange)
         except BaseException as exc:
-            carry(exc, replaced(decided, backend=exchange.record()))
+            carry(exc, decided._replace(backend=exchange.record()))
             raise
-        return config, replaced(decided, backend=exchange.record())
+        return config, decided._replace(backend=exchange.record())
 
     async def _decode(self, wire: Mapping[str, tensors.WireTensor]) -> dict[str, np.ndarray]:
         """Every input decoded on the loop a step at a time (each about a millisecond at most), the loop serving
@@ -422,8 +421,7 @@ def _named_inputs(model: Served, body: InferBody) -> dict[str, tensors.WireTenso
 def _exchanged(decided: Outcome, exchange: Exchange, described: tuple[dict[str, Any], ...]) -> Outcome:
     """The outcome of a routed call: its backend exchange, the version that answered, and whether anything was sent
     (a refusal before that is safe to retry)."""
-    return replaced(
-        decided,
+    return decided._replace(
         version=exchange.version or decided.version,
         backend=exchange.record(),
         inputs=described,

@@ -125,7 +125,9 @@ def test_a_record_as_build_makes_it_holds_only_the_values_these_tests_hold_orjso
     peer = PeerCertificate("spiffe://example.org/alice", "ab" * 32, "x5t", now, now, 1, x509.Name([]))
     principal = Principal("spiffe://example.org/alice", "ab" * 32, "alice", "https://issuer", "jti", frozenset("ba"))
     trace = CallTrace(tracer=None, span=None, context=None, trace_id="0af7651916cd43dd8448eb211c80319c")
-    call = Call("r" * 32, "/gateway.v1.InferenceService/PredictStream", "ipv4:127.0.0.1:5", time.perf_counter(), trace)
+    call = Call(
+        "r" * 32, "/gateway.v1.InferenceService/PredictStream", "ipv4:127.0.0.1:5", time.perf_counter(), "k" * 16, trace
+    )
     call = call.admitted(principal, peer).for_message(3)
     exchange = {"name": "b", "address": "127.0.0.1:1", "code": "OK", "latency_ms": round(0.0123456, 3)}
     inputs = ({"name": "input", "datatype": "FP32", "shape": [1, 784]},)
