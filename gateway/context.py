@@ -5,8 +5,9 @@ the ``Outcome`` with its result, or lets the exception it raises carry it (``car
 yields each message's ``MessageOutcome`` with its reply. ``audit/record.py`` turns them into the record. Named
 ``call`` everywhere (``context`` is grpc's ServicerContext). Imports no grpc: every transport shares these.
 
-``Call`` and ``Outcome`` are named tuples, made a few times on every call's path: immutable as a frozen dataclass,
-made about four times faster (a frozen dataclass sets each field through ``object.__setattr__``).
+These values, and the others made on every call's path (``tensors.WireTensor``, the pipeline's ``InferRequest``
+and ``InferResult``, the audit chain's ``Head``), are named tuples: immutable as frozen dataclasses, and made about
+four times faster (a frozen dataclass sets each field through ``object.__setattr__``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextvars
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from gateway.errors import GatewayError, ResourceExhaustedError
@@ -133,8 +133,7 @@ class Outcome(NamedTuple):
 NO_OUTCOME = Outcome()
 
 
-@dataclass(frozen=True, slots=True)
-class MessageOutcome:
+class MessageOutcome(NamedTuple):
     """One answered stream message, as its stream loop yields it to the boundary with its reply."""
 
     call: Call  # the message's own (``Call.for_message``)
@@ -144,8 +143,7 @@ class MessageOutcome:
     bytes_out: int
 
 
-@dataclass(frozen=True, slots=True)
-class Answered:
+class Answered(NamedTuple):
     """A handler's reply with the outcome the boundary records for it: a unary method's response (``outcome``
     an Outcome), or one reply of a stream (a MessageOutcome)."""
 

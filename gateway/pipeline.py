@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,8 +36,7 @@ from gateway.models.runtime import ModelVersion
 from gateway.policy import Action, Decision, PolicySet, PolicyStore
 
 
-@dataclass(frozen=True, slots=True)
-class InferBody:
+class InferBody(NamedTuple):
     """What a request holds beyond its header, as the wire gave it (nothing decoded): named tensors (the name ""
     is the unnamed tensor of a one-input model) or the simple flat FP32 form, and the outputs asked for."""
 
@@ -46,8 +45,7 @@ class InferBody:
     outputs: tuple[str, ...] | None = None  # the outputs to answer with, in this order; None: all, in model order
 
 
-@dataclass(frozen=True, slots=True)
-class Bounds:
+class Bounds(NamedTuple):
     """How many inputs and outputs the named model has. An adapter reads at most one more of each than these (a
     message may hold millions): the pipeline then refuses the extra one as a duplicate or an unknown name."""
 
@@ -55,8 +53,7 @@ class Bounds:
     outputs: int
 
 
-@dataclass(frozen=True, slots=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     """One inference request, whatever protocol it came in: its header fields, read before authorization, and
     ``read``, the protocol's conversion of the rest, called only for an authorized caller of a loaded model."""
 
@@ -66,8 +63,7 @@ class InferRequest:
     id: str | None = None  # the caller's id of the message (echoed in the reply)
 
 
-@dataclass(frozen=True, slots=True)
-class InferResult:
+class InferResult(NamedTuple):
     """Outputs by name (model order), each also as its datatype and raw bytes (the form both APIs send), and the
     version that ran, and the call's outcome for its record."""
 

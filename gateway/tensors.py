@@ -14,7 +14,7 @@ import math
 import struct
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -108,8 +108,7 @@ def _refuse_ambiguous_contents(name: str, row: DataType, *, raw: bytes | None, c
         )
 
 
-@dataclass(frozen=True, slots=True)
-class WireTensor:
+class WireTensor(NamedTuple):
     """One input as the wire gave it, nothing decoded: its name, datatype, shape, and its values either raw
     (``raw``) or typed (``values``, the one typed-contents field of its datatype). ``raw_field`` and
     ``values_field`` name them as the caller's protocol does, for messages."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.errors import StartupError
 
@@ -224,8 +224,7 @@ def parse_strict(text: str | bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     """The last committed record of a chain: what the next record chains to, and what a checkpoint may vouch for
     (``file``: the file that holds it)."""
 
