@@ -74,7 +74,7 @@ def variants() -> dict[str, tuple[str, Callable[[], AbstractContextManager[Any]]
     }
 
 
-async def _no_append(self: object, record: object) -> None:
+async def _no_append(self: object, record: object, *, alone: bool = False) -> None:
     return None
 
 
