@@ -969,7 +969,9 @@ def test_removed_file_continues_the_chain_in_a_new_file(
 # before that is in the file's keeping as the batch contract has it: a power loss could have taken it too.
 
 
-def test_under_batch_a_moved_directory_fails_closed_at_the_next_fsync(log_path: Path) -> None:
+def test_under_batch_a_moved_directory_fails_closed_at_the_next_fsync(
+    log_path: Path, captured: list[MutableMapping[str, Any]]
+) -> None:
     moved = log_path.parent.with_name("moved")
     with AuditLog(log_path, fsync="batch", batch_interval_s=60) as audit:
         audit.write(record(1))
@@ -977,6 +979,8 @@ def test_under_batch_a_moved_directory_fails_closed_at_the_next_fsync(log_path: 
         audit.write(record(2))  # acknowledged before the fsync: written into the moved file, kept there
         audit._sync_once()
         assert not audit.healthy and audit.stats().write_failures == 0
+        failed = [e for e in captured if e["event"] == "audit_write_failed"]
+        assert [e["op"] for e in failed] == ["stat"]  # found by the identity check, before the checkpoint's write
         with pytest.raises(UnavailableError):
             audit.write(record(3))  # no file at the trail's path: refused until the directory is back
         os.rename(moved, log_path.parent)
