@@ -207,7 +207,7 @@ _STEPS: dict[str, tuple[str, ...]] = {
         "gateway.audit.commit:GroupCommit.append",
     ),
     "audit: seal (canonical JSON, HMAC)": ("gateway.audit.writer:seal",),
-    "audit: commit (chain, os.write, stat, wake)": (
+    "audit: commit (chain, os.write, stat unless fsync batch, wake)": (
         "gateway.audit.commit:GroupCommit._commit_turn",
         "gateway.audit.commit:GroupCommit._lead",
         "gateway.audit.commit:GroupCommit._commit_and_release",

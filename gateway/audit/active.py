@@ -123,7 +123,7 @@ class ActiveFile:
         checkpoint: CheckpointFile,
     ) -> None:
         self.path = path
-        self._path_text = os.fspath(path)  # stat'ed once per group: no Path-to-str conversion each time
+        self._path_text = os.fspath(path)  # stat'ed per group or per background fsync: converted once
         self._fsync = fsync
         self._chain_id = chain_id
         self._digest = digest
